@@ -1,0 +1,155 @@
+"""The `wprlhf` command: one subcommand per job, each mapped onto one config dataclass.
+
+Every field of a config is a flag (`--batch-size 8`, `--no-adaptive-kl`); a `--config FILE.yaml|json` sets
+many at once, and flags given on the command line win over it. Only this module reads sys.argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _optional_number(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "off") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; defaults are None so that only flags the user typed override a file."""
+    hints = typing.get_type_hints(config_cls)
+    group = parser.add_argument_group(f"{config_cls.__name__} (see its docstrings for meanings)")
+    for field in dataclasses.fields(config_cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        default = field.default
+        if hint is bool:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default {default})")  # fmt: skip
+            continue
+        args = typing.get_args(hint)
+        optional = isinstance(hint, types.UnionType) and type(None) in args
+        kind = next(a for a in args if a is not type(None)) if optional else hint
+        if kind in (int, float):
+            parse = _optional_number(kind) if optional else kind
+        else:
+            parse = str
+        group.add_argument(flag, dest=field.name, type=parse, default=None, help=f"(default {default})")
+
+
+def _overrides(args: argparse.Namespace, config_cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if getattr(args, f.name, None) is not None}
+
+
+# ---------------------------------------------------------------------------------------------- subcommands
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    from .data import load_prompts
+    from .ppo import PPOConfig, dump_config, load_config, train
+    from .rewards import load_reward
+
+    config = load_config(args.config, _overrides(args, PPOConfig), args.preset)
+    reward_fn = load_reward(config.reward)
+    prompts = load_prompts(config.prompts)
+    print(dump_config(config), file=sys.stderr)
+    train(config, prompts, reward_fn, args.out, resume=args.resume)
+    print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy", file=sys.stderr)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .checkpoint import write_text_atomic
+    from .data import load_prompts
+    from .generation import GenerationConfig, generate
+    from .models import load_policy
+    from .ppo import resolve_device
+
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1, got {args.k}")
+    prompts = load_prompts(args.prompts)
+    if args.max_prompts:
+        prompts = prompts[: args.max_prompts]
+    policy, tokenizer = load_policy(args.policy, seed=args.seed)
+    policy.to(resolve_device(args.device))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    # Prompt i's k responses sit at i*k .. i*k+k-1; one batched pass over the repeated prompts.
+    repeated = [p for p in prompts for _ in range(args.k)]
+    texts = generate(policy, tokenizer, repeated, config, batch_size=args.batch_size, seed=args.seed,
+                     max_prompt_length=args.max_prompt_length, chat_template=not args.no_chat_template,
+                     progress=True)  # fmt: skip
+    lines = [
+        json.dumps({"prompt": p, "responses": texts[i * args.k : (i + 1) * args.k], "policy": args.policy})
+        for i, p in enumerate(prompts)
+    ]
+    write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
+    print(f"wrote {len(prompts)} prompts x {args.k} responses to {args.out}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .ppo import PRESETS, PPOConfig
+
+    parser = argparse.ArgumentParser(prog="wprlhf", description="RLHF for writing prompts: SFT, reward models, PPO.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ppo = sub.add_parser("ppo", help="train a policy with PPO against a reward", description=(
+        "PPO with a per-token KL penalty to the frozen initial policy. Writes metrics.csv, tb/, samples.jsonl, "
+        "checkpoints/ and policy/ into --out."))  # fmt: skip
+    ppo.add_argument("--out", required=True, help="run directory")
+    ppo.add_argument("--config", help="YAML or JSON file of PPOConfig fields (flags override it)")
+    ppo.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings")
+    ppo.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_config_flags(ppo, PPOConfig)
+    ppo.set_defaults(func=cmd_ppo)
+
+    smp = sub.add_parser("sample", help="sample k responses per prompt into JSONL (the labeling input)")
+    smp.add_argument("--policy", default="smollm2", help="'smollm2', 'tiny', a local directory or a hub id")
+    smp.add_argument("--prompts", default="", help="prompt file (.txt/.jsonl/.csv/.csv.gz); empty = built-in")
+    smp.add_argument("-k", type=int, default=2, help="responses per prompt (default 2)")
+    smp.add_argument("--out", required=True, help="output JSONL: {\"prompt\": str, \"responses\": [str, ...]}")
+    smp.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    smp.add_argument("--max-new-tokens", type=int, default=64)
+    smp.add_argument("--min-new-tokens", type=int, default=0)
+    smp.add_argument("--temperature", type=float, default=0.7)
+    smp.add_argument("--top-k", type=int, default=0)
+    smp.add_argument("--top-p", type=float, default=1.0)
+    smp.add_argument("--max-prompt-length", type=int, default=128)
+    smp.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
+    smp.add_argument("--batch-size", type=int, default=16)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--device", default="auto")
+    smp.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"wprlhf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wprlhf {args.command}: interrupted (runs resume with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

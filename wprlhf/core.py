@@ -1,0 +1,200 @@
+"""Tensor maths for RLHF: log-probs, entropy, KL estimators, masked statistics, GAE, padding.
+
+Imports torch and nothing from wprlhf. Every function that reduces takes an explicit mask; masks are bool
+tensors, True on real tokens. Shapes: B = batch, T = time (response tokens), V = vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# log-probabilities and entropy
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each chosen token under softmax(logits / temperature).
+
+    logits (B, T, V) or (B, V); tokens (B, T) or (B,) int64. Returns (B, T) or (B,), float32.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    # gather - logsumexp avoids materialising a second (B, T, V) tensor as log_softmax would.
+    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / temperature) at each position. logits (..., V) -> (...)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - logz)
+    # H = log Z - sum p * logit
+    return logz.squeeze(-1) - (probs * logits).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL estimators (Schulman, "Approximating KL divergence", 2020), per token, for samples from the policy
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log p(x) - log q(x): unbiased for KL(p || q), can be negative per sample. (B, T) -> (B, T)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = q(x) / p(x): unbiased, always >= 0, lower variance. (B, T) -> (B, T)."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masked statistics: every loss and metric reduces through these
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of x where mask is True. x, mask broadcastable; dim None reduces everything."""
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is True (0 where a row has no True entry)."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over all positions where mask is True (a scalar)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        if n < 2:
+            raise ValueError(f"masked_var needs at least 2 unmasked values for an unbiased estimate, got {int(n)}")
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale x to unit variance over the masked positions; also centre it if shift_mean.
+
+    x (B, T); mask (B, T) bool. Returns (B, T), exactly 0 where mask is False. With shift_mean=False the mean
+    is kept: whitening rewards must not add a constant per token, which would reward or punish length.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=False)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def clip_around(x: torch.Tensor, center: torch.Tensor, radius: float) -> torch.Tensor:
+    """Clip x to [center - radius, center + radius], elementwise (PPO's value clipping)."""
+    return torch.clamp(x, center - radius, center + radius)
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[targets - predictions] / Var[targets] over masked positions; 1 is perfect, <= 0 is useless."""
+    var_targets = masked_var(targets, mask, unbiased=False)
+    return 1 - masked_var(targets - predictions, mask, unbiased=False) / var_targets.clamp(min=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generalised advantage estimation: the only implementation in wprlhf
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates (Schulman et al. 2016, eq. 11-16) and returns.
+
+    rewards, values (B, T); mask (B, T) bool, True on each response's real tokens, which must be a prefix of
+    the row (tokens up to and including EOS), so that a row's episode ends at its last True position.
+    Returns advantages, returns (B, T), both 0 where mask is False; returns = advantages + values.
+    """
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    rewards, values = torch.where(mask, rewards, zero), torch.where(mask, values, zero)
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    # Backwards in time: A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t.
+    # Past a row's end the values are 0, so V_{T_end+1} = 0 (episode over) and A there stays 0.
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else zero
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = torch.where(mask, advantages, zero)
+    return advantages, torch.where(mask, advantages + values, zero)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# padding and statistics plumbing
+
+
+def pad_sequences(
+    sequences: Sequence[torch.Tensor], pad_value: int | float, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors of different lengths into (B, T_max), padding on `side` ('left' or 'right').
+
+    Returns (padded, mask) with mask (B, T_max) bool, True on the original entries.
+
+    >>> padded, mask = pad_sequences([torch.tensor([1, 2, 3]), torch.tensor([4])], pad_value=0, side="left")
+    >>> padded.tolist(), mask.tolist()
+    ([[1, 2, 3], [0, 0, 4]], [[True, True, True], [False, False, True]])
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if len(sequences) == 0:
+        raise ValueError("pad_sequences got no sequences")
+    longest = max(len(s) for s in sequences)
+    first = sequences[0]
+    padded = torch.full((len(sequences), longest), pad_value, dtype=first.dtype, device=first.device)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.bool, device=first.device)
+    for i, seq in enumerate(sequences):
+        n = len(seq)
+        cols = slice(longest - n, longest) if side == "left" else slice(0, n)
+        padded[i, cols] = seq
+        mask[i, cols] = True
+    return padded, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row sees the same positions as unpadded.
+
+    attention_mask (B, T) bool/int -> (B, T) int64; pad positions get 0 (their value is never used).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True position in each row. mask (B, T) bool with >= 1 True per row -> (B,) int64."""
+    T = mask.shape[-1]
+    positions = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, -1)).max(-1).values
+
+
+def stack_stats(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Average a list of {name: number} dicts (e.g. one per minibatch) into one dict."""
+    if not stats:
+        return {}
+    return {key: float(sum(s[key] for s in stats) / len(stats)) for key in stats[0]}
+
+
+def flatten_dict(nested: dict, sep: str = "/", prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a/b': 1}."""
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_dict(value, sep, name))
+        else:
+            flat[name] = value
+    return flat

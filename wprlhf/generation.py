@@ -1,0 +1,257 @@
+"""KV-cached batched sampling: left-padded queries -> responses, response_mask, logprobs, finished.
+
+Text becomes padded tensors here (`encode_prompts`) and in the collators of `data.py`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .core import logprobs_from_logits, position_ids_from_mask
+from .errors import UserError
+from .models import stop_token_ids
+
+
+@dataclass
+class GenerationConfig:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 64
+    """Response length cap, in tokens."""
+    min_new_tokens: int = 0
+    """Stop tokens are forbidden before this many tokens (a floor on response length)."""
+    temperature: float = 0.7
+    """Softmax temperature. PPO's log-probs are taken at this same temperature, so ratios start at 1."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = full vocabulary)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0 = off)."""
+    stop_at_eos: bool = True
+    """Stop a row at its first stop token. False = fixed-length mode: every row gets max_new_tokens (benchmarks)."""
+    stop_strings: tuple[str, ...] = ()
+    """Extra strings that end a response (the mask is cut after the token that completes one)."""
+    greedy: bool = False
+    """Argmax instead of sampling (evaluation, tests)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserError(f"min_new_tokens {self.min_new_tokens} must lie in [0, max_new_tokens]")
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature} (use greedy for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
+        self.stop_strings = tuple(self.stop_strings)
+
+
+@dataclass
+class Generation:
+    """Sampled responses for a batch of queries.
+
+    responses (B, Tr) int64: sampled tokens, pad after a row ends;
+    response_mask (B, Tr) bool: True up to and including the stop token;
+    logprobs (B, Tr) float32: log-prob of each sampled token under softmax(logits / temperature) over the full
+      vocabulary (what PPO's training forward computes; top-k/top-p truncation is not reflected), 0 on pads;
+    finished (B,) bool: the row ended with a stop token or stop string (False = cut at max_new_tokens).
+    """
+
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    finished: torch.Tensor
+
+
+def apply_chat_template(tokenizer, prompts: list[str]) -> list[str]:
+    """Wrap each prompt as a user turn and open the assistant's turn, for instruct models."""
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def encode_prompts(
+    tokenizer, prompts: list[str], max_prompt_length: int | None = None, chat_template: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> left-padded queries (B, Tq) and query_mask (B, Tq) bool.
+
+    Uses the tokenizer's chat template when it has one and chat_template is True. Long prompts keep their
+    last max_prompt_length tokens (the end holds the assistant header that the response continues from).
+    """
+    if not prompts:
+        raise UserError("no prompts to encode: the prompt set is empty")
+    use_template = chat_template and getattr(tokenizer, "chat_template", None)
+    texts = apply_chat_template(tokenizer, prompts) if use_template else list(prompts)
+    # The template already holds the special tokens; a plain prompt gets the tokenizer's usual ones.
+    ids = tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
+    if max_prompt_length is not None:
+        ids = [row[-max_prompt_length:] for row in ids]
+    longest = max(len(row) for row in ids)
+    queries = torch.full((len(ids), longest), tokenizer.pad_token_id, dtype=torch.long)
+    query_mask = torch.zeros((len(ids), longest), dtype=torch.bool)
+    for i, row in enumerate(ids):
+        if len(row) == 0:
+            raise UserError(f"prompt {i} encodes to no tokens: {prompts[i]!r}")
+        queries[i, longest - len(row) :] = torch.tensor(row)
+        query_mask[i, longest - len(row) :] = True
+    return queries, query_mask
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. logits (B, V) -> (B, V)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from softmax(logits). (B, V) -> (B,).
+
+    Exponential-race sampling: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i, like
+    torch.multinomial but with one cheap vectorised pass over the vocabulary.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.argmax(probs / race, dim=-1)
+
+
+@torch.inference_mode()
+def sample(
+    model: nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    config: GenerationConfig,
+    stop_token_ids: list[int],
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    tokenizer=None,
+) -> Generation:
+    """Sample responses with a KV cache: one forward over the queries, then one single-token forward per step.
+
+    queries (B, Tq) int64, left-padded; query_mask (B, Tq) bool. `generator` seeds the sampling noise.
+    `tokenizer` is needed only for stop_strings.
+    """
+    from transformers import DynamicCache
+
+    B = queries.shape[0]
+    device = queries.device
+    stops = torch.tensor(stop_token_ids or [-1], device=device)
+    attention_mask = query_mask.long()
+    position_ids = position_ids_from_mask(query_mask)
+    cache = DynamicCache(config=model.config)
+
+    responses = torch.full((B, config.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, config.max_new_tokens), dtype=torch.float32, device=device)
+    response_mask = torch.zeros((B, config.max_new_tokens), dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    # Prefill: logits only at the last position; the (B, Tq, V) logits of the prompt are never needed.
+    out = model(
+        input_ids=queries, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=cache, use_cache=True, logits_to_keep=1,
+    )  # fmt: skip
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    for t in range(config.max_new_tokens):
+        logits = out.logits[:, -1, :].float() / config.temperature  # (B, V)
+        if config.stop_at_eos and t < config.min_new_tokens:
+            logits[:, stops[stops >= 0]] = -math.inf
+        if config.greedy:
+            tokens = logits.argmax(-1)
+        else:
+            tokens = _sample(_filter_logits(logits, config.top_k, config.top_p), generator)
+        alive = ~finished
+        responses[:, t] = torch.where(alive, tokens, pad_token_id)
+        logprobs[:, t] = torch.where(alive, logprobs_from_logits(logits, tokens), 0.0)
+        response_mask[:, t] = alive
+        if config.stop_at_eos:
+            finished = finished | (alive & torch.isin(tokens, stops))
+            # One sync per step to skip the remaining steps once every row is done.
+            if bool(finished.all()):
+                break
+        if t + 1 == config.max_new_tokens:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=attention_mask.dtype, device=device)], 1)
+        out = model(
+            input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
+            past_key_values=cache, use_cache=True,
+        )  # fmt: skip
+        next_position = next_position + 1
+
+    generation = Generation(responses, response_mask, logprobs, finished)
+    if config.stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer passed to sample()")
+        generation = _cut_at_stop_strings(generation, config.stop_strings, tokenizer, pad_token_id)
+    return generation
+
+
+def _cut_at_stop_strings(gen: Generation, stop_strings, tokenizer, pad_token_id: int) -> Generation:
+    """End each row after the first token whose decoded prefix contains a stop string (binary search)."""
+    responses, mask, logprobs, finished = (x.clone() for x in (gen.responses, gen.response_mask, gen.logprobs, gen.finished))
+    for i in range(responses.shape[0]):
+        n = int(mask[i].sum())
+        tokens = responses[i, :n].tolist()
+
+        def has_stop(k: int) -> bool:
+            text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+            return any(s in text for s in stop_strings)
+
+        if n == 0 or not has_stop(n):
+            continue
+        lo, hi = 1, n  # smallest k with has_stop(k)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+        mask[i, lo:] = False
+        responses[i, lo:] = pad_token_id
+        logprobs[i, lo:] = 0.0
+        finished[i] = True
+    return Generation(responses, mask, logprobs, finished)
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Response tokens -> text, without stop tokens or padding. (B, Tr) -> list of B strings."""
+    return [
+        tokenizer.decode(row[m].tolist(), skip_special_tokens=True).strip()
+        for row, m in zip(responses, response_mask)
+    ]
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    config: GenerationConfig,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_prompt_length: int | None = None,
+    chat_template: bool = True,
+    progress: bool = False,
+) -> list[str]:
+    """Text in, text out: sample one response per prompt, in batches. For `wprlhf sample` and evaluation."""
+    from tqdm.auto import tqdm
+
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, unit="batch"):
+        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length, chat_template)
+        gen = sample(
+            model, queries.to(device), query_mask.to(device), config, stop_token_ids(tokenizer),
+            tokenizer.pad_token_id, generator, tokenizer,
+        )  # fmt: skip
+        texts.extend(decode_responses(tokenizer, gen.responses, gen.response_mask))
+    return texts

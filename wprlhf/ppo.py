@@ -1,0 +1,715 @@
+"""PPO with a per-token KL penalty to a frozen reference (Ziegler et al. 2019) and a value model (Stiennon et al. 2020).
+
+Read top to bottom: the config, the KL controllers, the algorithm (forward -> compute_rewards -> advantages ->
+losses -> update), then `PPOTrainer`, which holds the models and runs one step, and `train()`, the plumbing
+around it (prompts, reward_fn, metrics, checkpoints, resume). Scores come from one callable,
+`reward_fn(prompts: list[str], responses: list[str]) -> list[float]`: this module never knows who gives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .core import (
+    clip_around,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_k1,
+    kl_k3,
+    last_true_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    pad_sequences,
+    position_ids_from_mask,
+)
+from .errors import UserError
+from .generation import GenerationConfig, decode_responses, encode_prompts, sample
+from .metrics import MetricsLogger
+from .rewards import RewardFn
+from .models import ValueHead, count_parameters, make_reference, make_value_model, stop_token_ids, token_values
+
+
+
+
+@dataclass
+class PPOConfig:
+    """Everything `wprlhf ppo` needs. Defaults are sized for a laptop CPU; `ziegler2019` holds the paper's."""
+
+    # --- what to train, on what, for how long
+    policy: str = "smollm2"
+    """Policy to start from: 'smollm2' (embedded), 'tiny' (random, tests), a local directory or a hub id."""
+    reward: str = "vowels"
+    """Reward SPEC: a built-in toy reward name, 'module:function', or 'path/to/file.py:function'."""
+    prompts: str = ""
+    """Prompt file: .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field. Empty = built-in prompts."""
+    steps: int = 20
+    """PPO steps; one step = one rollout batch and one PPO update on it."""
+    seed: int = 0
+    """Seeds the tiny init, prompt order, sampling noise and minibatch order."""
+
+    # --- rollout
+    batch_size: int = 16
+    """Episodes (prompt -> response) per PPO step."""
+    num_minibatches: int = 2
+    """Optimizer steps per PPO epoch; each sees batch_size / num_minibatches episodes."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch (trades memory for time; the update is the same)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    max_prompt_length: int = 128
+    """Prompts longer than this keep their last tokens (the chat template's assistant header is at the end)."""
+    response_length: int = 64
+    """Maximum response tokens."""
+    min_response_length: int = 0
+    """Stop tokens are forbidden before this many tokens."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs in the loss use the same one."""
+    top_k: int = 0
+    """Top-k sampling (0 = full vocabulary, as PPO's log-probs assume)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off, as PPO's log-probs assume)."""
+    stop_at_eos: bool = True
+    """False = fixed-length responses of response_length tokens (benchmarks)."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template where it has one (instruct models)."""
+
+    # --- optimisation
+    lr: float = 1.41e-5
+    """AdamW learning rate of the policy."""
+    value_lr: float | None = None
+    """Learning rate of the value model (None = lr)."""
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"
+    """'constant' or 'linear' (decay to 0 over `steps`, stepped once per PPO step)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (policy and value together); None = off."""
+
+    # --- PPO
+    gamma: float = 1.0
+    """Discount; 1 because an episode is one response."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip, PPO's epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    target_approxkl: float | None = None
+    """Stop the epochs of a step early once a minibatch's approx-KL to the rollout policy exceeds this."""
+    value_model: str = "separate"
+    """'separate' (own network, initialised from the policy; Stiennon et al.) or 'shared' (a head on the policy)."""
+
+    # --- rewards and KL
+    kl_coef: float = 0.2
+    """Initial beta of the per-token KL penalty."""
+    adaptive_kl: bool = True
+    """Adapt beta towards kl_target (Ziegler et al. 2019, sec. 2.2); False = fixed beta."""
+    kl_target: float = 6.0
+    """Target KL per response, nats."""
+    kl_horizon: int = 512
+    """Episodes over which beta moves by up to a factor e^0.2; small enough to move within a short CPU run."""
+    kl_estimator: str = "k1"
+    """Per-token KL in the penalty: 'k1' (log p - log q, the paper's) or 'k3' (non-negative)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance over the batch (keeping their mean)."""
+    score_norm: str = "none"
+    """'none' or 'batch' (standardise scores within each batch before adding them)."""
+    score_clip: float | None = None
+    """Clip scores to [-score_clip, score_clip] after normalisation; None = off."""
+
+    # --- run plumbing
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (the last step always saves)."""
+    log_samples: int = 2
+    """Decoded samples printed every sample_every steps, and written to samples.jsonl."""
+    sample_every: int = 5
+
+    def __post_init__(self):
+        if self.batch_size % self.num_minibatches:
+            raise UserError(
+                f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}; "
+                f"pick a divisor of {self.batch_size}"
+            )
+        if self.minibatch_size % self.gradient_accumulation_steps:
+            raise UserError(
+                f"minibatch size {self.minibatch_size} (batch_size / num_minibatches) is not divisible by "
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
+            )
+        for name in ("steps", "batch_size", "num_minibatches", "ppo_epochs", "response_length", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"),
+                       score_norm=("none", "batch"), value_model=("separate", "shared"))  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.gradient_accumulation_steps
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=self.response_length, min_new_tokens=self.min_response_length,
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, stop_at_eos=self.stop_at_eos,
+        )  # fmt: skip
+
+
+PRESETS = {
+    # trl v0.1's defaults after Ziegler et al. 2019, the seed's settings. trl v0.1 trained on one episode at a
+    # time (minibatch size 1), hence 256 minibatches.
+    "ziegler2019": dict(
+        lr=1.41e-5, kl_coef=0.2, adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gamma=1.0, lam=0.95,
+        cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, batch_size=256, num_minibatches=256, ppo_epochs=4,
+    ),  # fmt: skip
+}
+
+
+# ==========================================================================================================
+# KL controllers: an object with `value` and `update(kl, n_episodes)`
+
+
+class FixedKLController:
+    """A constant beta."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. 2019, eq. 2: e = clip(KL / target - 1, -0.2, 0.2); beta <- beta (1 + e * n / horizon)."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        super().__init__(value)
+        self.target, self.horizon = target, horizon
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_episodes / self.horizon
+
+
+# ==========================================================================================================
+# The algorithm. Each function is one phase and can be called alone in a test.
+
+
+def _model_inputs(queries, query_mask, responses, response_mask):
+    input_ids = torch.cat([queries, responses], dim=1)  # (B, Tq + Tr)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    return input_ids, attention_mask.long(), position_ids_from_mask(attention_mask)
+
+
+def policy_forward(
+    policy: nn.Module,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+    value_head: ValueHead | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs of the responses under `policy`, the shared value head's values, and optionally entropy.
+
+    queries (B, Tq) left-padded, query_mask (B, Tq) bool; responses (B, Tr), response_mask (B, Tr) bool.
+    Returns logprobs (B, Tr), values (B, Tr) or None (no value_head), entropy (B, Tr) or None.
+    Position t of each output belongs to response token t: it is read from the state just before that token.
+    """
+    Tr = responses.shape[1]
+    input_ids, attention_mask, position_ids = _model_inputs(queries, query_mask, responses, response_mask)
+    out = policy(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        logits_to_keep=Tr + 1, output_hidden_states=value_head is not None, use_cache=False,
+    )  # fmt: skip
+    logits = out.logits[:, :-1]  # (B, Tr, V): the logits at Tq-1 .. Tq+Tr-2 predict response tokens 0 .. Tr-1
+    logprobs = logprobs_from_logits(logits, responses, temperature)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits, temperature)
+    values = None if value_head is None else value_head(out.hidden_states[-1][:, -Tr - 1 : -1]).float()
+    return logprobs, values, entropy
+
+
+def value_forward(value_model: nn.Module, queries, query_mask, responses, response_mask) -> torch.Tensor:
+    """The separate value model's estimate before each response token. Same inputs as policy_forward -> (B, Tr)."""
+    Tr = responses.shape[1]
+    input_ids, attention_mask, position_ids = _model_inputs(queries, query_mask, responses, response_mask)
+    return token_values(value_model, input_ids, attention_mask, position_ids)[:, -Tr - 1 : -1]
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward: a KL penalty on each response token, plus the scalar score on the last one.
+
+    scores (B,); logprobs, ref_logprobs (B, Tr); response_mask (B, Tr) bool, True on real tokens.
+    Returns rewards (B, Tr), exactly zero where response_mask is False, and the per-token KL (B, Tr).
+    """
+    kl = kl_k1(logprobs, ref_logprobs) if kl_estimator == "k1" else kl_k3(logprobs, ref_logprobs)
+    kl = torch.where(response_mask, kl, torch.zeros_like(kl))
+    rewards = -kl_coef * kl
+    last = last_true_index(response_mask)  # (B,)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def compute_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages, whitened over the batch's real tokens, and returns (targets of the value model).
+
+    rewards, values (B, Tr); response_mask (B, Tr) bool. Returns advantages, returns (B, Tr), 0 on pads.
+    """
+    advantages, returns = gae(rewards, values, response_mask, gamma, lam)
+    return masked_whiten(advantages, response_mask), returns
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    n_tokens: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    logprobs (B, T) with grad; old_logprobs, advantages (B, T); mask (B, T) bool. The loss is summed over the
+    masked tokens and divided by n_tokens (default: mask.sum()); passing the whole minibatch's token count
+    makes gradient accumulation over micro-batches equal to one large batch.
+    Returns loss and stats: clipfrac (share of tokens whose clipped term was chosen), approxkl (k3 of the
+    rollout policy to the current one).
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / n_tokens
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+    n_tokens: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2), summed / n_tokens.
+
+    values (B, T) with grad; old_values (rollout values), returns (B, T); mask (B, T) bool.
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    clipped = clip_around(values, old_values, cliprange_value)
+    losses = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    loss = 0.5 * masked_sum(losses, mask) / n_tokens
+    with torch.no_grad():
+        stats = {"value_clipfrac": masked_mean(((values - returns) ** 2 < (clipped - returns) ** 2).float(), mask)}
+    return loss, stats
+
+
+# ==========================================================================================================
+# Plumbing: the trainer holds models, optimizer and KL controller, and runs one step on a rollout batch.
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but torch sees no GPU; install a CUDA build of torch or use --device cpu")
+    return torch.device(name)
+
+
+class PPOTrainer:
+    """Policy, frozen reference, value model, AdamW and the KL controller, and `step()`: one PPO update."""
+
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, value_model: nn.Module | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = resolve_device(config.device)
+        self.policy = policy.to(self.device)
+        self.reference = make_reference(self.policy)
+        self.value_model, self.value_head = None, None
+        if config.value_model == "shared":
+            self.value_head = ValueHead(self.policy.config.hidden_size, seed=config.seed + 1).to(self.device)
+            value_params = list(self.value_head.parameters())
+        else:
+            self.value_model = (value_model or make_value_model(self.policy, seed=config.seed + 1)).to(self.device)
+            value_params = list(self.value_model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(self.policy.parameters()), "lr": config.lr},
+             {"params": value_params, "lr": config.value_lr or config.lr}],
+            eps=config.adam_eps, weight_decay=config.weight_decay,
+        )  # fmt: skip
+        decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        if config.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(config.kl_coef)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.stop_token_ids = stop_token_ids(tokenizer)
+        self.step_count = 0
+        self.episodes = 0
+
+    # -------------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def generate(self, prompts: list[str]):
+        """Sample one response per prompt. Returns (queries, query_mask, Generation)."""
+        c = self.config
+        queries, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, c.chat_template)
+        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        gen = sample(
+            self.policy, queries, query_mask, c.generation(), self.stop_token_ids, self.tokenizer.pad_token_id,
+            self.generator, self.tokenizer,
+        )  # fmt: skip
+        return queries, query_mask, gen
+
+    # -------------------------------------------------------------------------------- the seed's API
+    def step(self, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], scores: Sequence[float]) -> dict:
+        """One PPO update from token lists: queries and responses are 1-D tensors of different lengths.
+
+        Pads them (queries left, responses right), computes the rollout log-probs with a forward pass, then
+        runs `step_batch`. For rollouts from `generate`, call `step_batch` with the sampling log-probs instead.
+        """
+        pad = self.tokenizer.pad_token_id
+        q, q_mask = pad_sequences([torch.as_tensor(x) for x in queries], pad, side="left")
+        r, r_mask = pad_sequences([torch.as_tensor(x) for x in responses], pad, side="right")
+        scores_t = torch.as_tensor(scores, dtype=torch.float32)
+        return self.step_batch(q.to(self.device), q_mask.to(self.device), r.to(self.device), r_mask.to(self.device),
+                               scores_t.to(self.device))  # fmt: skip
+
+    # -------------------------------------------------------------------------------- one PPO step
+    def step_batch(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> dict:
+        """One PPO update on a rollout batch.
+
+        queries (B, Tq) left-padded, query_mask (B, Tq); responses (B, Tr), response_mask (B, Tr) bool;
+        scores (B,) float; logprobs (B, Tr): the rollout policy's log-probs (None = computed here).
+        Returns a dict of float stats (the metric names of metrics.py).
+        """
+        c = self.config
+        B = queries.shape[0]
+        if B != c.batch_size:
+            raise UserError(f"step got {B} episodes but batch_size is {c.batch_size}")
+        temp = c.temperature
+
+        # 1. Rollout forwards, no grad: reference log-probs, values (and the policy's log-probs if not sampled).
+        with torch.no_grad():
+            batch = (queries, query_mask, responses, response_mask)
+            old_logprobs, old_values = None, None
+            if logprobs is None or self.value_head is not None:
+                old_logprobs, old_values, _ = policy_forward(self.policy, *batch, temp, self.value_head)
+            if logprobs is not None:  # sampling already gave them: no second policy forward
+                old_logprobs = torch.where(response_mask, logprobs, 0.0)
+            if self.value_model is not None:
+                old_values = value_forward(self.value_model, *batch)
+            ref_logprobs, _, _ = policy_forward(self.reference, *batch, temp)
+
+            # 2. Scores -> per-token rewards with the KL penalty.
+            raw_scores = scores.float()
+            scores = raw_scores
+            if c.score_norm == "batch":
+                scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+            if c.score_clip is not None:
+                scores = scores.clamp(-c.score_clip, c.score_clip)
+            kl_coef = self.kl_ctl.value
+            rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef, c.kl_estimator)
+            if c.whiten_rewards:
+                rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+
+            # 3. Advantages and returns.
+            advantages, returns = compute_advantages(rewards, old_values, response_mask, c.gamma, c.lam)
+
+        # 4. PPO epochs over shuffled minibatches.
+        update_stats = self.update(queries, query_mask, responses, response_mask, old_logprobs, old_values,
+                                   advantages, returns)  # fmt: skip
+
+        # 5. Adapt beta to the measured KL, then book-keeping.
+        kl_per_response = masked_sum(kl_k1(old_logprobs, ref_logprobs), response_mask, dim=1)  # (B,)
+        self.kl_ctl.update(float(kl_per_response.mean()), B)
+        self.scheduler.step()
+        self.step_count += 1
+        self.episodes += B
+        lengths = response_mask.sum(1).float()
+        return {
+            "reward_mean": float(raw_scores.mean()),
+            "reward_std": float(raw_scores.std()) if B > 1 else 0.0,
+            "reward_total": float(masked_sum(rewards, response_mask, dim=1).mean()),
+            "kl": float(kl_per_response.mean()),
+            "kl_k3": float(masked_sum(kl_k3(old_logprobs, ref_logprobs), response_mask, dim=1).mean()),
+            "kl_coef": kl_coef,
+            "explained_variance": float(explained_variance(old_values, returns, response_mask)),
+            "value_mean": float(masked_mean(old_values, response_mask)),
+            "return_mean": float(masked_mean(returns, response_mask)),
+            "response_length": float(lengths.mean()),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **update_stats,
+        }
+
+    def update(self, queries, query_mask, responses, response_mask, old_logprobs, old_values, advantages, returns):
+        """ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches. Returns mean stats."""
+        c = self.config
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        sums: dict[str, float] = {}
+        n_minibatches = 0
+        stop = False
+        for epoch in range(c.ppo_epochs):
+            order = torch.randperm(c.batch_size, generator=self.generator, device=self.device)
+            for mb_start in range(0, c.batch_size, c.minibatch_size):
+                mb = order[mb_start : mb_start + c.minibatch_size]
+                # Losses are divided by the whole minibatch's token count, so micro-batches add up exactly.
+                n_tokens = response_mask[mb].sum().clamp(min=1)
+                stats: dict[str, float] = {}
+                for micro_start in range(0, c.minibatch_size, c.micro_batch_size):
+                    idx = mb[micro_start : micro_start + c.micro_batch_size]
+                    mask = response_mask[idx]
+                    batch = (queries[idx], query_mask[idx], responses[idx], mask)
+                    logprobs, values, entropy = policy_forward(
+                        self.policy, *batch, c.temperature, self.value_head, with_entropy=True
+                    )
+                    if self.value_model is not None:
+                        values = value_forward(self.value_model, *batch)
+                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, c.cliprange, n_tokens)
+                    vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mask, c.cliprange_value, n_tokens)
+                    (pg_loss + c.vf_coef * vf_loss).backward()
+                    share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
+                    micro = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                             "entropy": float(masked_mean(entropy, mask)) * share,
+                             **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
+                    for k, v in micro.items():
+                        stats[k] = stats.get(k, 0.0) + v
+                if c.max_grad_norm is not None:
+                    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_minibatches += 1
+                if c.target_approxkl is not None and stats["approxkl"] > c.target_approxkl:
+                    stop = True  # the policy moved too far from the rollout policy: the samples are stale
+                    break
+            if stop:
+                break
+        out = {k: v / n_minibatches for k, v in sums.items()}
+        out["ppo_minibatches"] = n_minibatches
+        return out
+
+    # -------------------------------------------------------------------------------- saving
+    def state_dict(self) -> dict:
+        """Everything but the model weights that a resumed run needs to continue bit for bit."""
+        return {
+            "step": self.step_count,
+            "episodes": self.episodes,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.episodes = state["step"], state["episodes"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    def models(self) -> dict[str, nn.Module]:
+        """The trained networks by the name of their folder in a checkpoint."""
+        out = {"policy": self.policy}
+        if self.value_model is not None:
+            out["value"] = self.value_model
+        return out
+
+    def save(self, directory: Path) -> None:
+        ckpt.save_checkpoint(directory, self.models(), self.tokenizer, self.state_dict(), self.value_head)
+
+    def load(self, directory: Path) -> None:
+        state = ckpt.load_checkpoint(directory, self.models(), self.value_head, self.device)
+        check_resumable(state["config"], self.config)
+        self.load_state_dict(state)
+
+
+# Fields that may differ between a run and its resumption; any other difference is a different experiment.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "log_samples", "sample_every", "device"}
+
+
+def check_resumable(saved: dict, config: PPOConfig) -> None:
+    current = dataclasses.asdict(config)
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise UserError(f"the checkpoint was made with other settings ({diffs}); resume with the same settings or "
+                        "start a new run in another --out directory")  # fmt: skip
+
+
+# ==========================================================================================================
+# train(): prompts in, trained policy out
+
+
+def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
+    """The prompts of a step: a pure function of (step, seed), walking seeded shuffles epoch by epoch.
+
+    Needs no saved state, so a resumed run sees exactly the prompts the uninterrupted run would have.
+    """
+    n = len(prompts)
+    batch = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        batch.append(prompts[order[pos]])
+    return batch
+
+
+def check_scores(scores, n: int, reward_name: str) -> torch.Tensor:
+    """reward_fn's output as a (n,) float tensor, or a UserError saying what was wrong with it."""
+    try:
+        values = [float(s) for s in scores]
+    except (TypeError, ValueError) as err:
+        raise UserError(f"reward {reward_name!r} must return a list of numbers, got {type(scores).__name__}: {err}")
+    if len(values) != n:
+        raise UserError(f"reward {reward_name!r} returned {len(values)} scores for {n} responses; return one per response")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise UserError(f"reward {reward_name!r} returned non-finite scores (NaN/inf) at positions {bad[:5]}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def train(
+    config: PPOConfig,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    out_dir: str | Path,
+    policy: nn.Module | None = None,
+    tokenizer=None,
+    resume: bool = False,
+    progress: bool = True,
+) -> PPOTrainer:
+    """Run `config.steps` PPO steps; write metrics, samples, checkpoints and the final models into out_dir.
+
+    out_dir gets: config.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the latest,
+    resumable) and, at the end, policy/ (and value/) in Hugging Face format.
+    """
+    from tqdm.auto import tqdm
+
+    from .models import load_policy
+
+    out_dir = Path(out_dir)
+    if not prompts:
+        raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
+    if policy is None:
+        policy, tokenizer = load_policy(config.policy, seed=config.seed)
+    torch.manual_seed(config.seed)
+    trainer = PPOTrainer(config, policy, tokenizer)
+
+    start = 0
+    if resume:
+        latest = ckpt.latest_checkpoint(out_dir)
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; start without --resume")
+        trainer.load(latest)
+        start = trainer.step_count
+    elif (out_dir / "metrics.csv").exists():
+        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+    logger = MetricsLogger(out_dir, resume_step=start if resume else None)
+
+    reward_name = config.reward
+    if not resume:
+        n_params = count_parameters(trainer.policy)
+        tqdm.write(f"policy {config.policy}: {n_params / 1e6:.1f} M parameters on {trainer.device}")
+    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not progress, initial=start, total=config.steps)
+    for step in bar:
+        batch_prompts = prompt_batch(prompts, step, config.batch_size, config.seed)
+        t0 = time.perf_counter()
+        queries, query_mask, gen = trainer.generate(batch_prompts)
+        texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
+        t1 = time.perf_counter()
+        scores = check_scores(reward_fn(batch_prompts, texts), len(texts), reward_name).to(trainer.device)
+        t2 = time.perf_counter()
+        stats = trainer.step_batch(queries, query_mask, gen.responses, gen.response_mask, scores, gen.logprobs)
+        t3 = time.perf_counter()
+        stats.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
+                     episodes_per_s=config.batch_size / (t3 - t0))  # fmt: skip
+        logger.log(step + 1, trainer.episodes, stats)
+        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
+        if config.log_samples and ((step + 1) % config.sample_every == 0 or step == start):
+            logger.log_samples(step + 1, batch_prompts[: config.log_samples], texts[: config.log_samples],
+                               scores[: config.log_samples].tolist(), echo=progress)  # fmt: skip
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            trainer.save(ckpt.checkpoint_path(out_dir, step + 1))
+    logger.close()
+    ckpt.export_models(out_dir, trainer.models(), tokenizer, trainer.value_head)
+    return trainer
+
+
+def load_config(path: str | Path | None, overrides: dict, preset: str | None = None) -> PPOConfig:
+    """PPOConfig from a preset, then a YAML/JSON file, then explicit overrides; unknown keys are errors."""
+    values: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if path:
+        values.update(ckpt.read_config_file(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(PPOConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown PPO config keys {unknown}; known keys: {sorted(known)}")
+    return PPOConfig(**values)
+
+
+def dump_config(config: PPOConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2)
