@@ -33,7 +33,7 @@ class GenerationConfig:
     stop_at_eos: bool = True
     """Stop a row at its first stop token. False = fixed-length mode: every row gets max_new_tokens (benchmarks)."""
     stop_strings: tuple[str, ...] = ()
-    """Extra strings that end a response (the mask is cut after the token that completes one)."""
+    """Extra strings that end a response (the mask is cut after the token that completes one); off in fixed-length mode."""
     greedy: bool = False
     """Argmax instead of sampling (evaluation, tests)."""
 
@@ -84,6 +84,8 @@ def encode_prompts(
     """
     if not prompts:
         raise UserError("no prompts to encode: the prompt set is empty")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise UserError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
     use_template = chat_template and getattr(tokenizer, "chat_template", None)
     texts = apply_chat_template(tokenizer, prompts) if use_template else list(prompts)
     # The template already holds the special tokens; a plain prompt gets the tokenizer's usual ones.
@@ -165,12 +167,14 @@ def sample(
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     for t in range(config.max_new_tokens):
         logits = out.logits[:, -1, :].float() / config.temperature  # (B, V)
+        allowed = logits  # what we choose from; log-probs stay those of the full distribution (PPO's forward)
         if config.stop_at_eos and t < config.min_new_tokens:
-            logits[:, stops[stops >= 0]] = -math.inf
+            allowed = logits.clone()
+            allowed[:, stops[stops >= 0]] = -math.inf
         if config.greedy:
-            tokens = logits.argmax(-1)
+            tokens = allowed.argmax(-1)
         else:
-            tokens = _sample(_filter_logits(logits, config.top_k, config.top_p), generator)
+            tokens = _sample(_filter_logits(allowed, config.top_k, config.top_p), generator)
         alive = ~finished
         responses[:, t] = torch.where(alive, tokens, pad_token_id)
         logprobs[:, t] = torch.where(alive, logprobs_from_logits(logits, tokens), 0.0)
@@ -190,7 +194,7 @@ def sample(
         next_position = next_position + 1
 
     generation = Generation(responses, response_mask, logprobs, finished)
-    if config.stop_strings:
+    if config.stop_strings and config.stop_at_eos:
         if tokenizer is None:
             raise ValueError("stop_strings need the tokenizer passed to sample()")
         generation = _cut_at_stop_strings(generation, config.stop_strings, tokenizer, pad_token_id)

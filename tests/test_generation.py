@@ -1,0 +1,305 @@
+"""Tests of wprlhf.generation: KV-cached sampling against full forwards and transformers, stopping, text in/out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wprlhf.core import position_ids_from_mask
+from wprlhf.errors import UserError
+from wprlhf.generation import (
+    GenerationConfig,
+    _sample,
+    decode_responses,
+    encode_prompts,
+    generate,
+    sample,
+)
+from wprlhf.models import stop_token_ids
+
+# Different lengths on purpose: the shorter prompts are left-padded in a batch.
+PROMPTS = ["Hi", "Write a long story about a cat who sails the seven seas.", "What is 2+2?"]
+
+
+def _greedy(n: int, **kw) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, greedy=True, **kw)
+
+
+def _forward_logprobs(model, queries, query_mask, responses, response_mask, temperature: float) -> torch.Tensor:
+    """Log-probs of the responses from one full forward over queries + responses, as PPO's training pass takes them."""
+    ids = torch.cat([queries, responses], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask)).logits
+    # The logit at position t predicts token t + 1: the last query position predicts the first response token.
+    logits = logits[:, queries.shape[1] - 1 : -1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, responses[..., None]).squeeze(-1)
+
+
+def _first_index(row: torch.Tensor, token: int) -> int | None:
+    hits = (row == token).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# agreement with transformers and with a full forward
+
+
+def test_greedy_matches_transformers_generate(tiny, tokenizer):
+    """Greedy KV-cached sampling of left-padded prompts of different lengths equals transformers' greedy generate."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    assert len(set(query_mask.sum(1).tolist())) == len(PROMPTS), "prompts must differ in length to exercise padding"
+    n = 12
+    config = _greedy(n, stop_at_eos=False)
+    gen = sample(tiny, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id)
+    # min_new_tokens=n keeps transformers from stopping early, matching our fixed-length mode.
+    expected = tiny.generate(
+        input_ids=queries, attention_mask=query_mask.long(), do_sample=False,
+        max_new_tokens=n, min_new_tokens=n, pad_token_id=tokenizer.pad_token_id,
+    )[:, queries.shape[1]:]  # fmt: skip
+    assert torch.equal(gen.responses, expected)
+    assert gen.response_mask.all()
+    assert not gen.finished.any()
+
+
+def test_sampling_logprobs_match_full_forward(tiny, tokenizer):
+    """Sampled log-probs equal a full forward's log_softmax(logits / T) on real tokens and are 0 on masked ones."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7, stop_at_eos=False)
+    first = sample(tiny, queries, query_mask, config, [], tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    # Replaying the same seed with row 0's 4th token as the stop token gives masked tails to check as well.
+    stop = int(first.responses[0, 3])
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7)
+    gen = sample(tiny, queries, query_mask, config, [stop], tokenizer.pad_token_id, torch.Generator().manual_seed(0))
+    assert not gen.response_mask.all(), "the stop token should leave masked positions"
+
+    expected = _forward_logprobs(tiny, queries, query_mask, gen.responses, gen.response_mask, 0.7)
+    m = gen.response_mask
+    torch.testing.assert_close(gen.logprobs[m], expected[m], atol=1e-5, rtol=0)
+    assert (gen.logprobs[~m] == 0).all()
+    assert gen.logprobs.dtype == torch.float32
+
+
+def test_padding_invariance(tiny, tokenizer):
+    """A prompt's greedy response and log-probs are the same alone as left-padded beside a longer prompt."""
+    config = _greedy(10, stop_at_eos=False)
+    alone_q, alone_m = encode_prompts(tokenizer, PROMPTS[:1])
+    batch_q, batch_m = encode_prompts(tokenizer, PROMPTS[:2])
+    assert not batch_m[0].all(), "prompt 0 must be left-padded in the batch"
+    alone = sample(tiny, alone_q, alone_m, config, [], tokenizer.pad_token_id)
+    batch = sample(tiny, batch_q, batch_m, config, [], tokenizer.pad_token_id)
+    assert torch.equal(alone.responses[0], batch.responses[0])
+    torch.testing.assert_close(alone.logprobs[0], batch.logprobs[0], atol=1e-5, rtol=0)
+
+
+def test_seeded_reproducibility(tiny, tokenizer):
+    """The same generator seed gives identical samples; a different seed gives different ones."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    config = GenerationConfig(max_new_tokens=8, temperature=1.0, stop_at_eos=False)
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sample(tiny, queries, query_mask, config, [], tokenizer.pad_token_id, generator)
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.responses, b.responses)
+    assert torch.equal(a.logprobs, b.logprobs)
+    # A near-uniform random model over ~49k tokens: two seeds agreeing on 24 tokens is essentially impossible.
+    assert not torch.equal(a.responses, c.responses)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stopping: stop tokens, min_new_tokens, stop strings
+
+
+def _greedy_with_stop_at_step(tiny, tokenizer, queries, query_mask, n, step):
+    """A fixed-length greedy run and a token that greedy decoding emits in row 0 (first at index <= step)."""
+    free = sample(tiny, queries, query_mask, _greedy(n, stop_at_eos=False), [], tokenizer.pad_token_id)
+    stop = int(free.responses[0, step])
+    return free, stop
+
+
+def test_stop_token_ends_rows(tiny, tokenizer):
+    """A stop token ends its row: mask True through it, pad after, finished set; fixed-length mode ignores it."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    n = 8
+    free, stop = _greedy_with_stop_at_step(tiny, tokenizer, queries, query_mask, n, step=2)
+    gen = sample(tiny, queries, query_mask, _greedy(n), [stop], tokenizer.pad_token_id)
+
+    for i in range(len(PROMPTS)):
+        k = _first_index(free.responses[i], stop)
+        if i == 0:
+            assert k is not None and k <= 2
+        end = n if k is None else k + 1  # the stop token itself belongs to the response
+        assert gen.response_mask[i, :end].all() and not gen.response_mask[i, end:].any()
+        assert torch.equal(gen.responses[i, :end], free.responses[i, :end])
+        assert (gen.responses[i, end:] == tokenizer.pad_token_id).all()
+        assert (gen.logprobs[i, end:] == 0).all()
+        assert bool(gen.finished[i]) == (k is not None)
+
+    fixed = sample(tiny, queries, query_mask, _greedy(n, stop_at_eos=False), [stop], tokenizer.pad_token_id)
+    assert fixed.response_mask.all()
+    assert torch.equal(fixed.responses, free.responses)
+    assert not fixed.finished.any()
+
+
+def test_min_new_tokens_forbids_early_stop(tiny, tokenizer):
+    """With min_new_tokens past the stop token's first greedy position, the stop token cannot appear before it."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    n = 8
+    free, stop = _greedy_with_stop_at_step(tiny, tokenizer, queries, query_mask, n, step=2)
+    k = _first_index(free.responses[0], stop)
+    floor = k + 2
+    gen = sample(tiny, queries, query_mask, _greedy(n, min_new_tokens=floor), [stop], tokenizer.pad_token_id)
+    assert not (gen.responses[:, :floor] == stop).any()
+    assert gen.response_mask[:, :floor].all()
+    # The floor really acted: greedy wanted the stop token at k and had to pick something else.
+    assert torch.equal(gen.responses[0, :k], free.responses[0, :k])
+    assert int(gen.responses[0, k]) != stop
+
+
+def test_min_new_tokens_logprobs_match_full_forward(tiny, tokenizer):
+    """Under min_new_tokens, log-probs are still over the full vocabulary (what PPO's forward computes).
+
+    The Generation docstring promises this, and PPO uses these log-probs as old_logprobs and against the
+    reference's full-vocabulary log-probs; renormalising without the banned stop tokens would make the first
+    ratio (1 - p_stop) instead of 1 and bias the KL penalty.
+    """
+    # Sharpen the random model so the stop token carries real probability where it is banned.
+    with torch.no_grad():
+        tiny.lm_head.weight.mul_(100.0)
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    n = 6
+    free, stop = _greedy_with_stop_at_step(tiny, tokenizer, queries, query_mask, n, step=1)
+    p_stop = _forward_logprobs(tiny, queries, query_mask, free.responses, free.response_mask, 1.0)[0, 1].exp()
+    assert p_stop > 0.05, "precondition: the banned stop token must carry noticeable probability"
+
+    config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, temperature=1.0, greedy=True)
+    gen = sample(tiny, queries, query_mask, config, [stop], tokenizer.pad_token_id)
+    expected = _forward_logprobs(tiny, queries, query_mask, gen.responses, gen.response_mask, 1.0)
+    # 1e-4: the x100 logits scale float32 rounding up by as much; the bug this guards against is ~1 nat.
+    torch.testing.assert_close(gen.logprobs, expected, atol=1e-4, rtol=0)
+
+
+def test_stop_strings_cut_after_the_completing_token(tiny, tokenizer):
+    """A stop string ends the response right after the token that completes it, even across a token boundary."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    n = 10
+    free = sample(tiny, queries, query_mask, _greedy(n, stop_at_eos=False), [], tokenizer.pad_token_id)
+    tokens = free.responses[0].tolist()
+
+    def text(k):
+        return tokenizer.decode(tokens[:k], skip_special_tokens=True)
+
+    # A stop string made of the end of token j-1 and all of token j: only reaching token j completes it.
+    for j in range(2, n):
+        piece = text(j + 1)[len(text(j)) - 2 :]
+        if len(piece) > 2 and text(j + 1).startswith(text(j)) and piece not in text(j):
+            break
+    else:
+        pytest.fail(f"no usable stop string in greedy output {text(n)!r}")
+
+    config = _greedy(n, stop_strings=[piece])
+    gen = sample(tiny, queries, query_mask, config, [], tokenizer.pad_token_id, tokenizer=tokenizer)
+    assert int(gen.response_mask[0].sum()) == j + 1
+    assert bool(gen.finished[0])
+    assert (gen.responses[0, j + 1 :] == tokenizer.pad_token_id).all()
+    assert (gen.logprobs[0, j + 1 :] == 0).all()
+    out = decode_responses(tokenizer, gen.responses, gen.response_mask)[0]
+    assert piece.strip() in out
+    assert piece not in tokenizer.decode(gen.responses[0, :j].tolist(), skip_special_tokens=True)
+    # Rows that never produce the stop string are untouched.
+    for i in range(1, len(PROMPTS)):
+        if piece not in tokenizer.decode(free.responses[i].tolist(), skip_special_tokens=True):
+            assert gen.response_mask[i].all() and not bool(gen.finished[i])
+
+    with pytest.raises(ValueError):
+        sample(tiny, queries, query_mask, config, [], tokenizer.pad_token_id)  # stop strings need the tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# top-k, top-p and the sampler itself
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(tiny, tokenizer):
+    """top_k=1 sampling and nucleus sampling with a tiny top_p both reduce to greedy decoding."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    n = 8
+    config = _greedy(n, temperature=1.0, stop_at_eos=False)
+    greedy = sample(tiny, queries, query_mask, config, [], tokenizer.pad_token_id)
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        config = GenerationConfig(max_new_tokens=n, temperature=1.0, stop_at_eos=False, **kw)
+        gen = sample(tiny, queries, query_mask, config, [], tokenizer.pad_token_id, torch.Generator().manual_seed(3))
+        assert torch.equal(gen.responses, greedy.responses), kw
+        # Log-probs are over the full vocabulary, not the truncated one.
+        torch.testing.assert_close(gen.logprobs, greedy.logprobs, atol=1e-6, rtol=0)
+
+
+def test_exponential_race_matches_categorical():
+    """_sample draws token i with probability p_i: frequencies within 5 binomial standard errors."""
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 200_000
+    # Adding a constant to the logits must not matter (softmax is shift-invariant).
+    logits = (probs.log() + 3.0).expand(n, -1).contiguous()
+    draws = _sample(logits, torch.Generator().manual_seed(0))
+    assert draws.shape == (n,) and draws.dtype == torch.long
+    freq = torch.bincount(draws, minlength=4).double() / n
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * se).all(), (freq, probs)
+
+    # Tokens at -inf (filtered out by top-k / top-p) are never drawn.
+    masked = logits.clone()
+    masked[:, 3] = -math.inf
+    assert not (_sample(masked, torch.Generator().manual_seed(1)) == 3).any()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation and text in / text out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(max_new_tokens=0),
+        dict(temperature=0.0),
+        dict(temperature=-1.0),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(max_new_tokens=4, min_new_tokens=5),
+        dict(min_new_tokens=-1),
+    ],
+)
+def test_config_validation(kw):
+    """Invalid generation settings are user errors, reported before any model runs."""
+    with pytest.raises(UserError):
+        GenerationConfig(**kw)
+
+
+def test_encode_prompts_empty_is_user_error(tokenizer):
+    """An empty prompt set is a user error, not an IndexError from max() deep inside."""
+    with pytest.raises(UserError):
+        encode_prompts(tokenizer, [])
+
+
+def test_encode_prompts_left_pads_and_truncates_from_the_left(tokenizer):
+    """Queries are left-padded with the pad id; max_prompt_length keeps each prompt's last tokens."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    assert queries.dtype == torch.long and query_mask.dtype == torch.bool
+    assert query_mask[:, -1].all()
+    assert (queries[~query_mask] == tokenizer.pad_token_id).all()
+    # Left padding: once a row's mask turns True it stays True.
+    assert (query_mask.long().diff(dim=1) >= 0).all()
+    short_q, short_m = encode_prompts(tokenizer, PROMPTS, max_prompt_length=5)
+    assert short_q.shape == (len(PROMPTS), 5) and short_m.all()
+    assert torch.equal(short_q, queries[:, -5:])
+
+
+def test_generate_text_in_text_out(tiny, tokenizer):
+    """generate() returns one string per prompt, across batches, and batching does not change greedy output."""
+    config = _greedy(6)
+    texts = generate(tiny, tokenizer, PROMPTS, config, batch_size=2)
+    assert len(texts) == len(PROMPTS) and all(isinstance(t, str) for t in texts)
+    one_by_one = generate(tiny, tokenizer, PROMPTS, config, batch_size=1)
+    assert texts == one_by_one

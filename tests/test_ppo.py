@@ -1,0 +1,165 @@
+"""PPO behaviour on the tiny random model: it learns, the KL penalty holds it, padding and accumulation are exact,
+resuming reproduces an uninterrupted run, and saved models load in plain transformers."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from wprlhf.metrics import read_metrics
+from wprlhf.models import load_policy
+from wprlhf.ppo import PPOConfig, PPOTrainer, policy_forward, train
+from wprlhf.rewards import vowels
+
+PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "ship", "storm", "clock", "garden", "robot")]
+
+# A setting where `tiny` learns the vowel reward in ~25 steps: temperature 1 keeps exploring a flat random
+# policy, batch-normalised scores make the weak reward signal stand above the per-token KL noise.
+LEARNING = dict(policy="tiny", reward="vowels", steps=25, batch_size=32, num_minibatches=4, response_length=8,
+                lr=1e-2, temperature=1.0, kl_coef=0.1, kl_target=8.0, kl_horizon=256, score_norm="batch",
+                log_samples=0, checkpoint_every=1000)  # fmt: skip
+
+
+def _run(tmp_path, name, **overrides):
+    config = PPOConfig(**{**LEARNING, **overrides})
+    train(config, PROMPTS, vowels, tmp_path / name, progress=False)
+    return read_metrics(tmp_path / name / "metrics.csv")
+
+
+def _first_last(rows, key, n=5):
+    values = [r[key] for r in rows]
+    return values[:n], values[-n:]
+
+
+def test_learns_vowel_reward_within_kl_budget(tmp_path):
+    """Mean reward of the last 5 steps beats the first 5 by > 3 standard errors, with KL < 20 nats."""
+    rows = _run(tmp_path, "learn")
+    assert len(rows) == LEARNING["steps"]
+    first, last = _first_last(rows, "reward_mean")
+    se = (statistics.variance(first) / 5 + statistics.variance(last) / 5) ** 0.5
+    gain = statistics.mean(last) - statistics.mean(first)
+    assert gain > 3 * se, f"reward {statistics.mean(first):.3f} -> {statistics.mean(last):.3f}, se {se:.4f}"
+    assert statistics.mean(_first_last(rows, "kl")[1]) < 20
+
+
+def test_huge_fixed_kl_coef_keeps_policy_at_reference(tmp_path):
+    """With beta = 1000 and no adaptation the KL penalty dominates: KL stays near 0 and the reward barely moves."""
+    # A smaller lr than the learning run: at 1e-2 Adam's own step noise moves a flat 49k-token policy by a few
+    # nats whatever the rewards say, and that noise is not what this test is about.
+    rows = _run(tmp_path, "anchored", steps=15, lr=2e-3, kl_coef=1000.0, adaptive_kl=False, score_norm="none")
+    assert all(r["kl_coef"] == 1000.0 for r in rows)
+    assert max(abs(r["kl"]) for r in rows) < 1.0
+    first, last = _first_last(rows, "reward_mean")
+    assert abs(statistics.mean(last) - statistics.mean(first)) < 0.015
+
+
+def test_kl_is_zero_while_policy_equals_reference(tokenizer):
+    """lr = 0 keeps policy == reference: the seed API (forward log-probs) gives KL exactly 0."""
+    policy, _ = load_policy("tiny")
+    trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, lr=0.0), policy, tokenizer)
+    queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+    responses = [torch.randint(100, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 5, 2, 7)]
+    stats = trainer.step(queries, responses, [1.0, 0.0, -1.0, 0.5])
+    assert stats["kl"] == 0.0 and stats["kl_k3"] == 0.0
+    assert stats["reward_total"] == pytest.approx(0.125)  # scores only: the penalty is exactly zero
+
+
+def test_sampled_logprobs_match_reference_at_start(tmp_path):
+    """Rollouts use the sampler's log-probs: at lr = 0 their KL to the reference is zero up to float noise."""
+    rows = _run(tmp_path, "frozen", steps=2, lr=0.0)
+    assert all(abs(r["kl"]) < 1e-3 for r in rows)
+
+
+def test_one_step_changes_the_policy(tokenizer):
+    policy, _ = load_policy("tiny")
+    before = [p.detach().clone() for p in policy.parameters()]
+    trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, lr=1e-3), policy, tokenizer)
+    queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+    responses = [torch.tensor([100, 200, 300])] * 4
+    trainer.step(queries, responses, [1.0, -1.0, 0.5, 0.0])
+    assert any(not torch.equal(b, p) for b, p in zip(before, policy.parameters()))
+
+
+def test_padded_batch_gives_per_example_logprobs(tiny, tokenizer):
+    """A sequence's log-probs and values are the same alone and left/right-padded in a batch (1e-5)."""
+    from wprlhf.core import pad_sequences
+    from wprlhf.models import make_value_model
+    from wprlhf.ppo import value_forward
+
+    value_model = make_value_model(tiny)
+    qs = [torch.tensor(tokenizer(p)["input_ids"]) for p in ("Hi", "A much longer prompt about a lighthouse keeper")]
+    rs = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([10, 11])]
+    q, qm = pad_sequences(qs, tokenizer.pad_token_id, "left")
+    r, rm = pad_sequences(rs, tokenizer.pad_token_id, "right")
+    with torch.no_grad():
+        batch_lp, _, _ = policy_forward(tiny, q, qm, r, rm, 0.7)
+        batch_v = value_forward(value_model, q, qm, r, rm)
+        for i in range(2):
+            one = (qs[i][None], torch.ones(1, len(qs[i]), dtype=torch.bool), rs[i][None], torch.ones(1, len(rs[i]), dtype=torch.bool))
+            lp, _, _ = policy_forward(tiny, *one, 0.7)
+            v = value_forward(value_model, *one)
+            n = len(rs[i])
+            torch.testing.assert_close(batch_lp[i, :n], lp[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(batch_v[i, :n], v[0], atol=1e-5, rtol=0)
+
+
+def _one_update(tokenizer, **overrides):
+    policy, _ = load_policy("tiny")
+    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, ppo_epochs=1, lr=1e-3, **overrides)
+    trainer = PPOTrainer(config, policy, tokenizer)
+    queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+    responses = [torch.tensor([100 + n, 200, 300, 400][:n]) for n in (4, 2, 3, 1)]
+    trainer.step(queries, responses, [1.0, -1.0, 0.5, 0.0])
+    return torch.cat([p.detach().flatten() for p in policy.parameters()])
+
+
+def test_gradient_accumulation_equals_full_minibatch(tokenizer):
+    """Micro-batches with different token counts add up to the same update as one minibatch."""
+    full = _one_update(tokenizer, gradient_accumulation_steps=1)
+    accumulated = _one_update(tokenizer, gradient_accumulation_steps=2)
+    torch.testing.assert_close(full, accumulated, atol=1e-5, rtol=0)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    """4 steps in one go == 2 steps, a 'kill', and --resume to 4: same metrics, same final weights."""
+    base = dict(LEARNING, steps=4, batch_size=8, num_minibatches=2, checkpoint_every=2)
+    train(PPOConfig(**base), PROMPTS, vowels, tmp_path / "whole", progress=False)
+    train(PPOConfig(**{**base, "steps": 2}), PROMPTS, vowels, tmp_path / "split", progress=False)
+    train(PPOConfig(**base), PROMPTS, vowels, tmp_path / "split", resume=True, progress=False)
+    whole, split = read_metrics(tmp_path / "whole" / "metrics.csv"), read_metrics(tmp_path / "split" / "metrics.csv")
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    skip = {"time_generate", "time_score", "time_train", "episodes_per_s"}
+    for a, b in zip(whole, split):
+        for key in a.keys() - skip:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(tmp_path / run / "policy" / "model.safetensors") for run in ("whole", "split"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+
+
+def test_saved_models_load_in_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    _run(tmp_path, "save", steps=1, batch_size=4, num_minibatches=1)
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "save" / "policy")
+    value = AutoModelForSequenceClassification.from_pretrained(tmp_path / "save" / "value")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "save" / "policy")
+    assert policy.config.num_hidden_layers == 2 and value.config.num_labels == 1
+    assert tokenizer.pad_token == "<empty_output>"
+
+
+def test_shared_value_head_trains_and_saves_head_beside_policy(tmp_path):
+    rows = _run(tmp_path, "shared", steps=2, batch_size=4, num_minibatches=1, value_model="shared")
+    assert len(rows) == 2 and all(r["value_loss"] > 0 for r in rows)
+    assert (tmp_path / "shared" / "policy" / "value_head.safetensors").exists()
+    assert not (tmp_path / "shared" / "value").exists()
+
+
+def test_early_stop_on_approxkl(tmp_path):
+    """A tiny target_approxkl stops a step's epochs after the first minibatch."""
+    rows = _run(tmp_path, "early", steps=2, batch_size=8, num_minibatches=2, ppo_epochs=4, target_approxkl=1e-12)
+    assert all(r["ppo_minibatches"] < 8 for r in rows)
