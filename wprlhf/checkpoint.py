@@ -85,10 +85,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def _save_models(directory: Path, models: dict[str, nn.Module], tokenizer, value_head: nn.Module | None) -> None:
     from safetensors.torch import save_file
+    from transformers.utils import logging as hf_logging
 
-    for name, model in models.items():
-        model.save_pretrained(directory / name)
-        tokenizer.save_pretrained(directory / name)
+    hf_logging.disable_progress_bar()  # a bar per shard would interleave with the training bar at every checkpoint
+    try:
+        for name, model in models.items():
+            model.save_pretrained(directory / name)
+            tokenizer.save_pretrained(directory / name)
+    finally:
+        hf_logging.enable_progress_bar()
     if value_head is not None:
         # Shared-backbone variant: the head sits beside the policy it reads from.
         save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, directory / "policy" / VALUE_HEAD_FILE)

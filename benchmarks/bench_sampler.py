@@ -1,0 +1,165 @@
+"""Sampling speed: wprlhf's KV-cached sampler vs transformers `model.generate`, same model, same batch.
+
+One process, the sides interleaved (wprlhf, HF with output_scores as trl calls it, HF without) so that the
+host's drifting speed hits them alike; 1 warm-up each, then --repeats timed calls each. Fixed-length work:
+queries of exactly 32 tokens (no padding), 32 new tokens per row (no stop), temperature 0.7, full vocabulary.
+
+    .venv/bin/python benchmarks/bench_sampler.py                      # smollm2, batch 8
+    .venv/bin/python benchmarks/bench_sampler.py --model tiny         # random TINY_ARCH, batch 16
+
+Prints a markdown table; appends one JSON line per run to --out (default benchmarks/results_sampler.jsonl).
+This is a measurement, never a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import (REPO, append_jsonl, cpu_probe, cpu_seconds, fixed_queries, machine, med, peak_rss_mib,
+                     versions)  # fmt: skip
+
+SIDES = ("wprlhf", "hf_scores", "hf")
+LABELS = {
+    "wprlhf": "wprlhf `sample` (KV cache)",
+    "hf_scores": "HF `generate`, output_scores=True (trl's call)",
+    "hf": "HF `generate`, no scores",
+}
+
+
+def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int):
+    """name -> zero-argument callable that samples the batch once and returns the response tokens (B, Tr)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from wprlhf.generation import GenerationConfig, sample
+    from wprlhf.models import stop_token_ids
+
+    config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, temperature=temperature)
+    stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(seed)
+    attention_mask = query_mask.long()
+
+    def wprlhf_side():
+        return sample(model, queries, query_mask, config, stops, pad, generator).responses
+
+    def hf_side(scores: bool):
+        # A fresh config, so nothing from the checkpoint's generation_config adds a logits processor.
+        hf_config = HFGenerationConfig(
+            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            bos_token_id=tokenizer.bos_token_id,
+        )  # fmt: skip
+
+        def run():
+            with torch.inference_mode():
+                out = model.generate(input_ids=queries, attention_mask=attention_mask, generation_config=hf_config,
+                                     output_scores=scores, return_dict_in_generate=True)  # fmt: skip
+            if scores:
+                assert len(out.scores) == new_tokens
+            return out.sequences[:, queries.shape[1] :]
+
+        return run
+
+    return {"wprlhf": wprlhf_side, "hf_scores": hf_side(True), "hf": hf_side(False)}
+
+
+def profile_sides(sides: dict, rows: int = 12) -> None:
+    """One profiled call per side: the ops that take the time (printed, not saved)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in sides.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n### profile: {LABELS[name]}\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 for smollm2, 16 for tiny")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side, after 1 warm-up each")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per side")
+    parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_sampler.jsonl)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    batch = args.batch or (8 if args.model == "smollm2" else 16)
+    torch.set_num_threads(args.threads)
+    sides_wanted = [s for s in args.sides.split(",") if s]
+    if not set(sides_wanted) <= set(SIDES) or "wprlhf" not in sides_wanted:
+        raise SystemExit(f"--sides must include wprlhf and name only {SIDES}")
+
+    from wprlhf.models import load_policy
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
+    load_s = time.perf_counter() - t0
+    queries, query_mask, source = fixed_queries(tokenizer, batch, args.prompt_tokens, args.prompts)
+    sides = {k: v for k, v in make_sides(model, tokenizer, queries, query_mask, args.new_tokens,
+                                         args.temperature, args.seed).items() if k in sides_wanted}  # fmt: skip
+    torch.manual_seed(args.seed)
+
+    probe_before = cpu_probe()
+    for name, fn in sides.items():  # warm-up, 1 each
+        responses = fn()
+        assert responses.shape == (batch, args.new_tokens), (name, responses.shape)  # fixed-length work
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
+        for name, fn in sides.items():
+            c0, w0 = cpu_seconds(), time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - w0)
+            cpu[name].append(cpu_seconds() - c0)
+    probe_after = cpu_probe()
+    if args.profile:
+        profile_sides(sides)
+
+    tokens = batch * args.new_tokens
+    summary = {}
+    for name in sides:
+        paired = [h / w for h, w in zip(times[name], times["wprlhf"])]  # per round: >1 = wprlhf faster
+        summary[name] = {
+            "median_s": round(med(times[name]), 4), "min_s": round(min(times[name]), 4),
+            "max_s": round(max(times[name]), 4), "tokens_per_s": round(tokens / med(times[name]), 1),
+            "best_tokens_per_s": round(tokens / min(times[name]), 1),
+            "cpu_util": round(sum(cpu[name]) / sum(times[name]), 2),
+            "wprlhf_speedup_median_ratio": round(med(times[name]) / med(times["wprlhf"]), 3),
+            "wprlhf_speedup_paired": round(med(paired), 3),
+        }  # fmt: skip
+
+    print(f"\n## Sampler: {args.model}, batch {batch}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
+          f"{args.threads} threads, fp32, {args.repeats} interleaved repeats (prompts: {source})\n")  # fmt: skip
+    print("| side | median s | min–max s | tokens/s (median) | tokens/s (best) | CPU util | wprlhf ÷ side tokens/s "
+          "(medians) | same, median of paired rounds |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, s in summary.items():
+        print(f"| {LABELS[name]} | {s['median_s']:.3f} | {s['min_s']:.3f}–{s['max_s']:.3f} | {s['tokens_per_s']:.0f} | "
+              f"{s['best_tokens_per_s']:.0f} | {s['cpu_util']:.2f} | {s['wprlhf_speedup_median_ratio']:.2f} | "
+              f"{s['wprlhf_speedup_paired']:.2f} |")  # fmt: skip
+    print(f"\nCPU probe (fp32 1024³ matmul, median GFLOP/s): before {probe_before}, after {probe_after}. "
+          f"Peak RSS {peak_rss_mib():.0f} MiB.")  # fmt: skip
+
+    record = {
+        "bench": "sampler", "model": args.model, "batch": batch, "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
+        "repeats": args.repeats, "prompts": source, "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "summary": summary, "probe_gflops_before": probe_before, "probe_gflops_after": probe_after,
+        "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "machine": machine(), "versions": versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+    out = args.out or REPO / "benchmarks" / "results_sampler.jsonl"
+    append_jsonl(out, record)
+    print(f"appended to {out}")
+
+
+if __name__ == "__main__":
+    main()
