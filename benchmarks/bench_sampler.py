@@ -49,13 +49,12 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
         hf_config = HFGenerationConfig(
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
-            bos_token_id=tokenizer.bos_token_id,
+            bos_token_id=tokenizer.bos_token_id, output_scores=scores, return_dict_in_generate=True,
         )  # fmt: skip
 
         def run():
             with torch.inference_mode():
-                out = model.generate(input_ids=queries, attention_mask=attention_mask, generation_config=hf_config,
-                                     output_scores=scores, return_dict_in_generate=True)  # fmt: skip
+                out = model.generate(input_ids=queries, attention_mask=attention_mask, generation_config=hf_config)
             if scores:
                 assert len(out.scores) == new_tokens
             return out.sequences[:, queries.shape[1] :]

@@ -174,3 +174,30 @@ def test_resume_refuses_corrupt_and_mismatched_checkpoints(tmp_path, prompts_txt
     code, err = run_cli(capsys, "ppo", *TINY_RUN, "--prompts", prompts_txt, "--out", tmp_path / "fresh", "--resume")
     assert code == 2 and "no checkpoint" in err
     assert weights.exists()  # refusing to resume deletes nothing
+
+
+def test_hub_id_loads_from_a_local_hub_cache(tmp_path, prompts_txt, tokenizer):
+    """A hub id resolves through the Hugging Face cache layout, offline (a local copy in the hub's format)."""
+    import os
+
+    from wprlhf.models import load_policy
+
+    model, _ = load_policy("tiny")
+    snapshot = tmp_path / "hub" / "models--wprlhf-test--tiny-story" / "snapshots" / "0123abcd"
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "s.jsonl"
+    result = subprocess.run([sys.executable, "-m", "wprlhf.cli", "sample", "--policy", "wprlhf-test/tiny-story",
+                             "--prompts", str(prompts_txt), "-k", "1", "--max-new-tokens", "3", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_unknown_hub_id_offline_fails_fast(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(capsys, "sample", "--policy", "nobody/no-such-model", "--out", tmp_path / "s.jsonl")
+    assert code == 2 and "cannot be reached (offline?)" in err

@@ -147,6 +147,46 @@ def resolve_name(name: str) -> str:
     return name
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub's endpoint, so an offline machine fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def from_pretrained(cls, name: str, source: str, **kwargs):
+    """cls.from_pretrained(source) with one clear UserError for every way a name can fail to load.
+
+    A hub id is looked up in the local Hugging Face cache first; the network is tried only if the hub answers.
+    """
+    is_local = Path(source).exists()
+    try:
+        if is_local:
+            return cls.from_pretrained(source, **kwargs)
+        try:
+            return cls.from_pretrained(source, local_files_only=True, **kwargs)
+        except (OSError, ValueError):
+            if not _hub_reachable():
+                raise UserError(
+                    f"model {name!r} is neither a local directory nor in the local Hugging Face cache, and the hub "
+                    "cannot be reached (offline?). Use 'smollm2' (embedded), 'tiny' (random, for tests), a "
+                    "save_pretrained directory, or download the model on a machine with a network first."
+                ) from None
+            return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from err
+
+
 def _hub_error(name: str, err: Exception) -> UserError:
     return UserError(
         f"could not load model {name!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
@@ -160,10 +200,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     source = str(smollm2_tokenizer_dir()) if name in ("tiny", "smollm2") else resolve_name(name)
-    try:
-        return prepare_tokenizer(AutoTokenizer.from_pretrained(source))
-    except (OSError, ValueError) as err:
-        raise _hub_error(name, err) from err
+    return prepare_tokenizer(from_pretrained(AutoTokenizer, name, source))
 
 
 def tiny_config(vocab_size: int = 49152):
@@ -194,11 +231,7 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.bos_token_id = tokenizer.bos_token_id
     else:
-        source = resolve_name(name)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise _hub_error(name, err) from err
+        model = from_pretrained(AutoModelForCausalLM, name, resolve_name(name), dtype=dtype)
     return _configure(model, tokenizer), tokenizer
 
 
@@ -232,11 +265,7 @@ def load_value_model(path: str) -> nn.Module:
     """A value model saved by wprlhf (or any *ForSequenceClassification with num_labels=1)."""
     from transformers import AutoModelForSequenceClassification
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise _hub_error(path, err) from err
-    return model.eval()
+    return from_pretrained(AutoModelForSequenceClassification, path, resolve_name(path)).eval()
 
 
 def _score_head(model: nn.Module) -> nn.Module:

@@ -1,0 +1,231 @@
+"""PPO speed: episodes/s of wprlhf's PPOTrainer on the trl peer's work (../shared/peer/TRL_PPO_BENCHMARK.md).
+
+Each repetition runs in a fresh process (this script re-invoking itself with --one); only the PPO steps are
+timed (sampling, decoding, reward, step_batch), not imports, model loading or PPOTrainer construction. Work:
+queries of exactly 32 tokens, 32 sampled tokens per response (stop_at_eos=False), temperature 0.7, full
+vocabulary, separate value model, fp32, 2 threads, the built-in `length` reward.
+
+| config  | policy                 | batch | minibatches | epochs | updates | episodes |
+|---------|------------------------|------:|------------:|-------:|--------:|---------:|
+| smollm2 | SmolLM2-135M-Instruct  |     8 |           2 |      1 |       2 |       16 |
+| tiny    | random TINY_ARCH Llama |    16 |           4 |      4 |       4 |       64 |
+
+    .venv/bin/python benchmarks/bench_ppo.py --model smollm2 --repeats 3
+    .venv/bin/python benchmarks/bench_ppo.py --model smollm2,tiny --repeats 3    # the models interleaved
+
+Prints a markdown table of medians; appends one JSON line per run to --out (default benchmarks/results_ppo.jsonl).
+A measurement, never a test: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from _common import (REPO, append_jsonl, cpu_probe, cpu_seconds, current_rss_mib, fixed_queries, machine, med,
+                     peak_rss_mib, versions)  # fmt: skip
+
+WORK = {
+    "smollm2": dict(batch_size=8, num_minibatches=2, ppo_epochs=1, steps=2),
+    "tiny": dict(batch_size=16, num_minibatches=4, ppo_epochs=4, steps=4),
+}
+# The trl peer's medians on this kind of machine (another session: indicative only).
+PEER = {"tiny": {"episodes_per_s": 3.80, "peak_rss_mib": 1.06 * 1024},
+        "smollm2": {"episodes_per_s": 0.497, "peak_rss_mib": 5.77 * 1024}}  # fmt: skip
+PHASES = ("generate", "decode_and_score", "rollout_ref_fwd", "rollout_value_fwd", "train_forward", "train_backward",
+          "train_optimizer_step", "other")  # fmt: skip
+
+
+class Timers:
+    """Wall seconds per phase, from wrappers around the functions PPOTrainer calls (CPU ops are synchronous)."""
+
+    def __init__(self):
+        self.s: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+
+    def wrap(self, fn, name_grad: str, name_nograd: str | None = None):
+        import torch
+
+        def wrapped(*args, **kwargs):
+            name = name_grad if (name_nograd is None or torch.is_grad_enabled()) else name_nograd
+            with self(name):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+
+def instrument(trainer, timers: Timers) -> None:
+    """Time PPOTrainer's phases without changing what it computes: wrap the functions step_batch looks up."""
+    import torch
+
+    import wprlhf.ppo as ppo
+
+    # step_batch / update find these by their module-level names at call time.
+    ppo.policy_forward = timers.wrap(ppo.policy_forward, "train_forward", "rollout_ref_fwd")
+    ppo.value_forward = timers.wrap(ppo.value_forward, "train_forward", "rollout_value_fwd")
+    trainer.optimizer.step = timers.wrap(trainer.optimizer.step, "train_optimizer_step")
+    torch.Tensor.backward = timers.wrap(torch.Tensor.backward, "train_backward")
+
+
+def one_run(args) -> dict:
+    """The child process: load, build the trainer, time `steps` PPO updates. Returns the JSON record."""
+    import torch
+
+    from wprlhf.generation import decode_responses, sample
+    from wprlhf.models import load_policy
+    from wprlhf.ppo import PPOConfig, PPOTrainer
+    from wprlhf.rewards import length
+
+    torch.set_num_threads(args.threads)
+    work = WORK[args.model]
+    config = PPOConfig(
+        policy=args.model, reward="length", seed=args.seed, **work, max_prompt_length=32, response_length=32,
+        stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0, value_model="separate",
+        device="cpu", lr=3e-6, lr_schedule="linear", kl_coef=0.05, adaptive_kl=False,
+        max_grad_norm=args.max_grad_norm, log_samples=0,
+    )  # fmt: skip (the peer's optimiser settings: lr 3e-6 decaying linearly, beta 0.05, no gradient clipping)
+    t0 = time.perf_counter()
+    policy, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
+    B, U = config.batch_size, config.steps
+    queries, query_mask, source = fixed_queries(tokenizer, B * U, 32, args.prompts)
+    torch.manual_seed(args.seed)
+    trainer = PPOTrainer(config, policy, tokenizer)
+    load_s = time.perf_counter() - t0
+    timers = Timers()
+    if not args.no_timers:
+        instrument(trainer, timers)
+    generation = config.generation()
+    rss_before = current_rss_mib()
+    probe_before = cpu_probe()
+
+    update_s = []
+    c0, w0 = cpu_seconds(), time.perf_counter()
+    for step in range(U):
+        u0 = time.perf_counter()
+        q, m = queries[step * B : (step + 1) * B], query_mask[step * B : (step + 1) * B]
+        with timers("generate"):  # what trainer.generate does after encode_prompts
+            gen = sample(trainer.policy, q, m, generation, trainer.stop_token_ids, tokenizer.pad_token_id,
+                         trainer.generator, tokenizer)  # fmt: skip
+        with timers("decode_and_score"):
+            texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
+            scores = torch.tensor(length([""] * B, texts), dtype=torch.float32)
+        stats = trainer.step_batch(q, m, gen.responses, gen.response_mask, scores, gen.logprobs)
+        update_s.append(round(time.perf_counter() - u0, 3))
+    wall = time.perf_counter() - w0
+    cpu_s = cpu_seconds() - c0
+    probe_after = cpu_probe()
+
+    phases = {k: round(v, 3) for k, v in timers.s.items()}
+    if timers.s:
+        phases["other"] = round(wall - sum(timers.s.values()), 3)
+    episodes = B * U
+    return {
+        "bench": "ppo", "config": args.model, "episodes": episodes, "ppo_updates": U, "wall_s": round(wall, 3),
+        "episodes_per_s": round(episodes / wall, 4), "gen_tokens_per_s": round(episodes * 32 / wall, 2),
+        "rollout_gen_tokens_per_s": round(episodes * 32 / phases["generate"], 1) if "generate" in phases else None,
+        "cpu_s": round(cpu_s, 2), "cpu_util": round(cpu_s / wall, 2), "probe_gflops_before": probe_before,
+        "probe_gflops_after": probe_after, "peak_rss_mib": peak_rss_mib(), "rss_before_train_mib": rss_before,
+        "update_s": update_s, "phases_s": phases, "load_s": round(load_s, 2), "prompts": source,
+        "response_length_mean": stats["response_length"], "timers": not args.no_timers,
+        "settings": {**work, "prompt_tokens": 32, "response_tokens": 32, "temperature": 0.7, "threads": args.threads,
+                     "value_model": "separate", "lr": 3e-6, "kl_coef": 0.05, "max_grad_norm": args.max_grad_norm,
+                     "reward": "length"},
+        "machine": machine(), "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+
+
+def child_command(args, model: str) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--model", model, "--threads", str(args.threads),
+           "--prompts", args.prompts, "--seed", str(args.seed)]  # fmt: skip
+    if args.max_grad_norm is not None:
+        cmd += ["--max-grad-norm", str(args.max_grad_norm)]
+    if args.no_timers:
+        cmd.append("--no-timers")
+    return cmd
+
+
+def print_table(records: list[dict]) -> None:
+    models = list(dict.fromkeys(r["config"] for r in records))
+    print("\n## wprlhf PPO, median over fresh processes\n")
+    print("| config | runs | episodes/s median (min–max) | wall s | peak RSS MiB | probe GFLOP/s before / after (medians, "
+          "min) | CPU util | trl peer episodes/s (other session) | wprlhf ÷ peer |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m in models:
+        rs = [r for r in records if r["config"] == m]
+        eps = [r["episodes_per_s"] for r in rs]
+        probes = [r["probe_gflops_before"] for r in rs] + [r["probe_gflops_after"] for r in rs]
+        print(f"| {m} | {len(rs)} | {med(eps):.3f} ({min(eps):.3f}–{max(eps):.3f}) | {med([r['wall_s'] for r in rs]):.2f} | "
+              f"{med([r['peak_rss_mib'] for r in rs]):.0f} | {med([r['probe_gflops_before'] for r in rs]):.0f} / "
+              f"{med([r['probe_gflops_after'] for r in rs]):.0f}, min {min(probes):.0f} | "
+              f"{med([r['cpu_util'] for r in rs]):.2f} | {PEER[m]['episodes_per_s']} | "
+              f"{med(eps) / PEER[m]['episodes_per_s']:.2f} |")  # fmt: skip
+    for m in models:
+        rs = [r for r in records if r["config"] == m and r["phases_s"]]
+        if not rs:
+            continue
+        print(f"\n### {m}: time per phase, seconds (median over runs; share of median wall)\n")
+        print("| phase | " + " | ".join(f"run {i + 1}" for i in range(len(rs))) + " | median | share |")
+        print("|---|" + "---:|" * (len(rs) + 2))
+        wall = med([r["wall_s"] for r in rs])
+        for p in PHASES:
+            xs = [r["phases_s"].get(p, 0.0) for r in rs]
+            print(f"| {p} | " + " | ".join(f"{x:.2f}" for x in xs) + f" | {med(xs):.2f} | {med(xs) / wall:.0%} |")
+        print("| per update (s) | " + " | ".join(" / ".join(f"{u:.1f}" for u in r["update_s"]) for r in rs) + " | | |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or both comma-separated (interleaved)")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
+    parser.add_argument("--max-grad-norm", type=float, default=None, help="default None: no clipping, as trl's PPO")
+    parser.add_argument("--no-timers", action="store_true", help="no per-phase wrappers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_ppo.jsonl)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one run, JSON on stdout
+    args = parser.parse_args()
+    models = [m for m in args.model.split(",") if m]
+    if not set(models) <= set(WORK):
+        raise SystemExit(f"--model: choose from {sorted(WORK)}")
+
+    if args.one:
+        print(json.dumps(one_run(args)), flush=True)
+        return
+
+    out = args.out or REPO / "benchmarks" / "results_ppo.jsonl"
+    records = []
+    for rep in range(args.repeats):
+        for m in models:  # interleaved: smollm2, tiny, smollm2, tiny, ...
+            t0 = time.perf_counter()
+            proc = subprocess.run(child_command(args, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"run {rep + 1} of {m} failed with exit status {proc.returncode}")
+            record = json.loads(proc.stdout.strip().splitlines()[-1])
+            record["repeat"] = rep + 1
+            append_jsonl(out, record)
+            records.append(record)
+            print(f"{m} run {rep + 1}/{args.repeats}: {record['episodes_per_s']:.3f} episodes/s, wall "
+                  f"{record['wall_s']:.1f} s, probe {record['probe_gflops_before']}/{record['probe_gflops_after']} "
+                  f"GFLOP/s, peak RSS {record['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s with loading)",
+                  flush=True)  # fmt: skip
+    print_table(records)
+    print(f"\nappended {len(records)} lines to {out}")
+
+
+if __name__ == "__main__":
+    main()
