@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-
 # ----------------------------------------------------------------------------------------------------------
 # log-probabilities and entropy
 

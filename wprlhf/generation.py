@@ -208,7 +208,7 @@ def _cut_at_stop_strings(gen: Generation, stop_strings, tokenizer, pad_token_id:
         n = int(mask[i].sum())
         tokens = responses[i, :n].tolist()
 
-        def has_stop(k: int) -> bool:
+        def has_stop(k: int, tokens=tokens) -> bool:
             text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
             return any(s in text for s in stop_strings)
 

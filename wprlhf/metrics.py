@@ -89,14 +89,18 @@ class MetricsLogger:
                 self.tb.add_scalar(name, row[name], step)
         self.tb.flush()
 
-    def log_samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float], echo: bool = True):
+    def log_samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float],
+                    kls: list[float], reward_totals: list[float], echo: bool = True) -> None:  # fmt: skip
+        """Append decoded samples to samples.jsonl (and print them): what the numbers in metrics.csv look like."""
         from tqdm.auto import tqdm
 
         with open(self.samples_path, "a", encoding="utf-8") as f:
-            for prompt, response, score in zip(prompts, responses, scores):
-                f.write(json.dumps({"step": step, "prompt": prompt, "response": response, "score": score}) + "\n")
+            for prompt, response, score, kl, total in zip(prompts, responses, scores, kls, reward_totals):
+                row = {"step": step, "prompt": prompt, "response": response, "score": score, "kl": kl, "reward_total": total}
+                f.write(json.dumps(row) + "\n")
                 if echo:
-                    tqdm.write(f"--- step {step}  score {score:.3f}\n> {prompt[:200]}\n{response[:400]}")
+                    tqdm.write(f"--- step {step}  score {score:.3f}  kl {kl:.2f}  reward {total:.3f}\n"
+                               f"> {prompt[:200]}\n{response[:400]}")  # fmt: skip
 
     def close(self) -> None:
         self._csv.close()

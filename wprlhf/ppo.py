@@ -40,10 +40,16 @@ from .core import (
 from .errors import UserError
 from .generation import GenerationConfig, decode_responses, encode_prompts, sample
 from .metrics import MetricsLogger
+from .models import (
+    ValueHead,
+    count_parameters,
+    load_policy,
+    make_reference,
+    make_value_model,
+    stop_token_ids,
+    token_values,
+)
 from .rewards import RewardFn
-from .models import ValueHead, count_parameters, make_reference, make_value_model, stop_token_ids, token_values
-
-
 
 
 @dataclass
@@ -395,6 +401,8 @@ class PPOTrainer:
         self.stop_token_ids = stop_token_ids(tokenizer)
         self.step_count = 0
         self.episodes = 0
+        self.last_episodes: dict[str, list[float]] = {}
+        """Per-episode kl and reward_total of the last step, for the samples log."""
 
     # -------------------------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -457,7 +465,7 @@ class PPOTrainer:
             if c.score_clip is not None:
                 scores = scores.clamp(-c.score_clip, c.score_clip)
             kl_coef = self.kl_ctl.value
-            rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef, c.kl_estimator)
+            rewards, _ = compute_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef, c.kl_estimator)
             if c.whiten_rewards:
                 rewards = masked_whiten(rewards, response_mask, shift_mean=False)
 
@@ -475,10 +483,12 @@ class PPOTrainer:
         self.step_count += 1
         self.episodes += B
         lengths = response_mask.sum(1).float()
+        total_per_response = masked_sum(rewards, response_mask, dim=1)  # (B,)
+        self.last_episodes = {"kl": kl_per_response.tolist(), "reward_total": total_per_response.tolist()}
         return {
             "reward_mean": float(raw_scores.mean()),
             "reward_std": float(raw_scores.std()) if B > 1 else 0.0,
-            "reward_total": float(masked_sum(rewards, response_mask, dim=1).mean()),
+            "reward_total": float(total_per_response.mean()),
             "kl": float(kl_per_response.mean()),
             "kl_k3": float(masked_sum(kl_k3(old_logprobs, ref_logprobs), response_mask, dim=1).mean()),
             "kl_coef": kl_coef,
@@ -642,8 +652,6 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from .models import load_policy
-
     out_dir = Path(out_dir)
     if not prompts:
         raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
@@ -685,8 +693,9 @@ def train(
         logger.log(step + 1, trainer.episodes, stats)
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
         if config.log_samples and ((step + 1) % config.sample_every == 0 or step == start):
-            logger.log_samples(step + 1, batch_prompts[: config.log_samples], texts[: config.log_samples],
-                               scores[: config.log_samples].tolist(), echo=progress)  # fmt: skip
+            n = config.log_samples
+            logger.log_samples(step + 1, batch_prompts[:n], texts[:n], scores[:n].tolist(),
+                               trainer.last_episodes["kl"][:n], trainer.last_episodes["reward_total"][:n], echo=progress)  # fmt: skip
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             trainer.save(ckpt.checkpoint_path(out_dir, step + 1))
     logger.close()
