@@ -108,5 +108,13 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def shown(path: str | Path) -> str:
+    """A path for messages: relative to the current directory when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def med(xs):
     return statistics.median(xs) if xs else float("nan")

@@ -21,18 +21,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from _common import (REPO, append_jsonl, cpu_probe, cpu_seconds, current_rss_mib, fixed_queries, machine, med,
-                     peak_rss_mib, versions)  # fmt: skip
+from _common import (
+    REPO,
+    append_jsonl,
+    cpu_probe,
+    cpu_seconds,
+    current_rss_mib,
+    fixed_queries,
+    machine,
+    med,
+    peak_rss_mib,
+    shown,
+    versions,
+)
 
 WORK = {
-    "smollm2": dict(batch_size=8, num_minibatches=2, ppo_epochs=1, steps=2),
-    "tiny": dict(batch_size=16, num_minibatches=4, ppo_epochs=4, steps=4),
+    "smollm2": {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 1, "steps": 2},
+    "tiny": {"batch_size": 16, "num_minibatches": 4, "ppo_epochs": 4, "steps": 4},
 }
 # The trl peer's medians on this kind of machine (another session: indicative only).
 PEER = {"tiny": {"episodes_per_s": 3.80, "peak_rss_mib": 1.06 * 1024},
@@ -68,10 +80,14 @@ class Timers:
 
 def instrument(trainer, timers: Timers) -> None:
     """Time PPOTrainer's phases without changing what it computes: wrap the functions step_batch looks up."""
+    import warnings
+
     import torch
 
-    import wprlhf.ppo as ppo
+    from wprlhf import ppo
 
+    # LambdaLR notices that optimizer.step was replaced; the wrapper still calls the original step first.
+    warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
     # step_batch / update find these by their module-level names at call time.
     ppo.policy_forward = timers.wrap(ppo.policy_forward, "train_forward", "rollout_ref_fwd")
     ppo.value_forward = timers.wrap(ppo.value_forward, "train_forward", "rollout_value_fwd")
@@ -90,12 +106,13 @@ def one_run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = WORK[args.model]
+    # The peer's optimiser settings: lr 3e-6 decaying linearly to 0, beta 0.05 fixed, no gradient clipping.
     config = PPOConfig(
         policy=args.model, reward="length", seed=args.seed, **work, max_prompt_length=32, response_length=32,
         stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0, value_model="separate",
         device="cpu", lr=3e-6, lr_schedule="linear", kl_coef=0.05, adaptive_kl=False,
         max_grad_norm=args.max_grad_norm, log_samples=0,
-    )  # fmt: skip (the peer's optimiser settings: lr 3e-6 decaying linearly, beta 0.05, no gradient clipping)
+    )  # fmt: skip
     t0 = time.perf_counter()
     policy, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
     B, U = config.batch_size, config.steps
@@ -111,6 +128,7 @@ def one_run(args) -> dict:
     probe_before = cpu_probe()
 
     update_s = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, w0 = cpu_seconds(), time.perf_counter()
     for step in range(U):
         u0 = time.perf_counter()
@@ -125,6 +143,7 @@ def one_run(args) -> dict:
         update_s.append(round(time.perf_counter() - u0, 3))
     wall = time.perf_counter() - w0
     cpu_s = cpu_seconds() - c0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     probe_after = cpu_probe()
 
     phases = {k: round(v, 3) for k, v in timers.s.items()}
@@ -135,7 +154,8 @@ def one_run(args) -> dict:
         "bench": "ppo", "config": args.model, "episodes": episodes, "ppo_updates": U, "wall_s": round(wall, 3),
         "episodes_per_s": round(episodes / wall, 4), "gen_tokens_per_s": round(episodes * 32 / wall, 2),
         "rollout_gen_tokens_per_s": round(episodes * 32 / phases["generate"], 1) if "generate" in phases else None,
-        "cpu_s": round(cpu_s, 2), "cpu_util": round(cpu_s / wall, 2), "probe_gflops_before": probe_before,
+        "cpu_s": round(cpu_s, 2), "cpu_util": round(cpu_s / wall, 2), "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
+        "minor_faults": r1.ru_minflt - r0.ru_minflt, "probe_gflops_before": probe_before,
         "probe_gflops_after": probe_after, "peak_rss_mib": peak_rss_mib(), "rss_before_train_mib": rss_before,
         "update_s": update_s, "phases_s": phases, "load_s": round(load_s, 2), "prompts": source,
         "response_length_mean": stats["response_length"], "timers": not args.no_timers,
@@ -160,8 +180,8 @@ def print_table(records: list[dict]) -> None:
     models = list(dict.fromkeys(r["config"] for r in records))
     print("\n## wprlhf PPO, median over fresh processes\n")
     print("| config | runs | episodes/s median (min–max) | wall s | peak RSS MiB | probe GFLOP/s before / after (medians, "
-          "min) | CPU util | trl peer episodes/s (other session) | wprlhf ÷ peer |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "min) | CPU util | sys CPU s | minor faults (M) | trl peer episodes/s (other session) | wprlhf ÷ peer |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for m in models:
         rs = [r for r in records if r["config"] == m]
         eps = [r["episodes_per_s"] for r in rs]
@@ -169,7 +189,8 @@ def print_table(records: list[dict]) -> None:
         print(f"| {m} | {len(rs)} | {med(eps):.3f} ({min(eps):.3f}–{max(eps):.3f}) | {med([r['wall_s'] for r in rs]):.2f} | "
               f"{med([r['peak_rss_mib'] for r in rs]):.0f} | {med([r['probe_gflops_before'] for r in rs]):.0f} / "
               f"{med([r['probe_gflops_after'] for r in rs]):.0f}, min {min(probes):.0f} | "
-              f"{med([r['cpu_util'] for r in rs]):.2f} | {PEER[m]['episodes_per_s']} | "
+              f"{med([r['cpu_util'] for r in rs]):.2f} | {med([r.get('sys_s', float('nan')) for r in rs]):.1f} | "
+              f"{med([r.get('minor_faults', float('nan')) for r in rs]) / 1e6:.2f} | {PEER[m]['episodes_per_s']} | "
               f"{med(eps) / PEER[m]['episodes_per_s']:.2f} |")  # fmt: skip
     for m in models:
         rs = [r for r in records if r["config"] == m and r["phases_s"]]
@@ -205,13 +226,12 @@ def main() -> None:
         print(json.dumps(one_run(args)), flush=True)
         return
 
-    out = args.out or REPO / "benchmarks" / "results_ppo.jsonl"
+    out = Path(args.out or REPO / "benchmarks" / "results_ppo.jsonl")
     records = []
     for rep in range(args.repeats):
         for m in models:  # interleaved: smollm2, tiny, smollm2, tiny, ...
             t0 = time.perf_counter()
-            proc = subprocess.run(child_command(args, m), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)  # fmt: skip
+            proc = subprocess.run(child_command(args, m), cwd=REPO, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
                 raise SystemExit(f"run {rep + 1} of {m} failed with exit status {proc.returncode}")
@@ -224,7 +244,7 @@ def main() -> None:
                   f"GFLOP/s, peak RSS {record['peak_rss_mib']:.0f} MiB ({time.perf_counter() - t0:.0f} s with loading)",
                   flush=True)  # fmt: skip
     print_table(records)
-    print(f"\nappended {len(records)} lines to {out}")
+    print(f"\nappended {len(records)} lines to {shown(out)}")
 
 
 if __name__ == "__main__":

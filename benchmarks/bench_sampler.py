@@ -15,11 +15,21 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
-
-from _common import (REPO, append_jsonl, cpu_probe, cpu_seconds, fixed_queries, machine, med, peak_rss_mib,
-                     versions)  # fmt: skip
+from _common import (
+    REPO,
+    append_jsonl,
+    cpu_probe,
+    cpu_seconds,
+    fixed_queries,
+    machine,
+    med,
+    peak_rss_mib,
+    shown,
+    versions,
+)
 
 SIDES = ("wprlhf", "hf_scores", "hf")
 LABELS = {
@@ -155,9 +165,9 @@ def main() -> None:
         "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "machine": machine(), "versions": versions(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
-    out = args.out or REPO / "benchmarks" / "results_sampler.jsonl"
+    out = Path(args.out or REPO / "benchmarks" / "results_sampler.jsonl")
     append_jsonl(out, record)
-    print(f"appended to {out}")
+    print(f"appended to {shown(out)}")
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny, tokenizer):
         torch.testing.assert_close(gen.logprobs, greedy.logprobs, atol=1e-6, rtol=0)
 
 
-def test_exponential_race_matches_categorical():
+def test_sampler_matches_categorical():
     """_sample draws token i with probability p_i: frequencies within 5 binomial standard errors."""
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
     n = 200_000
@@ -253,6 +253,10 @@ def test_exponential_race_matches_categorical():
     masked = logits.clone()
     masked[:, 3] = -math.inf
     assert not (_sample(masked, torch.Generator().manual_seed(1)) == 3).any()
+    # ... also inside the vocabulary, where the CDF has a flat step, and at its start.
+    masked[:, 0] = -math.inf
+    masked[:, 2] = -math.inf
+    assert (_sample(masked, torch.Generator().manual_seed(2)) == 1).all()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,28 +14,45 @@ import torch
 # log-probabilities and entropy
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability of each chosen token under softmax(logits / temperature).
-
-    logits (B, T, V) or (B, V); tokens (B, T) or (B,) int64. Returns (B, T) or (B,), float32.
-    """
+def _scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _entropy(scaled_logits: torch.Tensor, logz: torch.Tensor) -> torch.Tensor:
+    # H = log Z - sum_i p_i * logit_i
+    probs = torch.exp(scaled_logits - logz.unsqueeze(-1))
+    return logz - (probs * scaled_logits).sum(-1)
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the chosen tokens under softmax(logits / temperature), and that distribution's entropy.
+
+    logits (B, T, V) or (B, V); tokens (B, T) or (B,) int64. Returns logprobs and entropy (nats, no grad; None
+    unless with_entropy), each (B, T) or (B,), float32. Both share one log-normaliser pass over the vocabulary.
+    """
+    scaled = _scale(logits, temperature)
+    logz = torch.logsumexp(scaled, dim=-1)
     # gather - logsumexp avoids materialising a second (B, T, V) tensor as log_softmax would.
-    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return chosen - torch.logsumexp(logits, dim=-1)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logz
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = _entropy(scaled.detach(), logz.detach())
+    return logprobs, entropy
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each chosen token under softmax(logits / temperature). Shapes as logprobs_and_entropy."""
+    return logprobs_and_entropy(logits, tokens, temperature, with_entropy=False)[0]
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy (nats) of softmax(logits / temperature) at each position. logits (..., V) -> (...)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - logz)
-    # H = log Z - sum p * logit
-    return logz.squeeze(-1) - (probs * logits).sum(-1)
+    scaled = _scale(logits, temperature)
+    return _entropy(scaled, torch.logsumexp(scaled, dim=-1))
 
 
 # ----------------------------------------------------------------------------------------------------------

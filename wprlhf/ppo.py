@@ -24,13 +24,12 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import (
     clip_around,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_k1,
     kl_k3,
     last_true_index,
-    logprobs_from_logits,
+    logprobs_and_entropy,
     masked_mean,
     masked_sum,
     masked_whiten,
@@ -259,11 +258,7 @@ def policy_forward(
         logits_to_keep=Tr + 1, output_hidden_states=value_head is not None, use_cache=False,
     )  # fmt: skip
     logits = out.logits[:, :-1]  # (B, Tr, V): the logits at Tq-1 .. Tq+Tr-2 predict response tokens 0 .. Tr-1
-    logprobs = logprobs_from_logits(logits, responses, temperature)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits, temperature)
+    logprobs, entropy = logprobs_and_entropy(logits, responses, temperature, with_entropy)
     values = None if value_head is None else value_head(out.hidden_states[-1][:, -Tr - 1 : -1]).float()
     return logprobs, values, entropy
 
@@ -390,6 +385,8 @@ class PPOTrainer:
             [{"params": list(self.policy.parameters()), "lr": config.lr},
              {"params": value_params, "lr": config.value_lr or config.lr}],
             eps=config.adam_eps, weight_decay=config.weight_decay,
+            # The fused kernel updates all tensors in one pass; the default loops over them (~6x slower on CPU).
+            fused=self.device.type in ("cpu", "cuda"),
         )  # fmt: skip
         decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
