@@ -77,7 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .data import load_prompts
     from .generation import GenerationConfig, generate
     from .models import load_policy
-    from .ppo import resolve_device
+    from .models import resolve_device
 
     if args.k < 1:
         raise UserError(f"-k must be >= 1, got {args.k}")
@@ -101,11 +101,39 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(prompts)} prompts x {args.k} responses to {args.out}", file=sys.stderr)
 
 
+def cmd_rm_train(args: argparse.Namespace) -> None:
+    from .checkpoint import read_config_file
+    from .reward_model import RewardConfig, train
+
+    values = read_config_file(args.config) if args.config else {}
+    values.update(_overrides(args, RewardConfig))
+    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    if unknown := sorted(set(values) - known):
+        raise UserError(f"unknown reward-model config keys {unknown}; known keys: {sorted(known)}")
+    config = RewardConfig(**values)
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        if not args.force:
+            raise UserError(f"{args.out} is not empty; choose another --out or pass --force to overwrite it")
+        shutil.rmtree(args.out)
+    result = train(config, args.out)
+    print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f}; model in {args.out}", file=sys.stderr)
+
+
+def cmd_rm_eval(args: argparse.Namespace) -> None:
+    from .reward_model import run_eval
+
+    result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.best_of,
+                      args.keep_meta, args.train_data)  # fmt: skip
+    print(json.dumps(result, indent=2))
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .ppo import PRESETS, PPOConfig
+    from .reward_model import RewardConfig
 
     parser = argparse.ArgumentParser(prog="wprlhf", description="RLHF for writing prompts: SFT, reward models, PPO.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,6 +166,24 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--device", default="auto")
     smp.set_defaults(func=cmd_sample)
+    rm = sub.add_parser("rm", help="reward models from comparisons: train, eval")
+    rm_sub = rm.add_subparsers(dest="rm_command", required=True, metavar="ACTION")
+    rmt = rm_sub.add_parser("train", help="train a reward model on comparisons (Bradley-Terry / best-of-k)")
+    rmt.add_argument("--out", required=True, help="output directory: the model in Hugging Face format, metrics.csv")
+    rmt.add_argument("--config", help="YAML or JSON file of RewardConfig fields (flags override it)")
+    rmt.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    add_config_flags(rmt, RewardConfig)
+    rmt.set_defaults(func=cmd_rm_train)
+    rme = rm_sub.add_parser("eval", help="pairwise accuracy with a bootstrap CI, against baselines")
+    rme.add_argument("--model", required=True, help="a directory written by `wprlhf rm train`")
+    rme.add_argument("--data", required=True, help="comparisons (pair CSV / JSONL); with --best-of, scored responses")
+    rme.add_argument("--out", help="JSON output (default MODEL/eval-<data name>.json)")
+    rme.add_argument("--max-examples", type=int, default=0, help="evaluate on the first N comparisons (0 = all)")
+    rme.add_argument("--max-length", type=int, default=None, help="tokens of prompt + response (default: training's)")
+    rme.add_argument("--best-of", action="store_true", help="balanced accuracy of 'top-karma response or not'")
+    rme.add_argument("--keep-meta", action="store_true", help="evaluate on raw text (meta lines kept)")
+    rme.add_argument("--train-data", help="training comparisons for the TF-IDF baseline (default: the model's)")
+    rme.set_defaults(func=cmd_rm_eval)
     return parser
 
 

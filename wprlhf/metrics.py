@@ -42,6 +42,19 @@ METRIC_NAMES = (
 )  # fmt: skip
 
 
+# Per optimizer step of reward-model (and classifier) training.
+RM_METRIC_NAMES = (
+    "step",
+    "examples",      # comparisons trained on so far
+    "loss",          # comparison loss of this batch (Bradley-Terry for pairs)
+    "accuracy",      # share of this batch's comparisons whose best response scored highest
+    "val_loss",      # on held-out prompts, every eval_every steps
+    "val_accuracy",
+    "lr",
+    "elapsed_s",
+)  # fmt: skip
+
+
 def _truncate_rows(path: Path, keep) -> None:
     """Rewrite a CSV/JSONL file keeping the lines for which keep(line) is True (header always kept), atomically."""
     from .checkpoint import write_text_atomic
@@ -77,14 +90,15 @@ class MetricsLogger:
         # purge_step hides events a killed run wrote after its last checkpoint.
         self.tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
 
-    def log(self, step: int, episodes: int, stats: dict) -> None:
-        row = {"step": step, "episodes": episodes, **stats}
+    def log(self, step: int, stats: dict) -> None:
+        """One CSV row and TensorBoard scalars for `step`; names not in self.names are ignored."""
+        row = {"step": step, **stats}
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow(["" if row.get(n) is None else row.get(n, "") for n in self.names])
         self._csv.write(buf.getvalue())
         self._csv.flush()
         os.fsync(self._csv.fileno())
-        for name in self.names[2:]:
+        for name in self.names[1:]:
             if isinstance(row.get(name), (int, float)):
                 self.tb.add_scalar(name, row[name], step)
         self.tb.flush()

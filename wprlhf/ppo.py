@@ -45,6 +45,7 @@ from .models import (
     load_policy,
     make_reference,
     make_value_model,
+    resolve_device,
     stop_token_ids,
     token_values,
 )
@@ -355,14 +356,6 @@ def value_loss(
 
 # ==========================================================================================================
 # Plumbing: the trainer holds models, optimizer and KL controller, and runs one step on a rollout batch.
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but torch sees no GPU; install a CUDA build of torch or use --device cpu")
-    return torch.device(name)
 
 
 class PPOTrainer:
@@ -687,7 +680,7 @@ def train(
         t3 = time.perf_counter()
         stats.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                      episodes_per_s=config.batch_size / (t3 - t0))  # fmt: skip
-        logger.log(step + 1, trainer.episodes, stats)
+        logger.log(step + 1, {"episodes": trainer.episodes, **stats})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
         if config.log_samples and ((step + 1) % config.sample_every == 0 or step == start):
             n = config.log_samples

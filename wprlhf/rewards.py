@@ -1,6 +1,7 @@
 """Turn a reward SPEC into a reward_fn(prompts, responses) -> list[float]: built-in toys or user code.
 
-SPEC is a built-in name (`vowels`, `length`), `module:function`, or `path/to/file.py:function`.
+SPEC is a built-in name (`vowels`, `length`), `rm:DIR` (a reward model trained by `wprlhf rm train`),
+`module:function`, or `path/to/file.py:function`.
 Every reward in wprlhf has that one signature, whatever computes it.
 """
 
@@ -45,6 +46,10 @@ def load_reward(spec: str) -> RewardFn:
     """Resolve SPEC to a callable; errors name the SPEC and what to write instead."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if spec.startswith("rm:"):
+        from .reward_model import reward_fn_from_model
+
+        return reward_fn_from_model(spec[3:])
     if ":" not in spec:
         raise UserError(
             f"unknown reward {spec!r}: use a built-in ({', '.join(sorted(BUILTIN))}), 'module:function' "

@@ -1,0 +1,138 @@
+"""Reward models: the comparison loss against hand values, learning a separable toy set, normalisation folded into
+the saved head, evaluation with a prompt bootstrap, baselines, and `rm:DIR` as a PPO reward."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from wprlhf.data import Comparison, write_comparisons
+from wprlhf.reward_model import (
+    RewardConfig,
+    bootstrap_ci,
+    comparison_loss,
+    load_reward_model,
+    longer_wins,
+    score,
+    train,
+)
+
+
+def test_pairwise_loss_is_bradley_terry():
+    """k = 2: -log sigmoid(r_best - r_other). Scores (1, 0), best 0 -> log(1 + e^-1) = 0.31326."""
+    scores = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    best = torch.tensor([0, 1])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    loss, acc = comparison_loss(scores, best, valid)
+    # row 0: log(1+e^-1) = 0.313262; row 1: log(1+e^1) = 1.313262; mean 0.813262
+    assert float(loss) == pytest.approx(0.813262, abs=1e-5)
+    assert float(acc) == 0.5
+
+
+def test_best_of_k_loss_and_padding_and_ties():
+    """k = 3 padded to 4: softmax over the valid scores only; a tie's target is uniform."""
+    scores = torch.tensor([[2.0, 0.0, 0.0, 99.0], [0.5, 0.5, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    best = torch.tensor([0, 0])
+    tie = torch.tensor([False, True])
+    loss, acc = comparison_loss(scores, best, valid, tie)
+    # row 0: -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = log(1.270671) = 0.239545; row 1 (tie, equal scores): log 2
+    assert float(loss) == pytest.approx((0.239545 + 0.693147) / 2, abs=1e-5)
+    assert float(acc) == 1.0  # the tie is left out of accuracy
+
+
+def test_bootstrap_ci_resamples_prompts():
+    """All pairs of a prompt move together: one prompt all right, one all wrong -> CI spans 0..1."""
+    lo, hi = bootstrap_ci([True] * 10 + [False] * 10, ["a"] * 10 + ["b"] * 10, n_boot=500)
+    assert lo == 0.0 and hi == 1.0
+    lo, hi = bootstrap_ci([True] * 20, [str(i) for i in range(20)], n_boot=200)
+    assert lo == hi == 1.0
+
+
+def test_longer_wins_baseline():
+    pairs = [Comparison("p", ["short", "a much longer story"], 1), Comparison("p", ["long long long", "x"], 1)]
+    assert longer_wins(pairs) == 0.5
+
+
+def _toy_comparisons(n: int) -> list[Comparison]:
+    """Separable: the response praising the prompt's subject always wins."""
+    subjects = ["cat", "ship", "storm", "clock", "garden", "robot", "dragon", "river", "moon", "lamp"]
+    out = []
+    for i in range(n):
+        s = subjects[i % len(subjects)]
+        good, bad = f"a good good good story about the {s}", f"bad bad bad {s} words"
+        pair = [good, bad] if i % 2 else [bad, good]
+        out.append(Comparison(f"Write about a {s} number {i}", pair, 0 if i % 2 else 1, labeler="toy", prompt_id=str(i)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy_rm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    data = out / "train.jsonl"
+    write_comparisons(data, _toy_comparisons(120))
+    config = RewardConfig(data=str(data), model="tiny", max_length=32, epochs=3, batch_size=8, lr=3e-3,
+                          val_fraction=0.2, eval_every=10, normalize_samples=100, warmup_ratio=0.1)  # fmt: skip
+    result = train(config, out / "model", progress=False)
+    return out, result
+
+
+def test_reward_model_learns_separable_toy_set(toy_rm):
+    out, result = toy_rm
+    assert result["accuracy"] == 1.0 and result["n"] >= 20
+    rows = (out / "model" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,examples,loss")
+    assert len(rows) - 1 == math.ceil(96 / 8) * 3  # one row per optimizer step
+
+
+def test_normalisation_is_folded_into_the_saved_head(toy_rm):
+    """Plain transformers gives normalised rewards: mean ~0, std ~1 over the training responses."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = toy_rm
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    toy = _toy_comparisons(120)
+    prompts = [c.prompt for c in toy for _ in c.responses]
+    responses = [r for c in toy for r in c.responses]
+    with torch.no_grad():
+        enc = tokenizer(prompts, responses, truncation=True, max_length=32, padding=True, return_tensors="pt")
+        plain = model(**enc).logits.squeeze(-1) - model.config.reward_offset
+    assert abs(float(plain.mean())) < 0.3 and float(plain.std()) == pytest.approx(1.0, abs=0.3)
+    ours = score(*load_reward_model(out / "model"), prompts, responses, max_length=32)
+    torch.testing.assert_close(ours, plain, atol=1e-4, rtol=0)
+
+
+def test_rm_reward_spec_scores_in_ppo_shape(toy_rm):
+    from wprlhf.rewards import load_reward
+
+    out, _ = toy_rm
+    reward_fn = load_reward(f"rm:{out / 'model'}")
+    scores = reward_fn(["Write about a cat", "Write about a cat"], ["a good good good story about the cat", "bad bad"])
+    assert len(scores) == 2 and scores[0] > scores[1]
+
+
+def test_rm_eval_cli_writes_eval_json(toy_rm, tmp_path, capsys):
+    from wprlhf.cli import main
+
+    out, _ = toy_rm
+    test = tmp_path / "test.jsonl"
+    write_comparisons(test, _toy_comparisons(30))
+    assert main(["rm", "eval", "--model", str(out / "model"), "--data", str(test)]) == 0
+    result = json.loads((out / "model" / "eval-test.json").read_text())
+    assert set(result) >= {"accuracy", "n", "ci95", "clean", "baselines"}
+    assert result["accuracy"] == 1.0 and result["n"] == 30
+    assert set(result["baselines"]) == {"longer_wins", "tfidf_logreg"}
+    assert 0 <= result["baselines"]["tfidf_logreg"] <= 1
+
+
+def test_rm_train_refuses_bad_input(tmp_path, capsys):
+    from wprlhf.cli import main
+
+    assert main(["rm", "train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["rm", "eval", "--model", str(tmp_path / "nomodel"), "--data", "x.jsonl"]) == 2
+    assert "has no config.json" in capsys.readouterr().err

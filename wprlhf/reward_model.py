@@ -1,0 +1,434 @@
+"""Reward models learned from comparisons: a scalar head on an encoder or causal LM, trained, evaluated, normalised.
+
+A comparison is k >= 2 responses to one prompt and the index of the best (`data.Comparison`). The loss is a
+softmax over the k scores with the best as target: for k = 2 that is exactly Bradley-Terry,
+-log sigmoid(r_best - r_other); for k = 4 it is lm-human-preferences' best-of-4 loss. After training, scores are
+normalised to mean 0 / std 1 over a reference set of responses, folded into the head's weights, so that
+`AutoModelForSequenceClassification.from_pretrained(DIR)` gives normalised rewards with no wprlhf code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import write_json_atomic
+from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
+from .errors import UserError
+from .metrics import RM_METRIC_NAMES, MetricsLogger
+from .models import load_reward_backbone, resolve_device
+
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class RewardConfig:
+    """`wprlhf rm train`: what to learn from, which backbone, how long."""
+
+    data: str = ""
+    """Comparisons: a pair CSV (prompt, response_a, response_b, label), comparisons JSONL, a directory holding
+    comparisons_train.csv.gz, or a hub id."""
+    model: str = "minilm"
+    """Backbone: 'minilm' (embedded all-MiniLM-L6-v2), 'smollm2', 'tiny', a local directory or a hub id."""
+    max_length: int = 256
+    """Tokens of prompt + response; longer inputs lose the end of the response first (the story's opening is
+    what the model sees)."""
+    max_examples: int = 0
+    """Use at most this many training comparisons (0 = all), drawn at random with `seed`."""
+    epochs: int = 1
+    batch_size: int = 16
+    """Comparisons per optimizer step."""
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    """Share of optimizer steps with a linear warm-up; then linear decay to 0."""
+    val_fraction: float = 0.05
+    """Share of prompts held out of training for the validation loss/accuracy curve."""
+    eval_every: int = 100
+    """Optimizer steps between validation passes."""
+    keep_meta: bool = False
+    """Keep Reddit meta lines (links, 'Edit:') in the text; off by default as they leak karma."""
+    normalize_samples: int = 2000
+    """Responses used to normalise scores to mean 0 / std 1 (from the training data's responses)."""
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.max_length < 16:
+            raise UserError(f"max_length {self.max_length} is too short for a prompt and a response; use >= 16")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise UserError("batch_size and epochs must be >= 1")
+
+
+# ==========================================================================================================
+# the loss
+
+
+def comparison_loss(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor, tie: torch.Tensor | None = None):
+    """Cross-entropy of softmax(scores) against the labeler's choice; Bradley-Terry when k = 2.
+
+    scores (N, K) float; best (N,) int64; valid (N, K) bool, False where a comparison has fewer than K
+    responses; tie (N,) bool or None: a tie's target is uniform over its responses (BT with target 1/2).
+    Returns the mean loss (scalar) and accuracy (share of non-tie rows whose best has the top score).
+    """
+    logits = scores.masked_fill(~valid, -math.inf)
+    logp = torch.log_softmax(logits, dim=-1)
+    target = F.one_hot(best, scores.shape[1]).float()
+    if tie is not None and tie.any():
+        uniform = valid.float() / valid.sum(-1, keepdim=True)
+        target = torch.where(tie[:, None], uniform, target)
+    loss = -(target * logp.masked_fill(~valid, 0.0)).sum(-1).mean()
+    decided = ~tie if tie is not None else torch.ones_like(best, dtype=torch.bool)
+    correct = (logits.argmax(-1) == best) & decided
+    accuracy = correct.sum() / decided.sum().clamp(min=1)
+    return loss, accuracy
+
+
+# ==========================================================================================================
+# scoring
+
+
+def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """(prompt, response) text pairs -> padded input_ids / attention_mask (B, T).
+
+    Truncation 'longest_first' trims the longer text (nearly always the story) from its end.
+    """
+    return tokenizer(prompts, responses, truncation="longest_first", max_length=max_length, padding=True,
+                     return_tensors="pt")  # fmt: skip
+
+
+def _forward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
+    return scores - getattr(model.config, "reward_offset", 0.0)
+
+
+@torch.no_grad()
+def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str], max_length: int = 256,
+          batch_size: int = 32, progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """Reward of each (prompt, response), batched, no grad. Returns (N,) float32 on the CPU."""
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    device = next(model.parameters()).device
+    # Sorting by length keeps padding small; results are put back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out = torch.empty(len(prompts))
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
+        idx = order[start : start + batch_size]
+        batch = encode(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx], max_length)
+        out[idx] = _forward_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+    return out
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
+    """A reward model saved by `wprlhf rm train` (or any num_labels=1 sequence classifier). Returns (model, tokenizer)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise UserError(f"reward model directory {path} has no config.json; train one with `wprlhf rm train --out {path}`")
+    model, tokenizer = load_reward_backbone(str(path))
+    return model.to(device).eval(), tokenizer
+
+
+def reward_fn_from_model(path: str | Path, max_length: int | None = None, batch_size: int = 32):
+    """`rm:DIR` as a PPO reward: reward_fn(prompts, responses) -> list[float], batched, no grad."""
+    model, tokenizer = load_reward_model(path)
+    trained = _read_train_config(Path(path))
+    length = max_length or trained.get("max_length", 256)
+
+    def reward_fn(prompts: list[str], responses: list[str]) -> list[float]:
+        return score(model, tokenizer, prompts, responses, length, batch_size).tolist()
+
+    return reward_fn
+
+
+def _read_train_config(path: Path) -> dict:
+    file = path / TRAIN_CONFIG_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+# ==========================================================================================================
+# training
+
+
+def _batches(comparisons: list[Comparison], batch_size: int, rng: random.Random):
+    order = list(range(len(comparisons)))
+    rng.shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield [comparisons[i] for i in order[start : start + batch_size]]
+
+
+def _comparison_batch(model, tokenizer, batch: list[Comparison], max_length: int, device):
+    """Score every response of a batch of comparisons in one forward. Returns loss, accuracy."""
+    K = max(len(c.responses) for c in batch)
+    prompts = [c.prompt for c in batch for _ in c.responses]
+    responses = [r for c in batch for r in c.responses]
+    enc = {k: v.to(device) for k, v in encode(tokenizer, prompts, responses, max_length).items()}
+    flat = _forward_scores(model, enc)  # (sum of k,)
+    scores = torch.zeros(len(batch), K, device=device)
+    valid = torch.zeros(len(batch), K, dtype=torch.bool, device=device)
+    pos = 0
+    for i, c in enumerate(batch):
+        k = len(c.responses)
+        scores[i, :k] = flat[pos : pos + k]
+        valid[i, :k] = True
+        pos += k
+    best = torch.tensor([c.best for c in batch], device=device)
+    tie = torch.tensor([c.tie for c in batch], device=device)
+    return comparison_loss(scores, best, valid, tie)
+
+
+@torch.no_grad()
+def evaluate_loss(model, tokenizer, comparisons: list[Comparison], max_length: int, batch_size: int, device) -> dict:
+    model.eval()
+    losses, correct, n = 0.0, 0.0, 0
+    for start in range(0, len(comparisons), batch_size):
+        batch = comparisons[start : start + batch_size]
+        loss, acc = _comparison_batch(model, tokenizer, batch, max_length, device)
+        losses += float(loss) * len(batch)
+        correct += float(acc) * len(batch)
+        n += len(batch)
+    return {"val_loss": losses / max(n, 1), "val_accuracy": correct / max(n, 1)}
+
+
+def fold_normalization(model: nn.Module, mean: float, std: float) -> None:
+    """Rescale the head so that its outputs become (r - mean) / std; a bias-free head keeps the shift in
+    config.reward_offset (applied by wprlhf's `score`)."""
+    head = getattr(model, "classifier", None) or getattr(model, "score")
+    if isinstance(head, nn.Sequential) or not isinstance(head, nn.Linear):  # e.g. RoBERTa's two-layer head
+        head = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.div_(std)
+        if head.bias is not None:
+            head.bias.sub_(mean).div_(std)
+            model.config.reward_offset = 0.0
+        else:
+            model.config.reward_offset = mean / std
+    model.config.reward_normalization = {"mean": mean, "std": std}
+
+
+def resolve_comparisons(source: str, keep_meta: bool) -> list[Comparison]:
+    """Comparisons from a file, hub id, or directory (comparisons_train.csv.gz / comparisons.jsonl / karma)."""
+    path = Path(source)
+    if path.is_dir():
+        for name in ("comparisons_train.csv.gz", "comparisons_train.csv", "comparisons.jsonl"):
+            if (path / name).exists():
+                return load_comparisons(path / name, keep_meta=keep_meta)
+        from .data import karma_pairs, load_responses
+
+        return karma_pairs(load_responses(path, keep_meta=keep_meta))
+    return load_comparisons(source, keep_meta=keep_meta)
+
+
+def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    """Train a reward model on comparisons; save it (HF format, normalised), metrics.csv, and held-out eval."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    if not config.data:
+        raise UserError("rm train needs --data: a comparisons file, a directory or a hub id")
+    comparisons = resolve_comparisons(config.data, config.keep_meta)
+    if not comparisons:
+        raise UserError(f"{config.data} holds no comparisons")
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    train_set, val_set = split_by_prompt(comparisons, config.val_fraction, seed=config.seed)
+    if config.max_examples and len(train_set) > config.max_examples:
+        train_set = rng.sample(train_set, config.max_examples)
+    val_set = val_set[:500]  # enough for a curve; keeps each validation pass short
+    device = resolve_device(config.device)
+    model, tokenizer = load_reward_backbone(config.model, num_labels=1, seed=config.seed)
+    model.to(device)
+
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "train_comparisons": len(train_set),
+                                                    "val_comparisons": len(val_set)})  # fmt: skip
+    logger = MetricsLogger(out_dir, names=RM_METRIC_NAMES)
+    print(f"reward model {config.model}: {len(train_set)} training / {len(val_set)} validation comparisons, "
+          f"{total_steps} steps", flush=True)  # fmt: skip
+
+    step, seen, started = 0, 0, time.perf_counter()
+    bar = tqdm(total=total_steps, desc="rm train", unit="step", disable=not progress)
+    for _ in range(config.epochs):
+        for batch in _batches(train_set, config.batch_size, rng):
+            # eval() everywhere: dropout off, as for the policy; the comparisons are noisy enough already.
+            model.eval()
+            loss, accuracy = _comparison_batch(model, tokenizer, batch, config.max_length, device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(batch)
+            row = {"loss": loss.item(), "accuracy": accuracy.item(), "lr": schedule.get_last_lr()[0],
+                   "elapsed_s": time.perf_counter() - started}  # fmt: skip
+            if step % config.eval_every == 0 or step == total_steps:
+                row.update(evaluate_loss(model, tokenizer, val_set, config.max_length, config.batch_size, device))
+            logger.log(step, {"examples": seen, **row})
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
+    bar.close()
+    logger.close()
+
+    # Normalise over the training data's responses (lm-human-preferences normalises over reference samples).
+    texts = [(c.prompt, r) for c in train_set for r in c.responses]
+    sample = rng.sample(texts, min(len(texts), config.normalize_samples))
+    raw = score(model, tokenizer, [p for p, _ in sample], [r for _, r in sample], config.max_length)
+    mean, std = float(raw.mean()), float(raw.std().clamp(min=1e-6))
+    fold_normalization(model, mean, std)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
+    write_json_atomic(out_dir / "eval-heldout.json", held_out)
+    return held_out
+
+
+# ==========================================================================================================
+# evaluation
+
+
+def bootstrap_ci(correct: list[bool], groups: list[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% CI of the accuracy, resampling whole groups (prompts): pairs of one prompt share stories."""
+    by_group: dict[str, list[bool]] = {}
+    for c, g in zip(correct, groups):
+        by_group.setdefault(g, []).append(c)
+    sums = np.array([sum(v) for v in by_group.values()], dtype=float)
+    counts = np.array([len(v) for v in by_group.values()], dtype=float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(n_boot, len(sums)))
+    accs = sums[picks].sum(1) / counts[picks].sum(1)
+    return float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))
+
+
+def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, progress: bool = False) -> dict:
+    """Accuracy (best response scored highest), n, and a prompt-bootstrap 95% CI. Ties are left out."""
+    decided = [c for c in comparisons if not c.tie]
+    prompts = [c.prompt for c in decided for _ in c.responses]
+    responses = [r for c in decided for r in c.responses]
+    flat = score(model, tokenizer, prompts, responses, max_length, progress=progress).numpy()
+    correct, pos = [], 0
+    for c in decided:
+        s = flat[pos : pos + len(c.responses)]
+        correct.append(bool(np.argmax(s) == c.best and (s == s[c.best]).sum() == 1))
+        pos += len(c.responses)
+    groups = [c.prompt_id or prompt_key(c.prompt) for c in decided]
+    lo, hi = bootstrap_ci(correct, groups)
+    return {"accuracy": float(np.mean(correct)) if correct else float("nan"), "n": len(correct), "ci95": [lo, hi]}
+
+
+def longer_wins(comparisons: list[Comparison]) -> float:
+    """Baseline: the longest response (in words) is the best."""
+    decided = [c for c in comparisons if not c.tie]
+    hits = [int(np.argmax([len(r.split()) for r in c.responses])) == c.best for c in decided]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float:
+    """Baseline: TF-IDF of each response, logistic regression on the difference of the two (pairs only)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    train_pairs = [c for c in train_set if len(c.responses) == 2 and not c.tie]
+    test_pairs = [c for c in test_set if len(c.responses) == 2 and not c.tie]
+    if not train_pairs or not test_pairs:
+        return float("nan")
+    vectorizer = TfidfVectorizer(min_df=2, max_features=50000, sublinear_tf=True, ngram_range=(1, 2))
+    vectorizer.fit([r for c in train_pairs for r in c.responses])
+
+    def features(pairs):
+        a = vectorizer.transform([c.responses[0] for c in pairs])
+        b = vectorizer.transform([c.responses[1] for c in pairs])
+        return a - b, np.array([1 if c.best == 0 else 0 for c in pairs])
+
+    x, y = features(train_pairs)
+    # Both orders of every pair: the model must not learn a position bias.
+    from scipy.sparse import vstack
+
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(vstack([x, -x]), np.concatenate([y, 1 - y]))
+    xt, yt = features(test_pairs)
+    return float((clf.predict(xt) == yt).mean())
+
+
+def best_of_accuracy(model, tokenizer, responses, max_length: int, exclude_prompts: set[str], seed: int = 0) -> dict:
+    """The seed's classifier metric: balanced accuracy of 'top-karma response or not' on a balanced set.
+
+    Per prompt (outside exclude_prompts): its rank-0 response and one random other; 'top' = score above the
+    median score of the set. Balanced by construction, so chance is 50%.
+    """
+    rng = random.Random(seed)
+    by_prompt: dict[str, list] = {}
+    for r in responses:
+        if prompt_key(r.prompt) not in exclude_prompts and r.rank is not None:
+            by_prompt.setdefault(r.prompt_id, []).append(r)
+    items, labels = [], []
+    for group in by_prompt.values():
+        top = [r for r in group if r.rank == 0]
+        rest = [r for r in group if r.rank != 0]
+        if top and rest:
+            items += [top[0], rng.choice(rest)]
+            labels += [1, 0]
+    if not items:
+        raise UserError("--best-of needs scored responses (response_rank) for prompts the model was not trained on")
+    scores = score(model, tokenizer, [r.prompt for r in items], [r.response for r in items], max_length).numpy()
+    predicted = scores > np.median(scores)
+    labels_arr = np.array(labels, dtype=bool)
+    tpr = (predicted & labels_arr).sum() / labels_arr.sum()
+    tnr = (~predicted & ~labels_arr).sum() / (~labels_arr).sum()
+    return {"balanced_accuracy": float((tpr + tnr) / 2), "n": len(items)}
+
+
+def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, max_examples: int = 0,
+             max_length: int | None = None, best_of: bool = False, keep_meta: bool = False,
+             train_data: str | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """`wprlhf rm eval`: accuracy with CI on `data`, on raw and cleaned text, against baselines; writes JSON."""
+    model_dir = Path(model_dir)
+    trained = _read_train_config(model_dir)
+    max_length = max_length or trained.get("max_length", 256)
+    model, tokenizer = load_reward_model(model_dir, resolve_device("auto"))
+    name = Path(data).name.split(".")[0] if Path(data).exists() else data.replace("/", "_")
+    out = Path(out) if out else model_dir / f"eval-{name}{'-bestof' if best_of else ''}.json"
+    train_source = train_data or trained.get("data")
+
+    if best_of:
+        from .data import load_responses
+
+        exclude = set()
+        if train_source:
+            exclude = {prompt_key(c.prompt) for c in resolve_comparisons(train_source, keep_meta=True)}
+        result = best_of_accuracy(model, tokenizer, load_responses(data, keep_meta=keep_meta), max_length, exclude)
+        result["clean"] = not keep_meta
+    else:
+        test = resolve_comparisons(data, keep_meta=keep_meta)
+        if max_examples:
+            test = test[:max_examples]
+        result = evaluate(model, tokenizer, test, max_length, progress=progress)
+        result["clean"] = not keep_meta
+        if not keep_meta:
+            raw = resolve_comparisons(data, keep_meta=True)[: len(test)]
+            result["accuracy_raw"] = evaluate(model, tokenizer, raw, max_length)["accuracy"]
+        baselines = {"longer_wins": longer_wins(test)}
+        if train_source:
+            train_set = resolve_comparisons(train_source, keep_meta=keep_meta)
+            baselines["tfidf_logreg"] = tfidf_logreg(train_set, test)
+        result["baselines"] = baselines
+    result.update(model=str(model_dir), data=data, max_length=max_length)
+    write_json_atomic(out, result)
+    return result
