@@ -71,4 +71,4 @@ def test_real_fan_prompts_load(shared_data):
     from wprlhf.data import load_prompts
 
     prompts = load_prompts(shared_data / "writing_prompts" / "fan_prompts.csv")
-    assert len(prompts) == 600 and sum(p.startswith("[ WP ]") for p in prompts) >= 500
+    assert len(prompts) == 600 and sum(p.startswith("[WP]") for p in prompts) >= 500  # tags normalised

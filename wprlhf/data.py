@@ -1,16 +1,32 @@
-"""Read prompt sets from files (.txt, .jsonl, .csv, .csv.gz) or the built-in writing prompts, with clear errors."""
+"""Read prompts, karma-scored responses and comparisons (CSV, JSONL, Parquet, hub); karma -> comparisons; cleaning.
+
+Vocabulary (as in lm-human-preferences): a `Response` is one story written for a prompt, with its Reddit karma
+(`score`) when known; a `Comparison` shows k >= 2 responses to one prompt and says which is `best` (k = 2 is a
+pair). Karma becomes comparisons only inside one thread (`prompt_id`), where scores are comparable.
+"""
 
 from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
+import math
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
 
 PROMPT_FIELDS = ("prompt", "text", "query")
+# Stories run to ~40k characters, near csv's default 128 KiB field limit; 2**31 - 1 still fits a C long on Windows.
+CSV_FIELD_LIMIT = 2**31 - 1
+ON_ERROR = ("fail", "skip")
 
 
 def builtin_prompts() -> list[str]:
@@ -20,7 +36,10 @@ def builtin_prompts() -> list[str]:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".gz" else open(path, encoding="utf-8", newline="")
+    # utf-8-sig: a CSV saved by Excel starts with a byte-order mark that would otherwise stick to the first column name
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _field(row: dict, path: Path, where: str) -> str:
@@ -37,7 +56,8 @@ def load_prompts(path: str | Path | None) -> list[str]:
     """Prompts from a file; None or '' gives the built-in prompts.
 
     .txt: one prompt a line (blank lines skipped); .jsonl: objects with a 'prompt' field;
-    .csv / .csv.gz: a 'prompt' column (stories may span lines inside quoted fields).
+    .csv / .csv.gz: a 'prompt' column (stories may span lines inside quoted fields), passed through `clean_prompt`
+    so Fan et al.'s tokenised prompts (`[ WP ] Dad , why ca n't ...`) read as written (`[WP] Dad, why can't ...`).
     Raises UserError for a missing file, an unknown format, a missing column, a malformed line or no prompts.
     """
     if not path:
@@ -63,13 +83,14 @@ def load_prompts(path: str | Path | None) -> list[str]:
                         raise UserError(f"{path} line {n}: expected a JSON object with a 'prompt' field")
                     prompts.append(_field(row, path, f"line {n}").strip())
         elif name.endswith((".csv", ".csv.gz")):
+            csv.field_size_limit(CSV_FIELD_LIMIT)
             with _open_text(path) as f:
                 reader = csv.DictReader(f)
                 if not reader.fieldnames or not set(PROMPT_FIELDS) & set(reader.fieldnames):
                     raise UserError(f"{path} has no 'prompt' column (columns: {reader.fieldnames}); add a header "
                                     "row with a 'prompt' column")  # fmt: skip
                 for row in reader:
-                    prompts.append((_field(row, path, f"row {reader.line_num}") or "").strip())
+                    prompts.append(clean_prompt(_field(row, path, f"row {reader.line_num}") or ""))
         else:
             raise UserError(f"prompts file {path}: unknown format; use .txt, .jsonl, .csv or .csv.gz")
     except UnicodeDecodeError as err:
@@ -80,3 +101,655 @@ def load_prompts(path: str | Path | None) -> list[str]:
     if not prompts:
         raise UserError(f"prompts file {path} holds no prompts; it needs at least one non-empty prompt")
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fan et al. (2018) prompts: undo the tokenisation
+# ---------------------------------------------------------------------------------------------------------------
+
+# A leading post tag: "[ WP ]", "[ wp ]", "[ WP/IP ]", "[ Modpost ]". Only tags at the start are touched, so a
+# bracketed aside inside the text ("[ sic ]") keeps its case.
+_TAG = re.compile(r"\[\s*([A-Za-z][A-Za-z/]{0,11})\s*\]\s*")
+# (pattern, replacement) applied in order; each undoes one habit of Fan et al.'s Moses-style tokeniser.
+_DETOKENISE = [
+    (re.compile(r"[ \t]*\n[ \t]*"), "\n"),  # paragraphs " \n \n " -> "\n\n"
+    (re.compile(r"``\s?"), '"'),  # opening quote `` -> "
+    (re.compile(r"\s?''"), '"'),  # closing quote '' -> "
+    (re.compile(r"“ "), "“"),
+    (re.compile(r" ”"), "”"),
+    (re.compile(r"(\w) (n't)\b", re.IGNORECASE), r"\1\2"),  # do n't, ca n't, wo n't
+    (re.compile(r"(\w) ?(['’]) ?(t|s|re|ve|m|ll|d)\b", re.IGNORECASE), r"\1\2\3"),  # it 's, you 're, doesn ’ t
+    (re.compile(r" ([.,!?;:%])"), r"\1"),  # "word ," -> "word,"; ". . ." -> "..."
+    (re.compile(r"([(\[{]) "), r"\1"),  # "( iPhone )" -> "(iPhone)"
+    (re.compile(r" ([)\]}])"), r"\1"),
+    (re.compile(r"\$ (?=\d)"), "$"),  # "$ 20.00"
+    (re.compile(r" {2,}"), " "),
+]
+
+
+def clean_prompt(text: str) -> str:
+    """Undo Fan et al.'s tokenisation and write post tags as Reddit does; text in plain form comes back unchanged.
+
+    >>> clean_prompt("[ wp ] `` Dad , why ca n't Mom come with us ? ''")
+    '[WP] "Dad, why can\\'t Mom come with us?"'
+    >>> clean_prompt("[ IP ] [ Wp ] A walk ( at dawn ) . \\n \\n Then rain .")
+    '[IP] [WP] A walk (at dawn).\\n\\nThen rain.'
+    """
+    text = text.strip()
+    tags = []
+    while m := _TAG.match(text):
+        tags.append(f"[{m.group(1).upper()}]")
+        text = text[m.end() :]
+    for pattern, replacement in _DETOKENISE:
+        text = pattern.sub(replacement, text)
+    return " ".join([*tags, text.strip()]).strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Karma artifacts: post-hoc Reddit lines (edits, links, thanks for gold) that predict karma, not story quality
+# ---------------------------------------------------------------------------------------------------------------
+
+# Markdown that may come before a line's first word: emphasis, quote, heading, list bullet, an opening bracket.
+_LEAD = r"^[\s>*_#~(\[^-]*"
+_EDIT_LINE = re.compile(_LEAD + r"(edit(ed|s)?|update[ds]?)\s*#?\d*\s*[*_]*\s*[:\-–—]", re.IGNORECASE)
+# A link to reddit (another post, the author's subreddit) or a subreddit / user mention: /r/HFY, r/HFY, u/someone;
+# not "and/or" nor "r/c".
+_REDDIT = re.compile(r"reddit\.com|redd\.it|(?<![\w/])/?[ru]/[A-Za-z0-9_-]{3,}", re.IGNORECASE)
+_SIGN_OFF = re.compile(
+    r"\b(thanks|thank you)\b[^.!?\n]{0,25}\bfor\b[^.!?\n]{0,15}"
+    r"\b(gold|silver|platinum|upvote|karma|award|gild|front ?page)"
+    r"|" + _LEAD + r"(thanks|thank you)\b[^.!?\n]{0,30}\bfor (reading|the read)\b"
+    r"|\bcheck out (my|more of my)\b"
+    r"|\bif you (liked|enjoyed)\b.{0,80}\b(subscribe|follow|check out)",
+    re.IGNORECASE,
+)
+# Substrings (lower case) one of which every _REDDIT or _SIGN_OFF match contains: a cheap test that skips the
+# regexes on most lines (it makes cleaning the 11k-story file ~5x faster).
+_HINTS = ("reddit", "redd.it", "r/", "u/", "thank", "check out", "if you liked", "if you enjoyed")
+_QUOTES = re.compile(r"[\"“”]")
+_MD_LINK = re.compile(r"\[([^\]\n]*)\]\((?:[^()\s]|\([^()\s]*\))*\)")  # [text](url), url may hold one (...)
+_URL = re.compile(r"https?://[^\s)\]]+")
+# An author's note about the post is short; a longer line that mentions reddit is story (a tale about redditors).
+MAX_NOTE_WORDS = 50
+_RULE = re.compile(r"^\s*([-*_]\s*){3,}$")  # a Markdown horizontal rule: ---, ***, ___, - - -
+_ENTITIES = [("&amp;", "&"), ("&nbsp;", " "), ("&#x200B;", ""), ("&lt;", "<"), ("&gt;", ">")]
+
+
+def is_meta_line(line: str) -> bool:
+    """True for a line a Reddit author added about the post rather than the story.
+
+    That is: a line starting with an edit or update note ("Edit:", "**EDIT 2:**", "Update -"); or, on a line
+    without quotation marks (dialogue is story, even "Thanks for the gold," the dwarf said.), a link to reddit or
+    a subreddit / user mention within at most MAX_NOTE_WORDS words, thanks for gold / upvotes / reading, "check
+    out my ...", or "if you liked this ... subscribe / follow / check out".
+    """
+    return _EDIT_LINE.match(line) is not None or _is_note(line)
+
+
+def _is_note(line: str) -> bool:
+    low = line.lower()
+    if not any(hint in low for hint in _HINTS) or _QUOTES.search(line):
+        return False
+    if _REDDIT.search(line) and len(_unlink(line).split()) <= MAX_NOTE_WORDS:
+        return True
+    return _SIGN_OFF.search(line) is not None
+
+
+def _unlink(line: str) -> str:
+    """The line with Markdown links reduced to their text and bare URLs removed."""
+    if "](" in line:  # the `in` tests skip the regexes on almost every line
+        line = _MD_LINK.sub(r"\1", line)
+    return _URL.sub("", line) if "://" in line else line
+
+
+def _split_meta(text: str) -> tuple[list[str], list[bool]]:
+    """text's lines and, for each, whether it is a meta line (`is_meta_line`)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    low = text.lower()
+    maybe_note = any(hint in low for hint in _HINTS)  # most stories hold no hint at all: skip their lines' checks
+    return lines, [_EDIT_LINE.match(ln) is not None or (maybe_note and _is_note(ln)) for ln in lines]
+
+
+def clean_meta(text: str) -> str:
+    """The story without its post-hoc meta lines (see `is_meta_line`): Reddit's HTML entities decoded, Markdown
+    links on the lines kept reduced to their text and bare URLs dropped, no horizontal rule or blank line left
+    dangling at either end, runs of blank lines made one.
+
+    Karma-scored stories carry these lines in proportion to their karma (../shared/data/README.md), so a reward
+    model trained on raw text learns "add a subreddit link", and PPO then writes one.
+
+    >>> clean_meta("The end.\\n\\n---\\n\\n**Edit:** thanks for the gold!\\n\\nMore at /r/MyStories")
+    'The end.'
+    >>> clean_meta('"Thank you," she [said](https://x.org/a_(b)).&nbsp;Rock &amp; roll.')
+    '"Thank you," she said. Rock & roll.'
+    """
+    for entity, char in _ENTITIES:
+        text = text.replace(entity, char)
+    lines, meta = _split_meta(text)
+    lines = [_unlink(line) for line, is_meta in zip(lines, meta) if not is_meta]
+    lines = ["" if not line.strip() else line for line in lines]
+    while lines and (not lines[-1] or _RULE.match(lines[-1])):
+        lines.pop()
+    while lines and (not lines[0] or _RULE.match(lines[0])):
+        lines.pop(0)
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text) if "\n\n\n" in text else text
+
+
+def has_meta(text: str) -> bool:
+    """True when `text` holds at least one meta line (what `clean_meta` would remove)."""
+    return any(_split_meta(text)[1])
+
+
+def meta_share(texts: Iterable[str]) -> float:
+    """Share (0..1) of `texts` that contain at least one meta line; 0.0 for no texts. For reports: does a set of
+    samples (top-karma stories, PPO outputs) carry more Reddit meta than another?"""
+    flags = [has_meta(t) for t in texts]
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows from a file, a directory or the hub
+# ---------------------------------------------------------------------------------------------------------------
+
+FORMATS = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:.+)?$")
+
+
+class Loaded(list):
+    """A list of rows (or records built from them) that also says where they came from.
+
+    source: the file or hub id read; columns: the CSV header, or the keys seen (JSONL, Parquet, hub);
+    where: for each item, its place in the source for error messages ("row 3 (line 7)", "line 7", "row 3");
+    skipped: one message per row left out under on_error="skip", naming its place and the problem.
+    """
+
+    def __init__(self, items=(), source: str = "", columns=(), where=(), skipped=()):
+        super().__init__(items)
+        self.source, self.columns, self.where, self.skipped = source, list(columns), list(where), list(skipped)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise UserError(f"on_error={on_error!r} is not one of {ON_ERROR}")
+
+
+def _resolve(source: str | Path, names: Sequence[str]) -> Path | str:
+    """A local file (a directory resolved to the first of `names` in it), or a hub id as a string."""
+    path = Path(source)
+    if path.is_dir():
+        for name in names:
+            if (path / name).is_file():
+                return path / name
+        wanted = f"none of {', '.join(names)}" if names else "no file this loader knows to pick"
+        raise UserError(f"{path} is a directory holding {wanted}; pass the file itself")
+    if path.exists():
+        return path
+    # "owner/name" or "owner/name:FILE"; "dir/file.csv" is a missing local file, not a hub id
+    if _HUB_ID.match(str(source)) and not str(source).partition(":")[0].lower().endswith(FORMATS):
+        return str(source)
+    raise UserError(f"{source} does not exist (neither a file, a directory nor a hub id like owner/name)")
+
+
+def read_rows(source: str | Path, names: Sequence[str] = (), hub_file: str | None = None,
+              on_error: str = "fail") -> Loaded:  # fmt: skip
+    """Rows (dicts keyed by column name) of a CSV / CSV.GZ / JSONL(.gz) / Parquet file, a directory or a hub data set.
+
+    names: for a directory, the file names to look for in it, first found wins.
+    A hub id `owner/name` (not a local path) loads its train split with `datasets.load_dataset`; `owner/name:FILE`
+    or `hub_file` pick one file of the data set. CSV values are strings ('' = unknown); JSONL, Parquet and hub
+    values keep their types. on_error="fail" raises UserError at the first malformed row, naming file and line;
+    "skip" leaves such rows out and lists them in `.skipped`.
+    """
+    _check_on_error(on_error)
+    resolved = _resolve(source, names)
+    if isinstance(resolved, str):
+        return _hub_rows(resolved, hub_file)
+    name = resolved.name.lower()
+    try:
+        if name.endswith((".csv", ".csv.gz")):
+            return _csv_rows(resolved, on_error)
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return _jsonl_rows(resolved, on_error)
+        if name.endswith(".parquet"):
+            return _parquet_rows(resolved)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{resolved} is not UTF-8 text ({err.reason}); is it the right file?")
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise UserError(f"{resolved} is not a complete gzip file ({err}); download or write it again")
+    raise UserError(f"{resolved}: unknown format; use one of {', '.join(FORMATS)}")
+
+
+def _csv_rows(path: Path, on_error: str) -> Loaded:
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    out = Loaded(source=str(path))
+    with _open_text(path) as f:
+        # strict: a stray quote is an error with a line number, not a silently merged field
+        reader = csv.reader(f, strict=True)
+        try:
+            out.columns = next(reader)
+        except StopIteration:
+            raise UserError(f"{path} is empty; a CSV needs a header row naming its columns")
+        except csv.Error as err:
+            raise UserError(f"{path} line 1 (the header) is not valid CSV: {err}")
+        n_row = 0
+        while True:
+            start = reader.line_num + 1
+            try:
+                record = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                n_row += 1
+                hint = "; a quoted field is never closed" if "unexpected end" in str(err) else ""
+                _reject(out, f"{path} row {n_row} (line {start}) is not valid CSV: {err}{hint}", on_error)
+                continue
+            if not record:  # a blank line
+                continue
+            n_row += 1
+            if len(record) != len(out.columns):
+                problem = f"has {len(record)} fields but the header has {len(out.columns)}"
+                _reject(out, f"{path} row {n_row} (line {start}) {problem}; quote fields that hold commas, quotes or "
+                             "newlines", on_error)  # fmt: skip
+                continue
+            out.append(dict(zip(out.columns, record)))
+            out.where.append(f"row {n_row} (line {start})")
+    return out
+
+
+def _jsonl_rows(path: Path, on_error: str) -> Loaded:
+    out = Loaded(source=str(path))
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                _reject(out, f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line", on_error)
+                continue
+            if not isinstance(row, dict):
+                _reject(out, f"{path} line {n} is a JSON {type(row).__name__}, not an object; write one "
+                             "{...} object per line", on_error)  # fmt: skip
+                continue
+            out.columns += [key for key in row if key not in out.columns]
+            out.append(row)
+            out.where.append(f"line {n}")
+    return out
+
+
+def _parquet_rows(path: Path) -> Loaded:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow: pip install pyarrow (or convert the file to CSV or JSONL)")
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises its own error types for a damaged or non-Parquet file
+        raise UserError(f"{path} could not be read as Parquet ({type(err).__name__}: {err}); is it the right file?")
+    rows = table.to_pylist()
+    return Loaded(rows, str(path), table.column_names, [f"row {i}" for i in range(1, len(rows) + 1)])
+
+
+def _hub_rows(hub_id: str, hub_file: str | None) -> Loaded:
+    repo, _, file = hub_id.partition(":")
+    file = file or hub_file
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError(f"{hub_id} is not a local file, and loading it from the Hugging Face hub needs the "
+                        "`datasets` package: pip install datasets, or download the file and pass its path")  # fmt: skip
+    try:
+        dataset = load_dataset(repo, data_files=file, split="train")
+    except Exception as err:  # offline, unknown id, missing file: datasets raises many types; all are the user's to fix
+        raise UserError(f"could not load {repo}{' file ' + file if file else ''} from the Hugging Face hub "
+                        f"({type(err).__name__}: {err}); check the id and your network, or download the file "
+                        "and pass its path (a missing local path also ends up here)")  # fmt: skip
+    rows = [dict(row) for row in dataset]
+    columns = list(getattr(dataset, "column_names", None) or (rows[0] if rows else []))
+    return Loaded(rows, hub_id, columns, [f"row {i}" for i in range(1, len(rows) + 1)])
+
+
+def _reject(out: Loaded, message: str, on_error: str) -> None:
+    if on_error == "fail":
+        raise UserError(message)
+    out.skipped.append(message)
+
+
+def _require(rows: Loaded, needed: Sequence[str], what: str) -> None:
+    missing = [c for c in needed if c not in rows.columns]
+    if missing:
+        raise UserError(f"{rows.source} lacks column(s) {', '.join(missing)} (has: {', '.join(rows.columns)}); "
+                        f"{what}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records: responses with karma, comparisons
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    """One story for a prompt. score: Reddit karma (None = unknown); rank: 0 = highest karma in its thread."""
+
+    prompt_id: str
+    prompt: str
+    response_id: str
+    response: str
+    score: float | None = None
+    rank: int | None = None
+
+
+@dataclass
+class Comparison:
+    """k >= 2 responses to one prompt and the index of the best; k = 2 is a pair (best 0 = A, 1 = B).
+
+    labeler: who judged ("karma", a labeler name, "" = unknown); tie: the labeler saw no clear winner (best is
+    then arbitrary and losses may skip or down-weight it); prompt_id: the thread, when known.
+    """
+
+    prompt: str
+    responses: list[str]
+    best: int
+    labeler: str = ""
+    tie: bool = False
+    prompt_id: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("prompt is empty; every comparison needs its prompt")
+        if not isinstance(self.responses, list) or len(self.responses) < 2:
+            raise ValueError(f"responses must be a list of at least 2 texts, got {self.responses!r:.80}")
+        for i, text in enumerate(self.responses):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"response {i} is empty or not text ({text!r:.40})")
+        if isinstance(self.best, bool) or not isinstance(self.best, int) or not 0 <= self.best < len(self.responses):
+            raise ValueError(f"best={self.best!r} must be an integer index into the {len(self.responses)} responses "
+                             f"(0..{len(self.responses) - 1})")  # fmt: skip
+        if not isinstance(self.labeler, str) or not isinstance(self.tie, bool):
+            raise ValueError(f"labeler must be text and tie true/false, got {self.labeler!r} and {self.tie!r}")
+
+
+RESPONSE_FILES = ("prompt_responses.csv.gz", "prompt_responses_full.csv", "prompt_responses.csv")
+RESPONSE_COLUMNS = ("prompt_id", "prompt", "response_id", "response")
+COMPARISON_FILES = ("comparisons.jsonl", "comparisons.jsonl.gz", "comparisons.csv", "comparisons.csv.gz")
+PAIR_COLUMNS = ("prompt", "response_a", "response_b", "label")
+
+
+def _text(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{column} must be text, got {type(value).__name__} {value!r:.40}")
+    return value.strip()
+
+
+def _id(value) -> str:
+    """An id column as text; ids read from Parquet or the hub may be numbers."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value).strip()
+
+
+def _number(value, column: str) -> float | None:
+    """A CSV string, int or float as float; '' / None / NaN (pandas' empty) = unknown."""
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{column} {value!r:.40} is not a number")
+    if not math.isfinite(number):
+        raise ValueError(f"{column} {value!r:.40} is not a finite number")
+    return number
+
+
+def _int(value, column: str) -> int | None:
+    number = _number(value, column)
+    if number is not None and number != int(number):
+        raise ValueError(f"{column} {value!r:.40} is not a whole number")
+    return None if number is None else int(number)
+
+
+def load_responses(source: str | Path, keep_meta: bool = False, on_error: str = "fail") -> Loaded:
+    """Karma-scored stories: a list of `Response` in file order (a `Loaded`, so `.skipped` lists rows left out).
+
+    source: a file, a directory holding one of RESPONSE_FILES, or a hub id (rewardsignal/reddit_writing_prompts
+    reads its prompt_responses_full.csv). Columns as in that file: prompt_id, prompt, response_id, response are
+    required; response_score (karma) and response_rank (0 = best) are read when present; others are ignored.
+    keep_meta=False runs `clean_meta` on every response. Empty texts, bad numbers and repeated response ids are
+    errors naming the row (on_error="skip": left out and listed in `.skipped`).
+    """
+    rows = read_rows(source, RESPONSE_FILES, "prompt_responses_full.csv", on_error)
+    _require(rows, RESPONSE_COLUMNS, "expected the columns of rewardsignal/reddit_writing_prompts "
+                                     "prompt_responses_full.csv")  # fmt: skip
+    out = Loaded(source=rows.source, columns=rows.columns, skipped=rows.skipped)
+    first_seen: dict[str, str] = {}
+    for row, where in zip(rows, rows.where):
+        try:
+            response = _response(row, keep_meta)
+        except ValueError as err:
+            _reject(out, f"{rows.source} {where}: {err}", on_error)
+            continue
+        if response.response_id in first_seen:
+            _reject(out, f"{rows.source} {where}: response_id {response.response_id} repeats "
+                         f"{first_seen[response.response_id]}; response ids must be unique", on_error)  # fmt: skip
+            continue
+        first_seen[response.response_id] = where
+        out.append(response)
+        out.where.append(where)
+    return out
+
+
+def _response(row: dict, keep_meta: bool) -> Response:
+    # .get: a JSONL line may lack a key that other lines have
+    texts = {c: _text(row.get(c), c) if c in ("prompt", "response") else _id(row.get(c)) for c in RESPONSE_COLUMNS}
+    for column in RESPONSE_COLUMNS:
+        if not texts[column]:
+            raise ValueError(f"{column} is empty; fill it in or remove the row")
+    response = texts["response"] if keep_meta else clean_meta(texts["response"])
+    if not response:
+        raise ValueError("response holds only Reddit meta lines (edits, links); remove the row or pass keep_meta=True")
+    score, rank = _number(row.get("response_score"), "response_score"), _int(row.get("response_rank"), "response_rank")
+    return Response(texts["prompt_id"], texts["prompt"], texts["response_id"], response, score, rank)
+
+
+def load_comparisons(source: str | Path, keep_meta: bool = False, on_error: str = "fail") -> Loaded:
+    """Comparisons from a pair file or a comparisons JSONL: a list of `Comparison` (a `Loaded`).
+
+    Pair format (CSV, e.g. ../shared/data/writing_prompts/comparisons_test.csv): prompt, response_a, response_b,
+    label (0 = A is better, 1 = B), optional prompt_id and labeler; other columns (ids, scores) are not kept.
+    JSONL format (what `write_comparisons` writes): {"prompt", "responses": [...], "best", "labeler", "tie",
+    "prompt_id"}, the last three optional. A file with a `responses` column is read as JSONL format, any other
+    as pairs. keep_meta=False runs `clean_meta` on every response.
+    """
+    rows = read_rows(source, COMPARISON_FILES, on_error=on_error)
+    k_way = "responses" in rows.columns
+    if k_way:
+        _require(rows, ("prompt", "responses", "best"), "a comparisons JSONL needs prompt, responses and best")
+    else:
+        _require(rows, PAIR_COLUMNS, "a pair file needs prompt, response_a, response_b and label (0 if A is better, "
+                                     "1 if B); a comparisons JSONL needs prompt, responses and best")  # fmt: skip
+    out = Loaded(source=rows.source, columns=rows.columns, skipped=rows.skipped)
+    for row, where in zip(rows, rows.where):
+        try:
+            comparison = (_k_way if k_way else _pair)(row, (lambda text: text) if keep_meta else clean_meta)
+        except ValueError as err:
+            _reject(out, f"{rows.source} {where}: {err}", on_error)
+            continue
+        out.append(comparison)
+        out.where.append(where)
+    return out
+
+
+def _pair(row: dict, tidy) -> Comparison:
+    """One pair-format row; tidy(text) -> text is applied to both responses (clean_meta or identity)."""
+    label = _int(row.get("label"), "label")
+    if label not in (0, 1):
+        raise ValueError(f"label {row.get('label')!r} must be 0 (response_a is better) or 1 (response_b is better)")
+    responses = [tidy(_text(row.get("response_a"), "response_a")), tidy(_text(row.get("response_b"), "response_b"))]
+    return Comparison(_text(row.get("prompt"), "prompt"), responses, label, _text(row.get("labeler"), "labeler"),
+                      prompt_id=_id(row.get("prompt_id")))  # fmt: skip
+
+
+def _k_way(row: dict, tidy) -> Comparison:
+    """One comparisons-JSONL row; tidy as in `_pair`. Comparison's own checks catch a bad best, tie or k < 2."""
+    responses = row.get("responses")
+    if not isinstance(responses, list):
+        raise ValueError(f"responses must be a JSON list of texts, got {type(responses).__name__}")
+    responses = [tidy(_text(text, "responses")) for text in responses]
+    labeler, tie = _text(row.get("labeler"), "labeler"), row.get("tie", False)
+    return Comparison(
+        _text(row.get("prompt"), "prompt"), responses, row.get("best"), labeler, tie, _id(row.get("prompt_id"))
+    )
+
+
+def write_comparisons(path: str | Path, comparisons: Iterable[Comparison]) -> Path:
+    """Write comparisons as JSONL (gzipped when the name ends .gz), one object a line, fields as in `Comparison`.
+
+    Atomic: the file is written beside its target and moved into place, so a crash leaves the old file or the
+    new one, never half of one. Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.name.endswith(".gz") else raw
+            for c in comparisons:
+                c.__post_init__()  # refuse to write what load_comparisons would reject
+                stream.write((json.dumps(asdict(c), ensure_ascii=False) + "\n").encode("utf-8"))
+            if stream is not raw:
+                stream.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); the data file is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Karma -> comparisons, and a split that keeps each prompt on one side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clearly_better(hi: float, lo: float, min_gap: float = 20, min_ratio: float = 2.0) -> bool:
+    """The pair rule of ../shared/data/writing_prompts/README.md: karma `hi` clearly beats `lo` when
+    hi - lo >= min_gap and max(hi, 1) / max(lo, 1) >= min_ratio (karma of 0 or below counts as 1 in the ratio:
+    a story at -5 is not "infinitely" worse than one at 30).
+
+    >>> clearly_better(40, 20), clearly_better(60, 35), clearly_better(30, 11), clearly_better(21, -3)
+    (True, False, False, True)
+    """
+    return hi - lo >= min_gap and max(hi, 1) / max(lo, 1) >= min_ratio
+
+
+def _by_prompt(responses: Iterable[Response]) -> list[list[Response]]:
+    """Scored responses grouped by thread, threads in prompt-id order, responses in response-id order (so the
+    result does not depend on the input's order)."""
+    groups: dict[str, list[Response]] = {}
+    for r in responses:
+        if r.score is not None:
+            groups.setdefault(r.prompt_id, []).append(r)
+    return [sorted(groups[key], key=lambda r: r.response_id) for key in sorted(groups)]
+
+
+def _check_scored(responses: Sequence[Response]) -> None:
+    if responses and all(r.score is None for r in responses):
+        raise UserError("no response has a karma score (response_score is empty or missing); karma comparisons "
+                        "need scores")  # fmt: skip
+
+
+def karma_pairs(responses: Sequence[Response], min_gap: float = 20, min_ratio: float = 2.0,
+                max_pairs_per_prompt: int | None = 20, seed: int = 42) -> list[Comparison]:  # fmt: skip
+    """Pairs of responses to one prompt whose karma differs clearly (`clearly_better`), as in the shared data.
+
+    Threads are taken in prompt-id order; a thread's pairs are (i, j), i < j, with its responses in response-id
+    order. Where a thread has more than max_pairs_per_prompt pairs (None or 0: keep all), that many are drawn
+    with one `random.Random(seed).sample` over all threads, and kept in pair order. The better response is A
+    when a second `random.Random(seed).random() < 0.5` (one draw per pair), else B, so labels are balanced and
+    position tells nothing. Responses without a score are left out. With the defaults this rebuilds
+    comparisons_train + comparisons_test of ../shared/data/writing_prompts exactly, pair for pair.
+    Returns Comparisons with k = 2, best 0 or 1, labeler "karma".
+    """
+    _check_scored(responses)
+    sample_rng, order_rng = random.Random(seed), random.Random(seed)
+    pairs = []
+    for group in _by_prompt(responses):
+        candidates = []
+        for a, b in itertools.combinations(group, 2):
+            hi, lo = (a, b) if a.score >= b.score else (b, a)
+            if clearly_better(hi.score, lo.score, min_gap, min_ratio):
+                candidates.append((hi, lo))
+        if max_pairs_per_prompt and len(candidates) > max_pairs_per_prompt:
+            keep = sample_rng.sample(range(len(candidates)), max_pairs_per_prompt)  # the same draw as on the list
+            candidates = [candidates[i] for i in sorted(keep)]
+        for hi, lo in candidates:
+            best = 0 if order_rng.random() < 0.5 else 1
+            texts = [hi.response, lo.response] if best == 0 else [lo.response, hi.response]
+            pairs.append(Comparison(hi.prompt, texts, best, "karma", prompt_id=hi.prompt_id))
+    return pairs
+
+
+def best_of_k(responses: Sequence[Response], k: int = 4, seed: int = 42, min_gap: float = 20,
+              min_ratio: float = 2.0, max_sets_per_prompt: int | None = 5) -> list[Comparison]:  # fmt: skip
+    """k-way comparisons (lm-human-preferences' 4-way questions) with one clear winner, from karma.
+
+    Rule: in one thread, every response with at least k - 1 others it `clearly_better`-beats is a winner; its set
+    is the winner plus k - 1 of those others drawn at random. So the winner beats each other member by the pair
+    rule, while the others' order among themselves is unknown, which a best-of-k label does not need. One set per
+    winner, at most max_sets_per_prompt sets per thread (a random subset; None or 0: all), members shuffled so
+    `best` is uniform over positions. Threads in prompt-id order; labeler "karma".
+    """
+    if k < 2:
+        raise UserError(f"best_of_k needs k >= 2 (got {k}); k = 2 is karma_pairs")
+    _check_scored(responses)
+    rng = random.Random(seed)
+    sets = []
+    for group in _by_prompt(responses):
+        found = []
+        for winner in group:
+            losers = [r for r in group if r is not winner and clearly_better(winner.score, r.score, min_gap, min_ratio)]
+            if len(losers) >= k - 1:
+                members = [winner, *rng.sample(losers, k - 1)]
+                rng.shuffle(members)
+                found.append(Comparison(winner.prompt, [m.response for m in members], members.index(winner),
+                                        "karma", prompt_id=winner.prompt_id))  # fmt: skip
+        if max_sets_per_prompt and len(found) > max_sets_per_prompt:
+            found = rng.sample(found, max_sets_per_prompt)
+        sets.extend(found)
+    return sets
+
+
+def prompt_key(prompt: str) -> str:
+    """The text by which reposts of one prompt are recognised: case folded, punctuation and tags' brackets gone.
+
+    >>> prompt_key("[WP] You're  an immortal!") == prompt_key("[ wp ] you re an immortal")
+    True
+    """
+    return " ".join(re.sub(r"[\W_]+", " ", prompt.casefold()).split())
+
+
+def split_by_prompt(items: Sequence, test_fraction: float = 0.1, seed: int = 42) -> tuple[list, list]:
+    """(train, test): items grouped by `prompt_key` of their prompt, so no prompt (nor a repost of it) is on both
+    sides. Items are anything with a `.prompt` (Response, Comparison) or prompt strings; each keeps its order.
+
+    Groups are sorted by their smallest prompt_id (items without one: by their smallest prompt text), shuffled
+    with random.Random(seed), and the first round(test_fraction x groups) go to test. That is the rule
+    ../shared/data/writing_prompts/README.md used: split_by_prompt(load_responses(...)) puts exactly the
+    prompts of comparisons_test.csv on the test side.
+    """
+    if not 0 <= test_fraction < 1:
+        raise UserError(f"test_fraction={test_fraction} must be in [0, 1)")
+    key = [prompt_key(getattr(item, "prompt", item)) for item in items]
+    order: dict[str, tuple[str, str]] = {}  # group -> the smallest (prompt_id, prompt) among its items
+    for item, k in zip(items, key):
+        here = (getattr(item, "prompt_id", "") or "", getattr(item, "prompt", item))
+        order[k] = min(here, order.get(k, here))
+    groups = sorted(order, key=order.__getitem__)
+    random.Random(seed).shuffle(groups)
+    test_keys = set(groups[: round(test_fraction * len(groups))])
+    train = [item for item, k in zip(items, key) if k not in test_keys]
+    test = [item for item, k in zip(items, key) if k in test_keys]
+    return train, test
