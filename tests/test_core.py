@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from tests.helpers import close, mask_of, t
 from wprlhf.core import (
     clip_around,
     entropy_from_logits,
@@ -31,22 +32,6 @@ from wprlhf.core import (
 )
 
 LN2 = math.log(2.0)
-
-
-def t(values, dtype=torch.float64):
-    return torch.tensor(values, dtype=dtype)
-
-
-def mask_of(rows):
-    return torch.tensor(rows, dtype=torch.bool)
-
-
-def close(actual, expected, atol=1e-6):
-    """Assert a tensor equals nested literals (float64 comparison, small absolute tolerance)."""
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    actual = torch.as_tensor(actual).to(torch.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,7 +281,9 @@ def test_position_ids_from_mask():
 
 def test_last_true_index():
     """Right-padded, full, single-token and left-padded rows."""
-    mask = mask_of([[True, True, False, False], [True, True, True, True], [True, False, False, False], [False, False, True, True]])
+    mask = mask_of(
+        [[True, True, False, False], [True, True, True, True], [True, False, False, False], [False, False, True, True]]
+    )
     assert last_true_index(mask).tolist() == [1, 3, 0, 3]
 
 

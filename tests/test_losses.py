@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from tests.helpers import close, mask_of, t
 from wprlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -17,23 +18,6 @@ from wprlhf.ppo import (
     policy_loss,
     value_loss,
 )
-
-
-def t(values, dtype=torch.float64):
-    return torch.tensor(values, dtype=dtype)
-
-
-def mask_of(rows):
-    return torch.tensor(rows, dtype=torch.bool)
-
-
-def close(actual, expected, atol=1e-6):
-    """Assert a tensor (or number) equals nested literals, compared in float64 with a small absolute tolerance."""
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    actual = torch.as_tensor(actual).to(torch.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # compute_rewards
@@ -174,7 +158,10 @@ def test_policy_loss_n_tokens_makes_micro_batches_add_up():
         part.backward()
     close(lp2.grad, full_grad.tolist())
     # without n_tokens each micro-batch is its own mean: -0.9 and 0.9
-    alone = [policy_loss(lp2[i : i + 1], OLD_LOGPROBS[i : i + 1], ADVANTAGES[i : i + 1], mask[i : i + 1], 0.2)[0] for i in range(2)]
+    alone = [
+        policy_loss(lp2[i : i + 1], OLD_LOGPROBS[i : i + 1], ADVANTAGES[i : i + 1], mask[i : i + 1], 0.2)[0]
+        for i in range(2)
+    ]
     close(alone[0].detach(), -0.9)
     close(alone[1].detach(), 0.9)
 

@@ -70,29 +70,16 @@ def load_prompts(path: str | Path | None) -> list[str]:
     try:
         if name.endswith(".txt"):
             prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        elif name.endswith((".jsonl", ".jsonl.gz")):
-            with _open_text(path) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{path} line {n} is not valid JSON ({err.msg}); fix or remove that line")
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path} line {n}: expected a JSON object with a 'prompt' field")
-                    prompts.append(_field(row, path, f"line {n}").strip())
-        elif name.endswith((".csv", ".csv.gz")):
-            csv.field_size_limit(CSV_FIELD_LIMIT)
-            with _open_text(path) as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not set(PROMPT_FIELDS) & set(reader.fieldnames):
-                    raise UserError(f"{path} has no 'prompt' column (columns: {reader.fieldnames}); add a header "
-                                    "row with a 'prompt' column")  # fmt: skip
-                for row in reader:
-                    prompts.append(clean_prompt(_field(row, path, f"row {reader.line_num}") or ""))
+        elif name.endswith(FORMATS):
+            rows = read_rows(path)
+            tabular = not name.endswith((".jsonl", ".jsonl.gz"))
+            if tabular and not set(PROMPT_FIELDS) & set(rows.columns):
+                raise UserError(f"{path} has no 'prompt' column (columns: {rows.columns}); add a header "
+                                "row with a 'prompt' column")  # fmt: skip
+            tidy = clean_prompt if tabular else str.strip
+            prompts = [tidy(_field(row, path, where) or "") for row, where in zip(rows, rows.where)]
         else:
-            raise UserError(f"prompts file {path}: unknown format; use .txt, .jsonl, .csv or .csv.gz")
+            raise UserError(f"prompts file {path}: unknown format; use .txt, .jsonl, .csv, .csv.gz or .parquet")
     except UnicodeDecodeError as err:
         raise UserError(f"prompts file {path} is not UTF-8 text ({err.reason}); is it the right file?")
     except (gzip.BadGzipFile, EOFError, csv.Error) as err:
