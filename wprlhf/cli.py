@@ -128,12 +128,25 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .sft import SFTConfig, load_config, train
+
+    config = load_config(args.config, _overrides(args, SFTConfig))
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if args.force and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    result = train(config, args.out)
+    print(f"held-out loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f} nats per response token "
+          f"on {result['n_val_examples']} stories; policy in {args.out}/policy", file=sys.stderr)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .ppo import PRESETS, PPOConfig
     from .reward_model import RewardConfig
+    from .sft import SFTConfig
 
     parser = argparse.ArgumentParser(prog="wprlhf", description="RLHF for writing prompts: SFT, reward models, PPO.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -184,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     rme.add_argument("--keep-meta", action="store_true", help="evaluate on raw text (meta lines kept)")
     rme.add_argument("--train-data", help="training comparisons for the TF-IDF baseline (default: the model's)")
     rme.set_defaults(func=cmd_rm_eval)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt -> story (loss on the story only)", description=(
+        "Fine-tune a causal LM on karma-scored stories, the loss on response tokens only. Writes config.json, "
+        "metrics.csv, tb/, samples.jsonl, loss.png, eval.json and policy/ into --out."))  # fmt: skip
+    sft.add_argument("--out", required=True, help="run directory")
+    sft.add_argument("--config", help="YAML or JSON file of SFTConfig fields (flags override it)")
+    sft.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    add_config_flags(sft, SFTConfig)
+    sft.set_defaults(func=cmd_sft)
     return parser
 
 

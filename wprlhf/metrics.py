@@ -55,6 +55,20 @@ RM_METRIC_NAMES = (
 )  # fmt: skip
 
 
+# Per optimizer step of supervised fine-tuning (sft.py). Losses in nats per response token; step 0 = untuned.
+SFT_METRIC_NAMES = (
+    "step",
+    "examples",      # stories trained on so far
+    "tokens",        # response tokens trained on so far (the tokens the loss counts)
+    "loss",          # mean negative log-likelihood per response token of this step's batch
+    "val_loss",      # the same on held-out prompts' stories, at step 0 and every eval_every steps
+    "lr",
+    "grad_norm",     # before clipping
+    "tokens_per_s",  # prompt + response tokens (no padding) through forward and backward per second
+    "elapsed_s",     # since the run started, data loading and evaluations included
+)  # fmt: skip
+
+
 def _truncate_rows(path: Path, keep) -> None:
     """Rewrite a CSV/JSONL file keeping the lines for which keep(line) is True (header always kept), atomically."""
     from .checkpoint import write_text_atomic
