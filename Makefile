@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# The main job on the embedded defaults: a short PPO run of SmolLM2-135M-Instruct (~5 minutes on 2 cores).
+# The main job on the embedded defaults: a short PPO run of SmolLM2-135M-Instruct (~8 minutes on 2 cores).
 demo: setup
 	$(BIN)/wprlhf ppo --policy smollm2 --reward length --steps 12 --batch-size 8 --response-length 48 \
 		--lr 1e-5 --score-norm batch --out $(DEMO_OUT) --force

@@ -61,7 +61,7 @@ def test_config_file_and_flags(tmp_path, prompts_txt, capsys):
     assert saved["batch_size"] == 4 and saved["lr"] == 0.0  # --batch-size 4 from TINY_RUN beats the file's 2
     cfg.write_text("batch_sise: 2\n")
     code, err = run_cli(capsys, "ppo", "--config", cfg, "--out", tmp_path / "x")
-    assert code == 2 and "unknown PPO config keys ['batch_sise']" in err
+    assert code == 2 and "unknown PPOConfig keys ['batch_sise']" in err
 
 
 def test_sample_writes_k_responses_per_prompt(tmp_path, prompts_txt, capsys):

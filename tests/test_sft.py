@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wprlhf.cli import main
+from wprlhf.core import linear_schedule
 from wprlhf.errors import UserError
 from wprlhf.metrics import SFT_METRIC_NAMES, read_metrics
 from wprlhf.sft import (
@@ -18,7 +19,6 @@ from wprlhf.sft import (
     SFTConfig,
     collate,
     encode_examples,
-    linear_schedule,
     pack,
     sft_loss,
     token_logprobs,
@@ -240,5 +240,5 @@ def test_config_rejects_unknown_keys(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text("batch_sise: 4\n")
-    with pytest.raises(UserError, match=r"unknown SFT config keys \['batch_sise'\]"):
+    with pytest.raises(UserError, match=r"unknown SFTConfig keys \['batch_sise'\]"):
         load_config(path, {})

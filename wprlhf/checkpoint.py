@@ -68,6 +68,21 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None = None):
+    """A config dataclass from `base` (e.g. a preset), then a YAML/JSON file, then explicit overrides (None = not
+    given). Unknown keys are errors that list the known ones."""
+    import dataclasses
+
+    values = dict(base or {})
+    if path:
+        values.update(read_config_file(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(values) - known):
+        raise UserError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
 def checkpoint_path(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
 

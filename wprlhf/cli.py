@@ -102,15 +102,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_rm_train(args: argparse.Namespace) -> None:
-    from .checkpoint import read_config_file
+    from .checkpoint import load_config
     from .reward_model import RewardConfig, train
 
-    values = read_config_file(args.config) if args.config else {}
-    values.update(_overrides(args, RewardConfig))
-    known = {f.name for f in dataclasses.fields(RewardConfig)}
-    if unknown := sorted(set(values) - known):
-        raise UserError(f"unknown reward-model config keys {unknown}; known keys: {sorted(known)}")
-    config = RewardConfig(**values)
+    config = load_config(RewardConfig, args.config, _overrides(args, RewardConfig))
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         if not args.force:

@@ -214,3 +214,10 @@ def flatten_dict(nested: dict, sep: str = "/", prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
+
+
+def linear_schedule(step: int, total: int, warmup_steps: int) -> float:
+    """Learning-rate factor of optimizer step `step` (from 0): linear warm-up to 1, then linear decay towards 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total - step) / max(1, total - warmup_steps))

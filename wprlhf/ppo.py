@@ -695,19 +695,9 @@ def train(
 
 def load_config(path: str | Path | None, overrides: dict, preset: str | None = None) -> PPOConfig:
     """PPOConfig from a preset, then a YAML/JSON file, then explicit overrides; unknown keys are errors."""
-    values: dict = {}
-    if preset:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-        values.update(PRESETS[preset])
-    if path:
-        values.update(ckpt.read_config_file(path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(PPOConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown PPO config keys {unknown}; known keys: {sorted(known)}")
-    return PPOConfig(**values)
+    if preset and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return ckpt.load_config(PPOConfig, path, overrides, PRESETS.get(preset or ""))
 
 
 def dump_config(config: PPOConfig) -> str:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import write_json_atomic
+from .core import linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
 from .errors import UserError
 from .metrics import RM_METRIC_NAMES, MetricsLogger
@@ -254,9 +255,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "train_comparisons": len(train_set),
                                                     "val_comparisons": len(val_set)})  # fmt: skip

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .core import logprobs_from_logits, masked_sum
+from .core import linear_schedule, logprobs_from_logits, masked_sum
 from .errors import UserError
 from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics
 from .models import count_parameters, load_policy, resolve_device
@@ -136,12 +136,7 @@ class SFTConfig:
 
 def load_config(path: str | Path | None, overrides: dict) -> SFTConfig:
     """SFTConfig from a YAML/JSON file, then explicit overrides (None = not given); unknown keys are errors."""
-    values = ckpt.read_config_file(path) if path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
-    if unknown := sorted(set(values) - known):
-        raise UserError(f"unknown SFT config keys {unknown}; known keys: {sorted(known)}")
-    return SFTConfig(**values)
+    return ckpt.load_config(SFTConfig, path, overrides)
 
 
 # ==========================================================================================================
@@ -442,13 +437,6 @@ def _subset(items: list, limit: int, seed: int) -> list:
         return list(items)
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]
-
-
-def linear_schedule(step: int, total: int, warmup_steps: int) -> float:
-    """Learning-rate factor of optimizer step `step` (from 0): linear warm-up to 1, then linear decay towards 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total - step) / max(1, total - warmup_steps))
 
 
 def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = None, tokenizer=None,
