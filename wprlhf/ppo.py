@@ -603,11 +603,13 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     Needs no saved state, so a resumed run sees exactly the prompts the uninterrupted run would have.
     """
     n = len(prompts)
+    orders: dict[int, np.ndarray] = {}  # a batch spans at most a few epochs: shuffle each once
     batch = []
     for i in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(i, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        batch.append(prompts[order[pos]])
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        batch.append(prompts[orders[epoch][pos]])
     return batch
 
 
