@@ -136,3 +136,20 @@ def test_rm_train_refuses_bad_input(tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     assert main(["rm", "eval", "--model", str(tmp_path / "nomodel"), "--data", "x.jsonl"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_best_of_balanced_accuracy(toy_rm, tmp_path, capsys):
+    """`rm eval --best-of`: top-karma story vs one other per prompt; the toy RM ranks 'good' stories first."""
+    from wprlhf.cli import main
+
+    out, _ = toy_rm
+    rows = ["prompt_id,prompt,response_id,response,response_score,response_rank"]
+    for i, s in enumerate(["cat", "ship", "storm", "clock", "garden", "robot"]):
+        rows.append(f"p{i},Write about a {s},p{i}_r0,a good good good story about the {s},500,0")
+        rows.append(f"p{i},Write about a {s},p{i}_r1,bad bad bad {s} words,3,1")
+    data = tmp_path / "responses.csv"
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["rm", "eval", "--model", str(out / "model"), "--data", str(data), "--best-of",
+                 "--out", str(tmp_path / "b.json")]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["n"] == 12 and result["balanced_accuracy"] == 1.0
