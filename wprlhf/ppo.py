@@ -684,7 +684,7 @@ def train(
                      episodes_per_s=config.batch_size / (t3 - t0))  # fmt: skip
         logger.log(step + 1, {"episodes": trainer.episodes, **stats})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
-        if config.log_samples and ((step + 1) % config.sample_every == 0 or step == start):
+        if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):
             n = config.log_samples
             logger.log_samples(step + 1, batch_prompts[:n], texts[:n], scores[:n].tolist(),
                                trainer.last_episodes["kl"][:n], trainer.last_episodes["reward_total"][:n], echo=progress)  # fmt: skip
