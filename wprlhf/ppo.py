@@ -1,8 +1,9 @@
 """PPO with a per-token KL penalty to a frozen reference (Ziegler et al. 2019) and a value model (Stiennon et al. 2020).
 
-Read top to bottom: the config, the KL controllers, the algorithm (forward -> compute_rewards -> advantages ->
-losses -> update), then `PPOTrainer`, which holds the models and runs one step, and `train()`, the plumbing
-around it (prompts, reward_fn, metrics, checkpoints, resume). Scores come from one callable,
+Read top to bottom: the config, the KL controllers, the algorithm (policy_forward / value_forward -> compute_rewards ->
+compute_advantages -> policy_loss / value_loss), then `PPOTrainer`, which holds the models and runs one step
+(`step_batch` -> `update`), and `train()`, the plumbing around it (prompts, reward_fn, metrics, checkpoints,
+resume). Scores come from one callable,
 `reward_fn(prompts: list[str], responses: list[str]) -> list[float]`: this module never knows who gives them.
 """
 
