@@ -297,13 +297,6 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
     return model.eval(), tokenizer
 
 
-def load_value_model(path: str) -> nn.Module:
-    """A value model saved by wprlhf (or any *ForSequenceClassification with num_labels=1)."""
-    from transformers import AutoModelForSequenceClassification
-
-    return from_pretrained(AutoModelForSequenceClassification, path, resolve_name(path)).eval()
-
-
 def _score_head(model: nn.Module) -> nn.Module:
     head = getattr(model, "score", None) or getattr(model, "v_head", None)
     if head is None:
