@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from wprlhf.core import bootstrap_ci
 from wprlhf.data import Comparison, write_comparisons
 from wprlhf.reward_model import (
     RewardConfig,
-    bootstrap_ci,
     comparison_loss,
     load_reward_model,
     longer_wins,

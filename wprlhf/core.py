@@ -221,3 +221,20 @@ def linear_schedule(step: int, total: int, warmup_steps: int) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (total - step) / max(1, total - warmup_steps))
+
+
+def bootstrap_ci(values, groups, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% CI of the mean of `values` (floats or bools), resampling whole groups (prompts) with replacement:
+    the stories of one prompt are not independent, so resampling single values would make the CI too narrow."""
+    import numpy as np
+
+    by_group: dict = {}
+    for v, g in zip(values, groups):
+        by_group.setdefault(g, []).append(float(v))
+    if not by_group:
+        return float("nan"), float("nan")
+    sums = np.array([sum(v) for v in by_group.values()])
+    counts = np.array([len(v) for v in by_group.values()], dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))

@@ -18,6 +18,7 @@ METRIC_NAMES = (
     "episodes",            # prompt -> response episodes trained on so far
     "reward_mean",         # mean of reward_fn's scores over the batch
     "reward_std",
+    "judge_mean",          # mean true score of a hidden judge on the same responses (loop/demo runs only)
     "reward_total",        # mean per-response sum of per-token rewards: score - beta * KL
     "kl",                  # mean per-response KL to the reference, k1 estimator (sum of log p - log q)
     "kl_k3",               # the same with the k3 estimator (non-negative, lower variance)

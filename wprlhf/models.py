@@ -297,6 +297,33 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
     return model.eval(), tokenizer
 
 
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks of a Hugging Face model (BERT, Llama, GPT-2 style)."""
+    base = getattr(model, "base_model", model)
+    for path in ("encoder.layer", "layers", "h", "transformer.h"):
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return node
+    raise UserError(f"cannot find the transformer layers of {model.__class__.__name__} to freeze; "
+                    "use --freeze-layers 0")  # fmt: skip
+
+
+def freeze_lower_layers(model: nn.Module, n: int) -> None:
+    """Stop gradients into the embeddings and the `n` lowest transformer layers (n = 0 does nothing)."""
+    if n <= 0:
+        return
+    layers = _layer_list(model)
+    if n >= len(layers):
+        raise UserError(f"cannot freeze {n} layers of a {len(layers)}-layer model: at least one must train")
+    base = getattr(model, "base_model", model)
+    frozen = [model.get_input_embeddings(), getattr(base, "embeddings", None), *layers[:n]]
+    for module in frozen:
+        if module is not None:
+            module.requires_grad_(False)
+
+
 def _score_head(model: nn.Module) -> nn.Module:
     head = getattr(model, "score", None) or getattr(model, "v_head", None)
     if head is None:

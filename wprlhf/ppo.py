@@ -637,8 +637,12 @@ def train(
     tokenizer=None,
     resume: bool = False,
     progress: bool = True,
+    judge_fn: RewardFn | None = None,
 ) -> PPOTrainer:
     """Run `config.steps` PPO steps; write metrics, samples, checkpoints and the final models into out_dir.
+
+    judge_fn, when given, scores the same responses without training on them (metric `judge_mean`): where
+    reward_mean climbs and judge_mean does not, the policy is exploiting the reward model.
 
     out_dir gets: config.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the latest,
     resumable) and, at the end, policy/ (and value/) in Hugging Face format.
@@ -683,6 +687,8 @@ def train(
         t3 = time.perf_counter()
         stats.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                      episodes_per_s=config.batch_size / (t3 - t0))  # fmt: skip
+        if judge_fn is not None:
+            stats["judge_mean"] = float(np.mean([float(s) for s in judge_fn(batch_prompts, texts)]))
         logger.log(step + 1, {"episodes": trainer.episodes, **stats})
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
         if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import write_json_atomic
-from .core import linear_schedule
+from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
 from .errors import UserError
 from .metrics import RM_METRIC_NAMES, MetricsLogger
-from .models import load_reward_backbone, resolve_device
+from .models import freeze_lower_layers, load_reward_backbone, resolve_device
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -48,7 +48,11 @@ class RewardConfig:
     """Use at most this many training comparisons (0 = all), drawn at random with `seed`."""
     epochs: int = 1
     batch_size: int = 16
-    """Comparisons per optimizer step."""
+    """Comparisons per optimizer step. Batches are drawn prompt by prompt, so a story shared by several
+    comparisons of a batch is encoded once."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and this many of the lowest transformer layers: their backward pass is most of the
+    cost on a CPU, and the general features they carry change little when learning a reward."""
     lr: float = 3e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -163,30 +167,37 @@ def _read_train_config(path: Path) -> dict:
 
 
 def _batches(comparisons: list[Comparison], batch_size: int, rng: random.Random):
-    order = list(range(len(comparisons)))
-    rng.shuffle(order)
+    """Shuffled batches that keep a prompt's comparisons together: pairs of one prompt share stories, and
+    `_comparison_batch` encodes each distinct story of a batch once (about 1.4x fewer encodes on karma pairs)."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, c in enumerate(comparisons):
+        by_prompt.setdefault(c.prompt, []).append(i)
+    groups = list(by_prompt.values())
+    rng.shuffle(groups)
+    order = []
+    for group in groups:
+        rng.shuffle(group)
+        order += group
     for start in range(0, len(order), batch_size):
         yield [comparisons[i] for i in order[start : start + batch_size]]
 
 
 def _comparison_batch(model, tokenizer, batch: list[Comparison], max_length: int, device):
-    """Score every response of a batch of comparisons in one forward. Returns loss, accuracy."""
+    """Score every distinct (prompt, response) of a batch in one forward. Returns loss, accuracy."""
     K = max(len(c.responses) for c in batch)
-    prompts = [c.prompt for c in batch for _ in c.responses]
-    responses = [r for c in batch for r in c.responses]
-    enc = {k: v.to(device) for k, v in encode(tokenizer, prompts, responses, max_length).items()}
-    flat = _forward_scores(model, enc)  # (sum of k,)
-    scores = torch.zeros(len(batch), K, device=device)
-    valid = torch.zeros(len(batch), K, dtype=torch.bool, device=device)
-    pos = 0
+    texts: dict[tuple[str, str], int] = {}
+    index = torch.zeros(len(batch), K, dtype=torch.long)
+    valid = torch.zeros(len(batch), K, dtype=torch.bool)
     for i, c in enumerate(batch):
-        k = len(c.responses)
-        scores[i, :k] = flat[pos : pos + k]
-        valid[i, :k] = True
-        pos += k
+        for j, r in enumerate(c.responses):
+            index[i, j] = texts.setdefault((c.prompt, r), len(texts))
+            valid[i, j] = True
+    enc = encode(tokenizer, [p for p, _ in texts], [r for _, r in texts], max_length)
+    flat = _forward_scores(model, {k: v.to(device) for k, v in enc.items()})  # (distinct texts,)
+    scores = flat[index.to(device)]  # (B, K); padding slots point at text 0 and are masked by `valid`
     best = torch.tensor([c.best for c in batch], device=device)
     tie = torch.tensor([c.tie for c in batch], device=device)
-    return comparison_loss(scores, best, valid, tie)
+    return comparison_loss(scores, best, valid.to(device), tie)
 
 
 @torch.no_grad()
@@ -249,12 +260,13 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     val_set = val_set[:500]  # enough for a curve; keeps each validation pass short
     device = resolve_device(config.device)
     model, tokenizer = load_reward_backbone(config.model, num_labels=1, seed=config.seed)
+    freeze_lower_layers(model, config.freeze_layers)
     model.to(device)
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "train_comparisons": len(train_set),
@@ -271,7 +283,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
             model.eval()
             loss, accuracy = _comparison_batch(model, tokenizer, batch, config.max_length, device)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -302,19 +314,6 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
 
 # ==========================================================================================================
 # evaluation
-
-
-def bootstrap_ci(correct: list[bool], groups: list[str], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% CI of the accuracy, resampling whole groups (prompts): pairs of one prompt share stories."""
-    by_group: dict[str, list[bool]] = {}
-    for c, g in zip(correct, groups):
-        by_group.setdefault(g, []).append(c)
-    sums = np.array([sum(v) for v in by_group.values()], dtype=float)
-    counts = np.array([len(v) for v in by_group.values()], dtype=float)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(sums), size=(n_boot, len(sums)))
-    accs = sums[picks].sum(1) / counts[picks].sum(1)
-    return float(np.percentile(accs, 2.5)), float(np.percentile(accs, 97.5))
 
 
 def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, progress: bool = False) -> dict:

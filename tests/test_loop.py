@@ -1,0 +1,135 @@
+"""Simulated labelers (Bradley-Terry noise around a hidden judge) and the iterative loop on tiny models: every
+phase writes its files, labels accumulate across rounds, and a killed loop resumes after its last phase."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from wprlhf.data import load_comparisons
+from wprlhf.errors import UserError
+from wprlhf.labelers import SimulatedLabeler, agreement, load_judge, sentiment
+from wprlhf.evaluation import distinct_n, repetition_rate, sample_with_kl, win_rate
+from wprlhf.generation import GenerationConfig
+from wprlhf.loop import STATE_FILE, LoopConfig, run
+from wprlhf.metrics import read_metrics
+
+
+def test_sentiment_orders_obvious_texts():
+    good, bad = sentiment(["p", "p"], ["What a wonderful, happy, lovely day.", "A horrible, sad and awful day."])
+    assert good > 0.5 and bad < -0.5
+
+
+def test_weighted_judge_spec():
+    texts = ["I love it.", "I hate it."]
+    base = sentiment(["p"] * 2, texts)
+    doubled = load_judge("sim:2*sentiment")(["p"] * 2, texts)
+    summed = load_judge("sentiment+0.5*sentiment")(["p"] * 2, texts)
+    assert doubled == pytest.approx([2 * s for s in base])
+    assert summed == pytest.approx([1.5 * s for s in base])
+
+
+@pytest.mark.parametrize("spec, message", [("colour", "unknown judge 'colour'"), ("x*sentiment", "is not a number"),
+                                           ("sim:", "empty judge spec")])  # fmt: skip
+def test_bad_judge_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        load_judge(spec)
+
+
+def test_bradley_terry_choice_frequencies():
+    """P(pick A) = sigmoid((sA - sB) / T): 2,000 draws land within 4 standard errors of it."""
+    labeler = SimulatedLabeler(judge=lambda p, r: [0.0] * len(r), temperature=0.5, seed=3)
+    draws = [labeler.choose([0.3, 0.0]) for _ in range(2000)]
+    expected = 1 / (1 + math.exp(-0.3 / 0.5))
+    share = draws.count(0) / len(draws)
+    assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / len(draws))
+    assert SimulatedLabeler(judge=sentiment, temperature=0).choose([0.1, 0.9, 0.5]) == 1
+
+
+def test_labelers_disagree_on_close_calls_only():
+    scores = {"clear-good": 1.0, "clear-bad": -1.0, "close-a": 0.01, "close-b": 0.0}
+    judge = lambda prompts, responses: [scores[r] for r in responses]  # noqa: E731
+    labeler = SimulatedLabeler(judge=judge, name="sim:toy", temperature=0.05, labelers=5, seed=0)
+    clear = labeler.label(["p"] * 20, [["clear-bad", "clear-good"]] * 20)
+    close = labeler.label(["p"] * 20, [["close-a", "close-b"]] * 20)
+    assert {c.labeler for c in clear} == {f"sim:toy#{j}" for j in range(5)}
+    assert all(c.best == 1 for c in clear) and agreement(clear) == 1.0
+    assert 0.3 < agreement(close) < 0.8
+
+
+def test_win_rate_counts_ties_as_half():
+    judge = lambda prompts, responses: [len(r) for r in responses]  # noqa: E731
+    result = win_rate(judge, ["a", "b", "c", "d"], ["xx", "x", "xxx", "x"], ["x", "x", "x", "xx"])
+    assert result["win_rate"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    assert result["win_rate_lo"] <= result["win_rate"] <= result["win_rate_hi"]
+
+
+def test_distinct_and_repetition():
+    assert distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert distinct_n([""], 2) == 0.0
+    assert repetition_rate(["the cat sat down and the cat sat down", "one two three four five one two three"]) == 0.5
+
+
+def test_kl_of_a_policy_to_itself_is_zero_and_to_another_positive(tiny, tokenizer):
+    from wprlhf.models import load_policy, make_reference
+
+    config = GenerationConfig(max_new_tokens=6, temperature=1.0)
+    prompts = ["Write about a cat.", "A storm comes."]
+    _, same = sample_with_kl(tiny, make_reference(tiny), tokenizer, prompts, config, seed=1)
+    assert same == pytest.approx([0.0, 0.0], abs=1e-4)
+    other, _ = load_policy("tiny", seed=5)
+    texts, kls = sample_with_kl(tiny, make_reference(other), tokenizer, prompts, config, seed=1)
+    assert len(texts) == 2 and sum(kls) / 2 > 0.1
+
+
+def _config(**overrides):
+    base = dict(policy="tiny", reward_model="tiny", labeler="sim:sentiment", rounds=2, k=2, prompts_per_round=4,
+                eval_prompts=2, ppo_steps=2, response_length=6, rm_epochs=1, rm_max_length=64, temperature=1.0)  # fmt: skip
+    return LoopConfig(**{**base, **overrides})
+
+
+def test_loop_runs_rounds_and_resumes(tmp_path):
+    ppo_file = tmp_path / "ppo.json"
+    ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
+    out = tmp_path / "loop"
+    rows = run(_config(ppo_config=str(ppo_file)), out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["labels"] for r in rows] == [4, 8]  # labels accumulate: round 2's model sees both rounds
+    for r in (1, 2):
+        labels = list(load_comparisons(out / f"round-{r}" / "labels.jsonl"))
+        assert len(labels) == 4 and all(len(c.responses) == 2 and c.labeler == "sim:sentiment" for c in labels)
+        assert (out / f"round-{r}" / "rm" / "config.json").exists()
+        result = json.loads((out / f"round-{r}" / "eval.json").read_text())
+        assert 0 <= result["win_rate_lo"] <= result["win_rate"] <= result["win_rate_hi"] <= 1
+        assert result["n"] == 4  # 2 held-out prompts x 2 samples
+    ppo_rows = read_metrics(out / "ppo" / "metrics.csv")
+    assert [r["step"] for r in ppo_rows] == [1, 2, 3, 4]  # one PPO run, continued: 2 steps a round
+    assert all(-1 <= r["judge_mean"] <= 1 for r in ppo_rows)  # VADER compound, logged beside the RM reward
+    pairs = [json.loads(line) for line in (out / "round-2" / "eval_pairs.jsonl").open()]
+    assert len(pairs) == 4 and {"start", "new", "judge_start", "judge_new", "reward_new", "kl"} <= set(pairs[0])
+    assert json.loads((out / "round-2" / "eval.json").read_text())["new"]["distinct_2"] > 0
+    state = json.loads((out / STATE_FILE).read_text())
+    assert set(state["timings_s"]) == set(state["done"])
+    held_out = (out / "eval_prompts.txt").read_text().split("\n")[:2]
+    trained = {json.loads(line)["prompt"] for r in (1, 2) for line in (out / f"round-{r}" / "samples.jsonl").open()}
+    assert not trained & set(held_out)
+
+    with pytest.raises(UserError, match="--resume"):
+        run(_config(ppo_config=str(ppo_file)), out)
+    # A loop killed during round 2's evaluation redoes only that phase.
+    state = json.loads((out / STATE_FILE).read_text())
+    state["done"].remove("2:eval")
+    (out / STATE_FILE).write_text(json.dumps(state))
+    stamp = (out / "round-2" / "rm" / "model.safetensors").stat().st_mtime_ns
+    again = run(_config(ppo_config=str(ppo_file)), out, resume=True)
+    assert [r["round"] for r in again] == [1, 2] and again[1]["labels"] == 8
+    assert (out / "round-2" / "rm" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_loop_config_errors():
+    with pytest.raises(UserError, match="--judge"):
+        LoopConfig(labeler="web", db="x.db")
+    with pytest.raises(UserError, match="sim:SPEC"):
+        LoopConfig(labeler="sentiment")

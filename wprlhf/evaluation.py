@@ -1,0 +1,97 @@
+"""Compare a policy with another on held-out prompts: judge win rate, reward, KL, diversity, relevance, meta lines.
+
+The numbers that show what PPO did beyond its own reward: a judge's win rate (with a prompt-bootstrap CI), the
+KL of the policy's samples to the start policy, distinct-n and repetition (degenerate loops), prompt relevance
+(off-topic stories) and the share of samples with Reddit meta lines (a karma-trained reward being gamed).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .core import bootstrap_ci, masked_sum
+from .data import meta_share
+from .generation import GenerationConfig, decode_responses, encode_prompts, sample
+from .models import stop_token_ids
+from .ppo import policy_forward
+
+ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct word n-grams over all n-grams of a set of texts (Li et al. 2016); 0 when there are none."""
+    grams = [g for t in texts for g in _ngrams(t.lower().split(), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
+    """Share of texts in which some word n-gram occurs more than once: loops such as 'and then and then'."""
+    if not texts:
+        return 0.0
+    return float(np.mean([any(c > 1 for c in Counter(_ngrams(t.lower().split(), n)).values()) for t in texts]))
+
+
+def text_stats(prompts: list[str], texts: list[str], relevance: ScoreFn | None = None) -> dict:
+    """Diversity, repetition, length, meta-line share and (with a relevance scorer) mean prompt relevance."""
+    stats = {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+             "repetition": repetition_rate(texts), "meta_share": meta_share(texts),
+             "words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0}  # fmt: skip
+    if relevance is not None:
+        stats["relevance"] = float(np.mean(relevance(prompts, texts)))
+    return stats
+
+
+def mean_ci(values: Sequence[float], groups: Sequence[str]) -> dict:
+    """Mean of `values` with a 95% CI that resamples groups (prompts)."""
+    lo, hi = bootstrap_ci(values, groups)
+    return {"mean": float(np.mean(values)), "lo": lo, "hi": hi}
+
+
+def win_rate(judge: ScoreFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
+    """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2.
+
+    Returns win_rate with win_rate_lo/hi (95% CI resampling prompts), n, and both sides' mean judge scores.
+    """
+    new_scores = [float(s) for s in judge(prompts, new)]
+    start_scores = [float(s) for s in judge(prompts, start)]
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new_scores, start_scores)]
+    lo, hi = bootstrap_ci(wins, prompts)
+    return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins),
+            "judge_new": float(np.mean(new_scores)), "judge_start": float(np.mean(start_scores)),
+            "judge_new_scores": new_scores, "judge_start_scores": start_scores}  # fmt: skip
+
+
+@torch.no_grad()
+def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: GenerationConfig, seed: int = 0,
+                   batch_size: int = 16, progress: bool = False) -> tuple[list[str], list[float]]:  # fmt: skip
+    """Sample one response per prompt from `policy` and the KL of each to `reference`, in nats per response.
+
+    KL is the k1 estimate sum_t log pi(y_t) - log ref(y_t) over the response's tokens, both at the sampling
+    temperature (what PPO's penalty measures); `reference` = None gives zeros.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts, kls = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        gen = sample(policy, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                     generator, tokenizer)  # fmt: skip
+        texts += decode_responses(tokenizer, gen.responses, gen.response_mask)
+        if reference is None:
+            kls += [0.0] * len(gen.responses)
+            continue
+        ref_logprobs, _, _ = policy_forward(reference, queries, query_mask, gen.responses, gen.response_mask,
+                                            config.temperature)  # fmt: skip
+        kls += masked_sum(gen.logprobs - ref_logprobs, gen.response_mask, dim=1).tolist()
+    return texts, kls

@@ -1,0 +1,190 @@
+"""Simulated labelers: a hidden true score per response plus a noise model, answering comparisons as people do.
+
+A SPEC names the true score (the *judge*): `sentiment` (VADER compound, -1..1), `relevance` (cosine of the
+embedded MiniLM's sentence embeddings of prompt and response, -1..1), `rm:DIR` (a trained reward model), or a
+weighted sum such as `sentiment+relevance` or `0.7*sentiment+0.3*relevance`. A `sim:` prefix is accepted and
+ignored, so `--labeler sim:sentiment` and `--judge sentiment` name the same score.
+
+A labeler answers a comparison of k responses by sampling the best from Bradley-Terry on the true scores,
+P(best = i) = softmax(scores / temperature)_i: temperature 0 always picks the top score, large temperatures
+approach coin flips, as a tired person would. Several labelers sample independently, so they disagree about
+close calls and agree about clear ones. The judge itself (no noise) is never shown to training: runs use it
+only to measure win rates, as lm-human-preferences does with its mock tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .data import Comparison
+from .errors import UserError
+
+ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+# ==========================================================================================================
+# true scores
+
+
+_VADER = None
+
+
+def sentiment(prompts: list[str], responses: list[str]) -> list[float]:
+    """VADER compound polarity of each response, -1 (negative) .. 1 (positive); the lexicon ships offline."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return [_VADER.polarity_scores(text)["compound"] for text in responses]
+
+
+class Relevance:
+    """Cosine similarity of mean-pooled MiniLM sentence embeddings of the prompt and the response.
+
+    The encoder loads on first use (a labeler that never scores relevance never pays for it).
+    """
+
+    def __init__(self, model: str = "minilm", max_length: int = 256, batch_size: int = 32):
+        self.name, self.max_length, self.batch_size = model, max_length, batch_size
+        self.model = self.tokenizer = None
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length sentence embeddings (N, H), mean-pooled over real tokens as sentence-transformers does."""
+        if self.model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            from .models import from_pretrained, resolve_name
+
+            source = resolve_name(self.name)
+            self.tokenizer = from_pretrained(AutoTokenizer, self.name, source)
+            self.model = from_pretrained(AutoModel, self.name, source).eval()
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start : start + self.batch_size], truncation=True, max_length=self.max_length,
+                                   padding=True, return_tensors="pt")  # fmt: skip
+            hidden = self.model(**batch).last_hidden_state  # (b, T, H)
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if not responses:
+            return []
+        distinct = sorted(set(prompts))
+        prompt_vecs = self.embed(distinct)
+        row = {p: i for i, p in enumerate(distinct)}
+        response_vecs = self.embed(list(responses))
+        prompt_rows = prompt_vecs[[row[p] for p in prompts]]
+        return (prompt_rows * response_vecs).sum(-1).tolist()
+
+
+def _term(name: str) -> ScoreFn:
+    if name == "sentiment":
+        return sentiment
+    if name == "relevance":
+        return Relevance()
+    if name.startswith("rm:"):
+        from .reward_model import reward_fn_from_model
+
+        return reward_fn_from_model(name[3:])
+    raise UserError(f"unknown judge {name!r}: use sentiment, relevance, rm:DIR, or a weighted sum such as "
+                    "0.7*sentiment+0.3*relevance")  # fmt: skip
+
+
+def load_judge(spec: str) -> ScoreFn:
+    """The noiseless true score named by SPEC, as a reward_fn(prompts, responses) -> list[float]."""
+    spec = spec.strip().removeprefix("sim:")
+    if not spec:
+        raise UserError("empty judge spec: use sentiment, relevance, rm:DIR or a weighted sum of them")
+    terms: list[tuple[float, ScoreFn]] = []
+    # rm:DIR may hold '+' or '*' in its path only if it is the sole term; split sums otherwise.
+    parts = [spec] if spec.startswith("rm:") and "+" not in spec else spec.split("+")
+    for part in parts:
+        weight, _, name = part.strip().rpartition("*") if "*" in part else ("1", "", part.strip())
+        try:
+            w = float(weight)
+        except ValueError as err:
+            raise UserError(f"judge {spec!r}: weight {weight!r} of {name!r} is not a number") from err
+        terms.append((w, _term(name.strip())))
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+
+    def weighted(prompts: list[str], responses: list[str]) -> list[float]:
+        total = [0.0] * len(responses)
+        for w, fn in terms:
+            for i, s in enumerate(fn(prompts, responses)):
+                total[i] += w * float(s)
+        return total
+
+    return weighted
+
+
+# ==========================================================================================================
+# the noisy labeler
+
+
+@dataclass
+class SimulatedLabeler:
+    """Answers comparisons by sampling from Bradley-Terry on the judge's scores.
+
+    judge: the true score; name: written into each comparison's `labeler` field (with #j for labeler j);
+    temperature: Bradley-Terry temperature in the judge's units (0 = noiseless); labelers: how many independent
+    labelers answer each comparison (each contributes one comparison, so a set of n_labelers comparisons of
+    the same responses shows their disagreement).
+    """
+
+    judge: ScoreFn
+    name: str = "sim"
+    temperature: float = 0.1
+    labelers: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UserError(f"labeler temperature must be >= 0, got {self.temperature}")
+        if self.labelers < 1:
+            raise UserError(f"labelers must be >= 1, got {self.labelers}")
+        self.rng = random.Random(self.seed)
+
+    def choose(self, scores: Sequence[float]) -> int:
+        """One labeler's pick among k responses with true `scores`."""
+        if self.temperature == 0:
+            return max(range(len(scores)), key=lambda i: scores[i])
+        top = max(scores)
+        weights = [math.exp((s - top) / self.temperature) for s in scores]
+        return self.rng.choices(range(len(scores)), weights=weights)[0]
+
+    def label(self, prompts: list[str], responses: list[list[str]]) -> list[Comparison]:
+        """Comparisons for each prompt's k responses: `labelers` comparisons per prompt, one per labeler."""
+        flat_prompts = [p for p, rs in zip(prompts, responses) for _ in rs]
+        flat = [float(s) for s in self.judge(flat_prompts, [r for rs in responses for r in rs])]
+        out, pos = [], 0
+        for prompt, rs in zip(prompts, responses):
+            scores = flat[pos : pos + len(rs)]
+            pos += len(rs)
+            for j in range(self.labelers):
+                name = self.name if self.labelers == 1 else f"{self.name}#{j}"
+                out.append(Comparison(prompt=prompt, responses=list(rs), best=self.choose(scores), labeler=name))
+        return out
+
+
+def agreement(comparisons: Sequence[Comparison]) -> float:
+    """Share of pairs of labels on the same (prompt, responses) that pick the same best; NaN with no such pair."""
+    groups: dict[tuple, list[int]] = {}
+    for c in comparisons:
+        groups.setdefault((c.prompt, tuple(c.responses)), []).append(c.best)
+    same = total = 0
+    for picks in groups.values():
+        for i in range(len(picks)):
+            for j in range(i + 1, len(picks)):
+                same += picks[i] == picks[j]
+                total += 1
+    return same / total if total else float("nan")

@@ -1,0 +1,305 @@
+"""The iterative RLHF loop: sample from the policy -> people (or a simulated labeler) compare -> the reward model
+retrains on every label so far -> PPO against it -> the judge measures the new policy against the start.
+
+One run directory holds it all, one sub-directory per round:
+
+    loop_state.json          the phases finished so far (a killed loop resumes after the last one)
+    eval_prompts.txt         held-out prompts for the judge, never used for training
+    start_samples.jsonl      the start policy's responses to them (sampled once)
+    round-1/samples.jsonl    k responses per prompt from the current policy (what labelers see)
+    round-1/labels.jsonl     the comparisons collected this round (comparisons JSONL)
+    round-1/rm/              the reward model trained on all labels of rounds 1..r (HF format)
+    round-1/eval.json        judge win rate of the policy after this round over the start policy
+    ppo/                     one PPO run continued round after round (its reference stays the start policy)
+    loop_metrics.csv         one row per round: labels, RM held-out accuracy, reward, KL, win rate and CI
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, write_comparisons
+from .errors import UserError
+from .evaluation import sample_with_kl, text_stats, win_rate
+from .generation import GenerationConfig, generate
+from .labelers import SimulatedLabeler, agreement, load_judge
+from .metrics import read_metrics
+from .models import load_policy, make_reference, resolve_device
+from .ppo import PPOConfig
+from .ppo import train as ppo_train
+from .reward_model import RewardConfig, reward_fn_from_model
+from .reward_model import train as rm_train
+
+STATE_FILE = "loop_state.json"
+LOOP_METRICS = ("round", "labels", "agreement", "rm_accuracy", "reward_mean", "kl", "kl_coef", "eval_kl",
+                "judge_new", "judge_start", "win_rate", "win_rate_lo", "win_rate_hi", "distinct_2", "start_distinct_2",
+                "elapsed_s")  # fmt: skip
+
+
+@dataclass
+class LoopConfig:
+    """`wprlhf loop`: rounds of sample -> label -> reward model -> PPO, judged against the start policy."""
+
+    policy: str = "smollm2"
+    """The start policy (and the PPO reference): 'smollm2', 'tiny', a directory or a hub id."""
+    prompts: str = ""
+    """Prompt file (one per line, or CSV/JSONL with a prompt column); empty = the prompts shipped with wprlhf."""
+    eval_prompts: int = 12
+    """Prompts held out of every round for the judge's win rate."""
+    rounds: int = 3
+    labeler: str = "sim:sentiment"
+    """Who compares: 'sim:SPEC' (see wprlhf.labelers: sentiment, relevance, rm:DIR, weighted sums) or 'web'
+    (the labeling page: responses are queued in --db and the loop waits for --web-labels labels a round)."""
+    judge: str = ""
+    """The true score used for win rates; empty = the simulated labeler's own score without noise. A web
+    labeler has no hidden score, so a run with 'web' needs one (e.g. 'sentiment' or 'rm:DIR')."""
+    labeler_temperature: float = 0.05
+    """Bradley-Terry temperature of simulated labelers, in the judge's units (VADER compound spans -1..1)."""
+    labelers: int = 1
+    """Independent simulated labelers answering each comparison (their agreement is logged)."""
+    k: int = 4
+    """Responses per prompt per round: one k-way comparison (best of k), as in lm-human-preferences."""
+    prompts_per_round: int = 24
+    response_length: int = 48
+    """New tokens per response, in sampling and PPO alike."""
+    temperature: float = 0.7
+    reward_model: str = "minilm"
+    """Backbone of the reward model, retrained from it each round on all labels so far."""
+    rm_epochs: int = 4
+    rm_lr: float = 5e-5
+    rm_max_length: int = 256
+    ppo_steps: int = 8
+    """PPO steps per round."""
+    ppo_config: str = ""
+    """YAML/JSON file of further PPOConfig settings (batch size, lr, KL target, ...); the loop sets policy,
+    steps, response length, temperature and seed itself."""
+    db: str = ""
+    """SQLite database of the labeling page (labeler 'web')."""
+    web_labels: int = 0
+    """Labels to wait for per round with labeler 'web' (0 = one per queued comparison)."""
+    poll_s: float = 5.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("rounds", "k", "prompts_per_round", "ppo_steps", "response_length", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise UserError("k must be >= 2: a comparison needs at least two responses")
+        if self.labeler == "web" and not self.judge:
+            raise UserError("labeler 'web' has no hidden true score: give --judge (e.g. sentiment or rm:DIR)")
+        if self.labeler != "web" and not self.labeler.startswith("sim:"):
+            raise UserError(f"labeler {self.labeler!r}: use 'sim:SPEC' (e.g. sim:sentiment) or 'web'")
+        if self.labeler == "web" and not self.db:
+            raise UserError("labeler 'web' needs --db, the labeling page's database")
+
+
+# ==========================================================================================================
+# phases
+
+
+def sample_responses(policy_name: str, prompts: list[str], k: int, config: LoopConfig, seed: int) -> list[list[str]]:
+    """k responses per prompt from a policy; (P, k) nested list."""
+    policy, tokenizer = load_policy(policy_name, seed=config.seed)
+    policy.to(resolve_device(config.device))
+    gen = GenerationConfig(max_new_tokens=config.response_length, temperature=config.temperature)
+    repeated = [p for p in prompts for _ in range(k)]
+    texts = generate(policy, tokenizer, repeated, gen, seed=seed, progress=True)
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def _read_samples(path: Path) -> tuple[list[str], list[list[str]]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["prompt"] for r in rows], [r["responses"] for r in rows]
+
+
+def _write_samples(path: Path, prompts: list[str], responses: list[list[str]], policy: str) -> None:
+    lines = [json.dumps({"prompt": p, "responses": rs, "policy": policy}) for p, rs in zip(prompts, responses)]
+    ckpt.write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Comparison]:
+    """Queue a round's samples on the labeling page and wait until enough labels arrive; returns them."""
+    from .labeling.store import Store
+
+    store = Store(config.db)
+    queued = store.add_samples(samples, batch=round_dir.name)
+    wanted = config.web_labels or queued
+    print(f"queued {queued} comparisons in {config.db}; waiting for {wanted} labels "
+          f"(`wprlhf label serve --db {config.db}`)", flush=True)  # fmt: skip
+    while (done := store.count_labels(batch=round_dir.name)) < wanted:
+        print(f"  {done}/{wanted} labels", flush=True)
+        time.sleep(config.poll_s)
+    tmp = round_dir / "web_export.jsonl"
+    store.export(tmp, batch=round_dir.name)
+    return list(load_comparisons(tmp))
+
+
+# ==========================================================================================================
+# the loop
+
+
+def _load_state(out_dir: Path) -> dict:
+    path = out_dir / STATE_FILE
+    if not path.exists():
+        return {"done": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is corrupt ({err}); delete the run directory or restore the file") from err
+
+
+def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[dict]:
+    """Run (or resume) the loop; returns one row of loop metrics per round."""
+    out_dir = Path(out_dir)
+    state = _load_state(out_dir)
+    if state["done"] and not resume:
+        raise UserError(f"{out_dir} holds a loop run; pass --resume to continue it or --force to start over")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json_atomic(out_dir / "loop_config.json", dataclasses.asdict(config))
+    started = time.perf_counter() - state.get("elapsed_s", 0.0)
+
+    phase_started = time.perf_counter()
+
+    def finish(phase: str) -> None:
+        nonlocal phase_started
+        now = time.perf_counter()
+        state["done"].append(phase)
+        state.setdefault("timings_s", {})[phase] = now - phase_started
+        state["elapsed_s"] = now - started
+        ckpt.write_json_atomic(out_dir / STATE_FILE, state)
+        phase_started = now
+
+    prompts = load_prompts(config.prompts) if config.prompts else builtin_prompts()
+    if len(prompts) <= config.eval_prompts:
+        raise UserError(f"{len(prompts)} prompts leave none for training after {config.eval_prompts} held out; "
+                        "give more prompts or lower --eval-prompts")  # fmt: skip
+    eval_prompts, train_prompts = prompts[: config.eval_prompts], prompts[config.eval_prompts :]
+    judge = load_judge(config.judge or config.labeler)
+    labeler = None
+    if config.labeler != "web":
+        labeler = SimulatedLabeler(judge, name=config.labeler, temperature=config.labeler_temperature,
+                                   labelers=config.labelers, seed=config.seed)  # fmt: skip
+    ppo_overrides = ckpt.read_config_file(config.ppo_config) if config.ppo_config else {}
+    eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
+
+    if "start" not in state["done"]:
+        ckpt.write_text_atomic(out_dir / "eval_prompts.txt", "\n".join(eval_prompts) + "\n")
+        start = sample_responses(config.policy, eval_prompts, eval_k, config, seed=config.seed + 10_000)
+        _write_samples(out_dir / "start_samples.jsonl", eval_prompts, start, config.policy)
+        finish("start")
+    _, start_responses = _read_samples(out_dir / "start_samples.jsonl")
+
+    rows = _read_loop_metrics(out_dir)
+    for r in range(1, config.rounds + 1):
+        round_dir = out_dir / f"round-{r}"
+        round_dir.mkdir(exist_ok=True)
+        current = config.policy if r == 1 else str(out_dir / "ppo" / "policy")
+
+        if f"{r}:sample" not in state["done"]:
+            offset = ((r - 1) * config.prompts_per_round) % len(train_prompts)
+            chosen = [train_prompts[(offset + i) % len(train_prompts)] for i in range(config.prompts_per_round)]
+            responses = sample_responses(current, chosen, config.k, config, seed=config.seed + r)
+            _write_samples(round_dir / "samples.jsonl", chosen, responses, current)
+            finish(f"{r}:sample")
+
+        if f"{r}:label" not in state["done"]:
+            if labeler is None:
+                labels = web_labels(config, round_dir / "samples.jsonl", round_dir)
+            else:
+                labels = labeler.label(*_read_samples(round_dir / "samples.jsonl"))
+            write_comparisons(round_dir / "labels.jsonl", labels)
+            finish(f"{r}:label")
+
+        if f"{r}:rm" not in state["done"]:
+            all_labels = [c for i in range(1, r + 1) for c in load_comparisons(out_dir / f"round-{i}" / "labels.jsonl")]
+            write_comparisons(round_dir / "all_labels.jsonl", all_labels)
+            rm_config = RewardConfig(data=str(round_dir / "all_labels.jsonl"), model=config.reward_model,
+                                     epochs=config.rm_epochs, lr=config.rm_lr, max_length=config.rm_max_length,
+                                     batch_size=8, val_fraction=0.2, eval_every=10**9, seed=config.seed,
+                                     keep_meta=True, device=config.device)  # fmt: skip
+            rm_train(rm_config, round_dir / "rm")
+            finish(f"{r}:rm")
+
+        if f"{r}:ppo" not in state["done"]:
+            ppo_config = PPOConfig(**{**ppo_overrides, "policy": config.policy, "steps": r * config.ppo_steps,
+                                      "response_length": config.response_length, "temperature": config.temperature,
+                                      "seed": config.seed, "device": config.device,
+                                      "reward": "loop: this round's reward model"})  # fmt: skip
+            # One PPO run across rounds: each round resumes it with the new reward model, so the optimizer,
+            # the KL controller and the reference (the start policy) carry over.
+            resume_ppo = ckpt.latest_checkpoint(out_dir / "ppo") is not None
+            ppo_train(ppo_config, train_prompts, reward_fn_from_model(round_dir / "rm"), out_dir / "ppo",
+                      resume=resume_ppo, judge_fn=judge)  # fmt: skip
+            finish(f"{r}:ppo")
+
+        if f"{r}:eval" not in state["done"]:
+            row = evaluate_round(config, out_dir, round_dir, r, eval_prompts, start_responses, judge, eval_k)
+            row["elapsed_s"] = time.perf_counter() - started
+            rows = [x for x in rows if x["round"] != r] + [row]
+            _write_loop_metrics(out_dir, rows)
+            print(f"round {r}: {row['labels']} labels, RM accuracy {row['rm_accuracy']:.3f}, KL {row['eval_kl']:.2f}, "
+                  f"win rate {row['win_rate']:.3f} [{row['win_rate_lo']:.3f}, {row['win_rate_hi']:.3f}]", flush=True)  # fmt: skip
+            finish(f"{r}:eval")
+    return rows
+
+
+def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, eval_prompts: list[str],
+                   start_responses: list[list[str]], judge, eval_k: int) -> dict:
+    """The policy after round r against the start policy on held-out prompts; writes round_dir/eval.json and
+    eval_pairs.jsonl (each prompt's start and new response side by side, with judge and reward-model scores)."""
+    policy, tokenizer = load_policy(str(out_dir / "ppo" / "policy"))
+    policy.to(resolve_device(config.device))
+    reference, _ = load_policy(config.policy, seed=config.seed)
+    reference = make_reference(reference.to(policy.device))
+    flat_prompts = [p for p in eval_prompts for _ in range(eval_k)]
+    start = [t for rs in start_responses for t in rs]
+    gen = GenerationConfig(max_new_tokens=config.response_length, temperature=config.temperature)
+    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, gen, seed=config.seed + 10_000, progress=True)
+    del policy, reference
+    result = win_rate(judge, flat_prompts, new, start)
+    reward_fn = reward_fn_from_model(round_dir / "rm")
+    rewards_new, rewards_start = reward_fn(flat_prompts, new), reward_fn(flat_prompts, start)
+    new_stats, start_stats = text_stats(flat_prompts, new), text_stats(flat_prompts, start)
+    ppo_rows = read_metrics(out_dir / "ppo" / "metrics.csv")
+    labels = list(load_comparisons(round_dir / "all_labels.jsonl"))
+    rm_eval = json.loads((round_dir / "rm" / "eval-heldout.json").read_text())
+    row = {"round": r, "labels": len(labels), "agreement": agreement(labels),
+           "rm_accuracy": rm_eval.get("accuracy", float("nan")), "reward_mean": ppo_rows[-1]["reward_mean"],
+           "kl": ppo_rows[-1]["kl"], "kl_coef": ppo_rows[-1]["kl_coef"], "eval_kl": sum(kls) / len(kls),
+           "distinct_2": new_stats["distinct_2"], "start_distinct_2": start_stats["distinct_2"],
+           **{k: result[k] for k in ("judge_new", "judge_start", "win_rate", "win_rate_lo", "win_rate_hi")}}  # fmt: skip
+    pairs = [{"prompt": p, "start": a, "new": b, "judge_start": ja, "judge_new": jb, "reward_start": ra,
+              "reward_new": rb, "kl": kl}
+             for p, a, b, ja, jb, ra, rb, kl in zip(flat_prompts, start, new, result["judge_start_scores"],
+                                                    result["judge_new_scores"], rewards_start, rewards_new, kls)]  # fmt: skip
+    ckpt.write_text_atomic(round_dir / "eval_pairs.jsonl", "".join(json.dumps(x) + "\n" for x in pairs))
+    ckpt.write_json_atomic(round_dir / "eval.json", {**row, "n": result["n"], "judge": config.judge or config.labeler,
+                                                      "new": new_stats, "start": start_stats})  # fmt: skip
+    return row
+
+
+def _read_loop_metrics(out_dir: Path) -> list[dict]:
+    path = out_dir / "loop_metrics.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k in ("round", "labels") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _write_loop_metrics(out_dir: Path, rows: list[dict]) -> None:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOOP_METRICS)
+    writer.writeheader()
+    for row in sorted(rows, key=lambda x: x["round"]):
+        writer.writerow({k: row[k] for k in LOOP_METRICS})
+    ckpt.write_text_atomic(out_dir / "loop_metrics.csv", buffer.getvalue())
