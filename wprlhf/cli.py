@@ -135,6 +135,58 @@ def cmd_sft(args: argparse.Namespace) -> None:
           f"on {result['n_val_examples']} stories; policy in {args.out}/policy", file=sys.stderr)  # fmt: skip
 
 
+def _labeling(command):
+    """Run a `label` action; labeling/ raises its own error type (it imports nothing from wprlhf): show it as ours."""
+
+    def run(args: argparse.Namespace) -> None:
+        from .labeling.store import LabelingError
+
+        if command is not cmd_label_serve and command is not cmd_label_add and not Path(args.db).is_file():
+            raise UserError(f"--db {args.db} does not exist; queue comparisons with `wprlhf label add --db FILE ...`")
+        try:
+            command(args)
+        except LabelingError as err:
+            raise UserError(str(err)) from None
+
+    return run
+
+
+def cmd_label_serve(args: argparse.Namespace) -> None:
+    from .labeling.app import serve
+
+    serve(args.db, args.host, args.port, args.token, args.labels_per_comparison)
+
+
+def cmd_label_add(args: argparse.Namespace) -> None:
+    from .labeling.store import Store, read_samples
+
+    samples = [s for path in args.samples for s in read_samples(path)]  # every file checked before any is queued
+    added, present = Store(args.db).add(samples)
+    print(f"queued {added} comparisons in {args.db}" + (f" ({present} were already queued)" if present else ""),
+          file=sys.stderr)  # fmt: skip
+
+
+def cmd_label_export(args: argparse.Namespace) -> None:
+    from .labeling.store import Store
+
+    n = Store(args.db).export(args.out)
+    print(f"wrote {n} labelled comparisons to {args.out} (skips left out)", file=sys.stderr)
+
+
+def cmd_label_status(args: argparse.Namespace) -> None:
+    from .labeling.store import Store
+
+    stats = Store(args.db).stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return
+    agreement = "n/a (no comparison has 2 labels yet)" if stats["agreement"] is None else \
+        f"{stats['agreement']:.3f} over {stats['agreement_pairs']} pairs of labels"  # fmt: skip
+    print(f"comparisons {stats['comparisons']}: done {stats['done']}, queued {stats['queued']} "
+          f"({stats['labels_per_comparison']} label(s) each)\nlabels {stats['labels']}, skips {stats['skips']}\n"
+          f"agreement {agreement}")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
@@ -200,6 +252,28 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
+
+    lab = sub.add_parser("label", help="human labels: queue samples, serve the labeling page, export comparisons")
+    lab_sub = lab.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    las = lab_sub.add_parser("serve", help="serve the labeling page (beyond loopback it needs an access token)")
+    las.add_argument("--db", required=True, help="the SQLite labels file (created if absent)")
+    las.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    las.add_argument("--port", type=int, default=8765)
+    las.add_argument("--token", help="access token to require (default: none on loopback, a random one otherwise)")
+    las.add_argument("--labels-per-comparison", type=int, help="labelers per comparison (default: the file's, 1)")
+    las.set_defaults(func=_labeling(cmd_label_serve))
+    laa = lab_sub.add_parser("add", help="queue the output of `wprlhf sample` for labeling")
+    laa.add_argument("--db", required=True, help="the SQLite labels file (created if absent)")
+    laa.add_argument("samples", nargs="+", help='JSONL: {"prompt": str, "responses": [2-4 str], ...} per line')
+    laa.set_defaults(func=_labeling(cmd_label_add))
+    lae = lab_sub.add_parser("export", help="write the labels as a comparisons JSONL (for `wprlhf rm train --data`)")
+    lae.add_argument("--db", required=True)
+    lae.add_argument("--out", required=True, help="output JSONL, one line per label")
+    lae.set_defaults(func=_labeling(cmd_label_export))
+    lat = lab_sub.add_parser("status", help="print done / queued comparisons and labeler agreement")
+    lat.add_argument("--db", required=True)
+    lat.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    lat.set_defaults(func=_labeling(cmd_label_status))
     return parser
 
 
