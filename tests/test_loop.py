@@ -133,3 +133,34 @@ def test_loop_config_errors():
         LoopConfig(labeler="web", db="x.db")
     with pytest.raises(UserError, match="sim:SPEC"):
         LoopConfig(labeler="sentiment")
+
+
+def test_loop_waits_for_web_labels(tmp_path):
+    """With labeler 'web', a round's samples are queued in the database and the loop goes on once people (here a
+    thread using the store, as the page does) have labelled them."""
+    import threading
+
+    from wprlhf.labeling.store import Store
+
+    db = tmp_path / "labels.db"
+    stop = threading.Event()
+
+    def person():
+        store = Store(db)
+        while not stop.is_set():
+            item = store.next_for("alice")
+            if item is None:
+                stop.wait(0.05)
+                continue
+            store.label(item["id"], "alice", 1)
+
+    worker = threading.Thread(target=person, daemon=True)
+    worker.start()
+    try:
+        rows = run(_config(labeler="web", judge="sentiment", db=str(db), rounds=1, poll_s=0.05), tmp_path / "web")
+    finally:
+        stop.set()
+        worker.join(5)
+    labels = list(load_comparisons(tmp_path / "web" / "round-1" / "labels.jsonl"))
+    assert rows[0]["labels"] == 4 and len(labels) == 4
+    assert all(c.labeler == "alice" and c.best == 1 for c in labels)

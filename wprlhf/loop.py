@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, write_comparisons
+from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
 from .errors import UserError
 from .evaluation import sample_with_kl, text_stats, win_rate
 from .generation import GenerationConfig, generate
@@ -49,7 +49,8 @@ class LoopConfig:
     policy: str = "smollm2"
     """The start policy (and the PPO reference): 'smollm2', 'tiny', a directory or a hub id."""
     prompts: str = ""
-    """Prompt file (one per line, or CSV/JSONL with a prompt column); empty = the prompts shipped with wprlhf."""
+    """Prompt file (one per line, or CSV/JSONL with a prompt column), a prompt/response data set (directory, CSV or
+    hub id; its distinct prompts are used); empty = the 200 prompts shipped with wprlhf."""
     eval_prompts: int = 12
     """Prompts held out of every round for the judge's win rate."""
     rounds: int = 3
@@ -76,6 +77,12 @@ class LoopConfig:
     rm_max_length: int = 256
     ppo_steps: int = 8
     """PPO steps per round."""
+    batch_size: int = 8
+    """PPO episodes per step."""
+    lr: float = 2e-5
+    """PPO learning rate (policy and value model)."""
+    kl_target: float = 6.0
+    """Adaptive-KL target, nats per response."""
     ppo_config: str = ""
     """YAML/JSON file of further PPOConfig settings (batch size, lr, KL target, ...); the loop sets policy,
     steps, response length, temperature and seed itself."""
@@ -126,24 +133,50 @@ def _write_samples(path: Path, prompts: list[str], responses: list[list[str]], p
 
 
 def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Comparison]:
-    """Queue a round's samples on the labeling page and wait until enough labels arrive; returns them."""
-    from .labeling.store import Store
+    """Queue a round's samples on the labeling page and wait until enough of them are labelled; returns the
+    labels given to this round's comparisons (exported from the database as comparisons JSONL)."""
+    from .labeling.store import LabelingError, Store, read_samples
 
-    store = Store(config.db)
-    queued = store.add_samples(samples, batch=round_dir.name)
-    wanted = config.web_labels or queued
-    print(f"queued {queued} comparisons in {config.db}; waiting for {wanted} labels "
-          f"(`wprlhf label serve --db {config.db}`)", flush=True)  # fmt: skip
-    while (done := store.count_labels(batch=round_dir.name)) < wanted:
-        print(f"  {done}/{wanted} labels", flush=True)
+    try:
+        store = Store(config.db)
+        rows = read_samples(samples)
+        store.add([(p, r, {**m, "loop_round": round_dir.name}) for p, r, m in rows])
+    except LabelingError as err:
+        raise UserError(str(err)) from err
+    ours = {(p, tuple(r)) for p, r, _ in rows}
+    wanted = config.web_labels or len(rows)
+    print(f"queued {len(rows)} comparisons in {config.db}; waiting for {wanted} labels "
+          f"(serve the page with `wprlhf label serve --db {config.db}`)", flush=True)  # fmt: skip
+    export = round_dir / "web_export.jsonl"
+    while True:
+        labels = []
+        if store.export(export):
+            labels = [c for c in load_comparisons(export, keep_meta=True) if (c.prompt, tuple(c.responses)) in ours]
+        if len(labels) >= wanted:
+            return labels
+        print(f"  {len(labels)}/{wanted} labels", flush=True)
         time.sleep(config.poll_s)
-    tmp = round_dir / "web_export.jsonl"
-    store.export(tmp, batch=round_dir.name)
-    return list(load_comparisons(tmp))
 
 
 # ==========================================================================================================
 # the loop
+
+
+def load_prompt_source(source: str) -> list[str]:
+    """Prompts from a prompt file, or the distinct prompts of a prompt/response data set (a directory such as
+    ../shared/data/writing_prompts, a CSV of stories, or a hub id); '' = the prompts shipped with wprlhf."""
+    if not source:
+        return builtin_prompts()
+    path = Path(source)
+    if path.is_file() and path.suffix == ".txt":
+        return load_prompts(path)
+    if path.is_file():
+        try:
+            return load_prompts(path)
+        except UserError:
+            pass  # not a prompt file: maybe a story file with a prompt column
+    responses = load_responses(source)
+    return list(dict.fromkeys(r.prompt for r in responses))
 
 
 def _load_state(out_dir: Path) -> dict:
@@ -177,7 +210,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
         ckpt.write_json_atomic(out_dir / STATE_FILE, state)
         phase_started = now
 
-    prompts = load_prompts(config.prompts) if config.prompts else builtin_prompts()
+    prompts = load_prompt_source(config.prompts)
     if len(prompts) <= config.eval_prompts:
         raise UserError(f"{len(prompts)} prompts leave none for training after {config.eval_prompts} held out; "
                         "give more prompts or lower --eval-prompts")  # fmt: skip
@@ -229,7 +262,9 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             finish(f"{r}:rm")
 
         if f"{r}:ppo" not in state["done"]:
-            ppo_config = PPOConfig(**{**ppo_overrides, "policy": config.policy, "steps": r * config.ppo_steps,
+            ppo_config = PPOConfig(**{"batch_size": config.batch_size, "lr": config.lr, "kl_target": config.kl_target,
+                                      "num_minibatches": 2 if config.batch_size % 2 == 0 else 1,
+                                      **ppo_overrides, "policy": config.policy, "steps": r * config.ppo_steps,
                                       "response_length": config.response_length, "temperature": config.temperature,
                                       "seed": config.seed, "device": config.device,
                                       "reward": "loop: this round's reward model"})  # fmt: skip

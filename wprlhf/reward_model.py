@@ -308,6 +308,8 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
+    if val_set:
+        held_out["baselines"] = {"longer_wins": longer_wins(val_set), "tfidf_logreg": tfidf_logreg(train_set, val_set)}
     write_json_atomic(out_dir / "eval-heldout.json", held_out)
     return held_out
 
@@ -340,29 +342,33 @@ def longer_wins(comparisons: list[Comparison]) -> float:
 
 
 def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float:
-    """Baseline: TF-IDF of each response, logistic regression on the difference of the two (pairs only)."""
+    """Baseline: a linear score on each response's TF-IDF, fit by logistic regression on (best - other)
+    differences; a test comparison is right when its best response has the top score. NaN when the data is too
+    small to fit (no term in two responses)."""
+    from scipy.sparse import vstack
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    train_pairs = [c for c in train_set if len(c.responses) == 2 and not c.tie]
-    test_pairs = [c for c in test_set if len(c.responses) == 2 and not c.tie]
-    if not train_pairs or not test_pairs:
+    train_set = [c for c in train_set if not c.tie]
+    test_set = [c for c in test_set if not c.tie]
+    if not train_set or not test_set:
         return float("nan")
     vectorizer = TfidfVectorizer(min_df=2, max_features=50000, sublinear_tf=True, ngram_range=(1, 2))
-    vectorizer.fit([r for c in train_pairs for r in c.responses])
-
-    def features(pairs):
-        a = vectorizer.transform([c.responses[0] for c in pairs])
-        b = vectorizer.transform([c.responses[1] for c in pairs])
-        return a - b, np.array([1 if c.best == 0 else 0 for c in pairs])
-
-    x, y = features(train_pairs)
-    # Both orders of every pair: the model must not learn a position bias.
-    from scipy.sparse import vstack
-
-    clf = LogisticRegression(C=1.0, max_iter=2000).fit(vstack([x, -x]), np.concatenate([y, 1 - y]))
-    xt, yt = features(test_pairs)
-    return float((clf.predict(xt) == yt).mean())
+    try:
+        vectorizer.fit([r for c in train_set for r in c.responses])
+    except ValueError:  # every term pruned: too little text for the baseline
+        return float("nan")
+    best = vectorizer.transform([c.responses[c.best] for c in train_set for _ in range(len(c.responses) - 1)])
+    others = vectorizer.transform([r for c in train_set for i, r in enumerate(c.responses) if i != c.best])
+    x = best - others
+    # Both signs of every difference, no intercept: the score must not depend on the order responses came in.
+    clf = LogisticRegression(C=1.0, max_iter=2000, fit_intercept=False)
+    clf.fit(vstack([x, -x]), np.concatenate([np.ones(x.shape[0]), np.zeros(x.shape[0])]))
+    hits = []
+    for c in test_set:
+        scores = clf.decision_function(vectorizer.transform(c.responses))
+        hits.append(int(np.argmax(scores)) == c.best)
+    return float(np.mean(hits))
 
 
 def best_of_accuracy(model, tokenizer, responses, max_length: int, exclude_prompts: set[str], seed: int = 0) -> dict:
