@@ -187,10 +187,33 @@ def cmd_label_status(args: argparse.Namespace) -> None:
           f"agreement {agreement}")  # fmt: skip
 
 
+def cmd_loop(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .loop import LoopConfig, run
+
+    config = load_config(LoopConfig, args.config, _overrides(args, LoopConfig))
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if args.force and not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    rows = run(config, args.out, resume=args.resume)
+    last = rows[-1]
+    print(f"done: {args.out}/loop_metrics.csv; after round {last['round']} the judge prefers the policy to its start "
+          f"{last['win_rate']:.1%} of the time (95% CI {last['win_rate_lo']:.1%}-{last['win_rate_hi']:.1%})",
+          file=sys.stderr)  # fmt: skip
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"wrote {out} (plots beside it as {out.stem}-*.png)", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .loop import LoopConfig
     from .ppo import PRESETS, PPOConfig
     from .reward_model import RewardConfig
     from .sft import SFTConfig
@@ -252,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
+
+    loop = sub.add_parser("loop", help="rounds of sample -> label -> reward model -> PPO, judged against the start",
+                          description="The iterative RLHF loop. Writes round-N/ (samples, labels, rm/, eval.json), "
+                          "ppo/ and loop_metrics.csv into --out; a killed loop resumes with --resume.")  # fmt: skip
+    loop.add_argument("--out", required=True, help="run directory")
+    loop.add_argument("--config", help="YAML or JSON file of LoopConfig fields (flags override it)")
+    loop.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    loop.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    add_config_flags(loop, LoopConfig)
+    loop.set_defaults(func=cmd_loop)
+
+    rep = sub.add_parser("report", help="an offline HTML report with plots of a ppo or loop run directory",
+                         description="Plots (PNG) and one self-contained HTML page from a run's metric files: reward, "
+                         "judge and KL per PPO step, β, entropy, length, RM accuracy, win rate, samples, config.")  # fmt: skip
+    rep.add_argument("run_dir", help="the --out of a `wprlhf ppo` or `wprlhf loop` run")
+    rep.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html); PNGs go beside it")
+    rep.set_defaults(func=cmd_report)
 
     lab = sub.add_parser("label", help="human labels: queue samples, serve the labeling page, export comparisons")
     lab_sub = lab.add_subparsers(dest="label_command", required=True, metavar="ACTION")
