@@ -60,6 +60,7 @@ def _overrides(args: argparse.Namespace, config_cls) -> dict:
 def cmd_ppo(args: argparse.Namespace) -> None:
     from .data import load_prompts
     from .ppo import PPOConfig, dump_config, load_config, train
+    from .report import write_report
     from .rewards import load_reward
 
     config = load_config(args.config, _overrides(args, PPOConfig), args.preset)
@@ -69,7 +70,8 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out)
     train(config, prompts, reward_fn, args.out, resume=args.resume)
-    print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy", file=sys.stderr)
+    report = write_report(args.out)
+    print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy, report {report}", file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -190,6 +192,7 @@ def cmd_label_status(args: argparse.Namespace) -> None:
 def cmd_loop(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
     from .loop import LoopConfig, run
+    from .report import write_report
 
     config = load_config(LoopConfig, args.config, _overrides(args, LoopConfig))
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
@@ -197,7 +200,8 @@ def cmd_loop(args: argparse.Namespace) -> None:
         shutil.rmtree(args.out)
     rows = run(config, args.out, resume=args.resume)
     last = rows[-1]
-    print(f"done: {args.out}/loop_metrics.csv; after round {last['round']} the judge prefers the policy to its start "
+    report = write_report(args.out)
+    print(f"done: {args.out}/loop_metrics.csv and {report}; after round {last['round']} the judge prefers the policy to its start "
           f"{last['win_rate']:.1%} of the time (95% CI {last['win_rate_lo']:.1%}-{last['win_rate_hi']:.1%})",
           file=sys.stderr)  # fmt: skip
 
@@ -207,6 +211,29 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     out = write_report(args.run_dir, args.out)
     print(f"wrote {out} (plots beside it as {out.stem}-*.png)", file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .loop import DEMO, DEMO_QUICK, LoopConfig, run
+    from .report import write_report
+
+    flags = {"prompts": args.data, "policy": args.policy, "labeler": args.labeler, "reward_model": args.reward_model,
+             "seed": args.seed}  # fmt: skip
+    config = load_config(LoopConfig, args.config, {k: v for k, v in flags.items() if v is not None},
+                         DEMO_QUICK if args.quick else DEMO)  # fmt: skip
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not args.force:
+            raise UserError(f"{out} holds a run; pass --resume to continue it or --force to start over")
+        shutil.rmtree(out)
+    rows = run(config, out, resume=args.resume)
+    report = write_report(out)
+    last = rows[-1]
+    print(f"done in {last['elapsed_s'] / 60:.1f} min: the judge prefers the trained policy to the start policy "
+          f"{last['win_rate']:.1%} of the time (95% CI {last['win_rate_lo']:.1%}-{last['win_rate_hi']:.1%}), "
+          f"KL {last['eval_kl']:.1f} nats; report: {report}", file=sys.stderr)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -275,6 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
+
+    demo = sub.add_parser("demo", help="the whole RLHF pipeline offline on the embedded models, with a report",
+                          description="Sample from SmolLM2 -> simulated comparisons -> MiniLM reward model -> PPO -> the "
+                          "judge compares the final and start policies on held-out prompts -> report.html. About 25 "
+                          "minutes on 2 CPU cores; --quick about 4.")  # fmt: skip
+    demo.add_argument("--out", required=True, help="run directory")
+    demo.add_argument("--quick", action="store_true", help="a few-minute run (smaller sizes, same pipeline)")
+    demo.add_argument("--data", help="prompts: a prompt file, a prompt/response data set (directory or hub id)")
+    demo.add_argument("--policy", help="start policy (default smollm2)")
+    demo.add_argument("--labeler", help="simulated labeler, e.g. sim:sentiment (default), sim:relevance, sim:rm:DIR")
+    demo.add_argument("--reward-model", help="reward-model backbone or a trained reward model to fine-tune")
+    demo.add_argument("--config", help="YAML or JSON file of LoopConfig fields (see `wprlhf loop --help`)")
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    demo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    demo.set_defaults(func=cmd_demo)
 
     loop = sub.add_parser("loop", help="rounds of sample -> label -> reward model -> PPO, judged against the start",
                           description="The iterative RLHF loop. Writes round-N/ (samples, labels, rm/, eval.json), "
