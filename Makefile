@@ -22,10 +22,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# The main job on the embedded defaults: a short PPO run of SmolLM2-135M-Instruct (~8 minutes on 2 cores).
+# The main job on the embedded defaults: the whole RLHF pipeline, offline (`wprlhf demo`, ~25 minutes on 2 cores):
+# SmolLM2 samples -> simulated labeler -> MiniLM reward model -> PPO, two rounds -> judge -> report.html.
 demo: setup
-	$(BIN)/wprlhf ppo --policy smollm2 --reward length --steps 12 --batch-size 8 --response-length 48 \
-		--lr 1e-5 --score-norm batch --out $(DEMO_OUT) --force
+	$(BIN)/wprlhf demo --out $(DEMO_OUT) --force
 
 # pytest exits 5 when it collects nothing: say so, and fail (a suite that runs no test is broken).
 test: setup

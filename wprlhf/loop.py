@@ -108,10 +108,11 @@ class LoopConfig:
             raise UserError("labeler 'web' needs --db, the labeling page's database")
 
 
-# `wprlhf demo`: the whole pipeline once, offline, on the embedded models (one round of the loop). Sizes are set
-# for 2 CPU cores: the default run takes about 25 minutes, --quick about 4.
-DEMO = dict(policy="smollm2", labeler="sim:sentiment", rounds=1, eval_prompts=40, prompts_per_round=64, k=4,
-            response_length=64, ppo_steps=24, batch_size=8, rm_epochs=4)  # fmt: skip
+# `wprlhf demo`: the whole pipeline offline on the embedded models (two rounds of the loop). Sizes are set for
+# 2 CPU cores: the default run takes about 25 minutes, --quick about 4. Responses of 64 tokens (~45 words) are
+# the opening of a story: long enough to set a tone, short enough to sample hundreds on a CPU.
+DEMO = dict(policy="smollm2", labeler="sim:sentiment", rounds=2, eval_prompts=40, prompts_per_round=48, k=4,
+            response_length=64, ppo_steps=10, batch_size=8, rm_epochs=4)  # fmt: skip
 DEMO_QUICK = dict(DEMO, eval_prompts=8, prompts_per_round=12, k=2, response_length=32, ppo_steps=3, batch_size=4,
                   rm_epochs=2, rm_max_length=128)  # fmt: skip
 
