@@ -64,12 +64,27 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     from .rewards import load_reward
 
     config = load_config(args.config, _overrides(args, PPOConfig), args.preset)
-    reward_fn = load_reward(config.reward)
-    prompts = load_prompts(config.prompts)
+    judge_fn = None
+    if config.task:
+        from .tasks import load_task
+
+        if getattr(args, "reward", None) is not None:
+            raise UserError(f"--task {config.task} brings its own reward (the classifier's log-odds); drop --reward")
+        task = load_task(config.task, config.classifier, config.prompts)
+        # A review is continued, not answered: no chat template unless asked for on the command line.
+        chat_template = task.chat_template if getattr(args, "chat_template", None) is None else args.chat_template
+        config = dataclasses.replace(config, reward=f"task:{config.task}", chat_template=chat_template)
+        reward_fn, prompts, judge_fn = task.reward_fn, task.prompts, task.judge_fn
+    elif config.classifier:
+        raise UserError("--classifier is the reward of a --task (positive-reviews or sentiment-control); add --task, "
+                        "or use --reward for other rewards")  # fmt: skip
+    else:
+        reward_fn = load_reward(config.reward)
+        prompts = load_prompts(config.prompts)
     print(dump_config(config), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out)
-    train(config, prompts, reward_fn, args.out, resume=args.resume)
+    train(config, prompts, reward_fn, args.out, resume=args.resume, judge_fn=judge_fn)
     report = write_report(args.out)
     print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy, report {report}", file=sys.stderr)
 
@@ -122,6 +137,33 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
 
     result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.best_of,
                       args.keep_meta, args.train_data)  # fmt: skip
+    print(json.dumps(result, indent=2))
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .classifier import ClassifierConfig, train
+    from .labelers import sentiment
+
+    config = load_config(ClassifierConfig, args.config, _overrides(args, ClassifierConfig))
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        if not args.force:
+            raise UserError(f"{args.out} is not empty; choose another --out or pass --force to overwrite it")
+        shutil.rmtree(args.out)
+    result = train(config, args.out, polarity=sentiment)
+    print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f} (baselines {result.get('baselines', {})}); "
+          f"model in {args.out}", file=sys.stderr)  # fmt: skip
+
+
+def cmd_classifier_eval(args: argparse.Namespace) -> None:
+    from .classifier import run_eval
+    from .labelers import sentiment
+
+    if args.max_examples < 0:
+        raise UserError(f"--max-examples must be >= 0 (0 = all), got {args.max_examples}")
+    result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.train_data,
+                      polarity=sentiment, batch_size=args.batch_size)  # fmt: skip
     print(json.dumps(result, indent=2))
 
 
@@ -240,6 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .classifier import ClassifierConfig
     from .loop import LoopConfig
     from .ppo import PRESETS, PPOConfig
     from .reward_model import RewardConfig
@@ -294,6 +337,25 @@ def build_parser() -> argparse.ArgumentParser:
     rme.add_argument("--keep-meta", action="store_true", help="evaluate on raw text (meta lines kept)")
     rme.add_argument("--train-data", help="training comparisons for the TF-IDF baseline (default: the model's)")
     rme.set_defaults(func=cmd_rm_eval)
+    clf = sub.add_parser("classifier", help="a sentiment classifier (text,label; 1 = positive): train, eval")
+    clf_sub = clf.add_subparsers(dest="classifier_command", required=True, metavar="ACTION")
+    clt = clf_sub.add_parser("train", help="fine-tune an encoder (default: the embedded MiniLM) on text,label rows",
+                             description="Writes the classifier in Hugging Face format, train_config.json, "
+                             "metrics.csv, tb/ and eval-heldout.json (with VADER and TF-IDF baselines) into --out.")  # fmt: skip
+    clt.add_argument("--out", required=True, help="output directory")
+    clt.add_argument("--config", help="YAML or JSON file of ClassifierConfig fields (flags override it)")
+    clt.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    add_config_flags(clt, ClassifierConfig)
+    clt.set_defaults(func=cmd_classifier_train)
+    cle = clf_sub.add_parser("eval", help="accuracy, F1 and a bootstrap CI on labelled text, against baselines")
+    cle.add_argument("--model", required=True, help="a directory written by `wprlhf classifier train`")
+    cle.add_argument("--data", required=True, help="text,label file (a directory: its imdb_test.csv / test.csv)")
+    cle.add_argument("--out", help="JSON output (default MODEL/eval-<data name>.json)")
+    cle.add_argument("--max-examples", type=int, default=0, help="evaluate on N texts drawn at random (0 = all)")
+    cle.add_argument("--max-length", type=int, default=None, help="tokens per text (default: training's)")
+    cle.add_argument("--train-data", help="training texts for the TF-IDF baseline (default: the model's)")
+    cle.add_argument("--batch-size", type=int, default=32)
+    cle.set_defaults(func=cmd_classifier_eval)
     sft = sub.add_parser("sft", help="supervised fine-tuning on prompt -> story (loss on the story only)", description=(
         "Fine-tune a causal LM on karma-scored stories, the loss on response tokens only. Writes config.json, "
         "metrics.csv, tb/, samples.jsonl, loss.png, eval.json and policy/ into --out."))  # fmt: skip

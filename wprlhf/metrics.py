@@ -56,6 +56,19 @@ RM_METRIC_NAMES = (
 )  # fmt: skip
 
 
+# Per optimizer step of text-classifier training (classifier.py).
+CLASSIFIER_METRIC_NAMES = (
+    "step",
+    "examples",      # texts trained on so far
+    "loss",          # cross-entropy of this batch, nats per text
+    "accuracy",      # share of this batch's texts whose label got the higher logit
+    "val_loss",      # on the held-out texts, every eval_every steps and at the last step
+    "val_accuracy",
+    "lr",
+    "elapsed_s",
+)  # fmt: skip
+
+
 # Per optimizer step of supervised fine-tuning (sft.py). Losses in nats per response token; step 0 = untuned.
 SFT_METRIC_NAMES = (
     "step",

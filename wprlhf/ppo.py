@@ -64,6 +64,13 @@ class PPOConfig:
     """Reward SPEC: a built-in toy reward name, 'module:function', or 'path/to/file.py:function'."""
     prompts: str = ""
     """Prompt file: .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field. Empty = built-in prompts."""
+    task: str = ""
+    """A named task that brings its prompts, reward and judge (`wprlhf.tasks`): 'positive-reviews' or
+    'sentiment-control'. It replaces `reward`; `prompts` then names reviews to take openings from (a directory
+    such as ../shared/data/imdb, a text,label CSV or a .txt of openings; empty = the shipped openings). Read by
+    `wprlhf ppo`; `train()` takes prompts and reward_fn as arguments."""
+    classifier: str = ""
+    """With `task`: a directory written by `wprlhf classifier train`, whose log-odds of positive is the reward."""
     steps: int = 20
     """PPO steps; one step = one rollout batch and one PPO update on it."""
     seed: int = 0
@@ -587,9 +594,11 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "log_samples", "sample_every",
 
 def check_resumable(saved: dict, config: PPOConfig) -> None:
     current = dataclasses.asdict(config)
-    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    # A field added since the checkpoint was written is missing from it; it ran with that field's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]]
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        diffs = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed)
         raise UserError(f"the checkpoint was made with other settings ({diffs}); resume with the same settings or "
                         "start a new run in another --out directory")  # fmt: skip
 
