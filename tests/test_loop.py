@@ -164,3 +164,13 @@ def test_loop_waits_for_web_labels(tmp_path):
     labels = list(load_comparisons(tmp_path / "web" / "round-1" / "labels.jsonl"))
     assert rows[0]["labels"] == 4 and len(labels) == 4
     assert all(c.labeler == "alice" and c.best == 1 for c in labels)
+
+
+def test_pairs_questions_ask_every_pair_once():
+    from wprlhf.loop import questions
+
+    prompts, asked = questions(["p", "q"], [["a", "b", "c"], ["d", "e"]], "pairs")
+    assert prompts == ["p", "p", "p", "q"] and asked == [["a", "b"], ["a", "c"], ["b", "c"], ["d", "e"]]
+    assert questions(["p"], [["a", "b", "c"]], "best-of-k") == (["p"], [["a", "b", "c"]])
+    with pytest.raises(UserError, match="questions"):
+        _config(questions="triples")

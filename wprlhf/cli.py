@@ -57,6 +57,14 @@ def _overrides(args: argparse.Namespace, config_cls) -> dict:
 # ---------------------------------------------------------------------------------------------- subcommands
 
 
+def _empty_out_dir(out: str, force: bool) -> None:
+    """A training command writes into an empty --out; --force clears one that is not."""
+    if Path(out).exists() and any(Path(out).iterdir()):
+        if not force:
+            raise UserError(f"{out} is not empty; choose another --out or pass --force to overwrite it")
+        shutil.rmtree(out)
+
+
 def cmd_ppo(args: argparse.Namespace) -> None:
     from .data import load_prompts
     from .ppo import PPOConfig, dump_config, load_config, train
@@ -124,10 +132,7 @@ def cmd_rm_train(args: argparse.Namespace) -> None:
 
     config = load_config(RewardConfig, args.config, _overrides(args, RewardConfig))
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        if not args.force:
-            raise UserError(f"{args.out} is not empty; choose another --out or pass --force to overwrite it")
-        shutil.rmtree(args.out)
+    _empty_out_dir(args.out, args.force)
     result = train(config, args.out)
     print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f}; model in {args.out}", file=sys.stderr)
 
@@ -147,10 +152,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
 
     config = load_config(ClassifierConfig, args.config, _overrides(args, ClassifierConfig))
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
-    if Path(args.out).exists() and any(Path(args.out).iterdir()):
-        if not args.force:
-            raise UserError(f"{args.out} is not empty; choose another --out or pass --force to overwrite it")
-        shutil.rmtree(args.out)
+    _empty_out_dir(args.out, args.force)
     result = train(config, args.out, polarity=sentiment)
     print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f} (baselines {result.get('baselines', {})}); "
           f"model in {args.out}", file=sys.stderr)  # fmt: skip

@@ -65,7 +65,11 @@ class LoopConfig:
     labelers: int = 1
     """Independent simulated labelers answering each comparison (their agreement is logged)."""
     k: int = 4
-    """Responses per prompt per round: one k-way comparison (best of k), as in lm-human-preferences."""
+    """Responses per prompt per round."""
+    questions: str = "best-of-k"
+    """What a labeler is asked about each prompt's k responses: 'best-of-k' (one k-way comparison, as in
+    lm-human-preferences) or 'pairs' (each of the k(k-1)/2 pairs on its own: more labels from the same samples,
+    which is what a small reward model needs when sampling is the expensive part)."""
     prompts_per_round: int = 24
     response_length: int = 48
     """New tokens per response, in sampling and PPO alike."""
@@ -100,6 +104,8 @@ class LoopConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k < 2:
             raise UserError("k must be >= 2: a comparison needs at least two responses")
+        if self.questions not in ("best-of-k", "pairs"):
+            raise UserError(f"questions must be 'best-of-k' or 'pairs', got {self.questions!r}")
         if self.labeler == "web" and not self.judge:
             raise UserError("labeler 'web' has no hidden true score: give --judge (e.g. sentiment or rm:DIR)")
         if self.labeler != "web" and not self.labeler.startswith("sim:"):
@@ -111,10 +117,10 @@ class LoopConfig:
 # `wprlhf demo`: the whole pipeline offline on the embedded models (two rounds of the loop). Sizes are set for
 # 2 CPU cores: the default run takes about 25 minutes, --quick about 4. Responses of 64 tokens (~45 words) are
 # the opening of a story: long enough to set a tone, short enough to sample hundreds on a CPU.
-DEMO = dict(policy="smollm2", labeler="sim:sentiment", rounds=2, eval_prompts=40, prompts_per_round=48, k=4,
-            response_length=64, ppo_steps=10, batch_size=8, rm_epochs=4)  # fmt: skip
-DEMO_QUICK = dict(DEMO, eval_prompts=8, prompts_per_round=12, k=2, response_length=32, ppo_steps=3, batch_size=4,
-                  rm_epochs=2, rm_max_length=128)  # fmt: skip
+DEMO = dict(policy="smollm2", labeler="sim:sentiment", rounds=2, eval_prompts=32, prompts_per_round=40, k=4,
+            questions="pairs", response_length=64, ppo_steps=10, batch_size=8, rm_epochs=8, rm_lr=1e-4)  # fmt: skip
+DEMO_QUICK = dict(DEMO, rounds=1, eval_prompts=8, prompts_per_round=12, k=2, response_length=32, ppo_steps=3,
+                  batch_size=4, rm_epochs=2, rm_max_length=128)  # fmt: skip
 
 
 # ==========================================================================================================
@@ -129,6 +135,14 @@ def sample_responses(policy_name: str, prompts: list[str], k: int, config: LoopC
     repeated = [p for p in prompts for _ in range(k)]
     texts = generate(policy, tokenizer, repeated, gen, seed=seed, progress=True)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def questions(prompts: list[str], responses: list[list[str]], kind: str) -> tuple[list[str], list[list[str]]]:
+    """The comparisons to ask about each prompt's responses: all of them at once, or every pair."""
+    if kind == "best-of-k":
+        return prompts, responses
+    pairs = [(p, [rs[i], rs[j]]) for p, rs in zip(prompts, responses) for i in range(len(rs)) for j in range(i + 1, len(rs))]
+    return [p for p, _ in pairs], [rs for _, rs in pairs]
 
 
 def _read_samples(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -253,10 +267,12 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             finish(f"{r}:sample")
 
         if f"{r}:label" not in state["done"]:
+            asked = questions(*_read_samples(round_dir / "samples.jsonl"), config.questions)
+            _write_samples(round_dir / "questions.jsonl", *asked, current)
             if labeler is None:
-                labels = web_labels(config, round_dir / "samples.jsonl", round_dir)
+                labels = web_labels(config, round_dir / "questions.jsonl", round_dir)
             else:
-                labels = labeler.label(*_read_samples(round_dir / "samples.jsonl"))
+                labels = labeler.label(*asked)
             write_comparisons(round_dir / "labels.jsonl", labels)
             finish(f"{r}:label")
 
