@@ -6,7 +6,8 @@ One run directory holds it all, one sub-directory per round:
     loop_state.json          the phases finished so far (a killed loop resumes after the last one)
     eval_prompts.txt         held-out prompts for the judge, never used for training
     start_samples.jsonl      the start policy's responses to them (sampled once)
-    round-1/samples.jsonl    k responses per prompt from the current policy (what labelers see)
+    round-1/samples.jsonl    k responses per prompt from the current policy
+    round-1/questions.jsonl  what labelers are asked: each prompt's k responses at once, or every pair of them
     round-1/labels.jsonl     the comparisons collected this round (comparisons JSONL)
     round-1/rm/              the reward model trained on all labels of rounds 1..r (HF format)
     round-1/eval.json        judge win rate of the policy after this round over the start policy
