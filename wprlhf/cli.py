@@ -98,9 +98,8 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .checkpoint import write_text_atomic
     from .data import load_prompts
-    from .generation import GenerationConfig, generate
+    from .generation import GenerationConfig, generate_k, write_samples
     from .models import load_policy
     from .models import resolve_device
 
@@ -113,16 +112,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     policy.to(resolve_device(args.device))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
-    # Prompt i's k responses sit at i*k .. i*k+k-1; one batched pass over the repeated prompts.
-    repeated = [p for p in prompts for _ in range(args.k)]
-    texts = generate(policy, tokenizer, repeated, config, batch_size=args.batch_size, seed=args.seed,
-                     max_prompt_length=args.max_prompt_length, chat_template=not args.no_chat_template,
-                     progress=True)  # fmt: skip
-    lines = [
-        json.dumps({"prompt": p, "responses": texts[i * args.k : (i + 1) * args.k], "policy": args.policy})
-        for i, p in enumerate(prompts)
-    ]
-    write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
+    responses = generate_k(policy, tokenizer, prompts, args.k, config, batch_size=args.batch_size, seed=args.seed,
+                           max_prompt_length=args.max_prompt_length, chat_template=not args.no_chat_template,
+                           progress=True)  # fmt: skip
+    write_samples(args.out, prompts, responses, args.policy)
     print(f"wrote {len(prompts)} prompts x {args.k} responses to {args.out}", file=sys.stderr)
 
 

@@ -5,8 +5,10 @@ Text becomes padded tensors here (`encode_prompts`) and in the collators of `dat
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -262,3 +264,19 @@ def generate(
         )  # fmt: skip
         texts.extend(decode_responses(tokenizer, gen.responses, gen.response_mask))
     return texts
+
+
+def generate_k(model: nn.Module, tokenizer, prompts: list[str], k: int, config: GenerationConfig, **kwargs) -> list[list[str]]:
+    """k responses per prompt, (P, k) nested lists; one batched pass over the prompts repeated k times.
+    Keyword arguments go to `generate`."""
+    repeated = [p for p in prompts for _ in range(k)]  # prompt i's responses sit at i*k .. i*k+k-1
+    texts = generate(model, tokenizer, repeated, config, **kwargs)
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def write_samples(path: str | Path, prompts: list[str], responses: list[list[str]], policy: str) -> None:
+    """The samples JSONL that labeling reads: {"prompt", "responses": [...], "policy"} a line, written atomically."""
+    from .checkpoint import write_text_atomic
+
+    lines = [json.dumps({"prompt": p, "responses": rs, "policy": policy}) for p, rs in zip(prompts, responses)]
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")

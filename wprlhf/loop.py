@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
 from .errors import UserError
 from .evaluation import sample_with_kl, text_stats, win_rate
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, generate_k, write_samples
 from .labelers import SimulatedLabeler, agreement, load_judge
 from .metrics import read_metrics
 from .models import load_policy, make_reference, resolve_device
@@ -133,9 +133,7 @@ def sample_responses(policy_name: str, prompts: list[str], k: int, config: LoopC
     policy, tokenizer = load_policy(policy_name, seed=config.seed)
     policy.to(resolve_device(config.device))
     gen = GenerationConfig(max_new_tokens=config.response_length, temperature=config.temperature)
-    repeated = [p for p in prompts for _ in range(k)]
-    texts = generate(policy, tokenizer, repeated, gen, seed=seed, progress=True)
-    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+    return generate_k(policy, tokenizer, prompts, k, gen, seed=seed, progress=True)
 
 
 def questions(prompts: list[str], responses: list[list[str]], kind: str) -> tuple[list[str], list[list[str]]]:
@@ -149,11 +147,6 @@ def questions(prompts: list[str], responses: list[list[str]], kind: str) -> tupl
 def _read_samples(path: Path) -> tuple[list[str], list[list[str]]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r["prompt"] for r in rows], [r["responses"] for r in rows]
-
-
-def _write_samples(path: Path, prompts: list[str], responses: list[list[str]], policy: str) -> None:
-    lines = [json.dumps({"prompt": p, "responses": rs, "policy": policy}) for p, rs in zip(prompts, responses)]
-    ckpt.write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Comparison]:
@@ -250,7 +243,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
     if "start" not in state["done"]:
         ckpt.write_text_atomic(out_dir / "eval_prompts.txt", "\n".join(eval_prompts) + "\n")
         start = sample_responses(config.policy, eval_prompts, eval_k, config, seed=config.seed + 10_000)
-        _write_samples(out_dir / "start_samples.jsonl", eval_prompts, start, config.policy)
+        write_samples(out_dir / "start_samples.jsonl", eval_prompts, start, config.policy)
         finish("start")
     _, start_responses = _read_samples(out_dir / "start_samples.jsonl")
 
@@ -264,12 +257,12 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             offset = ((r - 1) * config.prompts_per_round) % len(train_prompts)
             chosen = [train_prompts[(offset + i) % len(train_prompts)] for i in range(config.prompts_per_round)]
             responses = sample_responses(current, chosen, config.k, config, seed=config.seed + r)
-            _write_samples(round_dir / "samples.jsonl", chosen, responses, current)
+            write_samples(round_dir / "samples.jsonl", chosen, responses, current)
             finish(f"{r}:sample")
 
         if f"{r}:label" not in state["done"]:
             asked = questions(*_read_samples(round_dir / "samples.jsonl"), config.questions)
-            _write_samples(round_dir / "questions.jsonl", *asked, current)
+            write_samples(round_dir / "questions.jsonl", *asked, current)
             if labeler is None:
                 labels = web_labels(config, round_dir / "questions.jsonl", round_dir)
             else:
