@@ -1,6 +1,7 @@
-"""Shared pieces of the benchmarks: 32-token query batches, the CPU probe, run metadata, JSON lines.
+"""Shared pieces of the benchmarks: 32-token query batches, the CPU probe, run metadata, work counts, JSON lines.
 
-Imported by the bench_*.py scripts in this folder (run them as `python benchmarks/bench_X.py` from the repo root).
+Imported by the bench_*.py scripts in this folder (run them as `python benchmarks/bench_X.py` from the repo root),
+with wprlhf's venv and, by bench_trl.py, with the trl venv (so nothing here imports wprlhf at module level).
 """
 
 from __future__ import annotations
@@ -93,11 +94,17 @@ def machine() -> dict:
 
 
 def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import transformers
 
     import wprlhf
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
+    try:
+        accelerate = version("accelerate")
+    except PackageNotFoundError:
+        accelerate = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "accelerate": accelerate,
             "wprlhf": getattr(wprlhf, "__version__", "?")}  # fmt: skip
 
 
@@ -118,3 +125,88 @@ def shown(path: str | Path) -> str:
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+class WorkCounter:
+    """Counts the PPO work a run does, per model, so two implementations can be checked to do the same work.
+
+    Per watched model (its backbone, `model.base_model`, is where every path through the model passes: a causal
+    LM's forward, a value head read off the backbone, HF generate):
+      gen_calls / gen_tokens     backbone forwards with a KV cache (sampling: the prefill and one per new token),
+                                 and the token positions they feed in;
+      fwd_calls / fwd_seqs / fwd_tokens            full forwards without autograd (rollout scoring);
+      grad_calls / grad_seqs / grad_tokens         forwards with autograd on (training);
+      backward                   backward passes that reached the input embeddings (a hook on that weight's grad);
+      head_rows                  rows the output head (LM head or scalar head) computed: informational, an
+                                 implementation may skip rows it doesn't need.
+    Plus optimizer steps (a global optimizer hook), the sampled tokens (the harness reports them) and the trained
+    tokens (response tokens in the training forwards). The hooks are a few Python operations per backbone call
+    (a few dozen calls per PPO update), nothing measurable next to the forwards they count.
+    """
+
+    KEYS = ("gen_calls", "gen_tokens", "fwd_calls", "fwd_seqs", "fwd_tokens", "grad_calls", "grad_seqs",
+            "grad_tokens", "backward", "head_rows")  # fmt: skip
+
+    def __init__(self, response_tokens: int):
+        self.response_tokens = response_tokens
+        self.models: dict[str, dict] = {}
+        self.optimizer_steps = 0
+        self.sampled_tokens = 0
+        self._handles = []
+
+    def watch(self, name: str, model) -> None:
+        c = self.models[name] = dict.fromkeys(self.KEYS, 0)
+        c["params"] = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+        def pre_hook(_module, args, kwargs):
+            x = kwargs.get("input_ids")
+            if x is None:
+                x = kwargs.get("inputs_embeds", args[0] if args else None)
+            b, t = x.shape[0], x.shape[1]
+            if kwargs.get("past_key_values") is not None:
+                c["gen_calls"] += 1
+                c["gen_tokens"] += b * t
+            else:
+                kind = "grad" if torch.is_grad_enabled() else "fwd"
+                c[kind + "_calls"] += 1
+                c[kind + "_seqs"] += b
+                c[kind + "_tokens"] += b * t
+
+        def head_hook(_module, _inputs, output):
+            c["head_rows"] += output.shape[:-1].numel()
+
+        def grad_hook(_param):
+            c["backward"] += 1
+
+        self._handles.append(model.base_model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        head = model.get_output_embeddings() if hasattr(model, "lm_head") else getattr(model, "score", None)
+        if head is not None:
+            self._handles.append(head.register_forward_hook(head_hook))
+        embedding = model.get_input_embeddings().weight
+        if embedding.requires_grad:
+            self._handles.append(embedding.register_post_accumulate_grad_hook(grad_hook))
+
+    def start(self) -> None:
+        """Count optimizer steps from now on (every optimizer in the process)."""
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def step_hook(_optimizer, _args, _kwargs):
+            self.optimizer_steps += 1
+
+        self._handles.append(register_optimizer_step_post_hook(step_hook))
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def summary(self, optimizer=None) -> dict:
+        out = {name: dict(c) for name, c in self.models.items()}
+        out["optimizer_steps"] = self.optimizer_steps
+        if optimizer is not None:
+            params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+            out["optimizer_params"] = sum(p.numel() for p in params.values())
+        out["sampled_tokens"] = self.sampled_tokens
+        out["trained_tokens"] = self.models.get("policy", {}).get("grad_seqs", 0) * self.response_tokens
+        return out

@@ -3,7 +3,10 @@
 Each repetition runs in a fresh process (this script re-invoking itself with --one); only the PPO steps are
 timed (sampling, decoding, reward, step_batch), not imports, model loading or PPOTrainer construction. Work:
 queries of exactly 32 tokens, 32 sampled tokens per response (stop_at_eos=False), temperature 0.7, full
-vocabulary, separate value model, fp32, 2 threads, the built-in `length` reward.
+vocabulary, separate value model, fp32, 2 threads, the built-in `length` reward (`--reward tiny-rm`: the trl
+peer's reward model instead, a frozen random TINY_ARCH classifier scoring the token ids, as benchmarks/compare.py
+runs it so that both sides do the same work). Each record counts the work done (`work`: forwards, backwards and
+tokens per model, optimizer steps; see _common.WorkCounter), for the side-by-side check in compare.py.
 
 | config  | policy                 | batch | minibatches | epochs | updates | episodes |
 |---------|------------------------|------:|------------:|-------:|--------:|---------:|
@@ -12,6 +15,7 @@ vocabulary, separate value model, fp32, 2 threads, the built-in `length` reward.
 
     .venv/bin/python benchmarks/bench_ppo.py --model smollm2 --repeats 3
     .venv/bin/python benchmarks/bench_ppo.py --model smollm2,tiny --repeats 3    # the models interleaved
+    .venv/bin/python benchmarks/bench_ppo.py --model tiny --reward tiny-rm --repeats 3    # trl's exact work
 
 Prints a markdown table of medians; appends one JSON line per run to --out (default benchmarks/results_ppo.jsonl).
 A measurement, never a test: nothing here asserts on time.
@@ -20,6 +24,7 @@ A measurement, never a test: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -30,6 +35,7 @@ from pathlib import Path
 
 from _common import (
     REPO,
+    WorkCounter,
     append_jsonl,
     cpu_probe,
     cpu_seconds,
@@ -49,8 +55,8 @@ WORK = {
 # The trl peer's medians on this kind of machine (another session: indicative only).
 PEER = {"tiny": {"episodes_per_s": 3.80, "peak_rss_mib": 1.06 * 1024},
         "smollm2": {"episodes_per_s": 0.497, "peak_rss_mib": 5.77 * 1024}}  # fmt: skip
-PHASES = ("generate", "decode_and_score", "rollout_ref_fwd", "rollout_value_fwd", "train_forward", "train_backward",
-          "train_optimizer_step", "other")  # fmt: skip
+PHASES = ("generate", "decode_and_score", "rollout_ref_fwd", "rollout_value_fwd", "rollout_reward_fwd", "train_forward",
+          "train_backward", "train_optimizer_step", "other")  # fmt: skip
 
 
 class Timers:
@@ -95,6 +101,37 @@ def instrument(trainer, timers: Timers) -> None:
     torch.Tensor.backward = timers.wrap(torch.Tensor.backward, "train_backward")
 
 
+def tiny_reward_model(tokenizer):
+    """The trl peer's reward model: a random-init TINY_ARCH Llama classifier (seed 2, num_labels=1), frozen."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from wprlhf.models import tiny_config
+
+    config = tiny_config(len(tokenizer))
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(2)
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).requires_grad_(False).eval()
+
+
+def reward_model_scores(reward_model, queries, query_mask, responses, response_mask):
+    """scores (B,): the scalar head at the last real token of query + response, as trl's get_reward reads it.
+
+    queries (B, Tq), query_mask (B, Tq) bool; responses (B, Tr), response_mask (B, Tr) bool.
+    """
+    import torch
+
+    with torch.no_grad():
+        input_ids = torch.cat([queries, responses], 1)  # (B, Tq + Tr)
+        mask = torch.cat([query_mask, response_mask], 1)
+        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = reward_model.base_model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids,
+                                         use_cache=False).last_hidden_state  # fmt: skip
+        last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)  # (B,) index of the last real token
+        return reward_model.score(hidden[torch.arange(len(input_ids)), last]).squeeze(-1).float()
+
+
 def one_run(args) -> dict:
     """The child process: load, build the trainer, time `steps` PPO updates. Returns the JSON record."""
     import torch
@@ -106,12 +143,17 @@ def one_run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = WORK[args.model]
+    precision = {}
+    if args.bf16:  # the "best settings" row: wprlhf's bf16 autocast, where its PPOConfig has one
+        if "mixed_precision" not in {f.name for f in dataclasses.fields(PPOConfig)}:
+            raise SystemExit("--bf16: this wprlhf's PPOConfig has no mixed_precision option")
+        precision = {"mixed_precision": "bf16"}
     # The peer's optimiser settings: lr 3e-6 decaying linearly to 0, beta 0.05 fixed, no gradient clipping.
     config = PPOConfig(
         policy=args.model, reward="length", seed=args.seed, **work, max_prompt_length=32, response_length=32,
         stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0, value_model="separate",
         device="cpu", lr=3e-6, lr_schedule="linear", kl_coef=0.05, adaptive_kl=False,
-        max_grad_norm=args.max_grad_norm, log_samples=0,
+        max_grad_norm=args.max_grad_norm, log_samples=0, **precision,
     )  # fmt: skip
     t0 = time.perf_counter()
     policy, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
@@ -119,14 +161,22 @@ def one_run(args) -> dict:
     queries, query_mask, source = fixed_queries(tokenizer, B * U, 32, args.prompts)
     torch.manual_seed(args.seed)
     trainer = PPOTrainer(config, policy, tokenizer)
+    reward_model = tiny_reward_model(tokenizer) if args.reward == "tiny-rm" else None
     load_s = time.perf_counter() - t0
     timers = Timers()
     if not args.no_timers:
         instrument(trainer, timers)
+    counter = WorkCounter(config.response_length)
+    watched = {"policy": trainer.policy, "reference": trainer.reference, "value": trainer.value_model,
+               "reward": reward_model}  # fmt: skip
+    for name, model in watched.items():
+        if model is not None:
+            counter.watch(name, model)
     generation = config.generation()
     rss_before = current_rss_mib()
     probe_before = cpu_probe()
 
+    counter.start()
     update_s = []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, w0 = cpu_seconds(), time.perf_counter()
@@ -136,43 +186,58 @@ def one_run(args) -> dict:
         with timers("generate"):  # what trainer.generate does after encode_prompts
             gen = sample(trainer.policy, q, m, generation, trainer.stop_token_ids, tokenizer.pad_token_id,
                          trainer.generator, tokenizer)  # fmt: skip
-        with timers("decode_and_score"):
-            texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
-            scores = torch.tensor(length([""] * B, texts), dtype=torch.float32)
+        counter.sampled_tokens += int(gen.response_mask.sum())
+        if reward_model is not None:
+            with timers("rollout_reward_fwd"):
+                scores = reward_model_scores(reward_model, q, m, gen.responses, gen.response_mask)
+        else:
+            with timers("decode_and_score"):
+                texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
+                scores = torch.tensor(length([""] * B, texts), dtype=torch.float32)
         stats = trainer.step_batch(q, m, gen.responses, gen.response_mask, scores, gen.logprobs)
         update_s.append(round(time.perf_counter() - u0, 3))
     wall = time.perf_counter() - w0
     cpu_s = cpu_seconds() - c0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
+    counter.stop()
     probe_after = cpu_probe()
 
     phases = {k: round(v, 3) for k, v in timers.s.items()}
     if timers.s:
         phases["other"] = round(wall - sum(timers.s.values()), 3)
     episodes = B * U
+    work_counts = counter.summary(trainer.optimizer)
     return {
-        "bench": "ppo", "config": args.model, "episodes": episodes, "ppo_updates": U, "wall_s": round(wall, 3),
-        "episodes_per_s": round(episodes / wall, 4), "gen_tokens_per_s": round(episodes * 32 / wall, 2),
+        "bench": "ppo", "side": "wprlhf", "config": args.model, "episodes": episodes, "ppo_updates": U,
+        "wall_s": round(wall, 3), "episodes_per_s": round(episodes / wall, 4),
+        "gen_tokens_per_s": round(episodes * 32 / wall, 2),
+        "trained_tokens_per_s": round(work_counts["trained_tokens"] / wall, 1),
         "rollout_gen_tokens_per_s": round(episodes * 32 / phases["generate"], 1) if "generate" in phases else None,
         "cpu_s": round(cpu_s, 2), "cpu_util": round(cpu_s / wall, 2), "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
         "minor_faults": r1.ru_minflt - r0.ru_minflt, "probe_gflops_before": probe_before,
         "probe_gflops_after": probe_after, "peak_rss_mib": peak_rss_mib(), "rss_before_train_mib": rss_before,
         "update_s": update_s, "phases_s": phases, "load_s": round(load_s, 2), "prompts": source,
         "response_length_mean": stats["response_length"], "timers": not args.no_timers,
-        "settings": {**work, "prompt_tokens": 32, "response_tokens": 32, "temperature": 0.7, "threads": args.threads,
-                     "value_model": "separate", "lr": 3e-6, "kl_coef": 0.05, "max_grad_norm": args.max_grad_norm,
-                     "reward": "length"},
+        "bf16": args.bf16, "mixed_precision_effective": str(getattr(getattr(trainer, "accelerator", config), "mixed_precision", "no")),
+        "attn_implementation": policy.config._attn_implementation,
+        "dtype": str(next(policy.parameters()).dtype), "work": work_counts,
+        "settings": {**work, "prompt_tokens": 32, "response_tokens": 32, "temperature": 0.7, "top_k": 0, "top_p": 1.0,
+                     "threads": torch.get_num_threads(), "value_model": "separate", "lr": 3e-6, "kl_coef": 0.05,
+                     "max_grad_norm": args.max_grad_norm, "reward": args.reward,
+                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id},
         "machine": machine(), "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
 
 
 def child_command(args, model: str) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--model", model, "--threads", str(args.threads),
-           "--prompts", args.prompts, "--seed", str(args.seed)]  # fmt: skip
+           "--prompts", args.prompts, "--seed", str(args.seed), "--reward", args.reward]  # fmt: skip
     if args.max_grad_norm is not None:
         cmd += ["--max-grad-norm", str(args.max_grad_norm)]
     if args.no_timers:
         cmd.append("--no-timers")
+    if args.bf16:
+        cmd.append("--bf16")
     return cmd
 
 
@@ -214,6 +279,13 @@ def main() -> None:
     parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
     parser.add_argument("--max-grad-norm", type=float, default=None, help="default None: no clipping, as trl's PPO")
     parser.add_argument("--no-timers", action="store_true", help="no per-phase wrappers")
+    parser.add_argument(
+        "--reward",
+        choices=("length", "tiny-rm"),
+        default="length",
+        help="length: the built-in text reward; tiny-rm: the trl peer's random tiny reward model",
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (PPOConfig.mixed_precision), not the work")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_ppo.jsonl)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one run, JSON on stdout

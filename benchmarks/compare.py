@@ -1,0 +1,344 @@
+"""wprlhf's PPO and trl 1.12.0's PPOTrainer on the same work, interleaved, fresh process per run -> RESULTS.md.
+
+    python3 benchmarks/compare.py                                   # tiny and smollm2, 3 runs per side each
+    python3 benchmarks/compare.py --configs tiny --repeats 5 --best # + bf16 "best settings" rows
+
+One invocation: makes/reuses the trl venv (benchmarks/setup_trl.sh), converts the SmolLM2 caches of both sides
+before any timing, then runs, for each repeat and config, wprlhf (benchmarks/bench_ppo.py --reward tiny-rm) and
+trl (benchmarks/bench_trl.py) one after the other, each in a fresh process with the same threads, and appends
+every JSON line to benchmarks/results_compare.jsonl. Then writes benchmarks/RESULTS.md: the command, machine,
+versions, per config a table of medians (min–max) with the ratios wprlhf ÷ trl, the work-equivalence table (the
+counts of forwards, backwards, tokens and optimizer steps of both sides, which must match), and the time per phase.
+Standard library only: runs with any python3; the two sides run with their own venvs. A measurement, never a test.
+The work and the reasons for running the sides interleaved: ../shared/peer/TRL_PPO_BENCHMARK.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = REPO / "benchmarks"
+DEFAULT_TRL_VENV = Path.home() / ".cache" / "wprlhf-bench" / "trl-venv"
+
+# Counts in each record's `work` (see _common.WorkCounter) that the two sides must share for the same work.
+# Call counts may legitimately differ (the same rows in other chunks): shown, not required to match; so are
+# head rows (an implementation may skip output-head rows it never reads: an optimisation, not less PPO work).
+MODELS = ("policy", "reference", "value", "reward")
+MUST_MATCH = (("gen_tokens", "sampling forwards: token positions fed (prefill + one per new token)"),
+              ("fwd_seqs", "full forwards without grad: sequences"),
+              ("fwd_tokens", "full forwards without grad: tokens"),
+              ("grad_seqs", "training forwards: sequences"),
+              ("grad_tokens", "training forwards: tokens"),
+              ("backward", "backward passes"),
+              ("params", "parameters"))  # fmt: skip
+INFO = (("gen_calls", "sampling forward calls"), ("fwd_calls", "full forward calls without grad"),
+        ("grad_calls", "training forward calls"), ("head_rows", "output-head rows computed"))  # fmt: skip
+TOTALS = (("optimizer_steps", "optimizer steps"), ("optimizer_params", "parameters the optimizer updates"),
+          ("sampled_tokens", "sampled tokens"), ("trained_tokens", "trained response tokens"))  # fmt: skip
+SETUP = (("dtype", "weights dtype"), ("attn_implementation", "attention"), ("prompts", "prompt source"),
+         ("response_length_mean", "response length"), ("episodes", "episodes"), ("ppo_updates", "PPO updates"))  # fmt: skip
+SETTINGS = ("batch_size", "num_minibatches", "ppo_epochs", "prompt_tokens", "response_tokens", "temperature", "top_k",
+            "top_p", "threads", "lr", "kl_coef", "max_grad_norm", "reward", "pad_token_id")  # fmt: skip
+METRICS = (("episodes_per_s", "episodes/s", 3, True), ("gen_tokens_per_s", "generated tokens/s", 1, True),
+           ("trained_tokens_per_s", "trained tokens/s", 0, True), ("peak_rss_mib", "peak RSS MiB", 0, False),
+           ("wall_s", "wall s", 2, False))  # fmt: skip
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def shown_python(path: str, outside: str) -> str:
+    """A python path for RESULTS.md: relative to the repo, else `outside` (no home directories in the results)."""
+    try:
+        return str(Path(path).relative_to(REPO))
+    except ValueError:
+        return outside
+
+
+# ==========================================================================================================
+# Running
+
+
+def setup_trl(args) -> str:
+    env = dict(os.environ, BENCH_VENV=str(args.trl_venv))
+    proc = subprocess.run(["bash", str(HERE / "setup_trl.sh")], env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmarks/setup_trl.sh failed with exit status {proc.returncode}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def prepare_caches(args, trl_python: str) -> None:
+    """Convert the SmolLM2 GGUF for both sides now, so that no timed run pays for it (or holds its memory)."""
+    need_model = "smollm2" in args.configs
+    code = "from wprlhf.models import smollm2_dir, smollm2_tokenizer_dir; smollm2_tokenizer_dir()"
+    code += "; smollm2_dir()" if need_model else ""
+    subprocess.run([args.wprlhf_python, "-c", code], cwd=REPO, check=True)
+    what = "all" if need_model else "tokenizer"
+    subprocess.run([trl_python, str(HERE / "bench_trl.py"), "prepare", "--what", what], cwd=REPO, check=True)
+
+
+def wprlhf_has_bf16(python: str) -> bool:
+    code = "import dataclasses, wprlhf.ppo as p; print('mixed_precision' in {f.name for f in dataclasses.fields(p.PPOConfig)})"
+    proc = subprocess.run([python, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() == "True"
+
+
+def variants(args, trl_python: str) -> list[dict]:
+    """What runs, in order, for each repeat and config: label, side, interpreter, script arguments."""
+    common = ["--threads", str(args.threads), "--prompts", args.prompts]
+    out = [{"label": "wprlhf", "side": "wprlhf", "python": args.wprlhf_python, "model_flag": True,
+            "shown": shown_python(args.wprlhf_python, "python"),
+            "argv": ["benchmarks/bench_ppo.py", "--one", "--reward", "tiny-rm", *common]},
+           {"label": "trl", "side": "trl", "python": trl_python, "model_flag": False,
+            "shown": shown_python(trl_python, "$BENCH_VENV/bin/python"),
+            "argv": ["benchmarks/bench_trl.py", "run", *common]}]  # fmt: skip
+    if args.best:
+        if wprlhf_has_bf16(args.wprlhf_python):
+            out.append({**out[0], "label": "wprlhf bf16", "argv": [*out[0]["argv"], "--bf16"]})
+        out.append({**out[1], "label": "trl bf16", "argv": [*out[1]["argv"], "--bf16"]})
+    return out
+
+
+def run_one(variant: dict, config: str, timeout: int) -> tuple[dict | None, str]:
+    argv = list(variant["argv"])
+    argv = argv + ["--model", config] if variant["model_flag"] else argv[:2] + [config] + argv[2:]
+    cmd = [variant["python"], *argv]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None, f"exit status {proc.returncode}: {proc.stderr.strip()[-3000:]}"
+    record = json.loads(lines[-1])
+    record["command"] = f"{variant['shown']} {shlex.join(argv)}"
+    return record, ""
+
+
+# ==========================================================================================================
+# RESULTS.md
+
+
+def fmt(x, digits: int) -> str:
+    if x is None or math.isnan(x):
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def metric_cell(rs: list[dict], key: str, digits: int) -> str:
+    xs = [r[key] for r in rs if r.get(key) is not None]
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return fmt(xs[0], digits)
+    return f"{fmt(med(xs), digits)} ({fmt(min(xs), digits)}–{fmt(max(xs), digits)})"
+
+
+def speed_table(config: str, by_label: dict[str, list[dict]], labels: list[str]) -> list[str]:
+    head = "| side | runs | " + " | ".join(f"{name} median (min–max)" for _, name, _, _ in METRICS)
+    lines = [
+        head + " | CPU probe GFLOP/s before / after (medians) | CPU util | load avg before |",
+        "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|---:|",
+    ]
+    for label in labels:
+        rs = by_label.get(label, [])
+        if not rs:
+            lines.append(f"| {label} | 0 | " + " | ".join("—" for _ in METRICS) + " | — | — | — |")
+            continue
+        probes = f"{med([r['probe_gflops_before'] for r in rs]):.0f} / {med([r['probe_gflops_after'] for r in rs]):.0f}"
+        load = med([r["loadavg_before"] for r in rs])
+        cells = " | ".join(metric_cell(rs, key, digits) for key, _, digits, _ in METRICS)
+        lines.append(f"| {label} | {len(rs)} | {cells} | {probes} | {med([r['cpu_util'] for r in rs]):.2f} | "
+                     f"{load:.2f} |")  # fmt: skip
+    for a, b in (("wprlhf", "trl"), ("wprlhf bf16", "trl bf16")):
+        if by_label.get(a) and by_label.get(b):
+            cells = []
+            for key, _, _, _ in METRICS:
+                x, y = med([r[key] for r in by_label[a]]), med([r[key] for r in by_label[b]])
+                cells.append(f"**{x / y:.2f}×**" if y else "—")
+            lines.append(f"| **{a} ÷ {b}** (of medians) | | " + " | ".join(cells) + " | | | |")
+    return lines
+
+
+def work_of(rs: list[dict]) -> tuple[dict | None, bool]:
+    """The first run's work counts, and whether every run of this side counted the same."""
+    if not rs:
+        return None, True
+    first = rs[0].get("work")
+    return first, all(r.get("work") == first for r in rs[1:])
+
+
+def work_table(wp: list[dict], tr: list[dict]) -> tuple[list[str], list[str]]:
+    """Markdown rows comparing the two sides' work, and the list of mismatches (empty = the same work)."""
+    (w, w_same), (t, t_same) = work_of(wp), work_of(tr)
+    mismatches = []
+    lines = ["| model | count | wprlhf | trl | |", "|---|---|---:|---:|---|"]
+    if w is None or t is None:
+        return lines + ["| — | no run of one side finished | | | ✗ |"], ["a side has no finished run"]
+
+    def row(model: str, what: str, a, b, must: bool):
+        ok = a == b
+        if must and not ok:
+            mismatches.append(f"{model}: {what} {a} vs {b}")
+        mark = ("✓" if ok else "**✗ MISMATCH**") if must else ("same" if ok else "differs (informational)")
+        lines.append(f"| {model} | {what} | {show(a)} | {show(b)} | {mark} |")
+
+    def show(x) -> str:
+        return "—" if x is None else (f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else str(x))
+
+    for model in MODELS:
+        a, b = w.get(model) or {}, t.get(model) or {}
+        for key, what in MUST_MATCH:
+            row(model, what, a.get(key), b.get(key), True)
+        for key, what in INFO:
+            row(model, what, a.get(key), b.get(key), False)
+    for key, what in TOTALS:
+        row("all", what, w.get(key), t.get(key), True)
+    for key, what in SETUP:
+        row("setup", what, wp[0].get(key), tr[0].get(key), True)
+    for key in SETTINGS:
+        row("setting", key, wp[0]["settings"].get(key), tr[0]["settings"].get(key), True)
+    if not (w_same and t_same):
+        mismatches.append("the counts differ between runs of the same side")
+    return lines, mismatches
+
+
+def phase_table(by_label: dict[str, list[dict]], labels: list[str]) -> list[str]:
+    labels = [label for label in labels if by_label.get(label)]
+    phases = list(dict.fromkeys(p for label in labels for r in by_label[label] for p in r.get("phases_s", {})))
+    if not phases:
+        return []
+    lines = ["| phase | " + " | ".join(f"{label} s (share)" for label in labels) + " |",
+             "|---|" + "---:|" * len(labels)]  # fmt: skip
+    walls = {label: med([r["wall_s"] for r in by_label[label]]) for label in labels}
+    for p in phases:
+        cells = []
+        for label in labels:
+            xs = [r["phases_s"][p] for r in by_label[label] if p in r.get("phases_s", {})]
+            cells.append(f"{med(xs):.2f} ({med(xs) / walls[label]:.0%})" if xs else "—")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def git_state() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "?"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "wprlhf", "benchmarks").splitlines()
+    changed = ", ".join(line[3:] for line in dirty)
+    return f"`{head}`" + (f" plus uncommitted changes in {changed}" if changed else "")
+
+
+def results_md(args, command: str, records: list[dict], failures: list[str], labels: list[str], git: str) -> str:
+    out = ["# wprlhf PPO vs trl 1.12.0 PPOTrainer, side by side on the CPU", ""]
+    out += [(f"Written by `benchmarks/compare.py` on {time.strftime('%Y-%m-%d %H:%M')}, repo at {git}. Command, "
+             "from the repo root:"), "", f"    {command}", ""]  # fmt: skip
+    if args.repeats < 3:
+        out += [(f"> **A harness check, not a comparison:** {args.repeats} run(s) per side. Compare medians over ≥3 "
+                 "interleaved runs per side, on a quiet machine (see the load averages)."), ""]  # fmt: skip
+    out += [("The work (the same on both sides; the table under each config checks it): "
+             "[../shared/peer/TRL_PPO_BENCHMARK.md](../shared/peer/TRL_PPO_BENCHMARK.md). wprlhf runs "
+             "`benchmarks/bench_ppo.py --reward tiny-rm` (the peer's tiny random reward model), trl runs "
+             "`benchmarks/bench_trl.py` (trl's `PPOTrainer.train()`); each run is a fresh process, the sides "
+             "alternate (wprlhf, trl, wprlhf, trl, …), only the PPO loop is timed, peak RSS is the whole process's. "
+             "Ratios are wprlhf ÷ trl of the medians: above 1 means wprlhf is faster (or, for RSS and wall, "
+             "bigger)."), ""]  # fmt: skip
+    if records:
+        m = records[0]["machine"]
+        loads = [r["loadavg_before"] for r in records]
+        probes = [r[k] for r in records for k in ("probe_gflops_before", "probe_gflops_after")]
+        out += [(f"Machine: {m['cpu']}, {m['nproc']} cores visible, Python {m['python']}, {args.threads} torch "
+                 f"threads per run. 1-minute load average before each run: {min(loads):.2f}–{max(loads):.2f} "
+                 "(another process using the cores slows both sides). CPU probe (fp32 1024³ matmul): "
+                 f"{min(probes):.0f}–{max(probes):.0f} GFLOP/s over all runs."), ""]  # fmt: skip
+        for side in ("wprlhf", "trl"):
+            v = next((r["versions"] for r in records if r["side"] == side), None)
+            if v:
+                out.append(f"- {side} side: " + ", ".join(f"{k} {x}" for k, x in v.items() if x))
+        out.append("")
+    for line in failures:
+        out += [f"> ⚠️ **A run failed:** {line}", ""]
+    for config in args.configs:
+        by_label = {label: [r for r in records if r["config"] == config and r["variant"] == label] for label in labels}
+        out += [f"## {config}", ""]
+        lines, mismatches = work_table(by_label.get("wprlhf", []), by_label.get("trl", []))
+        if mismatches:
+            out += [f"> ⚠️ **WORK MISMATCH in {config}: the two sides did not do the same work, so the ratios below "
+                    "are not like for like.** " + "; ".join(mismatches), ""]  # fmt: skip
+        out += speed_table(config, by_label, labels) + [""]
+        if args.best and "wprlhf bf16" not in labels:
+            out += ["No `wprlhf bf16` row: this wprlhf's PPOConfig has no mixed-precision option (issue #8).", ""]
+        out += [f"### {config}: work per run (forwards, backwards, tokens; fp32 rows)", ""] + lines + [""]
+        phases = phase_table(by_label, labels)
+        if phases:
+            out += [f"### {config}: time per phase (median seconds, share of median wall)", ""] + phases + [""]
+    out += ["Raw JSON lines: `benchmarks/results_compare.jsonl` (one per run, with `variant`, `repeat` and `command`)."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side and config (≥3 to compare)")
+    parser.add_argument("--best", action="store_true", help="add each side's bf16 mixed-precision row")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
+    parser.add_argument("--wprlhf-python", default=str(REPO / ".venv" / "bin" / "python"))
+    parser.add_argument("--trl-venv", type=Path, default=Path(os.environ.get("BENCH_VENV") or DEFAULT_TRL_VENV))
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    parser.add_argument("--out", type=Path, default=HERE / "results_compare.jsonl")
+    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    args.configs = [c for c in args.configs.split(",") if c]
+    if not set(args.configs) <= {"tiny", "smollm2"} or args.repeats < 1:
+        raise SystemExit("--configs: tiny and/or smollm2; --repeats >= 1")
+    interpreter = ".venv/bin/python" if Path(sys.executable).parent.parent == REPO / ".venv" else "python3"
+    command = shlex.join([interpreter, "benchmarks/compare.py", *sys.argv[1:]])
+
+    trl_python = setup_trl(args)
+    prepare_caches(args, trl_python)
+    todo = variants(args, trl_python)
+    labels = [v["label"] for v in todo]
+    git = git_state()
+    records, failures = [], []
+    for rep in range(1, args.repeats + 1):
+        for config in args.configs:
+            for variant in todo:  # wprlhf, trl, [wprlhf bf16, trl bf16]: interleaved
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                record, error = run_one(variant, config, args.timeout)
+                if record is None:
+                    failures.append(f"{variant['label']} {config} run {rep}: {error}")
+                    print(f"{variant['label']} {config} run {rep}/{args.repeats} FAILED: {error}", flush=True)
+                    continue
+                record.update(variant=variant["label"], repeat=rep, loadavg_before=round(load, 2))
+                with open(args.out, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                records.append(record)
+                print(f"{variant['label']:>12} {config} run {rep}/{args.repeats}: {record['episodes_per_s']:.3f} "
+                      f"episodes/s, wall {record['wall_s']:.1f} s, peak RSS {record['peak_rss_mib']:.0f} MiB, probe "
+                      f"{record['probe_gflops_before']}/{record['probe_gflops_after']} GFLOP/s, load {load:.2f} "
+                      f"({time.perf_counter() - t0:.0f} s with loading)", flush=True)  # fmt: skip
+    text = results_md(args, command, records, failures, labels, git)
+    args.results.write_text(text, encoding="utf-8")
+    print("\n" + text)
+    print(
+        f"wrote {args.results.relative_to(REPO) if args.results.is_relative_to(REPO) else args.results}; "
+        f"appended {len(records)} lines to {args.out.name}"
+    )
+
+
+if __name__ == "__main__":
+    main()
