@@ -8,8 +8,8 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
+from tests.helpers import save_tiny_classifier
 from wprlhf.classifier import join_review, load_classifier, log_odds, log_odds_reward
 from wprlhf.cli import main
 from wprlhf.errors import UserError
@@ -32,25 +32,7 @@ TINY_RUN = ["--policy", "tiny", "--batch-size", "4", "--num-minibatches", "2", "
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
-    """An untrained tiny two-label BERT with the MiniLM tokenizer, saved as `wprlhf classifier train` saves one:
-    its log-odds are arbitrary but fixed, which is all the wiring tests need."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from wprlhf.models import minilm_dir
-
-    path = tmp_path_factory.mktemp("clf")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})  # fmt: skip
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config)
-    with torch.no_grad():  # a head large enough that log-odds differ clearly between texts
-        model.classifier.weight.mul_(50)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path / "train_config.json").write_text(json.dumps({"max_length": 64}))
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("clf"))
 
 
 def write_reviews(path, rows):

@@ -119,6 +119,48 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(prompts)} prompts x {args.k} responses to {args.out}", file=sys.stderr)
 
 
+def cmd_task_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import write_json_atomic
+    from .tasks import evaluate_task, summary
+
+    policy = Path(args.policy)
+    run: dict = {}  # the config.json of the run around policy/: its task, start policy, classifier and prompts
+    if policy.is_dir() and (policy.parent / "config.json").is_file():
+        try:
+            found = json.loads((policy.parent / "config.json").read_text())
+        except ValueError:
+            found = None
+        if isinstance(found, dict) and "task" in found and "policy" in found:  # written by `wprlhf ppo`
+            run = found
+    if args.out:
+        out = Path(args.out)
+    elif policy.is_dir() and (run or policy.name == "policy"):
+        out = policy.parent / "task-eval.json"
+    elif not policy.exists() and args.policy not in ("tiny", "smollm2"):
+        raise UserError(f"--policy {args.policy} does not exist; point it at a run's policy folder (RUN/policy, "
+                        "written by `wprlhf ppo --out RUN`)")  # fmt: skip
+    else:
+        raise UserError(f"--policy {args.policy} is not a run's policy folder, so there is no default output; "
+                        "give --out FILE.json")  # fmt: skip
+    task = args.task or run.get("task")
+    if not task:
+        raise UserError("task-eval needs --task positive-reviews or sentiment-control (or a run's policy folder, "
+                        "whose config.json names its task)")  # fmt: skip
+    chat_template = run.get("chat_template", False) if args.chat_template is None else args.chat_template
+    # A run that trained on a directory's training reviews is judged on the same directory's test reviews; other
+    # runs default to the shipped openings.
+    prompts = args.prompts
+    if prompts is None:
+        prompts = run["prompts"] if run.get("prompts") and Path(run["prompts"]).is_dir() else ""
+    result = evaluate_task(task, args.policy, args.start or run.get("policy") or "smollm2",
+                           args.classifier or run.get("classifier", ""), prompts, args.n, args.response_length,
+                           args.min_response_length, args.temperature, args.seed, args.batch_size, chat_template,
+                           args.device, progress=True)  # fmt: skip
+    write_json_atomic(out, result)
+    print(summary(result))
+    print(f"wrote {out}", file=sys.stderr)
+
+
 def cmd_rm_train(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
     from .reward_model import RewardConfig, train
@@ -314,6 +356,32 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--device", default="auto")
     smp.set_defaults(func=cmd_sample)
+    tev = sub.add_parser("task-eval", help="a `ppo --task` policy against its start policy on held-out openings",
+                         description="Both policies continue the same held-out review openings; the task's classifier "
+                         "and VADER (the judge) score them. Writes JSON: the means of reward (log-odds), P(positive) "
+                         "and VADER for start and trained with paired 95% CIs of the difference (bootstrap over "
+                         "openings), KL to the start policy, per-control means and the positive - negative gap for "
+                         "sentiment-control, and a few sample pairs. Task, classifier and start default to those in "
+                         "the run's config.json beside --policy.")  # fmt: skip
+    tev.add_argument("--policy", required=True, help="the trained policy: a run's policy folder (RUN/policy)")
+    tev.add_argument("--task", help="positive-reviews or sentiment-control (default: the run's)")
+    tev.add_argument("--start", help="the policy PPO started from (default: the run's, else smollm2)")
+    tev.add_argument("--classifier", help="the task's sentiment classifier directory (default: the run's)")
+    tev.add_argument("--prompts", help="openings: a directory with imdb_test.csv (its test reviews, held out), a "
+                     "file, or '' for the shipped ones (default: the run's directory if it trained on one, "
+                     "else '')")  # fmt: skip
+    tev.add_argument("--n", type=int, default=128, help="openings to evaluate on, drawn at random (default 128)")
+    tev.add_argument("--response-length", type=int, default=24, help="tokens per continuation (default 24)")
+    tev.add_argument("--min-response-length", type=int, default=8, help="no stop token before this many (default 8)")
+    tev.add_argument("--temperature", type=float, default=0.7)
+    tev.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap openings in the chat template (default: as the run did, else no)")  # fmt: skip
+    tev.add_argument("--seed", type=int, default=0, help="seeds the draw of openings and the sampling")
+    tev.add_argument("--batch-size", type=int, default=16)
+    tev.add_argument("--device", default="auto")
+    tev.add_argument("--out", help="JSON output (default RUN/task-eval.json beside RUN/policy)")
+    tev.set_defaults(func=cmd_task_eval)
+
     rm = sub.add_parser("rm", help="reward models from comparisons: train, eval")
     rm_sub = rm.add_subparsers(dest="rm_command", required=True, metavar="ACTION")
     rmt = rm_sub.add_parser("train", help="train a reward model on comparisons (Bradley-Terry / best-of-k)")

@@ -55,6 +55,19 @@ def mean_ci(values: Sequence[float], groups: Sequence[str]) -> dict:
     return {"mean": float(np.mean(values)), "lo": lo, "hi": hi}
 
 
+def paired_means(start: Sequence[float], trained: Sequence[float], groups: Sequence[str]) -> dict:
+    """{'start', 'trained', 'diff'}: each side's mean_ci and that of the per-sample difference trained - start, for
+    scores of two policies' responses to the same prompts, in the same order.
+
+    The difference is bootstrapped as pairs, so the spread between prompts (some openings read positive whatever
+    follows) cancels out of its CI; two separate CIs that overlap can still hide a clear difference.
+    """
+    if len(start) != len(trained):
+        raise ValueError(f"paired scores need one start and one trained score each: {len(start)} != {len(trained)}")
+    return {"start": mean_ci(start, groups), "trained": mean_ci(trained, groups),
+            "diff": mean_ci([b - a for a, b in zip(start, trained)], groups)}  # fmt: skip
+
+
 def win_rate(judge: ScoreFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
     """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2.
 
@@ -71,11 +84,13 @@ def win_rate(judge: ScoreFn, prompts: list[str], new: list[str], start: list[str
 
 @torch.no_grad()
 def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: GenerationConfig, seed: int = 0,
-                   batch_size: int = 16, progress: bool = False) -> tuple[list[str], list[float]]:  # fmt: skip
+                   batch_size: int = 16, progress: bool = False, chat_template: bool = True,
+                   ) -> tuple[list[str], list[float]]:  # fmt: skip
     """Sample one response per prompt from `policy` and the KL of each to `reference`, in nats per response.
 
     KL is the k1 estimate sum_t log pi(y_t) - log ref(y_t) over the response's tokens, both at the sampling
-    temperature (what PPO's penalty measures); `reference` = None gives zeros.
+    temperature (what PPO's penalty measures); `reference` = None gives zeros. chat_template False feeds the
+    prompts as plain text to be continued (the review tasks), as PPO fed them.
     """
     from tqdm.auto import tqdm
 
@@ -83,7 +98,7 @@ def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: Gen
     generator = torch.Generator(device=device).manual_seed(seed)
     texts, kls = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
-        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size])
+        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], None, chat_template)
         queries, query_mask = queries.to(device), query_mask.to(device)
         gen = sample(policy, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id,
                      generator, tokenizer)  # fmt: skip

@@ -1,4 +1,5 @@
-"""Named PPO tasks on movie reviews: their prompts, their reward, and a judge that training never sees.
+"""Named PPO tasks on movie reviews: their prompts, their reward, a judge that training never sees, and their
+evaluation on held-out openings.
 
 - `positive-reviews`: the policy continues the opening words of a movie review; the reward is a sentiment
   classifier's log-odds that the review (opening + continuation) is positive.
@@ -9,19 +10,28 @@
 The judge is VADER's compound polarity of the same review, signed the same way as the reward: a lexicon that
 shares no weights with the classifier, so a policy that games the classifier shows as reward rising without the
 judge. Continuations are plain text, so tasks feed prompts without the chat template.
+
+`evaluate_task` (`wprlhf task-eval`) has a trained policy and its start policy continue the same held-out
+openings and compares their rewards, positive probabilities and judge scores with paired 95% CIs.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .classifier import TRAIN_FILES, clean_text, join_review, log_odds_reward
+import torch
+
+from .classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, log_odds_reward
 from .data import read_rows
 from .errors import UserError
+from .evaluation import mean_ci, paired_means, sample_with_kl, text_stats
+from .generation import GenerationConfig
 from .labelers import sentiment
+from .models import load_policy, resolve_device
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -144,17 +154,190 @@ def controlled(score_fn: ScoreFn) -> ScoreFn:
 TASKS = ("positive-reviews", "sentiment-control")
 
 
-def load_task(name: str, classifier_dir: str | Path, data: str | Path | None = None) -> Task:
-    """The task NAME with the classifier in classifier_dir as its reward; openings from `data` (see
-    `load_openings`) or the shipped ones."""
+def check_task(name: str, classifier_dir: str | Path) -> None:
+    """A UserError for an unknown task name or a missing classifier, before anything slow is loaded."""
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     if not classifier_dir:
         raise UserError(f"task {name} needs --classifier DIR: a sentiment classifier written by "
                         "`wprlhf classifier train` (its log-odds of positive is the reward)")  # fmt: skip
+
+
+def load_task(name: str, classifier_dir: str | Path, data: str | Path | None = None) -> Task:
+    """The task NAME with the classifier in classifier_dir as its reward; openings from `data` (see
+    `load_openings`) or the shipped ones."""
+    check_task(name, classifier_dir)
     openings = load_openings(data)
     reward_fn = log_odds_reward(classifier_dir)
     judge_fn = on_reviews(sentiment)
     if name == "positive-reviews":
         return Task(name, openings, reward_fn, judge_fn)
     return Task(name, control_prompts(openings), controlled(reward_fn), controlled(judge_fn))
+
+
+# ==========================================================================================================
+# evaluation on held-out openings
+
+SHOWN_OPENINGS = 8
+"""Openings whose start and trained continuations go into the result side by side, with their scores."""
+
+
+def heldout_openings(data: str | Path | None, n: int, seed: int = 0) -> tuple[list[str], str, bool]:
+    """Up to n openings to evaluate on: (openings, their source, whether they come from a test split).
+
+    A directory holding a test file (imdb_test.csv, test.csv, ...) gives that file's openings, less any that its
+    training file (what `wprlhf ppo --prompts DIR` read) also opens with. Anything else is read as
+    `load_openings` reads it: the openings a run on the same `data` trained on. More than n are drawn at random
+    with `seed`, kept in the source's order: a file sorted by label would otherwise give one label only.
+    """
+    if n < 1:
+        raise UserError(f"the number of openings must be >= 1, got {n}")
+    folder = Path(data) if data else None
+    test = None
+    if folder is not None and folder.is_dir():
+        test = next((folder / f for f in TEST_FILES if (folder / f).is_file()), None)
+    if test is None:
+        openings, source = load_openings(data), str(data) if data else "builtin"
+    else:
+        trained_on = set(load_openings(folder)) if any((folder / f).is_file() for f in TRAIN_FILES) else set()
+        openings, source = [o for o in load_openings(test) if o not in trained_on], str(test)
+        if not openings:
+            raise UserError(f"every opening of {test} also opens a review in {folder}'s training file; "
+                            "evaluate on other openings (--prompts FILE)")  # fmt: skip
+    if n < len(openings):
+        openings = [openings[i] for i in sorted(random.Random(seed).sample(range(len(openings)), n))]
+    return openings, source, test is not None
+
+
+def evaluate_task(name: str, policy: str, start: str, classifier_dir: str | Path, data: str | Path | None = None,
+                  n_openings: int = 128, response_length: int = 24, min_response_length: int = 8,
+                  temperature: float = 0.7, seed: int = 0, batch_size: int = 16, chat_template: bool = False,
+                  device: str = "auto", progress: bool = False) -> dict:  # fmt: skip
+    """The trained `policy` against its `start` policy on held-out openings (`heldout_openings`).
+
+    Both continue every prompt once (sentiment-control: each opening under each control prefix) with the same
+    sampling seed; the classifier scores opening + continuation (prefix removed) and VADER judges it. Every
+    mean has a 95% CI that resamples openings, and each start/trained comparison is paired by opening
+    (`paired_means`). KL is the k1 estimate of the trained samples under the start policy, nats per response.
+    'tiny' is initialised with `seed`.
+
+    Returns a JSON-ready dict. Each {mean, lo, hi} is a mean with its 95% CI; a paired block is {start, trained,
+    diff}, diff being trained - start per opening. Keys: task, policy, start, classifier, n (openings),
+    n_samples (responses per policy), openings_source, openings_from_test_split, seed, generation;
+    reward (paired: log-odds, signed by control as in training), vader (paired: VADER compound, signed the same
+    way), kl ({mean, lo, hi}: nats per response), text (distinct-n, repetition, words of each side), samples
+    (the first SHOWN_OPENINGS openings' rows: opening, [control], start, trained, kl, and reward_ /
+    positive_prob_ / vader_ start and trained, the last two unsigned). positive-reviews adds positive_prob
+    (paired: the classifier's P(positive)); sentiment-control adds by_control ({control: {start, trained:
+    P(positive); vader_start, vader_trained: unsigned compound; kl}}), gap_positive_minus_negative (paired:
+    P(positive) under [positive] - under [negative], per opening) and neutral_between (the trained policy's
+    [neutral] mean lies strictly between its [negative] and [positive] means).
+    """
+    check_task(name, classifier_dir)
+    score = log_odds_reward(classifier_dir, device=device)  # positive log-odds; a bad directory fails here, early
+    judge = on_reviews(sentiment)
+    openings, source, from_test = heldout_openings(data, n_openings, seed)
+    prompts = openings if name == "positive-reviews" else control_prompts(openings)
+    if name == "sentiment-control":
+        controls, plain = map(list, zip(*(split_control(p) for p in prompts)))
+    else:  # positive-reviews rewards exactly what [positive] does, so one signed reading serves both tasks
+        controls, plain = ["[positive]"] * len(prompts), list(prompts)
+    groups = plain  # resample openings: an opening's three controlled samples move together
+    gen = GenerationConfig(max_new_tokens=response_length, min_new_tokens=min_response_length,
+                           temperature=temperature)  # fmt: skip
+
+    texts, kls = _sample_both(policy, start, prompts, gen, seed, batch_size, chat_template, device, progress)
+    scores = {}
+    for side in ("start", "trained"):
+        log_odds = [float(x) for x in score(plain, texts[side])]
+        vader = [float(x) for x in judge(plain, texts[side])]
+        scores[side] = {"reward": [signed(c, x) for c, x in zip(controls, log_odds)],
+                        "positive_prob": torch.sigmoid(torch.tensor(log_odds, dtype=torch.float64)).tolist(),
+                        "vader": vader, "judge": [signed(c, x) for c, x in zip(controls, vader)]}  # fmt: skip
+
+    def both(key: str) -> dict:
+        return paired_means(scores["start"][key], scores["trained"][key], groups)
+
+    result = {"task": name, "policy": str(policy), "start": str(start), "classifier": str(classifier_dir),
+              "n": len(openings), "n_samples": len(prompts), "openings_source": source,
+              "openings_from_test_split": from_test, "seed": seed,
+              "generation": {"response_length": response_length, "min_response_length": min_response_length,
+                             "temperature": temperature, "chat_template": chat_template},
+              "reward": both("reward"), "vader": both("judge"), "kl": mean_ci(kls, groups)}  # fmt: skip
+    if name == "positive-reviews":
+        result["positive_prob"] = both("positive_prob")
+    else:
+        result.update(_by_control(scores, controls, kls, openings))
+    result["text"] = {side: text_stats(plain, texts[side]) for side in ("start", "trained")}
+    shown = SHOWN_OPENINGS * len(prompts) // len(openings)
+    result["samples"] = [{"opening": plain[i], **({"control": controls[i]} if name == "sentiment-control" else {}),
+                          "start": texts["start"][i], "trained": texts["trained"][i], "kl": kls[i],
+                          **{f"{key}_{side}": scores[side][key][i] for key in ("reward", "positive_prob", "vader")
+                             for side in ("start", "trained")}}
+                         for i in range(min(shown, len(prompts)))]  # fmt: skip
+    return result
+
+
+def _sample_both(policy: str, start: str, prompts: list[str], gen: GenerationConfig, seed: int, batch_size: int,
+                 chat_template: bool, device: str, progress: bool) -> tuple[dict, list[float]]:  # fmt: skip
+    """({'start': texts, 'trained': texts}, KL of each trained text to the start policy). The same seed for both:
+    common random numbers make the paired difference less noisy."""
+    trained_model, tokenizer = load_policy(policy, seed=seed)
+    start_model, start_tokenizer = load_policy(start, seed=seed)
+    if len(tokenizer) != len(start_tokenizer):
+        raise UserError(f"--policy {policy} has a vocabulary of {len(tokenizer)} tokens and --start {start} one of "
+                        f"{len(start_tokenizer)}: --start must be the policy that PPO started from")  # fmt: skip
+    run_on = resolve_device(device)
+    trained_model.to(run_on)
+    start_model.to(run_on)
+    common = {"seed": seed, "batch_size": batch_size, "progress": progress, "chat_template": chat_template}
+    trained, kls = sample_with_kl(trained_model, start_model, tokenizer, prompts, gen, **common)
+    start_texts, _ = sample_with_kl(start_model, None, start_tokenizer, prompts, gen, **common)
+    return {"start": start_texts, "trained": trained}, kls
+
+
+def _by_control(scores: dict, controls: Sequence[str], kls: list[float], openings: list[str]) -> dict:
+    """sentiment-control's view: each control's mean positive probability (classifier) and VADER compound, the
+    positive - negative gap in positive probability paired by opening, and whether [neutral] lies between."""
+
+    def column(side: str, key: str, control: str) -> list[float]:  # one value per opening, in their order
+        return [v for c, v in zip(controls, scores[side][key]) if c == control]
+
+    by_control = {c: {"trained": mean_ci(column("trained", "positive_prob", c), openings),
+                      "start": mean_ci(column("start", "positive_prob", c), openings),
+                      "vader_trained": mean_ci(column("trained", "vader", c), openings),
+                      "vader_start": mean_ci(column("start", "vader", c), openings),
+                      "kl": mean_ci([k for k, cc in zip(kls, controls) if cc == c], openings)}
+                  for c in CONTROLS}  # fmt: skip
+    gaps = {side: [p - q for p, q in zip(column(side, "positive_prob", "[positive]"),
+                                         column(side, "positive_prob", "[negative]"))]
+            for side in ("start", "trained")}  # fmt: skip
+    means = [by_control[c]["trained"]["mean"] for c in CONTROLS]  # negative, neutral, positive
+    gap = paired_means(gaps["start"], gaps["trained"], openings)
+    return {"by_control": by_control, "gap_positive_minus_negative": gap,
+            "neutral_between": bool(means[0] < means[1] < means[2])}  # fmt: skip
+
+
+def summary(result: dict) -> str:
+    """A few readable lines of an `evaluate_task` result: means [95% CI] of start, trained and their difference."""
+
+    def ci(x: dict) -> str:
+        return f"{x['mean']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]"
+
+    held = "" if result["openings_from_test_split"] else " (not a test split: training may have seen them)"
+    lines = [(f"{result['task']}: {result['policy']} against {result['start']} on {result['n']} openings from "
+             f"{result['openings_source']}{held}; start / trained / difference, 95% CI over openings")]  # fmt: skip
+    signed_by = "" if result["task"] == "positive-reviews" else ", signed by control"
+    rows = [(f"reward (log-odds{signed_by})", "reward"), ("P(positive)", "positive_prob"),
+            (f"VADER (judge{signed_by})", "vader"), ("P(positive) gap pos - neg", "gap_positive_minus_negative")]
+    for label, key in rows:
+        if key in result:
+            r = result[key]
+            lines.append(f"  {label:<38} {ci(r['start'])}  {ci(r['trained'])}  {ci(r['diff'])}")
+    lines.append(f"  {'KL to start, nats per response':<38} {ci(result['kl'])}")
+    for control, r in result.get("by_control", {}).items():
+        lines.append(f"  {control:<12} P(positive) {ci(r['start'])} -> {ci(r['trained'])}; VADER "
+                     f"{r['vader_start']['mean']:+.3f} -> {r['vader_trained']['mean']:+.3f}")  # fmt: skip
+    if "neutral_between" in result:
+        lines.append(f"  trained [neutral] between [negative] and [positive]: {result['neutral_between']}")
+    return "\n".join(lines)
