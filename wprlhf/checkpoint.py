@@ -105,7 +105,7 @@ def _save_models(directory: Path, models: dict[str, nn.Module], tokenizer, value
     hf_logging.disable_progress_bar()  # a bar per shard would interleave with the training bar at every checkpoint
     try:
         for name, model in models.items():
-            model.save_pretrained(directory / name)
+            model.save_pretrained(directory / name)  # a LoRA (peft) model writes its adapters only
             tokenizer.save_pretrained(directory / name)
     finally:
         hf_logging.enable_progress_bar()
@@ -152,16 +152,22 @@ def load_checkpoint(directory: Path, models: dict[str, nn.Module], value_head: n
     except Exception as err:
         raise UserError(f"checkpoint {directory / STATE_FILE} is corrupt ({err.__class__.__name__}); delete the folder")
     for name, model in models.items():
-        weights = directory / name / "model.safetensors"
+        lora = hasattr(model, "peft_config")
+        weights = directory / name / ("adapter_model.safetensors" if lora else "model.safetensors")
         try:
             loaded = load_file(weights, device=str(device))
         except FileNotFoundError:
-            raise UserError(f"checkpoint {directory} has no {name}/model.safetensors; it is incomplete or not a wprlhf run")
+            raise UserError(f"checkpoint {directory} has no {name}/{weights.name}; it is incomplete or not a wprlhf run")
         except (SafetensorError, OSError) as err:
             raise UserError(f"checkpoint weights {weights} are corrupt ({err}); delete the checkpoint and resume again")
         try:
-            # strict=False: tied weights (lm_head = embeddings) are saved once, so their second name is absent.
-            result = model.load_state_dict(loaded, strict=False)
+            if lora:
+                from peft import set_peft_model_state_dict
+
+                result = set_peft_model_state_dict(model, loaded)
+            else:
+                # strict=False: tied weights (lm_head = embeddings) are saved once, so their second name is absent.
+                result = model.load_state_dict(loaded, strict=False)
             if result.unexpected_keys:
                 raise RuntimeError(f"unexpected tensors {result.unexpected_keys[:3]}")
         except RuntimeError as err:

@@ -67,6 +67,7 @@ def _empty_out_dir(out: str, force: bool) -> None:
 
 def cmd_ppo(args: argparse.Namespace) -> None:
     from .data import load_prompts
+    from .distributed import is_main_process
     from .ppo import PPOConfig, dump_config, load_config, train
     from .report import write_report
     from .rewards import load_reward
@@ -89,12 +90,15 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     else:
         reward_fn = load_reward(config.reward)
         prompts = load_prompts(config.prompts)
-    print(dump_config(config), file=sys.stderr)
+    main = is_main_process()  # under `accelerate launch`, only one process prints and writes the report
+    if main:
+        print(dump_config(config), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
-        shutil.rmtree(args.out)
+        shutil.rmtree(args.out, ignore_errors=True)
     train(config, prompts, reward_fn, args.out, resume=args.resume, judge_fn=judge_fn)
-    report = write_report(args.out)
-    print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy, report {report}", file=sys.stderr)
+    if main:
+        report = write_report(args.out)
+        print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy, report {report}", file=sys.stderr)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -163,13 +167,17 @@ def cmd_task_eval(args: argparse.Namespace) -> None:
 
 def cmd_rm_train(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
+    from .distributed import is_main_process
     from .reward_model import RewardConfig, train
 
     config = load_config(RewardConfig, args.config, _overrides(args, RewardConfig))
-    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    main = is_main_process()  # under `accelerate launch`, only one process prints
+    if main:
+        print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     _empty_out_dir(args.out, args.force)
     result = train(config, args.out)
-    print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f}; model in {args.out}", file=sys.stderr)
+    if main:
+        print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f}; model in {args.out}", file=sys.stderr)
 
 
 def cmd_rm_eval(args: argparse.Namespace) -> None:
@@ -205,15 +213,19 @@ def cmd_classifier_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
+    from .distributed import is_main_process
     from .sft import SFTConfig, load_config, train
 
     config = load_config(args.config, _overrides(args, SFTConfig))
-    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    main = is_main_process()  # under `accelerate launch`, only one process prints
+    if main:
+        print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if args.force and Path(args.out).exists():
-        shutil.rmtree(args.out)
+        shutil.rmtree(args.out, ignore_errors=True)
     result = train(config, args.out)
-    print(f"held-out loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f} nats per response token "
-          f"on {result['n_val_examples']} stories; policy in {args.out}/policy", file=sys.stderr)  # fmt: skip
+    if main:
+        print(f"held-out loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f} nats per response "
+              f"token on {result['n_val_examples']} stories; policy in {args.out}/policy", file=sys.stderr)  # fmt: skip
 
 
 def _labeling(command):

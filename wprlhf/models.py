@@ -254,6 +254,60 @@ def make_reference(policy: nn.Module) -> nn.Module:
     return reference.eval()
 
 
+def add_lora(policy: nn.Module, r: int, alpha: float) -> nn.Module:
+    """The policy with trainable LoRA adapters (peft) on every linear layer and its own weights frozen.
+
+    The adapters start at zero, so the wrapped policy computes exactly what it did; `disable_adapter()` gives
+    the start policy back (the PPO reference) without a second copy of the weights.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r < 1:
+        raise UserError(f"LoRA rank must be >= 1, got {r}")
+    # Every linear layer, the output head included (peft's "all-linear" leaves it out, and a small policy moves its
+    # output distribution mostly through it), unless the head shares its weight with the input embeddings: merging
+    # an adapter into a tied head would change the embeddings too.
+    head = policy.get_output_embeddings()
+    tied = head is not None and head.weight is policy.get_input_embeddings().weight
+    targets = sorted({name.rsplit(".", 1)[-1] for name, m in policy.named_modules()
+                      if isinstance(m, nn.Linear) and not (tied and m is head)})  # fmt: skip
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(policy, config).eval()
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain transformers model: LoRA adapters folded into a copy of the weights (the model itself if none)."""
+    return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass. transformers only checkpoints in train mode,
+    so the model goes to train mode with its dropout modules kept off: the numbers stay those of eval mode."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+
+
+def make_optimizer(name: str, groups: list[dict], eps: float, weight_decay: float, device: torch.device):
+    """AdamW over param groups: 'adamw' (torch) or 'adamw8bit' (bitsandbytes, optimizer state in 8 bits)."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes, or use 'adamw'")
+        return bnb.optim.AdamW8bit(groups, eps=eps, weight_decay=weight_decay)
+    if name != "adamw":
+        raise UserError(f"unknown optimizer {name!r}; choose 'adamw' or 'adamw8bit'")
+    # The fused kernel updates all tensors in one pass; the default loops over them (~6x slower on CPU).
+    return torch.optim.AdamW(groups, eps=eps, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
+
+
 def make_value_model(policy: nn.Module, seed: int = 1) -> nn.Module:
     """A separate value model (Stiennon et al. 2020): the policy's backbone weights plus a fresh scalar head.
 

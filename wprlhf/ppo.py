@@ -9,6 +9,7 @@ resume). Scores come from one callable,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -37,15 +38,20 @@ from .core import (
     pad_sequences,
     position_ids_from_mask,
 )
+from .distributed import check_divisible, device_of, gather_padded, make_accelerator, reduce_sum, shard
 from .errors import UserError
 from .generation import GenerationConfig, decode_responses, encode_prompts, sample
 from .metrics import MetricsLogger
 from .models import (
     ValueHead,
+    add_lora,
     count_parameters,
+    enable_gradient_checkpointing,
     load_policy,
+    make_optimizer,
     make_reference,
     make_value_model,
+    merged_copy,
     resolve_device,
     stop_token_ids,
     token_values,
@@ -148,9 +154,22 @@ class PPOConfig:
     score_clip: float | None = None
     """Clip scores to [-score_clip, score_clip] after normalisation; None = off."""
 
+    # --- memory and speed
+    mixed_precision: str = "no"
+    """'no' (fp32), 'bf16' or 'fp16': autocast for every forward (accelerate's); weights and AdamW stay fp32."""
+    lora_r: int = 0
+    """LoRA rank of the policy's adapters (peft, on every linear layer); 0 = train all weights. With LoRA the
+    reference is the same network with its adapters off, so the base weights are held once."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (the update is alpha / r * B A)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, ~30 % more time."""
+    optimizer: str = "adamw"
+    """'adamw' (torch, fused) or 'adamw8bit' (bitsandbytes' 8-bit AdamW, where bitsandbytes is installed)."""
+
     # --- run plumbing
     device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    """'auto' (cuda if available), 'cpu' or 'cuda'. Under `accelerate launch`, each process's own device."""
     checkpoint_every: int = 10
     """Steps between checkpoints (the last step always saves)."""
     log_samples: int = 2
@@ -172,7 +191,8 @@ class PPOConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"),
-                       score_norm=("none", "batch"), value_model=("separate", "shared"))  # fmt: skip
+                       score_norm=("none", "batch"), value_model=("separate", "shared"),
+                       mixed_precision=("no", "bf16", "fp16"), optimizer=("adamw", "adamw8bit"))  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -279,6 +299,22 @@ def value_forward(value_model: nn.Module, queries, query_mask, responses, respon
     return token_values(value_model, input_ids, attention_mask, position_ids)[:, -Tr - 1 : -1]
 
 
+class PolicyAndValue(nn.Module):
+    """The trained networks as one module, so accelerate wraps them once (DDP, DeepSpeed) and one forward
+    gives what the loss needs. Same inputs as policy_forward -> logprobs, values (B, Tr), entropy or None."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: ValueHead | None):
+        super().__init__()
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
+
+    def forward(self, queries, query_mask, responses, response_mask, temperature: float, with_entropy: bool = False):
+        batch = (queries, query_mask, responses, response_mask)
+        logprobs, values, entropy = policy_forward(self.policy, *batch, temperature, self.value_head, with_entropy)
+        if self.value_model is not None:
+            values = value_forward(self.value_model, *batch)
+        return logprobs, values, entropy
+
+
 def compute_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
@@ -367,40 +403,68 @@ def value_loss(
 
 
 class PPOTrainer:
-    """Policy, frozen reference, value model, AdamW and the KL controller, and `step()`: one PPO update."""
+    """Policy, frozen reference, value model, AdamW and the KL controller, and `step()`: one PPO update.
+
+    Under `accelerate launch` each process samples and scores its shard of the batch (batch_size / processes
+    episodes); `step_batch` gathers the shards, so every process computes the same global rewards, advantages
+    and minibatches, trains on its slice of each minibatch, and DDP sums the gradients.
+    """
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, value_model: nn.Module | None = None):
         self.config = config
         self.tokenizer = tokenizer
-        self.device = resolve_device(config.device)
+        self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
+        self.device = device_of(self.accelerator)
+        self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
+        check_divisible(config.minibatch_size, "minibatch size (batch_size / num_minibatches)", self.accelerator)
         self.policy = policy.to(self.device)
-        self.reference = make_reference(self.policy)
         self.value_model, self.value_head = None, None
         if config.value_model == "shared":
             self.value_head = ValueHead(self.policy.config.hidden_size, seed=config.seed + 1).to(self.device)
             value_params = list(self.value_head.parameters())
         else:
-            self.value_model = (value_model or make_value_model(self.policy, seed=config.seed + 1)).to(self.device)
+            self.value_model = (value_model or make_value_model(policy, seed=config.seed + 1)).to(self.device)
             value_params = list(self.value_model.parameters())
-        self.optimizer = torch.optim.AdamW(
-            [{"params": list(self.policy.parameters()), "lr": config.lr},
-             {"params": value_params, "lr": config.value_lr or config.lr}],
-            eps=config.adam_eps, weight_decay=config.weight_decay,
-            # The fused kernel updates all tensors in one pass; the default loops over them (~6x slower on CPU).
-            fused=self.device.type in ("cpu", "cuda"),
-        )  # fmt: skip
+        # LoRA: the reference is the policy with its adapters switched off (one copy of the base weights).
+        self.reference = None if config.lora_r else make_reference(self.policy)
+        if config.lora_r:
+            self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
+        if config.gradient_checkpointing:
+            for model in (self.policy, self.value_model):
+                if model is not None:
+                    enable_gradient_checkpointing(model)
+        policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        groups = [{"params": policy_params, "lr": config.lr}, {"params": value_params, "lr": config.value_lr or config.lr}]
+        optimizer = make_optimizer(config.optimizer, groups, config.adam_eps, config.weight_decay, self.device)
         decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        # Stepped once per PPO step on every process: not handed to accelerate, which would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+        self.model, self.optimizer = self.accelerator.prepare(
+            PolicyAndValue(self.policy, self.value_model, self.value_head), optimizer
+        )
+        self.trainable = policy_params + value_params
         if config.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         else:
             self.kl_ctl = FixedKLController(config.kl_coef)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # Sampling noise differs between processes; the minibatch order must not (all train on one global batch).
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 100_003 * rank)
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         self.stop_token_ids = stop_token_ids(tokenizer)
         self.step_count = 0
         self.episodes = 0
         self.last_episodes: dict[str, list[float]] = {}
-        """Per-episode kl and reward_total of the last step, for the samples log."""
+        """Per-episode kl and reward_total of the last global batch (the main process's episodes first), for the
+        samples log."""
+
+    def reference_logprobs(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
+        """Log-probs of the responses under the frozen start policy (B, Tr)."""
+        batch = (queries, query_mask, responses, response_mask)
+        if self.reference is not None:
+            return policy_forward(self.reference, *batch, self.config.temperature)[0]
+        with self.policy.disable_adapter():
+            return policy_forward(self.policy, *batch, self.config.temperature)[0]
 
     # -------------------------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -409,10 +473,11 @@ class PPOTrainer:
         c = self.config
         queries, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, c.chat_template)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
-        gen = sample(
-            self.policy, queries, query_mask, c.generation(), self.stop_token_ids, self.tokenizer.pad_token_id,
-            self.generator, self.tokenizer,
-        )  # fmt: skip
+        with self.accelerator.autocast():
+            gen = sample(
+                self.policy, queries, query_mask, c.generation(), self.stop_token_ids, self.tokenizer.pad_token_id,
+                self.generator, self.tokenizer,
+            )  # fmt: skip
         return queries, query_mask, gen
 
     # -------------------------------------------------------------------------------- the seed's API
@@ -431,20 +496,20 @@ class PPOTrainer:
 
     # -------------------------------------------------------------------------------- one PPO step
     def step_batch(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> dict:
-        """One PPO update on a rollout batch.
+        """One PPO update on a rollout batch (this process's shard of it under `accelerate launch`).
 
-        queries (B, Tq) left-padded, query_mask (B, Tq); responses (B, Tr), response_mask (B, Tr) bool;
-        scores (B,) float; logprobs (B, Tr): the rollout policy's log-probs (None = computed here).
-        Returns a dict of float stats (the metric names of metrics.py).
+        queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool;
+        scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here);
+        b = batch_size / processes. Returns a dict of float stats over the global batch (metrics.py's names).
         """
         c = self.config
-        B = queries.shape[0]
-        if B != c.batch_size:
-            raise UserError(f"step got {B} episodes but batch_size is {c.batch_size}")
+        if queries.shape[0] != self.local_batch_size:
+            raise UserError(f"step got {queries.shape[0]} episodes but batch_size is {c.batch_size} "
+                            f"({self.local_batch_size} per process)")  # fmt: skip
         temp = c.temperature
 
         # 1. Rollout forwards, no grad: reference log-probs, values (and the policy's log-probs if not sampled).
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             batch = (queries, query_mask, responses, response_mask)
             old_logprobs, old_values = None, None
             if logprobs is None or self.value_head is not None:
@@ -453,7 +518,17 @@ class PPOTrainer:
                 old_logprobs = torch.where(response_mask, logprobs, 0.0)
             if self.value_model is not None:
                 old_values = value_forward(self.value_model, *batch)
-            ref_logprobs, _, _ = policy_forward(self.reference, *batch, temp)
+            ref_logprobs = self.reference_logprobs(*batch)
+
+        with torch.no_grad():
+            # The global batch on every process: padding to the longest shard happens here and nowhere else.
+            acc, pad = self.accelerator, self.tokenizer.pad_token_id
+            queries, query_mask = gather_padded(acc, queries, pad, "left"), gather_padded(acc, query_mask, 0, "left")
+            responses, response_mask = gather_padded(acc, responses, pad), gather_padded(acc, response_mask, 0)
+            old_logprobs, old_values, ref_logprobs = (gather_padded(acc, x.float(), 0.0)
+                                                      for x in (old_logprobs, old_values, ref_logprobs))  # fmt: skip
+            scores = gather_padded(acc, scores.float(), 0.0)
+            B = queries.shape[0]
 
             # 2. Scores -> per-token rewards with the KL penalty.
             raw_scores = scores.float()
@@ -499,39 +574,47 @@ class PPOTrainer:
         }
 
     def update(self, queries, query_mask, responses, response_mask, old_logprobs, old_values, advantages, returns):
-        """ppo_epochs x num_minibatches optimizer steps, each accumulated over micro-batches. Returns mean stats."""
-        c = self.config
-        trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        """ppo_epochs x num_minibatches optimizer steps on the global batch (every argument (B, ...), the same on
+        every process). Each process trains on its slice of each minibatch, in micro-batches; losses are divided
+        by the whole minibatch's token count, so slices and micro-batches add up to one large batch exactly.
+        Returns mean stats."""
+        c, acc = self.config, self.accelerator
+        world, rank = acc.num_processes, acc.process_index
         sums: dict[str, float] = {}
         n_minibatches = 0
         stop = False
         for epoch in range(c.ppo_epochs):
-            order = torch.randperm(c.batch_size, generator=self.generator, device=self.device)
+            order = torch.randperm(c.batch_size, generator=self.shuffle_generator).to(self.device)
             for mb_start in range(0, c.batch_size, c.minibatch_size):
                 mb = order[mb_start : mb_start + c.minibatch_size]
-                # Losses are divided by the whole minibatch's token count, so micro-batches add up exactly.
                 n_tokens = response_mask[mb].sum().clamp(min=1)
+                local = mb[rank::world]
+                micro_size = max(1, len(local) // c.gradient_accumulation_steps)
+                micro_starts = range(0, len(local), micro_size)
                 stats: dict[str, float] = {}
-                for micro_start in range(0, c.minibatch_size, c.micro_batch_size):
-                    idx = mb[micro_start : micro_start + c.micro_batch_size]
+                for i, micro_start in enumerate(micro_starts):
+                    idx = local[micro_start : micro_start + micro_size]
                     mask = response_mask[idx]
                     batch = (queries[idx], query_mask[idx], responses[idx], mask)
-                    logprobs, values, entropy = policy_forward(
-                        self.policy, *batch, c.temperature, self.value_head, with_entropy=True
-                    )
-                    if self.value_model is not None:
-                        values = value_forward(self.value_model, *batch)
-                    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, c.cliprange, n_tokens)
-                    vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mask, c.cliprange_value, n_tokens)
-                    (pg_loss + c.vf_coef * vf_loss).backward()
+                    # Gradients are all-reduced once per minibatch, after its last micro-batch.
+                    sync = contextlib.nullcontext() if i == len(micro_starts) - 1 else acc.no_sync(self.model)
+                    with sync:
+                        logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=True)
+                        pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, c.cliprange, n_tokens)
+                        vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mask, c.cliprange_value, n_tokens)
+                        # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
+                        acc.backward((pg_loss + c.vf_coef * vf_loss) * world)
                     share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
                     micro = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
                              "entropy": float(masked_mean(entropy, mask)) * share,
                              **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
                     for k, v in micro.items():
                         stats[k] = stats.get(k, 0.0) + v
+                stats = reduce_sum(acc, stats)
                 if c.max_grad_norm is not None:
-                    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(trainable, c.max_grad_norm))
+                    norm = acc.clip_grad_norm_(self.trainable, c.max_grad_norm)
+                    if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
+                        stats["grad_norm"] = float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 for k, v in stats.items():
@@ -556,6 +639,7 @@ class PPOTrainer:
             "scheduler": self.scheduler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "generator": self.generator.get_state(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
@@ -568,6 +652,8 @@ class PPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.generator.set_state(state["generator"])
+        if "shuffle_generator" in state:  # absent in checkpoints written before it existed
+            self.shuffle_generator.set_state(state["shuffle_generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
@@ -580,7 +666,19 @@ class PPOTrainer:
         return out
 
     def save(self, directory: Path) -> None:
-        ckpt.save_checkpoint(directory, self.models(), self.tokenizer, self.state_dict(), self.value_head)
+        """A resumable checkpoint, written by the main process once every process has finished the step."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.save_checkpoint(directory, self.models(), self.tokenizer, self.state_dict(), self.value_head)
+        self.accelerator.wait_for_everyone()
+
+    def export(self, out_dir: Path) -> None:
+        """The final models in Hugging Face format (LoRA adapters merged), written by the main process."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            models = {name: merged_copy(model) for name, model in self.models().items()}
+            ckpt.export_models(out_dir, models, self.tokenizer, self.value_head)
+        self.accelerator.wait_for_everyone()
 
     def load(self, directory: Path) -> None:
         state = ckpt.load_checkpoint(directory, self.models(), self.value_head, self.device)
@@ -665,6 +763,8 @@ def train(
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     torch.manual_seed(config.seed)
     trainer = PPOTrainer(config, policy, tokenizer)
+    acc = trainer.accelerator
+    main = acc.is_main_process  # the one process that logs and writes files
 
     start = 0
     if resume:
@@ -675,17 +775,22 @@ def train(
         start = trainer.step_count
     elif (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
-    logger = MetricsLogger(out_dir, resume_step=start if resume else None)
+    acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
+    logger = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+        logger = MetricsLogger(out_dir, resume_step=start if resume else None)
 
     reward_name = config.reward
-    if not resume:
+    if not resume and main:
         n_params = count_parameters(trainer.policy)
-        tqdm.write(f"policy {config.policy}: {n_params / 1e6:.1f} M parameters on {trainer.device}")
-    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not progress, initial=start, total=config.steps)
+        tqdm.write(f"policy {config.policy}: {n_params / 1e6:.1f} M parameters on {trainer.device}"
+                   + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))  # fmt: skip
+    show = progress and main
+    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not show, initial=start, total=config.steps)
     for step in bar:
-        batch_prompts = prompt_batch(prompts, step, config.batch_size, config.seed)
+        batch_prompts = shard(prompt_batch(prompts, step, config.batch_size, config.seed), acc)
         t0 = time.perf_counter()
         queries, query_mask, gen = trainer.generate(batch_prompts)
         texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
@@ -697,17 +802,20 @@ def train(
         stats.update(time_generate=t1 - t0, time_score=t2 - t1, time_train=t3 - t2,
                      episodes_per_s=config.batch_size / (t3 - t0))  # fmt: skip
         if judge_fn is not None:
-            stats["judge_mean"] = float(np.mean([float(s) for s in judge_fn(batch_prompts, texts)]))
-        logger.log(step + 1, {"episodes": trainer.episodes, **stats})
-        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
-        if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):
-            n = config.log_samples
-            logger.log_samples(step + 1, batch_prompts[:n], texts[:n], scores[:n].tolist(),
-                               trainer.last_episodes["kl"][:n], trainer.last_episodes["reward_total"][:n], echo=progress)  # fmt: skip
+            judged = torch.tensor([float(s) for s in judge_fn(batch_prompts, texts)], device=trainer.device)
+            stats["judge_mean"] = float(gather_padded(acc, judged, 0.0).mean())
+        if main:
+            logger.log(step + 1, {"episodes": trainer.episodes, **stats})
+            bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
+            if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):
+                n = min(config.log_samples, len(texts))
+                logger.log_samples(step + 1, batch_prompts[:n], texts[:n], scores[:n].tolist(),
+                                   trainer.last_episodes["kl"][:n], trainer.last_episodes["reward_total"][:n], echo=progress)  # fmt: skip
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             trainer.save(ckpt.checkpoint_path(out_dir, step + 1))
-    logger.close()
-    ckpt.export_models(out_dir, trainer.models(), tokenizer, trainer.value_head)
+    if main:
+        logger.close()
+    trainer.export(out_dir)
     return trainer
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .checkpoint import write_json_atomic
 from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
+from .distributed import device_of, make_accelerator, reduce_sum
 from .errors import UserError
 from .metrics import RM_METRIC_NAMES, MetricsLogger
 from .models import freeze_lower_layers, load_reward_backbone, resolve_device
@@ -114,7 +115,8 @@ def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int)
 
 def _forward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
-    return scores - getattr(model.config, "reward_offset", 0.0)
+    bare = getattr(model, "module", model)  # DDP-wrapped while training
+    return scores - getattr(bare.config, "reward_offset", 0.0)
 
 
 @torch.no_grad()
@@ -258,7 +260,8 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     if config.max_examples and len(train_set) > config.max_examples:
         train_set = rng.sample(train_set, config.max_examples)
     val_set = val_set[:500]  # enough for a curve; keeps each validation pass short
-    device = resolve_device(config.device)
+    acc = make_accelerator(resolve_device(config.device))
+    device, main = device_of(acc), acc.is_main_process
     model, tokenizer = load_reward_backbone(config.model, num_labels=1, seed=config.seed)
     freeze_lower_layers(model, config.freeze_layers)
     model.to(device)
@@ -268,36 +271,47 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     warmup = max(1, int(config.warmup_ratio * total_steps))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "train_comparisons": len(train_set),
-                                                    "val_comparisons": len(val_set)})  # fmt: skip
-    logger = MetricsLogger(out_dir, names=RM_METRIC_NAMES)
-    print(f"reward model {config.model}: {len(train_set)} training / {len(val_set)} validation comparisons, "
-          f"{total_steps} steps", flush=True)  # fmt: skip
+    trained, optimizer = acc.prepare(model, optimizer)  # DDP under `accelerate launch`; `model` stays the bare one
+    logger = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "train_comparisons": len(train_set),
+                                                        "val_comparisons": len(val_set)})  # fmt: skip
+        logger = MetricsLogger(out_dir, names=RM_METRIC_NAMES)
+        print(f"reward model {config.model}: {len(train_set)} training / {len(val_set)} validation comparisons, "
+              f"{total_steps} steps" + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""), flush=True)  # fmt: skip
 
     step, seen, started = 0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="rm train", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, desc="rm train", unit="step", disable=not (progress and main))
     for _ in range(config.epochs):
+        # Every process draws the same global batches (same rng) and trains on its slice of each.
         for batch in _batches(train_set, config.batch_size, rng):
+            if len(batch) < acc.num_processes:
+                continue  # a last batch too small to give every process a comparison
             # eval() everywhere: dropout off, as for the policy; the comparisons are noisy enough already.
             model.eval()
-            loss, accuracy = _comparison_batch(model, tokenizer, batch, config.max_length, device)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            local = batch[acc.process_index :: acc.num_processes]
+            loss, accuracy = _comparison_batch(trained, tokenizer, local, config.max_length, device)
+            # The local mean as a share of the global batch's mean; DDP averages over processes, hence * processes.
+            acc.backward(loss * len(local) / len(batch) * acc.num_processes)
+            acc.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seen += len(batch)
-            row = {"loss": loss.item(), "accuracy": accuracy.item(), "lr": schedule.get_last_lr()[0],
-                   "elapsed_s": time.perf_counter() - started}  # fmt: skip
+            n = len(local) / len(batch)
+            stats = reduce_sum(acc, {"loss": loss.item() * n, "accuracy": accuracy.item() * n})
+            row = {**stats, "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}
             if step % config.eval_every == 0 or step == total_steps:
                 row.update(evaluate_loss(model, tokenizer, val_set, config.max_length, config.batch_size, device))
-            logger.log(step, {"examples": seen, **row})
+            if main:
+                logger.log(step, {"examples": seen, **row})
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
     bar.close()
-    logger.close()
+    if main:
+        logger.close()
 
     # Normalise over the training data's responses (lm-human-preferences normalises over reference samples).
     texts = [(c.prompt, r) for c in train_set for r in c.responses]
@@ -305,6 +319,9 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     raw = score(model, tokenizer, [p for p, _ in sample], [r for _, r in sample], config.max_length)
     mean, std = float(raw.mean()), float(raw.std().clamp(min=1e-6))
     fold_normalization(model, mean, std)
+    acc.wait_for_everyone()
+    if not main:
+        return {}
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}

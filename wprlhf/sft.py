@@ -8,6 +8,7 @@ final export to OUT/policy, which `wprlhf ppo --policy OUT/policy` and plain `fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,6 +27,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .core import linear_schedule, logprobs_from_logits, masked_sum
+from .distributed import device_of, make_accelerator, reduce_sum
 from .errors import UserError
 from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics
 from .models import count_parameters, load_policy, resolve_device
@@ -474,7 +476,8 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
 
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
-    device = resolve_device(config.device)
+    acc = make_accelerator(resolve_device(config.device))
+    device, main = device_of(acc), acc.is_main_process
     policy.to(device)
     # Dropout off, as everywhere in wprlhf (models._configure); then the held-out loss is deterministic too.
     policy.eval()
@@ -494,13 +497,17 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup_steps))
+    trained, optimizer = acc.prepare(policy, optimizer)  # DDP under `accelerate launch`; `policy` stays the bare one
+    progress = progress and main
 
+    acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"n_train_examples": len(train_examples), "n_train_rows": len(train_rows),
              "n_train_tokens": sum(len(e.response_ids) for e in train_examples), "n_val_examples": len(val_examples),
              "n_val_tokens": sum(len(e.response_ids) for e in val_examples), "steps": total_steps}  # fmt: skip
-    ckpt.write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
-    logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES)
+    if main:
+        ckpt.write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
+    logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
     pad = tokenizer.pad_token_id
     if progress:
         tqdm.write(f"sft {config.policy} ({count_parameters(policy) / 1e6:.1f} M parameters, {device}): "
@@ -511,13 +518,14 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     sample_prompts = [s.prompt for s in val_stories[: config.n_samples]]
     references = [s.response for s in val_stories[: config.n_samples]]
     before = evaluate(policy, val_rows, pad, config.micro_batch_size, device)
-    logger.log(0, {"examples": 0, "tokens": 0, "val_loss": before["val_loss"],
-                   "elapsed_s": time.perf_counter() - started})  # fmt: skip
+    if main:
+        logger.log(0, {"examples": 0, "tokens": 0, "val_loss": before["val_loss"],
+                       "elapsed_s": time.perf_counter() - started})  # fmt: skip
+        write_samples(
+            out_dir / "samples.jsonl", policy, tokenizer, sample_prompts, references, config, 0, "before", progress
+        )
     if progress:
         tqdm.write(f"held-out loss before training: {before['val_loss']:.4f} nats per response token")
-    write_samples(
-        out_dir / "samples.jsonl", policy, tokenizer, sample_prompts, references, config, 0, "before", progress
-    )
 
     # --- the training loop
     step, examples_seen, tokens_seen = 0, 0, 0
@@ -529,19 +537,29 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
         for first in range(0, len(order), config.batch_size):
             t0 = time.perf_counter()
             step_rows = [train_rows[i] for i in order[first : first + config.batch_size]]
-            # The step's loss is the mean over all its response tokens, however it is cut into micro-batches.
+            # The step's loss is the mean over all its response tokens, however it is cut into micro-batches and
+            # processes: each process trains on its slice of the step's rows.
             n_tokens = sum(len(e.response_ids) for row in step_rows for e in row)
+            if len(step_rows) < acc.num_processes:
+                continue  # a last step too small to give every process a row
+            local_rows = step_rows[acc.process_index :: acc.num_processes]
             nll_sum, n_processed = 0.0, 0
-            for micro in range(0, len(step_rows), config.micro_batch_size):
-                batch = collate(step_rows[micro : micro + config.micro_batch_size], pad)
+            starts = range(0, len(local_rows), config.micro_batch_size)
+            for i, micro in enumerate(starts):
+                batch = collate(local_rows[micro : micro + config.micro_batch_size], pad)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss, micro_nll, _ = sft_loss(policy, batch, max(n_tokens, 1))
-                loss.backward()
+                # Gradients are all-reduced once per step, after its last micro-batch.
+                with contextlib.nullcontext() if i == len(starts) - 1 else acc.no_sync(trained):
+                    loss, micro_nll, _ = sft_loss(trained, batch, max(n_tokens, 1))
+                    acc.backward(loss * acc.num_processes)  # DDP averages over processes; the loss is a share of the sum
                 nll_sum += micro_nll
                 n_processed += int(batch["attention_mask"].sum())
+            nll_sum, n_processed = reduce_sum(acc, {"nll": nll_sum, "n": n_processed}).values()
             stats = {"lr": scheduler.get_last_lr()[0]}
             if config.max_grad_norm is not None:
-                stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
+                norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
+                    stats["grad_norm"] = float(norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -554,21 +572,25 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
                 last_val = evaluate(policy, val_rows, pad, config.micro_batch_size, device)["val_loss"]
                 stats["val_loss"] = last_val
             stats["elapsed_s"] = time.perf_counter() - started
-            logger.log(step, stats)
+            if main:
+                logger.log(step, stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{last_val:.3f}")
     bar.close()
 
-    # --- after: samples, the model, the numbers, the plot
+    # --- after: samples, the model, the numbers, the plot (the main process's job)
+    acc.wait_for_everyone()
+    result = {"val_loss_before": before["val_loss"], "val_loss_after": last_val,
+              "val_loss_margin": before["val_loss"] - last_val, **sizes, "policy": config.policy,
+              "data": config.data, "wall_s": time.perf_counter() - started}  # fmt: skip
+    if not main:
+        return result
     write_samples(out_dir / "samples.jsonl", policy, tokenizer, sample_prompts, references, config, step, "after",
                   progress)  # fmt: skip
     logger.close()
     ckpt.export_models(out_dir, {"policy": policy}, tokenizer)
     # The settings travel with the model, as reward_model.py's train_config.json does.
     ckpt.write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
-    result = {"val_loss_before": before["val_loss"], "val_loss_after": last_val,
-              "val_loss_margin": before["val_loss"] - last_val, **sizes, "policy": config.policy,
-              "data": config.data, "wall_s": time.perf_counter() - started}  # fmt: skip
     ckpt.write_json_atomic(out_dir / "eval.json", result)
     title = (f"SFT of {Path(config.policy).name} on {len(train_examples)} stories: held-out loss "
              f"{before['val_loss']:.3f} -> {last_val:.3f} ({len(val_examples)} stories)")  # fmt: skip

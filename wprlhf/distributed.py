@@ -1,0 +1,93 @@
+"""Several processes, one algorithm: the little that training needs from accelerate to run data-parallel.
+
+Every trainer makes one `Accelerator`; launched plainly it is one process and every helper below returns its input.
+Under `accelerate launch` (DDP, or DeepSpeed through a config file) each process holds a contiguous shard of
+the global batch (`shard`), and whatever must be computed over the global batch (whitening, advantages, loss
+normalisers, logged means) is computed from `gather_padded` tensors or `reduce_sum`-med statistics, so the
+result is the one a single process would get on the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from accelerate import Accelerator
+
+from .errors import UserError
+
+
+def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator on `device` ('cpu' forces the CPU even where a GPU exists); mixed_precision 'no'|'bf16'|'fp16'."""
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise UserError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
+    # Gradient accumulation stays ours (micro-batches share one loss normaliser), so accelerate's is left at 1.
+    try:
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+    except ValueError:
+        # accelerate keeps one process-wide state; a second trainer in the same process (the loop, tests) may want
+        # another precision or device. Safe to start over on one process; under a launcher it is a real conflict.
+        from accelerate.state import AcceleratorState, PartialState
+
+        if PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+
+
+def device_of(accelerator: Accelerator) -> torch.device:
+    """The accelerator's device, with 'cpu:0' (what a multi-process CPU run reports) spelled 'cpu', the name
+    torch.load and safetensors accept."""
+    device = accelerator.device
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files and prints: the only one, or rank 0 under a launcher.
+
+    Read from the launcher's RANK variable (torchrun and `accelerate launch` set it) rather than from accelerate's
+    state, which must not be created before the trainer creates it with the right device.
+    """
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_divisible(n: int, what: str, accelerator: Accelerator) -> int:
+    """n / num_processes, or a UserError: shards must be equal for the processes to step together."""
+    world = accelerator.num_processes
+    if n % world:
+        raise UserError(f"{what} {n} is not divisible by the {world} processes; pick a multiple of {world}")
+    return n // world
+
+
+def shard(items: Sequence, accelerator: Accelerator) -> list:
+    """This process's contiguous slice of a global batch (all of it on one process)."""
+    n = check_divisible(len(items), "batch size", accelerator)
+    start = accelerator.process_index * n
+    return list(items[start : start + n])
+
+
+def gather_padded(accelerator: Accelerator, tensor: torch.Tensor, pad_value, side: str = "right") -> torch.Tensor:
+    """Concatenate every process's (b, T_p, ...) tensor along dim 0, padding dim 1 to the longest T_p first.
+
+    side 'left' for left-padded queries. One process: the tensor itself.
+    """
+    if accelerator.num_processes == 1:
+        return tensor
+    # accelerate pads a bool tensor into an int64 one; a process that needs no padding would then send bools
+    # to the others' int64s. Masks travel as int64 on every process and come back as bools.
+    is_mask = tensor.dtype == torch.bool
+    tensor = tensor.long() if is_mask else tensor
+    tensor = accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_value, pad_first=side == "left")
+    tensor = accelerator.gather(tensor.contiguous())
+    return tensor.bool() if is_mask else tensor
+
+
+def reduce_sum(accelerator: Accelerator, stats: dict[str, float]) -> dict[str, float]:
+    """Sum each statistic over processes, in one all-reduce. One process: the dict itself."""
+    if accelerator.num_processes == 1 or not stats:
+        return stats
+    keys = sorted(stats)
+    values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="sum")
+    return dict(zip(keys, values.tolist()))
