@@ -148,6 +148,8 @@ def one_run(args) -> dict:
         if "mixed_precision" not in {f.name for f in dataclasses.fields(PPOConfig)}:
             raise SystemExit("--bf16: this wprlhf's PPOConfig has no mixed_precision option")
         precision = {"mixed_precision": "bf16"}
+    if args.lora:  # LoRA on the policy, reference = adapters off: less memory, and not the same work
+        precision.update(lora_r=args.lora, lora_alpha=2.0 * args.lora)
     # The peer's optimiser settings: lr 3e-6 decaying linearly to 0, beta 0.05 fixed, no gradient clipping.
     config = PPOConfig(
         policy=args.model, reward="length", seed=args.seed, **work, max_prompt_length=32, response_length=32,
@@ -238,6 +240,8 @@ def child_command(args, model: str) -> list[str]:
         cmd.append("--no-timers")
     if args.bf16:
         cmd.append("--bf16")
+    if args.lora:
+        cmd += ["--lora", str(args.lora)]
     return cmd
 
 
@@ -286,6 +290,7 @@ def main() -> None:
         help="length: the built-in text reward; tiny-rm: the trl peer's random tiny reward model",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (PPOConfig.mixed_precision), not the work")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the policy (0 = full fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_ppo.jsonl)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one run, JSON on stdout

@@ -107,6 +107,8 @@ def variants(args, trl_python: str) -> list[dict]:
         if wprlhf_has_bf16(args.wprlhf_python):
             out.append({**out[0], "label": "wprlhf bf16", "argv": [*out[0]["argv"], "--bf16"]})
         out.append({**out[1], "label": "trl bf16", "argv": [*out[1]["argv"], "--bf16"]})
+    if args.lora:  # no trl counterpart: LoRA is not the same work (a row of its own, for memory)
+        out.append({**out[0], "label": f"wprlhf LoRA r={args.lora}", "argv": [*out[0]["argv"], "--lora", str(args.lora)]})
     return out
 
 
@@ -161,13 +163,15 @@ def speed_table(config: str, by_label: dict[str, list[dict]], labels: list[str])
         cells = " | ".join(metric_cell(rs, key, digits) for key, _, digits, _ in METRICS)
         lines.append(f"| {label} | {len(rs)} | {cells} | {probes} | {med([r['cpu_util'] for r in rs]):.2f} | "
                      f"{load:.2f} |")  # fmt: skip
-    for a, b in (("wprlhf", "trl"), ("wprlhf bf16", "trl bf16")):
+    lora = [(label, "trl") for label in labels if label.startswith("wprlhf LoRA")]
+    for a, b in (("wprlhf", "trl"), ("wprlhf bf16", "trl bf16"), *lora):
         if by_label.get(a) and by_label.get(b):
             cells = []
             for key, _, _, _ in METRICS:
                 x, y = med([r[key] for r in by_label[a]]), med([r[key] for r in by_label[b]])
                 cells.append(f"**{x / y:.2f}×**" if y else "—")
-            lines.append(f"| **{a} ÷ {b}** (of medians) | | " + " | ".join(cells) + " | | | |")
+            note = " (not the same work)" if "LoRA" in a else ""
+            lines.append(f"| **{a} ÷ {b}** (of medians){note} | | " + " | ".join(cells) + " | | | |")
     return lines
 
 
@@ -293,6 +297,7 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side and config (≥3 to compare)")
     parser.add_argument("--best", action="store_true", help="add each side's bf16 mixed-precision row")
+    parser.add_argument("--lora", type=int, default=0, help="add a wprlhf LoRA row of this rank (not the same work)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
     parser.add_argument("--wprlhf-python", default=str(REPO / ".venv" / "bin" / "python"))

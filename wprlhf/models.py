@@ -284,6 +284,23 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload() if is_lora(model) else model
 
 
+# Causal LMs whose logits are exactly head(backbone(x).last_hidden_state), with nothing after the head (no logit
+# scaling or soft-capping): for these, training forwards call the two parts themselves (see ppo.policy_forward).
+PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2", "smollm3",
+                    "starcoder2", "stablelm"}  # fmt: skip
+
+
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(backbone, bias-free output head) of a causal LM in PLAIN_HEAD_TYPES (LoRA-wrapped or not), else None."""
+    inner = model.get_base_model() if is_lora(model) else model
+    if getattr(inner.config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    head = inner.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        return None
+    return inner.base_model, head
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute each layer's activations in the backward pass. transformers only checkpoints in train mode,
     so the model goes to train mode with its dropout modules kept off: the numbers stay those of eval mode."""

@@ -47,6 +47,7 @@ from .models import (
     add_lora,
     count_parameters,
     enable_gradient_checkpointing,
+    lm_parts,
     load_policy,
     make_optimizer,
     make_reference,
@@ -282,13 +283,20 @@ def policy_forward(
     """
     Tr = responses.shape[1]
     input_ids, attention_mask, position_ids = _model_inputs(queries, query_mask, responses, response_mask)
-    out = policy(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        logits_to_keep=Tr + 1, output_hidden_states=value_head is not None, use_cache=False,
-    )  # fmt: skip
-    logits = out.logits[:, :-1]  # (B, Tr, V): the logits at Tq-1 .. Tq+Tr-2 predict response tokens 0 .. Tr-1
-    logprobs, entropy = logprobs_and_entropy(logits, responses, temperature, with_entropy)
-    values = None if value_head is None else value_head(out.hidden_states[-1][:, -Tr - 1 : -1]).float()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    parts = lm_parts(policy)
+    if parts is not None:
+        backbone, head = parts
+        # The states at Tq-1 .. Tq+Tr-2 predict response tokens 0 .. Tr-1. 1/T goes on the H-wide states, not on
+        # the V-wide logits ((h/T)W = (hW)/T): two fewer passes over a (B, Tr, 49k) tensor, forward and backward.
+        hidden = backbone(**inputs).last_hidden_state[:, -Tr - 1 : -1]  # (B, Tr, H)
+        logits = head(hidden / temperature if temperature != 1.0 else hidden)  # (B, Tr, V)
+        logprobs, entropy = logprobs_and_entropy(logits, responses, 1.0, with_entropy)
+    else:
+        out = policy(**inputs, logits_to_keep=Tr + 1, output_hidden_states=value_head is not None)
+        hidden = out.hidden_states[-1][:, -Tr - 1 : -1] if value_head is not None else None
+        logprobs, entropy = logprobs_and_entropy(out.logits[:, :-1], responses, temperature, with_entropy)
+    values = None if value_head is None else value_head(hidden).float()
     return logprobs, values, entropy
 
 
@@ -581,6 +589,7 @@ class PPOTrainer:
         c, acc = self.config, self.accelerator
         world, rank = acc.num_processes, acc.process_index
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}  # minibatches that measured each statistic (entropy: the first epoch's)
         n_minibatches = 0
         stop = False
         for epoch in range(c.ppo_epochs):
@@ -599,15 +608,18 @@ class PPOTrainer:
                     # Gradients are all-reduced once per minibatch, after its last micro-batch.
                     sync = contextlib.nullcontext() if i == len(micro_starts) - 1 else acc.no_sync(self.model)
                     with sync:
-                        logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=True)
+                        # Entropy is a statistic, not a loss term: read it on the first epoch only (it costs
+                        # several passes over the (b, Tr, V) logits).
+                        logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=epoch == 0)
                         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, c.cliprange, n_tokens)
                         vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mask, c.cliprange_value, n_tokens)
                         # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
                         acc.backward((pg_loss + c.vf_coef * vf_loss) * world)
                     share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
                     micro = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-                             "entropy": float(masked_mean(entropy, mask)) * share,
                              **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
+                    if entropy is not None:
+                        micro["entropy"] = float(masked_mean(entropy, mask)) * share
                     for k, v in micro.items():
                         stats[k] = stats.get(k, 0.0) + v
                 stats = reduce_sum(acc, stats)
@@ -616,16 +628,19 @@ class PPOTrainer:
                     if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
                         stats["grad_norm"] = float(norm)
                 self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                # Zeroing keeps the gradient buffers: freeing them would make the next backward allocate ~4 bytes
+                # per parameter afresh, and on a CPU fresh memory costs a page fault per 4 KiB.
+                self.optimizer.zero_grad(set_to_none=False)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 n_minibatches += 1
                 if c.target_approxkl is not None and stats["approxkl"] > c.target_approxkl:
                     stop = True  # the policy moved too far from the rollout policy: the samples are stale
                     break
             if stop:
                 break
-        out = {k: v / n_minibatches for k, v in sums.items()}
+        out = {k: v / counts[k] for k, v in sums.items()}
         out["ppo_minibatches"] = n_minibatches
         return out
 
