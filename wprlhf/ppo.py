@@ -628,9 +628,9 @@ class PPOTrainer:
                     if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
                         stats["grad_norm"] = float(norm)
                 self.optimizer.step()
-                # Zeroing keeps the gradient buffers: freeing them would make the next backward allocate ~4 bytes
-                # per parameter afresh, and on a CPU fresh memory costs a page fault per 4 KiB.
-                self.optimizer.zero_grad(set_to_none=False)
+                # Freed, not zeroed: kept gradient buffers raised peak RSS of the smollm2 benchmark by ~650 MiB
+                # (they sit beside the next rollout's activations) for no measurable speed-up.
+                self.optimizer.zero_grad(set_to_none=True)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
