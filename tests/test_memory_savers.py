@@ -85,6 +85,26 @@ def test_gradient_checkpointing_gives_the_same_update(tokenizer):
     torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=0)
 
 
+def test_gradient_checkpointing_recomputes_in_training_and_samples_with_the_kv_cache(tokenizer):
+    """transformers turns the KV cache off in checkpointed layers in train mode: sampling must not see that mode,
+    training must (or nothing is recomputed)."""
+    from wprlhf.models import checkpointing
+
+    samples = {}
+    for flag in (False, True):
+        policy, _ = load_policy("tiny")
+        trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, gradient_checkpointing=flag,
+                                       response_length=6, stop_at_eos=False), policy, tokenizer)  # fmt: skip
+        samples[flag] = trainer.generate(PROMPTS[:4])[2].responses
+        if flag:
+            layers = [m for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+            assert layers and not any(m.training for m in layers)
+            with checkpointing(trainer.model):
+                assert all(m.training for m in layers)
+                assert not any(m.training for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout))
+    assert torch.equal(samples[False], samples[True])
+
+
 def test_bf16_autocast_trains(tokenizer):
     policy, _ = load_policy("tiny")
     before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])

@@ -9,6 +9,7 @@ The only module that resolves model names; hub access happens here and nowhere e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -302,13 +303,27 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each layer's activations in the backward pass. transformers only checkpoints in train mode,
-    so the model goes to train mode with its dropout modules kept off: the numbers stay those of eval mode."""
+    """Let `checkpointing(model)` recompute each layer's activations in the backward pass (the model stays in
+    eval mode; see there)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.eval()
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module):
+    """Inside: the model's checkpointed layers recompute activations in the backward pass.
+
+    transformers checkpoints a layer only while that layer is in train mode, and then also turns its KV cache
+    off, which sampling needs. So the layers themselves (not their children: dropout stays off) are switched to
+    train mode for the training forwards only. No-op for a model without gradient checkpointing.
+    """
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 def make_optimizer(name: str, groups: list[dict], eps: float, weight_decay: float, device: torch.device):

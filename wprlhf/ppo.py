@@ -45,6 +45,7 @@ from .metrics import MetricsLogger
 from .models import (
     ValueHead,
     add_lora,
+    checkpointing,
     count_parameters,
     enable_gradient_checkpointing,
     lm_parts,
@@ -610,7 +611,8 @@ class PPOTrainer:
                     with sync:
                         # Entropy is a statistic, not a loss term: read it on the first epoch only (it costs
                         # several passes over the (b, Tr, V) logits).
-                        logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=epoch == 0)
+                        with checkpointing(self.model):  # a no-op unless gradient_checkpointing is on
+                            logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=epoch == 0)
                         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, c.cliprange, n_tokens)
                         vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mask, c.cliprange_value, n_tokens)
                         # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
