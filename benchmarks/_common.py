@@ -22,6 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 FAN_PROMPTS = REPO.parent / "shared" / "data" / "writing_prompts" / "fan_prompts.csv"
 
 
+# The peer's work per config (shared/peer/TRL_PPO_BENCHMARK.md), in wprlhf's PPOConfig names; bench_trl.py maps
+# them to trl's (num_mini_batches, num_ppo_epochs, total_episodes = batch_size * steps).
+WORK = {
+    "smollm2": {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 1, "steps": 2},
+    "tiny": {"batch_size": 16, "num_minibatches": 4, "ppo_epochs": 4, "steps": 4},
+}
+
+
 def prompt_texts(source: str = "auto") -> tuple[list[str], str]:
     """Prompt texts and the name of their source: `fan` (../shared/data, when present) or `builtin`."""
     if source in ("auto", "fan") and FAN_PROMPTS.exists():

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from _common import (
     REPO,
+    WORK,
     WorkCounter,
     append_jsonl,
     cpu_probe,
@@ -48,10 +49,6 @@ from _common import (
     versions,
 )
 
-WORK = {
-    "smollm2": {"batch_size": 8, "num_minibatches": 2, "ppo_epochs": 1, "steps": 2},
-    "tiny": {"batch_size": 16, "num_minibatches": 4, "ppo_epochs": 4, "steps": 4},
-}
 # The trl peer's medians on this kind of machine (another session: indicative only).
 PEER = {"tiny": {"episodes_per_s": 3.80, "peak_rss_mib": 1.06 * 1024},
         "smollm2": {"episodes_per_s": 0.497, "peak_rss_mib": 5.77 * 1024}}  # fmt: skip

@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from _common import (
+    WORK,
     WorkCounter,
     append_jsonl,
     cpu_probe,
@@ -62,10 +63,6 @@ from _common import (
     peak_rss_mib,
 )
 
-WORK = {
-    "smollm2": {"batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 1, "updates": 2},
-    "tiny": {"batch_size": 16, "num_mini_batches": 4, "num_ppo_epochs": 4, "updates": 4},
-}
 # transformers LlamaConfig fields of the peer's `tiny` (everything else at its defaults); vocab = the tokenizer's.
 TINY_ARCH = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
              "intermediate_size": 256, "hidden_act": "silu", "tie_word_embeddings": False,
@@ -189,7 +186,7 @@ def make_trainer(args, work: dict, episodes: int, tokenizer, policy, reference, 
     config = PPOConfig(
         output_dir=str(output_dir), seed=42, per_device_train_batch_size=work["batch_size"],
         gradient_accumulation_steps=1, local_rollout_forward_batch_size=work["batch_size"],
-        num_mini_batches=work["num_mini_batches"], num_ppo_epochs=work["num_ppo_epochs"], total_episodes=episodes,
+        num_mini_batches=work["num_minibatches"], num_ppo_epochs=work["ppo_epochs"], total_episodes=episodes,
         response_length=RESPONSE_TOKENS, temperature=0.7, stop_token=None, stop_token_id=None,
         missing_eos_penalty=None, learning_rate=3e-6, lr_scheduler_type="linear", weight_decay=0.0,
         optim="adamw_torch_fused", kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
@@ -303,7 +300,7 @@ def one_run(args) -> dict:
     torch.set_num_threads(args.threads)
     work = WORK[args.config]
     B = work["batch_size"]
-    episodes = args.episodes or B * work["updates"]
+    episodes = args.episodes or B * work["steps"]
     if episodes % B:
         raise SystemExit(f"--episodes must be a multiple of the batch size {B}")
     updates = episodes // B
@@ -365,8 +362,8 @@ def one_run(args) -> dict:
         "gradient_checkpointing_active": bool(getattr(policy, "is_activation_checkpointing", False)),
         "attn_implementation": policy.config._attn_implementation, "dtype": str(next(policy.parameters()).dtype),
         "work": work_counts,
-        "settings": {"batch_size": B, "num_minibatches": work["num_mini_batches"],
-                     "ppo_epochs": work["num_ppo_epochs"], "steps": updates, "prompt_tokens": QUERY_TOKENS,
+        "settings": {"batch_size": B, "num_minibatches": work["num_minibatches"],
+                     "ppo_epochs": work["ppo_epochs"], "steps": updates, "prompt_tokens": QUERY_TOKENS,
                      "response_tokens": RESPONSE_TOKENS, "temperature": 0.7, "top_k": 0, "top_p": 1.0,
                      "threads": torch.get_num_threads(), "value_model": "separate", "lr": config.learning_rate,
                      "lr_scheduler": enum_value(config.lr_scheduler_type), "optim": enum_value(config.optim),

@@ -218,7 +218,7 @@ def evaluate_loss(model, tokenizer, comparisons: list[Comparison], max_length: i
 def fold_normalization(model: nn.Module, mean: float, std: float) -> None:
     """Rescale the head so that its outputs become (r - mean) / std; a bias-free head keeps the shift in
     config.reward_offset (applied by wprlhf's `score`)."""
-    head = getattr(model, "classifier", None) or getattr(model, "score")
+    head = getattr(model, "classifier", None) or model.score
     if isinstance(head, nn.Sequential) or not isinstance(head, nn.Linear):  # e.g. RoBERTa's two-layer head
         head = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
     with torch.no_grad():
@@ -313,15 +313,15 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     if main:
         logger.close()
 
+    acc.wait_for_everyone()
+    if not main:  # the others' copies are never saved: normalising and evaluating them would be wasted work
+        return {}
     # Normalise over the training data's responses (lm-human-preferences normalises over reference samples).
     texts = [(c.prompt, r) for c in train_set for r in c.responses]
     sample = rng.sample(texts, min(len(texts), config.normalize_samples))
     raw = score(model, tokenizer, [p for p, _ in sample], [r for _, r in sample], config.max_length)
     mean, std = float(raw.mean()), float(raw.std().clamp(min=1e-6))
     fold_normalization(model, mean, std)
-    acc.wait_for_everyone()
-    if not main:
-        return {}
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
