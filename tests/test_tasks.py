@@ -15,6 +15,7 @@ from wprlhf.cli import main
 from wprlhf.errors import UserError
 from wprlhf.labelers import sentiment
 from wprlhf.metrics import read_metrics
+from wprlhf.models import load_tokenizer
 from wprlhf.ppo import PPOConfig, check_resumable
 from wprlhf.tasks import (
     CONTROLS,
@@ -23,8 +24,10 @@ from wprlhf.tasks import (
     controlled,
     load_openings,
     load_task,
+    sft_stories,
     split_control,
 )
+from wprlhf.sft import encode_examples
 
 TINY_RUN = ["--policy", "tiny", "--batch-size", "4", "--num-minibatches", "2", "--ppo-epochs", "1",
             "--response-length", "6", "--log-samples", "2", "--sample-every", "1"]  # fmt: skip
@@ -158,6 +161,60 @@ def test_sentiment_control_reward_and_judge_flip_with_the_prefix(classifier_dir)
 def test_bad_tasks(tmp_path, name, classifier, message):
     with pytest.raises(UserError, match=message):
         load_task(name, classifier.format(tmp=tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ sft --task
+
+SFT_REVIEWS = [("What a ride this movie turned out to be. Loved every minute of it, truly.", 1),
+               ("I expected very little and got even less than that from it. Awful.", 0),
+               ("Short.", 1),  # no continuation after its opening: left out
+               ("A gentle, funny film about two sisters and a farm, with a great score.", 1)]  # fmt: skip
+
+
+def test_sft_stories_prefix_each_opening_with_its_label(tmp_path):
+    data = write_reviews(tmp_path / "reviews.csv", SFT_REVIEWS)
+    stories = sft_stories("sentiment-control", data)
+    assert [(s.prompt, s.response) for s in stories] == [
+        ("[positive] What a ride this movie turned out to", " be. Loved every minute of it, truly."),
+        ("[negative] I expected very little and got even less", " than that from it. Awful."),
+        ("[positive] A gentle, funny film about two sisters and", " a farm, with a great score.")]  # fmt: skip
+    assert len({s.prompt_id for s in stories}) == 3 and all(s.rank == 0 for s in stories)
+    assert [s.prompt for s in sft_stories("positive-reviews", data)] == [
+        "What a ride this movie turned out to", "A gentle, funny film about two sisters and"]  # fmt: skip
+
+
+def test_sft_task_examples_tokenize_as_ppo_continues_them(tmp_path):
+    """Prompt tokens then continuation tokens, nothing between: the boundary PPO samples across."""
+    tokenizer = load_tokenizer("tiny")
+    story = sft_stories("sentiment-control", write_reviews(tmp_path / "r.csv", SFT_REVIEWS))[0]
+    (example,) = encode_examples(tokenizer, [story.prompt], [story.response], 64, chat_template=False, separator="")
+    assert example.prompt_ids == tokenizer(story.prompt)["input_ids"]
+    assert tokenizer.decode(example.prompt_ids + example.response_ids) == story.prompt + story.response + tokenizer.eos_token
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("happy-reviews", "{data}", "unknown task 'happy-reviews'"),
+    ("sentiment-control", "", "learns from labelled reviews: pass --data"),
+    ("sentiment-control", "{tmp}/missing.csv", "missing.csv"),
+])  # fmt: skip
+def test_sft_stories_bad_input(tmp_path, name, data, message):
+    data = data.format(data=write_reviews(tmp_path / "r.csv", SFT_REVIEWS), tmp=tmp_path)
+    with pytest.raises(UserError, match=message):
+        sft_stories(name, data)
+
+
+def test_sft_task_cli_trains_on_control_prefixed_reviews(tmp_path, capsys):
+    data = write_reviews(tmp_path / "reviews.csv", SFT_REVIEWS * 3)
+    out = tmp_path / "sft"
+    argv = ["sft", "--task", "sentiment-control", "--policy", "tiny", "--data", data, "--out", out,
+            "--batch-size", 2, "--gradient-accumulation-steps", 1, "--max-length", 48, "--val-fraction", 0.3,
+            "--n-samples", 1, "--sample-tokens", 4]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "sentiment-control" and config["chat_template"] is False
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].split(" ", 1)[0] in ("[positive]", "[negative]") for s in samples)
+    assert (out / "policy" / "model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------ ppo --task

@@ -60,6 +60,12 @@ class SFTConfig:
     """Format as a user turn (the prompt) and an assistant turn (the story) with the tokenizer's chat template
     where it has one, exactly as `wprlhf ppo` and `wprlhf sample` encode prompts; otherwise (or False) the text
     is prompt + "\\n\\n" + story + EOS."""
+    task: str = ""
+    """Learn a review task's format instead of stories (`wprlhf.tasks.sft_stories`): 'sentiment-control' (control
+    prefix + opening -> the labelled review's continuation) or 'positive-reviews'. `data` then names labelled
+    reviews (a 'text,label' file or a directory such as ../shared/data/imdb), and the text is plain: prompt and
+    continuation joined with nothing between, as `wprlhf ppo --task` continues an opening (chat_template is
+    ignored)."""
     keep_meta: bool = False
     """Keep Reddit meta lines (edits, links, thanks for gold) in the stories. Off, so the model does not learn to
     write them."""
@@ -160,13 +166,14 @@ class Example:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def format_example(tokenizer, prompt: str, response: str, chat_template: bool = True) -> tuple[str, str]:
+def format_example(tokenizer, prompt: str, response: str, chat_template: bool = True,
+                   separator: str = "\n\n") -> tuple[str, str]:  # fmt: skip
     """(prompt_text, completion_text): the text before the story, and the story with its end marker.
 
     Chat models: prompt_text is the template of [user: prompt] with the assistant's turn opened, as
     generation.encode_prompts builds it; completion_text is what the template adds for [assistant: response],
     trailing whitespace dropped: the story and the end-of-turn marker (`<|im_end|>` for SmolLM2), so the model
-    learns to stop. Plain models (or chat_template=False): prompt + "\\n\\n", and story + EOS.
+    learns to stop. Plain models (or chat_template=False): prompt + separator, and story + EOS.
     """
     if chat_template and getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
@@ -180,11 +187,11 @@ def format_example(tokenizer, prompt: str, response: str, chat_template: bool = 
         if completion.endswith(response) and tokenizer.eos_token:  # a template with no end-of-turn marker
             completion += tokenizer.eos_token
         return prompt_text, completion
-    return prompt + "\n\n", response + (tokenizer.eos_token or "")
+    return prompt + separator, response + (tokenizer.eos_token or "")
 
 
 def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
-                    chat_template: bool = True) -> list[Example]:  # fmt: skip
+                    chat_template: bool = True, separator: str = "\n\n") -> list[Example]:  # fmt: skip
     """(prompt, story) texts -> Examples of at most max_length tokens, the story cut at its end first.
 
     The prompt and the completion are tokenized apart, as at generation time (the prompt is encoded, the model
@@ -196,7 +203,7 @@ def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     if not prompts:
         return []
     use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
-    texts = [format_example(tokenizer, p, r, chat_template) for p, r in zip(prompts, responses)]
+    texts = [format_example(tokenizer, p, r, chat_template, separator) for p, r in zip(prompts, responses)]
     # The template holds its special tokens already; a plain prompt gets the tokenizer's usual ones (BOS).
     prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=not use_template)["input_ids"]
     # Special-token strings in the completion (<|im_end|>, EOS) become their single ids.
@@ -452,16 +459,23 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     from tqdm.auto import tqdm
 
     from .data import load_responses, split_by_prompt
+    from .tasks import sft_stories
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if not config.data:
+    if not config.data and not config.task:
         raise UserError(f"sft needs --data: a responses file, a directory or a hub id, e.g. --data {EXAMPLE_DATA}")
     if (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; choose another --out or pass --force to overwrite it")
+    separator = "\n\n"
+    if config.task:  # a task's prompts are openings that PPO continues as plain text: SFT formats them so too
+        config, separator = dataclasses.replace(config, chat_template=False), ""
 
     # --- data: split by prompt first, so the held-out prompts do not depend on the filters or the subset
-    responses = load_responses(config.data, keep_meta=config.keep_meta)
+    if config.task:
+        responses = sft_stories(config.task, config.data)
+    else:
+        responses = load_responses(config.data, keep_meta=config.keep_meta)
     if not responses:
         raise UserError(f"{config.data} holds no stories; it needs rows with prompt_id, prompt, response_id, response")
     train_stories, val_stories = split_by_prompt(responses, config.val_fraction, seed=42)
@@ -485,7 +499,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
 
     def encode(stories):
         return encode_examples(tokenizer, [s.prompt for s in stories], [s.response for s in stories],
-                               config.max_length, config.chat_template)  # fmt: skip
+                               config.max_length, config.chat_template, separator)  # fmt: skip
 
     train_examples, val_examples = encode(train_stories), encode(val_stories)
     train_rows = pack(train_examples, config.max_length) if config.packing else [[e] for e in train_examples]

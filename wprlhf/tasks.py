@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, log_odds_reward
-from .data import read_rows
+from .classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, load_labelled, log_odds_reward
+from .data import Response, read_rows
 from .errors import UserError
 from .evaluation import mean_ci, paired_means, sample_with_kl, text_stats
 from .generation import GenerationConfig
@@ -173,6 +173,47 @@ def load_task(name: str, classifier_dir: str | Path, data: str | Path | None = N
     if name == "positive-reviews":
         return Task(name, openings, reward_fn, judge_fn)
     return Task(name, control_prompts(openings), controlled(reward_fn), controlled(judge_fn))
+
+
+CONTINUATION_WORDS = 40
+"""Words of a review after its opening that `sft_stories` keeps as the continuation to imitate: a PPO response
+is 24 tokens or so, and 40 words say plenty about a review's verdict."""
+
+
+def sft_stories(name: str, data: str | Path) -> list[Response]:
+    """Labelled reviews as supervised examples in the task's own prompt format, for `wprlhf sft --task NAME`.
+
+    sentiment-control: "[positive] <opening>" or "[negative] <opening>" (by the review's label) -> the review's
+    next CONTINUATION_WORDS words. This is the control-code recipe (Keskar et al. 2019): a 135M model reads no
+    meaning into "[positive]" by itself (measured: its samples under the three prefixes differ by a few points of
+    P(positive)), and PPO spends most of its episodes discovering it, so SFT on labelled text first teaches the
+    prefix's meaning and PPO sharpens it. IMDB has no neutral reviews, so "[neutral]" is left to PPO.
+    positive-reviews: positive reviews' openings -> their continuations (an SFT baseline for the PPO task).
+
+    Each continuation starts with a space, so `wprlhf sft` joins it to its prompt with nothing between, exactly as
+    PPO continues an opening. prompt_id is the review's row, so SFT's held-out split keeps reviews apart.
+    """
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if not data:
+        raise UserError(f"sft --task {name} learns from labelled reviews: pass --data with a 'text,label' file or "
+                        "a directory holding imdb_train.csv (e.g. ../shared/data/imdb)")  # fmt: skip
+    texts, labels = load_labelled(data, "train")
+    stories = []
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        if name == "positive-reviews" and label != 1:
+            continue
+        start = opening(text).split()
+        words = text.split()[len(start) : len(start) + CONTINUATION_WORDS]
+        if len(start) < 3 or not words:
+            continue  # too short to give an opening and something after it
+        prompt = " ".join(start)
+        if name == "sentiment-control":
+            prompt = f"{CONTROLS[2] if label == 1 else CONTROLS[0]} {prompt}"
+        stories.append(Response(f"review-{i}", prompt, f"review-{i}", " " + " ".join(words), rank=0))
+    if not stories:
+        raise UserError(f"{data} gives no review with 3 or more opening words and a continuation for task {name}")
+    return stories
 
 
 # ==========================================================================================================
