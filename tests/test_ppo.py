@@ -105,14 +105,25 @@ def test_padded_batch_gives_per_example_logprobs(tiny, tokenizer):
             torch.testing.assert_close(batch_v[i, :n], v[0], atol=1e-5, rtol=0)
 
 
-def _one_update(tokenizer, **overrides):
+def _one_update(tokenizer, separate_backwards=None, **overrides):
     policy, _ = load_policy("tiny")
     config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, ppo_epochs=1, lr=1e-3, **overrides)
     trainer = PPOTrainer(config, policy, tokenizer)
+    if separate_backwards is not None:
+        trainer.separate_backwards = separate_backwards
     queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
     responses = [torch.tensor([100 + n, 200, 300, 400][:n]) for n in (4, 2, 3, 1)]
     trainer.step(queries, responses, [1.0, -1.0, 0.5, 0.0])
-    return torch.cat([p.detach().flatten() for p in policy.parameters()])
+    return torch.cat([p.detach().flatten() for model in trainer.models().values() for p in model.parameters()])
+
+
+def test_policy_then_value_backwards_equal_one_joint_backward(tokenizer):
+    """The memory saver of one-process runs (policy backward before the value forward) changes no update."""
+    start = torch.cat([p.detach().flatten() for p in (*load_policy("tiny")[0].parameters(),)])
+    separate = _one_update(tokenizer, separate_backwards=True, gradient_accumulation_steps=2)
+    joint = _one_update(tokenizer, separate_backwards=False, gradient_accumulation_steps=2)
+    assert (separate[: len(start)] - start).abs().max() > 1e-4  # the policy moved
+    torch.testing.assert_close(separate, joint, atol=1e-6, rtol=0)
 
 
 def test_gradient_accumulation_equals_full_minibatch(tokenizer):
