@@ -453,7 +453,7 @@ class PPOTrainer:
         )
         self.trainable = policy_params + value_params
         # One process and a separate value model: the policy's loss is backpropagated before the value model runs,
-        # so the two models' activations are never held at once (peak RSS of the smollm2 benchmark -250 MiB; the
+        # so the two models' activations are never held at once (peak RSS of the smollm2 benchmark -350 MiB; the
         # gradients are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
         self.separate_backwards = self.value_model is not None and self.accelerator.distributed_type == "NO"
         if config.adaptive_kl:
