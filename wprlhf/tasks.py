@@ -5,7 +5,8 @@ evaluation on held-out openings.
   classifier's log-odds that the review (opening + continuation) is positive.
 - `sentiment-control`: each opening carries a control prefix, `[negative]`, `[neutral]` or `[positive]`; the reward
   is the log-odds for `[positive]`, minus the log-odds for `[negative]`, and -|log-odds| for `[neutral]`, so one
-  policy learns to write to order.
+  policy learns to write to order. A small model reads nothing into the prefixes at first; `sft_stories` (`wprlhf
+  sft --task sentiment-control`) teaches them from labelled reviews before PPO.
 
 The judge is VADER's compound polarity of the same review, signed the same way as the reward: a lexicon that
 shares no weights with the classifier, so a policy that games the classifier shows as reward rising without the
