@@ -621,12 +621,13 @@ class PPOTrainer:
                         else:
                             logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=epoch == 0)
                         pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mask, c.cliprange, n_tokens)
-                        if self.separate_backwards:
-                            acc.backward(pg_loss * world)
+                        if self.separate_backwards:  # frees the policy's activations before the value model runs
+                            acc.backward(pg_loss)
                             values = value_forward(self.value_model, *batch)
                         vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mask, c.cliprange_value, n_tokens)
+                        loss = c.vf_coef * vf_loss + (0.0 if self.separate_backwards else pg_loss)
                         # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
-                        acc.backward((c.vf_coef * vf_loss if self.separate_backwards else pg_loss + c.vf_coef * vf_loss) * world)
+                        acc.backward(loss * world)
                     share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
                     micro = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
                              **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
