@@ -155,10 +155,14 @@ def controlled(score_fn: ScoreFn) -> ScoreFn:
 TASKS = ("positive-reviews", "sentiment-control")
 
 
-def check_task(name: str, classifier_dir: str | Path) -> None:
-    """A UserError for an unknown task name or a missing classifier, before anything slow is loaded."""
+def check_task_name(name: str) -> None:
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+
+
+def check_task(name: str, classifier_dir: str | Path) -> None:
+    """A UserError for an unknown task name or a missing classifier, before anything slow is loaded."""
+    check_task_name(name)
     if not classifier_dir:
         raise UserError(f"task {name} needs --classifier DIR: a sentiment classifier written by "
                         "`wprlhf classifier train` (its log-odds of positive is the reward)")  # fmt: skip
@@ -194,8 +198,7 @@ def sft_stories(name: str, data: str | Path) -> list[Response]:
     Each continuation starts with a space, so `wprlhf sft` joins it to its prompt with nothing between, exactly as
     PPO continues an opening. prompt_id is the review's row, so SFT's held-out split keeps reviews apart.
     """
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    check_task_name(name)
     if not data:
         raise UserError(f"sft --task {name} learns from labelled reviews: pass --data with a 'text,label' file or "
                         "a directory holding imdb_train.csv (e.g. ../shared/data/imdb)")  # fmt: skip
