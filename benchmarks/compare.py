@@ -108,7 +108,9 @@ def variants(args, trl_python: str) -> list[dict]:
             out.append({**out[0], "label": "wprlhf bf16", "argv": [*out[0]["argv"], "--bf16"]})
         out.append({**out[1], "label": "trl bf16", "argv": [*out[1]["argv"], "--bf16"]})
     if args.lora:  # no trl counterpart: LoRA is not the same work (a row of its own, for memory)
-        out.append({**out[0], "label": f"wprlhf LoRA r={args.lora}", "argv": [*out[0]["argv"], "--lora", str(args.lora)]})
+        out.append(
+            {**out[0], "label": f"wprlhf LoRA r={args.lora}", "argv": [*out[0]["argv"], "--lora", str(args.lora)]}
+        )
     return out
 
 
@@ -235,6 +237,67 @@ def phase_table(by_label: dict[str, list[dict]], labels: list[str]) -> list[str]
     return lines
 
 
+# Embedding table (vocab x hidden) of each config's models (../shared/peer/TRL_PPO_BENCHMARK.md): looked up, not
+# multiplied, except where the policy and reference use it as their tied output head.
+EMBEDDING_PARAMS = {"tiny": 49152 * 64, "smollm2": 49152 * 576}
+ADAMW_BYTES_PER_PARAM = 7 * 4  # fp32 AdamW reads param, grad, exp_avg, exp_avg_sq and writes param and both moments
+
+
+def phase_work(config: str, work: dict) -> dict[str, tuple[float, str]]:
+    """The least each phase must compute or move for this work, the same for both sides: GFLOP for the matmuls
+    (2 x non-embedding parameters x tokens, plus the output head on the rows that need logits; attention scores,
+    norms and activations left out, so rates computed from it are lower bounds), GB of weights for sampling (each
+    decoding step reads every weight once) and for AdamW."""
+    e = EMBEDDING_PARAMS[config]
+    pol, ref, val = work["policy"], work["reference"], work["value"]
+    body = lambda m, tokens: 2 * (m["params"] - e) * tokens
+    head = lambda rows: 2 * e * rows
+    train_fwd = body(pol, pol["grad_tokens"]) + head(work["trained_tokens"]) + body(val, val["grad_tokens"])
+    return {
+        "generate": ((body(pol, pol["gen_tokens"]) + head(work["sampled_tokens"])) / 1e9, "GFLOP"),
+        "generate (weights read)": (pol["gen_calls"] * pol["params"] * 4 / 1e9, "GB"),
+        "rollout_ref_fwd": ((body(ref, ref["fwd_tokens"]) + head(work["sampled_tokens"])) / 1e9, "GFLOP"),
+        "rollout_value_fwd": (body(val, val["fwd_tokens"]) / 1e9, "GFLOP"),
+        "train_forward": (train_fwd / 1e9, "GFLOP"),
+        "train_backward": (2 * train_fwd / 1e9, "GFLOP"),
+        "train_optimizer_step": (
+            work["optimizer_steps"] * work["optimizer_params"] * ADAMW_BYTES_PER_PARAM / 1e9,
+            "GB",
+        ),
+    }
+
+
+RATES_NOTE = (
+    "Each phase's median time, turned into the rate it achieved on the least work that phase must do "
+    "(the same for both sides): GFLOP = 2 × non-embedding parameters × tokens, plus the output head on "
+    "the rows that need logits (attention scores, norms and activations left out, so the rates are lower "
+    "bounds), against the CPU probe; GB = the weights that sampling reads once per decoding step, and "
+    "that AdamW reads and writes once per step. A phase near the probe has little left to gain on this "
+    "CPU; a gap between the sides is what one of them wastes."
+)
+
+
+def rate_table(config: str, by_label: dict[str, list[dict]]) -> list[str]:
+    """Each phase's median time turned into the rate it achieved on the least work it must do: GFLOP/s against
+    the CPU probe (a large fp32 matmul) for compute, GB/s for weight reads. A phase near the probe has little
+    left to gain on this CPU; the gap between the sides is what one implementation wastes."""
+    wp, tr = by_label.get("wprlhf", []), by_label.get("trl", [])
+    if not wp or not tr or config not in EMBEDDING_PARAMS:
+        return []
+    probe = med([r[k] for r in wp + tr for k in ("probe_gflops_before", "probe_gflops_after")])
+    lines = ["| phase | least work | wprlhf s | wprlhf rate | trl s | trl rate |", "|---|---:|---:|---:|---:|---:|"]
+    for phase, (amount, unit) in phase_work(config, wp[0]["work"]).items():
+        key = phase.split(" ")[0]
+        cells = []
+        for rs in (wp, tr):
+            t = med([r["phases_s"][key] for r in rs if key in r.get("phases_s", {})])
+            rate = amount / t if t and not math.isnan(t) else float("nan")
+            share = f" ({rate / probe:.0%} of probe)" if unit == "GFLOP" else ""
+            cells += [f"{t:.2f}", f"{rate:.1f} {unit}/s{share}"]
+        lines.append(f"| {phase} | {amount:,.1f} {unit} | " + " | ".join(cells) + " |")
+    return lines + ["", f"CPU probe (fp32 1024³ matmul), median over these runs: {probe:.0f} GFLOP/s."]
+
+
 def git_state() -> str:
     def git(*a):
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False).stdout
@@ -288,6 +351,10 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         phases = phase_table(by_label, labels)
         if phases:
             out += [f"### {config}: time per phase (median seconds, share of median wall)", ""] + phases + [""]
+        rates = rate_table(config, by_label)
+        if rates:
+            out += [f"### {config}: where the time goes, against what the CPU can do", "", RATES_NOTE, ""]
+            out += rates + [""]
     out += ["Raw JSON lines: `benchmarks/results_compare.jsonl` (one per run, with `variant`, `repeat` and `command`)."]
     return "\n".join(out) + "\n"
 

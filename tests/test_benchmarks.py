@@ -1,0 +1,46 @@
+"""The benchmark's arithmetic (benchmarks/compare.py): the least work per phase that its rate table divides by."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "benchmarks" / "compare.py")
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+P = 134_515_008  # SmolLM2-135M with its tied embedding counted once
+E = 49152 * 576
+WORK = {
+    "policy": {"gen_calls": 64, "gen_tokens": 1008, "grad_tokens": 1024, "params": P},
+    "reference": {"fwd_tokens": 1024, "params": P},
+    "value": {"fwd_tokens": 1024, "grad_tokens": 1024, "params": P + 576},
+    "optimizer_steps": 4, "optimizer_params": 2 * P + 576, "sampled_tokens": 512, "trained_tokens": 512,
+}  # fmt: skip
+
+
+def test_phase_work_against_hand_counts():
+    work = {phase: amount for phase, (amount, _unit) in compare.phase_work("smollm2", WORK).items()}
+    body = P - E  # multiplied per token; the embedding only where it is the output head
+    assert work["generate"] == pytest.approx(((2 * body * 1008) + 2 * E * 512) / 1e9)
+    assert work["generate (weights read)"] == pytest.approx(64 * P * 4 / 1e9)
+    assert work["rollout_ref_fwd"] == pytest.approx((2 * body * 1024 + 2 * E * 512) / 1e9)
+    assert work["rollout_value_fwd"] == pytest.approx(2 * (body + 576) * 1024 / 1e9)
+    train_forward = 2 * body * 1024 + 2 * E * 512 + 2 * (body + 576) * 1024
+    assert work["train_forward"] == pytest.approx(train_forward / 1e9)
+    assert work["train_backward"] == pytest.approx(2 * train_forward / 1e9)
+    assert work["train_optimizer_step"] == pytest.approx(4 * (2 * P + 576) * 28 / 1e9)
+
+
+def test_rate_table_divides_work_by_median_phase_time():
+    def record(side, generate_s):
+        return {"side": side, "work": WORK, "probe_gflops_before": 100.0, "probe_gflops_after": 100.0,
+                "phases_s": {"generate": generate_s, "train_backward": 10.0}}  # fmt: skip
+
+    by_label = {"wprlhf": [record("wprlhf", s) for s in (4.0, 5.0, 60.0)], "trl": [record("trl", 8.0)]}
+    rows = {line.split(" | ")[0].strip("| "): line for line in compare.rate_table("smollm2", by_label)}
+    gen_gb = 64 * P * 4 / 1e9
+    assert f"| 5.00 | {gen_gb / 5.0:.1f} GB/s |" in rows["generate (weights read)"]  # the median, not the mean
+    assert f"| 8.00 | {gen_gb / 8.0:.1f} GB/s |" in rows["generate (weights read)"]
+    assert "(93% of probe)" in rows["train_backward"]  # 2 x 464 GFLOP / 10 s against 100 GFLOP/s
+    assert compare.rate_table("smollm2", {"wprlhf": by_label["wprlhf"]}) == []  # one side alone: no comparison
