@@ -16,7 +16,9 @@ from wprlhf.reward_model import (
     comparison_loss,
     load_reward_model,
     longer_wins,
+    evaluate,
     score,
+    story_windows,
     train,
 )
 
@@ -153,3 +155,42 @@ def test_best_of_balanced_accuracy(toy_rm, tmp_path, capsys):
                  "--out", str(tmp_path / "b.json")]) == 0  # fmt: skip
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["n"] == 12 and result["balanced_accuracy"] == 1.0
+
+
+def test_story_windows_split_by_words_and_fold_a_short_tail():
+    assert story_windows("a b c d e f g", 3) == ["a b c", "d e f g"]  # "g" alone (under 3 / 2 words) joins the last
+    assert story_windows("a b c d e f g h", 3) == ["a b c", "d e f", "g h"]
+    assert story_windows("a  b\nc", 3) == ["a  b\nc"]  # short: the text as it is
+    assert story_windows("a b c d", 0) == ["a b c d"]
+
+
+def _ending_comparisons(n: int) -> list[Comparison]:
+    """Two stories per prompt, the same 20 filler words, told apart only by their last three words."""
+    words = ["the", "old", "house", "stood", "near", "a", "quiet", "road", "where", "rain", "fell", "on"]
+    out = []
+    for i in range(n):
+        filler = " ".join(words[(i + j) % len(words)] for j in range(20))
+        good, bad = f"{filler} good good good", f"{filler} bad bad bad"
+        pair = [good, bad] if i % 2 else [bad, good]
+        out.append(Comparison(f"Story {i}", pair, 0 if i % 2 else 1, labeler="toy", prompt_id=str(i)))
+    return out
+
+
+def test_windows_let_a_short_reward_model_read_a_story_to_its_end(tmp_path):
+    """At max_length 16 the stories' endings are cut off: only scoring every 6-word window (and training on
+    random windows) lets the model see what tells the pair apart."""
+    data = tmp_path / "train.jsonl"
+    write_comparisons(data, _ending_comparisons(120))
+    config = RewardConfig(data=str(data), model="tiny", max_length=16, window_words=6, epochs=6, batch_size=8,
+                          lr=3e-3, val_fraction=0.2, normalize_samples=100, warmup_ratio=0.1)  # fmt: skip
+    result = train(config, tmp_path / "model", progress=False)
+    assert result["accuracy"] >= 0.9
+    model, tokenizer = load_reward_model(tmp_path / "model")
+    assert model.config.reward_window_words == 6  # saved with the model: every scorer reads whole stories
+    held_out = _ending_comparisons(140)[120:]
+    windows = score(model, tokenizer, ["Story 0"], [held_out[0].responses[0]], max_length=16)
+    by_hand = score(model.__class__.from_pretrained(tmp_path / "model", reward_window_words=0), tokenizer,
+                    ["Story 0"] * 4, story_windows(held_out[0].responses[0], 6), max_length=16)  # fmt: skip
+    torch.testing.assert_close(windows, by_hand.mean().reshape(1), atol=1e-5, rtol=0)
+    model.config.reward_window_words = 0  # the opening alone: both stories of a pair look the same
+    assert evaluate(model, tokenizer, held_out, max_length=16)["accuracy"] == 0.0

@@ -51,6 +51,12 @@ class RewardConfig:
     batch_size: int = 16
     """Comparisons per optimizer step. Batches are drawn prompt by prompt, so a story shared by several
     comparisons of a batch is encoded once."""
+    window_words: int = 0
+    """Read long responses in windows of this many words (0 = one window: the start, cut at max_length). Training
+    draws one random window of each response per epoch; scoring averages the scores of all its windows, so the
+    reward sees a whole story, not just its opening (karma follows style spread over the story: a bag of words
+    over the first 96 words of a story predicts the better one of a pair 54 % of the time, over all of it 63 %).
+    Kept in the saved config as `reward_window_words`."""
     freeze_layers: int = 0
     """Freeze the embeddings and this many of the lowest transformer layers: their backward pass is most of the
     cost on a CPU, and the general features they carry change little when learning a reward."""
@@ -113,6 +119,23 @@ def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int)
                      return_tensors="pt")  # fmt: skip
 
 
+def story_windows(text: str, n: int) -> list[str]:
+    """Consecutive windows of n words (whitespace-split, rejoined with spaces); one window when n <= 0 or the text
+    is short. A last window under n/2 words joins the one before it, so no score rests on a few words."""
+    words = text.split()
+    if n <= 0 or len(words) <= n:
+        return [text]
+    chunks = [words[i : i + n] for i in range(0, len(words), n)]
+    if len(chunks[-1]) < n / 2:
+        tail = chunks.pop()
+        chunks[-1] += tail
+    return [" ".join(c) for c in chunks]
+
+
+def _window_words(model: nn.Module) -> int:
+    return int(getattr(getattr(model, "module", model).config, "reward_window_words", 0) or 0)
+
+
 def _forward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
     bare = getattr(model, "module", model)  # DDP-wrapped while training
@@ -122,20 +145,26 @@ def _forward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 @torch.no_grad()
 def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str], max_length: int = 256,
           batch_size: int = 32, progress: bool = False) -> torch.Tensor:  # fmt: skip
-    """Reward of each (prompt, response), batched, no grad. Returns (N,) float32 on the CPU."""
+    """Reward of each (prompt, response), batched, no grad. Returns (N,) float32 on the CPU.
+
+    A model trained with window_words scores a long response as the mean over its windows."""
     from tqdm.auto import tqdm
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    pieces = [story_windows(r, _window_words(model)) for r in responses]
+    owner = torch.tensor([i for i, ws in enumerate(pieces) for _ in ws], dtype=torch.long)  # (W,) response of each window
+    texts = [(prompts[i], w) for i, ws in enumerate(pieces) for w in ws]
     device = next(model.parameters()).device
     # Sorting by length keeps padding small; results are put back in input order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    out = torch.empty(len(prompts))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
+    flat = torch.empty(len(texts))
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
         idx = order[start : start + batch_size]
-        batch = encode(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx], max_length)
-        out[idx] = _forward_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
-    return out
+        batch = encode(tokenizer, [texts[i][0] for i in idx], [texts[i][1] for i in idx], max_length)
+        flat[idx] = _forward_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+    counts = torch.tensor([len(ws) for ws in pieces], dtype=torch.float32)
+    return torch.zeros(len(responses)).index_add_(0, owner, flat) / counts
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -182,6 +211,17 @@ def _batches(comparisons: list[Comparison], batch_size: int, rng: random.Random)
         order += group
     for start in range(0, len(order), batch_size):
         yield [comparisons[i] for i in order[start : start + batch_size]]
+
+
+def _random_windows(comparisons: list[Comparison], n: int, rng: random.Random) -> list[Comparison]:
+    """Each response replaced by one of its windows, drawn at random, the same window wherever a story recurs
+    (so a batch still encodes a story shared by several comparisons once)."""
+    chosen: dict[str, str] = {}
+    for c in comparisons:
+        for r in c.responses:
+            if r not in chosen:
+                chosen[r] = rng.choice(story_windows(r, n))
+    return [dataclasses.replace(c, responses=[chosen[r] for r in c.responses]) for c in comparisons]
 
 
 def _comparison_batch(model, tokenizer, batch: list[Comparison], max_length: int, device):
@@ -263,6 +303,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     acc = make_accelerator(resolve_device(config.device))
     device, main = device_of(acc), acc.is_main_process
     model, tokenizer = load_reward_backbone(config.model, num_labels=1, seed=config.seed)
+    model.config.reward_window_words = config.window_words
     freeze_lower_layers(model, config.freeze_layers)
     model.to(device)
 
@@ -284,8 +325,9 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     step, seen, started = 0, 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc="rm train", unit="step", disable=not (progress and main))
     for _ in range(config.epochs):
+        epoch_set = _random_windows(train_set, config.window_words, rng) if config.window_words else train_set
         # Every process draws the same global batches (same rng) and trains on its slice of each.
-        for batch in _batches(train_set, config.batch_size, rng):
+        for batch in _batches(epoch_set, config.batch_size, rng):
             if len(batch) < acc.num_processes:
                 continue  # a last batch too small to give every process a comparison
             # eval() everywhere: dropout off, as for the policy; the comparisons are noisy enough already.
@@ -303,7 +345,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
             n = len(local) / len(batch)
             stats = reduce_sum(acc, {"loss": loss.item() * n, "accuracy": accuracy.item() * n})
             row = {**stats, "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}
-            if step % config.eval_every == 0 or step == total_steps:
+            if step % config.eval_every == 0 or step == total_steps:  # (with windows: on each story's opening)
                 row.update(evaluate_loss(model, tokenizer, val_set, config.max_length, config.batch_size, device))
             if main:
                 logger.log(step, {"examples": seen, **row})
