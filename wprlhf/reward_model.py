@@ -35,23 +35,23 @@ TRAIN_CONFIG_FILE = "train_config.json"
 
 @dataclass
 class RewardConfig:
-    """`wprlhf rm train`: what to learn from, which backbone, how long."""
+    """`wprlhf rm train`: what to learn from, which backbone, how long. The defaults are the CPU recipe that beat
+    TF-IDF on karma pairs (README: 6,000 pairs read in 80-word windows of 128 tokens, ~8 minutes on 2 cores)."""
 
     data: str = ""
     """Comparisons: a pair CSV (prompt, response_a, response_b, label), comparisons JSONL, a directory holding
     comparisons_train.csv.gz, or a hub id."""
     model: str = "minilm"
     """Backbone: 'minilm' (embedded all-MiniLM-L6-v2), 'smollm2', 'tiny', a local directory or a hub id."""
-    max_length: int = 256
-    """Tokens of prompt + response; longer inputs lose the end of the response first (the story's opening is
-    what the model sees)."""
-    max_examples: int = 0
+    max_length: int = 128
+    """Tokens of prompt + response (or of prompt + window); longer inputs lose the end of the response first."""
+    max_examples: int = 6000
     """Use at most this many training comparisons (0 = all), drawn at random with `seed`."""
     epochs: int = 1
     batch_size: int = 16
     """Comparisons per optimizer step. Batches are drawn prompt by prompt, so a story shared by several
     comparisons of a batch is encoded once."""
-    window_words: int = 0
+    window_words: int = 80
     """Read long responses in windows of this many words (0 = one window: the start, cut at max_length). Training
     draws one random window of each response per epoch; scoring averages the scores of all its windows, so the
     reward sees a whole story, not just its opening (karma follows style spread over the story: a bag of words
@@ -60,7 +60,7 @@ class RewardConfig:
     freeze_layers: int = 0
     """Freeze the embeddings and this many of the lowest transformer layers: their backward pass is most of the
     cost on a CPU, and the general features they carry change little when learning a reward."""
-    lr: float = 3e-5
+    lr: float = 5e-5
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     """Share of optimizer steps with a linear warm-up; then linear decay to 0."""
@@ -70,8 +70,9 @@ class RewardConfig:
     """Optimizer steps between validation passes."""
     keep_meta: bool = False
     """Keep Reddit meta lines (links, 'Edit:') in the text; off by default as they leak karma."""
-    normalize_samples: int = 2000
-    """Responses used to normalise scores to mean 0 / std 1 (from the training data's responses)."""
+    normalize_samples: int = 500
+    """Responses used to normalise scores to mean 0 / std 1 (from the training data's responses; with windows,
+    each costs one forward per window)."""
     seed: int = 0
     device: str = "auto"
 
