@@ -277,6 +277,10 @@ RATES_NOTE = (
 )
 
 
+WHY_NOTE = ("Why a target can be missed on a CPU (a decoding step profiled op by op, bf16 on a CPU without AVX-512 "
+            "BF16): the README's section \"Speed, measured against trl\".")
+
+
 def rate_table(config: str, by_label: dict[str, list[dict]]) -> list[str]:
     """Each phase's median time turned into the rate it achieved on the least work it must do: GFLOP/s against
     the CPU probe (a large fp32 matmul) for compute, GB/s for weight reads. A phase near the probe has little
@@ -355,7 +359,8 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         if rates:
             out += [f"### {config}: where the time goes, against what the CPU can do", "", RATES_NOTE, ""]
             out += rates + [""]
-    out += ["Raw JSON lines: `benchmarks/results_compare.jsonl` (one per run, with `variant`, `repeat` and `command`)."]
+    out += ["Raw JSON lines: `benchmarks/results_compare.jsonl` (one per run, with `variant`, `repeat` and `command`).",
+            "", WHY_NOTE]
     return "\n".join(out) + "\n"
 
 
