@@ -216,12 +216,14 @@ def _batches(comparisons: list[Comparison], batch_size: int, rng: random.Random)
 
 def _random_windows(comparisons: list[Comparison], n: int, rng: random.Random) -> list[Comparison]:
     """Each response replaced by one of its windows, drawn at random, the same window wherever a story recurs
-    (so a batch still encodes a story shared by several comparisons once)."""
+    (so a batch still encodes a story shared by several comparisons once). A one-window response draws nothing:
+    data of short responses trains exactly as with no windows."""
     chosen: dict[str, str] = {}
     for c in comparisons:
         for r in c.responses:
             if r not in chosen:
-                chosen[r] = rng.choice(story_windows(r, n))
+                windows = story_windows(r, n)
+                chosen[r] = windows[0] if len(windows) == 1 else rng.choice(windows)
     return [dataclasses.replace(c, responses=[chosen[r] for r in c.responses]) for c in comparisons]
 
 
