@@ -282,9 +282,7 @@ WHY_NOTE = ("Why a target can be missed on a CPU (a decoding step profiled op by
 
 
 def rate_table(config: str, by_label: dict[str, list[dict]]) -> list[str]:
-    """Each phase's median time turned into the rate it achieved on the least work it must do: GFLOP/s against
-    the CPU probe (a large fp32 matmul) for compute, GB/s for weight reads. A phase near the probe has little
-    left to gain on this CPU; the gap between the sides is what one implementation wastes."""
+    """The Markdown rows of the table RATES_NOTE describes, for one config; [] unless both sides ran."""
     wp, tr = by_label.get("wprlhf", []), by_label.get("trl", [])
     if not wp or not tr or config not in EMBEDDING_PARAMS:
         return []
