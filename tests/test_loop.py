@@ -13,7 +13,7 @@ from wprlhf.errors import UserError
 from wprlhf.labelers import SimulatedLabeler, agreement, load_judge, sentiment
 from wprlhf.evaluation import distinct_n, repetition_rate, sample_with_kl, win_rate
 from wprlhf.generation import GenerationConfig
-from wprlhf.loop import STATE_FILE, LoopConfig, run
+from wprlhf.loop import STATE_FILE, LoopConfig, generation, run
 from wprlhf.metrics import read_metrics
 
 
@@ -94,7 +94,8 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
     out = tmp_path / "loop"
-    rows = run(_config(ppo_config=str(ppo_file)), out)
+    config = _config(ppo_config=str(ppo_file), min_response_length=6)  # fixed-length responses in every phase
+    rows = run(config, out)
     assert [r["round"] for r in rows] == [1, 2]
     assert [r["labels"] for r in rows] == [4, 8]  # labels accumulate: round 2's model sees both rounds
     for r in (1, 2):
@@ -106,6 +107,8 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
         assert result["n"] == 4  # 2 held-out prompts x 2 samples
     ppo_rows = read_metrics(out / "ppo" / "metrics.csv")
     assert [r["step"] for r in ppo_rows] == [1, 2, 3, 4]  # one PPO run, continued: 2 steps a round
+    assert json.loads((out / "ppo" / "config.json").read_text())["min_response_length"] == 6
+    assert generation(config).min_new_tokens == 6  # what label sampling and evaluation use
     assert all(-1 <= r["judge_mean"] <= 1 for r in ppo_rows)  # VADER compound, logged beside the RM reward
     pairs = [json.loads(line) for line in (out / "round-2" / "eval_pairs.jsonl").open()]
     assert len(pairs) == 4 and {"start", "new", "judge_start", "judge_new", "reward_new", "kl"} <= set(pairs[0])
@@ -117,13 +120,13 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     assert not trained & set(held_out)
 
     with pytest.raises(UserError, match="--resume"):
-        run(_config(ppo_config=str(ppo_file)), out)
+        run(config, out)
     # A loop killed during round 2's evaluation redoes only that phase.
     state = json.loads((out / STATE_FILE).read_text())
     state["done"].remove("2:eval")
     (out / STATE_FILE).write_text(json.dumps(state))
     stamp = (out / "round-2" / "rm" / "model.safetensors").stat().st_mtime_ns
-    again = run(_config(ppo_config=str(ppo_file)), out, resume=True)
+    again = run(config, out, resume=True)
     assert [r["round"] for r in again] == [1, 2] and again[1]["labels"] == 8
     assert (out / "round-2" / "rm" / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -133,6 +136,8 @@ def test_loop_config_errors():
         LoopConfig(labeler="web", db="x.db")
     with pytest.raises(UserError, match="sim:SPEC"):
         LoopConfig(labeler="sentiment")
+    with pytest.raises(UserError, match="min_response_length"):
+        LoopConfig(response_length=32, min_response_length=48)
 
 
 def test_loop_waits_for_web_labels(tmp_path):

@@ -74,6 +74,10 @@ class LoopConfig:
     prompts_per_round: int = 24
     response_length: int = 48
     """New tokens per response, in sampling and PPO alike."""
+    min_response_length: int = 0
+    """Stop tokens are forbidden before this many tokens, in sampling, PPO and evaluation alike. Equal to
+    response_length gives fixed-length responses, as in Ziegler et al.'s sentiment task: a policy can then
+    gain reward only by what it writes, not by stopping early (which also saves it KL penalty)."""
     temperature: float = 0.7
     reward_model: str = "minilm"
     """Backbone of the reward model, retrained from it each round on all labels so far."""
@@ -90,7 +94,7 @@ class LoopConfig:
     """Adaptive-KL target, nats per response."""
     ppo_config: str = ""
     """YAML/JSON file of further PPOConfig settings (batch size, lr, KL target, ...); the loop sets policy,
-    steps, response length, temperature and seed itself."""
+    steps, response lengths, temperature and seed itself."""
     db: str = ""
     """SQLite database of the labeling page (labeler 'web')."""
     web_labels: int = 0
@@ -105,6 +109,8 @@ class LoopConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k < 2:
             raise UserError("k must be >= 2: a comparison needs at least two responses")
+        if not 0 <= self.min_response_length <= self.response_length:
+            raise UserError(f"min_response_length {self.min_response_length} must lie in [0, response_length]")
         if self.questions not in ("best-of-k", "pairs"):
             raise UserError(f"questions must be 'best-of-k' or 'pairs', got {self.questions!r}")
         if self.labeler == "web" and not self.judge:
@@ -132,8 +138,13 @@ def sample_responses(policy_name: str, prompts: list[str], k: int, config: LoopC
     """k responses per prompt from a policy; (P, k) nested list."""
     policy, tokenizer = load_policy(policy_name, seed=config.seed)
     policy.to(resolve_device(config.device))
-    gen = GenerationConfig(max_new_tokens=config.response_length, temperature=config.temperature)
-    return generate_k(policy, tokenizer, prompts, k, gen, seed=seed, progress=True)
+    return generate_k(policy, tokenizer, prompts, k, generation(config), seed=seed, progress=True)
+
+
+def generation(config: LoopConfig) -> GenerationConfig:
+    """How every phase of the loop samples: label questions, held-out evaluation (PPO takes the same fields)."""
+    return GenerationConfig(max_new_tokens=config.response_length, min_new_tokens=config.min_response_length,
+                            temperature=config.temperature)  # fmt: skip
 
 
 def questions(prompts: list[str], responses: list[list[str]], kind: str) -> tuple[list[str], list[list[str]]]:
@@ -285,6 +296,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
                                       "num_minibatches": 2 if config.batch_size % 2 == 0 else 1,
                                       **ppo_overrides, "policy": config.policy, "steps": r * config.ppo_steps,
                                       "response_length": config.response_length, "temperature": config.temperature,
+                                      "min_response_length": config.min_response_length,
                                       "seed": config.seed, "device": config.device,
                                       "reward": "loop: this round's reward model"})  # fmt: skip
             # One PPO run across rounds: each round resumes it with the new reward model, so the optimizer,
@@ -315,8 +327,7 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
     reference = make_reference(reference.to(policy.device))
     flat_prompts = [p for p in eval_prompts for _ in range(eval_k)]
     start = [t for rs in start_responses for t in rs]
-    gen = GenerationConfig(max_new_tokens=config.response_length, temperature=config.temperature)
-    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, gen, seed=config.seed + 10_000, progress=True)
+    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, generation(config), seed=config.seed + 10_000, progress=True)
     del policy, reference
     result = win_rate(judge, flat_prompts, new, start)
     reward_fn = reward_fn_from_model(round_dir / "rm")
