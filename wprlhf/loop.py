@@ -327,7 +327,8 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
     reference = make_reference(reference.to(policy.device))
     flat_prompts = [p for p in eval_prompts for _ in range(eval_k)]
     start = [t for rs in start_responses for t in rs]
-    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, generation(config), seed=config.seed + 10_000, progress=True)
+    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, generation(config), seed=config.seed + 10_000,
+                              progress=True)  # fmt: skip
     del policy, reference
     result = win_rate(judge, flat_prompts, new, start)
     reward_fn = reward_fn_from_model(round_dir / "rm")
