@@ -102,6 +102,8 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
         labels = list(load_comparisons(out / f"round-{r}" / "labels.jsonl"))
         assert len(labels) == 4 and all(len(c.responses) == 2 and c.labeler == "sim:sentiment" for c in labels)
         assert (out / f"round-{r}" / "rm" / "config.json").exists()
+        # every label so far, whatever rm train's own subsampling default is
+        assert json.loads((out / f"round-{r}" / "rm" / "train_config.json").read_text())["max_examples"] == 0
         result = json.loads((out / f"round-{r}" / "eval.json").read_text())
         assert 0 <= result["win_rate_lo"] <= result["win_rate"] <= result["win_rate_hi"] <= 1
         assert result["n"] == 4  # 2 held-out prompts x 2 samples

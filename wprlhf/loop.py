@@ -286,7 +286,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             write_comparisons(round_dir / "all_labels.jsonl", all_labels)
             rm_config = RewardConfig(data=str(round_dir / "all_labels.jsonl"), model=config.reward_model,
                                      epochs=config.rm_epochs, lr=config.rm_lr, max_length=config.rm_max_length,
-                                     batch_size=8, val_fraction=0.2, eval_every=10**9, seed=config.seed,
+                                     max_examples=0, batch_size=8, val_fraction=0.2, eval_every=10**9, seed=config.seed,
                                      keep_meta=True, device=config.device)  # fmt: skip
             rm_train(rm_config, round_dir / "rm")
             finish(f"{r}:rm")
