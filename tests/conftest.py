@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# One thread: tiny models gain nothing from two, and a second process on a 2-core machine would thrash.
-torch.set_num_threads(1)
+# One thread by default: tiny models gain nothing from two, and a second process on a 2-core machine would thrash.
+# WPRLHF_TEST_THREADS=N overrides it: kernels split work differently across threads (and round differently), so
+# the learning tests are checked under 1 and 2 threads as well as under each kernel set (ATEN_CPU_CAPABILITY).
+TEST_THREADS = os.environ.get("WPRLHF_TEST_THREADS", "1")
+if not TEST_THREADS.isdigit() or int(TEST_THREADS) < 1:
+    raise pytest.UsageError(f"WPRLHF_TEST_THREADS must be a positive integer, got {TEST_THREADS!r}")
+torch.set_num_threads(int(TEST_THREADS))
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_report_header(config):
+    """The kernel set and thread count in every run's header: a learning test's trajectory depends on both."""
+    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
 
 
 @pytest.fixture(scope="session")

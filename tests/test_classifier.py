@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 
 import pytest
@@ -14,11 +15,15 @@ from wprlhf.classifier import (
     ClassifierConfig,
     binary_f1,
     encode,
+    evaluate,
     load_classifier,
     load_labelled,
     log_odds,
     log_odds_reward,
+    polarity_accuracy,
     run_eval,
+    sign_credit,
+    tfidf_logreg,
     train,
 )
 from wprlhf.cli import main
@@ -49,6 +54,15 @@ def write_csv(path, rows, header=("text", "label")):
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+def strict_json(text: str):
+    """json.loads as a strict parser (JavaScript's JSON.parse, jq) reads it: NaN and Infinity are errors."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def save_tiny_encoder(path):
@@ -91,6 +105,7 @@ def trained(encoder, toy, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.learning
 def test_training_learns_a_separable_toy_set(trained, encoder, toy):
     out, held_out = trained
     model, tokenizer = load_classifier(encoder)  # the untrained encoder with a fresh head
@@ -103,8 +118,12 @@ def test_training_learns_a_separable_toy_set(trained, encoder, toy):
     assert (out / "metrics.csv").read_text().splitlines()[0].split(",") == list(CLASSIFIER_METRIC_NAMES)
     assert len(rows) == 8 * 48 // 8 and rows[-1]["examples"] == 8 * 48
     assert rows[-1]["val_accuracy"] >= 0.9 and rows[-1]["loss"] < rows[0]["loss"]
+    # The curve's last point is the held-out evaluation of the same model: one function reads the texts for both.
+    assert rows[-1]["val_accuracy"] == held_out["accuracy"] and rows[-1]["val_loss"] == held_out["loss"]
+    assert strict_json((out / "eval-heldout.json").read_text())["accuracy"] == held_out["accuracy"]
 
 
+@pytest.mark.learning
 def test_saved_model_loads_in_plain_transformers(trained):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -119,6 +138,7 @@ def test_saved_model_loads_in_plain_transformers(trained):
     assert saved["max_length"] == 32 and saved["train_examples"] == 48 and saved["val_examples"] == 16
 
 
+@pytest.mark.learning
 def test_log_odds_reward_follows_the_label_and_scores_the_whole_review(trained):
     out, _ = trained
     reward_fn = log_odds_reward(out, device="cpu")
@@ -137,11 +157,12 @@ def test_log_odds_reward_follows_the_label_and_scores_the_whole_review(trained):
     assert batched == pytest.approx(alone, abs=1e-5)
 
 
+@pytest.mark.learning
 def test_eval_json_keys_baselines_and_ci(trained, toy, tmp_path):
     out, _ = trained
     path = tmp_path / "eval.json"
     result = run_eval(out, str(toy / "test.csv"), path, polarity=sentiment, progress=False)
-    saved = json.loads(path.read_text())
+    saved = strict_json(path.read_text())
     assert saved["accuracy"] == result["accuracy"] and saved["f1"] == result["f1"]
     assert {"accuracy", "f1", "n", "ci95", "baselines"} <= set(saved)
     assert saved["n"] == 24 and 0 <= saved["ci95"][0] <= saved["accuracy"] <= saved["ci95"][1] <= 1
@@ -158,6 +179,26 @@ def test_f1_by_hand():
     assert binary_f1([1, 1, 0, 0], [1, 0, 1, 0]) == 0.5
     assert binary_f1([1, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx(2 * 2 / (2 * 2 + 1 + 0))
     assert binary_f1([0, 0], [0, 0]) == 0.0
+    # a tie predicted 1/2: TP 1 + 0.5, FP 0.5, FN 0.5 -> 3 / (3 + 0.5 + 0.5)
+    assert binary_f1([1, 0.5, 0.5], [1, 1, 0]) == pytest.approx(3 / 4)
+
+
+def test_a_score_of_exactly_zero_counts_one_half(encoder, tmp_path):
+    """The one tie rule for a sign: log-odds (or VADER's compound, or TF-IDF's decision) exactly 0 is a coin flip
+    between the classes, 1/2, not 'negative'. A head of zeros gives every text log-odds 0."""
+    credit = sign_credit(torch.tensor([2.0, 0.0, -1.0, 0.0, -3.0]), torch.tensor([1, 1, 1, 0, 0]))
+    assert credit.tolist() == [1.0, 0.5, 0.0, 0.5, 1.0]
+    model, tokenizer = load_classifier(encoder)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    texts, labels = ["a good film", "a fine film", "a great film", "a bad film"], [1, 1, 1, 0]
+    result = evaluate(model, tokenizer, texts, labels, max_length=32)
+    assert result["accuracy"] == 0.5 and result["loss"] == pytest.approx(math.log(2))
+    assert result["f1"] == pytest.approx(2 * 1.5 / (2 * 1.5 + 0.5 + 1.5))  # each text half positive
+    no_words = lambda prompts, texts: [0.0 if "film" in t else 0.9 for t in texts]  # noqa: E731
+    assert polarity_accuracy(no_words, texts + ["superb"], labels + [1]) == pytest.approx((4 * 0.5 + 1) / 5)
+    assert polarity_accuracy(no_words, [], []) is None and tfidf_logreg(texts, [1] * 4, texts, labels) is None
 
 
 def test_long_texts_keep_head_and_tail(encoder):
@@ -201,6 +242,7 @@ def test_bad_data_fails_with_a_clear_message(tmp_path, name, rows, header, messa
         load_labelled(path)
 
 
+@pytest.mark.learning
 def test_training_needs_both_labels_and_sane_settings(tmp_path, encoder):
     one = write_csv(tmp_path / "one.csv", [("good film", 1), ("great film", 1)])
     with pytest.raises(UserError, match="only label 1"):
@@ -216,6 +258,17 @@ def test_training_needs_both_labels_and_sane_settings(tmp_path, encoder):
         log_odds_reward(tmp_path / "nowhere")
 
 
+@pytest.mark.learning
+def test_cli_eval_of_an_empty_file_is_an_error(trained, tmp_path, capsys):
+    out, _ = trained
+    empty = write_csv(tmp_path / "empty.csv", [])
+    code = main(["classifier", "eval", "--model", str(out), "--data", str(empty), "--out", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{empty} holds no examples" in err and "Traceback" not in err
+    assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.learning
 def test_cli_train_then_eval(tmp_path, encoder, toy, capsys):
     out = tmp_path / "clf"
     args = ["classifier", "train", "--data", toy / "train.csv", "--model", encoder, "--out", out, "--max-length", 32,
@@ -229,7 +282,7 @@ def test_cli_train_then_eval(tmp_path, encoder, toy, capsys):
     code = main(["classifier", "eval", "--model", str(out), "--data", str(toy / "test.csv"), "--out",
                  str(tmp_path / "e.json"), "--max-examples", "10"])  # fmt: skip
     assert code == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed = strict_json(capsys.readouterr().out)
     assert printed["n"] == 10 and set(printed["baselines"]) == {"vader", "tfidf_logreg"}
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 10
 

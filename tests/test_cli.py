@@ -27,6 +27,7 @@ def run_cli(capsys, *argv):
     return code, capsys.readouterr().err
 
 
+@pytest.mark.learning
 def test_ppo_writes_metrics_tensorboard_samples_checkpoint_policy(tmp_path, prompts_txt, capsys):
     out = tmp_path / "run"
     code, _ = run_cli(capsys, "ppo", *TINY_RUN, "--prompts", prompts_txt, "--steps", 2, "--out", out, "--checkpoint-every", 1)
@@ -157,6 +158,7 @@ def test_bad_reward_functions(tmp_path, prompts_txt, capsys, body, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.learning
 def test_resume_refuses_corrupt_and_mismatched_checkpoints(tmp_path, prompts_txt, capsys):
     out = tmp_path / "run"
     args = ["ppo", *TINY_RUN, "--prompts", prompts_txt, "--out", out]

@@ -273,7 +273,7 @@ def test_k_way_jsonl_fields(tmp_path):
         ({"prompt": "p", "responses": ["a", "b"], "best": True}, r"line 2: best=True must be an integer index"),
         ({"prompt": "p", "responses": ["a"], "best": 0}, r"line 2: responses must be a list of at least 2 texts"),
         ({"prompt": "p", "responses": "a|b", "best": 0}, r"line 2: responses must be a JSON list of texts, got str"),
-        ({"prompt": "p", "responses": ["a", ""], "best": 0}, r"line 2: response 1 is empty"),
+        ({"prompt": "p", "responses": ["a", 7], "best": 0}, r"line 2: responses must be text, got int"),
         ({"prompt": "", "responses": ["a", "b"], "best": 0}, r"line 2: prompt is empty"),
         ({"prompt": "p", "responses": ["a", "b"], "best": 0, "tie": "no"}, r"line 2: labeler must be text and tie"),
     ],

@@ -3,12 +3,16 @@ the win rate and its CI in the report, and the run-directory rules (--force, --r
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import json
 import re
 
 from wprlhf.cli import main
 from wprlhf.metrics import read_metrics
+
+pytestmark = pytest.mark.learning  # every test here takes optimizer steps
 
 TINY = {"eval_prompts": 3, "prompts_per_round": 4, "k": 2, "response_length": 6, "ppo_steps": 3, "batch_size": 4,
         "rm_epochs": 1, "rm_max_length": 64, "temperature": 1.0}  # fmt: skip

@@ -17,6 +17,8 @@ import torch
 
 from wprlhf.data import Comparison, write_comparisons
 
+pytestmark = pytest.mark.learning  # every test here takes optimizer steps
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 REPO = WORKER.parents[1]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from wprlhf.generation import (
     _sample,
     decode_responses,
     encode_prompts,
+    fit_positions,
     generate,
+    prompt_room,
     sample,
 )
 from wprlhf.models import stop_token_ids
@@ -273,6 +277,7 @@ def test_sampler_matches_categorical():
         dict(top_p=1.5),
         dict(max_new_tokens=4, min_new_tokens=5),
         dict(min_new_tokens=-1),
+        dict(top_k=-1),
     ],
 )
 def test_config_validation(kw):
@@ -307,3 +312,34 @@ def test_generate_text_in_text_out(tiny, tokenizer):
     assert len(texts) == len(PROMPTS) and all(isinstance(t, str) for t in texts)
     one_by_one = generate(tiny, tokenizer, PROMPTS, config, batch_size=1)
     assert texts == one_by_one
+
+
+def _model_with_positions(n: int):
+    """Just enough of a model for the position checks: a config with a position table of n entries."""
+    return SimpleNamespace(config=SimpleNamespace(n_positions=n))
+
+
+def test_fit_positions_clips_prompts_from_the_left():
+    """10 positions, 4 new tokens: room for 6 prompt tokens. Worked by hand on a left-padded (2, 8) batch."""
+    model = _model_with_positions(10)
+    assert prompt_room(model, 4) == 6 and prompt_room(_model_with_positions(10), 9) == 1
+    queries = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 9, 9, 9]])
+    query_mask = queries != 0
+    with pytest.warns(UserWarning, match="prompts of up to 8 tokens plus 4 response tokens exceed the model's 10 "
+                                         "positions: prompts keep their last 6 tokens"):  # fmt: skip
+        clipped, clipped_mask = fit_positions(model, queries, query_mask, 4)
+    assert clipped.tolist() == [[3, 4, 5, 6, 7, 8], [0, 0, 0, 9, 9, 9]]
+    assert clipped_mask.tolist() == [[True] * 6, [False] * 3 + [True] * 3]
+    # Dropping padding columns alone loses no prompt token: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clipped, _ = fit_positions(model, queries[1:], query_mask[1:], 4)
+    assert clipped.tolist() == [[0, 0, 0, 9, 9, 9]]
+    # No position table (None): nothing to fit.
+    assert fit_positions(SimpleNamespace(config=SimpleNamespace()), queries, query_mask, 4)[0] is queries
+
+
+def test_responses_that_fill_the_position_table_are_a_user_error():
+    for n in (10, 11):
+        with pytest.raises(UserError, match="no room for a prompt in the model's 10 positions; ask for at most 9"):
+            prompt_room(_model_with_positions(10), n)

@@ -47,6 +47,7 @@ def test_smollm2_writes_english_in_its_chat_turn(smollm2):
             assert (gen.responses[row, n:] == tokenizer.pad_token_id).all()
 
 
+@pytest.mark.learning
 def test_smollm2_ppo_step(smollm2, tmp_path):
     """Two PPO steps on the real model: finite losses, small KL, the policy saved and reloadable."""
     from transformers import AutoModelForCausalLM

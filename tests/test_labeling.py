@@ -1,11 +1,13 @@
-"""Human labeling: the SQLite store, the `wprlhf label` commands, the web API's answers to bad requests, token
-auth, escaping, and a load test of 20 concurrent labelers on loopback. The browser test is in
+"""Human labeling: the SQLite store (sessions, leases, migration of old files), the `wprlhf label` commands, the
+web API's answers to bad and hostile requests (ids out of range, foreign Host and Origin, non-JSON state changes),
+token auth, escaping, and a load test of 20 concurrent labelers on loopback. The browser tests are in
 test_labeling_browser.py."""
 
 from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,15 +21,49 @@ import pytest
 from wprlhf.cli import main
 from wprlhf.data import load_comparisons
 from wprlhf.labeling import app as labeling_app
-from wprlhf.labeling.app import BackgroundServer, create_app, is_loopback, resolve_token
-from wprlhf.labeling.store import LabelingError, StaleComparison, Store, UnknownComparison, read_samples
+from wprlhf.labeling import store as store_module
+from wprlhf.labeling.app import (BackgroundServer, allowed_hosts, create_app, host_name, is_loopback,
+                                 read_instructions, resolve_token)  # fmt: skip
+from wprlhf.labeling.store import (LEASE_SECONDS, LabelingError, StaleComparison, Store, UnknownComparison,
+                                   UnknownSession, read_samples)  # fmt: skip
 
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+TOO_BIG = 2**63  # one past SQLite's largest integer: sqlite3 raised OverflowError (a plain 500) before ids were checked
+BAD_IDS = [TOO_BIG, 2**64, -1, 0, 1.5, "1", None, True, [1]]
+
+# The schema of the first release: a file it wrote must still open (test_an_old_database_opens_and_is_migrated).
+OLD_SCHEMA = """
+CREATE TABLE comparisons (id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, responses TEXT NOT NULL,
+    metadata TEXT NOT NULL, content_key TEXT NOT NULL UNIQUE, added_at REAL NOT NULL);
+CREATE TABLE labels (id INTEGER PRIMARY KEY, comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
+    labeler TEXT NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('best', 'tie', 'skip')), best INTEGER,
+    created_at REAL NOT NULL, UNIQUE (comparison_id, labeler));
+CREATE TABLE assignments (comparison_id INTEGER NOT NULL REFERENCES comparisons(id), labeler TEXT NOT NULL,
+    expires_at REAL NOT NULL, PRIMARY KEY (comparison_id, labeler));
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
 
 
 def samples(n: int, k: int = 2) -> list[tuple[str, list[str], dict]]:
     return [(f"Prompt {i}: a dragon opens a bakery.", [f"Story {i}.{j}" for j in range(k)], {"policy": "tiny"})
             for i in range(n)]  # fmt: skip
+
+
+class Clock:
+    """Stands in for the `time` module inside store.py: leases lapse when a test moves `now`, not after a wait."""
+
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(store_module, "time", fake)
+    return fake
 
 
 @pytest.fixture()
@@ -54,18 +90,27 @@ def serve(tmp_path):
         server.__exit__(None, None, None)
 
 
+def open_session(client: httpx.Client, labeler: str) -> str:
+    answer = client.post("/api/session", json={"labeler": labeler})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["session"]
+
+
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
+def leases(store: Store) -> list[tuple]:
+    with sqlite3.connect(store.path) as db:
+        return db.execute("SELECT comparison_id, labeler, session FROM assignments ORDER BY comparison_id").fetchall()
+
+
 # ---------------------------------------------------------------------------------------------- store
 
 
 def test_store_is_wal_and_labels_are_unique_per_labeler(store):
-    import sqlite3
-
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         schema = db.execute("SELECT sql FROM sqlite_master WHERE name = 'labels'").fetchone()[0]
@@ -84,6 +129,11 @@ def test_store_refuses_unknown_ids_bad_choices_and_full_comparisons(store):
         store.label(1, "ann", 2)
     with pytest.raises(LabelingError, match="must be an integer"):
         store.label("1", "ann", 0)
+    for bad in (TOO_BIG, 0, -1):  # range-checked before SQLite sees them: an OverflowError would be a 500
+        with pytest.raises(LabelingError, match="out of range"):
+            store.label(bad, "ann", 0)
+        with pytest.raises(LabelingError, match="out of range"):
+            store.renew("ann", None, bad)
     with pytest.raises(LabelingError, match="name is missing"):
         store.label(1, "  ", 0)
     store.label(1, "ann", 0)
@@ -107,6 +157,72 @@ def test_reservations_give_two_labelers_different_comparisons_and_undo_walks_bac
     assert store.labels() == []
 
 
+def test_made_up_names_hold_the_queue_for_one_lease_only(tmp_path, clock):
+    """Five made-up names take every open comparison; the real labeler is told they are held (not that the queue
+    is done) and gets one as soon as the leases lapse, LEASE_SECONDS later, not ten minutes."""
+    store = Store(tmp_path / "labels.db")
+    store.add(samples(5))
+    squatters = [(f"fake-{i}", store.open_session(f"fake-{i}")) for i in range(5)]
+    for name, session in squatters:
+        for _ in range(3):  # asking again and again still holds one: a session's cap is one lease
+            store.next_for(name, session)
+    assert len(leases(store)) == 5
+    me = store.open_session("real")
+    assert store.next_for("real", me) is None
+    stats = store.stats("real", me)
+    assert (stats["left_for_me"], stats["held_by_others"]) == (0, 5)
+    assert LEASE_SECONDS <= 60
+    clock.now += LEASE_SECONDS + 1
+    assert store.next_for("real", me)["id"] == 1
+    assert store.stats("real", me)["held_by_others"] == 0
+
+
+def test_renew_keeps_a_lease_release_frees_it_and_a_lapsed_one_comes_back_if_still_free(tmp_path, clock):
+    store = Store(tmp_path / "labels.db")
+    store.add(samples(2))
+    ann, bob = store.open_session("ann"), store.open_session("bob")
+    first = store.next_for("ann", ann)["id"]
+    for _ in range(3):  # the page's heartbeat keeps it for as long as it is visible
+        clock.now += LEASE_SECONDS - 5
+        assert store.renew("ann", ann, first) is True
+        assert store.next_for("bob", bob)["id"] != first
+    assert store.release("ann", ann) == 1  # the page was hidden: someone else may have it now
+    cy = store.open_session("cy")
+    assert store.next_for("cy", cy)["id"] == first
+    assert store.renew("ann", ann, first) is False  # taken while ann was away: her page loads another
+    clock.now += LEASE_SECONDS + 1  # cy walked away
+    assert store.renew("ann", ann, first) is True  # lapsed and free again: ann's page keeps showing it
+    with pytest.raises(UnknownComparison):
+        store.renew("ann", ann, 99)
+
+
+def test_undo_touches_only_the_sessions_own_label(store):
+    """Anyone could undo anyone's label by sending their name; now a label belongs to the page session that gave
+    it, and another session, even under the same name, cannot take it back."""
+    ann_page, ann_other_tab, bob_page = store.open_session("ann"), store.open_session("ann"), store.open_session("bob")
+    given = store.next_for("ann", ann_page)
+    store.label(given["id"], "ann", 1, session=ann_page)
+    assert store.undo("ann", ann_other_tab) is None
+    assert store.undo("bob", bob_page) is None
+    assert store.undo("ann") is None  # nor a script using her name
+    assert [(x["labeler"], x["session"]) for x in store.labels()] == [("ann", ann_page)]
+    assert store.undo("ann", ann_page) == given
+    assert store.labels() == []
+    assert [(c, s) for c, _, s in leases(store)] == [(given["id"], ann_page)]  # hers to answer again
+    assert store.session_labeler(ann_page) == "ann"
+    with pytest.raises(UnknownSession, match="reload the page"):
+        store.session_labeler("not-a-session-we-issued")
+    with pytest.raises(LabelingError, match="malformed"):
+        store.session_labeler("../../etc/passwd")
+
+
+def test_skips_do_not_count_as_answered(store):
+    store.label(1, "ann", 0)
+    store.label(2, "ann", "skip")
+    stats = store.stats("ann")
+    assert (stats["mine"], stats["my_skips"], stats["left_for_me"]) == (1, 1, 1)
+
+
 def test_agreement_counts_pairs_of_labels_on_one_comparison(tmp_path):
     store = Store(tmp_path / "labels.db", labels_per_comparison=3)
     store.add(samples(2))
@@ -118,6 +234,31 @@ def test_agreement_counts_pairs_of_labels_on_one_comparison(tmp_path):
     assert stats["agreement_pairs"] == 4 and stats["agreement"] == pytest.approx(2 / 4)
     assert (stats["done"], stats["queued"], stats["labels"], stats["mine"], stats["left_for_me"]) == (1, 1, 5, 2, 0)
     assert Store(tmp_path / "labels.db").labels_per_comparison == 3  # the setting lives in the file
+
+
+def test_an_old_database_opens_and_is_migrated(tmp_path):
+    """A file written before sessions existed: its labels survive, it gains the session columns, and both old
+    and new code paths work on it."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute("INSERT INTO comparisons VALUES (1, 'P', '[\"a\", \"b\"]', '{}', 'k1', 0)")
+        db.execute("INSERT INTO comparisons VALUES (2, 'Q', '[\"c\", \"d\"]', '{}', 'k2', 0)")
+        db.execute("INSERT INTO labels VALUES (1, 1, 'ann', 'best', 1, 0)")
+        db.execute("INSERT INTO assignments VALUES (2, 'bob', 0)")  # a stale reservation of the old kind
+    store = Store(path)
+    Store(path)  # opening twice migrates once
+    with sqlite3.connect(path) as db:
+        for table in ("labels", "assignments"):
+            assert "session" in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    assert store.labels() == [{"id": 1, "comparison_id": 1, "labeler": "ann", "kind": "best", "best": 1,
+                               "session": None}]  # fmt: skip
+    bob = store.open_session("bob")
+    assert store.next_for("bob", bob)["id"] == 2
+    store.label(2, "bob", "tie", session=bob)
+    assert store.undo("bob", bob)["id"] == 2
+    assert store.undo("ann")["id"] == 1  # a label from before sessions belongs to the name alone
+    assert store.export(tmp_path / "c.jsonl") == 0
 
 
 def test_export_is_read_by_load_comparisons(tmp_path, store):
@@ -136,14 +277,27 @@ def test_export_is_read_by_load_comparisons(tmp_path, store):
         (1, "ann", False, "", 2), (0, "ann", True, "", 2), (2, "bob", False, "7", 3)]  # fmt: skip
 
 
+def test_empty_responses_are_queued_shown_and_exported(tmp_path):
+    """A policy whose first token is end-of-turn writes "": such a response is a legal one to compare."""
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"prompt": "Say something.", "responses": ["", "Hello."]}) + "\n")
+    store = Store(tmp_path / "labels.db")
+    assert store.add(read_samples(path)) == (1, 0)
+    shown = store.next_for("ann")
+    assert shown["responses"] == ["", "Hello."]
+    store.label(shown["id"], "ann", 1)
+    assert store.export(tmp_path / "c.jsonl") == 1
+    line = json.loads((tmp_path / "c.jsonl").read_text())
+    assert (line["responses"], line["best"]) == (["", "Hello."], 1)
+    assert [(c.responses, c.best) for c in load_comparisons(tmp_path / "c.jsonl")] == [(["", "Hello."], 1)]
+
+
 def test_add_keeps_metadata_and_queues_a_comparison_once(tmp_path):
     path = tmp_path / "samples.jsonl"
     path.write_text(json.dumps({"prompt": "P", "responses": ["a", "b"], "policy": "runs/a", "step": 3}) + "\n\n")
     store = Store(tmp_path / "labels.db")
     assert store.add(read_samples(path)) == (1, 0)
     assert store.add(read_samples(path)) == (0, 1)
-    import sqlite3
-
     with sqlite3.connect(store.path) as db:
         assert json.loads(db.execute("SELECT metadata FROM comparisons").fetchone()[0]) == {"policy": "runs/a", "step": 3}
 
@@ -170,13 +324,22 @@ def test_cli_label_add_status_export(tmp_path, capsys):
     assert [c.labeler for c in load_comparisons(tmp_path / "c.jsonl")] == ["ann", "bob"]
 
 
+def test_cli_label_add_takes_empty_responses(tmp_path, capsys):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"prompt": "P", "responses": ["", "b"]}) + "\n" +
+                    json.dumps({"prompt": "Q", "responses": ["", ""]}) + "\n")  # fmt: skip
+    code, _, err = run_cli(capsys, "label", "add", "--db", tmp_path / "labels.db", path)
+    assert code == 0 and "queued 2 comparisons" in err
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     ('{"prompt": "P", "responses": ["a", "b"]}\n{"prompt": "P", "responses": ["a", \n', "line 2 is not valid JSON"),
     ('{"prompt": "P", "responses": ["only one"]}\n', "line 1: 'responses' must be a list of 2 to 4 texts, got 1"),
     ('{"prompt": "  ", "responses": ["a", "b"]}\n', "line 1: 'prompt' is missing or empty"),
     ('{"prompt": "P", "responses": ["a", "b", "c", "d", "e"]}\n', "got 5 responses"),
-    ('{"prompt": "P", "responses": ["a", ""]}\n', "response 1 is empty"),
+    ('{"prompt": "P", "responses": ["a", 3]}\n', "response 1 is not text"),
+    ('{"prompt": "P", "responses": ["a", null]}\n', "response 1 is not text"),
     ('["P", "a", "b"]\n', "line 1 is a JSON list, not an object"),
     ("\n", "holds no samples"),
 ])  # fmt: skip
@@ -223,6 +386,41 @@ def test_cli_label_serve_answers_on_loopback(tmp_path):
         server.wait(timeout=30)
 
 
+def test_cli_label_serve_flags_reach_the_app(tmp_path, monkeypatch, capsys):
+    """--allowed-host and --instructions: the app handed to uvicorn answers to the proxy's name (with a token,
+    since a proxy exposes it) and serves the guidelines; a missing guidelines file stops serve before it starts."""
+    ran = {}
+    monkeypatch.setattr(labeling_app.uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    guide = tmp_path / "guide.md"
+    guide.write_text("# How to judge\n- Pick the story you would rather read\n<b>not bold</b>\n")
+    code, out, _ = run_cli(capsys, "label", "serve", "--db", tmp_path / "labels.db", "--allowed-host",
+                           "labels.example.org", "--allowed-host", "other.example", "--instructions", guide)
+    assert code == 0 and "?token=" in out and "clear text" in out
+    token = out.split("?token=")[1].split()[0]
+    auth = {"Authorization": "Bearer " + token}
+    with BackgroundServer(ran["app"]) as url, httpx.Client(base_url=url, timeout=10, headers=auth) as client:
+        for host in ("labels.example.org", "other.example:443", "127.0.0.1"):
+            assert client.get("/api/stats", headers={"Host": host}).status_code == 200, host
+        assert client.get("/api/stats", headers={"Host": "attacker.example"}).status_code == 400
+        assert client.get("/api/instructions").json() == {"instructions": guide.read_text()}
+
+    ran.clear()
+    code, _, err = run_cli(capsys, "label", "serve", "--db", tmp_path / "labels.db", "--instructions",
+                           tmp_path / "nope.md")  # fmt: skip
+    assert code != 0 and "--instructions" in err and "nope.md does not exist" in err and not ran
+
+
+def test_instructions_files_are_checked(tmp_path):
+    assert read_instructions(None) is None
+    for content, words in (("", "is empty"), ("x" * 100_001, "over 100000"), (b"\xff\xfe bad", "not UTF-8")):
+        path = tmp_path / "guide.txt"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(LabelingError, match=words):
+            read_instructions(path)
+    with pytest.raises(LabelingError, match="does not exist"):
+        read_instructions(tmp_path / "missing.md")
+
+
 # ---------------------------------------------------------------------------------------------- web API
 
 
@@ -233,22 +431,42 @@ def test_api_round_trip_and_stats(serve):
         page = client.get("/")
         assert page.status_code == 200 and "app.js" in page.text
         assert "default-src 'self'" in page.headers["content-security-policy"]
-        first = client.get("/api/next", params={"labeler": "ann"}).json()
+        session = open_session(client, "  ann ")
+        first = client.post("/api/next", json={"session": session}).json()
         assert first["comparison"]["responses"] == ["Story 0.0", "Story 0.1", "Story 0.2"]
-        answer = client.post("/api/label", json={"comparison_id": first["comparison"]["id"], "labeler": "ann",
-                                                 "choice": 2})  # fmt: skip
+        cid = first["comparison"]["id"]
+        assert client.post("/api/renew", json={"session": session, "comparison_id": cid}).json() == {"held": True}
+        answer = client.post("/api/label", json={"session": session, "comparison_id": cid, "choice": 2})
         assert answer.status_code == 200 and answer.json()["stats"]["mine"] == 1
-        undone = client.post("/api/undo", json={"labeler": "ann"}).json()
-        assert undone["comparison"]["id"] == first["comparison"]["id"] and undone["stats"]["mine"] == 0
+        assert [(x["labeler"], x["session"]) for x in store.labels()] == [("ann", session)]
+        undone = client.post("/api/undo", json={"session": session}).json()
+        assert undone["comparison"]["id"] == cid and undone["stats"]["mine"] == 0
+        assert client.post("/api/release", json={"session": session}).json() == {"released": 1}
         stats = client.get("/api/stats").json()
         assert (stats["done"], stats["queued"], stats["agreement"]) == (0, 2, None)
+        mine = client.get("/api/stats", params={"session": session}).json()
+        assert (mine["mine"], mine["left_for_me"], mine["held_by_others"]) == (0, 2, 0)
+        assert client.get("/api/instructions").json() == {"instructions": None}
+
+
+def test_undo_over_the_api_needs_the_session_not_the_name(serve):
+    url, store = serve()
+    store.add(samples(1))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        ann, mallory = open_session(client, "ann"), open_session(client, "ann")  # mallory types ann's name
+        client.post("/api/label", json={"session": ann, "comparison_id": 1, "choice": 0}).raise_for_status()
+        assert client.post("/api/undo", json={"session": mallory}).json()["comparison"] is None
+        answer = client.post("/api/undo", json={"labeler": "ann"})
+        assert answer.status_code == 400 and "unknown field" in answer.json()["error"]
+        assert client.post("/api/undo", json={"session": "forged-session-id"}).status_code == 403
+    assert len(store.labels()) == 1
 
 
 def test_model_text_is_served_as_json_and_the_page_never_uses_innerhtml(serve):
     url, store = serve()
     store.add([(XSS, [XSS, "</div><b>bold</b>"], {})])
     with httpx.Client(base_url=url, timeout=10) as client:
-        answer = client.get("/api/next", params={"labeler": "ann"})
+        answer = client.post("/api/next", json={"session": open_session(client, XSS[:60])})
         assert answer.headers["content-type"] == "application/json"
         assert answer.json()["comparison"]["prompt"] == XSS  # the text arrives unchanged, as data
         script = client.get("/static/app.js").text
@@ -267,15 +485,21 @@ def test_loopback_needs_no_token_anything_else_gets_one(host, loopback):
     token = resolve_token(host, None)
     assert (token is None) if loopback else len(token) >= 24
     assert resolve_token(host, "my-own-token") == "my-own-token"
+    assert len(resolve_token(host, None, proxied=True)) >= 24  # behind a proxy's public name: always a token
 
 
-def test_serve_beyond_loopback_requires_the_printed_token(tmp_path, monkeypatch, capsys):
+def test_serve_beyond_loopback_prints_a_url_per_address_and_requires_the_token(tmp_path, monkeypatch, capsys):
     ran = {}
     monkeypatch.setattr(labeling_app.uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    monkeypatch.setattr(labeling_app, "machine_addresses",
+                        lambda: ["10.0.0.7", "192.168.1.5", "127.0.0.1", "fe80::1", "2001:db8::5", "::1"])
     labeling_app.serve(tmp_path / "labels.db", host="0.0.0.0", port=9999)
     printed = capsys.readouterr().out
     token = printed.split("?token=")[1].split()[0]
     assert ran["host"] == "0.0.0.0" and len(token) >= 24
+    urls = [line.strip() for line in printed.splitlines() if line.startswith("  http://")]  # one a line, indented
+    assert urls == [f"http://{a}:9999/?token={token}" for a in ("10.0.0.7", "192.168.1.5", "127.0.0.1")]
+    assert "clear text" in printed and "TLS reverse proxy" in printed and "caddy reverse-proxy" in printed
     # the app handed to uvicorn refuses requests without that token (served here on loopback only)
     with BackgroundServer(ran["app"]) as url, httpx.Client(base_url=url, timeout=10) as client:
         assert client.get("/api/stats").status_code == 401
@@ -287,17 +511,19 @@ def test_serve_beyond_loopback_requires_the_printed_token(tmp_path, monkeypatch,
 def test_token_auth(serve):
     url, store = serve(token="s3cret-token-123")
     store.add(samples(1))
-    with httpx.Client(base_url=url, timeout=10) as client:
+    auth = {"Authorization": "Bearer s3cret-token-123"}
+    with httpx.Client(base_url=url, timeout=10) as client, httpx.Client(base_url=url, timeout=10, headers=auth) as ok:
         assert client.get("/").status_code == 200  # the page holds no data
+        session = open_session(ok, "ann")
         for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "s3cret-token-123"}):
-            answer = client.get("/api/next", params={"labeler": "ann"}, headers=headers)
-            assert answer.status_code == 401 and "access token" in answer.json()["error"]
-            answer = client.post("/api/label", json={"comparison_id": 1, "labeler": "ann", "choice": 0}, headers=headers)
-            assert answer.status_code == 401
+            for path, body in (("/api/session", {"labeler": "ann"}), ("/api/next", {"session": session}),
+                               ("/api/label", {"session": session, "comparison_id": 1, "choice": 0})):  # fmt: skip
+                answer = client.post(path, json=body, headers=headers)
+                assert answer.status_code == 401 and "access token" in answer.json()["error"]
+            assert client.get("/api/instructions", headers=headers).status_code == 401
         assert store.labels() == []
-        auth = {"Authorization": "Bearer s3cret-token-123"}
-        assert client.get("/api/next", params={"labeler": "ann"}, headers=auth).status_code == 200
-        assert client.post("/api/label", json={"comparison_id": 1, "labeler": "ann", "choice": 0},
+        assert client.post("/api/next", json={"session": session}, headers=auth).status_code == 200
+        assert client.post("/api/label", json={"session": session, "comparison_id": 1, "choice": 0},
                            headers=auth).status_code == 200  # fmt: skip
 
 
@@ -305,44 +531,145 @@ def test_bad_requests_get_4xx_with_a_clear_message(serve):
     url, store = serve()
     store.add(samples(2))
     store.label(2, "bob", 0)  # comparison 2 is full (1 label per comparison)
-    cases = [  # (method, path, body: dict | bytes, status, words in the error)
-        ("POST", "/api/label", {"comparison_id": 999, "labeler": "ann", "choice": 0}, 404, "999 does not exist"),
-        ("POST", "/api/label", {"comparison_id": 2, "labeler": "ann", "choice": 0}, 409, "already has its 1 label"),
-        ("POST", "/api/label", {"comparison_id": 2, "labeler": "bob", "choice": 1}, 409, "bob already labelled"),
-        ("POST", "/api/label", {"comparison_id": 1, "labeler": "ann", "choice": 5}, 400, "must be a response index"),
-        ("POST", "/api/label", {"comparison_id": 1, "labeler": "ann", "choice": "best"}, 400, "'tie' or 'skip'"),
-        ("POST", "/api/label", {"comparison_id": 1, "labeler": "ann", "choice": True}, 400, "response index"),
-        ("POST", "/api/label", {"comparison_id": "1", "labeler": "ann", "choice": 0}, 400, "must be an integer"),
-        ("POST", "/api/label", {"comparison_id": 1, "choice": 0}, 400, "labeler name is missing"),
-        ("POST", "/api/label", {"comparison_id": 1, "labeler": "x" * 65, "choice": 0}, 400, "at most 64"),
-        ("POST", "/api/label", {"labeler": "ann"}, 400, "send comparison_id, labeler and choice"),
-        ("POST", "/api/label", {"comparison_id": 1, "labeler": "ann", "choice": 0, "x": 1}, 400, "unknown field"),
-        ("POST", "/api/label", b'{"comparison_id": 1, "labeler": ', 400, "not valid JSON"),
-        ("POST", "/api/label", b"\xff\xfe\x00garbage", 400, "not valid JSON"),
-        ("POST", "/api/label", b"[" * 50_000, 400, "not valid JSON"),
-        ("POST", "/api/label", b"[1, 2]", 400, "must be a JSON object"),
-        ("POST", "/api/label", b"x" * 70_000, 413, "over the limit"),
-        ("POST", "/api/undo", {}, 400, "labeler name is missing"),
-        ("GET", "/api/next", None, 400, "labeler name is missing"),
-        ("GET", "/api/nope", None, 404, "no such page or endpoint"),
-        ("GET", "/api/label", None, 405, "GET is not allowed"),
-    ]
     with httpx.Client(base_url=url, timeout=10) as client:
+        ann, bob = open_session(client, "ann"), open_session(client, "bob")
+        client.post("/api/label", json={"session": bob, "comparison_id": 1, "choice": "skip"}).raise_for_status()
+        cases = [  # (method, path, body: dict | bytes | None, status, words in the error)
+            ("POST", "/api/label", {"session": ann, "comparison_id": 999, "choice": 0}, 404, "999 does not exist"),
+            ("POST", "/api/label", {"session": ann, "comparison_id": 2, "choice": 0}, 409, "already has its 1 label"),
+            ("POST", "/api/label", {"session": bob, "comparison_id": 1, "choice": 1}, 409, "bob already labelled"),
+            ("POST", "/api/label", {"session": ann, "comparison_id": 1, "choice": 5}, 400, "must be a response index"),
+            ("POST", "/api/label", {"session": ann, "comparison_id": 1, "choice": "best"}, 400, "'tie' or 'skip'"),
+            ("POST", "/api/label", {"session": ann, "comparison_id": 1, "choice": True}, 400, "response index"),
+            ("POST", "/api/label", {"session": ann, "comparison_id": "1", "choice": 0}, 400, "must be an integer"),
+            ("POST", "/api/label", {"comparison_id": 1, "choice": 0}, 400, "missing field(s) ['session']"),
+            ("POST", "/api/label", {"session": ann}, 400, "missing field(s) ['choice', 'comparison_id']"),
+            ("POST", "/api/label", {"session": ann, "comparison_id": 1, "choice": 0, "x": 1}, 400, "unknown field"),
+            ("POST", "/api/label", {"session": None, "comparison_id": 1, "choice": 0}, 400, "session is missing"),
+            ("POST", "/api/label", {"session": "x" * 65, "comparison_id": 1, "choice": 0}, 400, "malformed"),
+            ("POST", "/api/label", {"session": "nope", "comparison_id": 1, "choice": 0}, 403, "reload the page"),
+            ("POST", "/api/label", b'{"comparison_id": 1, "session": ', 400, "not valid JSON"),
+            ("POST", "/api/label", b"\xff\xfe\x00garbage", 400, "not valid JSON"),
+            ("POST", "/api/label", b"[" * 50_000, 400, "not valid JSON"),
+            ("POST", "/api/label", b'{"comparison_id": 1' + b"0" * 5000 + b"}", 400, "not valid JSON"),
+            ("POST", "/api/label", b"[1, 2]", 400, "must be a JSON object"),
+            ("POST", "/api/label", b"x" * 70_000, 413, "over the limit"),
+            ("POST", "/api/session", {"labeler": "x" * 65}, 400, "at most 64"),
+            ("POST", "/api/session", {"labeler": " "}, 400, "labeler name is missing"),
+            ("POST", "/api/undo", {}, 400, "missing field(s) ['session']"),
+            ("POST", "/api/next", {}, 400, "missing field(s) ['session']"),
+            ("GET", "/api/stats?session=nope", None, 403, "reload the page"),
+            ("GET", "/api/nope", None, 404, "no such page or endpoint"),
+            ("GET", "/api/label", None, 405, "GET is not allowed"),
+            ("GET", "/api/next?session=" + ann, None, 405, "GET is not allowed"),
+        ]
         for method, path, body, status, words in cases:
             content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-            answer = client.request(method, path, content=content)
+            answer = client.request(method, path, content=content, headers={"Content-Type": "application/json"})
             assert answer.status_code == status, (path, body if not isinstance(body, bytes) else body[:40], answer.text)
             assert words in answer.json()["error"], (words, answer.json())
-    assert [(x["comparison_id"], x["labeler"]) for x in store.labels()] == [(2, "bob")]  # nothing bad got in
+    assert [(x["comparison_id"], x["labeler"]) for x in store.labels()] == [(2, "bob"), (1, "bob")]  # nothing else
+
+
+@pytest.mark.parametrize("path", ["/api/label", "/api/renew"])
+def test_ids_are_range_checked_everywhere(serve, path):
+    """comparison_id 2**63 reached SQLite and overflowed there: a plain-text 500. Every id is checked first."""
+    url, store = serve()
+    store.add(samples(1))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        session = open_session(client, "ann")
+        for bad in BAD_IDS:
+            body = {"session": session, "comparison_id": bad} | ({"choice": 0} if path == "/api/label" else {})
+            answer = client.post(path, json=body)
+            assert answer.status_code == 400, (bad, answer.text)
+            assert "comparison_id" in answer.json()["error"], (bad, answer.json())
+    assert store.labels() == []
+
+
+def test_host_must_be_a_name_the_server_answers_to(serve):
+    """DNS rebinding: a page on attacker.example, its name now pointing at 127.0.0.1, could read the queue; its
+    requests carry Host: attacker.example and are refused."""
+    url, store = serve()
+    store.add(samples(1))
+    port = urlparse(url).port
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}", "localhost"):
+            assert client.get("/api/stats", headers={"Host": host}).status_code == 200, host
+        for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}", ""):
+            for method, path in (("GET", "/api/stats"), ("GET", "/"), ("POST", "/api/session")):
+                answer = client.request(method, path, headers={"Host": host}, json={"labeler": "eve"})
+                assert answer.status_code == 400 and "--allowed-host" in answer.json()["error"], (host, path)
+    assert store.stats()["comparisons"] == 1
+
+
+def test_beyond_loopback_the_machine_names_and_allowed_hosts_are_answered(monkeypatch):
+    monkeypatch.setattr(labeling_app, "machine_addresses", lambda: ["127.0.0.1", "192.168.1.5", "::1", "2001:db8::5"])
+    names = allowed_hosts("0.0.0.0", ["Labels.Example.org", "10.1.2.3:8443", "::2"])
+    hostname = socket.gethostname().lower()
+    assert {"localhost", "127.0.0.1", "[::1]", "192.168.1.5", "[2001:db8::5]", hostname, "labels.example.org",
+            "10.1.2.3", "[::2]"} <= names  # fmt: skip
+    assert "attacker.example" not in names
+    assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "[::1]"}
+    assert "127.0.0.2" in allowed_hosts("127.0.0.2")
+    assert host_name("[::1]:8765") == "[::1]" and host_name("Example.ORG:80") == "example.org"
+    for bad in ("https://labels.example.org/", " ", "two words"):
+        with pytest.raises(LabelingError, match="--allowed-host"):
+            allowed_hosts("0.0.0.0", [bad])
+
+
+def test_origin_when_sent_must_be_the_pages_own(serve):
+    url, store = serve()
+    store.add(samples(1))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        session = open_session(client, "ann")
+        label = {"session": session, "comparison_id": 1, "choice": 0}
+        for origin in ("http://evil.example", f"http://127.0.0.1:{urlparse(url).port + 1}", "null",
+                       f"http://localhost:{urlparse(url).port}"):  # localhost is not the origin of a 127.0.0.1 page
+            answer = client.post("/api/label", json=label, headers={"Origin": origin})
+            assert answer.status_code == 403 and "refused" in answer.json()["error"], origin
+        assert store.labels() == []
+        assert client.post("/api/label", json=label, headers={"Origin": url}).status_code == 200
+
+
+def test_state_changes_only_by_post_with_json(serve):
+    """A page on another site can POST text/plain or a form without the browser asking us first; JSON it cannot.
+    So a state change must be a POST of application/json (415 otherwise), and GET changes nothing."""
+    url, store = serve()
+    store.add(samples(1))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        session = open_session(client, "ann")
+        body = json.dumps({"session": session, "comparison_id": 1, "choice": 0})
+        for content_type in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                             "multipart/form-data; boundary=x", None, "application/json-patch+json"):  # fmt: skip
+            headers = {"Content-Type": content_type} if content_type else {}
+            answer = client.post("/api/label", content=body, headers=headers)
+            assert answer.status_code == 415 and "application/json" in answer.json()["error"], content_type
+        assert store.labels() == []
+        assert client.get("/api/next", params={"session": session}).status_code == 405
+        assert leases(store) == []  # reserving is a state change: a GET reserves nothing
+        ok = client.post("/api/label", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200
+
+
+def test_a_server_failure_is_still_a_json_error(serve, monkeypatch):
+    url, _ = serve()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Store, "stats", broken)
+    with httpx.Client(base_url=url, timeout=10) as client:
+        answer = client.get("/api/stats")
+    assert answer.status_code == 500 and "RuntimeError" in answer.json()["error"]
 
 
 def test_body_without_content_length_is_refused(serve):
     url, _ = serve()
     host, port = urlparse(url).hostname, urlparse(url).port
-    request = (b"POST /api/label HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-               b"Content-Type: application/json\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")  # fmt: skip
+    request = (f"POST /api/label HTTP/1.1\r\nHost: {host}:{port}\r\nTransfer-Encoding: chunked\r\n"
+               "Content-Type: application/json\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")  # fmt: skip
     with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(request)
+        sock.sendall(request.encode())
         reply = b""
         while chunk := sock.recv(4096):
             reply += chunk
@@ -356,7 +683,7 @@ def test_body_without_content_length_is_refused(serve):
 def test_load_20_concurrent_labelers_50_labels_each(serve, labels_per_comparison):
     """1,000 labels from 20 threads: exactly 1,000 rows, no (comparison, labeler) twice, every comparison with
     exactly its labels_per_comparison labels, every request answered 200. With 1 label each the 20 labelers share
-    1,000 comparisons (reservations keep them apart); with 20, all of them label the same 50."""
+    1,000 comparisons (leases keep them apart); with 20, all of them label the same 50."""
     n_clients, per_client = 20, 50
     url, store = serve(labels_per_comparison=labels_per_comparison)
     n_comparisons = n_clients * per_client // labels_per_comparison
@@ -367,13 +694,14 @@ def test_load_20_concurrent_labelers_50_labels_each(serve, labels_per_comparison
     def labeler(i: int):
         name = f"labeler-{i:02d}"
         with httpx.Client(base_url=url, timeout=30) as client:
+            session = open_session(client, name)
             while counts[name] < per_client and time.monotonic() < deadline:
-                got = client.get("/api/next", params={"labeler": name})
+                got = client.post("/api/next", json={"session": session})
                 if got.status_code != 200 or got.json()["comparison"] is None:
                     errors.append((name, "next", got.status_code, got.text[:200]))
                     return
                 comparison = got.json()["comparison"]
-                sent = client.post("/api/label", json={"comparison_id": comparison["id"], "labeler": name,
+                sent = client.post("/api/label", json={"session": session, "comparison_id": comparison["id"],
                                                        "choice": (i + comparison["id"]) % 4})  # fmt: skip
                 if sent.status_code != 200:
                     errors.append((name, "label", sent.status_code, sent.text[:200]))

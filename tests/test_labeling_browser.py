@@ -1,11 +1,18 @@
 """The labeling page in a real browser: Playwright drives Debian's Chromium (Playwright's own browser download is
-not reachable from CI), labels with the keyboard, undoes, and the database shows exactly what was pressed."""
+not reachable from CI). A desktop labeler who lost the token, reads the guidelines, labels with the keyboard and
+undoes; a phone labeler with right-to-left text, an empty response, a queue held by someone else and a hidden tab;
+and hostile pages: one on another local port posting text/plain without CORS, one reached by DNS rebinding. The
+database shows exactly what was pressed, and nothing the hostile pages sent."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
 
 import pytest
 
@@ -24,6 +31,32 @@ LONG_STORY = "\n\n".join(
     f"where it came from. Nobody in the village had asked for a bakery, but by the third week there was a queue."
     for i in range(1, 16)
 )
+HEBREW_PROMPT = "דרקון פותח מאפייה. כתבו את הביקורת הראשונה שלו."
+ARABIC_STORY = "\n\n".join(f"الفقرة {i}. فتح التنين مخبزاً في القرية، وكان الخبز يتذكر من أين جاء."
+                           for i in range(1, 30))  # fmt: skip
+GUIDELINES = "# How to judge\n\nPick the story you would **rather read**.\n\n- Ignore typos\n- <b>not bold</b>\n"
+# Records every response card that gets the "chosen" class: the highlight lasts a moment, too short to poll for.
+WATCH_CHOSEN = """() => {
+  window.__chosen = [];
+  new MutationObserver((records) => records.forEach((r) => {
+    if (r.target.classList.contains("chosen")) window.__chosen.push(r.target.dataset.index);
+  })).observe(document.getElementById("responses"), { attributes: true, subtree: true, attributeFilter: ["class"] });
+}"""
+
+# Headless tabs are never hidden: this makes the page believe it was (switched away from, or the phone locked).
+SET_VISIBILITY = """(state) => {
+  Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def wait_until(page, condition, timeout_s: float = 5.0) -> None:
+    """Poll a condition outside the page (the database, the server's log) while the page goes on working."""
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            return
+        page.wait_for_timeout(50)
+    assert condition()
 
 
 def _find_chromium() -> str | None:
@@ -51,7 +84,34 @@ def chromium() -> str:
     return path
 
 
-def test_label_with_the_keyboard_undo_and_check_the_database(tmp_path, chromium):
+@pytest.fixture(scope="module")
+def browser(chromium):
+    """One browser for the module (each test gets its own context). attacker.example resolves to this machine,
+    as it would for a page that rebinds its DNS name to 127.0.0.1."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--host-resolver-rules=MAP attacker.example 127.0.0.1"])  # fmt: skip
+        yield browser
+        browser.close()
+
+
+class Recorder:
+    """ASGI wrapper noting (method, path, status) of every request: proves a hostile request reached the server
+    and was refused there, rather than never being sent."""
+
+    def __init__(self, app):
+        self.app, self.seen = app, []
+
+    async def __call__(self, scope, receive, send):
+        async def record(message):
+            if message["type"] == "http.response.start":
+                self.seen.append((scope["method"], scope["path"], message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, record)
+
+
+def test_desktop_token_guidelines_keyboard_and_undo(tmp_path, browser):
     db = tmp_path / "labels.db"
     store = Store(db)
     store.add([
@@ -62,53 +122,190 @@ def test_label_with_the_keyboard_undo_and_check_the_database(tmp_path, chromium)
         ("A cat inherits a castle.", ["It naps in every room.", "It fires the dog.", "It sells the moat.",
                                       "It learns the lute."], {}),
     ])  # fmt: skip
-    app = create_app(db, token=TOKEN)
-    with BackgroundServer(app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{url}/?token={TOKEN}")
-            expect(page.locator("#name-form")).to_be_visible()
-            page.fill("#name-input", "alice")
-            page.press("#name-input", "Enter")
-            prompt = page.locator("#prompt")
-            expect(prompt).to_have_text("A dragon opens a bakery. Write its first review.")
-            expect(page.locator("#name-form")).to_be_hidden()
-            expect(page.locator("#actions")).to_be_in_viewport()  # tie / skip / undo in view without scrolling
-            assert "token" not in page.url  # taken out of the address bar and history
-            expect(page.locator(".response")).to_have_count(3)
-            expect(page.locator("#progress")).to_contain_text("done 0 / queued 4")
-            # each long story scrolls inside its own column, and the page wraps it
-            scrolls = page.locator(".response .text").first.evaluate("e => e.scrollHeight > e.clientHeight")
-            assert scrolls
-            page.screenshot(path=str(tmp_path / "labeling.png"))
+    app = create_app(db, token=TOKEN, instructions=GUIDELINES)
+    with BackgroundServer(app) as url:
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        # a labeler who lost the ?token= part of the link gets a plain question, not an API error
+        page.goto(f"{url}/")
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(page.locator("#token-form")).to_contain_text("access code")
+        for developer_words in ("Bearer", "Authorization", "401", "token"):
+            assert developer_words not in page.locator("main").inner_text()
+        page.fill("#token-input", "wrong-code")
+        page.press("#token-input", "Enter")
+        expect(page.locator("#message")).to_contain_text("not accepted")
+        page.fill("#token-input", f"{url}/?token={TOKEN}")  # the whole link works as well as the code
+        page.press("#token-input", "Enter")
 
-            page.keyboard.press("2")  # story 2 of the dragon prompt
-            expect(prompt).to_have_text(XSS)
-            # model text shows as text: no element was made from it and no script ran
-            assert page.locator("#prompt-box script, #responses script, #responses img, #responses h1").count() == 0
-            expect(page.locator(".response .text").first).to_have_text(XSS)
-            assert page.evaluate("window.__pwned") is None
-            page.keyboard.press("1")
-            expect(prompt).to_have_text("The moon files a complaint.")
-            page.keyboard.press("u")  # undo the XSS comparison's label: it comes back
-            expect(prompt).to_have_text(XSS)
-            expect(page.locator("#message")).to_have_text("Undone: choose again.")
-            page.keyboard.press("t")  # now a tie
-            expect(prompt).to_have_text("The moon files a complaint.")
-            page.keyboard.press("5")  # no fifth story: nothing happens
-            page.keyboard.press("s")  # skip the moon
-            expect(prompt).to_have_text("A cat inherits a castle.")
-            expect(page.locator(".response")).to_have_count(4)
-            page.keyboard.press("4")
-            expect(page.locator("#empty")).to_be_visible()
-            expect(page.locator("#progress")).to_contain_text("done 3 / queued 1")
-            page.screenshot(path=str(tmp_path / "labeling-done.png"))
-            assert page.evaluate("window.__pwned") is None
-        finally:
-            browser.close()
+        expect(page.locator("#name-form")).to_be_visible()
+        page.fill("#name-input", "alice")
+        page.press("#name-input", "Enter")
+        # the guidelines come before the first item, rendered as text with a little Markdown
+        expect(page.locator("#guidelines")).to_be_visible()
+        expect(page.locator("#guidelines-text h3")).to_have_text("How to judge")
+        expect(page.locator("#guidelines-text strong")).to_have_text("rather read")
+        expect(page.locator("#guidelines-text li")).to_have_text(["Ignore typos", "<b>not bold</b>"])
+        assert page.locator("#guidelines-text b").count() == 0
+        page.keyboard.press("1")  # keys don't label while the guidelines are open
+        page.click("#guidelines-close")
+
+        prompt = page.locator("#prompt")
+        expect(prompt).to_have_text("A dragon opens a bakery. Write its first review.")
+        expect(page.locator("#actions")).to_be_in_viewport()  # tie / skip / undo in view without scrolling
+        assert "token" not in page.url  # taken out of the address bar and history
+        expect(page.locator(".response")).to_have_count(3)
+        expect(page.locator("#progress")).to_contain_text("done 0 / queued 4")
+        # each long story scrolls inside its own column, and the page wraps it
+        assert page.locator(".response .text").first.evaluate("e => e.scrollHeight > e.clientHeight")
+        page.screenshot(path=str(tmp_path / "labeling.png"))
+
+        page.evaluate(WATCH_CHOSEN)
+        page.keyboard.press("2")  # story 2 of the dragon prompt
+        expect(prompt).to_have_text(XSS)
+        assert page.evaluate("window.__chosen") == ["1"]  # story 2 was highlighted before the next item came
+        # model text shows as text: no element was made from it and no script ran
+        assert page.locator("#prompt-box script, #responses script, #responses img, #responses h1").count() == 0
+        expect(page.locator(".response .text").first).to_have_text(XSS)
+        assert page.evaluate("window.__pwned") is None
+        page.keyboard.press("1")
+        expect(prompt).to_have_text("The moon files a complaint.")
+        page.keyboard.press("u")  # undo the XSS comparison's label: it comes back
+        expect(prompt).to_have_text(XSS)
+        expect(page.locator("#message")).to_have_text("Undone: choose again.")
+        page.keyboard.press("t")  # now a tie
+        expect(prompt).to_have_text("The moon files a complaint.")
+        page.click("#show-guidelines")  # the guidelines again, on demand, and back to the same item
+        expect(page.locator("#guidelines-close")).to_have_text("Back to labelling")
+        page.click("#guidelines-close")
+        expect(prompt).to_have_text("The moon files a complaint.")
+        page.keyboard.press("5")  # no fifth story: nothing happens
+        page.keyboard.press("s")  # skip the moon
+        expect(prompt).to_have_text("A cat inherits a castle.")
+        expect(page.locator(".response")).to_have_count(4)
+        page.keyboard.press("4")
+        expect(page.locator("#empty")).to_be_visible()
+        expect(page.locator("#empty-text")).to_contain_text("Nothing is left")
+        expect(page.locator("#progress")).to_contain_text("done 3 / queued 1")
+        expect(page.locator("#progress")).to_contain_text("you: 3 answered, 1 skipped")
+        page.screenshot(path=str(tmp_path / "labeling-done.png"))
+        assert page.evaluate("window.__pwned") is None
+        page.context.close()
 
     got = [(x["comparison_id"], x["labeler"], x["kind"], x["best"]) for x in store.labels()]
     assert got == [(1, "alice", "best", 1), (2, "alice", "tie", None), (3, "alice", "skip", None),
                    (4, "alice", "best", 3)]  # fmt: skip
+    assert len({x["session"] for x in store.labels()}) == 1 and store.labels()[0]["session"]  # one page, one session
     assert (tmp_path / "labeling.png").stat().st_size > 10_000
+
+
+def test_phone_rtl_empty_response_waiting_queue_and_hidden_tab(tmp_path, browser):
+    db = tmp_path / "labels.db"
+    store = Store(db)
+    store.add([
+        (HEBREW_PROMPT, [ARABIC_STORY, "A short English answer."], {}),
+        ("Say something, dragon.", ["", LONG_STORY], {}),
+        ("The moon files a complaint.", ["Dear Sun, you are too bright.", "To whom it may concern: the tides."], {}),
+    ])  # fmt: skip
+    with BackgroundServer(create_app(db)) as url:
+        context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        page = context.new_page()
+        page.clock.install()  # the page's 10 s poll runs when the test moves time on, not after a wait
+        page.goto(f"{url}/")
+        page.fill("#name-input", "noa")
+        page.locator("#name-form button").tap()
+        prompt = page.locator("#prompt")
+        expect(prompt).to_have_text(HEBREW_PROMPT)
+        # dir=auto: Hebrew and Arabic run right to left, English left to right, in one page
+        texts = page.locator(".response .text")
+        assert prompt.get_attribute("dir") == "auto" and texts.first.get_attribute("dir") == "auto"
+        direction = "e => getComputedStyle(e).direction"
+        assert (prompt.evaluate(direction), texts.nth(0).evaluate(direction), texts.nth(1).evaluate(direction)) == (
+            "rtl", "rtl", "ltr")  # fmt: skip
+
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        texts.first.evaluate("e => { e.scrollTop = e.scrollHeight; }")
+        page.locator(".response .pick").nth(1).tap()  # the second story's button, far down the page
+        expect(prompt).to_have_text("Say something, dragon.")
+        # the next item opens at its top: the page and each story scrolled back up
+        assert page.evaluate("window.scrollY") == 0
+        assert texts.evaluate_all("boxes => boxes.map((b) => b.scrollTop)") == [0, 0]
+        expect(prompt).to_be_in_viewport()
+        # an empty response is shown as such, in a muted style, and can be picked
+        expect(texts.first).to_have_text("(empty response)")
+        expect(texts.first).to_have_class("text empty")
+        page.screenshot(path=str(tmp_path / "phone.png"))
+
+        squatter = store.open_session("squatter")
+        assert store.next_for("squatter", squatter)["id"] == 3  # someone else's page holds the last one
+        page.locator("[data-choice=skip]").tap()
+        expect(page.locator("#empty-text")).to_contain_text("Waiting: 1 comparison is open on other labelers' screens")
+        expect(page.locator("#progress")).to_contain_text("you: 1 answered, 1 skipped")  # a skip is no answer
+        store.release("squatter", squatter)  # the squatter closed their tab
+        page.clock.fast_forward(10_000)
+        expect(prompt).to_have_text("The moon files a complaint.")
+
+        def lease_holders():
+            with sqlite3.connect(db) as con:
+                return [row[0] for row in con.execute("SELECT labeler FROM assignments")]
+
+        # a hidden tab gives its comparison back; visible again, it takes the same one back
+        assert lease_holders() == ["noa"]
+        page.evaluate(SET_VISIBILITY, "hidden")
+        wait_until(page, lambda: lease_holders() == [])
+        page.evaluate(SET_VISIBILITY, "visible")
+        wait_until(page, lambda: lease_holders() == ["noa"])
+        expect(prompt).to_have_text("The moon files a complaint.")
+        context.close()
+
+    got = [(x["comparison_id"], x["labeler"], x["kind"], x["best"]) for x in store.labels()]
+    assert got == [(1, "noa", "best", 1), (2, "noa", "skip", None)]
+
+
+def test_pages_from_other_origins_or_host_names_cannot_label(tmp_path, browser):
+    """A page on another local port posts text/plain with mode no-cors (no preflight, so the browser sends it),
+    and sendBeacon does the same; a page reached as attacker.example (DNS rebinding) is refused outright."""
+    db = tmp_path / "labels.db"
+    store = Store(db)
+    store.add([("The moon files a complaint.", ["Dear Sun.", "To whom it may concern."], {})])
+    session = store.open_session("alice")  # the worst case: the hostile page even knows a live session id
+
+    class Hostile(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<!doctype html><title>cute cats</title><p>nothing to see here</p>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    hostile = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    recorder = Recorder(create_app(db))
+    try:
+        with BackgroundServer(recorder) as url:
+            page = browser.new_context().new_page()
+            page.goto(f"http://127.0.0.1:{hostile.server_address[1]}/")
+            page.evaluate("""async ({ target, session }) => {
+                const body = JSON.stringify({ session, comparison_id: 1, choice: 0 });
+                await fetch(target + "/api/label", { method: "POST", mode: "no-cors",
+                                                     headers: { "Content-Type": "text/plain" }, body });
+                const next = JSON.stringify({ session });
+                await fetch(target + "/api/next", { method: "POST", mode: "no-cors", body: next });
+                navigator.sendBeacon(target + "/api/label", body);
+            }""", {"target": url, "session": session})  # fmt: skip
+            wait_until(page, lambda: len(recorder.seen) >= 3)  # the beacon goes out in the background
+            assert recorder.seen == [("POST", "/api/label", 403), ("POST", "/api/next", 403),
+                                     ("POST", "/api/label", 403)]  # fmt: skip
+
+            rebound = page.goto(f"http://attacker.example:{urlparse(url).port}/")
+            assert rebound.status == 400 and "--allowed-host" in page.content()
+            page.context.close()
+    finally:
+        hostile.shutdown()
+        hostile.server_close()
+    assert store.labels() == []
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 0

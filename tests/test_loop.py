@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from wprlhf.data import load_comparisons
 from wprlhf.errors import UserError
@@ -181,3 +182,82 @@ def test_pairs_questions_ask_every_pair_once():
     assert questions(["p"], [["a", "b", "c"]], "best-of-k") == (["p"], [["a", "b", "c"]])
     with pytest.raises(UserError, match="questions"):
         _config(questions="triples")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a policy that only ever writes empty responses (issue 16, item 4): legal, and it must flow through every phase
+
+
+@pytest.fixture(scope="module")
+def silent_policy(tmp_path_factory):
+    """A `tiny` policy whose first token is always <|im_end|>, saved as a policy directory: every token embeds
+    alike and no layer adds anything, so the last hidden state is one fixed vector, and the output head gives
+    <|im_end|> a logit of 50 on it and every other token 0 (probability of anything else < 1e-16)."""
+    from wprlhf.models import load_policy
+
+    policy, tokenizer = load_policy("tiny", seed=0)
+    with torch.no_grad():
+        embeddings = policy.get_input_embeddings().weight
+        embeddings.copy_(embeddings[:1].expand_as(embeddings))
+        for layer in policy.model.layers:  # residual branches off: hidden state = the embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hidden = policy.model.norm(embeddings[:1])[0]
+        head = policy.get_output_embeddings().weight
+        head.zero_()
+        head[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 50 * hidden / hidden.norm() ** 2
+    path = tmp_path_factory.mktemp("silent") / "policy"
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sample_cli_writes_empty_responses(silent_policy, tmp_path, capsys):
+    from wprlhf.cli import main
+
+    out = tmp_path / "samples.jsonl"
+    assert main(["sample", "--policy", str(silent_policy), "-k", "2", "--max-prompts", "3", "--max-new-tokens", "4",
+                 "--temperature", "1.0", "--out", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(row["responses"] == ["", ""] for row in rows)
+
+
+def test_empty_responses_are_labelled_and_stored(tmp_path):
+    """A simulated labeler compares an empty response like any other, and the comparison round-trips to JSONL."""
+    from wprlhf.data import write_comparisons
+
+    for spec in ("sentiment", "relevance"):
+        labeler = SimulatedLabeler(load_judge(spec), temperature=0)
+        labels = labeler.label(["Write a happy story."] * 2, [["", "A wonderful, happy day."], ["", ""]])
+        assert [c.responses for c in labels] == [["", "A wonderful, happy day."], ["", ""]]
+        assert labels[0].best == 1 or spec == "relevance"  # VADER: "" is neutral (0), the happy text positive
+    path = write_comparisons(tmp_path / "c.jsonl", labels)
+    assert list(load_comparisons(path)) == labels
+
+
+def test_loop_runs_on_a_policy_that_writes_only_empty_responses(silent_policy, tmp_path):
+    """It died with a raw ValueError when the labeler built its first comparison of empty responses."""
+    ppo_file = tmp_path / "ppo.json"
+    ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
+    out = tmp_path / "loop"
+    config = _config(policy=str(silent_policy), rounds=1, ppo_steps=1, response_length=4, ppo_config=str(ppo_file))
+    rows = run(config, out)
+    samples = [json.loads(line) for line in (out / "round-1" / "samples.jsonl").open()]
+    assert samples and all(r == "" for s in samples for r in s["responses"])
+    labels = list(load_comparisons(out / "round-1" / "labels.jsonl"))
+    assert len(labels) == 4 and all(c.responses == ["", ""] for c in labels)
+    assert len(rows) == 1 and rows[0]["labels"] == 4
+    assert all(math.isfinite(rows[0][k]) for k in ("reward_mean", "kl", "eval_kl", "win_rate"))
+    assert all(math.isfinite(r["reward_mean"]) for r in read_metrics(out / "ppo" / "metrics.csv"))
+
+
+def test_loop_checks_every_size_and_its_ppo_settings_before_sampling(tmp_path):
+    with pytest.raises(UserError, match="rm_max_length must be >= 16, got 8; set --rm-max-length to 16 or more"):
+        _config(rm_max_length=8)
+    with pytest.raises(UserError, match="labelers must be >= 1, got 0; set --labelers to 1 or more"):
+        _config(labelers=0)
+    ppo_file = tmp_path / "ppo.json"
+    ppo_file.write_text(json.dumps({"num_minibatches": 0}))
+    with pytest.raises(UserError, match="num_minibatches must be >= 1, got 0; set --num-minibatches"):
+        run(_config(ppo_config=str(ppo_file)), tmp_path / "loop")
+    assert not (tmp_path / "loop" / "start_samples.jsonl").exists()

@@ -5,16 +5,16 @@ learns, resumes and exports a plain model; gradient checkpointing gives the same
 from __future__ import annotations
 
 import importlib.util
-import statistics
-
 import pytest
 import torch
 
-from tests.test_ppo import LEARNING, PROMPTS, _first_last, _one_update
-from wprlhf.metrics import read_metrics
+from tests.test_ppo import LEARNING, PROMPTS, _one_update
+from wprlhf.core import masked_sum, pad_sequences
 from wprlhf.models import load_policy
 from wprlhf.ppo import PPOConfig, PPOTrainer, policy_forward, train
 from wprlhf.rewards import vowels
+
+pytestmark = pytest.mark.learning  # every test here takes optimizer steps
 
 
 def _step(trainer, tokenizer):
@@ -43,15 +43,37 @@ def test_lora_reference_is_the_policy_with_adapters_off(tokenizer):
                 torch.testing.assert_close(value, base[key], atol=0, rtol=0)
 
 
-def test_lora_learns_vowel_reward(tmp_path):
-    config = PPOConfig(**{**LEARNING, "lora_r": 16, "lora_alpha": 32.0})
-    train(config, PROMPTS, vowels, tmp_path / "lora", progress=False)
-    rows = read_metrics(tmp_path / "lora" / "metrics.csv")
-    first, last = _first_last(rows, "reward_mean")
-    se = (statistics.variance(first) / 5 + statistics.variance(last) / 5) ** 0.5
-    gain = statistics.mean(last) - statistics.mean(first)
-    assert gain > 3 * se, f"reward {statistics.mean(first):.3f} -> {statistics.mean(last):.3f}, se {se:.4f}"
-    assert statistics.mean(_first_last(rows, "kl")[1]) < 20
+def _preference_gap(trainer, queries, good, bad) -> float:
+    """Mean log-prob of the high-score responses minus the low-score ones, in nats per response."""
+    q, qm = pad_sequences(queries, 0, side="left")
+    gaps = []
+    for responses in (good, bad):
+        r, rm = pad_sequences(responses, 0, side="right")
+        with torch.no_grad():
+            gaps.append(masked_sum(policy_forward(trainer.policy, q, qm, r, rm, 1.0)[0], rm, dim=1).mean())
+    return float(gaps[0] - gaps[1])
+
+
+def test_lora_moves_probability_towards_high_scores(tokenizer):
+    """PPO through LoRA adapters alone learns which responses score high: on a fixed rollout (each prompt answered
+    once with score +1, once with -1), 6 updates raise the log-prob gap between them by over 10 nats (37-43 measured under each kernel set).
+
+    A property of the update, not of one sampled trajectory: sampling with the vowel reward gained 0.4 standard
+    errors on one CPU kernel set and 3 on another (rounding picks different tokens); this gap moves by the same
+    wide margin under every kernel set.
+    """
+    policy, _ = load_policy("tiny")
+    config = PPOConfig(policy="tiny", batch_size=8, num_minibatches=2, lr=1e-2, temperature=1.0, lora_r=16,
+                       lora_alpha=32.0, adaptive_kl=False, kl_coef=0.05)  # fmt: skip
+    trainer = PPOTrainer(config, policy, tokenizer)
+    queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+    good = [torch.tensor([100 + i, 2000, 3000, 4000]) for i in range(4)]
+    bad = [torch.tensor([100 + i, 5000, 6000, 7000]) for i in range(4)]
+    before = _preference_gap(trainer, queries, good, bad)
+    for _ in range(6):
+        trainer.step(queries + queries, good + bad, [1.0] * 4 + [-1.0] * 4)
+    gain = _preference_gap(trainer, queries, good, bad) - before
+    assert gain > 10.0, f"log-prob gap of high- over low-score responses rose by {gain:.3f} nats"
 
 
 def test_lora_resumes_and_exports_a_plain_merged_model(tmp_path, tokenizer):

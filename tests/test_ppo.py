@@ -13,6 +13,8 @@ from wprlhf.models import load_policy
 from wprlhf.ppo import PPOConfig, PPOTrainer, policy_forward, train
 from wprlhf.rewards import vowels
 
+pytestmark = pytest.mark.learning  # every test here takes optimizer steps
+
 PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "ship", "storm", "clock", "garden", "robot")]
 
 # A setting where `tiny` learns the vowel reward in ~25 steps: temperature 1 keeps exploring a flat random

@@ -96,6 +96,7 @@ def _assert_offline(html):
     assert "http://" not in html and "https://" not in html and "@import" not in html and "url(" not in html
 
 
+@pytest.mark.learning
 def test_loop_report_is_offline_escaped_and_complete(loop_dir):
     out = write_report(loop_dir)
     assert out == loop_dir / "report.html"
@@ -118,6 +119,7 @@ def test_loop_report_is_offline_escaped_and_complete(loop_dir):
     assert "kl_coef" in html and "ppo_steps" in html  # both configs
 
 
+@pytest.mark.learning
 def test_report_to_another_file(loop_dir, tmp_path):
     out = write_report(loop_dir, tmp_path / "elsewhere" / "r.html")
     assert out.exists() and (tmp_path / "elsewhere" / "r-win_rate.png").exists()
@@ -126,6 +128,7 @@ def test_report_to_another_file(loop_dir, tmp_path):
         write_report(loop_dir, tmp_path / "r.png")
 
 
+@pytest.mark.learning
 def test_plain_ppo_run(tmp_path):
     run = tmp_path / "ppo"
     _write_metrics(run / "metrics.csv", steps=5, judge=False)
@@ -141,6 +144,7 @@ def test_plain_ppo_run(tmp_path):
     assert "Prompt 0 &amp; friends" in html
 
 
+@pytest.mark.learning
 def test_loop_run_missing_optional_files(loop_dir):
     """A loop killed early: no eval pairs, no RM evaluation, a corrupt round file, no state."""
     (loop_dir / "round-2" / "eval_pairs.jsonl").unlink()
@@ -174,6 +178,7 @@ def test_report_imports_no_torch():
     assert result.stdout.strip() == "False"
 
 
+@pytest.mark.learning
 def test_cli_report(loop_dir, tmp_path, capsys):
     from wprlhf.cli import main
 

@@ -10,17 +10,31 @@ import pytest
 import torch
 
 from wprlhf.core import bootstrap_ci
-from wprlhf.data import Comparison, write_comparisons
+from wprlhf.data import Comparison, split_by_prompt, write_comparisons
+from wprlhf.metrics import read_metrics
 from wprlhf.reward_model import (
     RewardConfig,
+    choice_credit,
     comparison_loss,
     load_reward_model,
     longer_wins,
     evaluate,
+    run_eval,
     score,
     story_windows,
+    tfidf_logreg,
     train,
+    write_strict_json,
 )
+
+
+def strict_json(text: str):
+    """json.loads as a strict parser (JavaScript's JSON.parse, jq) reads it: NaN and Infinity are errors."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_pairwise_loss_is_bradley_terry():
@@ -44,6 +58,86 @@ def test_best_of_k_loss_and_padding_and_ties():
     # row 0: -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = log(1.270671) = 0.239545; row 1 (tie, equal scores): log 2
     assert float(loss) == pytest.approx((0.239545 + 0.693147) / 2, abs=1e-5)
     assert float(acc) == 1.0  # the tie is left out of accuracy
+
+
+def test_choice_credit_by_hand():
+    """The one tie rule: the best response alone on top 1, sharing the top with m others 1/(m+1), else 0."""
+    scores = torch.tensor([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0], [1.0, 2.0, 0.0], [5.0, 5.0, 5.0], [4.0, 4.0, 1.0],
+                           [0.0, 0.0, 9.0], [float("nan"), 1.0, 0.0]])  # fmt: skip
+    valid = torch.tensor([[True, True, False]] * 3 + [[True] * 3] * 2 + [[True, True, False], [True, True, True]])
+    best = torch.tensor([0, 0, 0, 2, 2, 0, 1])
+    credit = choice_credit(scores, best, valid)
+    # tie of 2; alone on top; beaten; tie of 3; beaten by two tied; the 9 is padding, a tie of 2; NaN never on top
+    torch.testing.assert_close(credit, torch.tensor([0.5, 1.0, 0.0, 1 / 3, 0.0, 0.5, 1.0]))
+    # comparison_loss's accuracy is the same credit over the rows that are not labelled ties
+    tie = torch.tensor([False, False, False, False, True, False, False])
+    _, accuracy = comparison_loss(scores[:4], best[:4], valid[:4], tie[:4])
+    assert float(accuracy) == pytest.approx((0.5 + 1.0 + 0.0 + 1 / 3) / 4)
+
+
+def _mixed_comparisons() -> list[Comparison]:
+    """Word counts give the hand-computed credits 1/2, 1, 1/3, 0, 1/2 (and a labelled tie, left out): mean 7/15."""
+    return [
+        Comparison("p0", ["a b", "c d"], 1, prompt_id="0"),  # equal lengths: 1/2
+        Comparison("p1", ["a", "b c"], 1, prompt_id="1"),  # longer: 1
+        Comparison("p2", ["a", "b", "c"], 2, prompt_id="2"),  # three equal: 1/3
+        Comparison("p3", ["x y", "z"], 1, prompt_id="3"),  # shorter: 0
+        Comparison("p4", ["a b c", "d", "e f g"], 0, prompt_id="4"),  # ties with the third: 1/2
+        Comparison("p5", ["a b c", "d"], 1, tie=True, prompt_id="5"),  # labelled tie: no right answer
+    ]
+
+
+def test_baselines_and_evaluate_count_ties_by_the_same_rule(monkeypatch):
+    mixed = _mixed_comparisons()
+    assert longer_wins(mixed) == pytest.approx(7 / 15)
+    # evaluate with a stand-in reward model whose score is the word count: the same credits
+    import wprlhf.reward_model as rm
+
+    monkeypatch.setattr(rm, "score", lambda model, tok, prompts, responses, *args, **kw: torch.tensor(
+        [float(len(r.split())) for r in responses]))  # fmt: skip
+    result = evaluate(None, None, mixed, max_length=32)
+    assert result["accuracy"] == pytest.approx(7 / 15) and result["n"] == 5 and result["ties"] == 1
+    assert evaluate(None, None, mixed[5:], max_length=32).keys() == {"n", "ties", "loss"}  # only a tie: no accuracy
+    assert evaluate(None, None, [], max_length=32) == {"n": 0, "ties": 0}
+
+
+def _identical_pairs(n: int, start: int = 0) -> list[Comparison]:
+    """Both responses the same text, A labelled the better: no scorer can be right, so every accuracy is 1/2."""
+    subjects = ["cat", "ship", "storm", "clock", "garden", "robot", "dragon", "river"]
+    out = []
+    for i in range(start, start + n):
+        story = f"a story about the {subjects[i % len(subjects)]} and the {subjects[(i * 3 + 1) % len(subjects)]}"
+        out.append(Comparison(f"Write about thing {i}", [story, story], 0, labeler="toy", prompt_id=str(i)))
+    return out
+
+
+@pytest.mark.learning
+def test_identical_responses_score_one_half_everywhere(tmp_path, capsys):
+    """The issue's 40 identical pairs: training said 1.0 at loss ln 2, eval 0.0, the baselines 1.0 (argmax picks
+    index 0 on a tie). Now every number is exactly 1/2, and every file written parses as strict JSON."""
+    from wprlhf.cli import main
+
+    data = tmp_path / "same.jsonl"
+    write_comparisons(data, _identical_pairs(40))
+    config = RewardConfig(data=str(data), model="tiny", max_length=32, epochs=1, batch_size=8, lr=1e-3,
+                          val_fraction=0.25, eval_every=1, normalize_samples=20)  # fmt: skip
+    held_out = train(config, tmp_path / "model", progress=False)
+    rows = read_metrics(tmp_path / "model" / "metrics.csv")
+    assert rows and all(r["accuracy"] == 0.5 and r["val_accuracy"] == 0.5 for r in rows)
+    assert all(r["loss"] == pytest.approx(math.log(2), abs=1e-6) for r in rows)
+    assert held_out["accuracy"] == 0.5 and held_out["n"] == 10
+    assert held_out["baselines"] == {"longer_wins": 0.5, "tfidf_logreg": 0.5}
+    assert strict_json((tmp_path / "model" / "eval-heldout.json").read_text()) == held_out
+    strict_json((tmp_path / "model" / "train_config.json").read_text())
+
+    test = tmp_path / "test.jsonl"
+    write_comparisons(test, _identical_pairs(12, start=40))
+    capsys.readouterr()
+    assert main(["rm", "eval", "--model", str(tmp_path / "model"), "--data", str(test)]) == 0
+    printed = strict_json(capsys.readouterr().out)
+    assert printed["accuracy"] == printed["accuracy_raw"] == 0.5 and printed["n"] == 12
+    assert printed["baselines"] == {"longer_wins": 0.5, "tfidf_logreg": 0.5}
+    assert strict_json((tmp_path / "model" / "eval-test.json").read_text()) == printed
 
 
 def test_bootstrap_ci_resamples_prompts():
@@ -82,6 +176,7 @@ def toy_rm(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.learning
 def test_reward_model_learns_separable_toy_set(toy_rm):
     out, result = toy_rm
     assert result["accuracy"] == 1.0 and result["n"] >= 20
@@ -90,6 +185,7 @@ def test_reward_model_learns_separable_toy_set(toy_rm):
     assert len(rows) - 1 == math.ceil(96 / 8) * 3  # one row per optimizer step
 
 
+@pytest.mark.learning
 def test_normalisation_is_folded_into_the_saved_head(toy_rm):
     """Plain transformers gives normalised rewards: mean ~0, std ~1 over the training responses."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -108,6 +204,7 @@ def test_normalisation_is_folded_into_the_saved_head(toy_rm):
     torch.testing.assert_close(ours, plain, atol=1e-4, rtol=0)
 
 
+@pytest.mark.learning
 def test_rm_reward_spec_scores_in_ppo_shape(toy_rm):
     from wprlhf.rewards import load_reward
 
@@ -117,6 +214,7 @@ def test_rm_reward_spec_scores_in_ppo_shape(toy_rm):
     assert len(scores) == 2 and scores[0] > scores[1]
 
 
+@pytest.mark.learning
 def test_rm_eval_cli_writes_eval_json(toy_rm, tmp_path, capsys):
     from wprlhf.cli import main
 
@@ -124,11 +222,34 @@ def test_rm_eval_cli_writes_eval_json(toy_rm, tmp_path, capsys):
     test = tmp_path / "test.jsonl"
     write_comparisons(test, _toy_comparisons(30))
     assert main(["rm", "eval", "--model", str(out / "model"), "--data", str(test)]) == 0
-    result = json.loads((out / "model" / "eval-test.json").read_text())
+    result = strict_json((out / "model" / "eval-test.json").read_text())
     assert set(result) >= {"accuracy", "n", "ci95", "clean", "baselines"}
     assert result["accuracy"] == 1.0 and result["n"] == 30
     assert set(result["baselines"]) == {"longer_wins", "tfidf_logreg"}
     assert 0 <= result["baselines"]["tfidf_logreg"] <= 1
+
+
+@pytest.mark.learning
+def test_rm_eval_of_nothing_to_score_is_an_error_not_nan(toy_rm, tmp_path, capsys):
+    """A header-only file, or one of labelled ties only, has no accuracy: exit 2 naming the file, no JSON with
+    NaN (which strict parsers reject)."""
+    from wprlhf.cli import main
+
+    out, _ = toy_rm
+    empty = tmp_path / "empty.csv"
+    empty.write_text("prompt,response_a,response_b,label\n")
+    ties = tmp_path / "ties.jsonl"
+    write_comparisons(ties, [Comparison(f"p{i}", ["one story", "another one"], 0, tie=True) for i in range(3)])
+    for path, message in ((empty, "holds no comparisons"), (ties, "are all ties (3)")):
+        code = main(["rm", "eval", "--model", str(out / "model"), "--data", str(path), "--out",
+                     str(tmp_path / "e.json")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and str(path) in err and message in err and "Traceback" not in err
+        assert not (tmp_path / "e.json").exists()
+    with pytest.raises(ValueError, match="Out of range float"):
+        write_strict_json(tmp_path / "nan.json", {"accuracy": float("nan")})
+    assert not (tmp_path / "nan.json").exists()
+    assert tfidf_logreg([], _mixed_comparisons()) is None and longer_wins(_mixed_comparisons()[5:]) is None
 
 
 def test_rm_train_refuses_bad_input(tmp_path, capsys):
@@ -140,6 +261,7 @@ def test_rm_train_refuses_bad_input(tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.learning
 def test_best_of_balanced_accuracy(toy_rm, tmp_path, capsys):
     """`rm eval --best-of`: top-karma story vs one other per prompt; the toy RM ranks 'good' stories first."""
     from wprlhf.cli import main
@@ -176,6 +298,7 @@ def _ending_comparisons(n: int) -> list[Comparison]:
     return out
 
 
+@pytest.mark.learning
 def test_windows_let_a_short_reward_model_read_a_story_to_its_end(tmp_path):
     """At max_length 16 the stories' endings are cut off: only scoring every 6-word window (and training on
     random windows) lets the model see what tells the pair apart."""
@@ -185,6 +308,14 @@ def test_windows_let_a_short_reward_model_read_a_story_to_its_end(tmp_path):
                           lr=3e-3, val_fraction=0.2, normalize_samples=100, warmup_ratio=0.1)  # fmt: skip
     result = train(config, tmp_path / "model", progress=False)
     assert result["accuracy"] >= 0.9
+    # The validation curve reads whole stories as `rm eval` does (it used to score only the opening: a tie here),
+    # so its last point is the held-out accuracy, and `rm eval` on the validation comparisons says the same.
+    rows = read_metrics(tmp_path / "model" / "metrics.csv")
+    assert rows[-1]["val_accuracy"] == result["accuracy"]
+    _, val_set = split_by_prompt(_ending_comparisons(120), 0.2, seed=0)
+    write_comparisons(tmp_path / "val.jsonl", val_set)
+    evaluated = run_eval(tmp_path / "model", str(tmp_path / "val.jsonl"), progress=False)
+    assert evaluated["accuracy"] == result["accuracy"] and evaluated["n"] == result["n"]
     model, tokenizer = load_reward_model(tmp_path / "model")
     assert model.config.reward_window_words == 6  # saved with the model: every scorer reads whole stories
     held_out = _ending_comparisons(140)[120:]
@@ -192,5 +323,5 @@ def test_windows_let_a_short_reward_model_read_a_story_to_its_end(tmp_path):
     by_hand = score(model.__class__.from_pretrained(tmp_path / "model", reward_window_words=0), tokenizer,
                     ["Story 0"] * 4, story_windows(held_out[0].responses[0], 6), max_length=16)  # fmt: skip
     torch.testing.assert_close(windows, by_hand.mean().reshape(1), atol=1e-5, rtol=0)
-    model.config.reward_window_words = 0  # the opening alone: both stories of a pair look the same
-    assert evaluate(model, tokenizer, held_out, max_length=16)["accuracy"] == 0.0
+    model.config.reward_window_words = 0  # the opening alone: both stories of a pair look the same, a tie
+    assert evaluate(model, tokenizer, held_out, max_length=16)["accuracy"] == 0.5

@@ -146,6 +146,7 @@ def test_linear_schedule_warms_up_then_decays():
 # ------------------------------------------------------------------------------------------ training
 
 
+@pytest.mark.learning
 def test_training_lowers_held_out_loss(stories_csv, tmp_path, tiny, tokenizer):
     """Held-out prompts' stories share the training stories' text, so learning it must lower their loss."""
     config = SFTConfig(policy="tiny", data=str(stories_csv), max_length=96, batch_size=4, gradient_accumulation_steps=2,
@@ -155,6 +156,7 @@ def test_training_lowers_held_out_loss(stories_csv, tmp_path, tiny, tokenizer):
     assert result["val_loss_after"] < result["val_loss_before"] - 2.0, result
 
 
+@pytest.mark.learning
 def test_cli_writes_every_file(stories_csv, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["sft", "--policy", "tiny", "--data", stories_csv, "--out", out, "--max-examples", 6, "--batch-size", 2,

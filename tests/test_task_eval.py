@@ -107,6 +107,7 @@ def test_sample_with_kl_feeds_plain_text_when_asked(tokenizer, tiny):
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+@pytest.mark.learning
 def test_the_start_policy_against_itself_differs_by_nothing(tmp_path, classifier_dir):
     policy = save_tiny_policy(tmp_path / "same", seed=0)  # the very weights of `tiny` with seed 0
     result = evaluate_task("positive-reviews", str(policy), "tiny", classifier_dir, n_openings=4, response_length=5,
@@ -118,6 +119,7 @@ def test_the_start_policy_against_itself_differs_by_nothing(tmp_path, classifier
     assert abs(result["kl"]["mean"]) < 1e-3  # the k1 estimate of a policy against itself, up to float error
 
 
+@pytest.mark.learning
 def test_task_eval_positive_reviews_writes_beside_the_run(run_dir, capsys):
     assert main(["task-eval", "--policy", str(run_dir / "policy"), *SHORT]) == 0  # task, start, classifier: the run's
     result = json.loads((run_dir / "task-eval.json").read_text())
@@ -140,6 +142,7 @@ def test_task_eval_positive_reviews_writes_beside_the_run(run_dir, capsys):
     assert "positive-reviews" in out and "KL to start" in out and "P(positive)" in out
 
 
+@pytest.mark.learning
 def test_task_eval_sentiment_control(tmp_path, classifier_dir, capsys):
     policy = save_tiny_policy(tmp_path / "trained", seed=1)
     folder = tmp_path / "imdb"

@@ -114,6 +114,7 @@ def test_controlled_signs_a_score_by_its_prefix():
 # ------------------------------------------------------------------------------------------------ tasks
 
 
+@pytest.mark.learning
 def test_positive_reviews_task(classifier_dir, tokenizer):
     from wprlhf.generation import encode_prompts
 
@@ -133,6 +134,7 @@ def test_positive_reviews_task(classifier_dir, tokenizer):
     assert decoded == prompts and not any("<|im_start|>" in d for d in decoded)
 
 
+@pytest.mark.learning
 def test_sentiment_control_reward_and_judge_flip_with_the_prefix(classifier_dir):
     task = load_task("sentiment-control", classifier_dir)
     openings = builtin_openings()
@@ -203,6 +205,7 @@ def test_sft_stories_bad_input(tmp_path, name, data, message):
         sft_stories(name, data)
 
 
+@pytest.mark.learning
 def test_sft_task_cli_trains_on_control_prefixed_reviews(tmp_path, capsys):
     data = write_reviews(tmp_path / "reviews.csv", SFT_REVIEWS * 3)
     out = tmp_path / "sft"
@@ -220,6 +223,7 @@ def test_sft_task_cli_trains_on_control_prefixed_reviews(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ ppo --task
 
 
+@pytest.mark.learning
 def test_ppo_task_run_writes_judge_and_resumes(tmp_path, classifier_dir, capsys):
     out = tmp_path / "run"
     argv = ["ppo", *TINY_RUN, "--task", "sentiment-control", "--classifier", classifier_dir, "--out", out,
@@ -239,6 +243,7 @@ def test_ppo_task_run_writes_judge_and_resumes(tmp_path, classifier_dir, capsys)
     assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
 
 
+@pytest.mark.learning
 def test_ppo_task_with_review_data(tmp_path, classifier_dir, capsys):
     reviews = [("This one kept me guessing until the very last scene", 1),
                ("Two hours of my life that I will never get back", 0)]

@@ -1,21 +1,34 @@
 """Atomic save/load of model weights, optimizer, RNG and step, so a killed run resumes where it stopped.
 
-A checkpoint is a folder written under a temporary name and renamed into place; `checkpoints/latest` names
-the newest complete one and is itself replaced atomically. Models inside are in Hugging Face format.
+A checkpoint is a folder written under a temporary name, flushed to disk and renamed into place;
+`checkpoints/latest` names the newest one and is itself replaced atomically. The two newest are kept, so one
+damaged after the fact (a full disk, a cut copy) leaves the one before it to resume from. Models inside are in
+Hugging Face format.
 
+    out/checkpoints/step-000008/              the one before the newest, laid out the same way
     out/checkpoints/step-000010/policy/       save_pretrained + tokenizer (+ value_head.safetensors if shared)
     out/checkpoints/step-000010/value/        save_pretrained (separate value model)
     out/checkpoints/step-000010/trainer_state.pt
     out/checkpoints/latest                    "step-000010"
+    out/checkpoints/step-000012.broken/       a folder a resume skipped as unreadable, moved aside (not deleted)
+                                              when the run saved step 12 again; safe to delete once inspected
+
+Resuming reads and checks every file of a checkpoint before it changes anything in the live models, tries the
+folder `latest` names first and then the other step-N folders, newest first, and says what was wrong with each
+one it skipped. It never deletes, moves or writes a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,6 +37,7 @@ from .errors import UserError
 
 STATE_FILE = "trainer_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
+STEP_FOLDER = re.compile(r"step-(\d+)")  # a complete checkpoint's name; NAME.tmp-* and NAME.broken are not
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -50,7 +64,7 @@ def read_config_file(path: str | Path) -> dict:
     """A YAML or JSON mapping of config keys, with a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist; give the path of an existing YAML or JSON file")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".json":
@@ -60,11 +74,13 @@ def read_config_file(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except (json.JSONDecodeError, ValueError) as err:
-        raise UserError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}")
+        raise UserError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}; "
+                        "fix the place the error names")  # fmt: skip
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+        raise UserError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}; "
+                        "write one `key: value` per line")  # fmt: skip
     return data
 
 
@@ -79,23 +95,55 @@ def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(values) - known):
-        raise UserError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+        raise UserError(f"unknown {cls.__name__} keys {unknown}; rename or remove them (known keys: {sorted(known)})")
     return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------- finding
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None if it has none."""
-    pointer = Path(out_dir) / "checkpoints" / "latest"
+def _step_folders(root: Path) -> list[Path]:
+    """The step-N folders under checkpoints/, newest first (temporary and .broken folders left out)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def find_checkpoints(out_dir: Path) -> tuple[list[Path], str | None]:
+    """The checkpoint folders of a run in the order a resume tries them, and what is wrong with `latest` (or None).
+
+    The folder `latest` names comes first, then every other step-N folder, newest first. A step-N folder got its
+    name only once it was complete, so a missing or garbled pointer loses nothing. Reads no checkpoint file.
+    """
+    root = Path(out_dir) / "checkpoints"
+    folders = _step_folders(root)
+    pointer = root / "latest"
     if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not path.is_dir():
-        raise UserError(f"{pointer} points at {path.name}, which is missing; delete {pointer} to start over")
-    return path
+        return folders, (f"{pointer} is missing" if folders else None)
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return folders, f"{pointer} is unreadable ({err.__class__.__name__})"
+    if not STEP_FOLDER.fullmatch(name):
+        return folders, f"{pointer} holds {name[:40]!r}, not the name of a step-N folder"
+    if root / name not in folders:
+        return folders, f"{pointer} names {name}, which is missing"
+    folders.remove(root / name)
+    return [root / name, *folders], None
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint folder a resume tries first, or None if the run has none. Reads no checkpoint file."""
+    folders, _ = find_checkpoints(out_dir)
+    return folders[0] if folders else None
+
+
+# ---------------------------------------------------------------------------------------------- saving
 
 
 def _save_models(directory: Path, models: dict[str, nn.Module], tokenizer, value_head: nn.Module | None) -> None:
@@ -114,68 +162,211 @@ def _save_models(directory: Path, models: dict[str, nn.Module], tokenizer, value
         save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, directory / "policy" / VALUE_HEAD_FILE)
 
 
+def _fsync_files(directory: Path) -> None:
+    """Flush every file under `directory` to disk, so the rename that publishes it never outruns its contents."""
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(parent, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _move_aside(path: Path, target: Path) -> None:
+    """Rename `path` to `target`, replacing whatever was at `target`."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    os.replace(path, target)
+
+
 def save_checkpoint(directory: Path, models: dict[str, nn.Module], tokenizer, state: dict,
-                    value_head: nn.Module | None = None, keep_last: int = 1) -> None:  # fmt: skip
-    """Write models + trainer state to `directory` atomically and point `latest` at it; keep the newest keep_last."""
+                    value_head: nn.Module | None = None, keep_last: int = 2) -> None:  # fmt: skip
+    """Write models + trainer state to `directory` atomically, point `latest` at it, and delete step-N folders older
+    than the keep_last newest up to it (0 keeps all). Whatever already sits at `directory` (a checkpoint a resume
+    skipped as unreadable) is moved to NAME.broken, not deleted; temporary folders of killed saves are deleted."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + ".tmp-"))
+    root = directory.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("step-*.tmp-*"):  # a save killed half-way; never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=directory.name + ".tmp-"))
     try:
         _save_models(tmp, models, tokenizer, value_head)
         torch.save(state, tmp / STATE_FILE)
-        if directory.exists():
-            shutil.rmtree(directory)
+        _fsync_files(tmp)
+        if directory.exists() or directory.is_symlink():
+            _move_aside(directory, root / (directory.name + ".broken"))
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_text_atomic(directory.parent / "latest", directory.name)
-    older = sorted(p for p in directory.parent.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
-    for path in older[:-keep_last] if keep_last else []:
-        if path != directory:
+    pointer = root / "latest"
+    if pointer.is_dir() and not pointer.is_symlink():  # garbage where the pointer goes must not stop the save
+        _move_aside(pointer, root / "latest.broken")
+    write_text_atomic(pointer, directory.name)
+    if keep_last and (match := STEP_FOLDER.fullmatch(directory.name)):
+        # Only older ones: a newer folder is one a resume skipped, and this run saves over (moves aside) it later.
+        older = [p for p in _step_folders(root) if int(p.name[5:]) < int(match.group(1))]
+        for path in older[keep_last - 1 :]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(directory: Path, models: dict[str, nn.Module], value_head: nn.Module | None,
-                    device: torch.device) -> dict:  # fmt: skip
-    """Load weights into `models` (and value_head) in place and return the trainer state dict.
+# ---------------------------------------------------------------------------------------------- loading
 
-    Raises UserError naming the file when the checkpoint is incomplete, corrupt, or from other models.
-    """
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be loaded: a file missing, corrupt, truncated or not from this run's models."""
+
+    def __init__(self, reason: str, directory: Path | None = None):
+        self.reason, self.directory = reason, directory
+        where = f"checkpoint {directory}: " if directory is not None else ""
+        super().__init__(f"{where}{reason}; load an older checkpoint folder of the run")
+
+
+class NoUsableCheckpoint(UserError):
+    """A resume found no checkpoint it could read. `problems` says what was wrong with each folder (and `latest`);
+    `restart` is the one thing to do instead, so a caller that knows its own command can say it differently."""
+
+    def __init__(self, root: Path, problems: list[str], restart: str):
+        self.root, self.problems, self.restart = Path(root), problems, restart
+        found = f"has no usable checkpoint ({'; '.join(problems)})" if problems else "holds no checkpoint"
+        super().__init__(f"cannot resume: {self.root} {found}. Nothing was deleted. To go on, {restart}")
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read whole into memory and checked against the run's models, not yet applied to them."""
+
+    path: Path
+    state: dict
+    weights: dict[str, dict[str, torch.Tensor]]  # model name -> tensors as saved
+    value_head: dict[str, torch.Tensor] | None
+
+
+def _read_safetensors(path: Path, label: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(path, device="cpu")  # on the CPU: load_state_dict copies onto the models' devices
+    except FileNotFoundError:
+        raise CheckpointError(f"{label} is missing: the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{label} is corrupt or truncated ({str(err)[:120]})") from None
+
+
+def _mismatch(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], tied_ok: bool) -> str | None:
+    """What keeps `loaded` from loading into a module whose state_dict is `expected`, or None if it fits.
+
+    tied_ok: a missing tensor is fine when it shares storage with one that is there (save_pretrained writes tied
+    weights, e.g. lm_head = embeddings, once)."""
+    if unexpected := sorted(loaded.keys() - expected.keys()):
+        return f"unexpected tensors {unexpected[:3]}"
+    present = {expected[k].data_ptr() for k in loaded} if tied_ok else set()
+    if missing := sorted(k for k in expected.keys() - loaded.keys() if expected[k].data_ptr() not in present):
+        return f"missing tensors {missing[:3]}"
+    if shapes := [k for k in loaded if loaded[k].shape != expected[k].shape]:
+        k = shapes[0]
+        return f"{k} has shape {tuple(loaded[k].shape)}, the model {tuple(expected[k].shape)}"
+    return None
+
+
+def read_checkpoint(directory: Path, models: dict[str, nn.Module], value_head: nn.Module | None = None,
+                    check_state: Callable[[dict], None] | None = None) -> Checkpoint:  # fmt: skip
+    """Read every file of a checkpoint into memory and check it fits `models`; changes nothing.
+
+    check_state(state) runs on the trainer state before the weights are read: it raises CheckpointError for a
+    state that is unusable, or a plain UserError to stop (e.g. the run's settings differ).
+    Raises CheckpointError naming the file that is missing, corrupt, truncated or not from these models.
+    """
     directory = Path(directory)
     try:
-        state = torch.load(directory / STATE_FILE, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {directory} has no {STATE_FILE}: it is incomplete; delete it and resume again")
-    except Exception as err:
-        raise UserError(f"checkpoint {directory / STATE_FILE} is corrupt ({err.__class__.__name__}); delete the folder")
-    for name, model in models.items():
-        lora = hasattr(model, "peft_config")
-        weights = directory / name / ("adapter_model.safetensors" if lora else "model.safetensors")
         try:
-            loaded = load_file(weights, device=str(device))
+            state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
         except FileNotFoundError:
-            raise UserError(f"checkpoint {directory} has no {name}/{weights.name}; it is incomplete or not a wprlhf run")
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"checkpoint weights {weights} are corrupt ({err}); delete the checkpoint and resume again")
-        try:
+            raise CheckpointError(f"{STATE_FILE} is missing: the checkpoint is incomplete") from None
+        except Exception as err:  # a cut zip, a bad pickle: whatever torch.load chokes on
+            raise CheckpointError(f"{STATE_FILE} is corrupt ({err.__class__.__name__})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{STATE_FILE} is corrupt (holds a {type(state).__name__}, not a trainer state)")
+        if check_state is not None:
+            check_state(state)
+        weights = {}
+        for name, model in models.items():
+            lora = hasattr(model, "peft_config")
+            label = f"{name}/{'adapter_model' if lora else 'model'}.safetensors"
+            weights[name] = _read_safetensors(directory / label, label)
             if lora:
-                from peft import set_peft_model_state_dict
+                from peft import get_peft_model_state_dict
 
-                result = set_peft_model_state_dict(model, loaded)
+                expected = get_peft_model_state_dict(model)  # the names and shapes save_pretrained wrote
             else:
-                # strict=False: tied weights (lm_head = embeddings) are saved once, so their second name is absent.
-                result = model.load_state_dict(loaded, strict=False)
-            if result.unexpected_keys:
-                raise RuntimeError(f"unexpected tensors {result.unexpected_keys[:3]}")
-        except RuntimeError as err:
-            raise UserError(f"checkpoint {weights} does not match the {name} model of this run ({err}); "
-                            "resume with the same --policy")  # fmt: skip
+                expected = model.state_dict()
+            if problem := _mismatch(expected, weights[name], tied_ok=not lora):
+                raise CheckpointError(f"{label} does not fit the {name} model of this run ({problem})")
+        head = None
+        if value_head is not None:
+            label = f"policy/{VALUE_HEAD_FILE}"
+            head = _read_safetensors(directory / label, label)
+            if problem := _mismatch(value_head.state_dict(), head, tied_ok=False):
+                raise CheckpointError(f"{label} does not fit the value head of this run ({problem})")
+    except CheckpointError as err:
+        if err.directory is None:
+            raise CheckpointError(err.reason, directory) from None
+        raise
+    return Checkpoint(directory, state, weights, head)
+
+
+def apply_checkpoint(checkpoint: Checkpoint, models: dict[str, nn.Module], value_head: nn.Module | None = None) -> dict:
+    """Copy a checked checkpoint's weights into `models` (and value_head) in place; returns its trainer state."""
+    for name, model in models.items():
+        if hasattr(model, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, checkpoint.weights[name])
+        else:
+            model.load_state_dict(checkpoint.weights[name], strict=False)  # strict=False: tied weights are saved once
     if value_head is not None:
-        value_head.load_state_dict(load_file(directory / "policy" / VALUE_HEAD_FILE, device=str(device)))
-    return state
+        value_head.load_state_dict(checkpoint.value_head)
+    return checkpoint.state
+
+
+def load_checkpoint(directory: Path, models: dict[str, nn.Module], value_head: nn.Module | None = None,
+                    check_state: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Load one checkpoint into `models` (and value_head) in place and return the trainer state dict. Everything
+    is read and checked first: on a CheckpointError the models are as they were."""
+    return apply_checkpoint(read_checkpoint(directory, models, value_head, check_state), models, value_head)
+
+
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def resume_checkpoint(out_dir: Path, models: dict[str, nn.Module], value_head: nn.Module | None = None,
+                      check_state: Callable[[dict], None] | None = None, restart: str = "start a new run",
+                      warn: Callable[[str], None] | None = print_warning) -> Checkpoint:  # fmt: skip
+    """The newest checkpoint of a run that reads back whole and fits `models`, read but not applied.
+
+    Tries the folders of find_checkpoints in turn; when it skips any (or `latest` is broken), `warn` (None: quiet)
+    says what was wrong with each and which folder it resumes from. Raises NoUsableCheckpoint, whose message ends
+    with `restart`, when none is usable, and passes on the UserError of check_state at once. Deletes nothing.
+    """
+    folders, pointer_problem = find_checkpoints(out_dir)
+    problems = [pointer_problem] if pointer_problem else []
+    for folder in folders:
+        try:
+            found = read_checkpoint(folder, models, value_head, check_state)
+        except CheckpointError as err:
+            problems.append(f"{folder.name}: {err.reason}")
+            continue
+        if problems and warn is not None:
+            kept = (" Nothing was deleted: a skipped folder stays as it is, and moves to NAME.broken when the run "
+                    "saves that step again.") if folder != folders[0] else ""  # fmt: skip
+            warn(f"{'; '.join(problems)}. Resuming from {folder}.{kept}")
+        return found
+    raise NoUsableCheckpoint(Path(out_dir) / "checkpoints", problems, restart)
 
 
 def export_models(out_dir: Path, models: dict[str, nn.Module], tokenizer, value_head: nn.Module | None = None) -> None:

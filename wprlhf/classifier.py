@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import write_json_atomic
 from .core import bootstrap_ci, linear_schedule
 from .data import read_rows
 from .errors import UserError
 from .metrics import CLASSIFIER_METRIC_NAMES, MetricsLogger
 from .models import freeze_lower_layers, load_reward_backbone, resolve_device
+from .reward_model import choice_credit, write_strict_json
 
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAIN_FILES = ("imdb_train.csv", "train.csv", "train.jsonl", "train.parquet")
@@ -83,13 +83,17 @@ class ClassifierConfig:
             raise UserError(f"max_length {self.max_length} is too short to hold a text; use >= 8")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}; "
+                                f"set --{name.replace('_', '-')} to 1 or more")  # fmt: skip
         if self.max_examples < 0:
             raise UserError(f"max_examples must be >= 0 (0 = all), got {self.max_examples}")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # written so that NaN fails too
             raise UserError(f"lr must be > 0, got {self.lr}")
+        for name in ("weight_decay", "warmup_ratio"):
+            if not math.isfinite(getattr(self, name)):  # a NaN would pass every range check and reach the JSON
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
 
 
 # ==========================================================================================================
@@ -259,16 +263,11 @@ def log_odds_reward(model_dir: str | Path, max_length: int | None = None, batch_
 # training
 
 
-@torch.no_grad()
-def _validate(model, tokenizer, texts: list[str], labels: list[int], max_length: int, batch_size: int) -> dict:
-    model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        logits = _logits(model, encode(tokenizer, texts[start : start + batch_size], max_length))
-        target = torch.tensor(labels[start : start + batch_size], device=logits.device)
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
-    return {"val_loss": loss / max(len(texts), 1), "val_accuracy": correct / max(len(texts), 1)}
+def validate(model, tokenizer, texts: list[str], labels: list[int], max_length: int) -> dict:
+    """The validation curve's point: `evaluate`'s loss and accuracy as val_loss / val_accuracy, so the curve
+    reads each text exactly as `classifier eval` will (same truncation, same scores, same tie rule)."""
+    result = evaluate(model, tokenizer, texts, labels, max_length)
+    return {"val_loss": result["loss"], "val_accuracy": result["accuracy"]}
 
 
 def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | None = None,
@@ -316,7 +315,7 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
     # A local data path is stored resolved, so `classifier eval` finds the training file for its TF-IDF baseline
     # from any working directory.
     data = str(Path(config.data).resolve()) if Path(config.data).exists() else config.data
-    write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "data": data,
+    write_strict_json(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "data": data,
                       "train_examples": len(train_texts), "val_examples": len(val_texts),
                       "truncation": f"head {HEAD_SHARE:.0%} + tail"})  # fmt: skip
     logger = MetricsLogger(out_dir, names=CLASSIFIER_METRIC_NAMES)
@@ -342,11 +341,11 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seen += len(idx)
-            accuracy = float((logits.argmax(-1) == target).float().mean())
+            accuracy = float(choice_credit(logits, target).mean())  # equal logits count 1/2
             row = {"examples": seen, "loss": loss.item(), "accuracy": accuracy, "lr": schedule.get_last_lr()[0],
                    "elapsed_s": time.perf_counter() - started}  # fmt: skip
             if val_texts and (step % config.eval_every == 0 or step == total_steps):
-                row.update(_validate(model, tokenizer, val_texts, val_labels, config.max_length, config.batch_size))
+                row.update(validate(model, tokenizer, val_texts, val_labels, config.max_length))
             logger.log(step, row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
@@ -361,7 +360,7 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
         held_out = evaluate(model, tokenizer, val_texts, val_labels, config.max_length)
         held_out["baselines"] = baselines(train_texts, train_labels, val_texts, val_labels, polarity)
     held_out["elapsed_s"] = time.perf_counter() - started
-    write_json_atomic(out_dir / "eval-heldout.json", held_out)
+    write_strict_json(out_dir / "eval-heldout.json", held_out)
     return held_out
 
 
@@ -369,51 +368,83 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
 # evaluation
 
 
-def binary_f1(predicted: Sequence[int], labels: Sequence[int]) -> float:
+def binary_f1(predicted: Sequence[float], labels: Sequence[int]) -> float:
     """F1 of the positive class (label 1): 2 TP / (2 TP + FP + FN); 0 when there is no positive anywhere.
+
+    predicted: 1 (positive), 0 (negative) or a share in between; a tie (log-odds exactly 0) is predicted 1/2, so
+    it adds half a TP and half an FN to a positive text, half an FP to a negative one (expected counts under a
+    coin flip; see `sign_credit`).
 
     >>> binary_f1([1, 1, 0, 0], [1, 0, 1, 0])  # TP 1, FP 1, FN 1
     0.5
     """
-    tp = sum(p == 1 and y == 1 for p, y in zip(predicted, labels))
-    fp = sum(p == 1 and y == 0 for p, y in zip(predicted, labels))
-    fn = sum(p == 0 and y == 1 for p, y in zip(predicted, labels))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    tp = sum(p * y for p, y in zip(predicted, labels))
+    fp = sum(p * (1 - y) for p, y in zip(predicted, labels))
+    fn = sum((1 - p) * y for p, y in zip(predicted, labels))
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+def sign_credit(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How right a score whose sign predicts the label is, by the one tie rule (`reward_model.choice_credit`):
+    each text chooses between negative (scored 0) and positive (scored `scores`), so a score > 0 is right for
+    label 1, < 0 for label 0, and exactly 0 (log-odds 0: p = 1/2, or a lexicon that found no word) is a tie
+    between the two classes and counts 1/2, the expected accuracy of a coin flip, not 'negative' by default.
+
+    scores (N,) float (log-odds, VADER's compound, a decision function); labels (N,) int64 0/1. Returns (N,).
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    return choice_credit(torch.stack([torch.zeros_like(scores), scores], dim=1), torch.as_tensor(labels))
 
 
 def evaluate(model, tokenizer, texts: list[str], labels: list[int], max_length: int, batch_size: int = 32,
              progress: bool = False) -> dict:  # fmt: skip
-    """accuracy, f1 (positive class), n, and a 95% bootstrap CI of the accuracy (each text its own group)."""
-    scores = log_odds(model, tokenizer, texts, max_length, batch_size, progress)
-    predicted = (scores > 0).long().tolist()
-    correct = [p == y for p, y in zip(predicted, labels)]
-    lo, hi = bootstrap_ci(correct, list(range(len(correct))))
-    return {"accuracy": float(np.mean(correct)) if correct else float("nan"), "f1": binary_f1(predicted, labels),
-            "n": len(correct), "ci95": [lo, hi]}  # fmt: skip
+    """A classifier's numbers on labelled texts; `classifier eval`, eval-heldout.json and the validation curve of
+    `train` all come from here, so they agree.
+
+    Returns accuracy (mean `sign_credit` of the log-odds: log-odds exactly 0 counts 1/2), f1 (positive class,
+    a tie predicted 1/2), n, a 95% bootstrap CI of the accuracy (each text its own group) and loss (mean
+    cross-entropy, nats per text). texts must not be empty (`load_labelled` refuses a file with no rows).
+    """
+    if not texts:
+        raise ValueError("evaluate needs at least one text")
+    scores = log_odds(model, tokenizer, texts, max_length, batch_size, progress)  # (N,)
+    target = torch.tensor(labels)
+    credit = sign_credit(scores, target).tolist()
+    predicted = sign_credit(scores, torch.ones_like(target)).tolist()  # 1, 1/2 or 0: how much 'positive'
+    # Two-way cross-entropy from the log-odds s alone: -log p(label) = softplus(-s) for label 1, softplus(s) for 0.
+    loss = F.softplus(torch.where(target == 1, -scores, scores)).mean()
+    lo, hi = bootstrap_ci(credit, list(range(len(credit))))
+    return {"accuracy": float(np.mean(credit)), "f1": binary_f1(predicted, labels), "n": len(credit), "ci95": [lo, hi],
+            "loss": float(loss)}  # fmt: skip
 
 
-def polarity_accuracy(polarity: ScoreFn, texts: list[str], labels: list[int]) -> float:
-    """Baseline: a lexicon score (VADER's compound) > 0 predicts positive; 0 or below predicts negative."""
-    scores = [float(s) for s in polarity([""] * len(texts), texts)]
-    return float(np.mean([(s > 0) == bool(y) for s, y in zip(scores, labels)])) if texts else float("nan")
+def polarity_accuracy(polarity: ScoreFn, texts: list[str], labels: list[int]) -> float | None:
+    """Baseline: a lexicon score (VADER's compound) > 0 predicts positive, < 0 negative; exactly 0 (no sentiment
+    word found) counts 1/2 (`sign_credit`). None when there are no texts."""
+    if not texts:
+        return None
+    scores = torch.tensor([float(s) for s in polarity([""] * len(texts), texts)])
+    return float(sign_credit(scores, torch.tensor(labels)).mean())
 
 
 def tfidf_logreg(train_texts: list[str], train_labels: list[int], test_texts: list[str],
-                 test_labels: list[int]) -> float:  # fmt: skip
-    """Baseline: logistic regression on TF-IDF of word 1-2 grams, fit on the training texts. NaN when the
-    training texts are too few to fit (one label, or every term pruned)."""
+                 test_labels: list[int]) -> float | None:  # fmt: skip
+    """Baseline: logistic regression on TF-IDF of word 1-2 grams, fit on the training texts; the sign of its
+    decision function predicts the label (`sign_credit`: exactly 0 counts 1/2). None when the training texts are
+    too few to fit (one label, or every term pruned)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     if len(set(train_labels)) < 2 or not test_texts:
-        return float("nan")
+        return None
     vectorizer = TfidfVectorizer(min_df=2, max_features=50000, sublinear_tf=True, ngram_range=(1, 2))
     try:
         x = vectorizer.fit_transform(train_texts)
     except ValueError:  # every term pruned: too little text for the baseline
-        return float("nan")
+        return None
     clf = LogisticRegression(C=4.0, max_iter=2000).fit(x, train_labels)
-    return float(np.mean(clf.predict(vectorizer.transform(test_texts)) == np.array(test_labels)))
+    decision = torch.from_numpy(clf.decision_function(vectorizer.transform(test_texts)))  # > 0: class 1
+    return float(sign_credit(decision, torch.tensor(test_labels)).mean())
 
 
 def baselines(train_texts, train_labels, test_texts, test_labels, polarity: ScoreFn | None) -> dict:
@@ -462,5 +493,5 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
                   file=sys.stderr)  # fmt: skip
     result["baselines"] = baselines(train_texts, train_labels, texts, labels, polarity)
     result.update(model=str(model_dir), data=data, max_length=max_length, train_data=train_source or "")
-    write_json_atomic(out, result)
+    write_strict_json(out, result)
     return result

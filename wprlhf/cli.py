@@ -177,7 +177,8 @@ def cmd_rm_train(args: argparse.Namespace) -> None:
     _empty_out_dir(args.out, args.force)
     result = train(config, args.out)
     if main:
-        print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f}; model in {args.out}", file=sys.stderr)
+        accuracy = f"{result['accuracy']:.3f}" if "accuracy" in result else "n/a (no held-out comparison with a winner)"
+        print(f"held-out accuracy {accuracy}; model in {args.out}", file=sys.stderr)
 
 
 def cmd_rm_eval(args: argparse.Namespace) -> None:
@@ -185,7 +186,7 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
 
     result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.best_of,
                       args.keep_meta, args.train_data)  # fmt: skip
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, allow_nan=False))  # strict JSON, as the file run_eval wrote
 
 
 def cmd_classifier_train(args: argparse.Namespace) -> None:
@@ -197,8 +198,9 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     _empty_out_dir(args.out, args.force)
     result = train(config, args.out, polarity=sentiment)
-    print(f"held-out accuracy {result.get('accuracy', float('nan')):.3f} (baselines {result.get('baselines', {})}); "
-          f"model in {args.out}", file=sys.stderr)  # fmt: skip
+    accuracy = f"{result['accuracy']:.3f}" if "accuracy" in result else "n/a (no held-out texts: --val-fraction 0)"
+    print(f"held-out accuracy {accuracy} (baselines {result.get('baselines', {})}); model in {args.out}",
+          file=sys.stderr)  # fmt: skip
 
 
 def cmd_classifier_eval(args: argparse.Namespace) -> None:
@@ -209,7 +211,7 @@ def cmd_classifier_eval(args: argparse.Namespace) -> None:
         raise UserError(f"--max-examples must be >= 0 (0 = all), got {args.max_examples}")
     result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.train_data,
                       polarity=sentiment, batch_size=args.batch_size)  # fmt: skip
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, allow_nan=False))  # strict JSON, as the file run_eval wrote
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -247,7 +249,8 @@ def _labeling(command):
 def cmd_label_serve(args: argparse.Namespace) -> None:
     from .labeling.app import serve
 
-    serve(args.db, args.host, args.port, args.token, args.labels_per_comparison)
+    serve(args.db, args.host, args.port, args.token, args.labels_per_comparison, instructions=args.instructions,
+          extra_hosts=args.allowed_host)  # fmt: skip
 
 
 def cmd_label_add(args: argparse.Namespace) -> None:
@@ -481,6 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     las.add_argument("--port", type=int, default=8765)
     las.add_argument("--token", help="access token to require (default: none on loopback, a random one otherwise)")
     las.add_argument("--labels-per-comparison", type=int, help="labelers per comparison (default: the file's, 1)")
+    las.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="another host name the page is opened by, e.g. a TLS proxy's public name (repeatable; "
+                          "the page then needs a token)")  # fmt: skip
+    las.add_argument("--instructions", metavar="FILE",
+                     help="labeling guidelines (Markdown or plain text) shown before the first item and on demand")
     las.set_defaults(func=_labeling(cmd_label_serve))
     laa = lab_sub.add_parser("add", help="queue the output of `wprlhf sample` for labeling")
     laa.add_argument("--db", required=True, help="the SQLite labels file (created if absent)")

@@ -448,8 +448,9 @@ class Comparison:
         if not isinstance(self.responses, list) or len(self.responses) < 2:
             raise ValueError(f"responses must be a list of at least 2 texts, got {self.responses!r:.80}")
         for i, text in enumerate(self.responses):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"response {i} is empty or not text ({text!r:.40})")
+            # An empty response is legal: a policy whose first token is end-of-turn writes one, and it gets labelled.
+            if not isinstance(text, str):
+                raise ValueError(f"response {i} is not text ({text!r:.40})")
         if isinstance(self.best, bool) or not isinstance(self.best, int) or not 0 <= self.best < len(self.responses):
             raise ValueError(f"best={self.best!r} must be an integer index into the {len(self.responses)} responses "
                              f"(0..{len(self.responses) - 1})")  # fmt: skip

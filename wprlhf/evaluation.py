@@ -18,6 +18,7 @@ from .data import meta_share
 from .generation import GenerationConfig, decode_responses, encode_prompts, sample
 from .models import stop_token_ids
 from .ppo import policy_forward
+from .reward_model import choice_credit
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -69,13 +70,15 @@ def paired_means(start: Sequence[float], trained: Sequence[float], groups: Seque
 
 
 def win_rate(judge: ScoreFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
-    """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2.
+    """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2 (the one tie
+    rule, `reward_model.choice_credit`, with `new` as the choice to be right about).
 
     Returns win_rate with win_rate_lo/hi (95% CI resampling prompts), n, and both sides' mean judge scores.
     """
     new_scores = [float(s) for s in judge(prompts, new)]
     start_scores = [float(s) for s in judge(prompts, start)]
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(new_scores, start_scores)]
+    pairs = torch.tensor([start_scores, new_scores], dtype=torch.float64).T  # (N, 2): start, new
+    wins = choice_credit(pairs, torch.ones(len(new_scores), dtype=torch.long)).tolist()
     lo, hi = bootstrap_ci(wins, prompts)
     return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins),
             "judge_new": float(np.mean(new_scores)), "judge_start": float(np.mean(start_scores)),

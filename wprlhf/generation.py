@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from .core import logprobs_from_logits, position_ids_from_mask
 from .errors import UserError
-from .models import stop_token_ids
+from .models import position_limit, stop_token_ids
 
 
 @dataclass
@@ -23,7 +24,9 @@ class GenerationConfig:
     """How responses are sampled."""
 
     max_new_tokens: int = 64
-    """Response length cap, in tokens."""
+    """Response length cap, in tokens. Prompt and response share the model's positions: prompts that would not
+    leave room for max_new_tokens lose their first tokens (`fit_positions`), and max_new_tokens must stay below
+    the model's position count."""
     min_new_tokens: int = 0
     """Stop tokens are forbidden before this many tokens (a floor on response length)."""
     temperature: float = 0.7
@@ -46,6 +49,8 @@ class GenerationConfig:
             raise UserError(f"min_new_tokens {self.min_new_tokens} must lie in [0, max_new_tokens]")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0, got {self.temperature} (use greedy for argmax)")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = full vocabulary), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         self.stop_strings = tuple(self.stop_strings)
@@ -105,6 +110,42 @@ def encode_prompts(
     return queries, query_mask
 
 
+def prompt_room(model: nn.Module, max_new_tokens: int) -> int | None:
+    """Most prompt tokens that leave room for max_new_tokens in the model's positions (None: no limit).
+
+    Raises UserError when not even a one-token prompt fits, before any sampling or training has been done.
+    """
+    limit = position_limit(model)
+    if limit is None:
+        return None
+    if max_new_tokens >= limit:
+        raise UserError(f"responses of up to {max_new_tokens} tokens leave no room for a prompt in the model's "
+                        f"{limit} positions; ask for at most {limit - 1} new tokens (--response-length or "
+                        "--max-new-tokens)")  # fmt: skip
+    return limit - max_new_tokens
+
+
+def fit_positions(
+    model: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip left-padded queries from the left so each prompt plus max_new_tokens fits the model's positions.
+
+    queries (B, Tq) int64, query_mask (B, Tq) bool -> the last min(Tq, room) columns of both, room =
+    prompt_room(model, max_new_tokens). A prompt keeps its end, where the chat template's assistant header sits
+    (as with max_prompt_length). Warns when a prompt loses tokens; UserError when max_new_tokens alone is too many.
+    Sampling and PPO's forwards must then read these same clipped queries.
+    """
+    room = prompt_room(model, max_new_tokens)
+    if room is None or queries.shape[1] <= room:
+        return queries, query_mask
+    longest = int(query_mask.sum(1).max())
+    if longest > room:
+        warnings.warn(f"prompts of up to {longest} tokens plus {max_new_tokens} response tokens exceed the model's "
+                      f"{room + max_new_tokens} positions: prompts keep their last {room} tokens (lower "
+                      "--max-prompt-length to silence this)", stacklevel=2)  # fmt: skip
+    return queries[:, -room:], query_mask[:, -room:]
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set logits outside the top-k / nucleus to -inf. logits (B, V) -> (B, V)."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -148,10 +189,18 @@ def sample(
     """Sample responses with a KV cache: one forward over the queries, then one single-token forward per step.
 
     queries (B, Tq) int64, left-padded; query_mask (B, Tq) bool. `generator` seeds the sampling noise.
-    `tokenizer` is needed only for stop_strings.
+    `tokenizer` is needed only for stop_strings. Each prompt plus max_new_tokens must fit the model's positions
+    (clip with `fit_positions` first); otherwise UserError before any forward.
     """
     from transformers import DynamicCache
 
+    room = prompt_room(model, config.max_new_tokens)
+    longest = int(query_mask.sum(1).max())
+    if room is not None and longest > room:
+        # Not clipped here: the caller's later forwards (PPO's log-probs, KL) must see the queries sampling saw.
+        raise UserError(f"a prompt of {longest} tokens plus {config.max_new_tokens} response tokens exceeds the "
+                        f"model's {room + config.max_new_tokens} positions; clip the queries with "
+                        "generation.fit_positions or lower --max-prompt-length")  # fmt: skip
     B = queries.shape[0]
     device = queries.device
     stops = torch.tensor(stop_token_ids or [-1], device=device)
@@ -249,15 +298,19 @@ def generate(
     chat_template: bool = True,
     progress: bool = False,
 ) -> list[str]:
-    """Text in, text out: sample one response per prompt, in batches. For `wprlhf sample` and evaluation."""
+    """Text in, text out: sample one response per prompt, in batches. For `wprlhf sample` and evaluation.
+
+    Prompts keep their last max_prompt_length tokens, and fewer where prompt + response would exceed the model's
+    positions (`fit_positions`)."""
     from tqdm.auto import tqdm
 
-
+    prompt_room(model, config.max_new_tokens)  # a response too long for the model fails before any sampling
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     texts = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, unit="batch"):
         queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length, chat_template)
+        queries, query_mask = fit_positions(model, queries, query_mask, config.max_new_tokens)
         gen = sample(
             model, queries.to(device), query_mask.to(device), config, stop_token_ids(tokenizer),
             tokenizer.pad_token_id, generator, tokenizer,

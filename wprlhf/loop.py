@@ -73,7 +73,8 @@ class LoopConfig:
     which is what a small reward model needs when sampling is the expensive part)."""
     prompts_per_round: int = 24
     response_length: int = 48
-    """New tokens per response, in sampling and PPO alike."""
+    """New tokens per response, in sampling and PPO alike. Prompts keep only as many tokens as leave room for them
+    in the policy's positions (a warning says when a prompt loses some)."""
     min_response_length: int = 0
     """Stop tokens are forbidden before this many tokens, in sampling, PPO and evaluation alike. Equal to
     response_length gives fixed-length responses, as in Ziegler et al.'s sentiment task: a policy can then
@@ -104,13 +105,25 @@ class LoopConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        for name in ("rounds", "k", "prompts_per_round", "ppo_steps", "response_length", "eval_prompts"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.k < 2:
-            raise UserError("k must be >= 2: a comparison needs at least two responses")
-        if not 0 <= self.min_response_length <= self.response_length:
-            raise UserError(f"min_response_length {self.min_response_length} must lie in [0, response_length]")
+        # Every size is checked here, before the first phase: a bad one must not surface after an hour of sampling.
+        at_least = dict(rounds=1, k=2, prompts_per_round=1, ppo_steps=1, response_length=1, eval_prompts=1,
+                        labelers=1, rm_epochs=1, rm_max_length=16, batch_size=1, web_labels=0,
+                        min_response_length=0)  # fmt: skip
+        for name, low in at_least.items():
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value < low:
+                why = " (a comparison needs at least two responses)" if name == "k" else ""
+                raise UserError(f"{name} must be >= {low}, got {value}{why}; set {flag} to {low} or more")
+        for name in ("temperature", "rm_lr", "lr", "kl_target", "poll_s"):
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if not value > 0:  # `not >` also refuses NaN
+                raise UserError(f"{name} must be > 0, got {value}; set {flag} to a positive number")
+        if not self.labeler_temperature >= 0:
+            raise UserError(f"labeler_temperature must be >= 0, got {self.labeler_temperature}; set "
+                            "--labeler-temperature to 0 (noiseless) or more")  # fmt: skip
+        if self.min_response_length > self.response_length:
+            raise UserError(f"min_response_length {self.min_response_length} must lie in [0, response_length]; "
+                            "lower --min-response-length")  # fmt: skip
         if self.questions not in ("best-of-k", "pairs"):
             raise UserError(f"questions must be 'best-of-k' or 'pairs', got {self.questions!r}")
         if self.labeler == "web" and not self.judge:
@@ -145,6 +158,17 @@ def generation(config: LoopConfig) -> GenerationConfig:
     """How every phase of the loop samples: label questions, held-out evaluation (PPO takes the same fields)."""
     return GenerationConfig(max_new_tokens=config.response_length, min_new_tokens=config.min_response_length,
                             temperature=config.temperature)  # fmt: skip
+
+
+def round_ppo_config(config: LoopConfig, overrides: dict, rounds_done: int) -> PPOConfig:
+    """The PPO settings after round `rounds_done`: the loop's own fields win over the --ppo-config file's."""
+    return PPOConfig(**{"batch_size": config.batch_size, "lr": config.lr, "kl_target": config.kl_target,
+                        "num_minibatches": 2 if config.batch_size % 2 == 0 else 1,
+                        **overrides, "policy": config.policy, "steps": rounds_done * config.ppo_steps,
+                        "response_length": config.response_length, "temperature": config.temperature,
+                        "min_response_length": config.min_response_length,
+                        "seed": config.seed, "device": config.device,
+                        "reward": "loop: this round's reward model"})  # fmt: skip
 
 
 def questions(prompts: list[str], responses: list[list[str]], kind: str) -> tuple[list[str], list[list[str]]]:
@@ -249,6 +273,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
         labeler = SimulatedLabeler(judge, name=config.labeler, temperature=config.labeler_temperature,
                                    labelers=config.labelers, seed=config.seed)  # fmt: skip
     ppo_overrides = ckpt.read_config_file(config.ppo_config) if config.ppo_config else {}
+    round_ppo_config(config, ppo_overrides, rounds_done=1)  # a bad PPO setting fails now, not after hours of sampling
     eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
 
     if "start" not in state["done"]:
@@ -292,18 +317,19 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             finish(f"{r}:rm")
 
         if f"{r}:ppo" not in state["done"]:
-            ppo_config = PPOConfig(**{"batch_size": config.batch_size, "lr": config.lr, "kl_target": config.kl_target,
-                                      "num_minibatches": 2 if config.batch_size % 2 == 0 else 1,
-                                      **ppo_overrides, "policy": config.policy, "steps": r * config.ppo_steps,
-                                      "response_length": config.response_length, "temperature": config.temperature,
-                                      "min_response_length": config.min_response_length,
-                                      "seed": config.seed, "device": config.device,
-                                      "reward": "loop: this round's reward model"})  # fmt: skip
+            round_ppo = round_ppo_config(config, ppo_overrides, rounds_done=r)
             # One PPO run across rounds: each round resumes it with the new reward model, so the optimizer,
-            # the KL controller and the reference (the start policy) carry over.
-            resume_ppo = ckpt.latest_checkpoint(out_dir / "ppo") is not None
-            ppo_train(ppo_config, train_prompts, reward_fn_from_model(round_dir / "rm"), out_dir / "ppo",
-                      resume=resume_ppo, judge_fn=judge)  # fmt: skip
+            # the KL controller and the reference (the start policy) carry over. A PPO run killed before its first
+            # checkpoint resumes too: it fails with the way out below, not with "already holds a run".
+            ppo_dir = out_dir / "ppo"
+            resume_ppo = (ppo_dir / "metrics.csv").exists() or ckpt.latest_checkpoint(ppo_dir) is not None
+            try:
+                ppo_train(round_ppo, train_prompts, reward_fn_from_model(round_dir / "rm"), ppo_dir,
+                          resume=resume_ppo, judge_fn=judge)  # fmt: skip
+            except ckpt.NoUsableCheckpoint as err:  # its advice names `wprlhf ppo` flags; this is the loop's
+                restart = (f"move {ppo_dir} aside (e.g. to {ppo_dir}.broken) and rerun with --resume "
+                           "(its PPO starts again from the start policy)")  # fmt: skip
+                raise ckpt.NoUsableCheckpoint(err.root, err.problems, restart) from None
             finish(f"{r}:ppo")
 
         if f"{r}:eval" not in state["done"]:

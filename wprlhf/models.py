@@ -126,6 +126,22 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a model reads: its position table (GPT-2's `n_positions`, BERT's) or the context it was
+    trained for (Llama's `max_position_embeddings`); None when the config declares neither.
+
+    Position p of a learned table exists only for p < limit (a larger one is a raw IndexError deep in the
+    embedding); rotary models run past it but read positions they never saw. Either way a prompt plus its response
+    must fit (see generation.fit_positions).
+    """
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus any end-of-turn token the vocabulary has (`<|im_end|>` for SmolLM2's chat template)."""
     vocab = tokenizer.get_vocab()
@@ -364,6 +380,11 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
 
     'minilm' (embedded encoder, fresh head), 'smollm2' / 'tiny' (causal LMs with a head on the last real token),
     a directory (a saved reward model loads with its trained head) or a hub id. Dropout off (eval mode).
+
+    The tokenizer pads on the right, whatever the backbone: scoring calls the model without position_ids, so
+    every row's real tokens must sit at positions 0..n-1, as they would alone. Left padding would shift them in a
+    learned position table (GPT-2) and move an encoder's [CLS] off index 0; on the right, a decoder's head still
+    reads the last token that is not padding.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -372,11 +393,13 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
         model = make_value_model(policy, seed=seed + 1)
         if num_labels != 1:
             raise UserError("causal-LM backbones support num_labels=1 only")
+        tokenizer.padding_side = "right"
         return model, tokenizer
     source = resolve_name(name)
     tokenizer = from_pretrained(AutoTokenizer, name, source)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # GPT-2's tokenizer has none; without one no batch can be padded
         prepare_tokenizer(tokenizer)
+    tokenizer.padding_side = "right"
     torch.manual_seed(seed)  # the fresh head's init
     model = from_pretrained(AutoModelForSequenceClassification, name, source, num_labels=num_labels)
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -40,7 +40,7 @@ from .core import (
 )
 from .distributed import check_divisible, device_of, gather_padded, make_accelerator, reduce_sum, shard
 from .errors import UserError
-from .generation import GenerationConfig, decode_responses, encode_prompts, sample
+from .generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
 from .metrics import MetricsLogger
 from .models import (
     ValueHead,
@@ -94,7 +94,9 @@ class PPOConfig:
     ppo_epochs: int = 2
     """Passes over each rollout batch."""
     max_prompt_length: int = 128
-    """Prompts longer than this keep their last tokens (the chat template's assistant header is at the end)."""
+    """Prompts longer than this keep their last tokens (the chat template's assistant header is at the end). A prompt
+    also keeps only as many as leave room for response_length in the model's positions (GPT-2: 1024), with a
+    warning; a response_length that leaves no room is an error before the first step."""
     response_length: int = 64
     """Maximum response tokens."""
     min_response_length: int = 0
@@ -179,6 +181,23 @@ class PPOConfig:
     sample_every: int = 5
 
     def __post_init__(self):
+        # Ranges first: the divisibility checks below divide by these sizes.
+        at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
+                        max_prompt_length=1, response_length=1, min_response_length=0, top_k=0, kl_horizon=1,
+                        checkpoint_every=1, sample_every=1, log_samples=0, lora_r=0)  # fmt: skip
+        for name, low in at_least.items():
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}; set {flag} to {low} or more")
+        for name in ("temperature", "kl_target"):  # each divides something
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if not value > 0:  # `not >` also refuses NaN
+                raise UserError(f"{name} must be > 0, got {value}; set {flag} to a positive number")
+        if self.min_response_length > self.response_length:
+            raise UserError(f"min_response_length {self.min_response_length} exceeds response_length "
+                            f"{self.response_length}; lower --min-response-length")  # fmt: skip
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must lie in (0, 1], got {self.top_p}; set --top-p in that range (1 = off)")
         if self.batch_size % self.num_minibatches:
             raise UserError(
                 f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}; "
@@ -189,9 +208,6 @@ class PPOConfig:
                 f"minibatch size {self.minibatch_size} (batch_size / num_minibatches) is not divisible by "
                 f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
             )
-        for name in ("steps", "batch_size", "num_minibatches", "ppo_epochs", "response_length", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"),
                        score_norm=("none", "batch"), value_model=("separate", "shared"),
                        mixed_precision=("no", "bf16", "fp16"), optimizer=("adamw", "adamw8bit"))  # fmt: skip
@@ -485,6 +501,8 @@ class PPOTrainer:
         """Sample one response per prompt. Returns (queries, query_mask, Generation)."""
         c = self.config
         queries, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, c.chat_template)
+        # The clipped queries are returned: PPO's forwards must read the prompts the responses were sampled from.
+        queries, query_mask = fit_positions(self.policy, queries, query_mask, c.response_length)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
         with self.accelerator.autocast():
             gen = sample(
@@ -708,10 +726,29 @@ class PPOTrainer:
             ckpt.export_models(out_dir, models, self.tokenizer, self.value_head)
         self.accelerator.wait_for_everyone()
 
-    def load(self, directory: Path) -> None:
-        state = ckpt.load_checkpoint(directory, self.models(), self.value_head, self.device)
-        check_resumable(state["config"], self.config)
-        self.load_state_dict(state)
+    def load(self, checkpoint: Path | ckpt.Checkpoint) -> None:
+        """Restore a checkpoint folder (or one ckpt.resume_checkpoint has read). Every file is read and checked
+        before anything changes: a CheckpointError or other settings leave the models and optimizer as they were."""
+        if not isinstance(checkpoint, ckpt.Checkpoint):
+            checkpoint = ckpt.read_checkpoint(checkpoint, self.models(), self.value_head, self.check_state)
+        self.load_state_dict(ckpt.apply_checkpoint(checkpoint, self.models(), self.value_head))
+
+    def check_state(self, state: dict) -> None:
+        """For ckpt.read_checkpoint: CheckpointError for a trainer state this run cannot load, UserError for one
+        made with other settings."""
+        keys = ("step", "episodes", "optimizer", "scheduler", "kl_ctl", "generator", "torch_rng", "python_rng",
+                "numpy_rng", "config")  # fmt: skip
+        if missing := [k for k in keys if k not in state]:
+            raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (it lacks {missing})")
+        if not isinstance(state["config"], dict):
+            raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (its config is not a mapping)")
+        check_resumable(state["config"], self.config)  # first: other settings also make another optimizer
+        try:
+            saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        except (KeyError, TypeError):
+            saved = None
+        if saved != [len(g["params"]) for g in self.optimizer.state_dict()["param_groups"]]:
+            raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (its optimizer state is not this trainer's)")
 
 
 # Fields that may differ between a run and its resumption; any other difference is a different experiment.
@@ -779,8 +816,8 @@ def train(
     judge_fn, when given, scores the same responses without training on them (metric `judge_mean`): where
     reward_mean climbs and judge_mean does not, the policy is exploiting the reward model.
 
-    out_dir gets: config.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the latest,
-    resumable) and, at the end, policy/ (and value/) in Hugging Face format.
+    out_dir gets: config.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the two
+    newest, resumable) and, at the end, policy/ (and value/) in Hugging Face format.
     """
     from tqdm.auto import tqdm
 
@@ -796,10 +833,11 @@ def train(
 
     start = 0
     if resume:
-        latest = ckpt.latest_checkpoint(out_dir)
-        if latest is None:
-            raise UserError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; start without --resume")
-        trainer.load(latest)
+        # The newest checkpoint that reads back whole: past an unreadable one it falls back, saying what was wrong.
+        restart = ("start a new run: rerun without --resume and with --out set to a new directory"
+                   if (out_dir / "metrics.csv").exists() else "start the run: rerun without --resume")  # fmt: skip
+        trainer.load(ckpt.resume_checkpoint(out_dir, trainer.models(), trainer.value_head, trainer.check_state,
+                                            restart, warn=ckpt.print_warning if main else None))  # fmt: skip
         start = trainer.step_count
     elif (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")

@@ -67,7 +67,9 @@ class RewardConfig:
     val_fraction: float = 0.05
     """Share of prompts held out of training for the validation loss/accuracy curve."""
     eval_every: int = 100
-    """Optimizer steps between validation passes."""
+    """Optimizer steps between validation passes (the last step always has one). A pass scores the validation
+    comparisons exactly as `rm eval` does, every window of every story: on karma pairs, 500 comparisons are ~370
+    stories and ~3,400 windows, about 7x the encodes of reading only each story's opening."""
     keep_meta: bool = False
     """Keep Reddit meta lines (links, 'Edit:') in the text; off by default as they leak karma."""
     normalize_samples: int = 500
@@ -79,12 +81,50 @@ class RewardConfig:
     def __post_init__(self):
         if self.max_length < 16:
             raise UserError(f"max_length {self.max_length} is too short for a prompt and a response; use >= 16")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise UserError("batch_size and epochs must be >= 1")
+        for name in ("batch_size", "epochs", "eval_every"):  # eval_every 0 would divide by zero mid-training
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}; "
+                                f"set --{name.replace('_', '-')} to 1 or more")  # fmt: skip
+        if self.normalize_samples < 2:
+            raise UserError(f"normalize_samples must be >= 2 (a std needs two scores), got {self.normalize_samples}")
+        for name in ("lr", "weight_decay", "warmup_ratio", "val_fraction"):
+            if not math.isfinite(getattr(self, name)):  # a NaN would pass every range check and reach the JSON
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
 
 
 # ==========================================================================================================
-# the loss
+# the loss, and the one rule for equal scores
+
+
+def choice_credit(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """How right a scorer is about each labeler's choice: 1 when the best response alone has the top score, 1/(m+1)
+    when it shares the top score with m others, 0 otherwise. The mean is the accuracy.
+
+    This is the one tie rule of every accuracy in wprlhf (reward-model training, validation, eval, baselines, the
+    classifier, judge win rates): it is the expected accuracy of breaking the tie at random, so a scorer that
+    cannot tell the responses apart (identical texts, a constant score) gets chance, 1/k, and not the 1 or 0
+    that argmax's first-index rule gives depending on where the best response happens to sit.
+
+    scores (N, K) float; best (N,) int64; valid (N, K) bool or None (all valid), False on padding slots.
+    Returns (N,) float32 in [0, 1], on the scores' device, without grad. A NaN score is never the top one.
+    """
+    scores = scores.detach()
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    top = scores.masked_fill(~valid | scores.isnan(), -math.inf).max(-1, keepdim=True).values  # (N, 1)
+    at_top = (scores == top) & valid  # (N, K)
+    best_at_top = at_top.gather(1, best[:, None].to(scores.device)).squeeze(1)
+    return best_at_top.float() / at_top.sum(-1).clamp(min=1).float()
+
+
+def _padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-comparison scores (a list of N sequences of floats) -> scores (N, K) float64, valid (N, K) bool."""
+    k = max(len(r) for r in rows)
+    scores = torch.zeros(len(rows), k, dtype=torch.float64)
+    valid = torch.zeros(len(rows), k, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        scores[i, : len(r)] = torch.as_tensor(r, dtype=torch.float64)
+        valid[i, : len(r)] = True
+    return scores, valid
 
 
 def comparison_loss(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor, tie: torch.Tensor | None = None):
@@ -92,18 +132,19 @@ def comparison_loss(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tenso
 
     scores (N, K) float; best (N,) int64; valid (N, K) bool, False where a comparison has fewer than K
     responses; tie (N,) bool or None: a tie's target is uniform over its responses (BT with target 1/2).
-    Returns the mean loss (scalar) and accuracy (share of non-tie rows whose best has the top score).
+    Returns the mean loss (scalar) and accuracy: the mean `choice_credit` of the rows that are not labelled ties
+    (a best response sharing the top score with m others counts 1/(m+1)); 0 when every row is a tie.
     """
     logits = scores.masked_fill(~valid, -math.inf)
     logp = torch.log_softmax(logits, dim=-1)
-    target = F.one_hot(best, scores.shape[1]).float()
+    target = F.one_hot(best, scores.shape[1]).to(logp.dtype)
     if tie is not None and tie.any():
-        uniform = valid.float() / valid.sum(-1, keepdim=True)
+        uniform = valid.to(logp.dtype) / valid.sum(-1, keepdim=True)
         target = torch.where(tie[:, None], uniform, target)
     loss = -(target * logp.masked_fill(~valid, 0.0)).sum(-1).mean()
     decided = ~tie if tie is not None else torch.ones_like(best, dtype=torch.bool)
-    correct = (logits.argmax(-1) == best) & decided
-    accuracy = correct.sum() / decided.sum().clamp(min=1)
+    credit = choice_credit(scores, best, valid) * decided
+    accuracy = credit.sum() / decided.sum().clamp(min=1)
     return loss, accuracy
 
 
@@ -148,14 +189,20 @@ def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str],
           batch_size: int = 32, progress: bool = False) -> torch.Tensor:  # fmt: skip
     """Reward of each (prompt, response), batched, no grad. Returns (N,) float32 on the CPU.
 
-    A model trained with window_words scores a long response as the mean over its windows."""
+    A model trained with window_words scores a long response as the mean over its windows. Each distinct
+    (prompt, window) is encoded once: comparisons share stories, and the same text then gets exactly the same
+    score wherever it recurs (two copies batched with different padding could differ in the last bits, and an
+    exact tie would become an arbitrary win or loss)."""
     from tqdm.auto import tqdm
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     pieces = [story_windows(r, _window_words(model)) for r in responses]
     owner = torch.tensor([i for i, ws in enumerate(pieces) for _ in ws], dtype=torch.long)  # (W,) response of each window
-    texts = [(prompts[i], w) for i, ws in enumerate(pieces) for w in ws]
+    distinct: dict[tuple[str, str], int] = {}
+    slots = [distinct.setdefault((prompts[i], w), len(distinct)) for i, ws in enumerate(pieces) for w in ws]
+    text_of = torch.tensor(slots, dtype=torch.long)  # (W,) distinct text of each window
+    texts = list(distinct)
     device = next(model.parameters()).device
     # Sorting by length keeps padding small; results are put back in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
@@ -165,7 +212,7 @@ def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str],
         batch = encode(tokenizer, [texts[i][0] for i in idx], [texts[i][1] for i in idx], max_length)
         flat[idx] = _forward_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
     counts = torch.tensor([len(ws) for ws in pieces], dtype=torch.float32)
-    return torch.zeros(len(responses)).index_add_(0, owner, flat) / counts
+    return torch.zeros(len(responses)).index_add_(0, owner, flat[text_of]) / counts
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -245,17 +292,13 @@ def _comparison_batch(model, tokenizer, batch: list[Comparison], max_length: int
     return comparison_loss(scores, best, valid.to(device), tie)
 
 
-@torch.no_grad()
-def evaluate_loss(model, tokenizer, comparisons: list[Comparison], max_length: int, batch_size: int, device) -> dict:
+def validate(model, tokenizer, comparisons: list[Comparison], max_length: int, batch_size: int = 32) -> dict:
+    """The validation curve's point: `evaluate`'s loss and accuracy as val_loss / val_accuracy, so the curve
+    reads every story whole, exactly as `rm eval` will (scoring only the opening made a learning model look
+    like it was not learning). Keys are absent when there is nothing to measure."""
     model.eval()
-    losses, correct, n = 0.0, 0.0, 0
-    for start in range(0, len(comparisons), batch_size):
-        batch = comparisons[start : start + batch_size]
-        loss, acc = _comparison_batch(model, tokenizer, batch, max_length, device)
-        losses += float(loss) * len(batch)
-        correct += float(acc) * len(batch)
-        n += len(batch)
-    return {"val_loss": losses / max(n, 1), "val_accuracy": correct / max(n, 1)}
+    result = evaluate(model, tokenizer, comparisons, max_length, batch_size=batch_size)
+    return {f"val_{k}": result[k] for k in ("loss", "accuracy") if k in result}
 
 
 def fold_normalization(model: nn.Module, mean: float, std: float) -> None:
@@ -319,8 +362,8 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     logger = None
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "train_comparisons": len(train_set),
-                                                        "val_comparisons": len(val_set)})  # fmt: skip
+        saved = {**dataclasses.asdict(config), "train_comparisons": len(train_set), "val_comparisons": len(val_set)}
+        write_strict_json(out_dir / TRAIN_CONFIG_FILE, saved)
         logger = MetricsLogger(out_dir, names=RM_METRIC_NAMES)
         print(f"reward model {config.model}: {len(train_set)} training / {len(val_set)} validation comparisons, "
               f"{total_steps} steps" + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""), flush=True)  # fmt: skip
@@ -346,10 +389,13 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
             step += 1
             seen += len(batch)
             n = len(local) / len(batch)
-            stats = reduce_sum(acc, {"loss": loss.item() * n, "accuracy": accuracy.item() * n})
-            row = {**stats, "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}
-            if step % config.eval_every == 0 or step == total_steps:  # (with windows: on each story's opening)
-                row.update(evaluate_loss(model, tokenizer, val_set, config.max_length, config.batch_size, device))
+            decided = sum(not c.tie for c in local)  # a labelled tie has no right answer: out of the accuracy
+            stats = reduce_sum(acc, {"loss": loss.item() * n, "credit": accuracy.item() * decided, "decided": decided})
+            row = {"loss": stats["loss"], "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}
+            if stats["decided"]:
+                row["accuracy"] = stats["credit"] / stats["decided"]
+            if step % config.eval_every == 0 or step == total_steps:
+                row.update(validate(model, tokenizer, val_set, config.max_length))
             if main:
                 logger.log(step, {"examples": seen, **row})
             bar.update(1)
@@ -372,7 +418,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
     if val_set:
         held_out["baselines"] = {"longer_wins": longer_wins(val_set), "tfidf_logreg": tfidf_logreg(train_set, val_set)}
-    write_json_atomic(out_dir / "eval-heldout.json", held_out)
+    write_strict_json(out_dir / "eval-heldout.json", held_out)
     return held_out
 
 
@@ -380,33 +426,51 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
 # evaluation
 
 
-def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, progress: bool = False) -> dict:
-    """Accuracy (best response scored highest), n, and a prompt-bootstrap 95% CI. Ties are left out."""
+def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, progress: bool = False,
+             batch_size: int = 32) -> dict:  # fmt: skip
+    """A reward model's numbers on comparisons, every response read whole (`score`: the mean over its windows).
+    `rm eval`, eval-heldout.json and the validation curve of `train` all come from here, so they agree.
+
+    Returns accuracy (mean `choice_credit` over the comparisons with a winner: a best response that shares the
+    top score with m others counts 1/(m+1)), n (those comparisons), ci95 (prompt bootstrap), loss (mean
+    `comparison_loss`, nats, labelled ties included with a uniform target; of the scores as they are, so a saved
+    model's, normalised to std 1, differs from the training curve's) and ties (labelled ties, left out of
+    accuracy). With no comparison there is only n = ties = 0; with only ties, no accuracy and ci95: the caller
+    decides whether that is an error, so no NaN ever stands in for a number.
+    """
     decided = [c for c in comparisons if not c.tie]
-    prompts = [c.prompt for c in decided for _ in c.responses]
-    responses = [r for c in decided for r in c.responses]
-    flat = score(model, tokenizer, prompts, responses, max_length, progress=progress).numpy()
-    correct, pos = [], 0
-    for c in decided:
-        s = flat[pos : pos + len(c.responses)]
-        correct.append(bool(np.argmax(s) == c.best and (s == s[c.best]).sum() == 1))
-        pos += len(c.responses)
-    groups = [c.prompt_id or prompt_key(c.prompt) for c in decided]
-    lo, hi = bootstrap_ci(correct, groups)
-    return {"accuracy": float(np.mean(correct)) if correct else float("nan"), "n": len(correct), "ci95": [lo, hi]}
+    result: dict = {"n": len(decided), "ties": len(comparisons) - len(decided)}
+    if not comparisons:
+        return result
+    prompts = [c.prompt for c in comparisons for _ in c.responses]
+    responses = [r for c in comparisons for r in c.responses]
+    flat = score(model, tokenizer, prompts, responses, max_length, batch_size, progress)
+    scores, valid = _padded(flat.split([len(c.responses) for c in comparisons]))  # (N, K)
+    best = torch.tensor([c.best for c in comparisons])
+    tie = torch.tensor([c.tie for c in comparisons])
+    loss, _ = comparison_loss(scores, best, valid, tie)
+    result["loss"] = float(loss)
+    if decided:
+        credit = choice_credit(scores, best, valid)[~tie].tolist()
+        lo, hi = bootstrap_ci(credit, [c.prompt_id or prompt_key(c.prompt) for c in decided])
+        result = {"accuracy": float(np.mean(credit)), **result, "ci95": [lo, hi]}
+    return result
 
 
-def longer_wins(comparisons: list[Comparison]) -> float:
-    """Baseline: the longest response (in words) is the best."""
+def longer_wins(comparisons: list[Comparison]) -> float | None:
+    """Baseline: the longest response (in words) is the best; equal lengths tie (`choice_credit`: a best response
+    as long as m others counts 1/(m+1)). None when every comparison is a labelled tie."""
     decided = [c for c in comparisons if not c.tie]
-    hits = [int(np.argmax([len(r.split()) for r in c.responses])) == c.best for c in decided]
-    return float(np.mean(hits)) if hits else float("nan")
+    if not decided:
+        return None
+    scores, valid = _padded([[len(r.split()) for r in c.responses] for c in decided])
+    return float(choice_credit(scores, torch.tensor([c.best for c in decided]), valid).mean())
 
 
-def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float:
+def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float | None:
     """Baseline: a linear score on each response's TF-IDF, fit by logistic regression on (best - other)
-    differences; a test comparison is right when its best response has the top score. NaN when the data is too
-    small to fit (no term in two responses)."""
+    differences; a test comparison counts its `choice_credit` (1 when its best response alone has the top score,
+    1/(m+1) when m others share it). None when the data is too small to fit (no term in two responses)."""
     from scipy.sparse import vstack
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -414,30 +478,29 @@ def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> flo
     train_set = [c for c in train_set if not c.tie]
     test_set = [c for c in test_set if not c.tie]
     if not train_set or not test_set:
-        return float("nan")
+        return None
     vectorizer = TfidfVectorizer(min_df=2, max_features=50000, sublinear_tf=True, ngram_range=(1, 2))
     try:
         vectorizer.fit([r for c in train_set for r in c.responses])
     except ValueError:  # every term pruned: too little text for the baseline
-        return float("nan")
+        return None
     best = vectorizer.transform([c.responses[c.best] for c in train_set for _ in range(len(c.responses) - 1)])
     others = vectorizer.transform([r for c in train_set for i, r in enumerate(c.responses) if i != c.best])
     x = best - others
     # Both signs of every difference, no intercept: the score must not depend on the order responses came in.
     clf = LogisticRegression(C=1.0, max_iter=2000, fit_intercept=False)
     clf.fit(vstack([x, -x]), np.concatenate([np.ones(x.shape[0]), np.zeros(x.shape[0])]))
-    hits = []
-    for c in test_set:
-        scores = clf.decision_function(vectorizer.transform(c.responses))
-        hits.append(int(np.argmax(scores)) == c.best)
-    return float(np.mean(hits))
+    flat = torch.from_numpy(clf.decision_function(vectorizer.transform([r for c in test_set for r in c.responses])))
+    scores, valid = _padded(flat.split([len(c.responses) for c in test_set]))
+    return float(choice_credit(scores, torch.tensor([c.best for c in test_set]), valid).mean())
 
 
 def best_of_accuracy(model, tokenizer, responses, max_length: int, exclude_prompts: set[str], seed: int = 0) -> dict:
     """The seed's classifier metric: balanced accuracy of 'top-karma response or not' on a balanced set.
 
     Per prompt (outside exclude_prompts): its rank-0 response and one random other; 'top' = score above the
-    median score of the set. Balanced by construction, so chance is 50%.
+    median score of the set, and a score exactly at the median is half a 'top' (`choice_credit` of the two
+    answers, median vs score). Balanced by construction, so chance is 50%.
     """
     rng = random.Random(seed)
     by_prompt: dict[str, list] = {}
@@ -453,18 +516,23 @@ def best_of_accuracy(model, tokenizer, responses, max_length: int, exclude_promp
             labels += [1, 0]
     if not items:
         raise UserError("--best-of needs scored responses (response_rank) for prompts the model was not trained on")
-    scores = score(model, tokenizer, [r.prompt for r in items], [r.response for r in items], max_length).numpy()
-    predicted = scores > np.median(scores)
-    labels_arr = np.array(labels, dtype=bool)
-    tpr = (predicted & labels_arr).sum() / labels_arr.sum()
-    tnr = (~predicted & ~labels_arr).sum() / (~labels_arr).sum()
+    scores = score(model, tokenizer, [r.prompt for r in items], [r.response for r in items], max_length)
+    # Each item chooses between 'not top' (scored at the median) and 'top' (its score); the label says which is right.
+    median = float(np.median(scores.numpy()))  # numpy's: the mean of the two middle scores (torch's is the lower)
+    answers = torch.stack([torch.full_like(scores, median), scores], dim=1)  # (N, 2)
+    target = torch.tensor(labels)
+    credit = choice_credit(answers, target)
+    tpr, tnr = credit[target == 1].mean(), credit[target == 0].mean()
     return {"balanced_accuracy": float((tpr + tnr) / 2), "n": len(items)}
 
 
 def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, max_examples: int = 0,
              max_length: int | None = None, best_of: bool = False, keep_meta: bool = False,
              train_data: str | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """`wprlhf rm eval`: accuracy with CI on `data`, on raw and cleaned text, against baselines; writes JSON."""
+    """`wprlhf rm eval`: accuracy with CI on `data`, on raw and cleaned text, against baselines; writes JSON.
+
+    Raises UserError naming `data` when it holds nothing to score (no rows, or only labelled ties): an accuracy
+    of nothing is no number, and NaN is not JSON."""
     model_dir = Path(model_dir)
     trained = _read_train_config(model_dir)
     max_length = max_length or trained.get("max_length", 256)
@@ -476,15 +544,20 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
     if best_of:
         from .data import load_responses
 
+        responses = load_responses(data, keep_meta=keep_meta)
+        if not responses:
+            raise UserError(f"{data} holds no responses; --best-of needs rows of prompt_id, prompt, response_id, "
+                            "response and response_rank")  # fmt: skip
         exclude = set()
         if train_source:
             exclude = {prompt_key(c.prompt) for c in resolve_comparisons(train_source, keep_meta=True)}
-        result = best_of_accuracy(model, tokenizer, load_responses(data, keep_meta=keep_meta), max_length, exclude)
+        result = best_of_accuracy(model, tokenizer, responses, max_length, exclude)
         result["clean"] = not keep_meta
     else:
         test = resolve_comparisons(data, keep_meta=keep_meta)
         if max_examples:
             test = test[:max_examples]
+        _require_decided(test, data, max_examples)
         result = evaluate(model, tokenizer, test, max_length, progress=progress)
         result["clean"] = not keep_meta
         if not keep_meta:
@@ -496,5 +569,25 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
             baselines["tfidf_logreg"] = tfidf_logreg(train_set, test)
         result["baselines"] = baselines
     result.update(model=str(model_dir), data=data, max_length=max_length)
-    write_json_atomic(out, result)
+    write_strict_json(out, result)
     return result
+
+
+def _require_decided(comparisons: list[Comparison], data: str, max_examples: int) -> None:
+    """A UserError naming the file when no comparison has a winner to be right about."""
+    first = f"the first {max_examples} comparisons of " if max_examples else ""
+    if not comparisons:
+        raise UserError(f"{data} holds no comparisons, so there is no accuracy to measure; it needs rows of prompt, "
+                        "response_a, response_b, label (0 if A is better, 1 if B) or JSONL lines of prompt, "
+                        "responses, best")  # fmt: skip
+    if all(c.tie for c in comparisons):
+        raise UserError(f"{first}{data} are all ties ({len(comparisons)}), so there is no accuracy to measure; "
+                        "accuracy needs comparisons with a best response (tie false)")  # fmt: skip
+
+
+def write_strict_json(path: Path, obj) -> None:
+    """write_json_atomic, refusing NaN and infinities: Python writes them as bare NaN / Infinity, which strict
+    JSON parsers (JavaScript's JSON.parse, jq, most languages) reject. Every number in eval JSON must mean
+    something; a NaN reaching here is a bug, reported before the file is written."""
+    json.dumps(obj, allow_nan=False, default=str)  # raises ValueError: Out of range float values ...
+    write_json_atomic(path, obj)

@@ -114,12 +114,15 @@ class SFTConfig:
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
 
     def __post_init__(self):
+        # Ranges first: the divisibility check below divides by gradient_accumulation_steps.
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_every", "sample_tokens"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}; "
+                                f"set --{name.replace('_', '-')} to 1 or more")  # fmt: skip
         for name in ("max_examples", "max_val_examples", "top_ranked_only", "n_samples"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0 (0 = no limit / none), got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 0 (0 = no limit / none), got {getattr(self, name)}; "
+                                f"set --{name.replace('_', '-')} to 0 or more")  # fmt: skip
         if self.batch_size % self.gradient_accumulation_steps:
             raise UserError(
                 f"batch_size {self.batch_size} is not divisible by gradient_accumulation_steps "

@@ -4,6 +4,6 @@ Imports no other wprlhf module and no torch: the page runs on a machine without 
 standard library; `app` needs fastapi and uvicorn.
 """
 
-from .store import LabelingError, StaleComparison, Store, UnknownComparison, read_samples
+from .store import LabelingError, StaleComparison, Store, UnknownComparison, UnknownSession, read_samples
 
-__all__ = ["LabelingError", "StaleComparison", "Store", "UnknownComparison", "read_samples"]
+__all__ = ["LabelingError", "StaleComparison", "Store", "UnknownComparison", "UnknownSession", "read_samples"]

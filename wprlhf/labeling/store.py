@@ -5,9 +5,12 @@ One file in WAL mode, so readers never wait for the writer. Every write is one `
 it), and `labels` has UNIQUE(comparison_id, labeler): a label can be neither lost nor stored twice, even under
 many concurrent labelers. Each thread has its own connection, so one Store is safe to share between threads.
 
-A comparison is done when it holds `labels_per_comparison` answers (a pick or a tie; skips don't count). While
-a labeler looks at a comparison it is reserved for them (`assignments`, RESERVE_SECONDS), so with N = 1 two
-labelers are never shown the same one.
+A comparison is done when it holds `labels_per_comparison` answers (a pick or a tie; skips don't count). Each
+page load opens a session (`open_session`); labels, leases and undo belong to it, so nobody can undo another
+page's label by typing its name. While a page shows a comparison it holds a short lease on it (`assignments`,
+LEASE_SECONDS, one per session): the page renews it while visible and releases it when hidden, so a labeler who
+walks away, or a script that opens many sessions, blocks the queue for a minute at most. Code that labels without
+a page (tests, scripts) passes no session and is known by name alone.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import sqlite3
+import string
 import tempfile
 import threading
 import time
@@ -25,13 +30,15 @@ from pathlib import Path
 
 MAX_RESPONSES = 4  # the page has keys 1-4
 MAX_NAME = 64
-RESERVE_SECONDS = 600  # a labeler who walks away frees their comparison after 10 minutes
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a bigger id raises OverflowError inside sqlite3 instead of not matching
+LEASE_SECONDS = 60  # a page renews its lease every 20 s while visible; a closed or hidden page frees it within this
+SESSION_CHARS = frozenset(string.ascii_letters + string.digits + "-_")  # what secrets.token_urlsafe makes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
     id INTEGER PRIMARY KEY,
     prompt TEXT NOT NULL,
-    responses TEXT NOT NULL,          -- JSON list of 2..4 strings
+    responses TEXT NOT NULL,          -- JSON list of 2..4 strings (an empty string is a legal response)
     metadata TEXT NOT NULL,           -- JSON object: the input line's other fields
     content_key TEXT NOT NULL UNIQUE, -- hash of prompt + responses: adding a file twice queues nothing twice
     added_at REAL NOT NULL
@@ -43,16 +50,39 @@ CREATE TABLE IF NOT EXISTS labels (
     kind TEXT NOT NULL CHECK (kind IN ('best', 'tie', 'skip')),
     best INTEGER,                     -- the index picked when kind = 'best', else NULL
     created_at REAL NOT NULL,
+    session TEXT,                     -- the page session that gave it; NULL from scripts and older files
     UNIQUE (comparison_id, labeler)
 );
-CREATE TABLE IF NOT EXISTS assignments (
+CREATE TABLE IF NOT EXISTS assignments (  -- leases: comparison_id is on `session`'s screen until expires_at
     comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
     labeler TEXT NOT NULL,
     expires_at REAL NOT NULL,
+    session TEXT,
     PRIMARY KEY (comparison_id, labeler)
 );
+CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, labeler TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+# Columns added since the first release: a file written before them gets them when it is opened.
+MIGRATIONS = [("labels", "session", "TEXT"), ("assignments", "session", "TEXT")]
+INDEXES = """
+CREATE INDEX IF NOT EXISTS labels_by_session ON labels (session, id);
+CREATE INDEX IF NOT EXISTS assignments_by_session ON assignments (session);
+"""
+
+# Comparison c is open for (:labeler, :session) at :now: they have not answered it, no other page of theirs holds
+# it, and its answers plus other labelers' live leases leave room for one more. Named parameters, so next_for,
+# renew and stats share one definition.
+CANDIDATE = """NOT EXISTS (SELECT 1 FROM labels l WHERE l.comparison_id = c.id AND l.labeler = :labeler)
+    AND (SELECT COUNT(*) FROM labels l WHERE l.comparison_id = c.id AND l.kind != 'skip') < :n"""
+OPEN = CANDIDATE + """
+    AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.comparison_id = c.id AND a.labeler = :labeler
+                    AND a.session IS NOT :session AND a.expires_at >= :now)
+    AND (SELECT COUNT(*) FROM labels l WHERE l.comparison_id = c.id AND l.kind != 'skip')
+      + (SELECT COUNT(*) FROM assignments a WHERE a.comparison_id = c.id AND a.labeler != :labeler
+           AND a.expires_at >= :now
+           AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.comparison_id = c.id AND l.labeler = a.labeler)) < :n"""
 
 
 class LabelingError(Exception):
@@ -63,6 +93,10 @@ class LabelingError(Exception):
 
 class UnknownComparison(LabelingError):
     status = 404
+
+
+class UnknownSession(LabelingError):
+    status = 403
 
 
 class StaleComparison(LabelingError):
@@ -81,8 +115,31 @@ def check_labeler(name) -> str:
     return name
 
 
+def check_id(value, what: str = "comparison_id") -> int:
+    """A row id from a request: an integer SQLite can hold. Checked here because a larger one would not simply
+    miss: sqlite3 raises OverflowError while binding it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LabelingError(f"{what} must be an integer, got {value!r:.40}")
+    if not 1 <= value <= MAX_ID:
+        raise LabelingError(f"{what} is out of range: ids run from 1 to {MAX_ID}")
+    return value
+
+
+def check_session(value) -> str:
+    """A session id as `open_session` makes them (URL-safe base64, at most 64 characters)."""
+    if not isinstance(value, str) or not value:
+        raise LabelingError("session is missing; open one with POST /api/session {\"labeler\": NAME} and send it "
+                            "with every call (the page does this itself)")  # fmt: skip
+    if len(value) > 64 or not set(value) <= SESSION_CHARS:
+        raise LabelingError("session is malformed; reload the page to get a new one")
+    return value
+
+
 def check_sample(row, where: str) -> tuple[str, list[str], dict]:
-    """(prompt, responses, metadata) of one `wprlhf sample` line; `where` names it in errors ("f.jsonl line 3")."""
+    """(prompt, responses, metadata) of one `wprlhf sample` line; `where` names it in errors ("f.jsonl line 3").
+
+    An empty response is legal: a policy whose first token is end-of-turn writes one, and people should see it.
+    """
     if not isinstance(row, dict):
         raise LabelingError(f"{where} is a JSON {type(row).__name__}, not an object; write one {{...}} per line")
     prompt, responses = row.get("prompt"), row.get("responses")
@@ -93,8 +150,9 @@ def check_sample(row, where: str) -> tuple[str, list[str], dict]:
         raise LabelingError(f"{where}: 'responses' must be a list of 2 to {MAX_RESPONSES} texts, got {got}; "
                             f"sample with -k 2..{MAX_RESPONSES}")  # fmt: skip
     for i, text in enumerate(responses):
-        if not isinstance(text, str) or not text.strip():
-            raise LabelingError(f"{where}: response {i} is empty or not text")
+        if not isinstance(text, str):
+            raise LabelingError(f"{where}: response {i} is not text (a JSON {type(text).__name__}); "
+                                f"write it as a string, \"\" for an empty response")  # fmt: skip
     metadata = {k: v for k, v in row.items() if k not in ("prompt", "responses")}
     return prompt, responses, metadata
 
@@ -123,8 +181,12 @@ def read_samples(path: str | Path) -> list[tuple[str, list[str], dict]]:
 
 
 class Store:
-    """The labels database at `path` (created if absent). labels_per_comparison: how many labelers answer each
-    comparison; None keeps the value stored in the file (1 for a new file)."""
+    """The labels database at `path` (created if absent, brought up to date if older). labels_per_comparison: how
+    many labelers answer each comparison; None keeps the value stored in the file (1 for a new file).
+
+    Methods that act for a labeler take (labeler, session): the session a page opened, or None for code that
+    labels without a page.
+    """
 
     def __init__(self, path: str | Path, labels_per_comparison: int | None = None):
         self.path = Path(path)
@@ -136,6 +198,8 @@ class Store:
             # WAL is a property of the file: set once, every later connection gets it
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+        with self._write() as db:
+            self._migrate(db)
         if labels_per_comparison is not None:
             if isinstance(labels_per_comparison, bool) or not isinstance(labels_per_comparison, int) \
                     or labels_per_comparison < 1:  # fmt: skip
@@ -143,6 +207,16 @@ class Store:
             with self._write() as db:
                 db.execute("INSERT OR REPLACE INTO settings VALUES ('labels_per_comparison', ?)",
                            (str(labels_per_comparison),))  # fmt: skip
+
+    @staticmethod
+    def _migrate(db) -> None:
+        """Add the columns a file from an older version lacks. Inside the write lock, so two processes opening the
+        same old file cannot both add a column (the second ALTER would fail)."""
+        for table, column, kind in MIGRATIONS:
+            if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        for statement in filter(str.strip, INDEXES.split(";")):
+            db.execute(statement)
 
     @property
     def labels_per_comparison(self) -> int:
@@ -189,7 +263,90 @@ class Store:
             finally:
                 db.execute("COMMIT")
 
-    # ------------------------------------------------------------------------------------------ writes
+    # ------------------------------------------------------------------------------------------ sessions
+
+    def open_session(self, labeler: str) -> str:
+        """A new session for `labeler` (one per page load); its id is a secret the page sends with every call."""
+        labeler = check_labeler(labeler)
+        session = secrets.token_urlsafe(18)
+        with self._write() as db:
+            db.execute("INSERT INTO sessions (id, labeler, created_at) VALUES (?, ?, ?)",
+                       (session, labeler, time.time()))  # fmt: skip
+        return session
+
+    def session_labeler(self, session) -> str:
+        """The labeler who opened `session`; UnknownSession if this file never issued it."""
+        session = check_session(session)
+        with self._connect() as db:
+            row = db.execute("SELECT labeler FROM sessions WHERE id = ?", (session,)).fetchone()
+        if row is None:
+            raise UnknownSession("this page's session is not known to the server (was the labels file replaced?); "
+                                 "reload the page")  # fmt: skip
+        return row[0]
+
+    # ------------------------------------------------------------------------------------------ leases
+
+    @staticmethod
+    def _lease(db, comparison_id: int, labeler: str, session: str | None, now: float) -> None:
+        """Lease comparison_id to (labeler, session) for LEASE_SECONDS, dropping the session's other leases: one
+        page shows one comparison, so a session holds at most one and can't hoard the queue."""
+        db.execute("DELETE FROM assignments WHERE labeler = ? AND session IS ? AND comparison_id != ?",
+                   (labeler, session, comparison_id))  # fmt: skip
+        db.execute("INSERT OR REPLACE INTO assignments (comparison_id, labeler, expires_at, session) "
+                   "VALUES (?, ?, ?, ?)", (comparison_id, labeler, now + LEASE_SECONDS, session))  # fmt: skip
+
+    def _params(self, labeler: str, session: str | None, now: float) -> dict:
+        return {"labeler": labeler, "session": session, "now": now, "n": self.labels_per_comparison}
+
+    def next_for(self, labeler: str, session: str | None = None) -> dict | None:
+        """The comparison (labeler, session) should answer next, leased to them; None when nothing is open to them.
+
+        Their own live lease comes first (a reloaded page shows the same comparison); otherwise the oldest open
+        comparison. Everyone works from the oldest up, so comparisons others started get finished first, and the
+        scan stops at the first open row instead of counting labels for the whole queue.
+        """
+        labeler = check_labeler(labeler)
+        session = None if session is None else check_session(session)
+        now = time.time()
+        params = self._params(labeler, session, now)
+        with self._write() as db:
+            db.execute("DELETE FROM assignments WHERE expires_at < ?", (now,))
+            row = db.execute(f"""SELECT c.id FROM assignments mine JOIN comparisons c ON c.id = mine.comparison_id
+                                 WHERE mine.labeler = :labeler AND mine.session IS :session AND {OPEN}
+                                 ORDER BY c.id LIMIT 1""", params).fetchone()  # fmt: skip
+            if row is None:
+                row = db.execute(f"SELECT c.id FROM comparisons c WHERE {OPEN} ORDER BY c.id LIMIT 1",
+                                 params).fetchone()  # fmt: skip
+            if row is None:
+                db.execute("DELETE FROM assignments WHERE labeler = ? AND session IS ?", (labeler, session))
+                return None
+            self._lease(db, row[0], labeler, session, now)
+            return self._comparison(db, row[0])
+
+    def renew(self, labeler: str, session: str | None, comparison_id) -> bool:
+        """Extend the lease on comparison_id, or take it again if it lapsed and is still open to this labeler (a
+        page hidden for a while comes back to the same item). False when it is no longer theirs to answer."""
+        labeler = check_labeler(labeler)
+        session = None if session is None else check_session(session)
+        comparison_id = check_id(comparison_id)
+        now = time.time()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM comparisons WHERE id = ?", (comparison_id,)).fetchone() is None:
+                raise UnknownComparison(f"comparison {comparison_id} does not exist; reload the page")
+            params = {**self._params(labeler, session, now), "id": comparison_id}
+            if db.execute(f"SELECT 1 FROM comparisons c WHERE c.id = :id AND {OPEN}", params).fetchone() is None:
+                return False
+            self._lease(db, comparison_id, labeler, session, now)
+            return True
+
+    def release(self, labeler: str, session: str | None = None) -> int:
+        """Drop the leases of (labeler, session): their page was hidden or closed. Returns how many."""
+        labeler = check_labeler(labeler)
+        session = None if session is None else check_session(session)
+        with self._write() as db:
+            return db.execute("DELETE FROM assignments WHERE labeler = ? AND session IS ?", (labeler, session)).rowcount
+
+    # ------------------------------------------------------------------------------------------ labels
 
     def add(self, samples) -> tuple[int, int]:
         """Queue (prompt, responses, metadata) triples in one transaction: all or none. Returns (added,
@@ -207,40 +364,7 @@ class Store:
                 added += cursor.rowcount
         return added, len(checked) - added
 
-    def next_for(self, labeler: str) -> dict | None:
-        """The comparison `labeler` should answer next, reserved for them; None when nothing is left for them.
-
-        Their own unexpired reservation comes first (a reloaded page shows the same comparison); otherwise the
-        oldest open comparison. Everyone works from the oldest up, so comparisons others started get finished
-        first, and the scan stops at the first open row instead of counting labels for the whole queue.
-        """
-        labeler = check_labeler(labeler)
-        n, now = self.labels_per_comparison, time.time()
-        with self._write() as db:
-            db.execute("DELETE FROM assignments WHERE expires_at < ?", (now,))
-            row = db.execute(
-                "SELECT a.comparison_id FROM assignments a WHERE a.labeler = ? AND NOT EXISTS "
-                "(SELECT 1 FROM labels l WHERE l.comparison_id = a.comparison_id AND l.labeler = a.labeler) "
-                "AND (SELECT COUNT(*) FROM labels l WHERE l.comparison_id = a.comparison_id AND l.kind != 'skip') < ? "
-                "ORDER BY a.comparison_id LIMIT 1", (labeler, n)).fetchone()  # fmt: skip
-            if row is not None:
-                return self._comparison(db, row[0])  # already reserved: no write, so no fsync
-            # open: not answered by this labeler, and answers plus others' reservations leave room for one more
-            row = db.execute(
-                """SELECT c.id FROM comparisons c
-                   WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.comparison_id = c.id AND l.labeler = ?)
-                     AND (SELECT COUNT(*) FROM labels l WHERE l.comparison_id = c.id AND l.kind != 'skip')
-                       + (SELECT COUNT(*) FROM assignments a WHERE a.comparison_id = c.id AND a.labeler != ?
-                            AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.comparison_id = c.id
-                                            AND l.labeler = a.labeler)) < ?
-                   ORDER BY c.id LIMIT 1""",
-                (labeler, labeler, n)).fetchone()  # fmt: skip
-            if row is None:
-                return None
-            db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?)", (row[0], labeler, now + RESERVE_SECONDS))
-            return self._comparison(db, row[0])
-
-    def label(self, comparison_id, labeler: str, choice) -> int:
+    def label(self, comparison_id, labeler: str, choice, session: str | None = None) -> int:
         """Store one answer in one transaction; returns the label's id.
 
         choice: the index of the best response, "tie" or "skip". Raises UnknownComparison for an id not in the
@@ -248,8 +372,8 @@ class Store:
         always accepted once: it only takes the comparison out of this labeler's queue), LabelingError otherwise.
         """
         labeler = check_labeler(labeler)
-        if isinstance(comparison_id, bool) or not isinstance(comparison_id, int):
-            raise LabelingError(f"comparison_id must be an integer, got {comparison_id!r:.40}")
+        session = None if session is None else check_session(session)
+        comparison_id = check_id(comparison_id)
         n = self.labels_per_comparison
         with self._write() as db:
             row = db.execute("SELECT responses FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
@@ -264,28 +388,30 @@ class Store:
                 raise LabelingError(f"choice {choice!r:.40} must be a response index 0..{k - 1}, 'tie' or 'skip'")
             if db.execute("SELECT 1 FROM labels WHERE comparison_id = ? AND labeler = ?",
                           (comparison_id, labeler)).fetchone():  # fmt: skip
-                raise StaleComparison(f"{labeler} already labelled comparison {comparison_id}; undo it first to change it")
+                raise StaleComparison(f"{labeler} already labelled comparison {comparison_id}; "
+                                      "undo it first to change it")  # fmt: skip
             done = db.execute("SELECT COUNT(*) FROM labels WHERE comparison_id = ? AND kind != 'skip'",
                               (comparison_id,)).fetchone()[0]  # fmt: skip
             if kind != "skip" and done >= n:
                 raise StaleComparison(f"comparison {comparison_id} already has its {n} label(s); load the next one")
-            cursor = db.execute("INSERT INTO labels (comparison_id, labeler, kind, best, created_at) "
-                                "VALUES (?, ?, ?, ?, ?)", (comparison_id, labeler, kind, best, time.time()))  # fmt: skip
+            cursor = db.execute("INSERT INTO labels (comparison_id, labeler, kind, best, created_at, session) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
+                                (comparison_id, labeler, kind, best, time.time(), session))  # fmt: skip
             db.execute("DELETE FROM assignments WHERE comparison_id = ? AND labeler = ?", (comparison_id, labeler))
             return cursor.lastrowid
 
-    def undo(self, labeler: str) -> dict | None:
-        """Delete `labeler`'s latest label and reserve that comparison for them again; returns it (None if they
-        have no label). Repeated calls walk further back."""
+    def undo(self, labeler: str, session: str | None = None) -> dict | None:
+        """Delete the latest label given by (labeler, session), never another session's, and lease that comparison
+        to them again; returns it (None if they have no label). Repeated calls walk further back."""
         labeler = check_labeler(labeler)
+        session = None if session is None else check_session(session)
         with self._write() as db:
-            row = db.execute("SELECT id, comparison_id FROM labels WHERE labeler = ? ORDER BY id DESC LIMIT 1",
-                             (labeler,)).fetchone()  # fmt: skip
+            row = db.execute("SELECT id, comparison_id FROM labels WHERE labeler = ? AND session IS ? "
+                             "ORDER BY id DESC LIMIT 1", (labeler, session)).fetchone()  # fmt: skip
             if row is None:
                 return None
             db.execute("DELETE FROM labels WHERE id = ?", (row[0],))
-            db.execute("INSERT OR REPLACE INTO assignments VALUES (?, ?, ?)",
-                       (row[1], labeler, time.time() + RESERVE_SECONDS))  # fmt: skip
+            self._lease(db, row[1], labeler, session, time.time())
             return self._comparison(db, row[1])
 
     # ------------------------------------------------------------------------------------------ reads
@@ -297,19 +423,21 @@ class Store:
         return {"id": comparison_id, "prompt": prompt, "responses": json.loads(responses)}
 
     def labels(self) -> list[dict]:
-        """Every stored label, oldest first, as dicts (id, comparison_id, labeler, kind, best)."""
+        """Every stored label, oldest first, as dicts (id, comparison_id, labeler, kind, best, session)."""
+        columns = ("id", "comparison_id", "labeler", "kind", "best", "session")
         with self._connect() as db:
-            rows = db.execute("SELECT id, comparison_id, labeler, kind, best FROM labels ORDER BY id").fetchall()
-        return [dict(zip(("id", "comparison_id", "labeler", "kind", "best"), r)) for r in rows]
+            rows = db.execute(f"SELECT {', '.join(columns)} FROM labels ORDER BY id").fetchall()
+        return [dict(zip(columns, r)) for r in rows]
 
-    def stats(self, labeler: str | None = None) -> dict:
+    def stats(self, labeler: str | None = None, session: str | None = None) -> dict:
         """Progress and agreement.
 
         comparisons: queued in total; done: those with labels_per_comparison answers; queued: the rest; labels:
         answers (picks and ties), skips apart. agreement: over every two labelers who answered the same comparison,
         the share who gave the same answer (a tie agrees only with a tie); None before any such pair
-        (agreement_pairs = 0). With `labeler`: mine (their answers and skips) and left_for_me (comparisons they
-        could still be shown, counting others' reservations as taken).
+        (agreement_pairs = 0). With `labeler`: mine (their answers; skips are not answers), my_skips, left_for_me
+        (comparisons open to them now) and held_by_others (ones they could answer that others' pages hold: the
+        page shows "waiting" rather than "done" while there are any).
         """
         n = self.labels_per_comparison
         labeler = None if labeler is None else check_labeler(labeler)
@@ -318,17 +446,13 @@ class Store:
             answers = db.execute("SELECT comparison_id, kind, best FROM labels WHERE kind != 'skip' "
                                  "ORDER BY comparison_id").fetchall()  # fmt: skip
             skips = db.execute("SELECT COUNT(*) FROM labels WHERE kind = 'skip'").fetchone()[0]
-            mine = left = None
             if labeler is not None:
-                mine = db.execute("SELECT COUNT(*) FROM labels WHERE labeler = ?", (labeler,)).fetchone()[0]
-                left = db.execute(
-                    """SELECT COUNT(*) FROM comparisons c
-                       WHERE NOT EXISTS (SELECT 1 FROM labels l WHERE l.comparison_id = c.id AND l.labeler = ?)
-                         AND (SELECT COUNT(*) FROM labels l WHERE l.comparison_id = c.id AND l.kind != 'skip')
-                           + (SELECT COUNT(*) FROM assignments a WHERE a.comparison_id = c.id AND a.labeler != ?
-                                AND a.expires_at >= ? AND NOT EXISTS (SELECT 1 FROM labels l
-                                WHERE l.comparison_id = c.id AND l.labeler = a.labeler)) < ?""",
-                    (labeler, labeler, time.time(), n)).fetchone()[0]  # fmt: skip
+                mine, my_skips = db.execute("SELECT COALESCE(SUM(kind != 'skip'), 0), COALESCE(SUM(kind = 'skip'), 0) "
+                                            "FROM labels WHERE labeler = ?", (labeler,)).fetchone()  # fmt: skip
+                # one scan: every comparison this labeler could still answer, and how many of those are open now
+                params = self._params(labeler, session, time.time())
+                candidates, left = db.execute(f"SELECT COUNT(*), COALESCE(SUM({OPEN}), 0) FROM comparisons c "
+                                              f"WHERE {CANDIDATE}", params).fetchone()  # fmt: skip
         done = agree = pairs = 0
         for _, group in itertools.groupby(answers, key=lambda r: r[0]):
             given = [(kind, best) for _, kind, best in group]
@@ -339,13 +463,14 @@ class Store:
         out = {"comparisons": total, "done": done, "queued": total - done, "labels": len(answers), "skips": skips,
                "labels_per_comparison": n, "agreement": agree / pairs if pairs else None, "agreement_pairs": pairs}
         if labeler is not None:
-            out.update(mine=mine, left_for_me=left)
+            out.update(mine=mine, my_skips=my_skips, left_for_me=left, held_by_others=candidates - left)
         return out
 
     def export(self, out: str | Path) -> int:
         """Write every answer (picks and ties; skips are not labels) as a comparisons JSONL, one line per label,
         in the format `wprlhf.data.load_comparisons` reads. A tie has best 0 and tie true (best is arbitrary
-        there). Atomic: written beside `out`, then moved into place. Returns the number of lines."""
+        there). Empty responses are written as they are (""). Atomic: written beside `out`, then moved into
+        place. Returns the number of lines."""
         with self._connect() as db:
             rows = db.execute("SELECT c.prompt, c.responses, c.metadata, l.labeler, l.kind, l.best FROM labels l "
                               "JOIN comparisons c ON c.id = l.comparison_id WHERE l.kind != 'skip' "
