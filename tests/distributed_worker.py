@@ -3,6 +3,7 @@ update on a fixed global rollout batch, or one reward-model training run, writte
 
     python tests/distributed_worker.py ppo OUT.pt
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py rm DATA.jsonl OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py nonfinite OUT
 """
 
 from __future__ import annotations
@@ -64,5 +65,22 @@ def rm(data: str, out: str) -> None:
     train(config, out, progress=False)
 
 
+def nonfinite(out: str) -> None:
+    """Rank 1 alone sees a NaN loss at step 7; each rank writes whether `check_finite` stopped it."""
+    from wprlhf.distributed import check_finite, make_accelerator
+    from wprlhf.errors import NonFiniteError
+
+    acc = make_accelerator(torch.device("cpu"))
+    loss = float("nan") if acc.process_index == 1 else 0.5
+    try:
+        check_finite(acc, 7, "test", "fix", loss=loss)
+        outcome = "passed"
+    except NonFiniteError as err:
+        outcome = f"raised: {err}"
+    acc.wait_for_everyone()  # a rank that had not raised would wait here alone
+    with open(f"{out}.rank{acc.process_index}", "w") as f:
+        f.write(outcome)
+
+
 if __name__ == "__main__":
-    {"ppo": ppo, "rm": rm}[sys.argv[1]](*sys.argv[2:])
+    {"ppo": ppo, "rm": rm, "nonfinite": nonfinite}[sys.argv[1]](*sys.argv[2:])

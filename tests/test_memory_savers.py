@@ -10,6 +10,7 @@ import torch
 
 from tests.test_ppo import LEARNING, PROMPTS, _one_update
 from wprlhf.core import masked_sum, pad_sequences
+from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
 from wprlhf.ppo import PPOConfig, PPOTrainer, policy_forward, train
 from wprlhf.rewards import vowels

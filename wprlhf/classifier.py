@@ -28,6 +28,7 @@ from torch import nn
 
 from .core import bootstrap_ci, linear_schedule
 from .data import read_rows
+from .distributed import check_finite
 from .errors import UserError
 from .metrics import CLASSIFIER_METRIC_NAMES, MetricsLogger
 from .models import freeze_lower_layers, load_reward_backbone, resolve_device
@@ -335,7 +336,9 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
             target = torch.tensor([train_labels[i] for i in idx], device=logits.device)
             loss = F.cross_entropy(logits, target)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            check_finite(None, step + 1, "classifier training", "Try a lower --lr, and check the data for "
+                         "empty or garbled texts.", loss=loss, grad_norm=grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

@@ -9,13 +9,14 @@ result is the one a single process would get on the whole batch.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
 
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 
 
 def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accelerator:
@@ -91,3 +92,20 @@ def reduce_sum(accelerator: Accelerator, stats: dict[str, float]) -> dict[str, f
     values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
     values = accelerator.reduce(values, reduction="sum")
     return dict(zip(keys, values.tolist()))
+
+
+def check_finite(accelerator: Accelerator | None, step: int, where: str, fix: str, **quantities) -> None:
+    """Stop a run before its optimizer step when a loss or gradient norm is NaN or inf, on every process at once.
+
+    quantities: name -> float (or 0-d tensor), this process's values. They are summed over processes in one
+    all-reduce, so a NaN anywhere is a NaN everywhere and every process raises together (no process is left
+    waiting in the next collective); accelerator None = one process. Raises NonFiniteError naming the step, the quantities and `fix`.
+    """
+    names = sorted(quantities)
+    values = torch.tensor([float(quantities[k]) for k in names], dtype=torch.float64)
+    if accelerator is not None and accelerator.num_processes > 1:
+        values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+    bad = [f"{k} = {v}" for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"{where}, step {step}: {', '.join(bad)}; stopped before the optimizer step, so the "
+                             f"weights and the last checkpoint are as they were. {fix}")  # fmt: skip

@@ -15,7 +15,7 @@ import torch
 
 from .core import bootstrap_ci, masked_sum
 from .data import meta_share
-from .generation import GenerationConfig, decode_responses, encode_prompts, sample
+from .generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
 from .models import stop_token_ids
 from .ppo import policy_forward
 from .reward_model import choice_credit
@@ -102,7 +102,8 @@ def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: Gen
     texts, kls = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
         queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], None, chat_template)
-        queries, query_mask = queries.to(device), query_mask.to(device)
+        # The reference forward below must read the same (clipped) prompts the sampler did.
+        queries, query_mask = fit_positions(policy, queries.to(device), query_mask.to(device), config.max_new_tokens)
         gen = sample(policy, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id,
                      generator, tokenizer)  # fmt: skip
         texts += decode_responses(tokenizer, gen.responses, gen.response_mask)

@@ -38,9 +38,9 @@ from .core import (
     pad_sequences,
     position_ids_from_mask,
 )
-from .distributed import check_divisible, device_of, gather_padded, make_accelerator, reduce_sum, shard
+from .distributed import check_divisible, check_finite, device_of, gather_padded, make_accelerator, reduce_sum, shard
 from .errors import UserError
-from .generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
+from .generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, prompt_room, sample
 from .metrics import MetricsLogger
 from .models import (
     ValueHead,
@@ -54,6 +54,7 @@ from .models import (
     make_reference,
     make_value_model,
     merged_copy,
+    position_limit,
     resolve_device,
     stop_token_ids,
     token_values,
@@ -214,6 +215,10 @@ class PPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.score_norm == "batch" and self.batch_size < 2:
+            # The standard deviation of one score is undefined (NaN), and would reach every weight.
+            raise UserError(f"score_norm 'batch' standardises scores over the batch and needs batch_size >= 2, got "
+                            f"{self.batch_size}; raise --batch-size or use --score-norm none")  # fmt: skip
 
     @property
     def minibatch_size(self) -> int:
@@ -443,6 +448,7 @@ class PPOTrainer:
         self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
         check_divisible(config.minibatch_size, "minibatch size (batch_size / num_minibatches)", self.accelerator)
         self.policy = policy.to(self.device)
+        prompt_room(self.policy, config.response_length)  # a UserError now, before any work, if nothing fits
         self.value_model, self.value_head = None, None
         if config.value_model == "shared":
             self.value_head = ValueHead(self.policy.config.hidden_size, seed=config.seed + 1).to(self.device)
@@ -518,10 +524,21 @@ class PPOTrainer:
         Pads them (queries left, responses right), computes the rollout log-probs with a forward pass, then
         runs `step_batch`. For rollouts from `generate`, call `step_batch` with the sampling log-probs instead.
         """
+        if len(queries) != len(responses):
+            raise UserError(f"PPOTrainer.step got {len(queries)} queries and {len(responses)} responses; "
+                            "give one response per query")  # fmt: skip
+        scores_t = check_scores(scores, len(responses), "PPOTrainer.step's scores")
+        queries, responses = [torch.as_tensor(x) for x in queries], [torch.as_tensor(x) for x in responses]
+        for name, seqs in (("query", queries), ("response", responses)):
+            if bad := [i for i, x in enumerate(seqs) if x.dim() != 1 or len(x) == 0]:
+                raise UserError(f"PPOTrainer.step: {name} {bad[0]} is not a non-empty 1-D tensor of token ids")
+        limit = position_limit(self.policy)
+        if limit is not None and (long := [i for i, (q, r) in enumerate(zip(queries, responses)) if len(q) + len(r) > limit]):
+            raise UserError(f"PPOTrainer.step: query + response {long[0]} is longer than the policy's {limit} "
+                            "positions; clip the query from the left")  # fmt: skip
         pad = self.tokenizer.pad_token_id
-        q, q_mask = pad_sequences([torch.as_tensor(x) for x in queries], pad, side="left")
-        r, r_mask = pad_sequences([torch.as_tensor(x) for x in responses], pad, side="right")
-        scores_t = torch.as_tensor(scores, dtype=torch.float32)
+        q, q_mask = pad_sequences(queries, pad, side="left")
+        r, r_mask = pad_sequences(responses, pad, side="right")
         return self.step_batch(q.to(self.device), q_mask.to(self.device), r.to(self.device), r_mask.to(self.device),
                                scores_t.to(self.device))  # fmt: skip
 
@@ -537,6 +554,16 @@ class PPOTrainer:
         if queries.shape[0] != self.local_batch_size:
             raise UserError(f"step got {queries.shape[0]} episodes but batch_size is {c.batch_size} "
                             f"({self.local_batch_size} per process)")  # fmt: skip
+        scores = check_scores(scores, queries.shape[0], "step_batch's scores").to(self.device)
+        if not response_mask.any(dim=1).all():
+            rows = torch.nonzero(~response_mask.any(dim=1)).flatten().tolist()
+            raise UserError(f"step_batch: responses {rows[:5]} have no real token (response_mask all False); every "
+                            "response needs at least one token (an empty answer is its end-of-turn token)")  # fmt: skip
+        vocab = self.policy.get_input_embeddings().num_embeddings
+        for name, ids in (("queries", queries), ("responses", responses)):
+            if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+                raise UserError(f"step_batch: {name} hold token ids outside the policy's vocabulary [0, {vocab}); "
+                                "encode them with the policy's own tokenizer")  # fmt: skip
         temp = c.temperature
 
         # 1. Rollout forwards, no grad: reference log-probs, values (and the policy's log-probs if not sampled).
@@ -654,10 +681,11 @@ class PPOTrainer:
                     for k, v in micro.items():
                         stats[k] = stats.get(k, 0.0) + v
                 stats = reduce_sum(acc, stats)
-                if c.max_grad_norm is not None:
-                    norm = acc.clip_grad_norm_(self.trainable, c.max_grad_norm)
-                    if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
-                        stats["grad_norm"] = float(norm)
+                # max_norm inf measures the norm without clipping: the guard below needs it either way.
+                norm = acc.clip_grad_norm_(self.trainable, c.max_grad_norm or math.inf)
+                if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
+                    stats["grad_norm"] = float(norm)
+                self.check_finite(stats)
                 self.optimizer.step()
                 # Freed, not zeroed: kept gradient buffers raised peak RSS of the smollm2 benchmark by ~650 MiB
                 # (they sit beside the next rollout's activations) for no measurable speed-up.
@@ -674,6 +702,15 @@ class PPOTrainer:
         out = {k: v / counts[k] for k, v in sums.items()}
         out["ppo_minibatches"] = n_minibatches
         return out
+
+    def check_finite(self, stats: dict[str, float]) -> None:
+        """Stop before an optimizer step whose losses or gradient norm are NaN/inf (every process agrees).
+
+        Under fp16 an infinite gradient norm is the loss scaler's business: it skips that step and lowers its scale.
+        """
+        keys = ["policy_loss", "value_loss"] + ([] if self.config.mixed_precision == "fp16" else ["grad_norm"])
+        check_finite(self.accelerator, self.step_count + 1, "PPO update", NON_FINITE_FIX,
+                     **{k: stats[k] for k in keys if k in stats})  # fmt: skip
 
     # -------------------------------------------------------------------------------- saving
     def state_dict(self) -> dict:
@@ -751,6 +788,9 @@ class PPOTrainer:
             raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (its optimizer state is not this trainer's)")
 
 
+NON_FINITE_FIX = ("Check that reward_fn returns finite scores of a sensible scale, then try a lower --lr, "
+                  "--max-grad-norm 1, --score-clip 5, or --mixed-precision no; resume from the last checkpoint with --resume.")
+
 # Fields that may differ between a run and its resumption; any other difference is a different experiment.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "log_samples", "sample_every", "device"}
 
@@ -786,17 +826,23 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return batch
 
 
-def check_scores(scores, n: int, reward_name: str) -> torch.Tensor:
-    """reward_fn's output as a (n,) float tensor, or a UserError saying what was wrong with it."""
+def check_scores(scores, n: int, source: str) -> torch.Tensor:
+    """Scores as a (n,) float32 tensor, or a UserError naming `source` (e.g. "reward 'vowels'") and the fault.
+
+    The one check every entry point applies (`train`'s reward_fn, `PPOTrainer.step` and `step_batch`): one finite
+    number per response. A NaN score would otherwise reach every weight through the advantages.
+    """
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().reshape(-1).tolist() if scores.dim() <= 1 else scores
     try:
         values = [float(s) for s in scores]
     except (TypeError, ValueError) as err:
-        raise UserError(f"reward {reward_name!r} must return a list of numbers, got {type(scores).__name__}: {err}")
+        raise UserError(f"{source} must return a list of numbers, got {type(scores).__name__}: {err}")
     if len(values) != n:
-        raise UserError(f"reward {reward_name!r} returned {len(values)} scores for {n} responses; return one per response")
+        raise UserError(f"{source} returned {len(values)} scores for {n} responses; return one per response")
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
-        raise UserError(f"reward {reward_name!r} returned non-finite scores (NaN/inf) at positions {bad[:5]}")
+        raise UserError(f"{source} returned non-finite scores (NaN/inf) at positions {bad[:5]}; return finite numbers")
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -861,7 +907,7 @@ def train(
         queries, query_mask, gen = trainer.generate(batch_prompts)
         texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
         t1 = time.perf_counter()
-        scores = check_scores(reward_fn(batch_prompts, texts), len(texts), reward_name).to(trainer.device)
+        scores = check_scores(reward_fn(batch_prompts, texts), len(texts), f"reward {reward_name!r}").to(trainer.device)
         t2 = time.perf_counter()
         stats = trainer.step_batch(queries, query_mask, gen.responses, gen.response_mask, scores, gen.logprobs)
         t3 = time.perf_counter()

@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import write_json_atomic
 from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
-from .distributed import device_of, make_accelerator, reduce_sum
+from .distributed import check_finite, device_of, make_accelerator, reduce_sum
 from .errors import UserError
 from .metrics import RM_METRIC_NAMES, MetricsLogger
 from .models import freeze_lower_layers, load_reward_backbone, resolve_device
@@ -382,7 +382,9 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
             loss, accuracy = _comparison_batch(trained, tokenizer, local, config.max_length, device)
             # The local mean as a share of the global batch's mean; DDP averages over processes, hence * processes.
             acc.backward(loss * len(local) / len(batch) * acc.num_processes)
-            acc.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            grad_norm = acc.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+            check_finite(acc, step + 1, "reward-model training", "Try a lower --lr, and check the comparisons for "
+                         "empty or garbled responses.", loss=loss, **({} if grad_norm is None else {"grad_norm": grad_norm}))
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)

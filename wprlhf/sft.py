@@ -27,7 +27,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .core import linear_schedule, logprobs_from_logits, masked_sum
-from .distributed import device_of, make_accelerator, reduce_sum
+from .distributed import check_finite, device_of, make_accelerator, reduce_sum
 from .errors import UserError
 from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics
 from .models import count_parameters, load_policy, resolve_device
@@ -573,10 +573,12 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
                 n_processed += int(batch["attention_mask"].sum())
             nll_sum, n_processed = reduce_sum(acc, {"nll": nll_sum, "n": n_processed}).values()
             stats = {"lr": scheduler.get_last_lr()[0]}
-            if config.max_grad_norm is not None:
-                norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
-                    stats["grad_norm"] = float(norm)
+            # max_norm inf measures the norm without clipping: the guard below needs it either way.
+            norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm or math.inf)
+            if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
+                stats["grad_norm"] = float(norm)
+            check_finite(acc, step + 1, "SFT", "Try a lower --lr or --max-grad-norm 1, and check the data for "
+                         "empty or garbled stories.", loss=nll_sum, **{k: stats[k] for k in ("grad_norm",) if k in stats})
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
