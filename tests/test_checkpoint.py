@@ -38,6 +38,7 @@ def folders(out):
 # ---------------------------------------------------------------------------------------------- whole runs
 
 
+@pytest.mark.learning
 def test_truncated_value_head_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
     """The issue's repro: `--value-model shared`, the latest value head cut short, then --resume to step 6."""
     out = tmp_path / "r"
@@ -57,6 +58,7 @@ def test_truncated_value_head_falls_back_to_the_previous_checkpoint(tmp_path, ca
     assert (out / "checkpoints" / "step-000004.broken" / "policy" / "value_head.safetensors").read_bytes() == cut
 
 
+@pytest.mark.learning
 def test_corrupt_trainer_state_falls_back_and_ends_as_an_uninterrupted_run(tmp_path, capsys):
     """Resuming from the checkpoint before the broken one redoes steps 3-4: same metrics, same final weights."""
     from safetensors.torch import load_file
@@ -81,6 +83,7 @@ def test_corrupt_trainer_state_falls_back_and_ends_as_an_uninterrupted_run(tmp_p
             torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.learning
 def test_no_usable_checkpoint_names_one_command_that_works(tmp_path, capsys):
     out = tmp_path / "r"
     args = ["ppo", *TINY, "--checkpoint-every", 1, "--out", out]
@@ -101,6 +104,7 @@ def test_no_usable_checkpoint_names_one_command_that_works(tmp_path, capsys):
     assert run_cli(capsys, "ppo", *TINY, "--checkpoint-every", 1, "--out", tmp_path / "new", "--steps", 3)[0] == 0
 
 
+@pytest.mark.learning
 def test_resume_without_any_checkpoint_names_one_command_that_works(tmp_path, capsys):
     code, err = run_cli(capsys, "ppo", *TINY, "--out", tmp_path / "fresh", "--steps", 1, "--resume")
     assert code == 2 and "holds no checkpoint" in err and err.count("rerun") == 1

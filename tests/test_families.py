@@ -255,6 +255,7 @@ def test_too_long_for_the_position_table_is_a_user_error_before_any_work(gpt2_di
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.learning
 def test_ppo_clips_prompts_to_the_position_table(gpt2_dirs, tmp_path):
     """One PPO step on prompts of 60 tokens + responses of 8 on a 64-position GPT-2: sampling and every training
     forward (policy, reference, value) read the clipped prompts."""

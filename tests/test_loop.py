@@ -91,6 +91,7 @@ def _config(**overrides):
     return LoopConfig(**{**base, **overrides})
 
 
+@pytest.mark.learning
 def test_loop_runs_rounds_and_resumes(tmp_path):
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
@@ -143,6 +144,7 @@ def test_loop_config_errors():
         LoopConfig(response_length=32, min_response_length=48)
 
 
+@pytest.mark.learning
 def test_loop_waits_for_web_labels(tmp_path):
     """With labeler 'web', a round's samples are queued in the database and the loop goes on once people (here a
     thread using the store, as the page does) have labelled them."""
@@ -235,6 +237,7 @@ def test_empty_responses_are_labelled_and_stored(tmp_path):
     assert list(load_comparisons(path)) == labels
 
 
+@pytest.mark.learning
 def test_loop_runs_on_a_policy_that_writes_only_empty_responses(silent_policy, tmp_path):
     """It died with a raw ValueError when the labeler built its first comparison of empty responses."""
     ppo_file = tmp_path / "ppo.json"

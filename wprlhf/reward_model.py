@@ -66,10 +66,11 @@ class RewardConfig:
     """Share of optimizer steps with a linear warm-up; then linear decay to 0."""
     val_fraction: float = 0.05
     """Share of prompts held out of training for the validation loss/accuracy curve."""
-    eval_every: int = 100
-    """Optimizer steps between validation passes (the last step always has one). A pass scores the validation
-    comparisons exactly as `rm eval` does, every window of every story: on karma pairs, 500 comparisons are ~370
-    stories and ~3,400 windows, about 7x the encodes of reading only each story's opening."""
+    eval_every: int = 125
+    """Optimizer steps between validation passes (the last step always has one: 3 passes at the defaults). A pass
+    scores the validation comparisons exactly as `rm eval` does, every window of every story, so the curve shows
+    the number `rm eval` will report: on karma pairs, 500 comparisons are ~370 stories and ~3,400 windows, about
+    7x the encodes of reading only each story's opening."""
     keep_meta: bool = False
     """Keep Reddit meta lines (links, 'Edit:') in the text; off by default as they leak karma."""
     normalize_samples: int = 500
