@@ -87,13 +87,13 @@ def instrument(trainer, timers: Timers) -> None:
 
     import torch
 
-    from wprlhf import ppo
+    from wprlhf import ppo_trainer
 
     # LambdaLR notices that optimizer.step was replaced; the wrapper still calls the original step first.
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
-    # step_batch / update find these by their module-level names at call time.
-    ppo.policy_forward = timers.wrap(ppo.policy_forward, "train_forward", "rollout_ref_fwd")
-    ppo.value_forward = timers.wrap(ppo.value_forward, "train_forward", "rollout_value_fwd")
+    # The trainer's rollout forwards and minibatch steps find these by their module-level names at call time.
+    ppo_trainer.policy_forward = timers.wrap(ppo_trainer.policy_forward, "train_forward", "rollout_ref_fwd")
+    ppo_trainer.value_forward = timers.wrap(ppo_trainer.value_forward, "train_forward", "rollout_value_fwd")
     trainer.optimizer.step = timers.wrap(trainer.optimizer.step, "train_optimizer_step")
     torch.Tensor.backward = timers.wrap(torch.Tensor.backward, "train_backward")
 
@@ -150,7 +150,7 @@ def one_run(args) -> dict:
     # The peer's optimiser settings: lr 3e-6 decaying linearly to 0, beta 0.05 fixed, no gradient clipping.
     config = PPOConfig(
         policy=args.model, reward="length", seed=args.seed, **work, max_prompt_length=32, response_length=32,
-        stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0, value_model="separate",
+        stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0,
         device="cpu", lr=3e-6, lr_schedule="linear", kl_coef=0.05, adaptive_kl=False,
         max_grad_norm=args.max_grad_norm, log_samples=0, **precision,
     )  # fmt: skip

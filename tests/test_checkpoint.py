@@ -40,9 +40,9 @@ def folders(out):
 
 @pytest.mark.learning
 def test_truncated_value_head_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
-    """The issue's repro: `--value-model shared`, the latest value head cut short, then --resume to step 6."""
+    """The issue's repro: `--shared-value-head`, the latest value head cut short, then --resume to step 6."""
     out = tmp_path / "r"
-    args = ["ppo", *TINY, "--value-model", "shared", "--out", out]
+    args = ["ppo", *TINY, "--shared-value-head", "--out", out]
     assert run_cli(capsys, *args, "--steps", 4)[0] == 0
     assert folders(out) == ["latest", "step-000002", "step-000004"]  # the one before the latest is kept
     cut = truncate(out / "checkpoints" / "step-000004" / "policy" / "value_head.safetensors")

@@ -298,3 +298,24 @@ def test_cli_errors_exit_2(tmp_path, capsys, argv, message):
     code = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_directory_in_the_format_classifier_train_writes_scores_as_plain_transformers_does(tmp_path, toy):
+    """`tests.helpers.save_tiny_classifier` writes what `classifier train` has always saved (a two-label model
+    with id2label, its tokenizer, train_config.json with max_length): the log-odds reward reads it as plain
+    transformers does, text by text, and `classifier eval` evaluates it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.helpers import save_tiny_classifier
+
+    path = save_tiny_classifier(tmp_path / "clf")
+    prompts, responses = ["the film was", "", "a dull"], ["wonderful and superb", "dreadful tedious film", "plot"]
+    plain = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["the film was wonderful and superb", "dreadful tedious film", "a dull plot"]  # the reviews read whole
+    with torch.no_grad():
+        logits = [plain(**plain_tokenizer(text, return_tensors="pt")).logits[0] for text in texts]
+    expected = [float(pair[1] - pair[0]) for pair in logits]
+    assert log_odds_reward(path, device="cpu")(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    result = run_eval(path, str(toy / "test.csv"), tmp_path / "eval.json", progress=False)
+    assert result["n"] == 24 and result["max_length"] == 64 and 0 <= result["accuracy"] <= 1

@@ -37,7 +37,7 @@ def test_ppo_writes_metrics_tensorboard_samples_checkpoint_policy(tmp_path, prom
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header == list(METRIC_NAMES)
     for row in rows:
-        assert 0 <= row["reward_mean"] <= 1 and row["response_length"] <= 4
+        assert 0 <= row["score_mean"] <= 1 and row["response_length"] <= 4
         assert row["time_generate"] > 0 and row["time_train"] > 0
     assert list((out / "tb").glob("events.out.tfevents.*"))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

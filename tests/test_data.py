@@ -17,21 +17,18 @@ from wprlhf.data import (
     Comparison,
     Response,
     best_of_k,
-    clean_meta,
-    clean_prompt,
     clearly_better,
-    has_meta,
     karma_pairs,
     load_comparisons,
     load_prompts,
     load_responses,
-    meta_share,
     prompt_key,
     read_rows,
     split_by_prompt,
     write_comparisons,
 )
 from wprlhf.errors import UserError
+from wprlhf.text import clean_meta, clean_prompt, has_meta, meta_share
 
 # Columns of the hub file prompt_responses_full.csv, with its two extra columns that the loader ignores.
 HUB_COLUMNS = ["Unnamed: 0", "prompt_id", "prompt", "prompt_score", "response_id", "response", "response_score",

@@ -27,7 +27,7 @@ def test_demo_pipeline_on_tiny_models(tmp_path, capsys):
 
     state = json.loads((out / "loop_state.json").read_text())
     assert state["done"] == ["start", "1:sample", "1:label", "1:rm", "1:ppo", "1:eval"]
-    for name in ("start_samples.jsonl", "round-1/samples.jsonl", "round-1/labels.jsonl", "round-1/rm/config.json",
+    for name in ("start_responses.jsonl", "round-1/responses.jsonl", "round-1/labels.jsonl", "round-1/rm/config.json",
                  "round-1/eval.json", "round-1/eval_pairs.jsonl", "ppo/policy/config.json", "report.html"):  # fmt: skip
         assert (out / name).exists(), name
     rows = read_metrics(out / "ppo" / "metrics.csv")

@@ -63,7 +63,7 @@ def test_ppo_update_on_two_processes_equals_one(tmp_path):
     assert_same_params(one["params"], two[0]["params"], start)
     assert_same_params(two[0]["params"], two[1]["params"], atol=1e-7)  # DDP keeps the replicas identical
     # Logged statistics are those of the global batch on both processes.
-    for key in ("reward_mean", "kl", "policy_loss", "value_loss", "approxkl", "clipfrac", "entropy", "grad_norm"):
+    for key in ("score_mean", "kl", "policy_loss", "value_loss", "approxkl", "clipfrac", "entropy", "grad_norm"):
         assert two[0]["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4, abs=1e-6), key
         assert two[1]["stats"][key] == pytest.approx(two[0]["stats"][key], rel=1e-6, abs=1e-8), key
 

@@ -33,7 +33,8 @@ from wprlhf.models import (
     stop_token_ids,
     tiny_config,
 )
-from wprlhf.ppo import PPOConfig, policy_forward, train, value_forward
+from wprlhf.forwards import policy_forward, value_forward
+from wprlhf.ppo import PPOConfig, train
 
 POSITIONS = 64  # the tiny GPT-2's position table
 TEXTS = ["A dragon opens a bakery.", "The moon files a complaint about the sun and the stars.", "Hi"]

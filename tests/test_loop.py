@@ -11,11 +11,12 @@ import torch
 
 from wprlhf.data import load_comparisons
 from wprlhf.errors import UserError
-from wprlhf.labelers import SimulatedLabeler, agreement, load_judge, sentiment
+from wprlhf.labelers import SimulatedLabeler, agreement, sentiment
 from wprlhf.evaluation import distinct_n, repetition_rate, sample_with_kl, win_rate
-from wprlhf.generation import GenerationConfig
-from wprlhf.loop import STATE_FILE, LoopConfig, generation, run
+from wprlhf.generation import GenerationConfig, generation_config
+from wprlhf.loop import STATE_FILE, LoopConfig, run
 from wprlhf.metrics import read_metrics
+from wprlhf.rewards import load_reward
 
 
 def test_sentiment_orders_obvious_texts():
@@ -26,17 +27,34 @@ def test_sentiment_orders_obvious_texts():
 def test_weighted_judge_spec():
     texts = ["I love it.", "I hate it."]
     base = sentiment(["p"] * 2, texts)
-    doubled = load_judge("sim:2*sentiment")(["p"] * 2, texts)
-    summed = load_judge("sentiment+0.5*sentiment")(["p"] * 2, texts)
+    doubled = load_reward("sim:2*sentiment", what="judge")(["p"] * 2, texts)
+    summed = load_reward("sentiment+0.5*sentiment", what="judge")(["p"] * 2, texts)
     assert doubled == pytest.approx([2 * s for s in base])
     assert summed == pytest.approx([1.5 * s for s in base])
+
+
+def test_one_resolver_reads_reward_judge_and_labeler_specs(tmp_path):
+    """`--reward`, `--judge` and `--labeler sim:` share one grammar: built-ins, user code, weighted sums."""
+    from wprlhf.rewards import length, vowels
+
+    texts = ["I love it, a lovely long day.", "I hate it."]
+    assert load_reward("vowels") is vowels and load_reward("sim:sentiment", what="judge") is sentiment
+    mixed = load_reward("length+0.5*sentiment")(["p"] * 2, texts)
+    assert mixed == pytest.approx([a + 0.5 * b for a, b in zip(length(["p"] * 2, texts), sentiment(["p"] * 2, texts))])
+    user = tmp_path / "my+reward*v2.py"  # a whole SPEC's path may hold the sum's '+' and '*'
+    user.write_text("def fn(prompts, responses):\n    return [1.0] * len(responses)\n")
+    assert load_reward(f"{user}:fn")(["p"], ["x"]) == [1.0]
+    (tmp_path / "plain.py").write_text(user.read_text())
+    assert load_reward(f"2*{tmp_path / 'plain.py'}:fn+vowels")(["p"], ["a"]) == [3.0]
+    with pytest.raises(UserError, match="unknown reward 'colour'"):
+        load_reward("colour")
 
 
 @pytest.mark.parametrize("spec, message", [("colour", "unknown judge 'colour'"), ("x*sentiment", "is not a number"),
                                            ("sim:", "empty judge spec")])  # fmt: skip
 def test_bad_judge_specs(spec, message):
     with pytest.raises(UserError, match=message):
-        load_judge(spec)
+        load_reward(spec, what="judge")
 
 
 def test_bradley_terry_choice_frequencies():
@@ -112,7 +130,7 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     ppo_rows = read_metrics(out / "ppo" / "metrics.csv")
     assert [r["step"] for r in ppo_rows] == [1, 2, 3, 4]  # one PPO run, continued: 2 steps a round
     assert json.loads((out / "ppo" / "config.json").read_text())["min_response_length"] == 6
-    assert generation(config).min_new_tokens == 6  # what label sampling and evaluation use
+    assert generation_config(config).min_new_tokens == 6  # what label sampling and evaluation use
     assert all(-1 <= r["judge_mean"] <= 1 for r in ppo_rows)  # VADER compound, logged beside the RM reward
     pairs = [json.loads(line) for line in (out / "round-2" / "eval_pairs.jsonl").open()]
     assert len(pairs) == 4 and {"start", "new", "judge_start", "judge_new", "reward_new", "kl"} <= set(pairs[0])
@@ -120,7 +138,7 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     state = json.loads((out / STATE_FILE).read_text())
     assert set(state["timings_s"]) == set(state["done"])
     held_out = (out / "eval_prompts.txt").read_text().split("\n")[:2]
-    trained = {json.loads(line)["prompt"] for r in (1, 2) for line in (out / f"round-{r}" / "samples.jsonl").open()}
+    trained = {json.loads(line)["prompt"] for r in (1, 2) for line in (out / f"round-{r}" / "responses.jsonl").open()}
     assert not trained & set(held_out)
 
     with pytest.raises(UserError, match="--resume"):
@@ -229,7 +247,7 @@ def test_empty_responses_are_labelled_and_stored(tmp_path):
     from wprlhf.data import write_comparisons
 
     for spec in ("sentiment", "relevance"):
-        labeler = SimulatedLabeler(load_judge(spec), temperature=0)
+        labeler = SimulatedLabeler(load_reward(spec, what="judge"), temperature=0)
         labels = labeler.label(["Write a happy story."] * 2, [["", "A wonderful, happy day."], ["", ""]])
         assert [c.responses for c in labels] == [["", "A wonderful, happy day."], ["", ""]]
         assert labels[0].best == 1 or spec == "relevance"  # VADER: "" is neutral (0), the happy text positive
@@ -245,13 +263,13 @@ def test_loop_runs_on_a_policy_that_writes_only_empty_responses(silent_policy, t
     out = tmp_path / "loop"
     config = _config(policy=str(silent_policy), rounds=1, ppo_steps=1, response_length=4, ppo_config=str(ppo_file))
     rows = run(config, out)
-    samples = [json.loads(line) for line in (out / "round-1" / "samples.jsonl").open()]
+    samples = [json.loads(line) for line in (out / "round-1" / "responses.jsonl").open()]
     assert samples and all(r == "" for s in samples for r in s["responses"])
     labels = list(load_comparisons(out / "round-1" / "labels.jsonl"))
     assert len(labels) == 4 and all(c.responses == ["", ""] for c in labels)
     assert len(rows) == 1 and rows[0]["labels"] == 4
-    assert all(math.isfinite(rows[0][k]) for k in ("reward_mean", "kl", "eval_kl", "win_rate"))
-    assert all(math.isfinite(r["reward_mean"]) for r in read_metrics(out / "ppo" / "metrics.csv"))
+    assert all(math.isfinite(rows[0][k]) for k in ("score_mean", "kl", "eval_kl", "win_rate"))
+    assert all(math.isfinite(r["score_mean"]) for r in read_metrics(out / "ppo" / "metrics.csv"))
 
 
 def test_loop_checks_every_size_and_its_ppo_settings_before_sampling(tmp_path):
@@ -263,4 +281,4 @@ def test_loop_checks_every_size_and_its_ppo_settings_before_sampling(tmp_path):
     ppo_file.write_text(json.dumps({"num_minibatches": 0}))
     with pytest.raises(UserError, match="num_minibatches must be >= 1, got 0; set --num-minibatches"):
         run(_config(ppo_config=str(ppo_file)), tmp_path / "loop")
-    assert not (tmp_path / "loop" / "start_samples.jsonl").exists()
+    assert not (tmp_path / "loop" / "start_responses.jsonl").exists()

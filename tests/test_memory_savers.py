@@ -12,7 +12,8 @@ from tests.test_ppo import LEARNING, PROMPTS, _one_update
 from wprlhf.core import masked_sum, pad_sequences
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
-from wprlhf.ppo import PPOConfig, PPOTrainer, policy_forward, train
+from wprlhf.forwards import policy_forward
+from wprlhf.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.rewards import vowels
 
 pytestmark = pytest.mark.learning  # every test here takes optimizer steps
@@ -86,7 +87,7 @@ def test_lora_resumes_and_exports_a_plain_merged_model(tmp_path, tokenizer):
     assert (tmp_path / "split" / "checkpoints" / "step-000002" / "policy" / "adapter_model.safetensors").exists()
     train(PPOConfig(**base), PROMPTS, vowels, tmp_path / "split", resume=True, progress=False)
     a, b = (read_metrics(tmp_path / run / "metrics.csv") for run in ("whole", "split"))
-    assert [r["reward_mean"] for r in a] == pytest.approx([r["reward_mean"] for r in b], rel=1e-5)
+    assert [r["score_mean"] for r in a] == pytest.approx([r["score_mean"] for r in b], rel=1e-5)
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "policy")  # no peft needed to load it
     assert not hasattr(exported, "peft_config")
@@ -118,7 +119,7 @@ def test_gradient_checkpointing_recomputes_in_training_and_samples_with_the_kv_c
         policy, _ = load_policy("tiny")
         trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, gradient_checkpointing=flag,
                                        response_length=6, stop_at_eos=False), policy, tokenizer)  # fmt: skip
-        samples[flag] = trainer.generate(PROMPTS[:4])[2].responses
+        samples[flag] = trainer.generate(PROMPTS[:4]).generation.responses
         if flag:
             layers = [m for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
             assert layers and not any(m.training for m in layers)

@@ -118,7 +118,7 @@ def test_reward_model_training_stops_on_a_nan_loss(tmp_path, monkeypatch):
     from wprlhf import reward_model
 
     write_comparisons(tmp_path / "train.jsonl", _toy_comparisons(40))
-    monkeypatch.setattr(reward_model, "_comparison_batch", _nan_loss(reward_model._comparison_batch))
+    monkeypatch.setattr(reward_model.Pairwise, "loss", _nan_loss(reward_model.Pairwise.loss))
     config = reward_model.RewardConfig(data=str(tmp_path / "train.jsonl"), model="tiny", max_length=32, epochs=1,
                                        batch_size=8, val_fraction=0.2, normalize_samples=10)  # fmt: skip
     with pytest.raises(NonFiniteError, match=r"reward-model training, step 1: .*loss = nan"):
@@ -133,8 +133,7 @@ def test_classifier_training_stops_on_a_nan_loss(tmp_path, monkeypatch):
 
     write_csv(tmp_path / "train.csv", toy_reviews(16, seed=1))
     encoder = save_tiny_encoder(tmp_path / "enc")
-    cross_entropy = classifier.F.cross_entropy
-    monkeypatch.setattr(classifier.F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * math.nan)
+    monkeypatch.setattr(classifier.BinaryRating, "loss", _nan_loss(classifier.BinaryRating.loss))
     config = classifier.ClassifierConfig(data=str(tmp_path / "train.csv"), model=str(encoder), **{**TOY, "epochs": 1})
     with pytest.raises(NonFiniteError, match=r"classifier training, step 1: .*loss = nan"):
         classifier.train(config, tmp_path / "clf", progress=False)

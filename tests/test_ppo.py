@@ -8,9 +8,11 @@ import statistics
 import pytest
 import torch
 
+from wprlhf.errors import UserError
+from wprlhf.forwards import policy_forward, value_forward
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
-from wprlhf.ppo import PPOConfig, PPOTrainer, policy_forward, train
+from wprlhf.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.rewards import vowels
 
 pytestmark = pytest.mark.learning  # every test here takes optimizer steps
@@ -39,7 +41,7 @@ def test_learns_vowel_reward_within_kl_budget(tmp_path):
     """Mean reward of the last 5 steps beats the first 5 by > 3 standard errors, with KL < 20 nats."""
     rows = _run(tmp_path, "learn")
     assert len(rows) == LEARNING["steps"]
-    first, last = _first_last(rows, "reward_mean")
+    first, last = _first_last(rows, "score_mean")
     se = (statistics.variance(first) / 5 + statistics.variance(last) / 5) ** 0.5
     gain = statistics.mean(last) - statistics.mean(first)
     assert gain > 3 * se, f"reward {statistics.mean(first):.3f} -> {statistics.mean(last):.3f}, se {se:.4f}"
@@ -53,7 +55,7 @@ def test_huge_fixed_kl_coef_keeps_policy_at_reference(tmp_path):
     rows = _run(tmp_path, "anchored", steps=15, lr=2e-3, kl_coef=1000.0, adaptive_kl=False, score_norm="none")
     assert all(r["kl_coef"] == 1000.0 for r in rows)
     assert max(abs(r["kl"]) for r in rows) < 1.0
-    first, last = _first_last(rows, "reward_mean")
+    first, last = _first_last(rows, "score_mean")
     assert abs(statistics.mean(last) - statistics.mean(first)) < 0.015
 
 
@@ -65,7 +67,7 @@ def test_kl_is_zero_while_policy_equals_reference(tokenizer):
     responses = [torch.randint(100, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 5, 2, 7)]
     stats = trainer.step(queries, responses, [1.0, 0.0, -1.0, 0.5])
     assert stats["kl"] == 0.0 and stats["kl_k3"] == 0.0
-    assert stats["reward_total"] == pytest.approx(0.125)  # scores only: the penalty is exactly zero
+    assert stats["rlhf_reward_mean"] == pytest.approx(0.125)  # scores only: the penalty is exactly zero
 
 
 def test_sampled_logprobs_match_reference_at_start(tmp_path):
@@ -88,7 +90,6 @@ def test_padded_batch_gives_per_example_logprobs(tiny, tokenizer):
     """A sequence's log-probs and values are the same alone and left/right-padded in a batch (1e-5)."""
     from wprlhf.core import pad_sequences
     from wprlhf.models import make_value_model
-    from wprlhf.ppo import value_forward
 
     value_model = make_value_model(tiny)
     qs = [torch.tensor(tokenizer(p)["input_ids"]) for p in ("Hi", "A much longer prompt about a lighthouse keeper")]
@@ -166,7 +167,7 @@ def test_saved_models_load_in_plain_transformers(tmp_path):
 
 
 def test_shared_value_head_trains_and_saves_head_beside_policy(tmp_path):
-    rows = _run(tmp_path, "shared", steps=2, batch_size=4, num_minibatches=1, value_model="shared")
+    rows = _run(tmp_path, "shared", steps=2, batch_size=4, num_minibatches=1, shared_value_head=True)
     assert len(rows) == 2 and all(r["value_loss"] > 0 for r in rows)
     assert (tmp_path / "shared" / "policy" / "value_head.safetensors").exists()
     assert not (tmp_path / "shared" / "value").exists()
@@ -176,3 +177,38 @@ def test_early_stop_on_approxkl(tmp_path):
     """A tiny target_approxkl stops a step's epochs after the first minibatch."""
     rows = _run(tmp_path, "early", steps=2, batch_size=8, num_minibatches=2, ppo_epochs=4, target_approxkl=1e-12)
     assert all(r["ppo_minibatches"] < 8 for r in rows)
+
+
+def test_runs_written_with_the_old_metric_names_still_read_and_resume(tmp_path):
+    """reward_mean / reward_std / reward_total became score_mean / score_std / rlhf_reward_mean: a run directory
+    written before the rename reads under the new names, and resuming it rewrites its header."""
+    from wprlhf.metrics import METRIC_NAMES, MetricsLogger, read_metrics
+
+    old_header = ["step", "episodes", "reward_mean", "reward_std", "judge_mean", "reward_total", "kl", "retired"]
+    (tmp_path / "metrics.csv").write_text(",".join(old_header) + "\n1,4,0.5,0.1,,0.4,0.2,9\n2,8,0.6,0.1,,0.5,0.3,9\n")
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert rows[1] == {"step": 2, "episodes": 8, "score_mean": 0.6, "score_std": 0.1, "rlhf_reward_mean": 0.5, "kl": 0.3,
+                       "retired": 9}
+    logger = MetricsLogger(tmp_path, resume_step=1)
+    logger.log(2, {"episodes": 8, "score_mean": 0.7, "rlhf_reward_mean": 0.6, "kl": 0.3})
+    logger.close()
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header == [*METRIC_NAMES, "retired"]  # a column this version does not write is kept, not dropped
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["score_mean"] for r in rows] == [0.5, 0.7] and [r.get("retired") for r in rows] == [9, None]
+
+
+def test_configs_and_checkpoints_with_the_old_value_model_key_still_load(tmp_path):
+    """`value_model: separate|shared` (a string beside the trainer's value_model module) became
+    `shared_value_head: bool`; config files and checkpoints written with the old key still load and resume."""
+    import dataclasses
+
+    from wprlhf.ppo_config import check_resumable, load_config
+
+    (tmp_path / "old.yaml").write_text("value_model: shared\nbatch_size: 4\n")
+    config = load_config(tmp_path / "old.yaml", {})
+    assert config.shared_value_head and config.batch_size == 4
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "shared_value_head"} | {"value_model": "shared"}
+    check_resumable(saved, config)  # the same run: no error
+    with pytest.raises(UserError, match="shared_value_head: True -> False"):
+        check_resumable(saved, dataclasses.replace(config, shared_value_head=False))

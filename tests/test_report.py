@@ -27,7 +27,7 @@ def _write_metrics(path, steps, judge=True):
         writer = csv.DictWriter(f, fieldnames=METRIC_NAMES)
         writer.writeheader()
         for s in range(1, steps + 1):
-            row = {"step": s, "episodes": 4 * s, "reward_mean": 0.1 * s, "kl": 0.3 * s, "kl_coef": 0.2 - 0.005 * s,
+            row = {"step": s, "episodes": 4 * s, "score_mean": 0.1 * s, "kl": 0.3 * s, "kl_coef": 0.2 - 0.005 * s,
                    "entropy": 2.5 - 0.05 * s, "response_length": 20 + s, "time_generate": 1.5, "time_score": 0.25,
                    "time_train": 2.0}  # fmt: skip
             if judge:
@@ -37,7 +37,7 @@ def _write_metrics(path, steps, judge=True):
 
 def _write_samples(path):
     rows = [{"step": step, "prompt": f"Prompt {i} & friends", "response": HACK if step == 20 and i == 0 else f"story {i}",
-             "score": 0.1 * step, "kl": 0.2, "reward_total": 0.1} for step in (1, 20) for i in range(2)]  # fmt: skip
+             "score": 0.1 * step, "kl": 0.2, "rlhf_reward": 0.1} for step in (1, 20) for i in range(2)]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

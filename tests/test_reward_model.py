@@ -1,5 +1,6 @@
-"""Reward models: the comparison loss against hand values, learning a separable toy set, normalisation folded into
-the saved head, evaluation with a prompt bootstrap, baselines, and `rm:DIR` as a PPO reward."""
+"""Reward models: the label types' losses against hand values, learning a separable toy set, normalisation folded
+into the saved head, evaluation with a prompt bootstrap, baselines, `rm:DIR` as a PPO reward, and directories in
+the format `rm train` has always written scoring as plain transformers does."""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ import torch
 
 from wprlhf.core import bootstrap_ci
 from wprlhf.data import Comparison, split_by_prompt, write_comparisons
+from wprlhf.files import write_json_atomic
 from wprlhf.metrics import read_metrics
 from wprlhf.reward_model import (
+    BestOfK,
+    Pairwise,
     RewardConfig,
     choice_credit,
-    comparison_loss,
+    comparison_label,
+    evaluate,
     load_reward_model,
     longer_wins,
-    evaluate,
+    reward_fn_from_model,
     run_eval,
     score,
     story_windows,
     tfidf_logreg,
     train,
-    write_strict_json,
 )
 
 
@@ -41,11 +45,28 @@ def test_pairwise_loss_is_bradley_terry():
     """k = 2: -log sigmoid(r_best - r_other). Scores (1, 0), best 0 -> log(1 + e^-1) = 0.31326."""
     scores = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     best = torch.tensor([0, 1])
-    valid = torch.ones(2, 2, dtype=torch.bool)
-    loss, acc = comparison_loss(scores, best, valid)
+    loss, credit = Pairwise().loss(scores, best)
     # row 0: log(1+e^-1) = 0.313262; row 1: log(1+e^1) = 1.313262; mean 0.813262
     assert float(loss) == pytest.approx(0.813262, abs=1e-5)
-    assert float(acc) == 0.5
+    assert credit.tolist() == [1.0, 0.0]
+    # a tie: target 1/2, -(log sigmoid(1) + log sigmoid(-1)) / 2 = (0.313262 + 1.313262) / 2; no credit
+    loss, credit = Pairwise().loss(scores[:1], best[:1], torch.tensor([True]))
+    assert float(loss) == pytest.approx(0.813262, abs=1e-5) and credit.numel() == 0
+
+
+def test_best_of_k_at_k_2_is_pairwise():
+    """Two label types, one likelihood: softmax over two scores is Bradley-Terry, ties included."""
+    torch.manual_seed(0)
+    scores = torch.randn(6, 2, dtype=torch.float64) * 3
+    best = torch.tensor([0, 1, 1, 0, 1, 0])
+    tie = torch.tensor([False, False, True, False, True, False])
+    pair_loss, pair_credit = Pairwise().loss(scores, best, tie)
+    k_loss, k_credit = BestOfK().loss(scores, best, torch.ones(6, 2, dtype=torch.bool), tie)
+    assert float(pair_loss) == pytest.approx(float(k_loss), abs=1e-12)
+    assert pair_credit.tolist() == k_credit.tolist() and len(pair_credit) == 4
+    pairs = [Comparison("p", ["a", "b"], 0), Comparison("q", ["c", "d"], 1)]
+    assert isinstance(comparison_label(pairs), Pairwise)
+    assert isinstance(comparison_label(pairs + [Comparison("r", ["e", "f", "g"], 2)]), BestOfK)
 
 
 def test_best_of_k_loss_and_padding_and_ties():
@@ -54,10 +75,10 @@ def test_best_of_k_loss_and_padding_and_ties():
     valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
     best = torch.tensor([0, 0])
     tie = torch.tensor([False, True])
-    loss, acc = comparison_loss(scores, best, valid, tie)
+    loss, credit = BestOfK().loss(scores, best, valid, tie)
     # row 0: -log(e^2 / (e^2 + 2)) = log(1 + 2 e^-2) = log(1.270671) = 0.239545; row 1 (tie, equal scores): log 2
     assert float(loss) == pytest.approx((0.239545 + 0.693147) / 2, abs=1e-5)
-    assert float(acc) == 1.0  # the tie is left out of accuracy
+    assert credit.tolist() == [1.0]  # the tie is left out of accuracy
 
 
 def test_choice_credit_by_hand():
@@ -69,10 +90,10 @@ def test_choice_credit_by_hand():
     credit = choice_credit(scores, best, valid)
     # tie of 2; alone on top; beaten; tie of 3; beaten by two tied; the 9 is padding, a tie of 2; NaN never on top
     torch.testing.assert_close(credit, torch.tensor([0.5, 1.0, 0.0, 1 / 3, 0.0, 0.5, 1.0]))
-    # comparison_loss's accuracy is the same credit over the rows that are not labelled ties
-    tie = torch.tensor([False, False, False, False, True, False, False])
-    _, accuracy = comparison_loss(scores[:4], best[:4], valid[:4], tie[:4])
-    assert float(accuracy) == pytest.approx((0.5 + 1.0 + 0.0 + 1 / 3) / 4)
+    # the loss's credit is the same, over the rows that are not labelled ties
+    tie = torch.tensor([False, False, False, True])
+    _, credit = BestOfK().loss(scores[:4], best[:4], valid[:4], tie)
+    torch.testing.assert_close(credit, torch.tensor([0.5, 1.0, 0.0]))
 
 
 def _mixed_comparisons() -> list[Comparison]:
@@ -247,7 +268,7 @@ def test_rm_eval_of_nothing_to_score_is_an_error_not_nan(toy_rm, tmp_path, capsy
         assert code == 2 and str(path) in err and message in err and "Traceback" not in err
         assert not (tmp_path / "e.json").exists()
     with pytest.raises(ValueError, match="Out of range float"):
-        write_strict_json(tmp_path / "nan.json", {"accuracy": float("nan")})
+        write_json_atomic(tmp_path / "nan.json", {"accuracy": float("nan")})
     assert not (tmp_path / "nan.json").exists()
     assert tfidf_logreg([], _mixed_comparisons()) is None and longer_wins(_mixed_comparisons()[5:]) is None
 
@@ -325,3 +346,38 @@ def test_windows_let_a_short_reward_model_read_a_story_to_its_end(tmp_path):
     torch.testing.assert_close(windows, by_hand.mean().reshape(1), atol=1e-5, rtol=0)
     model.config.reward_window_words = 0  # the opening alone: both stories of a pair look the same, a tie
     assert evaluate(model, tokenizer, held_out, max_length=16)["accuracy"] == 0.5
+
+
+def test_a_directory_in_the_format_rm_train_writes_scores_as_plain_transformers_does(tmp_path):
+    """A reward-model directory as `rm train` has always saved one (before and after the trainer became one with
+    the classifier's, issue 17): a plain transformers model whose config holds reward_window_words and
+    reward_offset, its tokenizer, and train_config.json with max_length. Built by hand here, it scores as a slow
+    reference reads it: each window alone, cut at the saved max_length, less the offset, averaged per story."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from wprlhf.models import load_reward_backbone
+
+    model, tokenizer = load_reward_backbone("tiny", num_labels=1, seed=3)  # a head without bias: the offset counts
+    model.config.reward_window_words = 6
+    model.config.reward_offset = 0.25
+    model.config.reward_normalization = {"mean": 0.1, "std": 2.0}
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "train_config.json").write_text(json.dumps({"model": "tiny", "max_length": 12, "window_words": 6}))
+    first = "unbelievably extraordinary circumstances notwithstanding, everybody kept"
+    second = "remarkably calm throughout while the lighthouse keeper"  # 6 words + a last one, too short alone
+    prompts = ["Write about a storm", "Write about a cat", ""]
+    responses = [f"{first} {second}", "a short one", "x y"]
+    windows = [[first, second], ["a short one"], ["x y"]]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    plain_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(plain_tokenizer(prompts[0], first)["input_ids"]) > 12  # the saved max_length cuts this window
+    expected = []
+    with torch.no_grad():
+        for prompt, pieces in zip(prompts, windows):
+            encoded = [plain_tokenizer(prompt, w, truncation="longest_first", max_length=12, return_tensors="pt")
+                       for w in pieces]  # fmt: skip
+            expected.append(sum(float(plain(**e).logits) - 0.25 for e in encoded) / len(encoded))
+    assert reward_fn_from_model(tmp_path)(prompts, responses) == pytest.approx(expected, abs=1e-5)
+    model, tokenizer = load_reward_model(tmp_path)
+    assert score(model, tokenizer, prompts, responses, max_length=12).tolist() == pytest.approx(expected, abs=1e-5)

@@ -16,7 +16,7 @@ from wprlhf.errors import UserError
 from wprlhf.labelers import sentiment
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_tokenizer
-from wprlhf.ppo import PPOConfig, check_resumable
+from wprlhf.ppo_config import PPOConfig, check_resumable
 from wprlhf.tasks import (
     CONTROLS,
     builtin_openings,
@@ -230,7 +230,7 @@ def test_ppo_task_run_writes_judge_and_resumes(tmp_path, classifier_dir, capsys)
             "--checkpoint-every", "1"]  # fmt: skip
     assert main([str(a) for a in argv + ["--steps", "2"]]) == 0
     rows = read_metrics(out / "metrics.csv")
-    assert [r["step"] for r in rows] == [1, 2] and all("judge_mean" in r and "reward_mean" in r for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all("judge_mean" in r and "score_mean" in r for r in rows)
     assert all(-1 <= r["judge_mean"] <= 1 for r in rows)
     config = json.loads((out / "config.json").read_text())
     assert config["task"] == "sentiment-control" and config["classifier"] == str(classifier_dir)

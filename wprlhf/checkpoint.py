@@ -34,30 +34,11 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .files import write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
 VALUE_HEAD_FILE = "value_head.safetensors"
 STEP_FOLDER = re.compile(r"step-(\d+)")  # a complete checkpoint's name; NAME.tmp-* and NAME.broken are not
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -84,14 +65,15 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None = None):
+def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None = None, upgrade=None):
     """A config dataclass from `base` (e.g. a preset), then a YAML/JSON file, then explicit overrides (None = not
-    given). Unknown keys are errors that list the known ones."""
+    given). `upgrade(dict) -> dict` translates a file's keys of earlier versions. Unknown keys are errors that list
+    the known ones."""
     import dataclasses
 
     values = dict(base or {})
     if path:
-        values.update(read_config_file(path))
+        values.update(upgrade(read_config_file(path)) if upgrade else read_config_file(path))
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(values) - known):

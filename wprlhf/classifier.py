@@ -6,12 +6,15 @@ The data is rows of `text,label` with label 1 = positive, 0 = negative (`../shar
 Face format with `id2label = {0: negative, 1: positive}`, so plain `transformers` loads it. As a PPO reward it gives
 the log-odds of positive, logit_pos - logit_neg = log p(pos) / p(neg): unbounded, unlike the probability, so
 PPO keeps a gradient when a review is already clearly positive (trl's IMDB example uses the same logit).
+
+It is a rating-type reward model: `reward_model.fit` trains it with the `BinaryRating` label type, and loading,
+saving, batched scoring and the tie rule are reward_model's. What is the classifier's own is here: its config,
+the text,label data, head + tail truncation, the log-odds reward, F1 and the baselines.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import re
@@ -21,20 +24,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .core import bootstrap_ci, linear_schedule
 from .data import read_rows
-from .distributed import check_finite
 from .errors import UserError
-from .metrics import CLASSIFIER_METRIC_NAMES, MetricsLogger
-from .models import freeze_lower_layers, load_reward_backbone, resolve_device
-from .reward_model import choice_credit, write_strict_json
+from .files import write_json_atomic
+from .reward_model import BinaryRating, accuracy_ci, choice_credit, fit, load, outputs, save
 
-TRAIN_CONFIG_FILE = "train_config.json"
 TRAIN_FILES = ("imdb_train.csv", "train.csv", "train.jsonl", "train.parquet")
 TEST_FILES = ("imdb_test.csv", "test.csv", "test.jsonl", "test.parquet")
 LABELS = {0: "negative", 1: "positive"}
@@ -189,45 +186,28 @@ def _special_tokens(tokenizer) -> tuple[int, int]:
     return 0, 0
 
 
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, 2) float logits of a batch from `encode`, on the model's device."""
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    return out.logits.float()
-
-
 @torch.no_grad()
 def log_odds(model: nn.Module, tokenizer, texts: list[str], max_length: int = 256, batch_size: int = 32,
              progress: bool = False) -> torch.Tensor:  # fmt: skip
     """logit_pos - logit_neg = log p(positive) / p(negative) of each text, batched, no grad. (N,) float32, CPU."""
-    from tqdm.auto import tqdm
+    logits = outputs(model, tokenizer, encode, list(texts), max_length, batch_size, progress)  # (N, 2)
+    return logits[:, 1] - logits[:, 0]
 
-    was_training = model.training
-    model.eval()
-    # Sorting by length keeps padding small; results go back in input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = torch.empty(len(texts))
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
-        idx = order[start : start + batch_size]
-        logits = _logits(model, encode(tokenizer, [texts[i] for i in idx], max_length))  # (b, 2)
-        out[idx] = (logits[:, 1] - logits[:, 0]).cpu()
-    model.train(was_training)
-    return out
+
+def two_way(log_odds: torch.Tensor) -> torch.Tensor:
+    """(N,) log-odds -> (N, 2) logits [0, log-odds] with the same softmax: what `BinaryRating.loss` reads."""
+    return torch.stack([torch.zeros_like(log_odds), log_odds], dim=1)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu"):
     """A classifier saved by `wprlhf classifier train` (or any two-label sequence classifier): (model, tokenizer)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise UserError(f"classifier directory {path} has no config.json; train one with "
-                        f"`wprlhf classifier train --data DATA --out {path}`")  # fmt: skip
-    model, tokenizer = load_reward_backbone(str(path), num_labels=2)
-    return model.to(resolve_device(device) if isinstance(device, str) else device).eval(), tokenizer
+    model, tokenizer, _ = _load(path, device)
+    return model, tokenizer
 
 
-def _read_train_config(path: Path) -> dict:
-    file = Path(path) / TRAIN_CONFIG_FILE
-    return json.loads(file.read_text()) if file.exists() else {}
+def _load(path: str | Path, device: str | torch.device):
+    """(model, tokenizer, train config) of a classifier directory; a UserError naming the command that makes one."""
+    return load(path, 2, device, "classifier", "classifier train --data DATA")
 
 
 def join_review(prompt: str, response: str) -> str:
@@ -248,8 +228,8 @@ def log_odds_reward(model_dir: str | Path, max_length: int | None = None, batch_
     The opening is scored with its continuation because the two read as one review; the opening's share is the
     same for every continuation of a prompt, so it moves no advantage after the value model learns it.
     """
-    model, tokenizer = load_classifier(model_dir, device)
-    length = max_length or _read_train_config(Path(model_dir)).get("max_length", 256)
+    model, tokenizer, trained = _load(model_dir, device)
+    length = max_length or trained.get("max_length", 256)
 
     def reward_fn(prompts: list[str], responses: list[str]) -> list[float]:
         if len(prompts) != len(responses):
@@ -264,13 +244,6 @@ def log_odds_reward(model_dir: str | Path, max_length: int | None = None, batch_
 # training
 
 
-def validate(model, tokenizer, texts: list[str], labels: list[int], max_length: int) -> dict:
-    """The validation curve's point: `evaluate`'s loss and accuracy as val_loss / val_accuracy, so the curve
-    reads each text exactly as `classifier eval` will (same truncation, same scores, same tie rule)."""
-    result = evaluate(model, tokenizer, texts, labels, max_length)
-    return {"val_loss": result["loss"], "val_accuracy": result["accuracy"]}
-
-
 def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | None = None,
           progress: bool = True) -> dict:  # fmt: skip
     """Fine-tune a two-way classifier; save it (HF format), train_config.json, metrics.csv and eval-heldout.json.
@@ -278,8 +251,7 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
     polarity: an optional score whose sign predicts the label (VADER's compound, `labelers.sentiment`), passed in
     by the caller, for the baseline in eval-heldout.json. Returns the held-out evaluation.
     """
-    from tqdm.auto import tqdm
-
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     if not config.data:
         raise UserError("classifier train needs --data: a CSV with text,label, a directory or a hub id")
@@ -299,72 +271,28 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
     train_texts, train_labels = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
     val_texts, val_labels = [texts[i] for i in val_idx], [labels[i] for i in val_idx]
 
-    device = resolve_device(config.device)
-    model, tokenizer = load_reward_backbone(config.model, num_labels=2, seed=config.seed)
-    model.config.id2label, model.config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
-    freeze_lower_layers(model, config.freeze_layers)
-    model.to(device)
-    torch.manual_seed(config.seed)  # dropout masks
-
-    steps_per_epoch = math.ceil(len(train_texts) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
-    out_dir.mkdir(parents=True, exist_ok=True)
     # A local data path is stored resolved, so `classifier eval` finds the training file for its TF-IDF baseline
     # from any working directory.
     data = str(Path(config.data).resolve()) if Path(config.data).exists() else config.data
-    write_strict_json(out_dir / TRAIN_CONFIG_FILE, {**dataclasses.asdict(config), "data": data,
-                      "train_examples": len(train_texts), "val_examples": len(val_texts),
-                      "truncation": f"head {HEAD_SHARE:.0%} + tail"})  # fmt: skip
-    logger = MetricsLogger(out_dir, names=CLASSIFIER_METRIC_NAMES)
-    print(f"classifier {config.model}: {len(train_texts)} training / {len(val_texts)} validation texts, "
-          f"{total_steps} steps on {device}", flush=True)  # fmt: skip
+    saved = {**dataclasses.asdict(config), "data": data, "train_examples": len(train_texts),
+             "val_examples": len(val_texts), "truncation": f"head {HEAD_SHARE:.0%} + tail"}  # fmt: skip
+    # The validation curve reads each text exactly as `classifier eval` will (same truncation, scores, tie rule).
+    def validate(model, tokenizer) -> dict:
+        return evaluate(model, tokenizer, val_texts, val_labels, config.max_length)
 
-    step, seen, started = 0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="classifier train", unit="step", disable=not progress)
-    for _ in range(config.epochs):
-        epoch_order = list(range(len(train_texts)))
-        rng.shuffle(epoch_order)
-        for start in range(0, len(epoch_order), config.batch_size):
-            idx = epoch_order[start : start + config.batch_size]
-            # Dropout on while training (the usual BERT fine-tuning); `log_odds` and `_validate` switch it off.
-            model.train()
-            logits = _logits(model, encode(tokenizer, [train_texts[i] for i in idx], config.max_length))
-            target = torch.tensor([train_labels[i] for i in idx], device=logits.device)
-            loss = F.cross_entropy(logits, target)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            check_finite(None, step + 1, "classifier training", "Try a lower --lr, and check the data for "
-                         "empty or garbled texts.", loss=loss, grad_norm=grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(idx)
-            accuracy = float(choice_credit(logits, target).mean())  # equal logits count 1/2
-            row = {"examples": seen, "loss": loss.item(), "accuracy": accuracy, "lr": schedule.get_last_lr()[0],
-                   "elapsed_s": time.perf_counter() - started}  # fmt: skip
-            if val_texts and (step % config.eval_every == 0 or step == total_steps):
-                row.update(validate(model, tokenizer, val_texts, val_labels, config.max_length))
-            logger.log(step, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
-    bar.close()
-    logger.close()
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
+    fitted = fit(config, out_dir, BinaryRating(), list(zip(train_texts, train_labels)),
+                 list(zip(val_texts, val_labels)), rng, name="classifier", encode=encode, validate=validate,
+                 saved=saved, head_config={"id2label": dict(LABELS), "label2id": {v: k for k, v in LABELS.items()}},
+                 dropout=True, progress=progress)  # fmt: skip
+    if fitted is None:  # not the main process
+        return {}
+    model, tokenizer = fitted
     held_out: dict = {}
     if val_texts:
         held_out = evaluate(model, tokenizer, val_texts, val_labels, config.max_length)
         held_out["baselines"] = baselines(train_texts, train_labels, val_texts, val_labels, polarity)
     held_out["elapsed_s"] = time.perf_counter() - started
-    write_strict_json(out_dir / "eval-heldout.json", held_out)
-    return held_out
+    return save(model, tokenizer, out_dir, held_out)
 
 
 # ==========================================================================================================
@@ -395,8 +323,7 @@ def sign_credit(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     scores (N,) float (log-odds, VADER's compound, a decision function); labels (N,) int64 0/1. Returns (N,).
     """
-    scores = torch.as_tensor(scores, dtype=torch.float64)
-    return choice_credit(torch.stack([torch.zeros_like(scores), scores], dim=1), torch.as_tensor(labels))
+    return choice_credit(two_way(torch.as_tensor(scores, dtype=torch.float64)), torch.as_tensor(labels))
 
 
 def evaluate(model, tokenizer, texts: list[str], labels: list[int], max_length: int, batch_size: int = 32,
@@ -405,19 +332,17 @@ def evaluate(model, tokenizer, texts: list[str], labels: list[int], max_length: 
     `train` all come from here, so they agree.
 
     Returns accuracy (mean `sign_credit` of the log-odds: log-odds exactly 0 counts 1/2), f1 (positive class,
-    a tie predicted 1/2), n, a 95% bootstrap CI of the accuracy (each text its own group) and loss (mean
-    cross-entropy, nats per text). texts must not be empty (`load_labelled` refuses a file with no rows).
+    a tie predicted 1/2), n, a 95% bootstrap CI of the accuracy (each text its own group) and loss (training's
+    `BinaryRating` loss: mean cross-entropy, nats per text). texts must not be empty (`load_labelled` refuses a
+    file with no rows).
     """
     if not texts:
         raise ValueError("evaluate needs at least one text")
-    scores = log_odds(model, tokenizer, texts, max_length, batch_size, progress)  # (N,)
-    target = torch.tensor(labels)
-    credit = sign_credit(scores, target).tolist()
-    predicted = sign_credit(scores, torch.ones_like(target)).tolist()  # 1, 1/2 or 0: how much 'positive'
-    # Two-way cross-entropy from the log-odds s alone: -log p(label) = softplus(-s) for label 1, softplus(s) for 0.
-    loss = F.softplus(torch.where(target == 1, -scores, scores)).mean()
-    lo, hi = bootstrap_ci(credit, list(range(len(credit))))
-    return {"accuracy": float(np.mean(credit)), "f1": binary_f1(predicted, labels), "n": len(credit), "ci95": [lo, hi],
+    scores = log_odds(model, tokenizer, texts, max_length, batch_size, progress).double()  # (N,)
+    loss, credit = BinaryRating().loss(two_way(scores), torch.tensor(labels))
+    predicted = sign_credit(scores, torch.ones(len(labels), dtype=torch.long)).tolist()  # 1, 1/2 or 0: how positive
+    accuracy, ci95 = accuracy_ci(credit.tolist(), range(len(credit)))
+    return {"accuracy": accuracy, "f1": binary_f1(predicted, labels), "n": len(credit), "ci95": ci95,
             "loss": float(loss)}  # fmt: skip
 
 
@@ -472,9 +397,8 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
     Default output: MODEL_DIR/eval-<data name>.json.
     """
     model_dir = Path(model_dir)
-    trained = _read_train_config(model_dir)
+    model, tokenizer, trained = _load(model_dir, "auto")
     max_length = max_length or trained.get("max_length", 256)
-    model, tokenizer = load_classifier(model_dir, "auto")
     if not Path(data).exists() and ":" not in data:
         print(f"note: {data} is read as a hub id, whose train split is used; to evaluate on its test split name "
               "the file, e.g. stanfordnlp/imdb:plain_text/test-00000-of-00001.parquet", file=sys.stderr)  # fmt: skip
@@ -496,5 +420,5 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
                   file=sys.stderr)  # fmt: skip
     result["baselines"] = baselines(train_texts, train_labels, texts, labels, polarity)
     result.update(model=str(model_dir), data=data, max_length=max_length, train_data=train_source or "")
-    write_strict_json(out, result)
+    write_json_atomic(out, result)
     return result

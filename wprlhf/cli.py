@@ -68,7 +68,8 @@ def _empty_out_dir(out: str, force: bool) -> None:
 def cmd_ppo(args: argparse.Namespace) -> None:
     from .data import load_prompts
     from .distributed import is_main_process
-    from .ppo import PPOConfig, dump_config, load_config, train
+    from .ppo import train
+    from .ppo_config import PPOConfig, dump_config, load_config
     from .report import write_report
     from .rewards import load_reward
 
@@ -103,9 +104,9 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .data import load_prompts
+    from .distributed import resolve_device
     from .generation import GenerationConfig, generate_k, write_samples
     from .models import load_policy
-    from .models import resolve_device
 
     if args.k < 1:
         raise UserError(f"-k must be >= 1, got {args.k}")
@@ -124,7 +125,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_task_eval(args: argparse.Namespace) -> None:
-    from .checkpoint import write_json_atomic
+    from .files import write_json_atomic
     from .tasks import evaluate_task, summary
 
     policy = Path(args.policy)
@@ -224,7 +225,12 @@ def cmd_sft(args: argparse.Namespace) -> None:
         print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if args.force and Path(args.out).exists():
         shutil.rmtree(args.out, ignore_errors=True)
-    result = train(config, args.out)
+    stories = None
+    if config.task:  # the task knows its examples' format; SFT trains on what it is given
+        from .tasks import sft_stories
+
+        stories = sft_stories(config.task, config.data)
+    result = train(config, args.out, stories=stories)
     if main:
         print(f"held-out loss {result['val_loss_before']:.4f} -> {result['val_loss_after']:.4f} nats per response "
               f"token on {result['n_val_examples']} stories; policy in {args.out}/policy", file=sys.stderr)  # fmt: skip
@@ -336,7 +342,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .classifier import ClassifierConfig
     from .loop import LoopConfig
-    from .ppo import PRESETS, PPOConfig
+    from .ppo_config import PRESETS, PPOConfig
     from .reward_model import RewardConfig
     from .sft import SFTConfig
 

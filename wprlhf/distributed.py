@@ -1,10 +1,11 @@
-"""Several processes, one algorithm: the little that training needs from accelerate to run data-parallel.
+"""Where this process runs: its device, whether it is the main process, and what data-parallel training needs.
 
-Every trainer makes one `Accelerator`; launched plainly it is one process and every helper below returns its input.
-Under `accelerate launch` (DDP, or DeepSpeed through a config file) each process holds a contiguous shard of
-the global batch (`shard`), and whatever must be computed over the global batch (whitening, advantages, loss
-normalisers, logged means) is computed from `gather_padded` tensors or `reduce_sum`-med statistics, so the
-result is the one a single process would get on the whole batch.
+`resolve_device` is the one place a `--device` name becomes a device, and `is_main_process` the one test for the
+process that writes files and prints. Every trainer makes one `Accelerator`; launched plainly it is one process
+and every helper below returns its input. Under `accelerate launch` (DDP, or DeepSpeed through a config file)
+each process holds a contiguous shard of the global batch (`shard`), and whatever must be computed over the
+global batch (whitening, advantages, loss normalisers, logged means) is computed from `gather_padded` tensors or
+`reduce_sum`-med statistics, so the result is the one a single process would get on the whole batch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,22 @@ import torch
 from accelerate import Accelerator
 
 from .errors import NonFiniteError, UserError
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A `--device` setting as a device: 'auto' is the GPU where torch sees one, else the CPU; 'cpu', 'cuda',
+    'cuda:1' as named ('cuda' without a GPU is a UserError); a torch.device is returned as it is.
+
+    Trainers hand the result to `make_accelerator` and then use `device_of(accelerator)`: under a launcher,
+    accelerate gives each process its own GPU. Everything else (sampling, scoring, loading) moves models to it.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but torch sees no GPU; install a CUDA build of torch or use --device cpu")
+    return torch.device(name)
 
 
 def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accelerator:
@@ -47,8 +64,9 @@ def device_of(accelerator: Accelerator) -> torch.device:
 def is_main_process() -> bool:
     """True on the process that writes files and prints: the only one, or rank 0 under a launcher.
 
-    Read from the launcher's RANK variable (torchrun and `accelerate launch` set it) rather than from accelerate's
-    state, which must not be created before the trainer creates it with the right device.
+    Read from the launcher's RANK variable (torchrun and `accelerate launch` set it; it equals the accelerator's
+    process_index) rather than from accelerate's state, which must not be created before the trainer creates it
+    with the right device, so the CLI can ask before any trainer starts and the trainers ask the same way.
     """
     return os.environ.get("RANK", "0") == "0"
 

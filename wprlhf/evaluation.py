@@ -8,19 +8,18 @@ KL of the policy's samples to the start policy, distinct-n and repetition (degen
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .core import bootstrap_ci, masked_sum
-from .data import meta_share
 from .generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
 from .models import stop_token_ids
-from .ppo import policy_forward
+from .forwards import policy_forward
 from .reward_model import choice_credit
-
-ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+from .signatures import RewardFn
+from .text import meta_share
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -40,7 +39,7 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     return float(np.mean([any(c > 1 for c in Counter(_ngrams(t.lower().split(), n)).values()) for t in texts]))
 
 
-def text_stats(prompts: list[str], texts: list[str], relevance: ScoreFn | None = None) -> dict:
+def text_stats(prompts: list[str], texts: list[str], relevance: RewardFn | None = None) -> dict:
     """Diversity, repetition, length, meta-line share and (with a relevance scorer) mean prompt relevance."""
     stats = {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
              "repetition": repetition_rate(texts), "meta_share": meta_share(texts),
@@ -69,7 +68,7 @@ def paired_means(start: Sequence[float], trained: Sequence[float], groups: Seque
             "diff": mean_ci([b - a for a, b in zip(start, trained)], groups)}  # fmt: skip
 
 
-def win_rate(judge: ScoreFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
+def win_rate(judge: RewardFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
     """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2 (the one tie
     rule, `reward_model.choice_credit`, with `new` as the choice to be right about).
 

@@ -1,6 +1,9 @@
 """KV-cached batched sampling: left-padded queries -> responses, response_mask, logprobs, finished.
 
-Text becomes padded tensors here (`encode_prompts`) and in the collators of `data.py`, nowhere else.
+The policy's text becomes padded tensors in two places: here (`encode_prompts`: left-padded queries, for sampling,
+PPO rollouts and evaluation) and in `sft.collate` (right-padded training rows); ppo.py re-pads sampled token rows
+with `core.pad_sequences`, as `encode_prompts` does. The encoders that score text (`reward_model.encode`, the
+classifier, the relevance labeler) let their own tokenizer pad each batch and pass on its attention_mask.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import logprobs_from_logits, position_ids_from_mask
+from .core import logprobs_from_logits, pad_sequences, position_ids_from_mask
 from .errors import UserError
+from .files import write_text_atomic
 from .models import position_limit, stop_token_ids
 
 
@@ -56,6 +60,28 @@ class GenerationConfig:
         self.stop_strings = tuple(self.stop_strings)
 
 
+# PPO's names for the sampling settings (PPOConfig, LoopConfig, `wprlhf task-eval`) -> GenerationConfig's
+SAMPLING_FIELDS = {"response_length": "max_new_tokens", "min_response_length": "min_new_tokens",
+                   "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "stop_at_eos": "stop_at_eos"}
+
+
+def generation_config(config=None, **settings) -> GenerationConfig:
+    """The GenerationConfig of a run's config, in PPO's names (`SAMPLING_FIELDS`): response_length,
+    min_response_length, temperature, top_k, top_p, stop_at_eos, taken from `config` (a PPOConfig, a LoopConfig)
+    where it has them and from keyword `settings`, which win; what neither gives keeps GenerationConfig's default.
+
+    >>> g = generation_config(response_length=24, min_response_length=8)
+    >>> g.max_new_tokens, g.min_new_tokens, g.temperature
+    (24, 8, 0.7)
+    """
+    unknown = sorted(set(settings) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"generation_config() got unknown settings {unknown}; it takes {list(SAMPLING_FIELDS)}")
+    values = {name: getattr(config, name) for name in SAMPLING_FIELDS if hasattr(config, name)}
+    values.update(settings)
+    return GenerationConfig(**{SAMPLING_FIELDS[name]: value for name, value in values.items()})
+
+
 @dataclass
 class Generation:
     """Sampled responses for a batch of queries.
@@ -73,12 +99,19 @@ class Generation:
     finished: torch.Tensor
 
 
-def apply_chat_template(tokenizer, prompts: list[str]) -> list[str]:
-    """Wrap each prompt as a user turn and open the assistant's turn, for instruct models."""
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
+    """Whether prompts go through the chat template: it is asked for and the tokenizer has one."""
+    return bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def apply_chat_template(tokenizer, prompt: str, response: str | None = None) -> str:
+    """The chat template's text of [user: prompt] with the assistant's turn opened, where sampling continues
+    (response None); or of [user: prompt, assistant: response], the conversation SFT trains on. The one place
+    either is written, so SFT trains on the prompt text that `encode_prompts` samples from."""
+    turns = [{"role": "user", "content": prompt}]
+    if response is None:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
 
 
 def encode_prompts(
@@ -93,21 +126,16 @@ def encode_prompts(
         raise UserError("no prompts to encode: the prompt set is empty")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    use_template = chat_template and getattr(tokenizer, "chat_template", None)
-    texts = apply_chat_template(tokenizer, prompts) if use_template else list(prompts)
+    use_template = uses_chat_template(tokenizer, chat_template)
+    texts = [apply_chat_template(tokenizer, p) for p in prompts] if use_template else list(prompts)
     # The template already holds the special tokens; a plain prompt gets the tokenizer's usual ones.
     ids = tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
     if max_prompt_length is not None:
         ids = [row[-max_prompt_length:] for row in ids]
-    longest = max(len(row) for row in ids)
-    queries = torch.full((len(ids), longest), tokenizer.pad_token_id, dtype=torch.long)
-    query_mask = torch.zeros((len(ids), longest), dtype=torch.bool)
     for i, row in enumerate(ids):
         if len(row) == 0:
             raise UserError(f"prompt {i} encodes to no tokens: {prompts[i]!r}")
-        queries[i, longest - len(row) :] = torch.tensor(row)
-        query_mask[i, longest - len(row) :] = True
-    return queries, query_mask
+    return pad_sequences([torch.tensor(row, dtype=torch.long) for row in ids], tokenizer.pad_token_id, side="left")
 
 
 def prompt_room(model: nn.Module, max_new_tokens: int) -> int | None:
@@ -329,7 +357,5 @@ def generate_k(model: nn.Module, tokenizer, prompts: list[str], k: int, config: 
 
 def write_samples(path: str | Path, prompts: list[str], responses: list[list[str]], policy: str) -> None:
     """The samples JSONL that labeling reads: {"prompt", "responses": [...], "policy"} a line, written atomically."""
-    from .checkpoint import write_text_atomic
-
     lines = [json.dumps({"prompt": p, "responses": rs, "policy": policy}) for p, rs in zip(prompts, responses)]
     write_text_atomic(Path(path), "\n".join(lines) + "\n")

@@ -1,9 +1,9 @@
 """Simulated labelers: a hidden true score per response plus a noise model, answering comparisons as people do.
 
-A SPEC names the true score (the *judge*): `sentiment` (VADER compound, -1..1), `relevance` (cosine of the
-embedded MiniLM's sentence embeddings of prompt and response, -1..1), `rm:DIR` (a trained reward model), or a
-weighted sum such as `sentiment+relevance` or `0.7*sentiment+0.3*relevance`. A `sim:` prefix is accepted and
-ignored, so `--labeler sim:sentiment` and `--judge sentiment` name the same score.
+The true scores (the *judges*) defined here: `sentiment` (VADER compound, -1..1) and `Relevance` (cosine of the
+embedded MiniLM's sentence embeddings of prompt and response, -1..1). A SPEC such as `sentiment`, `rm:DIR` or
+`0.7*sentiment+0.3*relevance` becomes a judge in `rewards.load_reward`, the one resolver of reward specs, which
+sits above this module; `--labeler sim:sentiment` and `--judge sentiment` name the same score.
 
 A labeler answers a comparison of k responses by sampling the best from Bradley-Terry on the true scores,
 P(best = i) = softmax(scores / temperature)_i: temperature 0 always picks the top score, large temperatures
@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .data import Comparison
 from .errors import UserError
-
-ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+from .signatures import RewardFn
 
 
 # ==========================================================================================================
@@ -86,47 +85,6 @@ class Relevance:
         return (prompt_rows * response_vecs).sum(-1).tolist()
 
 
-def _term(name: str) -> ScoreFn:
-    if name == "sentiment":
-        return sentiment
-    if name == "relevance":
-        return Relevance()
-    if name.startswith("rm:"):
-        from .reward_model import reward_fn_from_model
-
-        return reward_fn_from_model(name[3:])
-    raise UserError(f"unknown judge {name!r}: use sentiment, relevance, rm:DIR, or a weighted sum such as "
-                    "0.7*sentiment+0.3*relevance")  # fmt: skip
-
-
-def load_judge(spec: str) -> ScoreFn:
-    """The noiseless true score named by SPEC, as a reward_fn(prompts, responses) -> list[float]."""
-    spec = spec.strip().removeprefix("sim:")
-    if not spec:
-        raise UserError("empty judge spec: use sentiment, relevance, rm:DIR or a weighted sum of them")
-    terms: list[tuple[float, ScoreFn]] = []
-    # rm:DIR may hold '+' or '*' in its path only if it is the sole term; split sums otherwise.
-    parts = [spec] if spec.startswith("rm:") and "+" not in spec else spec.split("+")
-    for part in parts:
-        weight, _, name = part.strip().rpartition("*") if "*" in part else ("1", "", part.strip())
-        try:
-            w = float(weight)
-        except ValueError as err:
-            raise UserError(f"judge {spec!r}: weight {weight!r} of {name!r} is not a number") from err
-        terms.append((w, _term(name.strip())))
-    if len(terms) == 1 and terms[0][0] == 1.0:
-        return terms[0][1]
-
-    def weighted(prompts: list[str], responses: list[str]) -> list[float]:
-        total = [0.0] * len(responses)
-        for w, fn in terms:
-            for i, s in enumerate(fn(prompts, responses)):
-                total[i] += w * float(s)
-        return total
-
-    return weighted
-
-
 # ==========================================================================================================
 # the noisy labeler
 
@@ -141,7 +99,7 @@ class SimulatedLabeler:
     the same responses shows their disagreement).
     """
 
-    judge: ScoreFn
+    judge: RewardFn
     name: str = "sim"
     temperature: float = 0.1
     labelers: int = 1

@@ -5,8 +5,9 @@ One run directory holds it all, one sub-directory per round:
 
     loop_state.json          the phases finished so far (a killed loop resumes after the last one)
     eval_prompts.txt         held-out prompts for the judge, never used for training
-    start_samples.jsonl      the start policy's responses to them (sampled once)
-    round-1/samples.jsonl    k responses per prompt from the current policy
+    start_responses.jsonl    the start policy's responses to them (sampled once)
+    round-1/responses.jsonl  k responses per prompt from the current policy (`wprlhf sample`'s format; a
+                             training run's samples.jsonl is another thing: its log of one response a line)
     round-1/questions.jsonl  what labelers are asked: each prompt's k responses at once, or every pair of them
     round-1/labels.jsonl     the comparisons collected this round (comparisons JSONL)
     round-1/rm/              the reward model trained on all labels of rounds 1..r (HF format)
@@ -26,19 +27,22 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
+from .distributed import resolve_device
 from .errors import UserError
-from .evaluation import sample_with_kl, text_stats, win_rate
-from .generation import GenerationConfig, generate_k, write_samples
-from .labelers import SimulatedLabeler, agreement, load_judge
+from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .metrics import read_metrics
-from .models import load_policy, make_reference, resolve_device
-from .ppo import PPOConfig
+from .evaluation import sample_with_kl, text_stats, win_rate
+from .generation import generate_k, generation_config, write_samples
+from .labelers import SimulatedLabeler, agreement
+from .models import load_policy, make_reference
 from .ppo import train as ppo_train
+from .ppo_config import PPOConfig
 from .reward_model import RewardConfig, reward_fn_from_model
 from .reward_model import train as rm_train
+from .rewards import load_reward
 
 STATE_FILE = "loop_state.json"
-LOOP_METRICS = ("round", "labels", "agreement", "rm_accuracy", "reward_mean", "kl", "kl_coef", "eval_kl",
+LOOP_METRICS = ("round", "labels", "agreement", "rm_accuracy", "score_mean", "kl", "kl_coef", "eval_kl",
                 "judge_new", "judge_start", "win_rate", "win_rate_lo", "win_rate_hi", "distinct_2", "start_distinct_2",
                 "elapsed_s")  # fmt: skip
 
@@ -56,7 +60,7 @@ class LoopConfig:
     """Prompts held out of every round for the judge's win rate."""
     rounds: int = 3
     labeler: str = "sim:sentiment"
-    """Who compares: 'sim:SPEC' (see wprlhf.labelers: sentiment, relevance, rm:DIR, weighted sums) or 'web'
+    """Who compares: 'sim:SPEC' (see wprlhf.rewards: sentiment, relevance, rm:DIR, weighted sums) or 'web'
     (the labeling page: responses are queued in --db and the loop waits for --web-labels labels a round)."""
     judge: str = ""
     """The true score used for win rates; empty = the simulated labeler's own score without noise. A web
@@ -151,13 +155,7 @@ def sample_responses(policy_name: str, prompts: list[str], k: int, config: LoopC
     """k responses per prompt from a policy; (P, k) nested list."""
     policy, tokenizer = load_policy(policy_name, seed=config.seed)
     policy.to(resolve_device(config.device))
-    return generate_k(policy, tokenizer, prompts, k, generation(config), seed=seed, progress=True)
-
-
-def generation(config: LoopConfig) -> GenerationConfig:
-    """How every phase of the loop samples: label questions, held-out evaluation (PPO takes the same fields)."""
-    return GenerationConfig(max_new_tokens=config.response_length, min_new_tokens=config.min_response_length,
-                            temperature=config.temperature)  # fmt: skip
+    return generate_k(policy, tokenizer, prompts, k, generation_config(config), seed=seed, progress=True)
 
 
 def round_ppo_config(config: LoopConfig, overrides: dict, rounds_done: int) -> PPOConfig:
@@ -180,7 +178,7 @@ def questions(prompts: list[str], responses: list[list[str]], kind: str) -> tupl
 
 
 def _read_samples(path: Path) -> tuple[list[str], list[list[str]]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for _, row in iter_jsonl(path)]
     return [r["prompt"] for r in rows], [r["responses"] for r in rows]
 
 
@@ -248,7 +246,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
     if state["done"] and not resume:
         raise UserError(f"{out_dir} holds a loop run; pass --resume to continue it or --force to start over")
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json_atomic(out_dir / "loop_config.json", dataclasses.asdict(config))
+    write_json_atomic(out_dir / "loop_config.json", dataclasses.asdict(config))
     started = time.perf_counter() - state.get("elapsed_s", 0.0)
 
     phase_started = time.perf_counter()
@@ -259,7 +257,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
         state["done"].append(phase)
         state.setdefault("timings_s", {})[phase] = now - phase_started
         state["elapsed_s"] = now - started
-        ckpt.write_json_atomic(out_dir / STATE_FILE, state)
+        write_json_atomic(out_dir / STATE_FILE, state)
         phase_started = now
 
     prompts = load_prompt_source(config.prompts)
@@ -267,7 +265,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
         raise UserError(f"{len(prompts)} prompts leave none for training after {config.eval_prompts} held out; "
                         "give more prompts or lower --eval-prompts")  # fmt: skip
     eval_prompts, train_prompts = prompts[: config.eval_prompts], prompts[config.eval_prompts :]
-    judge = load_judge(config.judge or config.labeler)
+    judge = load_reward(config.judge or config.labeler, what="judge")
     labeler = None
     if config.labeler != "web":
         labeler = SimulatedLabeler(judge, name=config.labeler, temperature=config.labeler_temperature,
@@ -277,11 +275,11 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
     eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
 
     if "start" not in state["done"]:
-        ckpt.write_text_atomic(out_dir / "eval_prompts.txt", "\n".join(eval_prompts) + "\n")
+        write_text_atomic(out_dir / "eval_prompts.txt", "\n".join(eval_prompts) + "\n")
         start = sample_responses(config.policy, eval_prompts, eval_k, config, seed=config.seed + 10_000)
-        write_samples(out_dir / "start_samples.jsonl", eval_prompts, start, config.policy)
+        write_samples(out_dir / "start_responses.jsonl", eval_prompts, start, config.policy)
         finish("start")
-    _, start_responses = _read_samples(out_dir / "start_samples.jsonl")
+    _, start_responses = _read_samples(_written(out_dir / "start_responses.jsonl", "start_samples.jsonl"))
 
     rows = _read_loop_metrics(out_dir)
     for r in range(1, config.rounds + 1):
@@ -293,11 +291,11 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             offset = ((r - 1) * config.prompts_per_round) % len(train_prompts)
             chosen = [train_prompts[(offset + i) % len(train_prompts)] for i in range(config.prompts_per_round)]
             responses = sample_responses(current, chosen, config.k, config, seed=config.seed + r)
-            write_samples(round_dir / "samples.jsonl", chosen, responses, current)
+            write_samples(round_dir / "responses.jsonl", chosen, responses, current)
             finish(f"{r}:sample")
 
         if f"{r}:label" not in state["done"]:
-            asked = questions(*_read_samples(round_dir / "samples.jsonl"), config.questions)
+            asked = questions(*_read_samples(_written(round_dir / "responses.jsonl", "samples.jsonl")), config.questions)
             write_samples(round_dir / "questions.jsonl", *asked, current)
             if labeler is None:
                 labels = web_labels(config, round_dir / "questions.jsonl", round_dir)
@@ -353,8 +351,8 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
     reference = make_reference(reference.to(policy.device))
     flat_prompts = [p for p in eval_prompts for _ in range(eval_k)]
     start = [t for rs in start_responses for t in rs]
-    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, generation(config), seed=config.seed + 10_000,
-                              progress=True)  # fmt: skip
+    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, generation_config(config),
+                              seed=config.seed + 10_000, progress=True)  # fmt: skip
     del policy, reference
     result = win_rate(judge, flat_prompts, new, start)
     reward_fn = reward_fn_from_model(round_dir / "rm")
@@ -364,7 +362,7 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
     labels = list(load_comparisons(round_dir / "all_labels.jsonl"))
     rm_eval = json.loads((round_dir / "rm" / "eval-heldout.json").read_text())
     row = {"round": r, "labels": len(labels), "agreement": agreement(labels),
-           "rm_accuracy": rm_eval.get("accuracy", float("nan")), "reward_mean": ppo_rows[-1]["reward_mean"],
+           "rm_accuracy": rm_eval.get("accuracy", float("nan")), "score_mean": ppo_rows[-1]["score_mean"],
            "kl": ppo_rows[-1]["kl"], "kl_coef": ppo_rows[-1]["kl_coef"], "eval_kl": sum(kls) / len(kls),
            "distinct_2": new_stats["distinct_2"], "start_distinct_2": start_stats["distinct_2"],
            **{k: result[k] for k in ("judge_new", "judge_start", "win_rate", "win_rate_lo", "win_rate_hi")}}  # fmt: skip
@@ -372,18 +370,25 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
               "reward_new": rb, "kl": kl}
              for p, a, b, ja, jb, ra, rb, kl in zip(flat_prompts, start, new, result["judge_start_scores"],
                                                     result["judge_new_scores"], rewards_start, rewards_new, kls)]  # fmt: skip
-    ckpt.write_text_atomic(round_dir / "eval_pairs.jsonl", "".join(json.dumps(x) + "\n" for x in pairs))
-    ckpt.write_json_atomic(round_dir / "eval.json", {**row, "n": result["n"], "judge": config.judge or config.labeler,
-                                                      "new": new_stats, "start": start_stats})  # fmt: skip
+    write_text_atomic(round_dir / "eval_pairs.jsonl", "".join(json.dumps(x) + "\n" for x in pairs))
+    # agreement is NaN with one labeler (no pair of labels to compare), rm_accuracy when no label has a winner
+    write_json_atomic(round_dir / "eval.json", {**row, "n": result["n"], "judge": config.judge or config.labeler,
+                                                "new": new_stats, "start": start_stats}, allow_nan=True)  # fmt: skip
     return row
+
+
+def _written(path: Path, old_name: str) -> Path:
+    """`path`, or the file of the same folder named `old_name` by loops of earlier versions, when only that exists
+    (a loop started before the rename resumes with what it wrote)."""
+    old = path.with_name(old_name)
+    return old if not path.exists() and old.exists() else path
 
 
 def _read_loop_metrics(out_dir: Path) -> list[dict]:
     path = out_dir / "loop_metrics.csv"
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("round", "labels") else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    return [{k: (int(v) if k in ("round", "labels") else v) for k, v in row.items()} for row in read_metrics(path)]
 
 
 def _write_loop_metrics(out_dir: Path, rows: list[dict]) -> None:
@@ -394,4 +399,4 @@ def _write_loop_metrics(out_dir: Path, rows: list[dict]) -> None:
     writer.writeheader()
     for row in sorted(rows, key=lambda x: x["round"]):
         writer.writerow({k: row[k] for k in LOOP_METRICS})
-    ckpt.write_text_atomic(out_dir / "loop_metrics.csv", buffer.getvalue())
+    write_text_atomic(out_dir / "loop_metrics.csv", buffer.getvalue())

@@ -10,19 +10,22 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from .files import iter_jsonl, read_csv_floats, write_text_atomic
 
 # Per PPO step. Units: kl in nats per response (sum over its tokens); times in seconds.
 METRIC_NAMES = (
     "step",                # PPO steps done
     "episodes",            # prompt -> response episodes trained on so far
-    "reward_mean",         # mean of reward_fn's scores over the batch
-    "reward_std",
+    "score_mean",          # mean of reward_fn's scores over the batch, as given (before score_norm)
+    "score_std",
     "judge_mean",          # mean true score of a hidden judge on the same responses (loop/demo runs only)
-    "reward_total",        # mean per-response sum of per-token rewards: score - beta * KL
+    "rlhf_reward_mean",    # mean per-response sum of per-token rewards: score - kl_coef * KL (trl's name)
     "kl",                  # mean per-response KL to the reference, k1 estimator (sum of log p - log q)
     "kl_k3",               # the same with the k3 estimator (non-negative, lower variance)
-    "kl_coef",             # beta used in this step's rewards
+    "kl_coef",             # the KL coefficient used in this step's rewards
     "entropy",             # mean per-token policy entropy, nats
     "policy_loss",
     "value_loss",
@@ -83,14 +86,30 @@ SFT_METRIC_NAMES = (
 )  # fmt: skip
 
 
-def _truncate_rows(path: Path, keep) -> None:
-    """Rewrite a CSV/JSONL file keeping the lines for which keep(line) is True (header always kept), atomically."""
-    from .checkpoint import write_text_atomic
+# Metric names of earlier versions -> today's. "reward" meant the raw score in one column and the KL-penalised
+# return in another; run directories written before the rename still read (report, loop, --resume).
+RENAMED = {"reward_mean": "score_mean", "reward_std": "score_std", "reward_total": "rlhf_reward_mean"}
 
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    write_text_atomic(path, "".join(lines[:1] + [ln for ln in lines[1:] if keep(ln)]))
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """metrics.csv (or loop_metrics.csv) -> list of {name: float} rows, old names translated (RENAMED)."""
+    return [{RENAMED.get(k, k): v for k, v in row.items()} for row in read_csv_floats(path)]
+
+
+def _rewrite_rows(path: Path, names: tuple[str, ...], last_step: int) -> tuple[str, ...]:
+    """Rewrite metrics.csv for a resumed run, atomically: the rows up to last_step, old names translated (RENAMED),
+    under the columns `names` plus any the file has that `names` lacks (kept, not dropped). Returns the columns."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = [RENAMED.get(name, name) for name in reader.fieldnames or []]
+        rows = [{RENAMED.get(k, k): v for k, v in row.items()} for row in reader]
+    columns = tuple(names) + tuple(name for name in header if name not in names)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(row for row in rows if int(float(row["step"])) <= last_step)
+    write_text_atomic(path, buf.getvalue())
+    return columns
 
 
 class MetricsLogger:
@@ -103,18 +122,16 @@ class MetricsLogger:
         self.names = names
         self.csv_path = self.out_dir / "metrics.csv"
         self.samples_path = self.out_dir / "samples.jsonl"
+        if resume_step is not None and self.csv_path.exists():
+            self.names = _rewrite_rows(self.csv_path, names, resume_step)
         if resume_step is not None:
-            _truncate_rows(self.csv_path, lambda ln: int(float(ln.split(",", 1)[0])) <= resume_step)
             if self.samples_path.exists():
-                kept = [ln for ln in self.samples_path.read_text().splitlines(keepends=True)
-                        if json.loads(ln)["step"] <= resume_step]  # fmt: skip
-                from .checkpoint import write_text_atomic
-
-                write_text_atomic(self.samples_path, "".join(kept))
+                kept = [row for _, row in iter_jsonl(self.samples_path) if row["step"] <= resume_step]
+                write_text_atomic(self.samples_path, "".join(json.dumps(row) + "\n" for row in kept))
         new_file = not self.csv_path.exists()
         self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")
         if new_file:
-            self._csv.write(",".join(names) + "\n")
+            self._csv.write(",".join(self.names) + "\n")
         # purge_step hides events a killed run wrote after its last checkpoint.
         self.tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
 
@@ -132,13 +149,14 @@ class MetricsLogger:
         self.tb.flush()
 
     def log_samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float],
-                    kls: list[float], reward_totals: list[float], echo: bool = True) -> None:  # fmt: skip
-        """Append decoded samples to samples.jsonl (and print them): what the numbers in metrics.csv look like."""
+                    kls: list[float], rlhf_rewards: list[float], echo: bool = True) -> None:  # fmt: skip
+        """Append decoded samples to samples.jsonl (and print them): what the numbers in metrics.csv look like.
+        rlhf_rewards: score - kl_coef * KL of each response."""
         from tqdm.auto import tqdm
 
         with open(self.samples_path, "a", encoding="utf-8") as f:
-            for prompt, response, score, kl, total in zip(prompts, responses, scores, kls, reward_totals):
-                row = {"step": step, "prompt": prompt, "response": response, "score": score, "kl": kl, "reward_total": total}
+            for prompt, response, score, kl, total in zip(prompts, responses, scores, kls, rlhf_rewards):
+                row = {"step": step, "prompt": prompt, "response": response, "score": score, "kl": kl, "rlhf_reward": total}
                 f.write(json.dumps(row) + "\n")
                 if echo:
                     tqdm.write(f"--- step {step}  score {score:.3f}  kl {kl:.2f}  reward {total:.3f}\n"
@@ -149,7 +167,16 @@ class MetricsLogger:
         self.tb.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """metrics.csv -> list of {name: float} rows (empty cells are dropped)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+def smooth(values: Sequence[float]) -> list[float]:
+    """Exponential moving average over ~1/10 of the run, bias-corrected so the curve starts at the data: the
+    smoothed line drawn over every per-step curve (report.py's plots, SFT's loss.png).
+
+    >>> [round(v, 3) for v in smooth([1.0, 0.0, 0.0])]
+    [1.0, 0.333, 0.143]
+    """
+    beta = 1 - 1 / max(2, len(values) / 10)
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out

@@ -302,7 +302,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 
 # Causal LMs whose logits are exactly head(backbone(x).last_hidden_state), with nothing after the head (no logit
-# scaling or soft-capping): for these, training forwards call the two parts themselves (see ppo.policy_forward).
+# scaling or soft-capping): for these, training forwards call the two parts themselves (see forwards.policy_forward).
 PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2", "smollm3",
                     "starcoder2", "stablelm"}  # fmt: skip
 
@@ -462,14 +462,6 @@ def token_values(value_model: nn.Module, input_ids, attention_mask, position_ids
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     return _score_head(value_model)(hidden).squeeze(-1).float()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but torch sees no GPU; install a CUDA build of torch or use --device cpu")
-    return torch.device(name)
 
 
 def count_parameters(model: nn.Module) -> int:

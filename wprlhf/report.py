@@ -17,14 +17,13 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .metrics import read_metrics
+from .files import iter_jsonl, write_bytes_atomic
+from .metrics import read_metrics, smooth
 
 # One colour per quantity, the same in every plot.
 COLORS = {"reward": "tab:blue", "judge": "tab:green", "kl": "tab:red", "kl_coef": "tab:purple",
@@ -74,27 +73,11 @@ def _read_jsonl(path: Path, notes: list[str], root: Path) -> list[dict]:
     if not path.exists():
         notes.append(f"{path.relative_to(root)} is missing")
         return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            row = err
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            notes.append(f"{path.relative_to(root)} line {i} is not a JSON object; skipped")
-    return rows
 
+    def skip(n: int, _problem: str) -> None:
+        notes.append(f"{path.relative_to(root)} line {n} is not a JSON object; skipped")
 
-def _read_csv_rows(path: Path) -> list[dict[str, float]]:
-    """metrics.csv rows; a cell that is not a number names the file in the error."""
-    try:
-        return read_metrics(path)
-    except ValueError as err:
-        raise UserError(f"{path} has a cell that is not a number ({err}); is the file damaged?") from err
+    return [row for _, row in iter_jsonl(path, skip)]
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -107,8 +90,8 @@ def load_run(run_dir: str | Path) -> Run:
     loop = not (root / "metrics.csv").exists() and any((root / m).exists() for m in markers)
     ppo_dir = root / "ppo" if loop else root
     metrics = ppo_dir / "metrics.csv"
-    steps = _read_csv_rows(metrics) if metrics.exists() else []
-    rounds = _read_csv_rows(root / "loop_metrics.csv") if (root / "loop_metrics.csv").exists() else []
+    steps = read_metrics(metrics) if metrics.exists() else []
+    rounds = read_metrics(root / "loop_metrics.csv") if (root / "loop_metrics.csv").exists() else []
     if not steps and not rounds:
         raise UserError(f"{root} has no metrics to report (no rows in {metrics.relative_to(root)}); give the --out "
                         "of a `wprlhf ppo` or `wprlhf loop` run that finished at least one step")  # fmt: skip
@@ -218,16 +201,6 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _smooth(values: list[float]) -> list[float]:
-    """Exponential moving average over ~1/10 of the run, bias-corrected so the curve starts at the data."""
-    beta = 1 - 1 / max(2, len(values) / 10)
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta**i))
-    return out
-
-
 def _plot_steps(ax, steps, values, color, label, normalise=False, style="-"):
     """Per-step curve; a long run gets its raw values faint and a smoothed line on top."""
     lo, hi = min(values), max(values)
@@ -240,7 +213,7 @@ def _plot_steps(ax, steps, values, color, label, normalise=False, style="-"):
     ax.ticklabel_format(axis="y", useOffset=False)
     if len(values) > 30:
         ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=1)
-        ax.plot(steps, _smooth(values), style, color=color, linewidth=2, label=label)
+        ax.plot(steps, smooth(values), style, color=color, linewidth=2, label=label)
     else:
         ax.plot(steps, values, style, marker="o", color=color, linewidth=2, markersize=3.5, label=label)
 
@@ -272,7 +245,7 @@ def plot_overoptimisation(run: Run) -> bytes | None:
     from matplotlib.ticker import MaxNLocator
 
     # KL dashed: scaled curves can coincide, and the dashes keep both visible where they do.
-    curves = [("reward_mean", "proxy reward (reward model)", COLORS["reward"], "", "-"),
+    curves = [("score_mean", "proxy reward (reward model)", COLORS["reward"], "", "-"),
               ("judge_mean", "judge score (true)", COLORS["judge"], "", "-"),
               ("kl", "KL to start policy", COLORS["kl"], " nats", "--")]  # fmt: skip
     present = [(name, *rest, *_series(run.steps, name)) for name, *rest in curves]
@@ -301,7 +274,7 @@ def plot_training(run: Run) -> bytes | None:
     """Six small panels in real units: reward, judge, KL, β, entropy, response length per PPO step."""
     from matplotlib.ticker import MaxNLocator
 
-    panels = [("reward_mean", "proxy reward", "score (reward-model units)", COLORS["reward"]),
+    panels = [("score_mean", "proxy reward", "score (reward-model units)", COLORS["reward"]),
               ("judge_mean", "judge score", "score (judge units)", COLORS["judge"]),
               ("kl", "KL to start policy", "nats per response", COLORS["kl"]),
               ("kl_coef", "β (kl_coef)", "penalty per nat", COLORS["kl_coef"]),
@@ -493,7 +466,7 @@ def _summary(run: Run) -> str:
         tone = "bad" if _finite(start_d2) and new_d2 < 0.8 * start_d2 else "neutral"
         cards.append(_card("Distinct-2 (diversity)", fmt(new_d2),
                            f"start policy {fmt(start_d2)}; share of distinct word pairs in held-out samples", tone))  # fmt: skip
-    rewards = _series(run.steps, "reward_mean")[1]
+    rewards = _series(run.steps, "score_mean")[1]
     if rewards:
         cards.append(_card("Proxy reward", f"{fmt(rewards[0])} → {fmt(rewards[-1])}",
                            f"mean reward-model score, PPO step {fmt(run.steps[0].get('step'))} → "
@@ -671,19 +644,6 @@ def render_html(run: Run, figures: list[tuple[str, bytes, str, str]]) -> str:
 # entry point
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside `path`, then rename over it: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # a report is for sharing; mkstemp makes files only their owner can read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # (file name suffix, plot function, heading, caption), in page order
 PLOTS = (
     ("overoptimisation", plot_overoptimisation, "Over-optimisation: proxy reward vs judge vs KL",
@@ -716,7 +676,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if data is None:
             continue
         file_name = f"{out.stem}-{name}.png"
-        _write_atomic(out.parent / file_name, data)
+        write_bytes_atomic(out.parent / file_name, data)
         figures.append((file_name, data, title, caption))
-    _write_atomic(out, render_html(run, figures).encode("utf-8"))
+    write_bytes_atomic(out, render_html(run, figures).encode("utf-8"))
     return out

@@ -1,10 +1,20 @@
-"""Reward models learned from comparisons: a scalar head on an encoder or causal LM, trained, evaluated, normalised.
+"""Scalar-head reward models: label types, the one training loop, scoring, normalisation and evaluation.
 
-A comparison is k >= 2 responses to one prompt and the index of the best (`data.Comparison`). The loss is a
-softmax over the k scores with the best as target: for k = 2 that is exactly Bradley-Terry,
--log sigmoid(r_best - r_other); for k = 4 it is lm-human-preferences' best-of-4 loss. After training, scores are
-normalised to mean 0 / std 1 over a reference set of responses, folded into the head's weights, so that
-`AutoModelForSequenceClassification.from_pretrained(DIR)` gives normalised rewards with no wprlhf code.
+A reward model is a sequence classifier on an encoder or a causal LM with one output per text; `classifier.py`'s
+sentiment classifier, with two (negative / positive), is a rating-type reward model trained by the same loop.
+What trains a head is a label type, as in lm-human-preferences' `label_types.py`: a small class with one
+`loss()`, and how its examples are batched and scored:
+
+- `Pairwise`: a prompt, two responses, the better one. Bradley-Terry: -log sigmoid(r_best - r_other).
+- `BestOfK`: a prompt, k >= 2 responses, the best one. Cross-entropy of softmax over the k rewards
+  (lm-human-preferences' best-of-4); at k = 2 it is `Pairwise`.
+- `BinaryRating`: a text and its label, 1 or 0. Two-way cross-entropy of the head's two logits.
+
+Shared by every label type: `choice_credit` (the one tie rule of every accuracy), `fit` (optimizer, schedule,
+accelerate, the non-finite guard, metrics, validation), `outputs` (batched scoring), `save` and `load`. `train`
+fits comparisons; then scores are normalised to mean 0 / std 1 over a reference set of responses, folded into
+the head's weights, so that `AutoModelForSequenceClassification.from_pretrained(DIR)` gives normalised rewards
+with no wprlhf code.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +33,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import write_json_atomic
 from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
-from .distributed import check_finite, device_of, make_accelerator, reduce_sum
+from .distributed import check_finite, device_of, make_accelerator, reduce_sum, resolve_device
 from .errors import UserError
-from .metrics import RM_METRIC_NAMES, MetricsLogger
-from .models import freeze_lower_layers, load_reward_backbone, resolve_device
+from .files import write_json_atomic
+from .metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
+from .models import freeze_lower_layers, load_reward_backbone
 
 TRAIN_CONFIG_FILE = "train_config.json"
+
+Forward = Callable[[list], torch.Tensor]
+"""The head's outputs for a list of texts (whatever the task's `encode` reads: a string, or a (prompt, response)
+pair), in order: (n,) rewards or (n, 2) logits."""
 
 
 @dataclass
@@ -94,7 +109,7 @@ class RewardConfig:
 
 
 # ==========================================================================================================
-# the loss, and the one rule for equal scores
+# the one rule for equal scores
 
 
 def choice_credit(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,49 +132,220 @@ def choice_credit(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor 
     return best_at_top.float() / at_top.sum(-1).clamp(min=1).float()
 
 
-def _padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged per-comparison scores (a list of N sequences of floats) -> scores (N, K) float64, valid (N, K) bool."""
-    k = max(len(r) for r in rows)
-    scores = torch.zeros(len(rows), k, dtype=torch.float64)
-    valid = torch.zeros(len(rows), k, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        scores[i, : len(r)] = torch.as_tensor(r, dtype=torch.float64)
-        valid[i, : len(r)] = True
-    return scores, valid
-
-
-def comparison_loss(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor, tie: torch.Tensor | None = None):
-    """Cross-entropy of softmax(scores) against the labeler's choice; Bradley-Terry when k = 2.
-
-    scores (N, K) float; best (N,) int64; valid (N, K) bool, False where a comparison has fewer than K
-    responses; tie (N,) bool or None: a tie's target is uniform over its responses (BT with target 1/2).
-    Returns the mean loss (scalar) and accuracy: the mean `choice_credit` of the rows that are not labelled ties
-    (a best response sharing the top score with m others counts 1/(m+1)); 0 when every row is a tie.
-    """
-    logits = scores.masked_fill(~valid, -math.inf)
-    logp = torch.log_softmax(logits, dim=-1)
-    target = F.one_hot(best, scores.shape[1]).to(logp.dtype)
-    if tie is not None and tie.any():
-        uniform = valid.to(logp.dtype) / valid.sum(-1, keepdim=True)
-        target = torch.where(tie[:, None], uniform, target)
-    loss = -(target * logp.masked_fill(~valid, 0.0)).sum(-1).mean()
-    decided = ~tie if tie is not None else torch.ones_like(best, dtype=torch.bool)
-    credit = choice_credit(scores, best, valid) * decided
-    accuracy = credit.sum() / decided.sum().clamp(min=1)
-    return loss, accuracy
+def accuracy_ci(credit: Sequence[float], groups: Sequence) -> tuple[float, list[float]]:
+    """The mean credit and its 95% CI, resampling whole groups (a prompt's comparisons move together; texts that
+    are independent are each their own group). credit must not be empty."""
+    lo, hi = bootstrap_ci(list(credit), list(groups))
+    return float(np.mean(credit)), [lo, hi]
 
 
 # ==========================================================================================================
-# scoring
+# label types: each has one loss(), batches() and batch_loss(forward, examples) -> (loss, credit)
 
 
-def encode(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
+def _prompt_batches(comparisons: list[Comparison], batch_size: int, rng: random.Random) -> Iterator[list[Comparison]]:
+    """Shuffled batches that keep a prompt's comparisons together: pairs of one prompt share stories, and
+    `_comparison_scores` encodes each distinct story of a batch once (about 1.4x fewer encodes on karma pairs)."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, c in enumerate(comparisons):
+        by_prompt.setdefault(c.prompt, []).append(i)
+    groups = list(by_prompt.values())
+    rng.shuffle(groups)
+    order = []
+    for group in groups:
+        rng.shuffle(group)
+        order += group
+    for start in range(0, len(order), batch_size):
+        yield [comparisons[i] for i in order[start : start + batch_size]]
+
+
+def _comparison_scores(forward: Forward, batch: list[Comparison]):
+    """Score every distinct (prompt, response) of a batch in one call of `forward`.
+
+    Returns scores (B, K) float, best (B,) int64, valid (B, K) bool (False on the padding slots of comparisons
+    with fewer than K responses; they point at text 0) and tie (B,) bool, on the scores' device."""
+    K = max(len(c.responses) for c in batch)
+    texts: dict[tuple[str, str], int] = {}
+    index = torch.zeros(len(batch), K, dtype=torch.long)
+    valid = torch.zeros(len(batch), K, dtype=torch.bool)
+    for i, c in enumerate(batch):
+        for j, r in enumerate(c.responses):
+            index[i, j] = texts.setdefault((c.prompt, r), len(texts))
+            valid[i, j] = True
+    flat = forward(list(texts))  # (distinct texts,)
+    device = flat.device
+    best = torch.tensor([c.best for c in batch], device=device)
+    tie = torch.tensor([c.tie for c in batch], device=device)
+    return flat[index.to(device)], best, valid.to(device), tie
+
+
+class Pairwise:
+    """Two responses to a prompt and the better one, or a labelled tie: Bradley-Terry."""
+
+    num_labels = 1
+    unit = "comparisons"
+    metric_names = RM_METRIC_NAMES
+
+    def loss(self, scores: torch.Tensor, best: torch.Tensor, tie: torch.Tensor | None = None):
+        """-log sigmoid(r_best - r_other), the Bradley-Terry likelihood of the labeler's choice (Stiennon et al.
+        2020, eq. 1); a tie's target is 1/2: -(log sigmoid(d) + log sigmoid(-d)) / 2.
+
+        scores (N, 2) float; best (N,) int64 in {0, 1}; tie (N,) bool or None (no ties).
+        Returns the mean loss (scalar) and the `choice_credit` (M,) of the M comparisons that are not ties.
+        """
+        tie = torch.zeros_like(best, dtype=torch.bool) if tie is None else tie
+        margin = scores.gather(1, best[:, None]).squeeze(1) - scores.gather(1, 1 - best[:, None]).squeeze(1)  # (N,)
+        target = 1 - 0.5 * tie.to(margin.dtype)  # P(best beats the other): 1, or 1/2 for a tie
+        loss = -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin)).mean()
+        return loss, choice_credit(scores, best)[~tie]
+
+    def batches(self, comparisons: list[Comparison], batch_size: int, rng: random.Random):
+        return _prompt_batches(comparisons, batch_size, rng)
+
+    def batch_loss(self, forward: Forward, batch: list[Comparison]):
+        scores, best, _, tie = _comparison_scores(forward, batch)
+        return self.loss(scores, best, tie)
+
+
+class BestOfK:
+    """k >= 2 responses to a prompt (k may differ between comparisons) and the best one, or a labelled tie."""
+
+    num_labels = 1
+    unit = "comparisons"
+    metric_names = RM_METRIC_NAMES
+
+    def loss(self, scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor, tie: torch.Tensor | None = None):
+        """Cross-entropy of softmax(scores) against the labeler's choice (Ziegler et al. 2019, eq. 1:
+        lm-human-preferences' best-of-4 loss); a tie's target is uniform over its responses.
+
+        scores (N, K) float; best (N,) int64; valid (N, K) bool, False where a comparison has fewer than K
+        responses; tie (N,) bool or None (no ties).
+        Returns the mean loss (scalar) and the `choice_credit` (M,) of the M comparisons that are not ties.
+        """
+        tie = torch.zeros_like(best, dtype=torch.bool) if tie is None else tie
+        logp = torch.log_softmax(scores.masked_fill(~valid, -math.inf), dim=-1)  # (N, K)
+        target = F.one_hot(best, scores.shape[1]).to(logp.dtype)
+        uniform = valid.to(logp.dtype) / valid.sum(-1, keepdim=True)
+        target = torch.where(tie[:, None], uniform, target)
+        loss = -(target * logp.masked_fill(~valid, 0.0)).sum(-1).mean()
+        return loss, choice_credit(scores, best, valid)[~tie]
+
+    def batches(self, comparisons: list[Comparison], batch_size: int, rng: random.Random):
+        return _prompt_batches(comparisons, batch_size, rng)
+
+    def batch_loss(self, forward: Forward, batch: list[Comparison]):
+        return self.loss(*_comparison_scores(forward, batch))
+
+
+class BinaryRating:
+    """A text and its label, 1 (positive) or 0 (negative): a two-way classifier."""
+
+    num_labels = 2
+    unit = "texts"
+    metric_names = CLASSIFIER_METRIC_NAMES
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor):
+        """Cross-entropy of softmax(logits) against the label, nats per text.
+
+        logits (N, 2) float; labels (N,) int64 0/1. Returns the mean loss (scalar) and each text's
+        `choice_credit` (N,): 1 when its label has the higher logit, 1/2 when the two are equal, else 0.
+        """
+        return F.cross_entropy(logits, labels), choice_credit(logits, labels)
+
+    def batches(self, examples: list[tuple[str, int]], batch_size: int, rng: random.Random):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
+
+    def batch_loss(self, forward: Forward, batch: list[tuple[str, int]]):
+        logits = forward([text for text, _ in batch])  # (B, 2)
+        return self.loss(logits, torch.tensor([label for _, label in batch], device=logits.device))
+
+
+Label = Pairwise | BestOfK | BinaryRating
+
+
+def comparison_label(comparisons: Sequence[Comparison]) -> Pairwise | BestOfK:
+    """Pairwise when every comparison has two responses (karma pairs, the labeling page's pairs), else BestOfK."""
+    return Pairwise() if all(len(c.responses) == 2 for c in comparisons) else BestOfK()
+
+
+# ==========================================================================================================
+# scoring, loading, saving
+
+
+def head_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head on a padded batch (input_ids, attention_mask (B, T), any device), with grad if enabled:
+    (B,) float rewards for a one-output head, less config.reward_offset (the shift a normalised head without a
+    bias keeps there, `fold_normalization`); (B, 2) float logits for a two-output head."""
+    bare = getattr(model, "module", model)  # DDP-wrapped while training
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    if logits.shape[-1] != 1:
+        return logits.float()
+    return logits.squeeze(-1).float() - getattr(bare.config, "reward_offset", 0.0)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, tokenizer, encode: Callable, texts: list, max_length: int, batch_size: int = 32,
+            progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """`head_outputs` of many texts, batched, no grad, dropout off: (N,) or (N, 2) float32 on the CPU, in input order.
+
+    encode(tokenizer, texts, max_length) pads a batch. Texts are sorted by length (characters; a (prompt,
+    response) pair counts both) so that padding stays small."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    n = model.config.num_labels
+    out = torch.empty(len(texts), *([n] if n > 1 else []))
+    order = sorted(range(len(texts)), key=lambda i: _length(texts[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
+        idx = order[start : start + batch_size]
+        out[idx] = head_outputs(model, encode(tokenizer, [texts[i] for i in idx], max_length)).cpu()
+    model.train(was_training)
+    return out
+
+
+def _length(text: str | tuple[str, ...]) -> int:
+    return len(text) if isinstance(text, str) else sum(len(t) for t in text)
+
+
+def load(path: str | Path, num_labels: int, device: str | torch.device, name: str, command: str):
+    """A head saved by `fit` and `save` (or any sequence classifier with num_labels outputs): (model in eval mode,
+    tokenizer, its train_config.json as a dict, {} when there is none). name and command go into the error for a
+    directory that holds no model ('reward model', 'rm train')."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise UserError(f"{name} directory {path} has no config.json; train one with `wprlhf {command} --out {path}`")
+    model, tokenizer = load_reward_backbone(str(path), num_labels=num_labels)
+    model.to(resolve_device(device))
+    return model.eval(), tokenizer, read_train_config(path)
+
+
+def read_train_config(path: str | Path) -> dict:
+    """The train_config.json that `fit` saved beside a model, {} when there is none."""
+    file = Path(path) / TRAIN_CONFIG_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def save(model: nn.Module, tokenizer, out_dir: Path, held_out: dict) -> dict:
+    """The trained model in Hugging Face format beside its tokenizer (plain `transformers` loads the directory),
+    and eval-heldout.json. Returns held_out."""
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_json_atomic(out_dir / "eval-heldout.json", held_out)
+    return held_out
+
+
+def encode(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
     """(prompt, response) text pairs -> padded input_ids / attention_mask (B, T).
 
     Truncation 'longest_first' trims the longer text (nearly always the story) from its end.
     """
-    return tokenizer(prompts, responses, truncation="longest_first", max_length=max_length, padding=True,
-                     return_tensors="pt")  # fmt: skip
+    return tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first", max_length=max_length,
+                     padding=True, return_tensors="pt")  # fmt: skip
 
 
 def story_windows(text: str, n: int) -> list[str]:
@@ -179,12 +365,6 @@ def _window_words(model: nn.Module) -> int:
     return int(getattr(getattr(model, "module", model).config, "reward_window_words", 0) or 0)
 
 
-def _forward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
-    bare = getattr(model, "module", model)  # DDP-wrapped while training
-    return scores - getattr(bare.config, "reward_offset", 0.0)
-
-
 @torch.no_grad()
 def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str], max_length: int = 256,
           batch_size: int = 32, progress: bool = False) -> torch.Tensor:  # fmt: skip
@@ -194,8 +374,6 @@ def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str],
     (prompt, window) is encoded once: comparisons share stories, and the same text then gets exactly the same
     score wherever it recurs (two copies batched with different padding could differ in the last bits, and an
     exact tie would become an arbitrary win or loss)."""
-    from tqdm.auto import tqdm
-
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     pieces = [story_windows(r, _window_words(model)) for r in responses]
@@ -203,32 +381,20 @@ def score(model: nn.Module, tokenizer, prompts: list[str], responses: list[str],
     distinct: dict[tuple[str, str], int] = {}
     slots = [distinct.setdefault((prompts[i], w), len(distinct)) for i, ws in enumerate(pieces) for w in ws]
     text_of = torch.tensor(slots, dtype=torch.long)  # (W,) distinct text of each window
-    texts = list(distinct)
-    device = next(model.parameters()).device
-    # Sorting by length keeps padding small; results are put back in input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
-    flat = torch.empty(len(texts))
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
-        idx = order[start : start + batch_size]
-        batch = encode(tokenizer, [texts[i][0] for i in idx], [texts[i][1] for i in idx], max_length)
-        flat[idx] = _forward_scores(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+    flat = outputs(model, tokenizer, encode, list(distinct), max_length, batch_size, progress)  # (distinct,)
     counts = torch.tensor([len(ws) for ws in pieces], dtype=torch.float32)
     return torch.zeros(len(responses)).index_add_(0, owner, flat[text_of]) / counts
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
     """A reward model saved by `wprlhf rm train` (or any num_labels=1 sequence classifier). Returns (model, tokenizer)."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise UserError(f"reward model directory {path} has no config.json; train one with `wprlhf rm train --out {path}`")
-    model, tokenizer = load_reward_backbone(str(path))
-    return model.to(device).eval(), tokenizer
+    model, tokenizer, _ = load(path, 1, device, "reward model", "rm train")
+    return model, tokenizer
 
 
 def reward_fn_from_model(path: str | Path, max_length: int | None = None, batch_size: int = 32):
     """`rm:DIR` as a PPO reward: reward_fn(prompts, responses) -> list[float], batched, no grad."""
-    model, tokenizer = load_reward_model(path)
-    trained = _read_train_config(Path(path))
+    model, tokenizer, trained = load(path, 1, "cpu", "reward model", "rm train")
     length = max_length or trained.get("max_length", 256)
 
     def reward_fn(prompts: list[str], responses: list[str]) -> list[float]:
@@ -237,29 +403,98 @@ def reward_fn_from_model(path: str | Path, max_length: int | None = None, batch_
     return reward_fn
 
 
-def _read_train_config(path: Path) -> dict:
-    file = path / TRAIN_CONFIG_FILE
-    return json.loads(file.read_text()) if file.exists() else {}
-
-
 # ==========================================================================================================
 # training
 
 
-def _batches(comparisons: list[Comparison], batch_size: int, rng: random.Random):
-    """Shuffled batches that keep a prompt's comparisons together: pairs of one prompt share stories, and
-    `_comparison_batch` encodes each distinct story of a batch once (about 1.4x fewer encodes on karma pairs)."""
-    by_prompt: dict[str, list[int]] = {}
-    for i, c in enumerate(comparisons):
-        by_prompt.setdefault(c.prompt, []).append(i)
-    groups = list(by_prompt.values())
-    rng.shuffle(groups)
-    order = []
-    for group in groups:
-        rng.shuffle(group)
-        order += group
-    for start in range(0, len(order), batch_size):
-        yield [comparisons[i] for i in order[start : start + batch_size]]
+def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng: random.Random, *, name: str,
+        encode: Callable, validate: Callable, saved: dict, head_config: dict, dropout: bool,
+        each_epoch: Callable[[random.Random], list] | None = None, progress: bool = True):  # fmt: skip
+    """Train a fresh head on config.model with AdamW, a linear warm-up and decay, and clipping at norm 1.
+
+    config: a RewardConfig or ClassifierConfig (model, max_length, epochs, batch_size, lr, weight_decay,
+    warmup_ratio, eval_every, freeze_layers, seed, device). label: the label type of train_set's examples.
+    rng: draws the batches (and whatever each_epoch draws), so a caller that goes on using it after training
+    gets the same draws as before. name: 'reward model' or 'classifier', in messages. encode(tokenizer, texts,
+    max_length): a padded batch. validate(model, tokenizer): the evaluation of val_set, a dict with loss and
+    accuracy, logged as val_loss / val_accuracy every eval_every steps and at the last (never when val_set is
+    empty). saved: written as train_config.json. head_config: set on the model's config (saved with it).
+    dropout: on while training (a classifier) or off (a reward model: comparisons are noisy enough).
+    each_epoch(rng): the examples of one epoch (default: train_set).
+
+    Under `accelerate launch` every process draws the same global batches and trains on its slice of each;
+    only the main process writes. Returns (model, tokenizer) in eval mode on the main process once every process
+    has finished, None on the others.
+    """
+    from tqdm.auto import tqdm
+
+    acc = make_accelerator(resolve_device(config.device))
+    device, main = device_of(acc), acc.is_main_process
+    model, tokenizer = load_reward_backbone(config.model, num_labels=label.num_labels, seed=config.seed)
+    for key, value in head_config.items():
+        setattr(model.config, key, value)
+    freeze_lower_layers(model, config.freeze_layers)
+    model.to(device)
+
+    total_steps = math.ceil(len(train_set) / config.batch_size) * config.epochs
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
+    trained, optimizer = acc.prepare(model, optimizer)  # DDP under `accelerate launch`; `model` stays the bare one
+    logger = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / TRAIN_CONFIG_FILE, saved)
+        logger = MetricsLogger(out_dir, names=label.metric_names)
+        processes = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
+        print(f"{name} {config.model}: {len(train_set)} training / {len(val_set)} validation {label.unit}, "
+              f"{total_steps} steps on {device}{processes}", flush=True)  # fmt: skip
+
+    def forward(texts: list) -> torch.Tensor:
+        return head_outputs(trained, encode(tokenizer, texts, config.max_length))
+
+    torch.manual_seed(config.seed)  # dropout masks
+    step, seen, started = 0, 0, time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"{name} train", unit="step", disable=not (progress and main))
+    for _ in range(config.epochs):
+        for batch in label.batches(each_epoch(rng) if each_epoch else train_set, config.batch_size, rng):
+            if len(batch) < acc.num_processes:
+                continue  # a last batch too small to give every process an example
+            model.train(dropout)
+            local = batch[acc.process_index :: acc.num_processes]
+            loss, credit = label.batch_loss(forward, local)
+            # The local mean as a share of the global batch's mean; DDP averages over processes, hence * processes.
+            acc.backward(loss * len(local) / len(batch) * acc.num_processes)
+            grad_norm = acc.clip_grad_norm_(params, 1.0)
+            check_finite(acc, step + 1, f"{name.replace(' ', '-')} training", "Try a lower --lr, and check the "
+                         "training data for empty or garbled texts.", loss=loss,
+                         **({} if grad_norm is None else {"grad_norm": grad_norm}))  # fmt: skip
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen += len(batch)
+            # credit has one entry per example with a right answer (labelled ties have none)
+            stats = reduce_sum(acc, {"loss": loss.item() * len(local) / len(batch), "credit": float(credit.sum()),
+                                     "counted": len(credit)})  # fmt: skip
+            row = {"examples": seen, "loss": stats["loss"], "lr": schedule.get_last_lr()[0],
+                   "elapsed_s": time.perf_counter() - started}  # fmt: skip
+            if stats["counted"]:
+                row["accuracy"] = stats["credit"] / stats["counted"]
+            if val_set and (step % config.eval_every == 0 or step == total_steps):
+                result = validate(model, tokenizer)
+                row.update({f"val_{k}": result[k] for k in ("loss", "accuracy") if k in result})
+            if main:
+                logger.log(step, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
+    bar.close()
+    if main:
+        logger.close()
+    model.eval()
+    acc.wait_for_everyone()
+    return (model, tokenizer) if main else None
 
 
 def _random_windows(comparisons: list[Comparison], n: int, rng: random.Random) -> list[Comparison]:
@@ -273,33 +508,6 @@ def _random_windows(comparisons: list[Comparison], n: int, rng: random.Random) -
                 windows = story_windows(r, n)
                 chosen[r] = windows[0] if len(windows) == 1 else rng.choice(windows)
     return [dataclasses.replace(c, responses=[chosen[r] for r in c.responses]) for c in comparisons]
-
-
-def _comparison_batch(model, tokenizer, batch: list[Comparison], max_length: int, device):
-    """Score every distinct (prompt, response) of a batch in one forward. Returns loss, accuracy."""
-    K = max(len(c.responses) for c in batch)
-    texts: dict[tuple[str, str], int] = {}
-    index = torch.zeros(len(batch), K, dtype=torch.long)
-    valid = torch.zeros(len(batch), K, dtype=torch.bool)
-    for i, c in enumerate(batch):
-        for j, r in enumerate(c.responses):
-            index[i, j] = texts.setdefault((c.prompt, r), len(texts))
-            valid[i, j] = True
-    enc = encode(tokenizer, [p for p, _ in texts], [r for _, r in texts], max_length)
-    flat = _forward_scores(model, {k: v.to(device) for k, v in enc.items()})  # (distinct texts,)
-    scores = flat[index.to(device)]  # (B, K); padding slots point at text 0 and are masked by `valid`
-    best = torch.tensor([c.best for c in batch], device=device)
-    tie = torch.tensor([c.tie for c in batch], device=device)
-    return comparison_loss(scores, best, valid.to(device), tie)
-
-
-def validate(model, tokenizer, comparisons: list[Comparison], max_length: int, batch_size: int = 32) -> dict:
-    """The validation curve's point: `evaluate`'s loss and accuracy as val_loss / val_accuracy, so the curve
-    reads every story whole, exactly as `rm eval` will (scoring only the opening made a learning model look
-    like it was not learning). Keys are absent when there is nothing to measure."""
-    model.eval()
-    result = evaluate(model, tokenizer, comparisons, max_length, batch_size=batch_size)
-    return {f"val_{k}": result[k] for k in ("loss", "accuracy") if k in result}
 
 
 def fold_normalization(model: nn.Module, mean: float, std: float) -> None:
@@ -333,8 +541,6 @@ def resolve_comparisons(source: str, keep_meta: bool) -> list[Comparison]:
 
 def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train a reward model on comparisons; save it (HF format, normalised), metrics.csv, and held-out eval."""
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     if not config.data:
         raise UserError("rm train needs --data: a comparisons file, a directory or a hub id")
@@ -342,87 +548,33 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     if not comparisons:
         raise UserError(f"{config.data} holds no comparisons")
     rng = random.Random(config.seed)
-    torch.manual_seed(config.seed)
     train_set, val_set = split_by_prompt(comparisons, config.val_fraction, seed=config.seed)
     if config.max_examples and len(train_set) > config.max_examples:
         train_set = rng.sample(train_set, config.max_examples)
     val_set = val_set[:500]  # enough for a curve; keeps each validation pass short
-    acc = make_accelerator(resolve_device(config.device))
-    device, main = device_of(acc), acc.is_main_process
-    model, tokenizer = load_reward_backbone(config.model, num_labels=1, seed=config.seed)
-    model.config.reward_window_words = config.window_words
-    freeze_lower_layers(model, config.freeze_layers)
-    model.to(device)
+    saved = {**dataclasses.asdict(config), "train_comparisons": len(train_set), "val_comparisons": len(val_set)}
+    windows = (lambda rng: _random_windows(train_set, config.window_words, rng)) if config.window_words else None
 
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
-    trained, optimizer = acc.prepare(model, optimizer)  # DDP under `accelerate launch`; `model` stays the bare one
-    logger = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = {**dataclasses.asdict(config), "train_comparisons": len(train_set), "val_comparisons": len(val_set)}
-        write_strict_json(out_dir / TRAIN_CONFIG_FILE, saved)
-        logger = MetricsLogger(out_dir, names=RM_METRIC_NAMES)
-        print(f"reward model {config.model}: {len(train_set)} training / {len(val_set)} validation comparisons, "
-              f"{total_steps} steps" + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""), flush=True)  # fmt: skip
+    def validate(model, tokenizer) -> dict:
+        """Every story read whole, exactly as `rm eval` will (scoring only the opening made a learning model look
+        like it was not learning)."""
+        return evaluate(model, tokenizer, val_set, config.max_length)
 
-    step, seen, started = 0, 0, time.perf_counter()
-    bar = tqdm(total=total_steps, desc="rm train", unit="step", disable=not (progress and main))
-    for _ in range(config.epochs):
-        epoch_set = _random_windows(train_set, config.window_words, rng) if config.window_words else train_set
-        # Every process draws the same global batches (same rng) and trains on its slice of each.
-        for batch in _batches(epoch_set, config.batch_size, rng):
-            if len(batch) < acc.num_processes:
-                continue  # a last batch too small to give every process a comparison
-            # eval() everywhere: dropout off, as for the policy; the comparisons are noisy enough already.
-            model.eval()
-            local = batch[acc.process_index :: acc.num_processes]
-            loss, accuracy = _comparison_batch(trained, tokenizer, local, config.max_length, device)
-            # The local mean as a share of the global batch's mean; DDP averages over processes, hence * processes.
-            acc.backward(loss * len(local) / len(batch) * acc.num_processes)
-            grad_norm = acc.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-            check_finite(acc, step + 1, "reward-model training", "Try a lower --lr, and check the comparisons for "
-                         "empty or garbled responses.", loss=loss, **({} if grad_norm is None else {"grad_norm": grad_norm}))
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            seen += len(batch)
-            n = len(local) / len(batch)
-            decided = sum(not c.tie for c in local)  # a labelled tie has no right answer: out of the accuracy
-            stats = reduce_sum(acc, {"loss": loss.item() * n, "credit": accuracy.item() * decided, "decided": decided})
-            row = {"loss": stats["loss"], "lr": schedule.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}
-            if stats["decided"]:
-                row["accuracy"] = stats["credit"] / stats["decided"]
-            if step % config.eval_every == 0 or step == total_steps:
-                row.update(validate(model, tokenizer, val_set, config.max_length))
-            if main:
-                logger.log(step, {"examples": seen, **row})
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
-    bar.close()
-    if main:
-        logger.close()
-
-    acc.wait_for_everyone()
-    if not main:  # the others' copies are never saved: normalising and evaluating them would be wasted work
+    fitted = fit(config, out_dir, comparison_label(train_set), train_set, val_set, rng, name="reward model",
+                 encode=encode, validate=validate, saved=saved, dropout=False, each_epoch=windows,
+                 head_config={"reward_window_words": config.window_words}, progress=progress)  # fmt: skip
+    if fitted is None:  # the other processes' copies are never saved: normalising them would be wasted work
         return {}
+    model, tokenizer = fitted
     # Normalise over the training data's responses (lm-human-preferences normalises over reference samples).
     texts = [(c.prompt, r) for c in train_set for r in c.responses]
     sample = rng.sample(texts, min(len(texts), config.normalize_samples))
     raw = score(model, tokenizer, [p for p, _ in sample], [r for _, r in sample], config.max_length)
-    mean, std = float(raw.mean()), float(raw.std().clamp(min=1e-6))
-    fold_normalization(model, mean, std)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    fold_normalization(model, float(raw.mean()), float(raw.std().clamp(min=1e-6)))
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
     if val_set:
         held_out["baselines"] = {"longer_wins": longer_wins(val_set), "tfidf_logreg": tfidf_logreg(train_set, val_set)}
-    write_strict_json(out_dir / "eval-heldout.json", held_out)
-    return held_out
+    return save(model, tokenizer, out_dir, held_out)
 
 
 # ==========================================================================================================
@@ -435,9 +587,9 @@ def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, p
     `rm eval`, eval-heldout.json and the validation curve of `train` all come from here, so they agree.
 
     Returns accuracy (mean `choice_credit` over the comparisons with a winner: a best response that shares the
-    top score with m others counts 1/(m+1)), n (those comparisons), ci95 (prompt bootstrap), loss (mean
-    `comparison_loss`, nats, labelled ties included with a uniform target; of the scores as they are, so a saved
-    model's, normalised to std 1, differs from the training curve's) and ties (labelled ties, left out of
+    top score with m others counts 1/(m+1)), n (those comparisons), ci95 (prompt bootstrap), loss (training's
+    `Pairwise` or `BestOfK` loss, nats, labelled ties included with target 1/k; of the scores as they are, so a
+    saved model's, normalised to std 1, differs from the training curve's) and ties (labelled ties, left out of
     accuracy). With no comparison there is only n = ties = 0; with only ties, no accuracy and ci95: the caller
     decides whether that is an error, so no NaN ever stands in for a number.
     """
@@ -445,19 +597,31 @@ def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, p
     result: dict = {"n": len(decided), "ties": len(comparisons) - len(decided)}
     if not comparisons:
         return result
-    prompts = [c.prompt for c in comparisons for _ in c.responses]
-    responses = [r for c in comparisons for r in c.responses]
-    flat = score(model, tokenizer, prompts, responses, max_length, batch_size, progress)
-    scores, valid = _padded(flat.split([len(c.responses) for c in comparisons]))  # (N, K)
-    best = torch.tensor([c.best for c in comparisons])
-    tie = torch.tensor([c.tie for c in comparisons])
-    loss, _ = comparison_loss(scores, best, valid, tie)
+    pairs = [(c.prompt, r) for c in comparisons for r in c.responses]
+    flat = score(model, tokenizer, [p for p, _ in pairs], [r for _, r in pairs], max_length, batch_size, progress)
+    row = {pair: i for i, pair in enumerate(pairs)}  # equal texts have equal scores: `score` encodes each once
+
+    def whole(texts: list[tuple[str, str]]) -> torch.Tensor:
+        """Training's forward, read as `score` reads: whole stories, no grad."""
+        return flat.double()[[row[t] for t in texts]]
+
+    loss, credit = comparison_label(comparisons).batch_loss(whole, comparisons)
     result["loss"] = float(loss)
     if decided:
-        credit = choice_credit(scores, best, valid)[~tie].tolist()
-        lo, hi = bootstrap_ci(credit, [c.prompt_id or prompt_key(c.prompt) for c in decided])
-        result = {"accuracy": float(np.mean(credit)), **result, "ci95": [lo, hi]}
+        accuracy, ci95 = accuracy_ci(credit.tolist(), [c.prompt_id or prompt_key(c.prompt) for c in decided])
+        result = {"accuracy": accuracy, **result, "ci95": ci95}
     return result
+
+
+def _padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-comparison scores (a list of N sequences of floats) -> scores (N, K) float64, valid (N, K) bool."""
+    k = max(len(r) for r in rows)
+    scores = torch.zeros(len(rows), k, dtype=torch.float64)
+    valid = torch.zeros(len(rows), k, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        scores[i, : len(r)] = torch.as_tensor(r, dtype=torch.float64)
+        valid[i, : len(r)] = True
+    return scores, valid
 
 
 def longer_wins(comparisons: list[Comparison]) -> float | None:
@@ -537,9 +701,8 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
     Raises UserError naming `data` when it holds nothing to score (no rows, or only labelled ties): an accuracy
     of nothing is no number, and NaN is not JSON."""
     model_dir = Path(model_dir)
-    trained = _read_train_config(model_dir)
+    model, tokenizer, trained = load(model_dir, 1, "auto", "reward model", "rm train")
     max_length = max_length or trained.get("max_length", 256)
-    model, tokenizer = load_reward_model(model_dir, resolve_device("auto"))
     name = Path(data).name.split(".")[0] if Path(data).exists() else data.replace("/", "_")
     out = Path(out) if out else model_dir / f"eval-{name}{'-bestof' if best_of else ''}.json"
     train_source = train_data or trained.get("data")
@@ -572,7 +735,7 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
             baselines["tfidf_logreg"] = tfidf_logreg(train_set, test)
         result["baselines"] = baselines
     result.update(model=str(model_dir), data=data, max_length=max_length)
-    write_strict_json(out, result)
+    write_json_atomic(out, result)
     return result
 
 
@@ -586,11 +749,3 @@ def _require_decided(comparisons: list[Comparison], data: str, max_examples: int
     if all(c.tie for c in comparisons):
         raise UserError(f"{first}{data} are all ties ({len(comparisons)}), so there is no accuracy to measure; "
                         "accuracy needs comparisons with a best response (tie false)")  # fmt: skip
-
-
-def write_strict_json(path: Path, obj) -> None:
-    """write_json_atomic, refusing NaN and infinities: Python writes them as bare NaN / Infinity, which strict
-    JSON parsers (JavaScript's JSON.parse, jq, most languages) reject. Every number in eval JSON must mean
-    something; a NaN reaching here is a bug, reported before the file is written."""
-    json.dumps(obj, allow_nan=False, default=str)  # raises ValueError: Out of range float values ...
-    write_json_atomic(path, obj)

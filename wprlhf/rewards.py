@@ -1,20 +1,24 @@
-"""Turn a reward SPEC into a reward_fn(prompts, responses) -> list[float]: built-in toys or user code.
+"""Turn a reward SPEC into a reward_fn(prompts, responses) -> list[float]: the one resolver of reward specs.
 
-SPEC is a built-in name (`vowels`, `length`), `rm:DIR` (a reward model trained by `wprlhf rm train`),
-`module:function`, or `path/to/file.py:function`.
-Every reward in wprlhf has that one signature, whatever computes it.
+`wprlhf ppo --reward SPEC`, `wprlhf loop --judge SPEC` and `--labeler sim:SPEC` all read a SPEC here. A SPEC is a
+term or a weighted sum of terms (`0.7*sentiment+0.3*relevance`, `length+0.5*rm:runs/rm`); a term is
+- a built-in: `vowels`, `length` (toys with a known optimum), `sentiment` (VADER compound, -1..1) or `relevance`
+  (cosine of MiniLM embeddings of prompt and response, -1..1; the judges live in `labelers.py`);
+- `rm:DIR`, a reward model trained by `wprlhf rm train`;
+- `module:function` or `path/to/file.py:function`, the user's own code.
+A leading `sim:` (the loop's name for a simulated labeler) is ignored. Every reward in wprlhf has that one
+signature, `signatures.RewardFn`, whatever computes it.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import UserError
-
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+from .labelers import Relevance, sentiment
+from .signatures import RewardFn
 
 
 def vowels(prompts: list[str], responses: list[str]) -> list[float]:
@@ -32,43 +36,99 @@ def length(prompts: list[str], responses: list[str]) -> list[float]:
     return [min(len(text.split()) / 100, 1.0) for text in responses]
 
 
-BUILTIN: dict[str, RewardFn] = {"vowels": vowels, "length": length}
+BUILTIN: dict[str, RewardFn | type] = {"vowels": vowels, "length": length, "sentiment": sentiment,
+                                       "relevance": Relevance}  # fmt: skip
+"""Built-in terms: a function, or a class whose instance is one (a fresh one per SPEC; its model loads on first use)."""
+
+EXAMPLES = "0.7*sentiment+0.3*relevance"
 
 
-def _load_attr(module, attr: str, spec: str):
+def _load_attr(module, attr: str, spec: str, what: str):
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
-        raise UserError(f"reward {spec!r}: {module.__name__} has no function {attr!r}")
+        raise UserError(f"{what} {spec!r}: {module.__name__} has no function {attr!r}")
     return fn
 
 
-def load_reward(spec: str) -> RewardFn:
-    """Resolve SPEC to a callable; errors name the SPEC and what to write instead."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]
-    if spec.startswith("rm:"):
+def _names_a_path(term: str) -> bool:
+    """Whether a term is `rm:DIR` or `FILE.py:function` of a path that exists: such a path may hold '+' and '*'
+    when it is the whole SPEC (or, for '*', a whole term of a sum)."""
+    if term.startswith("rm:"):
+        return Path(term[3:]).exists()
+    target = term.rpartition(":")[0]
+    return target.endswith(".py") and Path(target).is_file()
+
+
+def _term(term: str, spec: str, what: str) -> RewardFn:
+    """One term of a SPEC as a callable; errors name the SPEC and what to write instead."""
+    if term in BUILTIN:
+        fn = BUILTIN[term]
+        return fn() if isinstance(fn, type) else fn
+    if term.startswith("rm:"):
         from .reward_model import reward_fn_from_model
 
-        return reward_fn_from_model(spec[3:])
-    if ":" not in spec:
+        return reward_fn_from_model(term[3:])
+    if ":" not in term:
         raise UserError(
-            f"unknown reward {spec!r}: use a built-in ({', '.join(sorted(BUILTIN))}), 'module:function' "
-            "or 'path/to/file.py:function'"
+            f"unknown {what} {term!r}: use a built-in ({', '.join(sorted(BUILTIN))}), rm:DIR, 'module:function', "
+            f"'path/to/file.py:function' or a weighted sum such as {EXAMPLES}"
         )
-    target, attr = spec.rsplit(":", 1)
+    target, attr = term.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)
         if not path.exists():
-            raise UserError(f"reward {spec!r}: file {path} does not exist")
+            raise UserError(f"{what} {spec!r}: file {path} does not exist")
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
         except Exception as err:
-            raise UserError(f"reward {spec!r}: importing {path} failed: {err.__class__.__name__}: {err}") from err
-        return _load_attr(module, attr, spec)
+            raise UserError(f"{what} {spec!r}: importing {path} failed: {err.__class__.__name__}: {err}") from err
+        return _load_attr(module, attr, spec, what)
     try:
         module = importlib.import_module(target)
     except Exception as err:
-        raise UserError(f"reward {spec!r}: cannot import module {target!r}: {err}") from err
-    return _load_attr(module, attr, spec)
+        raise UserError(f"{what} {spec!r}: cannot import module {target!r}: {err}") from err
+    return _load_attr(module, attr, spec, what)
+
+
+def _weighted_term(part: str, spec: str, what: str) -> tuple[float, str]:
+    """'0.7*sentiment' -> (0.7, 'sentiment'); 'sentiment' -> (1.0, 'sentiment'). A '*' inside a module or file
+    term (one with ':') is part of its name unless a number stands before it."""
+    weight, star, name = part.partition("*")
+    if not star or _names_a_path(part):
+        return 1.0, part
+    try:
+        return float(weight), name.strip()
+    except ValueError as err:
+        if ":" in part:
+            return 1.0, part
+        raise UserError(f"{what} {spec!r}: weight {weight.strip()!r} of {name.strip()!r} is not a number") from err
+
+
+def load_reward(spec: str, what: str = "reward") -> RewardFn:
+    """Resolve SPEC (see the module docstring) to one reward_fn; `what` names it in errors ('reward', 'judge').
+
+    A lone term of weight 1 is returned as it is (`load_reward("vowels") is vowels`); a sum is a new function
+    that adds its terms' weighted scores.
+    """
+    spec = spec.strip().removeprefix("sim:").strip()
+    if not spec:
+        raise UserError(f"empty {what} spec: use a built-in ({', '.join(sorted(BUILTIN))}), rm:DIR, 'module:function', "
+                        f"'path/to/file.py:function' or a weighted sum such as {EXAMPLES}")  # fmt: skip
+    parts = spec.split("+") if "+" in spec and not _names_a_path(spec) else [spec]
+    terms = []
+    for part in parts:
+        weight, name = _weighted_term(part.strip(), spec, what)
+        terms.append((weight, _term(name, spec, what)))
+    if len(terms) == 1 and terms[0][0] == 1.0:
+        return terms[0][1]
+
+    def weighted(prompts: list[str], responses: list[str]) -> list[float]:
+        total = [0.0] * len(responses)
+        for w, fn in terms:
+            for i, s in enumerate(fn(prompts, responses)):
+                total[i] += w * float(s)
+        return total
+
+    return weighted

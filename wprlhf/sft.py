@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,10 +26,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .core import linear_schedule, logprobs_from_logits, masked_sum
-from .distributed import check_finite, device_of, make_accelerator, reduce_sum
+from .distributed import check_finite, device_of, is_main_process, make_accelerator, reduce_sum, resolve_device
 from .errors import UserError
-from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics
-from .models import count_parameters, load_policy, resolve_device
+from .files import atomic_writer, write_json_atomic
+from .generation import GenerationConfig, apply_chat_template, generate, uses_chat_template
+from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics, smooth
+from .models import count_parameters, load_policy
 
 EXAMPLE_DATA = "../shared/data/writing_prompts"
 
@@ -173,15 +174,14 @@ def format_example(tokenizer, prompt: str, response: str, chat_template: bool = 
                    separator: str = "\n\n") -> tuple[str, str]:  # fmt: skip
     """(prompt_text, completion_text): the text before the story, and the story with its end marker.
 
-    Chat models: prompt_text is the template of [user: prompt] with the assistant's turn opened, as
-    generation.encode_prompts builds it; completion_text is what the template adds for [assistant: response],
+    Chat models: prompt_text is the template of [user: prompt] with the assistant's turn opened, the text
+    generation.encode_prompts samples from (both call `apply_chat_template`); completion_text is what the template
+    adds for [assistant: response],
     trailing whitespace dropped: the story and the end-of-turn marker (`<|im_end|>` for SmolLM2), so the model
     learns to stop. Plain models (or chat_template=False): prompt + separator, and story + EOS.
     """
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if uses_chat_template(tokenizer, chat_template):
+        prompt_text, full = apply_chat_template(tokenizer, prompt), apply_chat_template(tokenizer, prompt, response)
         if not full.startswith(prompt_text):
             raise UserError("this model's chat template does not write a conversation as its prompt followed by "
                             "the answer (it may rewrite earlier turns), so the story's tokens cannot be told "
@@ -205,7 +205,7 @@ def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return []
-    use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
+    use_template = uses_chat_template(tokenizer, chat_template)
     texts = [format_example(tokenizer, p, r, chat_template, separator) for p, r in zip(prompts, responses)]
     # The template holds its special tokens already; a plain prompt gets the tokenizer's usual ones (BOS).
     prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=not use_template)["input_ids"]
@@ -364,8 +364,6 @@ def write_samples(path: Path, model: nn.Module, tokenizer, prompts: list[str], r
     human story (`reference`, first 1000 characters) the loss scores them against."""
     from tqdm.auto import tqdm
 
-    from .generation import GenerationConfig, generate
-
     if not prompts:
         return
     lines = []
@@ -399,13 +397,7 @@ def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train (per step)")
-        # Exponential moving average over ~1/10 of the run, bias-corrected so the curve starts at the data.
-        beta = 1 - 1 / max(2, len(losses) / 10)
-        smooth, avg = [], 0.0
-        for i, loss in enumerate(losses, 1):
-            avg = beta * avg + (1 - beta) * loss
-            smooth.append(avg / (1 - beta**i))
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train (smoothed)")
+        ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=2, markersize=5, label="held-out")
@@ -419,14 +411,8 @@ def plot_losses(rows: list[dict[str, float]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        fig.savefig(f, format="png")
 
 
 # ==========================================================================================================
@@ -452,8 +438,12 @@ def _subset(items: list, limit: int, seed: int) -> list:
 
 
 def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = None, tokenizer=None,
-          progress: bool = True) -> dict:  # fmt: skip
+          progress: bool = True, stories: Sequence | None = None) -> dict:  # fmt: skip
     """Fine-tune config.policy on config.data's stories; write the run into out_dir and return eval.json's dict.
+
+    stories: the examples to learn from (`data.Response`s: prompt, response, rank) instead of reading config.data.
+    A task's examples come this way (`wprlhf sft --task` passes `tasks.sft_stories(task, data)`): SFT trains on
+    whatever it is given and knows no task but by name, so it sits below the tasks (README, Architecture).
 
     out_dir gets config.json, metrics.csv (a row per optimizer step, val_loss at step 0 and every eval_every),
     tb/, samples.jsonl (held-out prompts before and after), loss.png, eval.json and policy/ (Hugging Face format,
@@ -462,10 +452,12 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     from tqdm.auto import tqdm
 
     from .data import load_responses, split_by_prompt
-    from .tasks import sft_stories
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    if config.task and stories is None:
+        raise UserError(f"sft task {config.task!r}: pass its examples, train(config, out_dir, "
+                        f"stories=tasks.sft_stories({config.task!r}, data)), as `wprlhf sft --task` does")  # fmt: skip
     if not config.data and not config.task:
         raise UserError(f"sft needs --data: a responses file, a directory or a hub id, e.g. --data {EXAMPLE_DATA}")
     if (out_dir / "metrics.csv").exists():
@@ -475,8 +467,8 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
         config, separator = dataclasses.replace(config, chat_template=False), ""
 
     # --- data: split by prompt first, so the held-out prompts do not depend on the filters or the subset
-    if config.task:
-        responses = sft_stories(config.task, config.data)
+    if stories is not None:
+        responses = list(stories)
     else:
         responses = load_responses(config.data, keep_meta=config.keep_meta)
     if not responses:
@@ -494,7 +486,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     acc = make_accelerator(resolve_device(config.device))
-    device, main = device_of(acc), acc.is_main_process
+    device, main = device_of(acc), is_main_process()
     policy.to(device)
     # Dropout off, as everywhere in wprlhf (models._configure); then the held-out loss is deterministic too.
     policy.eval()
@@ -523,7 +515,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
              "n_train_tokens": sum(len(e.response_ids) for e in train_examples), "n_val_examples": len(val_examples),
              "n_val_tokens": sum(len(e.response_ids) for e in val_examples), "steps": total_steps}  # fmt: skip
     if main:
-        ckpt.write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
+        write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
     logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
     pad = tokenizer.pad_token_id
     if progress:
@@ -549,7 +541,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     last_val = before["val_loss"]
     bar = tqdm(total=total_steps, desc="sft", unit="step", disable=not progress)
     for epoch in range(config.epochs):
-        # The order is a pure function of (seed, epoch), as ppo.prompt_batch's.
+        # The order is a pure function of (seed, epoch), as ppo_trainer.prompt_batch's.
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train_rows))
         for first in range(0, len(order), config.batch_size):
             t0 = time.perf_counter()
@@ -609,8 +601,8 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     logger.close()
     ckpt.export_models(out_dir, {"policy": policy}, tokenizer)
     # The settings travel with the model, as reward_model.py's train_config.json does.
-    ckpt.write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
-    ckpt.write_json_atomic(out_dir / "eval.json", result)
+    write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
+    write_json_atomic(out_dir / "eval.json", result)
     title = (f"SFT of {Path(config.policy).name} on {len(train_examples)} stories: held-out loss "
              f"{before['val_loss']:.3f} -> {last_val:.3f} ({len(val_examples)} stories)")  # fmt: skip
     plot_losses(read_metrics(out_dir / "metrics.csv"), out_dir / "loss.png", title)

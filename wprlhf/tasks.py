@@ -19,7 +19,7 @@ openings and compares their rewards, positive probabilities and judge scores wit
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,13 +28,13 @@ import torch
 
 from .classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, load_labelled, log_odds_reward
 from .data import Response, read_rows
+from .distributed import resolve_device
 from .errors import UserError
 from .evaluation import mean_ci, paired_means, sample_with_kl, text_stats
-from .generation import GenerationConfig
+from .generation import GenerationConfig, generation_config
 from .labelers import sentiment
-from .models import load_policy, resolve_device
-
-ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+from .models import load_policy
+from .signatures import RewardFn
 
 CONTROLS = ("[negative]", "[neutral]", "[positive]")
 OPENING_WORDS = 8
@@ -48,8 +48,8 @@ class Task:
 
     name: str
     prompts: list[str]
-    reward_fn: ScoreFn
-    judge_fn: ScoreFn
+    reward_fn: RewardFn
+    judge_fn: RewardFn
     chat_template: bool = False
 
 
@@ -131,7 +131,7 @@ def signed(control: str, value: float) -> float:
 # rewards and judges
 
 
-def on_reviews(score_fn: ScoreFn) -> ScoreFn:
+def on_reviews(score_fn: RewardFn) -> RewardFn:
     """A text score (of the response alone, like `labelers.sentiment`) applied to opening + continuation."""
 
     def review_score(prompts: list[str], responses: list[str]) -> list[float]:
@@ -140,7 +140,7 @@ def on_reviews(score_fn: ScoreFn) -> ScoreFn:
     return review_score
 
 
-def controlled(score_fn: ScoreFn) -> ScoreFn:
+def controlled(score_fn: RewardFn) -> RewardFn:
     """Wrap a (prompts, responses) positive-sentiment score for sentiment-control: the control prefix is removed
     before scoring and sets the sign (`signed`)."""
 
@@ -288,8 +288,8 @@ def evaluate_task(name: str, policy: str, start: str, classifier_dir: str | Path
     else:  # positive-reviews rewards exactly what [positive] does, so one signed reading serves both tasks
         controls, plain = ["[positive]"] * len(prompts), list(prompts)
     groups = plain  # resample openings: an opening's three controlled samples move together
-    gen = GenerationConfig(max_new_tokens=response_length, min_new_tokens=min_response_length,
-                           temperature=temperature)  # fmt: skip
+    gen = generation_config(response_length=response_length, min_response_length=min_response_length,
+                            temperature=temperature)  # fmt: skip
 
     texts, kls = _sample_both(policy, start, prompts, gen, seed, batch_size, chat_template, device, progress)
     scores = {}

@@ -1,0 +1,235 @@
+"""`PPOConfig`: every setting of a PPO run with its default and meaning, the paper's presets, and the rules for
+reading a config (file + flags) and for resuming a run with it.
+
+The defaults are sized for a laptop CPU; `PRESETS["ziegler2019"]` holds the settings of Ziegler et al. 2019.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from .errors import UserError
+from .generation import GenerationConfig, generation_config
+
+
+@dataclass
+class PPOConfig:
+    """Everything `wprlhf ppo` needs. Defaults are sized for a laptop CPU; `ziegler2019` holds the paper's."""
+
+    # --- what to train, on what, for how long
+    policy: str = "smollm2"
+    """Policy to start from: 'smollm2' (embedded), 'tiny' (random, tests), a local directory or a hub id."""
+    reward: str = "vowels"
+    """Reward SPEC (`rewards.load_reward`): a built-in ('vowels', 'length', 'sentiment', 'relevance'), 'rm:DIR',
+    'module:function', 'path/to/file.py:function', or a weighted sum such as '0.7*sentiment+0.3*relevance'."""
+    prompts: str = ""
+    """Prompt file: .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field. Empty = built-in prompts."""
+    task: str = ""
+    """A named task that brings its prompts, reward and judge (`wprlhf.tasks`): 'positive-reviews' or
+    'sentiment-control'. It replaces `reward`; `prompts` then names reviews to take openings from (a directory
+    such as ../shared/data/imdb, a text,label CSV or a .txt of openings; empty = the shipped openings). Read by
+    `wprlhf ppo`; `train()` takes prompts and reward_fn as arguments."""
+    classifier: str = ""
+    """With `task`: a directory written by `wprlhf classifier train`, whose log-odds of positive is the reward."""
+    steps: int = 20
+    """PPO steps; one step = one rollout batch and one PPO update on it."""
+    seed: int = 0
+    """Seeds the tiny init, prompt order, sampling noise and minibatch order."""
+
+    # --- rollout
+    batch_size: int = 16
+    """Episodes (prompt -> response) per PPO step."""
+    num_minibatches: int = 2
+    """Optimizer steps per PPO epoch; each sees batch_size / num_minibatches episodes."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch (trades memory for time; the update is the same)."""
+    ppo_epochs: int = 2
+    """Passes over each rollout batch."""
+    max_prompt_length: int = 128
+    """Prompts longer than this keep their last tokens (the chat template's assistant header is at the end). A prompt
+    also keeps only as many as leave room for response_length in the model's positions (GPT-2: 1024), with a
+    warning; a response_length that leaves no room is an error before the first step."""
+    response_length: int = 64
+    """Maximum response tokens."""
+    min_response_length: int = 0
+    """Stop tokens are forbidden before this many tokens."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs in the loss use the same one."""
+    top_k: int = 0
+    """Top-k sampling (0 = full vocabulary, as PPO's log-probs assume)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off, as PPO's log-probs assume)."""
+    stop_at_eos: bool = True
+    """False = fixed-length responses of response_length tokens (benchmarks)."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template where it has one (instruct models)."""
+
+    # --- optimisation
+    lr: float = 1.41e-5
+    """AdamW learning rate of the policy."""
+    value_lr: float | None = None
+    """Learning rate of the value model (None = lr)."""
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"
+    """'constant' or 'linear' (decay to 0 over `steps`, stepped once per PPO step)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm (policy and value together); None = off."""
+
+    # --- PPO
+    gamma: float = 1.0
+    """Discount; 1 because an episode is one response."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip, PPO's epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    target_approxkl: float | None = None
+    """Stop the epochs of a step early once a minibatch's approx-KL to the rollout policy exceeds this."""
+    shared_value_head: bool = False
+    """False: the value model is a separate network initialised from the policy (Stiennon et al. 2020); True: a
+    scalar head on the policy's last hidden states (one backbone for both, as in Ziegler et al. 2019)."""
+
+    # --- rewards and KL
+    kl_coef: float = 0.2
+    """Initial coefficient of the per-token KL penalty (beta in Ziegler et al. 2019)."""
+    adaptive_kl: bool = True
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019, sec. 2.2); False = a fixed kl_coef."""
+    kl_target: float = 6.0
+    """Target KL per response, nats."""
+    kl_horizon: int = 512
+    """Episodes over which kl_coef moves by up to a factor e^0.2; small enough to move within a short CPU run."""
+    kl_estimator: str = "k1"
+    """Per-token KL in the penalty: 'k1' (log p - log q, the paper's) or 'k3' (non-negative)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance over the batch (keeping their mean)."""
+    score_norm: str = "none"
+    """'none' or 'batch' (standardise scores within each batch before adding them)."""
+    score_clip: float | None = None
+    """Clip scores to [-score_clip, score_clip] after normalisation; None = off."""
+
+    # --- memory and speed
+    mixed_precision: str = "no"
+    """'no' (fp32), 'bf16' or 'fp16': autocast for every forward (accelerate's); weights and AdamW stay fp32."""
+    lora_r: int = 0
+    """LoRA rank of the policy's adapters (peft, on every linear layer); 0 = train all weights. With LoRA the
+    reference is the same network with its adapters off, so the base weights are held once."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (the update is alpha / r * B A)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, ~30 % more time."""
+    optimizer: str = "adamw"
+    """'adamw' (torch, fused) or 'adamw8bit' (bitsandbytes' 8-bit AdamW, where bitsandbytes is installed)."""
+
+    # --- run plumbing
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'. Under `accelerate launch`, each process's own device."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (the last step always saves)."""
+    log_samples: int = 2
+    """Decoded samples printed every sample_every steps, and written to samples.jsonl."""
+    sample_every: int = 5
+
+    def __post_init__(self):
+        # Ranges first: the divisibility checks below divide by these sizes.
+        at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
+                        max_prompt_length=1, response_length=1, min_response_length=0, top_k=0, kl_horizon=1,
+                        checkpoint_every=1, sample_every=1, log_samples=0, lora_r=0)  # fmt: skip
+        for name, low in at_least.items():
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}; set {flag} to {low} or more")
+        for name in ("temperature", "kl_target"):  # each divides something
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if not value > 0:  # `not >` also refuses NaN
+                raise UserError(f"{name} must be > 0, got {value}; set {flag} to a positive number")
+        if self.min_response_length > self.response_length:
+            raise UserError(f"min_response_length {self.min_response_length} exceeds response_length "
+                            f"{self.response_length}; lower --min-response-length")  # fmt: skip
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must lie in (0, 1], got {self.top_p}; set --top-p in that range (1 = off)")
+        if self.batch_size % self.num_minibatches:
+            raise UserError(
+                f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}; "
+                f"pick a divisor of {self.batch_size}"
+            )
+        if self.minibatch_size % self.gradient_accumulation_steps:
+            raise UserError(
+                f"minibatch size {self.minibatch_size} (batch_size / num_minibatches) is not divisible by "
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
+            )
+        choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"),
+                       score_norm=("none", "batch"),
+                       mixed_precision=("no", "bf16", "fp16"), optimizer=("adamw", "adamw8bit"))  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.score_norm == "batch" and self.batch_size < 2:
+            # The standard deviation of one score is undefined (NaN), and would reach every weight.
+            raise UserError(f"score_norm 'batch' standardises scores over the batch and needs batch_size >= 2, got "
+                            f"{self.batch_size}; raise --batch-size or use --score-norm none")  # fmt: skip
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.gradient_accumulation_steps
+
+    def generation(self) -> GenerationConfig:
+        """How this run samples (response_length -> max_new_tokens, ...)."""
+        return generation_config(self)
+
+
+PRESETS = {
+    # trl v0.1's defaults after Ziegler et al. 2019, the seed's settings. trl v0.1 trained on one episode at a
+    # time (minibatch size 1), hence 256 minibatches.
+    "ziegler2019": dict(
+        lr=1.41e-5, kl_coef=0.2, adaptive_kl=True, kl_target=6.0, kl_horizon=10000, gamma=1.0, lam=0.95,
+        cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, batch_size=256, num_minibatches=256, ppo_epochs=4,
+    ),  # fmt: skip
+}
+
+
+def upgrade(values: dict) -> dict:
+    """A config dict of an earlier version (a config file, a checkpoint) in today's keys: `value_model:
+    separate|shared` became `shared_value_head: bool`."""
+    values = dict(values)
+    if "value_model" in values and "shared_value_head" not in values:
+        values["shared_value_head"] = values.pop("value_model") == "shared"
+    return values
+
+
+# Fields that may differ between a run and its resumption; any other difference is a different experiment.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "log_samples", "sample_every", "device"}
+
+
+def check_resumable(saved: dict, config: PPOConfig) -> None:
+    """UserError unless `config` differs from the checkpoint's saved config only in RESUMABLE_CHANGES."""
+    current, saved = dataclasses.asdict(config), upgrade(saved)
+    # A field added since the checkpoint was written is missing from it; it ran with that field's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed)
+        raise UserError(f"the checkpoint was made with other settings ({diffs}); resume with the same settings or "
+                        "start a new run in another --out directory")  # fmt: skip
+
+
+def load_config(path: str | Path | None, overrides: dict, preset: str | None = None) -> PPOConfig:
+    """PPOConfig from a preset, then a YAML/JSON file, then explicit overrides; unknown keys are errors."""
+    if preset and preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return ckpt.load_config(PPOConfig, path, overrides, PRESETS.get(preset or ""), upgrade)
+
+
+def dump_config(config: PPOConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2)

@@ -1,0 +1,500 @@
+"""The plumbing under PPO's algorithm (`ppo.py`): models, optimizer, devices, processes, checkpoints, the run loop.
+
+`Trainer` holds the policy, the frozen reference (with LoRA: the policy with its adapters off), the value model
+(separate, or a head on the policy) and AdamW, prepared by accelerate. It samples (`generate`), scores (`score`), runs
+the no-grad forwards of a rollout and gathers every process's shard into the global batch (`forward_rollout`), and
+takes one optimizer step on a minibatch of it (`optimize`: micro-batches, DDP scaling, gradient clipping, the
+non-finite guard). `run` is the loop around a step function: prompts per step, metrics, samples, checkpoints,
+resume, the final export. None of it knows PPO's maths; `ppo.py` passes its losses in.
+
+Under `accelerate launch` each process samples and scores its shard of the batch (batch_size / processes
+episodes); `forward_rollout` gathers the shards, so every process computes the same global rewards, advantages
+and minibatches, trains on its slice of each minibatch, and DDP sums the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .core import masked_mean
+from .distributed import (check_divisible, check_finite, device_of, gather_padded, is_main_process, make_accelerator,
+                          reduce_sum, resolve_device, shard)  # fmt: skip
+from .files import write_json_atomic
+from .errors import UserError
+from .forwards import policy_forward, value_forward
+from .generation import Generation, decode_responses, encode_prompts, fit_positions, prompt_room, sample
+from .metrics import MetricsLogger
+from .models import (
+    ValueHead,
+    add_lora,
+    checkpointing,
+    count_parameters,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    make_reference,
+    make_value_model,
+    merged_copy,
+    stop_token_ids,
+)
+from .ppo_config import PPOConfig, check_resumable
+from .signatures import RewardFn
+
+NON_FINITE_FIX = ("Check that reward_fn returns finite scores of a sensible scale, then try a lower --lr, "
+                  "--max-grad-norm 1, --score-clip 5, or --mixed-precision no; resume from the last checkpoint with --resume.")  # fmt: skip
+
+
+@dataclass
+class Samples:
+    """This process's shard of a step's episodes as sampled: b = batch_size / processes rows.
+
+    prompts, texts: b strings (texts = the decoded responses); queries (b, Tq) left-padded, query_mask (b, Tq) bool;
+    generation: the sampler's responses, response_mask, logprobs (b, Tr); scores (b,) once scored.
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    generation: Generation
+    scores: torch.Tensor | None = None
+
+
+@dataclass
+class Rollout:
+    """The global batch a PPO update learns from, the same on every process (B = batch_size rows).
+
+    queries (B, Tq) left-padded, query_mask (B, Tq) bool; responses (B, Tr), response_mask (B, Tr) bool, True up
+    to and including the stop token; logprobs (B, Tr): the rollout policy's log-probs of the sampled tokens;
+    ref_logprobs (B, Tr): the frozen reference's; values (B, Tr): the value model's estimates; scores (B,): one
+    reward_fn score per response. Every (B, Tr) tensor is float32 and 0 on padding.
+    """
+
+    queries: torch.Tensor
+    query_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.queries.shape[0]
+
+
+def check_scores(scores, n: int, source: str) -> torch.Tensor:
+    """Scores as a (n,) float32 tensor, or a UserError naming `source` (e.g. "reward 'vowels'") and the fault.
+
+    The one check every entry point applies (`train`'s reward_fn, `PPOTrainer.step` and `step_batch`): one finite
+    number per response. A NaN score would otherwise reach every weight through the advantages.
+    """
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().reshape(-1).tolist() if scores.dim() <= 1 else scores
+    try:
+        values = [float(s) for s in scores]
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source} must return a list of numbers, got {type(scores).__name__}: {err}")
+    if len(values) != n:
+        raise UserError(f"{source} returned {len(values)} scores for {n} responses; return one per response")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise UserError(f"{source} returned non-finite scores (NaN/inf) at positions {bad[:5]}; return finite numbers")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class PolicyAndValue(nn.Module):
+    """The trained networks as one module, so accelerate wraps them once (DDP, DeepSpeed) and one forward
+    gives what the loss needs. Same inputs as policy_forward -> logprobs, values (B, Tr), entropy or None."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: ValueHead | None):
+        super().__init__()
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
+
+    def forward(self, queries, query_mask, responses, response_mask, temperature: float, with_entropy: bool = False):
+        batch = (queries, query_mask, responses, response_mask)
+        logprobs, values, entropy = policy_forward(self.policy, *batch, temperature, self.value_head, with_entropy)
+        if self.value_model is not None:
+            values = value_forward(self.value_model, *batch)
+        return logprobs, values, entropy
+
+
+class Trainer:
+    """Policy, frozen reference, value model, AdamW and the KL controller `kl_ctl` (whatever `ppo.py` gives)."""
+
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.kl_ctl = kl_ctl
+        self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
+        self.device = device_of(self.accelerator)
+        self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
+        check_divisible(config.minibatch_size, "minibatch size (batch_size / num_minibatches)", self.accelerator)
+        self.policy = policy.to(self.device)
+        prompt_room(self.policy, config.response_length)  # a UserError now, before any work, if nothing fits
+        self.value_model, self.value_head = None, None
+        if config.shared_value_head:
+            self.value_head = ValueHead(self.policy.config.hidden_size, seed=config.seed + 1).to(self.device)
+            value_params = list(self.value_head.parameters())
+        else:
+            self.value_model = (value_model or make_value_model(policy, seed=config.seed + 1)).to(self.device)
+            value_params = list(self.value_model.parameters())
+        # LoRA: the reference is the policy with its adapters switched off (one copy of the base weights).
+        self.reference = None if config.lora_r else make_reference(self.policy)
+        if config.lora_r:
+            self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
+        if config.gradient_checkpointing:
+            for model in (self.policy, self.value_model):
+                if model is not None:
+                    enable_gradient_checkpointing(model)
+        policy_params = [p for p in self.policy.parameters() if p.requires_grad]
+        groups = [{"params": policy_params, "lr": config.lr}, {"params": value_params, "lr": config.value_lr or config.lr}]
+        optimizer = make_optimizer(config.optimizer, groups, config.adam_eps, config.weight_decay, self.device)
+        decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
+        # Stepped once per PPO step on every process: not handed to accelerate, which would step it once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+        self.model, self.optimizer = self.accelerator.prepare(
+            PolicyAndValue(self.policy, self.value_model, self.value_head), optimizer
+        )
+        self.trainable = policy_params + value_params
+        # One process and a separate value model: the policy's loss is backpropagated before the value model runs,
+        # so the two models' activations are never held at once (peak RSS of the smollm2 benchmark -350 MiB; the
+        # gradients are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
+        self.separate_backwards = self.value_model is not None and self.accelerator.distributed_type == "NO"
+        # Sampling noise differs between processes; the minibatch order must not (all train on one global batch).
+        rank = self.accelerator.process_index
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 100_003 * rank)
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed)
+        self.stop_token_ids = stop_token_ids(tokenizer)
+        self.step_count = 0
+        self.episodes = 0
+        self.timings: dict[str, float] = {}
+        """Seconds spent in the last step's sampling (time_generate) and scoring (time_score)."""
+        self.last_episodes: dict[str, list[float]] = {}
+        """Per-episode kl and rlhf_reward of the last global batch (the main process's episodes first), for the
+        samples log."""
+
+    # -------------------------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def generate(self, prompts: list[str]) -> Samples:
+        """One response per prompt from the current policy (this process's prompts): text, as generation.generate
+        gives, with the tensors PPO needs (generation.sample's)."""
+        c, started = self.config, time.perf_counter()
+        queries, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, c.chat_template)
+        # The clipped queries are kept: PPO's forwards must read the prompts the responses were sampled from.
+        queries, query_mask = fit_positions(self.policy, queries, query_mask, c.response_length)
+        queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        with self.accelerator.autocast():
+            gen = sample(self.policy, queries, query_mask, c.generation(), self.stop_token_ids,
+                         self.tokenizer.pad_token_id, self.generator, self.tokenizer)  # fmt: skip
+        texts = decode_responses(self.tokenizer, gen.responses, gen.response_mask)
+        self.timings["time_generate"] = time.perf_counter() - started
+        return Samples(prompts, texts, queries, query_mask, gen)
+
+    def score(self, samples: Samples, reward_fn: RewardFn) -> torch.Tensor:
+        """reward_fn on this process's (prompts, texts), checked: scores (b,) on the trainer's device."""
+        started = time.perf_counter()
+        name = f"reward {self.config.reward!r}"
+        scores = check_scores(reward_fn(samples.prompts, samples.texts), len(samples.texts), name).to(self.device)
+        self.timings["time_score"] = time.perf_counter() - started
+        return scores
+
+    def reference_logprobs(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
+        """Log-probs of the responses under the frozen start policy (B, Tr)."""
+        batch = (queries, query_mask, responses, response_mask)
+        if self.reference is not None:
+            return policy_forward(self.reference, *batch, self.config.temperature)[0]
+        with self.policy.disable_adapter():
+            return policy_forward(self.policy, *batch, self.config.temperature)[0]
+
+    def forward_rollout(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> Rollout:
+        """This process's episodes -> the global Rollout: no-grad forwards for the reference's log-probs and the
+        values (and the policy's log-probs when the sampler's are not given), then every process's shard gathered.
+
+        queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool; scores (b,);
+        logprobs (b, Tr) or None; b = batch_size / processes. UserError for a batch of the wrong size or content.
+        """
+        self.check_episodes(queries, responses, response_mask)
+        scores = check_scores(scores, queries.shape[0], "step_batch's scores").to(self.device)
+        batch = (queries, query_mask, responses, response_mask)
+        with torch.no_grad(), self.accelerator.autocast():
+            if logprobs is None or self.value_head is not None:
+                policy_logprobs, values, _ = policy_forward(self.policy, *batch, self.config.temperature, self.value_head)
+            if logprobs is None:
+                logprobs = policy_logprobs
+            else:  # sampling already gave them: no second policy forward
+                logprobs = torch.where(response_mask, logprobs, 0.0)
+            if self.value_model is not None:
+                values = value_forward(self.value_model, *batch)
+            ref_logprobs = self.reference_logprobs(*batch)
+        with torch.no_grad():
+            # The global batch on every process: padding to the longest shard happens here and nowhere else.
+            acc, pad = self.accelerator, self.tokenizer.pad_token_id
+            return Rollout(
+                gather_padded(acc, queries, pad, "left"), gather_padded(acc, query_mask, 0, "left"),
+                gather_padded(acc, responses, pad), gather_padded(acc, response_mask, 0),
+                *(gather_padded(acc, x.float(), 0.0) for x in (logprobs, ref_logprobs, values, scores)),
+            )  # fmt: skip
+
+    def check_episodes(self, queries, responses, response_mask) -> None:
+        """UserError for a shard of the wrong size, an empty response, or token ids the policy cannot read."""
+        c = self.config
+        if queries.shape[0] != self.local_batch_size:
+            raise UserError(f"step got {queries.shape[0]} episodes but batch_size is {c.batch_size} "
+                            f"({self.local_batch_size} per process)")  # fmt: skip
+        if not response_mask.any(dim=1).all():
+            rows = torch.nonzero(~response_mask.any(dim=1)).flatten().tolist()
+            raise UserError(f"step_batch: responses {rows[:5]} have no real token (response_mask all False); every "
+                            "response needs at least one token (an empty answer is its end-of-turn token)")  # fmt: skip
+        vocab = self.policy.get_input_embeddings().num_embeddings
+        for name, ids in (("queries", queries), ("responses", responses)):
+            if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+                raise UserError(f"step_batch: {name} hold token ids outside the policy's vocabulary [0, {vocab}); "
+                                "encode them with the policy's own tokenizer")  # fmt: skip
+
+    # -------------------------------------------------------------------------------- optimisation
+    def minibatches(self) -> list[torch.Tensor]:
+        """One epoch's minibatches: a fresh shuffle of the global batch's rows, cut into num_minibatches."""
+        c = self.config
+        order = torch.randperm(c.batch_size, generator=self.shuffle_generator).to(self.device)
+        return [order[start : start + c.minibatch_size] for start in range(0, c.batch_size, c.minibatch_size)]
+
+    def optimize(self, rollout: Rollout, rows: torch.Tensor, policy_objective: Callable, value_objective: Callable,
+                 vf_coef: float, with_entropy: bool) -> dict[str, float]:  # fmt: skip
+        """One optimizer step on the minibatch `rows` (global indices) of `rollout`, minimising
+        policy_objective + vf_coef * value_objective.
+
+        policy_objective(new_logprobs, rows, n_tokens) and value_objective(values, rows, n_tokens) each return
+        (loss, stats): loss summed over the rows' response tokens and divided by n_tokens, the whole minibatch's
+        token count, so this process's slice of the minibatch, cut into gradient_accumulation_steps micro-batches,
+        adds up to the loss of the whole minibatch. Returns the minibatch's stats, summed over processes.
+        """
+        c, acc = self.config, self.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        n_tokens = rollout.response_mask[rows].sum().clamp(min=1)
+        local = rows[rank::world]
+        micro_size = max(1, len(local) // c.gradient_accumulation_steps)
+        starts = range(0, len(local), micro_size)
+        stats: dict[str, float] = {}
+        for i, start in enumerate(starts):
+            idx = local[start : start + micro_size]
+            # Gradients are all-reduced once per minibatch, after its last micro-batch.
+            sync = contextlib.nullcontext() if i == len(starts) - 1 else acc.no_sync(self.model)
+            # checkpointing: a no-op unless gradient_checkpointing is on.
+            with sync, checkpointing(self.model):
+                micro = self._backward(rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
+            for k, v in micro.items():
+                stats[k] = stats.get(k, 0.0) + v
+        stats = reduce_sum(acc, stats)
+        # max_norm inf measures the norm without clipping: the guard below needs it either way.
+        norm = acc.clip_grad_norm_(self.trainable, c.max_grad_norm or math.inf)
+        if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
+            stats["grad_norm"] = float(norm)
+        self.check_finite(stats)
+        self.optimizer.step()
+        # Freed, not zeroed: kept gradient buffers raised peak RSS of the smollm2 benchmark by ~650 MiB
+        # (they sit beside the next rollout's activations) for no measurable speed-up.
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def _backward(self, rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
+        """Forward and backward of one micro-batch; its stats, weighted by its share of the minibatch's tokens."""
+        c, acc = self.config, self.accelerator
+        mask = rollout.response_mask[idx]
+        batch = (rollout.queries[idx], rollout.query_mask[idx], rollout.responses[idx], mask)
+        # Entropy is a statistic, not a loss term: the caller asks for it on the first epoch only (it costs several
+        # passes over the (b, Tr, V) logits).
+        if self.separate_backwards:
+            new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy)
+        else:
+            new_logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=with_entropy)
+        pg_loss, pg_stats = policy_objective(new_logprobs, idx, n_tokens)
+        if self.separate_backwards:  # frees the policy's activations before the value model runs
+            acc.backward(pg_loss)
+            values = value_forward(self.value_model, *batch)
+        vf_loss, vf_stats = value_objective(values, idx, n_tokens)
+        loss = vf_coef * vf_loss + (0.0 if self.separate_backwards else pg_loss)
+        # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
+        acc.backward(loss * acc.num_processes)
+        share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
+        micro = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                 **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
+        if entropy is not None:
+            micro["entropy"] = float(masked_mean(entropy, mask)) * share
+        return micro
+
+    def check_finite(self, stats: dict[str, float]) -> None:
+        """Stop before an optimizer step whose losses or gradient norm are NaN/inf (every process agrees).
+
+        Under fp16 an infinite gradient norm is the loss scaler's business: it skips that step and lowers its scale.
+        """
+        keys = ["policy_loss", "value_loss"] + ([] if self.config.mixed_precision == "fp16" else ["grad_norm"])
+        check_finite(self.accelerator, self.step_count + 1, "PPO update", NON_FINITE_FIX,
+                     **{k: stats[k] for k in keys if k in stats})  # fmt: skip
+
+    def end_step(self, n_episodes: int) -> None:
+        """Book-keeping once a step's update is done: the learning-rate schedule and the counters."""
+        self.scheduler.step()
+        self.step_count += 1
+        self.episodes += n_episodes
+
+    # -------------------------------------------------------------------------------- saving
+    def state_dict(self) -> dict:
+        """Everything but the model weights that a resumed run needs to continue bit for bit."""
+        return {
+            "step": self.step_count,
+            "episodes": self.episodes,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "generator": self.generator.get_state(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "numpy_rng": np.random.get_state(),
+            "config": dataclasses.asdict(self.config),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.episodes = state["step"], state["episodes"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.generator.set_state(state["generator"])
+        if "shuffle_generator" in state:  # absent in checkpoints written before it existed
+            self.shuffle_generator.set_state(state["shuffle_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+
+    def models(self) -> dict[str, nn.Module]:
+        """The trained networks by the name of their folder in a checkpoint."""
+        out = {"policy": self.policy}
+        if self.value_model is not None:
+            out["value"] = self.value_model
+        return out
+
+    def save(self, directory: Path) -> None:
+        """A resumable checkpoint, written by the main process once every process has finished the step."""
+        self.accelerator.wait_for_everyone()
+        if is_main_process():
+            ckpt.save_checkpoint(directory, self.models(), self.tokenizer, self.state_dict(), self.value_head)
+        self.accelerator.wait_for_everyone()
+
+    def export(self, out_dir: Path) -> None:
+        """The final models in Hugging Face format (LoRA adapters merged), written by the main process."""
+        self.accelerator.wait_for_everyone()
+        if is_main_process():
+            models = {name: merged_copy(model) for name, model in self.models().items()}
+            ckpt.export_models(out_dir, models, self.tokenizer, self.value_head)
+        self.accelerator.wait_for_everyone()
+
+    def load(self, checkpoint: Path | ckpt.Checkpoint) -> None:
+        """Restore a checkpoint folder (or one ckpt.resume_checkpoint has read). Every file is read and checked
+        before anything changes: a CheckpointError or other settings leave the models and optimizer as they were."""
+        if not isinstance(checkpoint, ckpt.Checkpoint):
+            checkpoint = ckpt.read_checkpoint(checkpoint, self.models(), self.value_head, self.check_state)
+        self.load_state_dict(ckpt.apply_checkpoint(checkpoint, self.models(), self.value_head))
+
+    def check_state(self, state: dict) -> None:
+        """For ckpt.read_checkpoint: CheckpointError for a trainer state this run cannot load, UserError for one
+        made with other settings."""
+        keys = ("step", "episodes", "optimizer", "scheduler", "kl_ctl", "generator", "torch_rng", "python_rng",
+                "numpy_rng", "config")  # fmt: skip
+        if missing := [k for k in keys if k not in state]:
+            raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (it lacks {missing})")
+        if not isinstance(state["config"], dict):
+            raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (its config is not a mapping)")
+        check_resumable(state["config"], self.config)  # first: other settings also make another optimizer
+        try:
+            saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        except (KeyError, TypeError):
+            saved = None
+        if saved != [len(g["params"]) for g in self.optimizer.state_dict()["param_groups"]]:
+            raise ckpt.CheckpointError(f"{ckpt.STATE_FILE} is corrupt (its optimizer state is not this trainer's)")
+
+
+# ==========================================================================================================
+# The run loop: prompts in, a step function per batch, files out
+
+
+def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> list[str]:
+    """The prompts of a step: a pure function of (step, seed), walking seeded shuffles epoch by epoch.
+
+    Needs no saved state, so a resumed run sees exactly the prompts the uninterrupted run would have.
+    """
+    n = len(prompts)
+    orders: dict[int, np.ndarray] = {}  # a batch spans at most a few epochs: shuffle each once
+    batch = []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        batch.append(prompts[orders[epoch][pos]])
+    return batch
+
+
+def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path,
+        resume: bool = False, progress: bool = True, judge_fn: RewardFn | None = None) -> Trainer:  # fmt: skip
+    """Run `config.steps` steps of `step_fn(trainer, prompts, reward_fn) -> (stats, Samples)`; write metrics,
+    samples, checkpoints and the final models into out_dir (see `ppo.train`)."""
+    from tqdm.auto import tqdm
+
+    config, out_dir = trainer.config, Path(out_dir)
+    acc = trainer.accelerator
+    main = is_main_process()  # the one process that logs and writes files
+    start = 0
+    if resume:
+        # The newest checkpoint that reads back whole: past an unreadable one it falls back, saying what was wrong.
+        restart = ("start a new run: rerun without --resume and with --out set to a new directory"
+                   if (out_dir / "metrics.csv").exists() else "start the run: rerun without --resume")  # fmt: skip
+        trainer.load(ckpt.resume_checkpoint(out_dir, trainer.models(), trainer.value_head, trainer.check_state,
+                                            restart, warn=ckpt.print_warning if main else None))  # fmt: skip
+        start = trainer.step_count
+    elif (out_dir / "metrics.csv").exists():
+        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
+    logger = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+        logger = MetricsLogger(out_dir, resume_step=start if resume else None)
+        if not resume:
+            tqdm.write(f"policy {config.policy}: {count_parameters(trainer.policy) / 1e6:.1f} M parameters on "
+                       f"{trainer.device}" + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))  # fmt: skip
+    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not (progress and main), initial=start,
+               total=config.steps)  # fmt: skip
+    for step in bar:
+        batch_prompts = shard(prompt_batch(prompts, step, config.batch_size, config.seed), acc)
+        started = time.perf_counter()
+        stats, samples = step_fn(trainer, batch_prompts, reward_fn)
+        elapsed = time.perf_counter() - started
+        time_train = elapsed - trainer.timings["time_generate"] - trainer.timings["time_score"]
+        stats.update(trainer.timings, time_train=time_train, episodes_per_s=config.batch_size / elapsed)
+        if judge_fn is not None:
+            judged = torch.tensor([float(s) for s in judge_fn(samples.prompts, samples.texts)], device=trainer.device)
+            stats["judge_mean"] = float(gather_padded(acc, judged, 0.0).mean())
+        if main:
+            logger.log(step + 1, {"episodes": trainer.episodes, **stats})
+            bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", kl_coef=f"{stats['kl_coef']:.3f}")
+            if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):
+                n = min(config.log_samples, len(samples.texts))
+                logger.log_samples(step + 1, samples.prompts[:n], samples.texts[:n], samples.scores[:n].tolist(),
+                                   trainer.last_episodes["kl"][:n], trainer.last_episodes["rlhf_reward"][:n], echo=progress)  # fmt: skip
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            trainer.save(ckpt.checkpoint_path(out_dir, step + 1))
+    if main:
+        logger.close()
+    trainer.export(out_dir)
+    return trainer
