@@ -15,9 +15,22 @@ from wprlhf.ppo import (
     FixedKLController,
     compute_advantages,
     compute_rewards,
+    normalize_scores,
     policy_loss,
     value_loss,
 )
+
+# ----------------------------------------------------------------------------------------------------------
+# normalize_scores
+
+
+def test_normalize_scores_by_hand():
+    """scores 1, 2, 3: mean 2, sample std 1 -> -1, 0, 1; clip 0.5 -> -0.5, 0, 0.5; 'none' leaves them as given."""
+    close(normalize_scores(t([1.0, 2.0, 3.0]), "batch"), [-1.0, 0.0, 1.0], atol=1e-6)
+    close(normalize_scores(t([1.0, 2.0, 3.0]), "batch", clip=0.5), [-0.5, 0.0, 0.5], atol=1e-6)
+    close(normalize_scores(t([1.0, 2.0, 3.0]), "none", clip=2.5), [1.0, 2.0, 2.5])
+    close(normalize_scores(t([7.0, 7.0]), "batch"), [0.0, 0.0])  # equal scores: std 0, the 1e-8 keeps it finite
+
 
 # ----------------------------------------------------------------------------------------------------------
 # compute_rewards
