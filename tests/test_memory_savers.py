@@ -140,6 +140,39 @@ def test_bf16_autocast_trains(tokenizer):
     assert not torch.equal(before, after)
 
 
+@pytest.mark.parametrize("shared_value_head", [False, True])
+def test_bf16_reaches_every_training_matmul(tokenizer, shared_value_head):
+    """With mixed_precision bf16, the policy's and the value model's training forwards (grad on) run their linear
+    layers in bf16, on the one-process path that backpropagates the policy before the value model runs too."""
+    policy, _ = load_policy("tiny")
+    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, lr=1e-3, mixed_precision="bf16", device="cpu",
+                       shared_value_head=shared_value_head)  # fmt: skip
+    trainer = PPOTrainer(config, policy, tokenizer)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled():
+                seen.setdefault(name, set()).add(output.dtype)
+        return hook
+
+    for name, model in trainer.models().items():
+        next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(record(name))
+    _step(trainer, tokenizer)
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen.values()), seen
+    assert set(seen) == set(trainer.models())
+
+
+def test_bf16_rollout_logprobs_match_the_training_forward(tmp_path):
+    """Under bf16 the rollout's log-probs come from the same precision as the training forward: on the first
+    minibatch of a step the ratio is exactly 1, so nothing is clipped and approx-KL is 0."""
+    config = PPOConfig(policy="tiny", steps=1, batch_size=4, num_minibatches=1, ppo_epochs=1, response_length=6,
+                       mixed_precision="bf16", device="cpu", log_samples=0)  # fmt: skip
+    train(config, PROMPTS, vowels, tmp_path / "run", progress=False)
+    row = read_metrics(tmp_path / "run" / "metrics.csv")[0]
+    assert row["clipfrac"] == 0.0 and row["approxkl"] == pytest.approx(0.0, abs=1e-7)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_adamw8bit_trains(tokenizer):  # pragma: no cover - only where bitsandbytes is installed
     policy, _ = load_policy("tiny")

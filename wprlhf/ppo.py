@@ -233,8 +233,11 @@ def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dic
     samples = trainer.generate(prompts)  # 1. rollout: the policy writes a response to each prompt
     samples.scores = trainer.score(samples, reward_fn)  # 2. evaluation: reward_fn scores each response
     gen = samples.generation  # + the reference's log-probs and the values of the same tokens, all processes' episodes
+    # The sampler's log-probs save a policy forward in fp32. Under bf16/fp16 its KV-cached steps round otherwise than
+    # a training forward would: recompute them there, so the first minibatch's ratio is exactly 1.
+    logprobs = gen.logprobs if trainer.config.mixed_precision == "no" else None
     rollout = trainer.forward_rollout(samples.queries, samples.query_mask, gen.responses, gen.response_mask,
-                                      samples.scores, gen.logprobs)  # fmt: skip
+                                      samples.scores, logprobs)  # fmt: skip
     return learn(trainer, rollout), samples  # 3-6. rewards, advantages, update, stats
 
 

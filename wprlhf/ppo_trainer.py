@@ -315,14 +315,18 @@ class Trainer:
         batch = (rollout.queries[idx], rollout.query_mask[idx], rollout.responses[idx], mask)
         # Entropy is a statistic, not a loss term: the caller asks for it on the first epoch only (it costs several
         # passes over the (b, Tr, V) logits).
+        # The bare models' forwards need the autocast that accelerate gives only the prepared module's forward: without
+        # it, --mixed-precision never reached a one-process run's training matmuls (a no-op in fp32).
         if self.separate_backwards:
-            new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy)
+            with acc.autocast():
+                new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy)
         else:
             new_logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=with_entropy)
         pg_loss, pg_stats = policy_objective(new_logprobs, idx, n_tokens)
         if self.separate_backwards:  # frees the policy's activations before the value model runs
             acc.backward(pg_loss)
-            values = value_forward(self.value_model, *batch)
+            with acc.autocast():
+                values = value_forward(self.value_model, *batch)
         vf_loss, vf_stats = value_objective(values, idx, n_tokens)
         loss = vf_coef * vf_loss + (0.0 if self.separate_backwards else pg_loss)
         # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
