@@ -310,3 +310,13 @@ def test_zero_sizes_are_user_errors_naming_the_flag(argv, flag, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"must be >= {2 if flag == '--k' else 1}, got" in err and f"; set {flag} to" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_reward_model_longer_than_the_position_table_is_a_user_error(gpt2_dirs, tmp_path, capsys):
+    """rm train's default --max-length 128 on a GPT-2 with 64 positions was a raw IndexError mid-batch."""
+    from wprlhf.data import Comparison, write_comparisons
+
+    write_comparisons(tmp_path / "c.jsonl", [Comparison(f"prompt {i}", ["a " * 200, "b"], 0) for i in range(8)])
+    argv = ["rm", "train", "--model", str(gpt2_dirs["rm"]), "--data", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "rm")]
+    assert main(argv) == 2
+    assert f"--max-length 128 exceeds the {POSITIONS} positions" in capsys.readouterr().err

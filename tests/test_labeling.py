@@ -536,6 +536,7 @@ def test_bad_requests_get_4xx_with_a_clear_message(serve):
         client.post("/api/label", json={"session": bob, "comparison_id": 1, "choice": "skip"}).raise_for_status()
         cases = [  # (method, path, body: dict | bytes | None, status, words in the error)
             ("POST", "/api/label", {"session": ann, "comparison_id": 999, "choice": 0}, 404, "999 does not exist"),
+            ("POST", "/api/next", {"session": 5}, 400, "session is malformed"),
             ("POST", "/api/label", {"session": ann, "comparison_id": 2, "choice": 0}, 409, "already has its 1 label"),
             ("POST", "/api/label", {"session": bob, "comparison_id": 1, "choice": 1}, 409, "bob already labelled"),
             ("POST", "/api/label", {"session": ann, "comparison_id": 1, "choice": 5}, 400, "must be a response index"),

@@ -148,3 +148,37 @@ def test_every_process_stops_together_when_one_sees_nan(tmp_path):
         text = (tmp_path / f"out.txt.rank{rank}").read_text()
         assert text.startswith("raised") and "step 7: loss = nan" in text, text
 
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--kl-coef", "nan"], "kl_coef must be a finite number"), (["--lr", "inf"], "lr must be a finite number"),
+     (["--max-grad-norm", "nan"], "max_grad_norm must be a finite number"), (["--lr", "-1"], "lr must be >= 0"),
+     (["--config", "CONFIG"], "lr must be a finite number")],
+)  # fmt: skip
+def test_non_finite_or_negative_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    """A NaN setting passes every range check: it used to crash writing config.json (and a negative lr ran the
+    update backwards). Refused up front, with the flag to fix, and no run directory made."""
+    (tmp_path / "nan.yaml").write_text("lr: .nan\n")
+    flags = [str(tmp_path / "nan.yaml") if f == "CONFIG" else f for f in flags]
+    argv = ["ppo", "--policy", "tiny", "--reward", "length", "--steps", "1", "--batch-size", "2", "--num-minibatches",
+            "1", "--response-length", "4", "--out", str(tmp_path / "run"), *flags]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_scores_beyond_float32_are_named_as_such(tokenizer):
+    """1e300 is finite for Python but inf in float32: the message says so and names the caller's own entry point."""
+    policy, _ = load_policy("tiny")
+    trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=2, num_minibatches=1), policy, tokenizer)
+    queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:2]]
+    with pytest.raises(UserError, match=r"PPOTrainer.step's scores returned scores beyond float32's range"):
+        trainer.step(queries, [torch.tensor([100]), torch.tensor([200])], [1e300, 0.0])
+
+
+def test_an_empty_comparisons_jsonl_says_it_holds_nothing(tmp_path, capsys):
+    """A blank comparisons JSONL said it 'lacks column(s) ... (has: )'; it holds no rows."""
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert main(["rm", "train", "--model", "tiny", "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "rm")]) == 2
+    assert "empty.jsonl holds no rows" in capsys.readouterr().err

@@ -15,7 +15,6 @@ the text,label data, head + tail truncation, the log-odds reward, F1 and the bas
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import re
 import sys
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import read_rows
-from .errors import UserError
+from .errors import UserError, check_numbers
 from .files import write_json_atomic
 from .reward_model import BinaryRating, accuracy_ci, choice_credit, fit, load, outputs, save
 
@@ -87,11 +86,9 @@ class ClassifierConfig:
             raise UserError(f"max_examples must be >= 0 (0 = all), got {self.max_examples}")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not self.lr > 0:  # written so that NaN fails too
+        check_numbers(self, non_negative=("weight_decay", "warmup_ratio"))
+        if not self.lr > 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "warmup_ratio"):
-            if not math.isfinite(getattr(self, name)):  # a NaN would pass every range check and reach the JSON
-                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
 
 
 # ==========================================================================================================

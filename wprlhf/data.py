@@ -237,6 +237,8 @@ def _reject(out: Loaded, message: str, on_error: str) -> None:
 
 
 def _require(rows: Loaded, needed: Sequence[str], what: str) -> None:
+    if not rows and not rows.columns:  # an empty or blank JSONL has no columns to name
+        raise UserError(f"{rows.source} holds no rows; {what}")
     missing = [c for c in needed if c not in rows.columns]
     if missing:
         raise UserError(f"{rows.source} lacks column(s) {', '.join(missing)} (has: {', '.join(rows.columns)}); "

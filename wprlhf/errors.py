@@ -1,4 +1,5 @@
-"""The one exception type whose message is shown to users as it is: what went wrong and how to fix it."""
+"""The exception type whose message is shown to users as it is (what went wrong and how to fix it), and the number
+check every config shares."""
 
 
 class UserError(Exception):
@@ -8,3 +9,18 @@ class UserError(Exception):
 class NonFiniteError(UserError):
     """A loss or gradient norm became NaN or inf: the run stops before the optimizer step, so the weights and the
     last checkpoint stay as they were."""
+
+
+def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
+    """The check every config dataclass's __post_init__ starts with: UserError for a float field that is NaN or
+    inf (a NaN passes every range check, then reaches the weights or a JSON file we write), or negative where
+    `non_negative` names it (a negative learning rate would run the update backwards)."""
+    import dataclasses
+    import math
+
+    for field in dataclasses.fields(config):
+        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{field.name} must be a finite number, got {value}; set {flag} to a finite number")
+        if field.name in non_negative and value is not None and value < 0:
+            raise UserError(f"{field.name} must be >= 0, got {value}; set {flag} to 0 or more")

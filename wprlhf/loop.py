@@ -28,7 +28,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
 from .distributed import resolve_device
-from .errors import UserError
+from .errors import UserError, check_numbers
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .metrics import read_metrics
 from .evaluation import sample_with_kl, text_stats, win_rate
@@ -109,6 +109,7 @@ class LoopConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_numbers(self, non_negative=("lr", "rm_lr", "labeler_temperature", "poll_s"))
         # Every size is checked here, before the first phase: a bad one must not surface after an hour of sampling.
         at_least = dict(rounds=1, k=2, prompts_per_round=1, ppo_steps=1, response_length=1, eval_prompts=1,
                         labelers=1, rm_epochs=1, rm_max_length=16, batch_size=1, web_labels=0,

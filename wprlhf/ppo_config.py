@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .errors import UserError
+from .errors import UserError, check_numbers
 from .generation import GenerationConfig, generation_config
 
 
@@ -138,6 +138,8 @@ class PPOConfig:
     sample_every: int = 5
 
     def __post_init__(self):
+        check_numbers(self, non_negative=("lr", "value_lr", "weight_decay", "adam_eps", "cliprange", "cliprange_value",
+                                          "vf_coef", "kl_coef", "score_clip", "max_grad_norm", "gamma", "lam"))  # fmt: skip
         # Ranges first: the divisibility checks below divide by these sizes.
         at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
                         max_prompt_length=1, response_length=1, min_response_length=0, top_k=0, kl_horizon=1,

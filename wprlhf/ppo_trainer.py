@@ -51,8 +51,9 @@ from .models import (
 from .ppo_config import PPOConfig, check_resumable
 from .signatures import RewardFn
 
-NON_FINITE_FIX = ("Check that reward_fn returns finite scores of a sensible scale, then try a lower --lr, "
-                  "--max-grad-norm 1, --score-clip 5, or --mixed-precision no; resume from the last checkpoint with --resume.")  # fmt: skip
+NON_FINITE_FIX = ("Check that reward_fn returns scores of a sensible scale, then rerun with a lower --lr, --max-grad-norm 1, "
+                  "--score-clip 5 or --mixed-precision no: with --resume and the same --out where OUT/checkpoints "
+                  "holds a checkpoint (a changed setting needs a new --out), else into a new --out.")  # fmt: skip
 
 
 @dataclass
@@ -111,7 +112,11 @@ def check_scores(scores, n: int, source: str) -> torch.Tensor:
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
         raise UserError(f"{source} returned non-finite scores (NaN/inf) at positions {bad[:5]}; return finite numbers")
-    return torch.tensor(values, dtype=torch.float32)
+    scores = torch.tensor(values, dtype=torch.float32)
+    if huge := torch.nonzero(~torch.isfinite(scores)).flatten().tolist():
+        raise UserError(f"{source} returned scores beyond float32's range (|score| > 3.4e38) at positions {huge[:5]}; "
+                        "scale them down")  # fmt: skip
+    return scores
 
 
 class PolicyAndValue(nn.Module):

@@ -36,10 +36,10 @@ from torch import nn
 from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
 from .distributed import check_finite, device_of, make_accelerator, reduce_sum, resolve_device
-from .errors import UserError
+from .errors import UserError, check_numbers
 from .files import write_json_atomic
 from .metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
-from .models import freeze_lower_layers, load_reward_backbone
+from .models import freeze_lower_layers, load_reward_backbone, position_limit
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -103,9 +103,7 @@ class RewardConfig:
                                 f"set --{name.replace('_', '-')} to 1 or more")  # fmt: skip
         if self.normalize_samples < 2:
             raise UserError(f"normalize_samples must be >= 2 (a std needs two scores), got {self.normalize_samples}")
-        for name in ("lr", "weight_decay", "warmup_ratio", "val_fraction"):
-            if not math.isfinite(getattr(self, name)):  # a NaN would pass every range check and reach the JSON
-                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
+        check_numbers(self, non_negative=("lr", "weight_decay", "warmup_ratio", "val_fraction"))
 
 
 # ==========================================================================================================
@@ -431,6 +429,10 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     acc = make_accelerator(resolve_device(config.device))
     device, main = device_of(acc), acc.is_main_process
     model, tokenizer = load_reward_backbone(config.model, num_labels=label.num_labels, seed=config.seed)
+    limit = position_limit(model)
+    if limit is not None and config.max_length > limit:  # past a learned position table: an IndexError mid-batch
+        raise UserError(f"--max-length {config.max_length} exceeds the {limit} positions of {config.model}; set "
+                        f"--max-length {limit} or less")  # fmt: skip
     for key, value in head_config.items():
         setattr(model.config, key, value)
     freeze_lower_layers(model, config.freeze_layers)

@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import linear_schedule, logprobs_from_logits, masked_sum
 from .distributed import check_finite, device_of, is_main_process, make_accelerator, reduce_sum, resolve_device
-from .errors import UserError
+from .errors import UserError, check_numbers
 from .files import atomic_writer, write_json_atomic
 from .generation import GenerationConfig, apply_chat_template, generate, uses_chat_template
 from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics, smooth
@@ -115,6 +115,7 @@ class SFTConfig:
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
 
     def __post_init__(self):
+        check_numbers(self, non_negative=("lr", "weight_decay", "warmup", "max_grad_norm", "val_fraction"))
         # Ranges first: the divisibility check below divides by gradient_accumulation_steps.
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_every", "sample_tokens"):
             if getattr(self, name) < 1:

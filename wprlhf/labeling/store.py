@@ -127,10 +127,10 @@ def check_id(value, what: str = "comparison_id") -> int:
 
 def check_session(value) -> str:
     """A session id as `open_session` makes them (URL-safe base64, at most 64 characters)."""
-    if not isinstance(value, str) or not value:
+    if value is None or value == "":
         raise LabelingError("session is missing; open one with POST /api/session {\"labeler\": NAME} and send it "
                             "with every call (the page does this itself)")  # fmt: skip
-    if len(value) > 64 or not set(value) <= SESSION_CHARS:
+    if not isinstance(value, str) or len(value) > 64 or not set(value) <= SESSION_CHARS:
         raise LabelingError("session is malformed; reload the page to get a new one")
     return value
 
