@@ -263,7 +263,8 @@ class PPOTrainer(Trainer):
         queries, responses = [torch.as_tensor(x) for x in queries], [torch.as_tensor(x) for x in responses]
         for name, seqs in (("query", queries), ("response", responses)):
             if bad := [i for i, x in enumerate(seqs) if x.dim() != 1 or len(x) == 0]:
-                raise UserError(f"PPOTrainer.step: {name} {bad[0]} is not a non-empty 1-D tensor of token ids")
+                raise UserError(f"PPOTrainer.step: {name} {bad[0]} is not a non-empty 1-D tensor of token ids (an "
+                                "empty answer is its end-of-turn token, which the score is attached to)")  # fmt: skip
         limit = position_limit(self.policy)
         if limit is not None and (long := [i for i, (q, r) in enumerate(zip(queries, responses)) if len(q) + len(r) > limit]):
             raise UserError(f"PPOTrainer.step: query + response {long[0]} is longer than the policy's {limit} "

@@ -475,6 +475,9 @@ class Store:
             rows = db.execute("SELECT c.prompt, c.responses, c.metadata, l.labeler, l.kind, l.best FROM labels l "
                               "JOIN comparisons c ON c.id = l.comparison_id WHERE l.kind != 'skip' "
                               "ORDER BY l.id").fetchall()  # fmt: skip
+        if not rows:  # an empty file would only fail later, in rm train, far from its cause
+            raise LabelingError(f"{self.path} holds no labels yet (skips are not labels); label some on the page "
+                                "(`wprlhf label serve`) before exporting")  # fmt: skip
         lines = []
         for prompt, responses, metadata, labeler, kind, best in rows:
             prompt_id = json.loads(metadata).get("prompt_id", "")
