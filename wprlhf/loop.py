@@ -200,9 +200,11 @@ def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Compa
           f"(serve the page with `wprlhf label serve --db {config.db}`)", flush=True)  # fmt: skip
     export = round_dir / "web_export.jsonl"
     while True:
-        labels = []
-        if store.export(export):
+        try:
+            store.export(export)
             labels = [c for c in load_comparisons(export, keep_meta=True) if (c.prompt, tuple(c.responses)) in ours]
+        except LabelingError:  # the store holds no labels yet
+            labels = []
         if len(labels) >= wanted:
             return labels
         print(f"  {len(labels)}/{wanted} labels", flush=True)
