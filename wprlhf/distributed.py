@@ -36,10 +36,18 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def check_mixed_precision(value: str) -> None:
+    """UserError unless value is one of MIXED_PRECISION (every trainer's config checks it up front)."""
+    if value not in MIXED_PRECISION:
+        raise UserError(f"mixed_precision must be one of {MIXED_PRECISION}, got {value!r}; set --mixed-precision")
+
+
 def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accelerator:
     """An Accelerator on `device` ('cpu' forces the CPU even where a GPU exists); mixed_precision 'no'|'bf16'|'fp16'."""
-    if mixed_precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
+    check_mixed_precision(mixed_precision)
     # Gradient accumulation stays ours (micro-batches share one loss normaliser), so accelerate's is left at 1.
     try:
         return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
@@ -120,7 +128,7 @@ def check_finite(accelerator: Accelerator | None, step: int, where: str, fix: st
     waiting in the next collective); accelerator None = one process. Raises NonFiniteError naming the step, the quantities and `fix`.
     """
     names = sorted(quantities)
-    values = torch.tensor([float(quantities[k]) for k in names], dtype=torch.float64)
+    values = torch.tensor([float(torch.as_tensor(quantities[k]).detach()) for k in names], dtype=torch.float64)
     if accelerator is not None and accelerator.num_processes > 1:
         values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
     bad = [f"{k} = {v}" for k, v in zip(names, values.tolist()) if not math.isfinite(v)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .distributed import check_mixed_precision
 from .errors import UserError, check_numbers
 from .generation import GenerationConfig, generation_config
 
@@ -167,9 +168,9 @@ class PPOConfig:
                 f"minibatch size {self.minibatch_size} (batch_size / num_minibatches) is not divisible by "
                 f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
             )
-        choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"),
-                       score_norm=("none", "batch"),
-                       mixed_precision=("no", "bf16", "fp16"), optimizer=("adamw", "adamw8bit"))  # fmt: skip
+        check_mixed_precision(self.mixed_precision)
+        choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"), score_norm=("none", "batch"),
+                       optimizer=("adamw", "adamw8bit"))  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
