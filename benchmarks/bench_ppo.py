@@ -140,7 +140,7 @@ def one_run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = WORK[args.model]
-    precision = {}
+    precision = {"mixed_precision": "no"}  # the fp32 row, whatever the default ('auto') would pick on this CPU
     if args.bf16:  # the "best settings" row: wprlhf's bf16 autocast, where its PPOConfig has one
         if "mixed_precision" not in {f.name for f in dataclasses.fields(PPOConfig)}:
             raise SystemExit("--bf16: this wprlhf's PPOConfig has no mixed_precision option")

@@ -328,7 +328,8 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         m = records[0]["machine"]
         loads = [r["loadavg_before"] for r in records]
         probes = [r[k] for r in records for k in ("probe_gflops_before", "probe_gflops_after")]
-        out += [(f"Machine: {m['cpu']}, {m['nproc']} cores visible, Python {m['python']}, {args.threads} torch "
+        capability = f", torch CPU capability {m['capability']} (flags: {', '.join(m['bf16_flags'])})" if "capability" in m else ""
+        out += [(f"Machine: {m['cpu']}{capability}, {m['nproc']} cores visible, Python {m['python']}, {args.threads} torch "
                  f"threads per run. 1-minute load average before each run: {min(loads):.2f}–{max(loads):.2f} "
                  "(another process using the cores slows both sides). CPU probe (fp32 1024³ matmul): "
                  f"{min(probes):.0f}–{max(probes):.0f} GFLOP/s over all runs."), ""]  # fmt: skip

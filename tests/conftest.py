@@ -15,6 +15,9 @@ TEST_THREADS = os.environ.get("WPRLHF_TEST_THREADS", "1")
 if not TEST_THREADS.isdigit() or int(TEST_THREADS) < 1:
     raise pytest.UsageError(f"WPRLHF_TEST_THREADS must be a positive integer, got {TEST_THREADS!r}")
 torch.set_num_threads(int(TEST_THREADS))
+# --mixed-precision defaults to 'auto', bf16 on CPUs with AVX-512 BF16: the suite pins fp32 (its numbers were worked
+# out in fp32, and must not depend on the CPU); a test that wants bf16 asks for it. Subprocesses inherit the pin.
+os.environ.setdefault("WPRLHF_MIXED_PRECISION", "no")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -72,3 +72,46 @@ def test_training_matmuls_run_in_the_precision_asked_for(tmp_path, trainer, prec
 def test_an_unknown_precision_is_refused_up_front(make):
     with pytest.raises(UserError, match="mixed_precision must be one of"):
         make()
+
+
+def test_auto_picks_bf16_only_where_it_is_faster(monkeypatch):
+    from wprlhf import distributed
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("WPRLHF_MIXED_PRECISION")
+    for fast, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(distributed, "cpu_runs_bf16_fast", lambda fast=fast: fast)
+        assert distributed.resolve_mixed_precision("auto", cpu) == expected
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert distributed.resolve_mixed_precision("auto", gpu) == "no"
+    for explicit in ("no", "bf16", "fp16"):  # an explicit setting is never second-guessed
+        assert distributed.resolve_mixed_precision(explicit, cpu) == explicit
+    monkeypatch.setenv("WPRLHF_MIXED_PRECISION", "no")  # the suite's pin (conftest) replaces 'auto' only
+    assert distributed.resolve_mixed_precision("auto", cpu) == "no"
+    assert distributed.resolve_mixed_precision("bf16", cpu) == "bf16"
+    monkeypatch.setenv("WPRLHF_MIXED_PRECISION", "auto")
+    with pytest.raises(UserError, match="WPRLHF_MIXED_PRECISION must be one of"):
+        distributed.resolve_mixed_precision("auto", cpu)
+
+
+def test_auto_is_printed_saved_and_kept_on_resume(tmp_path, monkeypatch, capsys):
+    """A run started where 'auto' meant bf16 resumes in bf16 on a machine where it would mean fp32."""
+    import json
+
+    from tests.test_ppo import PROMPTS
+    from wprlhf import distributed
+    from wprlhf.metrics import read_metrics
+    from wprlhf.ppo import PPOConfig, train
+    from wprlhf.rewards import vowels
+
+    monkeypatch.delenv("WPRLHF_MIXED_PRECISION")
+    monkeypatch.setattr(distributed, "cpu_runs_bf16_fast", lambda: True)
+    base = dict(policy="tiny", batch_size=2, num_minibatches=1, response_length=4, checkpoint_every=1, log_samples=0,
+                device="cpu")  # fmt: skip
+    assert PPOConfig(**base).mixed_precision == "auto"  # the default
+    train(PPOConfig(**base, steps=1), PROMPTS, vowels, tmp_path / "run")
+    assert "mixed precision bf16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "bf16"
+    monkeypatch.setattr(distributed, "cpu_runs_bf16_fast", lambda: False)
+    trainer = train(PPOConfig(**base, steps=2), PROMPTS, vowels, tmp_path / "run", resume=True, progress=False)
+    assert trainer.config.mixed_precision == "bf16" and len(read_metrics(tmp_path / "run" / "metrics.csv")) == 2

@@ -75,8 +75,9 @@ class ClassifierConfig:
     """Seeds the head's init, the sample, the validation split and the batch order."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    mixed_precision: str = "no"
-    """'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
+    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
     fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):

@@ -107,8 +107,9 @@ class LoopConfig:
     poll_s: float = 5.0
     seed: int = 0
     device: str = "auto"
-    mixed_precision: str = "no"
-    """'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards of the reward model and PPO; weights and AdamW stay
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
+    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards of the reward model and PPO; weights and AdamW stay
     fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):

@@ -21,7 +21,7 @@ from .core import (clip_around, explained_variance, gae, kl_k1, kl_k3, last_true
 from .errors import UserError
 from .models import load_policy, position_limit
 from .ppo_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.ppo import PPOConfig, train`)
-from .ppo_trainer import Rollout, Samples, Trainer, check_scores, run
+from .ppo_trainer import Rollout, Samples, Trainer, check_scores, keep_saved_precision, run
 from .signatures import RewardFn
 
 # ==========================================================================================================
@@ -304,6 +304,8 @@ def train(
     """
     if not prompts:
         raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
+    if resume:
+        config = keep_saved_precision(config, out_dir)
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     torch.manual_seed(config.seed)

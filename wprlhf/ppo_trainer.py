@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import random
 import time
@@ -30,7 +31,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import masked_mean
 from .distributed import (check_divisible, check_finite, device_of, gather_padded, is_main_process, make_accelerator,
-                          reduce_sum, resolve_device, shard)  # fmt: skip
+                          reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
 from .files import write_json_atomic
 from .errors import UserError
 from .forwards import policy_forward, value_forward
@@ -139,10 +140,13 @@ class Trainer:
     """Policy, frozen reference, value model, AdamW and the KL controller `kl_ctl` (whatever `ppo.py` gives)."""
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None):
+        device = resolve_device(config.device)
+        # 'auto' becomes what this device runs fastest; trainer.config (and so config.json) holds the choice.
+        config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
         self.config = config
         self.tokenizer = tokenizer
         self.kl_ctl = kl_ctl
-        self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
+        self.accelerator = make_accelerator(device, config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
         check_divisible(config.minibatch_size, "minibatch size (batch_size / num_minibatches)", self.accelerator)
@@ -454,6 +458,19 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return batch
 
 
+def keep_saved_precision(config: PPOConfig, out_dir: str | Path) -> PPOConfig:
+    """A resumed run keeps the precision it started with (its config.json), whatever 'auto' would pick on the
+    machine it resumes on; an explicit --mixed-precision is left for check_resumable to compare."""
+    saved = Path(out_dir) / "config.json"
+    if config.mixed_precision != "auto" or not saved.exists():
+        return config
+    try:
+        precision = json.loads(saved.read_text(encoding="utf-8")).get("mixed_precision", "no")
+    except (ValueError, AttributeError):
+        return config  # an unreadable config.json: the checkpoint's own copy of the config decides
+    return dataclasses.replace(config, mixed_precision=precision)
+
+
 def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path,
         resume: bool = False, progress: bool = True, judge_fn: RewardFn | None = None) -> Trainer:  # fmt: skip
     """Run `config.steps` steps of `step_fn(trainer, prompts, reward_fn) -> (stats, Samples)`; write metrics,
@@ -481,7 +498,8 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
         logger = MetricsLogger(out_dir, resume_step=start if resume else None)
         if not resume:
             tqdm.write(f"policy {config.policy}: {count_parameters(trainer.policy) / 1e6:.1f} M parameters on "
-                       f"{trainer.device}" + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))  # fmt: skip
+                       f"{trainer.device}, mixed precision {config.mixed_precision}"
+                       + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))  # fmt: skip
     bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not (progress and main), initial=start,
                total=config.steps)  # fmt: skip
     for step in bar:

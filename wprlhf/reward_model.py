@@ -35,7 +35,8 @@ from torch import nn
 
 from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
-from .distributed import check_finite, check_mixed_precision, device_of, make_accelerator, reduce_sum, resolve_device
+from .distributed import (check_finite, check_mixed_precision, device_of, make_accelerator, reduce_sum, resolve_device,
+                          resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
 from .files import write_json_atomic
 from .metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
@@ -93,8 +94,9 @@ class RewardConfig:
     each costs one forward per window)."""
     seed: int = 0
     device: str = "auto"
-    mixed_precision: str = "no"
-    """'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
+    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
     fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):
@@ -430,7 +432,9 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     """
     from tqdm.auto import tqdm
 
-    acc = make_accelerator(resolve_device(config.device), config.mixed_precision)
+    precision = resolve_mixed_precision(config.mixed_precision, resolve_device(config.device))
+    saved = {**saved, "mixed_precision": precision}  # what ran, not 'auto'
+    acc = make_accelerator(resolve_device(config.device), precision)
     device, main = device_of(acc), acc.is_main_process
     model, tokenizer = load_reward_backbone(config.model, num_labels=label.num_labels, seed=config.seed)
     limit = position_limit(model)
@@ -455,7 +459,7 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
         logger = MetricsLogger(out_dir, names=label.metric_names)
         processes = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
         print(f"{name} {config.model}: {len(train_set)} training / {len(val_set)} validation {label.unit}, "
-              f"{total_steps} steps on {device}{processes}", flush=True)  # fmt: skip
+              f"{total_steps} steps on {device}{processes}, mixed precision {precision}", flush=True)  # fmt: skip
 
     def forward(texts: list) -> torch.Tensor:
         return head_outputs(trained, encode(tokenizer, texts, config.max_length))

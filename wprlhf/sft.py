@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import linear_schedule, logprobs_from_logits, masked_sum
 from .distributed import (check_finite, check_mixed_precision, device_of, is_main_process, make_accelerator, reduce_sum,
-                          resolve_device)  # fmt: skip
+                          resolve_device, resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
 from .files import atomic_writer, write_json_atomic
 from .generation import GenerationConfig, apply_chat_template, generate, uses_chat_template
@@ -114,8 +114,9 @@ class SFTConfig:
     """Seeds the training subset, the order of batches, sampling and `tiny`'s init (not the held-out set)."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    mixed_precision: str = "no"
-    """'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
+    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
     fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):
@@ -491,7 +492,9 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
 
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
-    acc = make_accelerator(resolve_device(config.device), config.mixed_precision)
+    device = resolve_device(config.device)
+    config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
+    acc = make_accelerator(device, config.mixed_precision)
     device, main = device_of(acc), is_main_process()
     policy.to(device)
     # Dropout off, as everywhere in wprlhf (models._configure); then the held-out loss is deterministic too.
