@@ -528,7 +528,8 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
     pad = tokenizer.pad_token_id
     if progress:
-        tqdm.write(f"sft {config.policy} ({count_parameters(policy) / 1e6:.1f} M parameters, {device}): "
+        tqdm.write(f"sft {config.policy} ({count_parameters(policy) / 1e6:.1f} M parameters, {device}, mixed precision "
+                   f"{config.mixed_precision}): "
                    f"{len(train_examples)} training stories ({sizes['n_train_tokens']} response tokens) in "
                    f"{len(train_rows)} rows, {len(val_examples)} held-out stories, {total_steps} steps")  # fmt: skip
 
