@@ -181,7 +181,7 @@ def update(trainer: Trainer, rollout: Rollout, advantages: torch.Tensor, returns
 
 def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
     """Each statistic's mean over the minibatches that measured it (entropy: the first epoch's), and their count."""
-    keys = {k for row in rows for k in row}
+    keys = dict.fromkeys(k for row in rows for k in row)  # in the order the minibatches logged them
     out = {k: sum(row[k] for row in rows if k in row) / sum(k in row for row in rows) for k in keys}
     return {**out, "ppo_minibatches": len(rows)}
 
@@ -255,7 +255,7 @@ class PPOTrainer(Trainer):
     def step(self, queries, responses, scores) -> dict[str, float]:
         """One PPO update from token lists: queries and responses are 1-D tensors of different lengths; scores
         one finite number per response. Pads them (queries left, responses right), computes the rollout log-probs
-        with a forward pass, then runs `step_batch`. UserError for mismatched, empty or unreadable input."""
+        with a forward pass, then updates as `step_batch` does. UserError for mismatched, empty or unreadable input."""
         if len(queries) != len(responses):
             raise UserError(f"PPOTrainer.step got {len(queries)} queries and {len(responses)} responses; "
                             "give one response per query")  # fmt: skip
@@ -271,7 +271,8 @@ class PPOTrainer(Trainer):
                             "positions; clip the query from the left")  # fmt: skip
         pad, device = self.tokenizer.pad_token_id, self.device
         (q, q_mask), (r, r_mask) = pad_sequences(queries, pad, side="left"), pad_sequences(responses, pad, side="right")
-        return self.step_batch(q.to(device), q_mask.to(device), r.to(device), r_mask.to(device), scores_t.to(device))
+        rollout = self.forward_rollout(q.to(device), q_mask.to(device), r.to(device), r_mask.to(device), scores_t)
+        return learn(self, rollout)
 
     def step_batch(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> dict[str, float]:
         """One PPO update on a rollout batch (this process's shard of it under `accelerate launch`).
@@ -280,6 +281,7 @@ class PPOTrainer(Trainer):
         scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here);
         b = batch_size / processes. Returns a dict of float stats over the global batch (metrics.py's names).
         """
+        scores = check_scores(scores, queries.shape[0], "step_batch's scores")
         return learn(self, self.forward_rollout(queries, query_mask, responses, response_mask, scores, logprobs))
 
 

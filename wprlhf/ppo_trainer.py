@@ -231,11 +231,11 @@ class Trainer:
         """This process's episodes -> the global Rollout: no-grad forwards for the reference's log-probs and the
         values (and the policy's log-probs when the sampler's are not given), then every process's shard gathered.
 
-        queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool; scores (b,);
-        logprobs (b, Tr) or None; b = batch_size / processes. UserError for a batch of the wrong size or content.
+        queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool; scores (b,)
+        float, already checked (`check_scores`); logprobs (b, Tr) or None; b = batch_size / processes. UserError for a
+        batch of the wrong size or content.
         """
         self.check_episodes(queries, responses, response_mask)
-        scores = check_scores(scores, queries.shape[0], "step_batch's scores").to(self.device)
         batch = (queries, query_mask, responses, response_mask)
         with torch.no_grad(), self.accelerator.autocast():
             if logprobs is None or self.value_head is not None:
@@ -253,7 +253,7 @@ class Trainer:
             return Rollout(
                 gather_padded(acc, queries, pad, "left"), gather_padded(acc, query_mask, 0, "left"),
                 gather_padded(acc, responses, pad), gather_padded(acc, response_mask, 0),
-                *(gather_padded(acc, x.float(), 0.0) for x in (logprobs, ref_logprobs, values, scores)),
+                *(gather_padded(acc, x.float(), 0.0) for x in (logprobs, ref_logprobs, values, scores.to(self.device))),
             )  # fmt: skip
 
     def check_episodes(self, queries, responses, response_mask) -> None:

@@ -432,9 +432,10 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     """
     from tqdm.auto import tqdm
 
-    precision = resolve_mixed_precision(config.mixed_precision, resolve_device(config.device))
+    device = resolve_device(config.device)
+    precision = resolve_mixed_precision(config.mixed_precision, device)
     saved = {**saved, "mixed_precision": precision}  # what ran, not 'auto'
-    acc = make_accelerator(resolve_device(config.device), precision)
+    acc = make_accelerator(device, precision)
     device, main = device_of(acc), acc.is_main_process
     model, tokenizer = load_reward_backbone(config.model, num_labels=label.num_labels, seed=config.seed)
     limit = position_limit(model)
