@@ -117,6 +117,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
     policy.to(resolve_device(args.device))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+    if args.best_of:
+        from .best_of import sample_pool, write_ranked
+        from .rewards import load_reward
+
+        if not args.reward:
+            raise UserError("--best-of N needs --reward SPEC to choose with (e.g. rm:runs/stories/rm)")
+        pool = sample_pool(policy, tokenizer, prompts, args.best_of, load_reward(args.reward), config,
+                           seed=args.seed, batch_size=args.batch_size, max_prompt_length=args.max_prompt_length,
+                           chat_template=not args.no_chat_template)  # fmt: skip
+        write_ranked(args.out, pool, args.policy, args.reward)
+        print(f"wrote {len(prompts)} prompts x {args.best_of} responses, best first (best-of-{args.best_of} by "
+              f"{args.reward}), to {args.out}", file=sys.stderr)  # fmt: skip
+        return
+    if args.reward:
+        raise UserError("--reward chooses among samples only with --best-of N")
     responses = generate_k(policy, tokenizer, prompts, args.k, config, batch_size=args.batch_size, seed=args.seed,
                            max_prompt_length=args.max_prompt_length, chat_template=not args.no_chat_template,
                            progress=True)  # fmt: skip
@@ -306,6 +321,47 @@ def cmd_loop(args: argparse.Namespace) -> None:
           file=sys.stderr)  # fmt: skip
 
 
+def cmd_stories(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .stories import QUICK, StoriesConfig, run
+
+    config = load_config(StoriesConfig, args.config, _overrides(args, StoriesConfig), QUICK if args.quick else None)
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if args.force and not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    report = run(config, args.out, resume=args.resume, until=args.until or "")
+    if report:
+        print(f"done: {args.out}/eval/table.md (every judge, 95 % CIs), {args.out}/eval/samples.md; blind pairs "
+              f"for people: wprlhf label serve --db {args.out}/eval/blind.db", file=sys.stderr)  # fmt: skip
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .files import write_json_atomic
+    from .policy_eval import EvalConfig, blind_results, run_eval
+
+    if args.blind_results:
+        result = blind_results(args.blind_results)
+        if args.out:
+            write_json_atomic(args.out, result, allow_nan=False)
+        for name, side in result["sides"].items():
+            print(f"{name}: wins {side['win_rate']:.1%} [{side['win_rate_lo']:.1%}, {side['win_rate_hi']:.1%}] "
+                  f"of {result['labels']} labels (ties count 1/2)")  # fmt: skip
+        agreement = result["agreement"]
+        print(f"agreement between labelers: {'n/a (no comparison has two labels)' if agreement is None else f'{agreement:.1%}'}"
+              f" over {result['agreement_pairs']} pairs of labels")  # fmt: skip
+        return
+    config = load_config(EvalConfig, args.config, _overrides(args, EvalConfig))
+    out = args.out or "eval.json"
+    report = run_eval(config, out, blind_db=args.blind_db)
+    for key, win in report["win_rates"].items():
+        print(f"judge win rate {key}: {win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]")
+    print(f"wrote {out} and {Path(out).with_suffix('.md')}", file=sys.stderr)
+    if args.blind_db:
+        print(f"queued {report['blind_queued']} blind pairs in {args.blind_db}: serve them with `wprlhf label serve "
+              f"--db {args.blind_db}`, then `wprlhf eval --blind-results {args.blind_db}`", file=sys.stderr)  # fmt: skip
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
@@ -345,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .ppo_config import PRESETS, PPOConfig
     from .reward_model import RewardConfig
     from .sft import SFTConfig
+    from .policy_eval import EvalConfig
+    from .stories import PHASES, StoriesConfig
 
     parser = argparse.ArgumentParser(prog="wprlhf", description="RLHF for writing prompts: SFT, reward models, PPO.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -364,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--policy", default="smollm2", help="'smollm2', 'tiny', a local directory or a hub id")
     smp.add_argument("--prompts", default="", help="prompt file (.txt/.jsonl/.csv/.csv.gz); empty = built-in")
     smp.add_argument("-k", type=int, default=2, help="responses per prompt (default 2)")
+    smp.add_argument("--best-of", type=int, default=0, metavar="N", help="sample N per prompt and write them "
+                     "sorted by --reward, best first: the first response is best-of-N (replaces -k)")
+    smp.add_argument("--reward", default="", help="the reward SPEC that ranks --best-of samples (rm:DIR, ...)")
     smp.add_argument("--out", required=True, help="output JSONL: {\"prompt\": str, \"responses\": [str, ...]}")
     smp.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     smp.add_argument("--max-new-tokens", type=int, default=64)
@@ -474,6 +535,29 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(loop, LoopConfig)
     loop.set_defaults(func=cmd_loop)
+
+    sto = sub.add_parser("stories", help="RLHF on r/WritingPrompts: split, SFT, reward models, PPO, best-of-n, judges",
+                         description="Writing-prompts RLHF from karma comparisons, judged on held-out prompts by a judge "
+                         "reward model, a story rule, relevance and diversity. Phases: " + ", ".join(PHASES) + ".")  # fmt: skip
+    sto.add_argument("--out", required=True, help="run directory")
+    sto.add_argument("--config", help="YAML or JSON file of StoriesConfig fields (flags override it)")
+    sto.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a few minutes, to try the pipeline")
+    sto.add_argument("--until", choices=PHASES, help="stop after this phase (resume later with --resume)")
+    sto.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    sto.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    add_config_flags(sto, StoriesConfig)
+    sto.set_defaults(func=cmd_stories)
+
+    evl = sub.add_parser("eval", help="a policy against another on held-out prompts, by every judge; blind pairs for people",
+                         description="Judge win rate (with --judge), story share, relevance, distinct-n, repetition, meta "
+                         "lines and KL, each with a 95 % CI over prompts. --blind-db queues the pairs, sides shuffled, "
+                         "for people on the labeling page; --blind-results DB reports their labels.")  # fmt: skip
+    evl.add_argument("--out", default="", help="report JSON (default eval.json; a Markdown table beside it)")
+    evl.add_argument("--config", help="YAML or JSON file of EvalConfig fields (flags override it)")
+    evl.add_argument("--blind-db", default="", help="also queue the pairs blind in this labeling database")
+    evl.add_argument("--blind-results", default="", metavar="DB", help="report people's labels of a blind database")
+    add_config_flags(evl, EvalConfig)
+    evl.set_defaults(func=cmd_eval)
 
     rep = sub.add_parser("report", help="an offline HTML report with plots of a ppo or loop run directory",
                          description="Plots (PNG) and one self-contained HTML page from a run's metric files: reward, "

@@ -1,7 +1,8 @@
 """Simulated labelers: a hidden true score per response plus a noise model, answering comparisons as people do.
 
-The true scores (the *judges*) defined here: `sentiment` (VADER compound, -1..1) and `Relevance` (cosine of the
-embedded MiniLM's sentence embeddings of prompt and response, -1..1). A SPEC such as `sentiment`, `rm:DIR` or
+The true scores (the *judges*) defined here: `sentiment` (VADER compound, -1..1), `Relevance` (cosine of the
+embedded MiniLM's sentence embeddings of prompt and response, -1..1) and `story` (1 if a response is a story by a
+stated rule, `story_verdict`, else 0). A SPEC such as `sentiment`, `rm:DIR` or
 `0.7*sentiment+0.3*relevance` becomes a judge in `rewards.load_reward`, the one resolver of reward specs, which
 sits above this module; `--labeler sim:sentiment` and `--judge sentiment` name the same score.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +43,80 @@ def sentiment(prompts: list[str], responses: list[str]) -> list[float]:
 
         _VADER = SentimentIntensityAnalyzer()
     return [_VADER.polarity_scores(text)["compound"] for text in responses]
+
+
+# What is a story? The rule behind the `story` judge (issue 18). An r/WritingPrompts response is prose that
+# tells the story; SmolLM2-Instruct as shipped mostly answers as an assistant ("What a great concept!"), writes an
+# essay about the prompt, edits the prompt's sentence, or loops. The rule names those four failures and calls
+# everything else a story, so it can be checked by reading (README: a hand audit of 50 verdicts).
+_ASSISTANT_OPENING = re.compile(  # how an assistant's reply opens; checked only outside quotation marks
+    r"^(sure|certainly|absolutely|of course|no problem|here'?s|here is|here are|what an? (great|wonderful|"
+    r"fascinating|interesting|intriguing|creative|fun|unique|thought)|great (question|prompt|idea|concept|choice)|"
+    r"wow|i'?d (be happy|love)|i'?m (happy|glad|excited) to|i'?m here to|thank you|thanks for|hey there|hello|"
+    r"hi there|dear (user|reader|writer)|as an ai|let me|let'?s (explore|dive|break|imagine|write|create)|"
+    r"in this (story|prompt|piece|essay)|this (prompt|story|sentence|phrase|idea|concept|statement|quote|message|"
+    r"text|scenario|premise) (is|was|explores|suggests|raises|highlights|describes|presents|sounds|seems)|"
+    r"the (prompt|sentence|phrase|statement|quote|message|text|idea|concept|premise) (is|was|you|suggests|"
+    r"describes|presents|seems|raises|highlights)|title\s*:|story\s*:|prompt\s*:)",
+    re.IGNORECASE,
+)
+_ASSISTANT_ANYWHERE = re.compile(
+    r"as an ai|writing prompt|your (story|prompt|idea|writing|concept)|creative writing|i hope (you|this) "
+    r"(enjoy|like|help|find)|feel free to|let me know if|here'?s (a|an|my) (story|short|tale|draft|version|"
+    r"revised|rewritten|possible)|here is (a|an|my) (story|short|tale|draft|version|revised|rewritten|possible)|"
+    r"would you like (me|to)|in this (story|essay|piece|article),|this story (explores|follows|highlights)|"
+    r"the story (is about|explores)|(great|interesting|fascinating|intriguing) (concept|premise|question)",
+    re.IGNORECASE,
+)
+_LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s+\S", re.MULTILINE)
+_WORD = re.compile(r"[a-z']+")
+_QUOTE_MARKS = "\"'“‘«*_(["
+
+
+def _prompt_coverage(prompt: str, words: list[str], n: int = 6) -> float:
+    """Share of the response's words that sit inside a run of n or more words copied from the prompt."""
+    prompt_words = _WORD.findall(re.sub(r"^\s*\[[^\]]*\]", "", prompt.lower()))
+    grams = {tuple(prompt_words[i : i + n]) for i in range(len(prompt_words) - n + 1)}
+    covered = [False] * len(words)
+    for i in range(len(words) - n + 1):
+        if tuple(words[i : i + n]) in grams:
+            covered[i : i + n] = [True] * n
+    return sum(covered) / max(len(words), 1)
+
+
+def story_verdict(prompt: str, response: str) -> str:
+    """'story', or why not:
+
+    - 'broken': under 10 words, under 70 % real words, or looping (distinct words under 35 % of all);
+    - 'assistant': opens as an assistant's reply outside quotation marks ("Sure!", "What a great concept",
+      "Here's a story", "This prompt is ...") or says anywhere what only an assistant says ("your story",
+      "writing prompt", "I hope you enjoy", "Let me know if");
+    - 'markup': two or more list lines (an outline or an essay, not prose);
+    - 'restated': over 30 % of its words copied from the prompt in runs of 6 or more (an edit or a restatement
+      of the prompt's sentence; a story that quotes the prompt's line once stays a story).
+
+    Measured on the first 48 words of 1,000 human stories of ../shared/data/writing_prompts: README, issue 18."""
+    words = _WORD.findall(response.lower())
+    if len(words) < 10:
+        return "broken"
+    tokens = response.split()
+    if sum(bool(_WORD.fullmatch(t.strip(".,;:!?\"'()*_-—–…“”‘’").lower())) for t in tokens) < 0.7 * len(tokens):
+        return "broken"
+    if len(set(words)) < 0.35 * len(words):
+        return "broken"
+    opening = response.lstrip(" \n*#_>")
+    if (opening[:1] not in _QUOTE_MARKS and _ASSISTANT_OPENING.match(opening)) or _ASSISTANT_ANYWHERE.search(response):
+        return "assistant"
+    if len(_LIST_LINE.findall(response)) >= 2:
+        return "markup"
+    if _prompt_coverage(prompt, words) > 0.3:
+        return "restated"
+    return "story"
+
+
+def story(prompts: list[str], responses: list[str]) -> list[float]:
+    """1.0 where `story_verdict` calls the response a story, else 0.0: its mean is the share of stories."""
+    return [float(story_verdict(p, r) == "story") for p, r in zip(prompts, responses)]
 
 
 class Relevance:

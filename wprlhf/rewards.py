@@ -17,7 +17,7 @@ import importlib.util
 from pathlib import Path
 
 from .errors import UserError
-from .labelers import Relevance, sentiment
+from .labelers import Relevance, sentiment, story
 from .signatures import RewardFn
 
 
@@ -37,7 +37,7 @@ def length(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 BUILTIN: dict[str, RewardFn | type] = {"vowels": vowels, "length": length, "sentiment": sentiment,
-                                       "relevance": Relevance}  # fmt: skip
+                                       "relevance": Relevance, "story": story}  # fmt: skip
 """Built-in terms: a function, or a class whose instance is one (a fresh one per SPEC; its model loads on first use)."""
 
 EXAMPLES = "0.7*sentiment+0.3*relevance"

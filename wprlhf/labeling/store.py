@@ -422,6 +422,13 @@ class Store:
                                        (comparison_id,)).fetchone()  # fmt: skip
         return {"id": comparison_id, "prompt": prompt, "responses": json.loads(responses)}
 
+    def comparisons(self) -> list[dict]:
+        """Every queued comparison, oldest first: id, prompt, responses and metadata (the queued line's other
+        fields, which the page is never sent: blind evaluations keep which policy wrote which response there)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT id, prompt, responses, metadata FROM comparisons ORDER BY id").fetchall()
+        return [{"id": i, "prompt": p, "responses": json.loads(r), "metadata": json.loads(m)} for i, p, r, m in rows]
+
     def labels(self) -> list[dict]:
         """Every stored label, oldest first, as dicts (id, comparison_id, labeler, kind, best, session)."""
         columns = ("id", "comparison_id", "labeler", "kind", "best", "session")

@@ -1,0 +1,85 @@
+"""Best-of-n sampling: n responses per prompt from a policy, the reward's best one kept.
+
+The baseline every RLHF paper reports beside its RL policy (Stiennon et al. 2020, sec. 4.1; Gao et al. 2022,
+"Scaling Laws for Reward Model Overoptimization"): no training at all, only a reward model choosing among samples.
+Its distance from the sampling policy has a closed form, KL(best-of-n || policy) = log n - (n - 1) / n nats
+(Stiennon et al. 2020, appendix G.3; exact when the reward has no ties), which puts it on the same KL axis as PPO.
+
+One pool of n samples per prompt serves every smaller n too: best-of-m for m < n picks among the pool's first m
+samples, which are themselves m independent samples. `wprlhf sample --best-of N --reward SPEC` writes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+from .generation import GenerationConfig, generate_k
+from .signatures import RewardFn
+
+
+def kl_bound(n: int) -> float:
+    """KL(best-of-n || sampling policy) in nats per response: log n - (n - 1) / n (Stiennon et al. 2020, app. G.3)."""
+    if n < 1:
+        raise UserError(f"best-of-n needs n >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass
+class Pool:
+    """n samples per prompt and their scores.
+
+    prompts (P,); responses (P, n) nested lists; scores (P, n) float64, from one reward_fn call over all P x n.
+    """
+
+    prompts: list[str]
+    responses: list[list[str]]
+    scores: np.ndarray
+
+    def best(self, m: int) -> tuple[list[str], list[float]]:
+        """Best-of-m for m <= n: each prompt's highest-scoring response among its first m samples (the first one
+        of equal scores), and that score."""
+        n = self.scores.shape[1]
+        if not 1 <= m <= n:
+            raise UserError(f"best-of-{m} needs 1 <= m <= {n}, the samples per prompt in the pool")
+        picks = self.scores[:, :m].argmax(1)  # (P,)
+        return ([rs[i] for rs, i in zip(self.responses, picks)],
+                [float(self.scores[p, i]) for p, i in enumerate(picks)])  # fmt: skip
+
+
+def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: RewardFn, config: GenerationConfig,
+                seed: int = 0, batch_size: int = 16, progress: bool = True, **kwargs) -> Pool:  # fmt: skip
+    """Sample n responses to each prompt and score them all with reward_fn; the scores must be finite. Other
+    keyword arguments go to `generation.generate` (max_prompt_length, chat_template)."""
+    if n < 1:
+        raise UserError(f"--best-of must be >= 1, got {n}")
+    if not prompts:
+        raise UserError("best-of-n got no prompts; give --prompts a file with at least one prompt")
+    responses = generate_k(policy, tokenizer, prompts, n, config, seed=seed, batch_size=batch_size, progress=progress,
+                           **kwargs)
+    flat = [r for rs in responses for r in rs]
+    scores = np.asarray(reward_fn([p for p in prompts for _ in range(n)], flat), dtype=np.float64)
+    if scores.shape != (len(flat),) or not np.isfinite(scores).all():
+        bad = int((~np.isfinite(scores)).sum()) if scores.shape == (len(flat),) else "a wrong number of"
+        raise UserError(f"the reward gave {bad} non-finite or missing scores for {len(flat)} responses; "
+                        "best-of-n needs one finite score per response")  # fmt: skip
+    return Pool(prompts, responses, scores.reshape(len(prompts), n))
+
+
+def write_ranked(path, pool: Pool, policy: str, reward: str) -> None:
+    """`wprlhf sample --best-of N`'s file: per prompt, its n responses sorted by score, best first (so the first
+    response is best-of-n), with their scores; a `wprlhf sample` file that `wprlhf eval` and `label add` read."""
+    import json
+
+    from .files import write_text_atomic
+
+    lines = []
+    for prompt, responses, scores in zip(pool.prompts, pool.responses, pool.scores):
+        order = sorted(range(len(responses)), key=lambda i: -scores[i])  # stable: the earlier of equal scores first
+        lines.append(json.dumps({"prompt": prompt, "responses": [responses[i] for i in order],
+                                 "scores": [float(scores[i]) for i in order], "policy": policy,
+                                 "best_of": len(responses), "reward": reward}))  # fmt: skip
+    write_text_atomic(path, "\n".join(lines) + "\n")

@@ -1,0 +1,350 @@
+"""Policies side by side on held-out prompts, by judges none of them trained on: `wprlhf eval` and the
+evaluation phase of `wprlhf stories`; blind pairs for people on the labeling page, and their results.
+
+A *side* is one response per prompt from one policy (sampled here, or read from a `wprlhf sample` file: best-of-n
+writes one). Every side is measured the same way, each number with a 95 % CI that resamples prompts
+(`core.bootstrap_ci`):
+
+- `judge`: a judge reward model's mean score and its win rate against the baseline side (ties count 1/2, the one
+  tie rule `reward_model.choice_credit`);
+- `story`: the share of responses that are stories (`labelers.story_verdict`, a stated rule);
+- `relevance`: MiniLM cosine of prompt and response (beside the human stories' own, when given: an assistant that
+  restates the prompt scores high on relevance alone);
+- `distinct_1`, `distinct_2` (corpus-level, bootstrapped over prompts), `repetition` (a 4-gram said twice),
+  `meta` (a Reddit meta line: links, "Edit:", thanks for gold; karma rewards those, so a policy that learns them
+  is gaming a karma-trained reward), `words`;
+- `kl`: the KL of the side's policy to a reference, in nats per response, where known.
+
+Blind mode queues, per prompt, one response of each of two sides in random order; which side wrote which stays in
+the database (the comparison's metadata), which the page never sends. `blind_results` turns the labels into each
+side's win rate with a CI and the agreement between labelers.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core import bootstrap_ci, masked_sum, pad_sequences
+from .errors import UserError
+from .evaluation import distinct_n, repetition_rate, win_rate
+from .files import iter_jsonl, write_json_atomic, write_text_atomic
+from .forwards import policy_forward
+from .generation import encode_prompts, fit_positions
+from .labelers import story_verdict
+from .signatures import RewardFn
+from .text import has_meta
+
+# ==========================================================================================================
+# numbers of one side
+
+
+def _ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
+    lo, hi = bootstrap_ci(values, prompts)
+    return {"mean": float(np.mean(values)), "lo": lo, "hi": hi}
+
+
+def corpus_ci(texts: Sequence[str], prompts: Sequence[str], stat: Callable[[Sequence[str]], float],
+              n_boot: int = 500, seed: int = 0) -> dict:  # fmt: skip
+    """A corpus-level statistic (distinct-n) with a 95 % CI from resampling prompts with replacement."""
+    by_prompt: dict[str, list[str]] = {}
+    for t, p in zip(texts, prompts):
+        by_prompt.setdefault(p, []).append(t)
+    groups = list(by_prompt.values())
+    rng = np.random.default_rng(seed)
+    boots = [stat([t for i in rng.integers(0, len(groups), len(groups)) for t in groups[i]]) for _ in range(n_boot)]
+    return {"mean": float(stat(texts)), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5))}
+
+
+def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[float] | None = None,
+             relevance: Sequence[float] | None = None, kl: Sequence[float] | None = None) -> dict:  # fmt: skip
+    """Every per-side number with its CI over prompts: story, relevance, distinct_1/2, repetition, meta, words,
+    judge (mean score), kl; plus 'verdicts', the story rule's verdict on each response."""
+    verdicts = [story_verdict(p, r) for p, r in zip(prompts, responses)]
+    out = {"n": len(responses), "story": _ci([v == "story" for v in verdicts], prompts),
+           "distinct_1": corpus_ci(responses, prompts, lambda t: distinct_n(t, 1)),
+           "distinct_2": corpus_ci(responses, prompts, lambda t: distinct_n(t, 2)),
+           "repetition": _ci([repetition_rate([r]) for r in responses], prompts),
+           "meta": _ci([has_meta(r) for r in responses], prompts),
+           "words": _ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip
+    for name, values in (("judge", judge_scores), ("relevance", relevance), ("kl", kl)):
+        if values is not None:
+            out[name] = _ci([float(v) for v in values], prompts)
+    return out
+
+
+# ==========================================================================================================
+# KL of text to a reference
+
+
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], temperature: float,
+                      batch_size: int = 16, chat_template: bool = True) -> np.ndarray:  # fmt: skip
+    """Sum over each response's tokens of log p(token | prompt, earlier tokens) at `temperature` -> (N,) nats.
+
+    Responses are text, so they are tokenized again; for text the same tokenizer wrote, that gives back its tokens
+    except at rare merges, so a difference of two models' sums is the KL estimate k1 of the sampled responses.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        ids = [torch.tensor(tokenizer(r, add_special_tokens=False)["input_ids"] or [tokenizer.pad_token_id])
+               for r in responses[chunk]]  # fmt: skip
+        responses_t, response_mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")  # (B, Tr)
+        queries, query_mask = encode_prompts(tokenizer, prompts[chunk], None, chat_template)
+        queries, query_mask = fit_positions(model, queries, query_mask, responses_t.shape[1])
+        logprobs, _, _ = policy_forward(model, queries.to(device), query_mask.to(device), responses_t.to(device),
+                                        response_mask.to(device), temperature)  # fmt: skip
+        out += masked_sum(logprobs.float(), response_mask.to(device), dim=1).tolist()
+    return np.asarray(out)
+
+
+# ==========================================================================================================
+# sides side by side
+
+
+def judge_sides(prompts: list[str], sides: dict[str, list[str]], judge: RewardFn | None, baseline: str,
+                relevance: RewardFn | None = None, kls: dict[str, Sequence[float]] | None = None,
+                human: list[str] | None = None, pairs: Sequence[tuple[str, str]] = ()) -> dict:  # fmt: skip
+    """The report of several sides on the same prompts: {'sides': {name: describe(...)}, 'win_rates': {'A vs B':
+    win_rate}, 'human': describe(human) and 'judge_prefers_human': the judge's win rate of the human stories over
+    the baseline side's responses (is the judge fit to judge this kind of text?)}.
+
+    sides: name -> one response per prompt, in prompt order. Win rates are every side against `baseline` and
+    each (A, B) of `pairs`. kls: name -> per-response KL (nats) where known.
+    """
+    if baseline not in sides:
+        raise UserError(f"baseline side {baseline!r} is not among the sides {sorted(sides)}")
+    for name, responses in sides.items():
+        if len(responses) != len(prompts):
+            raise UserError(f"side {name!r} has {len(responses)} responses for {len(prompts)} prompts; each side needs "
+                            "one response per prompt, in the prompts' order")  # fmt: skip
+    kls = kls or {}
+    scored = dict(sides, **({"human": human} if human is not None else {}))
+    judge_scores = {name: [float(s) for s in judge(prompts, texts)] for name, texts in scored.items()} if judge else {}
+    for name, values in judge_scores.items():
+        if not np.isfinite(values).all():
+            raise UserError(f"the judge gave non-finite scores to side {name!r}; check the judge model")
+    rel = {name: relevance(prompts, texts) for name, texts in scored.items()} if relevance else {}
+    report = {"prompts": len(prompts), "baseline": baseline, "sides": {}, "win_rates": {}}
+    for name, texts in scored.items():
+        described = describe(prompts, texts, judge_scores.get(name), rel.get(name), kls.get(name))
+        if name == "human":
+            report["human"] = described
+        else:
+            report["sides"][name] = described
+    if judge:
+        for a, b in [(name, baseline) for name in sides if name != baseline] + list(pairs):
+            result = _win(prompts, judge_scores[a], judge_scores[b])
+            report["win_rates"][f"{a} vs {b}"] = result
+        if human is not None:
+            report["judge_prefers_human"] = _win(prompts, judge_scores["human"], judge_scores[baseline])
+    return report
+
+
+def _win(prompts: list[str], new: Sequence[float], old: Sequence[float]) -> dict:
+    """win_rate's numbers from scores already computed (the judge is called once per side)."""
+    result = win_rate(lambda _p, texts: texts, prompts, list(new), list(old))  # the 'judge' returns the scores
+    return {k: result[k] for k in ("win_rate", "win_rate_lo", "win_rate_hi", "n")}
+
+
+ROWS = (("judge", "judge score", "{:+.2f}"), ("story", "stories", "{:.0%}"), ("relevance", "relevance", "{:.3f}"),
+        ("distinct_2", "distinct-2", "{:.3f}"), ("distinct_1", "distinct-1", "{:.3f}"),
+        ("repetition", "repetition", "{:.0%}"), ("meta", "meta lines", "{:.0%}"), ("kl", "KL to start (nats)", "{:.1f}"),
+        ("words", "words", "{:.0f}"))  # fmt: skip
+
+
+def _cell(stat: dict | None, fmt: str) -> str:
+    if not stat:
+        return "-"
+    return f"{fmt.format(stat['mean'])} [{fmt.format(stat['lo'])}, {fmt.format(stat['hi'])}]"
+
+
+def table_markdown(report: dict, extra: dict[str, dict[str, str]] | None = None) -> str:
+    """The report as a Markdown table: a row per side, a column per judge, 95 % CIs in brackets."""
+    names = list(report["sides"]) + (["human"] if report.get("human") else [])
+    columns = [("win", f"judge win rate vs {report['baseline']}")] + [(k, label) for k, label, _ in ROWS]
+    lines = ["| side | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in names:
+        stats = report["sides"].get(name) or report.get("human")
+        win = report["win_rates"].get(f"{name} vs {report['baseline']}")
+        cells = [f"{win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]" if win else "-"]
+        for key, _, fmt in ROWS:
+            cells.append((extra or {}).get(name, {}).get(key) or _cell(stats.get(key), fmt))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ==========================================================================================================
+# blind pairs for people
+
+
+def queue_blind(db: str | Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]],
+                seed: int = 0) -> int:  # fmt: skip
+    """Queue one comparison per prompt of side a's and side b's responses, in random order, on the labeling page's
+    database. The side names are stored as the comparison's metadata, server-side; the page receives only the
+    prompt and the two texts. Returns the number queued (a prompt whose two responses are equal is left out)."""
+    from .labeling.store import LabelingError, Store
+
+    rng = random.Random(seed)
+    rows = []
+    for prompt, x, y in zip(prompts, a[1], b[1]):
+        if x == y:
+            continue
+        order = [(a[0], x), (b[0], y)]
+        rng.shuffle(order)
+        rows.append((prompt, [t for _, t in order], {"blind_sides": [n for n, _ in order]}))
+    try:
+        added, _ = Store(db).add(rows)
+    except LabelingError as err:
+        raise UserError(str(err)) from err
+    return added
+
+
+def blind_results(db: str | Path) -> dict:
+    """Each side's win rate over the other from people's labels in a blind database, ties 1/2, skips left out, a
+    95 % CI resampling prompts; and the agreement between labelers (`Store.stats`: the share of pairs of labelers
+    who gave the same answer to the same comparison)."""
+    from .labeling.store import Store
+
+    if not Path(db).is_file():
+        raise UserError(f"--blind-results {db}: no such database; queue pairs first with wprlhf eval ... --blind-db {db}")
+    store = Store(db)
+    sides_of = {c["id"]: (c["prompt"], c["metadata"].get("blind_sides")) for c in store.comparisons()}
+    credit: dict[str, list[float]] = {}
+    groups: dict[str, list[str]] = {}
+    for label in store.labels():
+        prompt, sides = sides_of.get(label["comparison_id"], (None, None))
+        if not sides or label["kind"] == "skip":
+            continue
+        for i, name in enumerate(sides):
+            credit.setdefault(name, []).append(0.5 if label["kind"] == "tie" else float(label["best"] == i))
+            groups.setdefault(name, []).append(prompt)
+    if not credit:
+        raise UserError(f"{db} holds no labels of blind pairs yet; serve it with `wprlhf label serve --db {db}`")
+    stats = store.stats()
+    out = {"labels": len(next(iter(credit.values()))), "agreement": stats["agreement"],
+           "agreement_pairs": stats["agreement_pairs"], "comparisons": stats["comparisons"], "sides": {}}  # fmt: skip
+    for name, values in credit.items():
+        lo, hi = bootstrap_ci(values, groups[name])
+        out["sides"][name] = {"win_rate": float(np.mean(values)), "win_rate_lo": lo, "win_rate_hi": hi}
+    return out
+
+
+# ==========================================================================================================
+# `wprlhf eval`
+
+
+@dataclass
+class EvalConfig:
+    """`wprlhf eval`: one policy against another on held-out prompts, by every judge."""
+
+    policy: str = ""
+    """The policy to judge: a model ('smollm2', a directory, a hub id) sampled here, or a `wprlhf sample` JSONL file
+    (its first response per prompt; `wprlhf sample --best-of N` writes the chosen one first)."""
+    against: str = "smollm2"
+    """The policy to compare with (the baseline of every win rate), in the same forms."""
+    prompts: str = ""
+    """Held-out prompts (one per line, or CSV/JSONL with a prompt column). Use prompts no model trained on (a
+    `wprlhf stories` run's split/eval_prompts.txt). Empty: the prompts of the --policy file."""
+    judge: str = ""
+    """The judge reward: a SPEC (rm:DIR of a judge reward model, or any reward SPEC). Empty: no judge win rate."""
+    reference: str = ""
+    """KL of each sampled policy's responses is measured to this model ('' = --against when it is a model)."""
+    response_length: int = 64
+    min_response_length: int = 64
+    temperature: float = 0.7
+    max_prompts: int = 0
+    """Use only the first N prompts (0 = all)."""
+    seed: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+
+
+def _side(spec: str, prompts: list[str] | None, config: EvalConfig) -> tuple[list[str], list[str], object]:
+    """(prompts, responses, model or None) of one side: read from a JSONL file, or sampled from a model."""
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise UserError(f"{spec}: no such file; give a `wprlhf sample` JSONL file or a model")
+        rows = {}
+        for where, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise UserError(f"{where}: expected {{\"prompt\": ..., \"responses\": [...]}}")
+            responses = row.get("responses") or [row.get("response")]
+            if not isinstance(responses[0], str):
+                raise UserError(f"{where}: no response text ('responses' list or 'response')")
+            rows.setdefault(row["prompt"], responses[0])
+        chosen = prompts if prompts is not None else list(rows)
+        missing = [p for p in chosen if p not in rows]
+        if missing:
+            raise UserError(f"{spec} has no response to {len(missing)} of the {len(chosen)} prompts, e.g. "
+                            f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
+        return chosen, [rows[p] for p in chosen], None
+    if prompts is None:
+        raise UserError("--prompts is needed when neither side is a JSONL file of responses")
+    from .distributed import resolve_device
+    from .generation import generate, generation_config
+    from .models import load_policy
+
+    model, tokenizer = load_policy(spec, seed=config.seed)
+    model.to(resolve_device(config.device))
+    gen = generation_config(None, response_length=config.response_length,
+                            min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
+    texts = generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True)
+    return prompts, texts, (model, tokenizer)
+
+
+def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
+    """`wprlhf eval`: sample (or read) both sides on the prompts, judge them, write out (JSON) beside a Markdown
+    table (out with .md), and queue blind pairs in blind_db when given."""
+    from .data import load_prompts
+    from .labelers import Relevance
+    from .models import load_policy
+    from .rewards import load_reward
+
+    if not config.policy:
+        raise UserError("wprlhf eval needs --policy (a model or a responses JSONL file)")
+    if config.min_response_length > config.response_length:
+        raise UserError("--min-response-length must not exceed --response-length")
+    prompts = load_prompts(config.prompts) if config.prompts else None
+    if prompts is not None and config.max_prompts:
+        prompts = prompts[: config.max_prompts]
+    prompts, new, new_model = _side(config.policy, prompts, config)
+    prompts, old, old_model = _side(config.against, prompts, config)
+    judge = load_reward(config.judge, what="judge") if config.judge else None
+    kls = {}
+    reference = config.reference or (config.against if old_model is not None else "")
+    if reference and new_model is not None:
+        ref_model, ref_tok = old_model if reference == config.against and old_model else load_policy(reference)
+        model, tokenizer = new_model
+        own = response_logprobs(model, tokenizer, prompts, new, config.temperature, config.batch_size)
+        ref = response_logprobs(ref_model.to(next(model.parameters()).device), tokenizer, prompts, new,
+                                config.temperature, config.batch_size)  # fmt: skip
+        kls["policy"] = (own - ref).tolist()
+    report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
+    report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference)
+    if blind_db:
+        report["blind_queued"] = queue_blind(blind_db, prompts, (config.policy, new), (config.against, old), config.seed)
+    out = Path(out)
+    write_json_atomic(out, _without_verdicts(report))
+    write_text_atomic(out.with_suffix(".md"), table_markdown(report))
+    pairs = [{"prompt": p, "policy": a, "against": b} for p, a, b in zip(prompts, new, old)]
+    write_text_atomic(out.with_name(out.stem + "-pairs.jsonl"), "".join(json.dumps(x) + "\n" for x in pairs))
+    return report
+
+
+def _without_verdicts(report: dict) -> dict:
+    """The report without the per-response verdict lists (they go to the pairs file)."""
+    strip = lambda d: {k: v for k, v in d.items() if k != "verdicts"}  # noqa: E731
+    out = dict(report, sides={k: strip(v) for k, v in report["sides"].items()})
+    if report.get("human"):
+        out["human"] = strip(report["human"])
+    return out

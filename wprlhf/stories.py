@@ -1,0 +1,539 @@
+"""`wprlhf stories`: RLHF on r/WritingPrompts itself, judged by models and rules the policy never trained on.
+
+The pipeline (issue 18), one resumable phase after another, in one run directory:
+
+    split      prompts grouped by `data.prompt_key` (reposts together) into train / judge / eval parts:
+               split/train_prompts.txt, judge_prompts.txt, eval_prompts.txt, split.json
+    sft        supervised fine-tuning of the start policy on the top-voted story of each train prompt
+    rm         the reward model: karma comparisons of train prompts only (split/rm_comparisons.jsonl)
+    judge      the judge reward model: karma comparisons of judge prompts only (split/judge_comparisons.jsonl)
+    ppo        PPO from the SFT policy against the reward model, KL-penalised to the SFT policy, on train prompts
+    best_of    n samples of the SFT policy per eval prompt, scored by the reward model (best-of-4, best-of-16)
+    eval       every policy on the eval prompts by every judge (`policy_eval.judge_sides`): eval/report.json,
+               eval/table.md, eval/samples.md, eval/over_optimisation.png, eval/blind.db (final vs start, blind)
+
+What each part is for: SFT, the reward model and PPO see only train prompts; the judge reward model only judge
+prompts; evaluation only eval prompts. `stories_state.json` lists the finished phases, so a killed run resumes
+after the last one (`--resume`). The SFT policy and both reward models are cached under --cache-dir, keyed by the
+data, the split and their settings, and reused by later runs with the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from pathlib import Path
+
+from .data import Response, karma_pairs, load_responses, prompt_key, read_rows, write_comparisons
+from .distributed import check_mixed_precision
+from .errors import UserError, check_numbers
+from .files import write_json_atomic, write_text_atomic
+from .text import clean_prompt
+
+STATE_FILE = "stories_state.json"
+PHASES = ("split", "sft", "rm", "judge", "ppo", "best_of", "eval")
+DATA = "../shared/data/writing_prompts"
+
+
+@dataclass
+class StoriesConfig:
+    """`wprlhf stories`. Defaults: the long run of the README on 2 CPU cores (about 60 minutes from cached models)."""
+
+    data: str = DATA
+    """Karma-scored stories: a directory holding prompt_responses.csv.gz (and optionally fan_prompts.csv), a
+    responses file, or a hub id (rewardsignal/reddit_writing_prompts: only when named; nothing is downloaded
+    otherwise)."""
+    policy: str = "smollm2"
+    """The start policy ('smollm2' is SmolLM2-135M-Instruct as shipped): SFT starts from it, and every KL in the
+    report is measured to it."""
+    eval_prompts: int = 100
+    """Eval prompts (prompt groups). Taken from the data first, at most a quarter of its groups; the rest from
+    Fan et al.'s prompts (fan_prompts.csv beside the data), detokenised, none of which is a data prompt."""
+    judge_fraction: float = 0.2
+    """Share of the data's prompt groups whose karma comparisons train the judge reward model."""
+    split_seed: int = 42
+    """Seeds the shuffle of prompt groups into parts."""
+    response_length: int = 64
+    """Tokens of every response, in PPO, best-of-n and evaluation alike (~48 words: a story's opening). With
+    fixed_length, responses never stop early, so length cannot be what wins."""
+    fixed_length: bool = True
+    """Forbid end-of-turn before response_length tokens (min = max new tokens)."""
+    temperature: float = 0.7
+    # --- SFT
+    sft: bool = True
+    """Fine-tune on top-voted stories before PPO. SmolLM2-Instruct answers a prompt as an assistant; SFT teaches
+    it to answer as a writer (README: story share before and after)."""
+    sft_examples: int = 384
+    """Top-voted stories of train prompts to fine-tune on (one per prompt; 0 = all)."""
+    sft_max_length: int = 160
+    """Tokens of chat template + prompt + story opening per SFT example: the opening is what PPO continues."""
+    sft_lr: float = 1e-4
+    sft_epochs: int = 1
+    sft_batch_size: int = 16
+    # --- reward models
+    rm_examples: int = 6000
+    """Karma comparisons (of train prompts) the reward model trains on; `rm train`'s recipe otherwise."""
+    judge_examples: int = 6000
+    """Karma comparisons (of judge prompts) the judge reward model trains on."""
+    judge_val_fraction: float = 0.15
+    """Share of judge prompts held out of the judge's training to state its accuracy."""
+    # --- PPO
+    ppo_steps: int = 40
+    batch_size: int = 16
+    """PPO episodes per step."""
+    lr: float = 1e-5
+    kl_coef: float = 0.05
+    """Initial KL penalty (adaptive towards kl_target)."""
+    kl_target: float = 8.0
+    """Adaptive-KL target, nats per response, KL to the SFT policy."""
+    # --- best-of-n and evaluation
+    best_of: str = "4,16"
+    """Best-of-n baselines from the SFT policy, with the reward model choosing; one pool of the largest n."""
+    eval_batch_size: int = 32
+    """Prompts per sampling batch in best-of-n and evaluation."""
+    cache_dir: str = ""
+    """Where the SFT policy and the reward models are cached across runs ('' = $WPRLHF_CACHE/stories, else
+    ~/.cache/wprlhf/stories; 'none' = train them inside the run directory every time)."""
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where it is faster), 'no', 'bf16' or 'fp16': training forwards of SFT, reward models and PPO."""
+
+    def __post_init__(self):
+        check_mixed_precision(self.mixed_precision)
+        check_numbers(self, non_negative=("judge_fraction", "temperature", "sft_lr", "lr", "kl_coef", "kl_target",
+                                          "judge_val_fraction"))  # fmt: skip
+        for name, low in dict(eval_prompts=1, response_length=1, sft_max_length=32, sft_epochs=1, sft_batch_size=1,
+                              ppo_steps=0, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
+                              sft_examples=0).items():  # fmt: skip
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; "
+                                f"set --{name.replace('_', '-')} to {low} or more")  # fmt: skip
+        if not 0 < self.judge_fraction < 0.5:
+            raise UserError(f"judge_fraction must lie in (0, 0.5), got {self.judge_fraction}")
+        if not 0 < self.judge_val_fraction < 0.5:
+            raise UserError(f"judge_val_fraction must lie in (0, 0.5), got {self.judge_val_fraction}")
+        self.best_of_ns  # parses, or names the problem
+
+    @property
+    def best_of_ns(self) -> list[int]:
+        try:
+            ns = sorted({int(x) for x in self.best_of.split(",") if x.strip()})
+        except ValueError:
+            raise UserError(f"best_of must be comma-separated integers such as '4,16', got {self.best_of!r}") from None
+        if not ns or ns[0] < 2:
+            raise UserError(f"best_of needs integers >= 2 (e.g. '4,16'), got {self.best_of!r}")
+        return ns
+
+    @property
+    def min_response_length(self) -> int:
+        return self.response_length if self.fixed_length else 0
+
+
+# A run in minutes on 2 cores, for the test and for trying the command: tiny sizes everywhere.
+QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=8, rm_examples=64, judge_examples=64,
+             ppo_steps=2, batch_size=4, best_of="2,4", response_length=24, eval_batch_size=8)  # fmt: skip
+
+
+# ==========================================================================================================
+# the split
+
+
+def _fan_prompts(data: str) -> list[tuple[str, str]]:
+    """(prompt, story) rows of fan_prompts.csv beside the data, prompts detokenised; [] when there is none."""
+    path = Path(data) / "fan_prompts.csv"
+    if not path.is_file():
+        return []
+    rows = read_rows(path, ("prompt", "story"))
+    return [(clean_prompt(r["prompt"]), r["story"]) for r in rows if r.get("prompt") and r.get("story")]
+
+
+def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
+    """{'train', 'judge', 'eval'}: prompt lists, and 'eval_stories', a human story for each eval prompt.
+
+    Groups of prompts with one `prompt_key` (reposts) fall on one side. Groups are ordered by their smallest
+    prompt_id, shuffled with random.Random(split_seed); the first go to eval (at most a quarter of the groups),
+    the next judge_fraction to judge, the rest to train. Eval is topped up to eval_prompts from Fan et al.'s
+    prompts whose key is no data prompt's. A human story of an eval prompt is its top-karma one (Fan's own story).
+    """
+    groups: dict[str, list[Response]] = {}
+    for r in responses:
+        groups.setdefault(prompt_key(r.prompt), []).append(r)
+    order = sorted(groups, key=lambda k: min((r.prompt_id or r.prompt) for r in groups[k]))
+    random.Random(config.split_seed).shuffle(order)
+    n_eval = min(config.eval_prompts, len(order) // 4)
+    n_judge = max(1, round(config.judge_fraction * len(order)))
+    if len(order) - n_eval - n_judge < 1:
+        raise UserError(f"{config.data} has {len(order)} distinct prompts: too few for train, judge and eval parts; "
+                        "it needs at least 4")  # fmt: skip
+    parts = {"eval": order[:n_eval], "judge": order[n_eval : n_eval + n_judge], "train": order[n_eval + n_judge :]}
+
+    def prompts_of(keys):
+        return [p for k in keys for p in dict.fromkeys(r.prompt for r in groups[k])]
+
+    split = {name: prompts_of(keys) for name, keys in parts.items()}
+    split["eval_stories"] = [min((r for r in groups[k] if r.prompt == p), key=lambda r: r.rank if r.rank is not None
+                                 else 10**9).response for k in parts["eval"] for p in dict.fromkeys(
+                                 r.prompt for r in groups[k])]  # fmt: skip
+    split["eval_source"] = ["data"] * len(split["eval"])
+    taken = set(groups)
+    for prompt, story in _fan_prompts(config.data):
+        if len(set(map(prompt_key, split["eval"]))) >= config.eval_prompts:
+            break
+        if prompt_key(prompt) in taken:
+            continue
+        taken.add(prompt_key(prompt))
+        split["eval"].append(prompt)
+        split["eval_stories"].append(story)
+        split["eval_source"].append("fan")
+    if len(split["eval"]) < config.eval_prompts:
+        print(f"note: {len(split['eval'])} eval prompts, fewer than --eval-prompts {config.eval_prompts}: the data "
+              "has no more to spare", flush=True)  # fmt: skip
+    return split
+
+
+# ==========================================================================================================
+# phases
+
+
+def _cache_root(config: StoriesConfig) -> Path | None:
+    import os
+
+    if config.cache_dir == "none":
+        return None
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    base = os.environ.get("WPRLHF_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "wprlhf") / "stories"
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(config: StoriesConfig, out_dir: Path, phase: str, key: str, marker: str, train) -> Path:
+    """Run `train(dir)` into the cache (or the run directory when caching is off) unless a finished copy with
+    this key exists; returns the directory. `marker` is a file the finished training writes last."""
+    root = _cache_root(config)
+    target = (root / f"{phase}-{key}") if root is not None else out_dir / phase
+    if (target / marker).exists():
+        print(f"{phase}: reusing {target} (cached: same data, split and settings)", flush=True)
+        return target
+    if target.exists():
+        shutil.rmtree(target)  # a training killed half-way: start it again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    train(target)
+    return target
+
+
+def _data_fingerprint(data: str) -> list:
+    path = Path(data)
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return [[f.name, f.stat().st_size] for f in files if f.is_file()] if path.exists() else [data]
+
+
+def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until: str = "") -> dict:
+    """Run (or resume) the pipeline into out_dir; returns the evaluation report (or {} when stopped early)."""
+    out_dir = Path(out_dir)
+    if until and until not in PHASES:
+        raise UserError(f"--until {until!r}: choose one of {', '.join(PHASES)}")
+    state_path = out_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
+    if state["done"] and not resume:
+        raise UserError(f"{out_dir} holds a stories run; pass --resume to continue it or --force to start over")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
+    clock = time.perf_counter()
+
+    def finish(phase: str, **facts) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        state["done"].append(phase)
+        state["timings_s"][phase] = now - clock
+        state.update(facts)
+        write_json_atomic(state_path, state)
+        print(f"== {phase} done in {(now - clock) / 60:.1f} min", flush=True)
+        clock = now
+
+    def wanted(phase: str) -> bool:
+        return phase not in state["done"] and (not until or PHASES.index(phase) <= PHASES.index(until))
+
+    responses = load_responses(config.data)  # meta lines cleaned, as `rm train` reads them
+    if not responses:
+        raise UserError(f"{config.data} holds no stories; it needs rows of prompt_id, prompt, response_id, response")
+    split_dir = out_dir / "split"
+    fingerprint = _data_fingerprint(config.data)
+    split_key = _key(fingerprint, config.eval_prompts, config.judge_fraction, config.split_seed)
+
+    if wanted("split"):
+        split = split_prompts(responses, config)
+        for part in ("train", "judge", "eval"):
+            write_text_atomic(split_dir / f"{part}_prompts.txt", "".join(p + "\n" for p in split[part]))
+        write_text_atomic(split_dir / "eval_stories.jsonl", "".join(
+            json.dumps({"prompt": p, "response": s, "source": src}) + "\n"
+            for p, s, src in zip(split["eval"], split["eval_stories"], split["eval_source"])))  # fmt: skip
+        by_part = {part: {prompt_key(p) for p in split[part]} for part in ("train", "judge")}
+        for part, name in (("train", "rm_comparisons.jsonl"), ("judge", "judge_comparisons.jsonl")):
+            pairs = karma_pairs([r for r in responses if prompt_key(r.prompt) in by_part[part]])
+            write_comparisons(split_dir / name, pairs)
+        counts = {part: len(split[part]) for part in ("train", "judge", "eval")}
+        counts["eval_from_fan"] = split["eval_source"].count("fan")
+        write_json_atomic(split_dir / "split.json", {**counts, "key": split_key, "data": config.data,
+                                                     "seed": config.split_seed})  # fmt: skip
+        print(f"split: {counts['train']} train, {counts['judge']} judge, {counts['eval']} eval prompts "
+              f"({counts['eval_from_fan']} of them Fan et al.'s)", flush=True)  # fmt: skip
+        finish("split")
+    train_prompts = _lines(split_dir / "train_prompts.txt")
+    train_keys = {prompt_key(p) for p in train_prompts}
+
+    if config.sft and wanted("sft"):
+        from .sft import SFTConfig
+        from .sft import train as sft_train
+
+        stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
+        sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
+                               max_examples=config.sft_examples, max_length=config.sft_max_length,
+                               epochs=config.sft_epochs, batch_size=config.sft_batch_size,
+                               gradient_accumulation_steps=max(1, config.sft_batch_size // 8), lr=config.sft_lr,
+                               eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
+                               device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
+        key = _key(split_key, fingerprint, dataclasses.asdict(sft_config))
+        path = _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
+        finish("sft", sft_dir=str(path))
+    start_of_rl = str(Path(state["sft_dir"]) / "policy") if config.sft and "sft_dir" in state else config.policy
+
+    for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
+                                              ("judge", "judge_comparisons.jsonl", config.judge_examples,
+                                               config.judge_val_fraction)):  # fmt: skip
+        if not wanted(phase):
+            continue
+        from .reward_model import RewardConfig
+        from .reward_model import train as rm_train
+
+        rm_config = RewardConfig(data=str(split_dir / comparisons), max_examples=examples, val_fraction=val,
+                                 keep_meta=False, seed=config.seed, device=config.device,
+                                 mixed_precision=config.mixed_precision)  # fmt: skip
+        key = _key(split_key, fingerprint, phase, dataclasses.asdict(rm_config) | {"data": comparisons})
+        path = _cached(config, out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
+        finish(phase, **{f"{phase}_dir": str(path)})
+
+    if wanted("ppo"):
+        from .ppo import train as ppo_train
+        from .ppo_config import PPOConfig
+        from .reward_model import reward_fn_from_model
+
+        ppo_config = PPOConfig(policy=start_of_rl, reward="stories: the reward model", steps=config.ppo_steps,
+                               batch_size=config.batch_size, num_minibatches=2, ppo_epochs=2,
+                               response_length=config.response_length,
+                               min_response_length=config.min_response_length, temperature=config.temperature,
+                               lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
+                               checkpoint_every=5, sample_every=5, seed=config.seed, device=config.device,
+                               mixed_precision=config.mixed_precision)  # fmt: skip
+        ppo_dir = out_dir / "ppo"
+        resume_ppo = (ppo_dir / "metrics.csv").exists()
+        ppo_train(ppo_config, train_prompts, reward_fn_from_model(state["rm_dir"]), ppo_dir, resume=resume_ppo,
+                  judge_fn=reward_fn_from_model(state["judge_dir"]))  # fmt: skip
+        finish("ppo")
+
+    if wanted("best_of"):
+        from .best_of import sample_pool
+        from .distributed import resolve_device
+        from .generation import generation_config
+        from .models import load_policy
+        from .reward_model import reward_fn_from_model
+
+        eval_prompts = _lines(split_dir / "eval_prompts.txt")
+        policy, tokenizer = load_policy(start_of_rl)
+        policy.to(resolve_device(config.device))
+        gen = generation_config(None, response_length=config.response_length,
+                                min_response_length=config.min_response_length, temperature=config.temperature)
+        pool = sample_pool(policy, tokenizer, eval_prompts, max(config.best_of_ns), reward_fn_from_model(state["rm_dir"]),
+                           gen, seed=config.seed + 20_000, batch_size=config.eval_batch_size)  # fmt: skip
+        lines = [json.dumps({"prompt": p, "responses": rs, "scores": s.tolist(), "policy": start_of_rl})
+                 for p, rs, s in zip(pool.prompts, pool.responses, pool.scores)]  # fmt: skip
+        write_text_atomic(out_dir / "best_of" / "pool.jsonl", "\n".join(lines) + "\n")
+        finish("best_of")
+
+    if wanted("eval"):
+        report = evaluate_stories(config, out_dir, state)
+        finish("eval")
+        return report
+    return {}
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ==========================================================================================================
+# evaluation
+
+
+def _openings(tokenizer, stories: list[str], n_tokens: int) -> list[str]:
+    """The first n_tokens tokens of each human story, as text: the human side at the policies' length."""
+    return [tokenizer.decode(tokenizer(s, add_special_tokens=False)["input_ids"][:n_tokens]).strip() for s in stories]
+
+
+def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
+    """Every side on the eval prompts by every judge; writes eval/report.json, table.md, samples.md, pairs.jsonl,
+    over_optimisation.png, and blind.db (the final policy against the start one, for people)."""
+    from .best_of import kl_bound
+    from .distributed import resolve_device
+    from .generation import generate, generation_config
+    from .labelers import Relevance
+    from .models import load_policy
+    from .policy_eval import _without_verdicts, judge_sides, queue_blind, response_logprobs, table_markdown
+    from .reward_model import reward_fn_from_model
+
+    eval_dir = out_dir / "eval"
+    rows = [json.loads(line) for line in (out_dir / "split" / "eval_stories.jsonl").read_text().splitlines() if line]
+    prompts = [r["prompt"] for r in rows]
+    pool = [json.loads(line) for line in (out_dir / "best_of" / "pool.jsonl").read_text().splitlines() if line]
+    if [r["prompt"] for r in pool] != prompts:
+        raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
+                        "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
+    device = resolve_device(config.device)
+    gen = generation_config(None, response_length=config.response_length,
+                            min_response_length=config.min_response_length, temperature=config.temperature)
+    T, bs = config.temperature, config.eval_batch_size
+
+    start, tokenizer = load_policy(config.policy, seed=config.seed)
+    start.to(device)
+    sides = {"start": generate(start, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 30_000, progress=True)}
+    scores = np.asarray([r["scores"] for r in pool])  # (P, n) the reward model's scores of the pool
+    base = "sft" if config.sft else "start-sample"
+    sides[base] = [r["responses"][0] for r in pool]
+    chosen = {}
+    for n in config.best_of_ns:
+        picks = scores[:, :n].argmax(1)
+        chosen[n] = picks
+        sides[f"best-of-{n}"] = [r["responses"][i] for r, i in zip(pool, picks)]
+    ppo_dir = out_dir / "ppo" / "policy"
+    ppo = None
+    if ppo_dir.exists():
+        ppo, _ = load_policy(str(ppo_dir))
+        ppo.to(device)
+        sides["ppo"] = generate(ppo, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 40_000, progress=True)
+
+    # KL to the start policy (nats per response), k1 on the sampled text: log pi(y) - log start(y).
+    print("eval: KL of every side to the start policy", flush=True)
+    start_lp = {name: response_logprobs(start, tokenizer, prompts, texts, T, bs) for name, texts in sides.items()}
+    kls = {"start": [0.0] * len(prompts)}
+    kl_to_sft = {}
+    if config.sft:
+        sft, _ = load_policy(state_sft_policy(state))
+        sft.to(device)
+        pool_lp = {name: response_logprobs(sft, tokenizer, prompts, sides[name], T, bs)
+                   for name in sides if name == base or name.startswith("best-of-")}  # fmt: skip
+        kls[base] = (pool_lp[base] - start_lp[base]).tolist()
+        for n in config.best_of_ns:
+            # KL(best-of-n || start) = KL(best-of-n || sft) + E_best-of-n[log sft - log start]; the first term is
+            # the closed form log n - (n-1)/n, the second is measured on the chosen samples.
+            name = f"best-of-{n}"
+            kls[name] = (pool_lp[name] - start_lp[name] + kl_bound(n)).tolist()
+        if ppo is not None:
+            kl_to_sft["ppo"] = (response_logprobs(ppo, tokenizer, prompts, sides["ppo"], T, bs)
+                                - response_logprobs(sft, tokenizer, prompts, sides["ppo"], T, bs)).tolist()
+        del sft
+    else:
+        for n in config.best_of_ns:
+            kls[f"best-of-{n}"] = [kl_bound(n)] * len(prompts)
+    if ppo is not None:
+        kls["ppo"] = (response_logprobs(ppo, tokenizer, prompts, sides["ppo"], T, bs) - start_lp["ppo"]).tolist()
+    del start, ppo
+
+    human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
+    judge = reward_fn_from_model(state["judge_dir"])
+    print("eval: judges", flush=True)
+    pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft else []
+    report = judge_sides(prompts, sides, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
+    reward = reward_fn_from_model(state["rm_dir"])
+    from .policy_eval import _ci
+
+    for name, texts in list(sides.items()) + [("human", human)]:
+        where = report["human"] if name == "human" else report["sides"][name]
+        where["reward"] = _ci(reward(prompts, texts), prompts)
+    for name, values in kl_to_sft.items():
+        report["sides"][name]["kl_to_sft"] = _ci(values, prompts)
+    report["judge_heldout"] = json.loads((Path(state["judge_dir"]) / "eval-heldout.json").read_text())
+    report["rm_heldout"] = json.loads((Path(state["rm_dir"]) / "eval-heldout.json").read_text())
+    report["split"] = json.loads((out_dir / "split" / "split.json").read_text())
+    report["timings_s"] = state.get("timings_s", {})
+    report["response_length"] = config.response_length
+    report["selection_rule"] = "PPO: the last step (fixed before any judging)"
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(eval_dir / "report.json", _without_verdicts(report))
+    write_text_atomic(eval_dir / "table.md", _summary(report) + "\n" + table_markdown(report))
+    lines = [json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}, "human": human[i],
+                         "verdicts": {name: report["sides"][name]["verdicts"][i] for name in sides}})
+             for i, p in enumerate(prompts)]  # fmt: skip
+    write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, human, n=6))
+    final = "ppo" if "ppo" in sides else f"best-of-{max(config.best_of_ns)}"
+    db = eval_dir / "blind.db"
+    if not db.exists():
+        queue_blind(db, prompts, (final, sides[final]), ("start", sides["start"]), seed=config.seed)
+    _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
+    print(_summary(report), flush=True)
+    return report
+
+
+def state_sft_policy(state: dict) -> str:
+    return str(Path(state["sft_dir"]) / "policy")
+
+
+def _summary(report: dict) -> str:
+    j, h = report["judge_heldout"], report.get("judge_prefers_human")
+    lines = [f"Eval prompts: {report['prompts']} (none trained on); responses of {report['response_length']} tokens.",
+             f"Judge reward model (judge prompts only): held-out accuracy {j.get('accuracy', float('nan')):.1%} "
+             f"(n {j.get('n', 0)}); it prefers the human openings to the start policy's on "
+             f"{h['win_rate']:.1%} [{h['win_rate_lo']:.1%}, {h['win_rate_hi']:.1%}] of eval prompts." if h else ""]
+    for key, win in report["win_rates"].items():
+        lines.append(f"- judge win rate {key}: {win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]")
+    return "\n".join(lines) + "\n"
+
+
+def _samples_markdown(prompts: list[str], sides: dict[str, list[str]], human: list[str], n: int) -> str:
+    out = ["# Before and after, on the same eval prompts\n"]
+    for i, prompt in enumerate(prompts[:n]):
+        out.append(f"## {prompt}\n")
+        for name, texts in list(sides.items()) + [("human (top-voted opening)", human)]:
+            out.append(f"**{name}**: {' '.join(texts[i].split())}\n")
+    return "\n".join(out)
+
+
+def _plot_over_optimisation(metrics: Path, path: Path) -> None:
+    """Training reward, the judge's score of the same samples, and KL per PPO step (lm-human-preferences'
+    over-optimisation view: a reward that climbs while the judge does not is being gamed)."""
+    if not metrics.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import read_metrics
+
+    rows = read_metrics(metrics)
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(steps, [r["score_mean"] for r in rows], label="reward model (trained on)")
+    left.plot(steps, [r.get("judge_mean", float("nan")) for r in rows], label="judge reward model (never trained on)")
+    left.set_xlabel("PPO step")
+    left.set_ylabel("score (normalised)")
+    left.legend()
+    right.plot(steps, [r["kl"] for r in rows], color="tab:red")
+    right.set_xlabel("PPO step")
+    right.set_ylabel("KL to the SFT policy (nats/response)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
