@@ -10,7 +10,7 @@ writes one). Every side is measured the same way, each number with a 95 % CI tha
 - `story`: the share of responses that are stories (`labelers.story_verdict`, a stated rule);
 - `relevance`: MiniLM cosine of prompt and response (beside the human stories' own, when given: an assistant that
   restates the prompt scores high on relevance alone);
-- `distinct_1`, `distinct_2` (corpus-level, bootstrapped over prompts), `repetition` (a 4-gram said twice),
+- `distinct_1`, `distinct_2` (over chunks of 10 responses: `chunked_ci`), `repetition` (a 4-gram said twice),
   `meta` (a Reddit meta line: links, "Edit:", thanks for gold; karma rewards those, so a policy that learns them
   is gaming a karma-trained reward), `words`;
 - `kl`: the KL of the side's policy to a reference, in nats per response, where known.
@@ -50,16 +50,18 @@ def _ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
     return {"mean": float(np.mean(values)), "lo": lo, "hi": hi}
 
 
-def corpus_ci(texts: Sequence[str], prompts: Sequence[str], stat: Callable[[Sequence[str]], float],
-              n_boot: int = 500, seed: int = 0) -> dict:  # fmt: skip
-    """A corpus-level statistic (distinct-n) with a 95 % CI from resampling prompts with replacement."""
-    by_prompt: dict[str, list[str]] = {}
-    for t, p in zip(texts, prompts):
-        by_prompt.setdefault(p, []).append(t)
-    groups = list(by_prompt.values())
-    rng = np.random.default_rng(seed)
-    boots = [stat([t for i in rng.integers(0, len(groups), len(groups)) for t in groups[i]]) for _ in range(n_boot)]
-    return {"mean": float(stat(texts)), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5))}
+def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chunk: int = 10) -> dict:
+    """A corpus-level statistic (distinct-n) over consecutive chunks of `chunk` responses (one per prompt, in
+    prompt order): its mean over chunks with a 95 % CI resampling chunks.
+
+    Distinct-n falls as a corpus grows, and resampling prompts with replacement repeats texts, which lowers it
+    further, so a plain bootstrap's interval would not even hold the estimate. Chunks of a fixed size give every
+    side the same yardstick and independent pieces to resample."""
+    pieces = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
+    if len(pieces) > 1 and len(pieces[-1]) < chunk:
+        pieces = pieces[:-1]  # a short last chunk would read as more diverse
+    values = [stat(p) for p in pieces]
+    return _ci(values, list(range(len(values))))
 
 
 def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[float] | None = None,
@@ -68,8 +70,8 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
     judge (mean score), kl; plus 'verdicts', the story rule's verdict on each response."""
     verdicts = [story_verdict(p, r) for p, r in zip(prompts, responses)]
     out = {"n": len(responses), "story": _ci([v == "story" for v in verdicts], prompts),
-           "distinct_1": corpus_ci(responses, prompts, lambda t: distinct_n(t, 1)),
-           "distinct_2": corpus_ci(responses, prompts, lambda t: distinct_n(t, 2)),
+           "distinct_1": chunked_ci(responses, lambda t: distinct_n(t, 1)),
+           "distinct_2": chunked_ci(responses, lambda t: distinct_n(t, 2)),
            "repetition": _ci([repetition_rate([r]) for r in responses], prompts),
            "meta": _ci([has_meta(r) for r in responses], prompts),
            "words": _ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip

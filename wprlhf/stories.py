@@ -78,6 +78,9 @@ class StoriesConfig:
     sft_epochs: int = 1
     sft_batch_size: int = 16
     # --- reward models
+    reward_model: str = "minilm"
+    """Backbone of the reward model and of the judge: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (tests), a
+    directory or a hub id."""
     rm_examples: int = 6000
     """Karma comparisons (of train prompts) the reward model trains on; `rm train`'s recipe otherwise."""
     judge_examples: int = 6000
@@ -317,7 +320,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         from .reward_model import RewardConfig
         from .reward_model import train as rm_train
 
-        rm_config = RewardConfig(data=str(split_dir / comparisons), max_examples=examples, val_fraction=val,
+        rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model, max_examples=examples,
+                                 val_fraction=val,
                                  keep_meta=False, seed=config.seed, device=config.device,
                                  mixed_precision=config.mixed_precision)  # fmt: skip
         key = _key(split_key, fingerprint, phase, dataclasses.asdict(rm_config) | {"data": comparisons})

@@ -1,0 +1,252 @@
+"""`wprlhf stories`, `wprlhf eval` (with blind pairs), `wprlhf sample --best-of` and the story rule (issue 18)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import httpx
+import pytest
+
+from wprlhf.best_of import Pool, kl_bound
+from wprlhf.cli import main
+from wprlhf.data import prompt_key
+from wprlhf.labelers import story_verdict
+
+WORDS = ("the night was cold and she walked to the river where the old boat waited under a pale moon while "
+         "somewhere far behind her a dog barked twice and the lights of the town went out one by one").split()
+
+
+def _story(i: int, n: int = 40) -> str:
+    return " ".join(WORDS[(i + j) % len(WORDS)] for j in range(n)).capitalize() + "."
+
+
+@pytest.fixture()
+def wp_data(tmp_path):
+    """A tiny r/WritingPrompts directory: 24 prompts x 4 karma-scored stories (one repost pair), and 4 Fan et al.
+    prompts in their tokenised form."""
+    root = tmp_path / "wp"
+    root.mkdir()
+    with open(root / "prompt_responses.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt_id", "prompt", "response_id", "response", "response_score", "response_rank"])
+        for p in range(24):
+            prompt = f"[WP] prompt number {p} about a {WORDS[p]} that learns to {WORDS[p + 3]}"
+            if p == 23:
+                prompt = "[WP] Prompt number 0 about a THE that learns to and!"  # a repost of prompt 0
+            for r, karma in enumerate((400, 90, 12, 1)):
+                w.writerow([f"p{p:04d}", prompt, f"p{p:04d}_r{r:03d}", _story(p * 4 + r), karma, r])
+    with open(root / "fan_prompts.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "story"])
+        for i in range(4):
+            w.writerow([f"[ WP ] A fan prompt {i} : you do n't know why the sky is {WORDS[i]}", _story(100 + i, 60)])
+    return root
+
+
+def _lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.learning
+def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["stories", "--out", str(out), "--data", str(wp_data), "--quick", "--policy", "tiny",
+                 "--reward-model", "tiny", "--cache-dir", "none", "--eval-prompts", "8", "--ppo-steps", "3",
+                 "--sft-examples", "8", "--response-length", "12", "--eval-batch-size", "8"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-2000:]
+    state = json.loads((out / "stories_state.json").read_text())
+    assert state["done"] == ["split", "sft", "rm", "judge", "ppo", "best_of", "eval"]
+
+    # One prompt-level split; the repost (prompt 23) sits on the same side as prompt 0.
+    parts = {part: _lines(out / "split" / f"{part}_prompts.txt") for part in ("train", "judge", "eval")}
+    keys = {part: {prompt_key(p) for p in prompts} for part, prompts in parts.items()}
+    assert not keys["train"] & keys["judge"] and not keys["train"] & keys["eval"] and not keys["judge"] & keys["eval"]
+    assert len(parts["eval"]) == 8  # 6 of the data's 23 groups (a quarter at most) + 2 Fan prompts, detokenised
+    fan = [p for p in parts["eval"] if "fan prompt" in p]
+    assert len(fan) == 2 and all("n't" in p and " n't" not in p for p in fan)
+    assert "[WP] Prompt number 0 about a THE that learns to and!" in parts[
+        next(part for part in parts if prompt_key("[WP] prompt number 0 about a the that learns to and") in keys[part])]
+
+    # No eval or judge prompt in any training file: SFT, the reward model's comparisons, PPO's samples.
+    held_out = keys["eval"] | keys["judge"]
+    rm_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "split" / "rm_comparisons.jsonl")}
+    judge_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "split" / "judge_comparisons.jsonl")}
+    ppo_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "ppo" / "samples.jsonl")}
+    sft_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "sft" / "samples.jsonl")}
+    assert rm_prompts and ppo_prompts and sft_prompts
+    assert not (rm_prompts | ppo_prompts | sft_prompts) & held_out
+    assert judge_prompts <= keys["judge"] and judge_prompts
+
+    # One metrics row per PPO step, with the judge's score of the same samples beside the reward.
+    rows = list(csv.DictReader(open(out / "ppo" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(r["judge_mean"])) for r in rows)
+
+    # Every judge of every side in the report, with CIs; best-of-n and PPO judged against the start and SFT.
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert set(report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "ppo"}
+    for name, side in report["sides"].items():
+        for judge in ("judge", "story", "relevance", "distinct_1", "distinct_2", "repetition", "meta", "kl", "reward"):
+            assert side[judge]["lo"] <= side[judge]["mean"] <= side[judge]["hi"], (name, judge, side[judge])
+    assert set(report["win_rates"]) >= {"ppo vs start", "best-of-4 vs start", "ppo vs sft", "best-of-4 vs sft"}
+    assert 0 <= report["judge_prefers_human"]["win_rate"] <= 1 and "relevance" in report["human"]
+    assert report["sides"]["start"]["kl"]["mean"] == 0
+    assert abs(report["sides"]["best-of-4"]["kl"]["mean"] - report["sides"]["sft"]["kl"]["mean"]) < 50
+    assert "ppo" in (out / "eval" / "table.md").read_text() and (out / "eval" / "over_optimisation.png").stat().st_size
+    # Before/after samples on the same prompts, and the final policy queued blind against the start.
+    pairs = [json.loads(line) for line in _lines(out / "eval" / "pairs.jsonl")]
+    assert [p["prompt"] for p in pairs] == parts["eval"] and all({"start", "ppo", "human"} <= set(p) for p in pairs)
+    from wprlhf.labeling.store import Store
+
+    queued = Store(out / "eval" / "blind.db").comparisons()
+    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("ppo", "start")}
+
+    # Resuming a finished run does nothing again; the SFT policy loads outside wprlhf.
+    assert main(["stories", "--out", str(out), "--data", str(wp_data), "--quick", "--policy", "tiny",
+                 "--reward-model", "tiny", "--cache-dir", "none", "--resume"]) == 0  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "sft" / "policy")
+
+
+def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
+    for flags, words in ((["--best-of", "1,x"], "comma-separated"), (["--judge-fraction", "0.7"], "judge_fraction"),
+                         (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr")):  # fmt: skip
+        assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(wp_data), *flags]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
+    assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_best_of_picks_the_highest_score_among_the_first_m():
+    pool = Pool(["a", "b"], [["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"]],
+                __import__("numpy").array([[0.1, 0.5, 0.9, 0.2], [0.7, 0.7, 0.1, 0.8]]))  # fmt: skip
+    assert pool.best(2) == (["a1", "b0"], [0.5, 0.7])  # b: equal scores, the earlier sample
+    assert pool.best(4) == (["a2", "b3"], [0.9, 0.8])
+    assert kl_bound(1) == 0 and kl_bound(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_sample_best_of_writes_the_best_first(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dragon\na ship\n")
+    out = tmp_path / "bo.jsonl"
+    assert main(["sample", "--policy", "tiny", "--prompts", str(prompts), "--best-of", "4", "--reward", "length",
+                 "--max-new-tokens", "12", "--out", str(out)]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in _lines(out)]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row["responses"]) == 4 and row["best_of"] == 4 and row["reward"] == "length"
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert row["scores"][0] == pytest.approx(min(len(row["responses"][0].split()) / 100, 1.0))
+    assert main(["sample", "--policy", "tiny", "--prompts", str(prompts), "--best-of", "4", "--out", str(out)]) == 2
+    assert "--reward" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("response, verdict", [
+    ("What a great concept! Here's a story about a dragon who learns to fly. I hope you enjoy it, and let me know.",
+     "assistant"),
+    ("Sure! The dragon in your story could be a metaphor for growing up, which is a common theme in fiction.",
+     "assistant"),
+    ("1. The dragon wakes up.\n2. The dragon eats.\n3. The dragon sleeps and dreams of the sea again.", "markup"),
+    ("A dragon who is afraid of fire has to save the village from a flood, and it does so in the end.", "restated"),
+    ("asdf qwer zxcv 123 456 ### $$$ %%% @@@ !!! ??? asdf qwer zxcv 123 456", "broken"),
+    ("the the the the the the the the the the the the the the", "broken"),
+    ("\"Get back,\" Mira hissed, pulling the boy behind the barrel as the first ember drifted down over the docks. "
+     "Nobody in Harrow had seen the old dragon in forty years.", "story"),
+])  # fmt: skip
+def test_story_rule_names_each_failure(response, verdict):
+    assert story_verdict("[WP] A dragon who is afraid of fire has to save the village from a flood", response) == verdict
+
+
+def _tiny_policy(path, seed):
+    from wprlhf.models import load_policy
+
+    model, tokenizer = load_policy("tiny", seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_blind_pairs_through_the_page_give_the_hand_counted_win_rate(tmp_path, capsys):
+    from wprlhf.labeling.app import BackgroundServer, create_app
+    from wprlhf.labeling.store import Store
+
+    alpha, beta = _tiny_policy(tmp_path / "alpha-policy", 1), _tiny_policy(tmp_path / "beta-policy", 2)
+    prompts = tmp_path / "eval_prompts.txt"
+    prompts.write_text("".join(f"[WP] prompt {i} about the sea\n" for i in range(8)))
+    db, report = tmp_path / "blind.db", tmp_path / "eval.json"
+    Store(db, labels_per_comparison=2)
+    assert main(["eval", "--policy", str(alpha), "--against", str(beta), "--prompts", str(prompts), "--judge", "length",
+                 "--response-length", "10", "--min-response-length", "1", "--blind-db", str(db), "--out",
+                 str(report)]) == 0  # fmt: skip
+    written = json.loads(report.read_text())
+    assert written["blind_queued"] == 8 and "judge" in written["sides"]["policy"] and written["sides"]["policy"]["kl"]
+    texts = {json.loads(line)["prompt"]: json.loads(line) for line in _lines(tmp_path / "eval-pairs.jsonl")}
+
+    # Two people label through the HTTP API: ann picks the longer response (a tie when equal); bob agrees except on
+    # the first comparison he sees, where he picks the other one.
+    seen: list[str] = []
+    with BackgroundServer(create_app(db)) as url, httpx.Client(base_url=url) as client:
+        seen.append(client.get("/").text)
+        for labeler in ("ann", "bob"):
+            session = client.post("/api/session", json={"labeler": labeler}).json()["session"]
+            first = True
+            while True:
+                answer = client.post("/api/next", json={"session": session})
+                seen.append(answer.text)
+                comparison = answer.json()["comparison"]
+                if comparison is None:
+                    break
+                a, b = (len(t) for t in comparison["responses"])
+                choice = "tie" if a == b else int(b > a)
+                if labeler == "bob" and first and choice != "tie":
+                    choice, first = 1 - choice, False
+                done = client.post("/api/label", json={"session": session, "comparison_id": comparison["id"],
+                                                       "choice": choice})  # fmt: skip
+                seen.append(done.text)
+            seen.append(client.get("/api/stats", params={"session": session}).text)
+    # Nothing the page received names a policy or says which side is which.
+    for body in seen:
+        assert "alpha-policy" not in body and "beta-policy" not in body and "blind_sides" not in body
+
+    hand = []
+    for row in texts.values():  # ann's rule from the texts alone, counted for the policy side
+        x, y = len(row["policy"]), len(row["against"])
+        hand.append(0.5 if x == y else float(x > y))
+    bob_flipped = next((i for i, v in enumerate(_queue_order(db, texts)) if v != 0.5), None)
+    bob = [v if i != bob_flipped else 1 - v for i, v in enumerate(_queue_order(db, texts))]
+    expected = (sum(hand) + sum(bob)) / (2 * len(hand))
+    assert main(["eval", "--blind-results", str(db)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(json.dumps(__import__("wprlhf.policy_eval", fromlist=["x"]).blind_results(db)))
+    assert result["sides"][str(alpha)]["win_rate"] == pytest.approx(expected)
+    assert result["sides"][str(beta)]["win_rate"] == pytest.approx(1 - expected)
+    assert result["labels"] == 16
+    agree = (len(hand) - (bob_flipped is not None)) / len(hand)
+    assert result["agreement"] == pytest.approx(agree)
+    assert f"{expected:.1%}" in printed
+
+
+def _queue_order(db, texts):
+    """ann's credit for the policy side, comparison by comparison in queue order (the order bob sees them)."""
+    from wprlhf.labeling.store import Store
+
+    out = []
+    for c in Store(db).comparisons():
+        row = texts[c["prompt"]]
+        x, y = len(row["policy"]), len(row["against"])
+        out.append(0.5 if x == y else float(x > y))
+    return out
+
+
+def test_blind_results_of_a_missing_or_empty_database_say_what_to_do(tmp_path, capsys):
+    assert main(["eval", "--blind-results", str(tmp_path / "none.db")]) == 2
+    assert "queue pairs first" in capsys.readouterr().err
+    from wprlhf.labeling.store import Store
+
+    Store(tmp_path / "empty.db")
+    assert main(["eval", "--blind-results", str(tmp_path / "empty.db")]) == 2
+    assert "no labels" in capsys.readouterr().err
