@@ -22,10 +22,20 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# The main job on the embedded defaults: the whole RLHF pipeline, offline (`wprlhf demo`, ~25 minutes on 2 cores):
-# SmolLM2 samples -> simulated labeler -> MiniLM reward model -> PPO, two rounds -> judge -> report.html.
+# The main job: RLHF on r/WritingPrompts (`wprlhf stories`) when the data is there (DATA=DIR|HUB_ID names another
+# source), judged on held-out prompts by judges it never trained on; a killed run resumes where it stopped.
+# Without the data, the offline mock task (`wprlhf demo`: a simulated sentiment labeler), and it says so.
+WP_DATA ?= ../shared/data/writing_prompts
+STORIES_OUT ?= runs/stories
 demo: setup
-	$(BIN)/wprlhf demo --out $(DEMO_OUT) --force
+	@if [ -n "$(DATA)" ] || [ -d "$(WP_DATA)" ]; then \
+		echo "== writing-prompts RLHF on $(or $(DATA),$(WP_DATA)) -> $(STORIES_OUT) (wprlhf stories)"; \
+		$(BIN)/wprlhf stories --data "$(or $(DATA),$(WP_DATA))" --out $(STORIES_OUT) --resume; \
+	else \
+		echo "== no writing-prompts data at $(WP_DATA) (and no DATA=...): running the offline MOCK task instead"; \
+		echo "== (wprlhf demo: a simulated sentiment labeler, an instrument for the machinery, not the result)"; \
+		$(BIN)/wprlhf demo --out $(DEMO_OUT) --force; \
+	fi
 
 # pytest exits 5 when it collects nothing: say so, and fail (a suite that runs no test is broken).
 test: setup

@@ -91,6 +91,11 @@ FORMATS = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:.+)?$")
 
 
+def is_hub_id(source: str) -> bool:
+    """True when `source` reads as a Hugging Face hub id ('owner/name', optionally ':file') rather than a path."""
+    return bool(_HUB_ID.match(str(source))) and not Path(str(source)).exists()
+
+
 class Loaded(list):
     """A list of rows (or records built from them) that also says where they came from.
 

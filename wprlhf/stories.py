@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from pathlib import Path
 
-from .data import Response, karma_pairs, load_responses, prompt_key, read_rows, write_comparisons
+from .data import Response, is_hub_id, karma_pairs, load_responses, prompt_key, read_rows, write_comparisons
 from .distributed import check_mixed_precision
 from .errors import UserError, check_numbers
 from .files import write_json_atomic, write_text_atomic
@@ -268,6 +268,10 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     def wanted(phase: str) -> bool:
         return phase not in state["done"] and (not until or PHASES.index(phase) <= PHASES.index(until))
 
+    if not Path(config.data).exists() and not is_hub_id(config.data):
+        raise UserError(f"no writing-prompts data at {config.data}: pass --data DIR (a folder holding "
+                        "prompt_responses.csv.gz) or a hub id (rewardsignal/reddit_writing_prompts, downloaded only "
+                        "when named); without data, `wprlhf demo` runs the offline mock task")  # fmt: skip
     responses = load_responses(config.data)  # meta lines cleaned, as `rm train` reads them
     if not responses:
         raise UserError(f"{config.data} holds no stories; it needs rows of prompt_id, prompt, response_id, response")
