@@ -50,6 +50,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
         group.add_argument(flag, dest=field.name, type=parse, default=None, help=f"(default {default})")
 
 
+def add_run_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """--out, --config, --resume and --force of a pipeline made of phases, then one flag per config field."""
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--config", help=f"YAML or JSON file of {config_cls.__name__} fields (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    parser.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    add_config_flags(parser, config_cls)
+
+
 def _overrides(args: argparse.Namespace, config_cls) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if getattr(args, f.name, None) is not None}
 
@@ -529,23 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     loop = sub.add_parser("loop", help="rounds of sample -> label -> reward model -> PPO, judged against the start",
                           description="The iterative RLHF loop. Writes round-N/ (samples, labels, rm/, eval.json), "
                           "ppo/ and loop_metrics.csv into --out; a killed loop resumes with --resume.")  # fmt: skip
-    loop.add_argument("--out", required=True, help="run directory")
-    loop.add_argument("--config", help="YAML or JSON file of LoopConfig fields (flags override it)")
-    loop.add_argument("--resume", action="store_true", help="continue after the last finished phase")
-    loop.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
-    add_config_flags(loop, LoopConfig)
+    add_run_flags(loop, LoopConfig)
     loop.set_defaults(func=cmd_loop)
 
     sto = sub.add_parser("stories", help="RLHF on r/WritingPrompts: split, SFT, reward models, PPO, best-of-n, judges",
                          description="Writing-prompts RLHF from karma comparisons, judged on held-out prompts by a judge "
                          "reward model, a story rule, relevance and diversity. Phases: " + ", ".join(PHASES) + ".")  # fmt: skip
-    sto.add_argument("--out", required=True, help="run directory")
-    sto.add_argument("--config", help="YAML or JSON file of StoriesConfig fields (flags override it)")
     sto.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a few minutes, to try the pipeline")
     sto.add_argument("--until", choices=PHASES, help="stop after this phase (resume later with --resume)")
-    sto.add_argument("--resume", action="store_true", help="continue after the last finished phase")
-    sto.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
-    add_config_flags(sto, StoriesConfig)
+    add_run_flags(sto, StoriesConfig)
     sto.set_defaults(func=cmd_stories)
 
     evl = sub.add_parser("eval", help="a policy against another on held-out prompts, by every judge; blind pairs for people",

@@ -87,15 +87,17 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
 
 @torch.no_grad()
 def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], temperature: float,
-                      batch_size: int = 16, chat_template: bool = True) -> np.ndarray:  # fmt: skip
+                      batch_size: int = 16, chat_template: bool = True, progress: bool = True) -> np.ndarray:  # fmt: skip
     """Sum over each response's tokens of log p(token | prompt, earlier tokens) at `temperature` -> (N,) nats.
 
     Responses are text, so they are tokenized again; for text the same tokenizer wrote, that gives back its tokens
     except at rare merges, so a difference of two models' sums is the KL estimate k1 of the sampled responses.
     """
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="log-probs", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         ids = [torch.tensor(tokenizer(r, add_special_tokens=False)["input_ids"] or [tokenizer.pad_token_id])
                for r in responses[chunk]]  # fmt: skip

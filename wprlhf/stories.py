@@ -91,7 +91,7 @@ class StoriesConfig:
     ppo_steps: int = 40
     batch_size: int = 16
     """PPO episodes per step."""
-    lr: float = 1e-5
+    lr: float = 2e-5
     kl_coef: float = 0.05
     """Initial KL penalty (adaptive towards kl_target)."""
     kl_target: float = 8.0
