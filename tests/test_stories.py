@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import httpx
 import pytest
@@ -51,10 +52,11 @@ def _lines(path):
 
 @pytest.mark.learning
 def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["stories", "--out", str(out), "--data", str(wp_data), "--quick", "--policy", "tiny",
-                 "--reward-model", "tiny", "--cache-dir", "none", "--eval-prompts", "8", "--ppo-steps", "3",
-                 "--sft-examples", "8", "--response-length", "12", "--eval-batch-size", "8"])  # fmt: skip
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    flags = ["--data", str(wp_data), "--quick", "--policy", "tiny", "--reward-model", "tiny", "--cache-dir", str(cache),
+             "--eval-prompts", "8", "--ppo-steps", "3", "--sft-examples", "8", "--response-length", "12",
+             "--eval-batch-size", "8"]  # fmt: skip
+    code = main(["stories", "--out", str(out), *flags])
     assert code == 0, capsys.readouterr().err[-2000:]
     state = json.loads((out / "stories_state.json").read_text())
     assert state["done"] == ["split", "sft", "rm", "judge", "ppo", "best_of", "eval"]
@@ -71,12 +73,14 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 
     # No eval or judge prompt in any training file: SFT, the reward model's comparisons, PPO's samples.
     held_out = keys["eval"] | keys["judge"]
+    state = json.loads((out / "stories_state.json").read_text())
     rm_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "split" / "rm_comparisons.jsonl")}
     judge_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "split" / "judge_comparisons.jsonl")}
     ppo_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "ppo" / "samples.jsonl")}
-    sft_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(out / "sft" / "samples.jsonl")}
+    sft_prompts = {prompt_key(json.loads(line)["prompt"]) for line in _lines(Path(state["sft_dir"]) / "samples.jsonl")}
     assert rm_prompts and ppo_prompts and sft_prompts
     assert not (rm_prompts | ppo_prompts | sft_prompts) & held_out
+    assert ppo_prompts <= keys["train"] and rm_prompts <= keys["train"]
     assert judge_prompts <= keys["judge"] and judge_prompts
 
     # One metrics row per PPO step, with the judge's score of the same samples beside the reward.
@@ -103,12 +107,19 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     queued = Store(out / "eval" / "blind.db").comparisons()
     assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("ppo", "start")}
 
-    # Resuming a finished run does nothing again; the SFT policy loads outside wprlhf.
-    assert main(["stories", "--out", str(out), "--data", str(wp_data), "--quick", "--policy", "tiny",
-                 "--reward-model", "tiny", "--cache-dir", "none", "--resume"]) == 0  # fmt: skip
-    from transformers import AutoModelForCausalLM
+    # Resuming a finished run does nothing again; resuming with a setting a finished phase used is refused.
+    capsys.readouterr()
+    assert main(["stories", "--out", str(out), *flags, "--resume"]) == 0
+    assert "done in" not in capsys.readouterr().out
+    assert main(["stories", "--out", str(out), *flags, "--resume", "--judge-fraction", "0.3"]) == 2
+    assert "--judge-fraction 0.2" in capsys.readouterr().err
+    # A second run on the same data and settings reuses the cached SFT policy and both reward models.
+    assert main(["stories", "--out", str(tmp_path / "again"), *flags, "--until", "judge"]) == 0
+    said = capsys.readouterr().out
+    assert all(f"{phase}: reusing {cache}" in said for phase in ("sft", "rm", "judge")), said[-1500:]
+    from transformers import AutoModelForCausalLM  # the SFT policy loads outside wprlhf
 
-    AutoModelForCausalLM.from_pretrained(out / "sft" / "policy")
+    AutoModelForCausalLM.from_pretrained(json.loads((out / "stories_state.json").read_text())["sft_dir"] + "/policy")
 
 
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
@@ -221,10 +232,13 @@ def test_blind_pairs_through_the_page_give_the_hand_counted_win_rate(tmp_path, c
     expected = (sum(hand) + sum(bob)) / (2 * len(hand))
     assert main(["eval", "--blind-results", str(db)]) == 0
     printed = capsys.readouterr().out
-    result = json.loads(json.dumps(__import__("wprlhf.policy_eval", fromlist=["x"]).blind_results(db)))
-    assert result["sides"][str(alpha)]["win_rate"] == pytest.approx(expected)
-    assert result["sides"][str(beta)]["win_rate"] == pytest.approx(1 - expected)
-    assert result["labels"] == 16
+    from wprlhf.policy_eval import blind_results
+
+    result = blind_results(db)
+    (pair,) = result["pairs"].values()
+    assert pair[str(alpha)]["win_rate"] == pytest.approx(expected)
+    assert pair[str(beta)]["win_rate"] == pytest.approx(1 - expected)
+    assert result["labels"] == pair["labels"] == 16
     agree = (len(hand) - (bob_flipped is not None)) / len(hand)
     assert result["agreement"] == pytest.approx(agree)
     assert f"{expected:.1%}" in printed
@@ -240,6 +254,42 @@ def _queue_order(db, texts):
         x, y = len(row["policy"]), len(row["against"])
         out.append(0.5 if x == y else float(x > y))
     return out
+
+
+def test_blind_order_is_not_predictable_from_any_seed(tmp_path):
+    from wprlhf.labeling.store import Store
+    from wprlhf.policy_eval import queue_blind
+
+    prompts = [f"prompt {i}" for i in range(40)]
+    orders = []
+    for name in ("one.db", "two.db"):
+        assert queue_blind(tmp_path / name, prompts, ("a", [f"x{i}" for i in range(40)]),
+                           ("b", [f"y{i}" for i in range(40)])) == 40  # fmt: skip
+        orders.append([c["metadata"]["blind_sides"][0] for c in Store(tmp_path / name).comparisons()])
+    assert orders[0] != orders[1]  # equal by chance once in 2**40
+    assert 5 < orders[0].count("a") < 35
+
+
+def test_eval_refuses_bad_response_files_and_settings(tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p1", "responses": ["a b c"]}\n{"prompt": "p2", "response": "d e f"}\n')
+    for text, words in (('{"prompt": "p", "responses": 5}\n', "non-empty list of strings"),
+                        ('{"prompt": "p", "responses": "abc"}\n', "non-empty list of strings"),
+                        ("", "holds no responses"), ("not json\n", "JSON")):  # fmt: skip
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        assert main(["eval", "--policy", str(bad), "--against", str(good)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+    for flags, words in ((["--batch-size", "0"], "batch_size"), (["--temperature", "nan"], "temperature"),
+                         (["--response-length", "8", "--min-response-length", "9"], "min_response_length")):  # fmt: skip
+        assert main(["eval", "--policy", str(good), "--against", str(good), *flags]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["eval", "--policy", str(good), "--against", str(good), "--max-prompts", "1", "--out",
+                 str(tmp_path / "e.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "e.json").read_text())["prompts"] == 1
+    assert main(["sample", "--policy", "tiny", "--best-of", "0", "--reward", "length", "--out", str(tmp_path / "s")]) == 2
+    assert "--best-of must be >= 1" in capsys.readouterr().err
 
 
 def test_blind_results_of_a_missing_or_empty_database_say_what_to_do(tmp_path, capsys):

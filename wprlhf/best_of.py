@@ -62,10 +62,12 @@ def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: Reward
                            **kwargs)
     flat = [r for rs in responses for r in rs]
     scores = np.asarray(reward_fn([p for p in prompts for _ in range(n)], flat), dtype=np.float64)
-    if scores.shape != (len(flat),) or not np.isfinite(scores).all():
-        bad = int((~np.isfinite(scores)).sum()) if scores.shape == (len(flat),) else "a wrong number of"
-        raise UserError(f"the reward gave {bad} non-finite or missing scores for {len(flat)} responses; "
-                        "best-of-n needs one finite score per response")  # fmt: skip
+    if scores.shape != (len(flat),):
+        raise UserError(f"the reward gave {scores.size} scores for {len(flat)} responses; best-of-n needs one score "
+                        "per response")  # fmt: skip
+    if not np.isfinite(scores).all():
+        raise UserError(f"the reward gave {int((~np.isfinite(scores)).sum())} non-finite scores (NaN or inf) for "
+                        f"{len(flat)} responses; best-of-n needs finite scores: check the reward")  # fmt: skip
     return Pool(prompts, responses, scores.reshape(len(prompts), n))
 
 

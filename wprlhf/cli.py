@@ -126,8 +126,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     policy.to(resolve_device(args.device))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
-    if args.best_of:
+    if args.best_of is not None:
         from .best_of import sample_pool, write_ranked
+
+        if args.best_of < 1:
+            raise UserError(f"--best-of must be >= 1 (samples per prompt to choose among), got {args.best_of}")
         from .rewards import load_reward
 
         if not args.reward:
@@ -352,13 +355,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.blind_results:
         result = blind_results(args.blind_results)
         if args.out:
-            write_json_atomic(args.out, result, allow_nan=False)
-        for name, side in result["sides"].items():
-            print(f"{name}: wins {side['win_rate']:.1%} [{side['win_rate_lo']:.1%}, {side['win_rate_hi']:.1%}] "
-                  f"of {result['labels']} labels (ties count 1/2)")  # fmt: skip
+            write_json_atomic(args.out, result)
+        for pair, entry in result["pairs"].items():
+            print(f"{pair}: {entry['labels']} labels (a tie counts 1/2 to each side)")
+            for name, side in entry.items():
+                if name != "labels":
+                    print(f"  {name} wins {side['win_rate']:.1%} [{side['win_rate_lo']:.1%}, {side['win_rate_hi']:.1%}]")
         agreement = result["agreement"]
-        print(f"agreement between labelers: {'n/a (no comparison has two labels)' if agreement is None else f'{agreement:.1%}'}"
-              f" over {result['agreement_pairs']} pairs of labels")  # fmt: skip
+        said = "n/a (no comparison has two labels)" if agreement is None else f"{agreement:.1%}"
+        print(f"agreement between labelers: {said} over {result['agreement_pairs']} pairs of labels")
         return
     config = load_config(EvalConfig, args.config, _overrides(args, EvalConfig))
     out = args.out or "eval.json"
@@ -431,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--policy", default="smollm2", help="'smollm2', 'tiny', a local directory or a hub id")
     smp.add_argument("--prompts", default="", help="prompt file (.txt/.jsonl/.csv/.csv.gz); empty = built-in")
     smp.add_argument("-k", type=int, default=2, help="responses per prompt (default 2)")
-    smp.add_argument("--best-of", type=int, default=0, metavar="N", help="sample N per prompt and write them "
+    smp.add_argument("--best-of", type=int, default=None, metavar="N", help="sample N per prompt and write them "
                      "sorted by --reward, best first: the first response is best-of-N (replaces -k)")
     smp.add_argument("--reward", default="", help="the reward SPEC that ranks --best-of samples (rm:DIR, ...)")
     smp.add_argument("--out", required=True, help="output JSONL: {\"prompt\": str, \"responses\": [str, ...]}")

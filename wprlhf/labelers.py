@@ -70,7 +70,8 @@ _ASSISTANT_ANYWHERE = re.compile(
 )
 _LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s+\S", re.MULTILINE)
 _WORD = re.compile(r"[a-z']+")
-_QUOTE_MARKS = "\"'“‘«*_(["
+_QUOTE_MARKS = "\"'“‘«(["
+_QUOTED = re.compile(r"\"[^\"]*\"|“[^”]*”")  # dialogue: what characters say is the story's, not an assistant's
 
 
 def _prompt_coverage(prompt: str, words: list[str], n: int = 6) -> float:
@@ -90,7 +91,7 @@ def story_verdict(prompt: str, response: str) -> str:
     - 'broken': under 10 words, under 70 % real words, or looping (distinct words under 35 % of all);
     - 'assistant': opens as an assistant's reply outside quotation marks ("Sure!", "What a great concept",
       "Here's a story", "This prompt is ...") or says anywhere what only an assistant says ("your story",
-      "writing prompt", "I hope you enjoy", "Let me know if");
+      "writing prompt", "I hope you enjoy", "Let me know if"; outside dialogue in quotation marks);
     - 'markup': two or more list lines (an outline or an essay, not prose);
     - 'restated': over 30 % of its words copied from the prompt in runs of 6 or more (an edit or a restatement
       of the prompt's sentence; a story that quotes the prompt's line once stays a story).
@@ -105,7 +106,8 @@ def story_verdict(prompt: str, response: str) -> str:
     if len(set(words)) < 0.35 * len(words):
         return "broken"
     opening = response.lstrip(" \n*#_>")
-    if (opening[:1] not in _QUOTE_MARKS and _ASSISTANT_OPENING.match(opening)) or _ASSISTANT_ANYWHERE.search(response):
+    narration = _QUOTED.sub(" ", response)
+    if (opening[:1] not in _QUOTE_MARKS and _ASSISTANT_OPENING.match(opening)) or _ASSISTANT_ANYWHERE.search(narration):
         return "assistant"
     if len(_LIST_LINE.findall(response)) >= 2:
         return "markup"

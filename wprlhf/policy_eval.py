@@ -31,13 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import evaluation
 from .core import bootstrap_ci, masked_sum, pad_sequences
-from .errors import UserError
+from .data import prompt_key
+from .errors import UserError, check_numbers
 from .evaluation import distinct_n, repetition_rate, win_rate
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
-from .forwards import policy_forward
+from .forwards import model_inputs
 from .generation import encode_prompts, fit_positions
 from .labelers import story_verdict
+from .models import stop_token_ids
 from .signatures import RewardFn
 from .text import has_meta
 
@@ -45,9 +48,9 @@ from .text import has_meta
 # numbers of one side
 
 
-def _ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
-    lo, hi = bootstrap_ci(values, prompts)
-    return {"mean": float(np.mean(values)), "lo": lo, "hi": hi}
+def mean_ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
+    """`evaluation.mean_ci` with prompts grouped by `data.prompt_key`, so reposts of one prompt resample together."""
+    return evaluation.mean_ci([float(v) for v in values], [prompt_key(p) for p in prompts])
 
 
 def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chunk: int = 10) -> dict:
@@ -61,7 +64,7 @@ def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chu
     if len(pieces) > 1 and len(pieces[-1]) < chunk:
         pieces = pieces[:-1]  # a short last chunk would read as more diverse
     values = [stat(p) for p in pieces]
-    return _ci(values, list(range(len(values))))
+    return evaluation.mean_ci(values, list(range(len(values))))
 
 
 def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[float] | None = None,
@@ -69,15 +72,15 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
     """Every per-side number with its CI over prompts: story, relevance, distinct_1/2, repetition, meta, words,
     judge (mean score), kl; plus 'verdicts', the story rule's verdict on each response."""
     verdicts = [story_verdict(p, r) for p, r in zip(prompts, responses)]
-    out = {"n": len(responses), "story": _ci([v == "story" for v in verdicts], prompts),
+    out = {"n": len(responses), "story": mean_ci([v == "story" for v in verdicts], prompts),
            "distinct_1": chunked_ci(responses, lambda t: distinct_n(t, 1)),
            "distinct_2": chunked_ci(responses, lambda t: distinct_n(t, 2)),
-           "repetition": _ci([repetition_rate([r]) for r in responses], prompts),
-           "meta": _ci([has_meta(r) for r in responses], prompts),
-           "words": _ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip
+           "repetition": mean_ci([repetition_rate([r]) for r in responses], prompts),
+           "meta": mean_ci([has_meta(r) for r in responses], prompts),
+           "words": mean_ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip
     for name, values in (("judge", judge_scores), ("relevance", relevance), ("kl", kl)):
         if values is not None:
-            out[name] = _ci([float(v) for v in values], prompts)
+            out[name] = mean_ci([float(v) for v in values], prompts)
     return out
 
 
@@ -87,26 +90,36 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
 
 @torch.no_grad()
 def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], temperature: float,
-                      batch_size: int = 16, chat_template: bool = True, progress: bool = True) -> np.ndarray:  # fmt: skip
+                      batch_size: int = 16, chat_template: bool = True, min_response_length: int = 0,
+                      progress: bool = True) -> np.ndarray:  # fmt: skip
     """Sum over each response's tokens of log p(token | prompt, earlier tokens) at `temperature` -> (N,) nats.
 
-    Responses are text, so they are tokenized again; for text the same tokenizer wrote, that gives back its tokens
-    except at rare merges, so a difference of two models' sums is the KL estimate k1 of the sampled responses.
+    min_response_length: the sampler forbade end-of-turn before this many tokens, so those positions are scored
+    under the distribution it sampled from (stop tokens masked, the rest renormalised); the difference of two
+    models' sums is then the KL estimate k1 of what each would sample. Responses are text, so they are tokenized
+    again; text the same tokenizer wrote gives back its tokens except at rare merges.
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    stops = torch.tensor(stop_token_ids(tokenizer), device=device)
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="log-probs", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
         ids = [torch.tensor(tokenizer(r, add_special_tokens=False)["input_ids"] or [tokenizer.pad_token_id])
                for r in responses[chunk]]  # fmt: skip
-        responses_t, response_mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")  # (B, Tr)
+        tokens, response_mask = (x.to(device) for x in pad_sequences(ids, tokenizer.pad_token_id, side="right"))
         queries, query_mask = encode_prompts(tokenizer, prompts[chunk], None, chat_template)
-        queries, query_mask = fit_positions(model, queries, query_mask, responses_t.shape[1])
-        logprobs, _, _ = policy_forward(model, queries.to(device), query_mask.to(device), responses_t.to(device),
-                                        response_mask.to(device), temperature)  # fmt: skip
-        out += masked_sum(logprobs.float(), response_mask.to(device), dim=1).tolist()
+        queries, query_mask = fit_positions(model, queries, query_mask, tokens.shape[1])
+        input_ids, attention_mask, position_ids = model_inputs(queries.to(device), query_mask.to(device), tokens,
+                                                               response_mask)  # fmt: skip
+        Tr = tokens.shape[1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=Tr + 1).logits[:, :-1].float() / temperature  # (B, Tr, V)
+        if min_response_length:
+            logits[:, :min_response_length, stops] = -torch.inf
+        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, Tr)
+        out += masked_sum(logprobs, response_mask, dim=1).tolist()
     return np.asarray(out)
 
 
@@ -155,13 +168,15 @@ def judge_sides(prompts: list[str], sides: dict[str, list[str]], judge: RewardFn
 
 def _win(prompts: list[str], new: Sequence[float], old: Sequence[float]) -> dict:
     """win_rate's numbers from scores already computed (the judge is called once per side)."""
-    result = win_rate(lambda _p, texts: texts, prompts, list(new), list(old))  # the 'judge' returns the scores
+    keys = [prompt_key(p) for p in prompts]  # the CI resamples prompts, reposts together
+    result = win_rate(lambda _p, texts: texts, keys, list(new), list(old))  # the 'judge' returns the scores
     return {k: result[k] for k in ("win_rate", "win_rate_lo", "win_rate_hi", "n")}
 
 
 ROWS = (("judge", "judge score", "{:+.2f}"), ("story", "stories", "{:.0%}"), ("relevance", "relevance", "{:.3f}"),
         ("distinct_2", "distinct-2", "{:.3f}"), ("distinct_1", "distinct-1", "{:.3f}"),
-        ("repetition", "repetition", "{:.0%}"), ("meta", "meta lines", "{:.0%}"), ("kl", "KL to start (nats)", "{:.1f}"),
+        ("repetition", "repetition", "{:.0%}"), ("meta", "meta lines", "{:.0%}"), ("kl", "KL (nats)", "{:.1f}"),
+        ("kl_to_sft", "KL to SFT (nats)", "{:.1f}"), ("reward", "training reward", "{:+.2f}"),
         ("words", "words", "{:.0f}"))  # fmt: skip
 
 
@@ -190,14 +205,16 @@ def table_markdown(report: dict, extra: dict[str, dict[str, str]] | None = None)
 # blind pairs for people
 
 
-def queue_blind(db: str | Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]],
-                seed: int = 0) -> int:  # fmt: skip
+def queue_blind(db: str | Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]]) -> int:
     """Queue one comparison per prompt of side a's and side b's responses, in random order, on the labeling page's
     database. The side names are stored as the comparison's metadata, server-side; the page receives only the
-    prompt and the two texts. Returns the number queued (a prompt whose two responses are equal is left out)."""
+    prompt and the two texts. The order comes from the operating system's randomness (`SystemRandom`), so no seed
+    in the source predicts it. Returns the number queued (a prompt whose two responses are equal is left out)."""
     from .labeling.store import LabelingError, Store
 
-    rng = random.Random(seed)
+    if a[0] == b[0]:
+        raise UserError(f"both sides are named {a[0]!r}; blind pairs need two different policies")
+    rng = random.SystemRandom()
     rows = []
     for prompt, x, y in zip(prompts, a[1], b[1]):
         if x == y:
@@ -213,32 +230,42 @@ def queue_blind(db: str | Path, prompts: list[str], a: tuple[str, list[str]], b:
 
 
 def blind_results(db: str | Path) -> dict:
-    """Each side's win rate over the other from people's labels in a blind database, ties 1/2, skips left out, a
-    95 % CI resampling prompts; and the agreement between labelers (`Store.stats`: the share of pairs of labelers
-    who gave the same answer to the same comparison)."""
+    """People's labels of the blind pairs in a database, per pair of policies: each side's win rate over the other
+    (a pick counts 1, a tie 1/2, a skip nothing) with a 95 % CI resampling prompts, the labels, and the agreement
+    between labelers on those comparisons (over every two labels of one comparison, the share that are the same
+    answer; None when no comparison has two)."""
+    import itertools
+
     from .labeling.store import Store
 
     if not Path(db).is_file():
         raise UserError(f"--blind-results {db}: no such database; queue pairs first with wprlhf eval ... --blind-db {db}")
     store = Store(db)
-    sides_of = {c["id"]: (c["prompt"], c["metadata"].get("blind_sides")) for c in store.comparisons()}
-    credit: dict[str, list[float]] = {}
-    groups: dict[str, list[str]] = {}
+    blind = {c["id"]: (c["prompt"], c["metadata"]["blind_sides"]) for c in store.comparisons()
+             if isinstance(c["metadata"].get("blind_sides"), list) and len(c["metadata"]["blind_sides"]) == 2}
+    by_pair: dict[tuple[str, str], dict] = {}
+    answers: dict[int, list] = {}
     for label in store.labels():
-        prompt, sides = sides_of.get(label["comparison_id"], (None, None))
-        if not sides or label["kind"] == "skip":
+        if label["comparison_id"] not in blind or label["kind"] == "skip":
             continue
+        prompt, sides = blind[label["comparison_id"]]
+        pair = by_pair.setdefault(tuple(sorted(sides)), {"credit": {}, "prompts": []})
+        pair["prompts"].append(prompt_key(prompt))
         for i, name in enumerate(sides):
-            credit.setdefault(name, []).append(0.5 if label["kind"] == "tie" else float(label["best"] == i))
-            groups.setdefault(name, []).append(prompt)
-    if not credit:
+            pair["credit"].setdefault(name, []).append(0.5 if label["kind"] == "tie" else float(label["best"] == i))
+        answers.setdefault(label["comparison_id"], []).append(
+            "tie" if label["kind"] == "tie" else sides[label["best"]])  # the answer as the side picked
+    if not by_pair:
         raise UserError(f"{db} holds no labels of blind pairs yet; serve it with `wprlhf label serve --db {db}`")
-    stats = store.stats()
-    out = {"labels": len(next(iter(credit.values()))), "agreement": stats["agreement"],
-           "agreement_pairs": stats["agreement_pairs"], "comparisons": stats["comparisons"], "sides": {}}  # fmt: skip
-    for name, values in credit.items():
-        lo, hi = bootstrap_ci(values, groups[name])
-        out["sides"][name] = {"win_rate": float(np.mean(values)), "win_rate_lo": lo, "win_rate_hi": hi}
+    agree = [a == b for given in answers.values() for a, b in itertools.combinations(given, 2)]
+    out = {"pairs": {}, "labels": sum(len(g) for g in answers.values()), "comparisons": len(blind),
+           "agreement": float(np.mean(agree)) if agree else None, "agreement_pairs": len(agree)}  # fmt: skip
+    for (a, b), pair in by_pair.items():
+        entry = {"labels": len(pair["prompts"])}
+        for name in (a, b):
+            lo, hi = bootstrap_ci(pair["credit"][name], pair["prompts"])
+            entry[name] = {"win_rate": float(np.mean(pair["credit"][name])), "win_rate_lo": lo, "win_rate_hi": hi}
+        out["pairs"][f"{a} vs {b}"] = entry
     return out
 
 
@@ -257,13 +284,16 @@ class EvalConfig:
     """The policy to compare with (the baseline of every win rate), in the same forms."""
     prompts: str = ""
     """Held-out prompts (one per line, or CSV/JSONL with a prompt column). Use prompts no model trained on (a
-    `wprlhf stories` run's split/eval_prompts.txt). Empty: the prompts of the --policy file."""
+    `wprlhf stories` run's split/eval_prompts.txt). Empty: the prompts of a side given as a JSONL file."""
     judge: str = ""
     """The judge reward: a SPEC (rm:DIR of a judge reward model, or any reward SPEC). Empty: no judge win rate."""
     reference: str = ""
-    """KL of each sampled policy's responses is measured to this model ('' = --against when it is a model)."""
+    """KL of a sampled --policy's responses is measured to this model ('' = --against when it is a model)."""
     response_length: int = 64
-    min_response_length: int = 64
+    """New tokens of each sampled response."""
+    min_response_length: int | None = None
+    """End-of-turn is forbidden before this many tokens (None = response_length: fixed-length responses, so that
+    length cannot decide a comparison); 0 lets responses stop when they like."""
     temperature: float = 0.7
     max_prompts: int = 0
     """Use only the first N prompts (0 = all)."""
@@ -271,29 +301,43 @@ class EvalConfig:
     batch_size: int = 16
     device: str = "auto"
 
+    def __post_init__(self):
+        check_numbers(self, non_negative=("temperature",))
+        for name in ("response_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}; set --{name.replace('_', '-')}")
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature}; set --temperature (0.7 is usual)")
+        if self.max_prompts < 0:
+            raise UserError(f"max_prompts must be >= 0 (0 = all), got {self.max_prompts}")
+        if self.min_response_length is None:
+            self.min_response_length = self.response_length
+        if not 0 <= self.min_response_length <= self.response_length:
+            raise UserError(f"min_response_length {self.min_response_length} must lie in [0, response_length "
+                            f"{self.response_length}]")  # fmt: skip
 
-def _side(spec: str, prompts: list[str] | None, config: EvalConfig) -> tuple[list[str], list[str], object]:
-    """(prompts, responses, model or None) of one side: read from a JSONL file, or sampled from a model."""
+
+def read_side(spec: str) -> dict[str, str]:
+    """prompt -> its first response, from a `wprlhf sample` JSONL file ({"prompt", "responses": [...]}, or a
+    "response" string); the first line of a prompt wins. UserError naming the file and line for anything else."""
     path = Path(spec)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise UserError(f"{spec}: no such file; give a `wprlhf sample` JSONL file or a model")
-        rows = {}
-        for where, row in iter_jsonl(path):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"{where}: expected {{\"prompt\": ..., \"responses\": [...]}}")
-            responses = row.get("responses") or [row.get("response")]
-            if not isinstance(responses[0], str):
-                raise UserError(f"{where}: no response text ('responses' list or 'response')")
-            rows.setdefault(row["prompt"], responses[0])
-        chosen = prompts if prompts is not None else list(rows)
-        missing = [p for p in chosen if p not in rows]
-        if missing:
-            raise UserError(f"{spec} has no response to {len(missing)} of the {len(chosen)} prompts, e.g. "
-                            f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
-        return chosen, [rows[p] for p in chosen], None
-    if prompts is None:
-        raise UserError("--prompts is needed when neither side is a JSONL file of responses")
+    if not path.is_file():
+        raise UserError(f"{spec}: no such file; give a `wprlhf sample` JSONL file or a model")
+    rows: dict[str, str] = {}
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f"{where}: expected {{\"prompt\": \"...\", \"responses\": [\"...\"]}} with a prompt")
+        responses = row["responses"] if "responses" in row else [row.get("response")]
+        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+            raise UserError(f"{where}: 'responses' must be a non-empty list of strings (or 'response' a string)")
+        rows.setdefault(row["prompt"], responses[0])
+    if not rows:
+        raise UserError(f"{spec} holds no responses; write one {{\"prompt\", \"responses\"}} line per prompt")
+    return rows
+
+
+def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
+    """(responses, (model, tokenizer)) of a model sampled on the prompts."""
     from .distributed import resolve_device
     from .generation import generate, generation_config
     from .models import load_policy
@@ -302,13 +346,13 @@ def _side(spec: str, prompts: list[str] | None, config: EvalConfig) -> tuple[lis
     model.to(resolve_device(config.device))
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
-    texts = generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True)
-    return prompts, texts, (model, tokenizer)
+    return generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True), (
+        model, tokenizer)
 
 
 def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
     """`wprlhf eval`: sample (or read) both sides on the prompts, judge them, write out (JSON) beside a Markdown
-    table (out with .md), and queue blind pairs in blind_db when given."""
+    table (out with .md) and the pairs (out's stem + -pairs.jsonl), and queue blind pairs in blind_db when given."""
     from .data import load_prompts
     from .labelers import Relevance
     from .models import load_policy
@@ -316,38 +360,55 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
 
     if not config.policy:
         raise UserError("wprlhf eval needs --policy (a model or a responses JSONL file)")
-    if config.min_response_length > config.response_length:
-        raise UserError("--min-response-length must not exceed --response-length")
-    prompts = load_prompts(config.prompts) if config.prompts else None
-    if prompts is not None and config.max_prompts:
+    files = {spec: read_side(spec) for spec in (config.policy, config.against) if spec.endswith(".jsonl")}
+    if config.prompts:
+        prompts = load_prompts(config.prompts)
+    elif files:
+        prompts = list(next(iter(files.values())))
+    else:
+        raise UserError("--prompts is needed when neither side is a JSONL file of responses")
+    if config.max_prompts:
         prompts = prompts[: config.max_prompts]
-    prompts, new, new_model = _side(config.policy, prompts, config)
-    prompts, old, old_model = _side(config.against, prompts, config)
-    judge = load_reward(config.judge, what="judge") if config.judge else None
+    if not prompts:
+        raise UserError("no prompts to evaluate on; give --prompts a file with at least one prompt")
+    judge = load_reward(config.judge, what="judge") if config.judge else None  # a bad SPEC fails before sampling
+    texts, models = {}, {}
+    for spec in (config.policy, config.against):
+        if spec in files:
+            missing = [p for p in prompts if p not in files[spec]]
+            if missing:
+                raise UserError(f"{spec} has no response to {len(missing)} of the {len(prompts)} prompts, e.g. "
+                                f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
+            texts[spec] = [files[spec][p] for p in prompts]
+        else:
+            texts[spec], models[spec] = _sample_side(spec, prompts, config)
+    new, old = texts[config.policy], texts[config.against]
     kls = {}
-    reference = config.reference or (config.against if old_model is not None else "")
-    if reference and new_model is not None:
-        ref_model, ref_tok = old_model if reference == config.against and old_model else load_policy(reference)
-        model, tokenizer = new_model
-        own = response_logprobs(model, tokenizer, prompts, new, config.temperature, config.batch_size)
-        ref = response_logprobs(ref_model.to(next(model.parameters()).device), tokenizer, prompts, new,
-                                config.temperature, config.batch_size)  # fmt: skip
-        kls["policy"] = (own - ref).tolist()
+    reference = config.reference or (config.against if config.against in models else "")
+    if reference and config.policy in models:
+        model, tokenizer = models[config.policy]
+        ref_model = models[reference][0] if reference in models else load_policy(reference)[0]
+        ref_model.to(next(model.parameters()).device)
+        lp = {m: response_logprobs(m, tokenizer, prompts, new, config.temperature, config.batch_size,
+                                   min_response_length=config.min_response_length) for m in (model, ref_model)}  # fmt: skip
+        kls["policy"] = (lp[model] - lp[ref_model]).tolist()
     report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
     report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference)
     if blind_db:
-        report["blind_queued"] = queue_blind(blind_db, prompts, (config.policy, new), (config.against, old), config.seed)
+        report["blind_queued"] = queue_blind(blind_db, prompts, (config.policy, new), (config.against, old))
     out = Path(out)
-    write_json_atomic(out, _without_verdicts(report))
+    write_json_atomic(out, without_verdicts(report))
     write_text_atomic(out.with_suffix(".md"), table_markdown(report))
     pairs = [{"prompt": p, "policy": a, "against": b} for p, a, b in zip(prompts, new, old)]
     write_text_atomic(out.with_name(out.stem + "-pairs.jsonl"), "".join(json.dumps(x) + "\n" for x in pairs))
     return report
 
 
-def _without_verdicts(report: dict) -> dict:
-    """The report without the per-response verdict lists (they go to the pairs file)."""
-    strip = lambda d: {k: v for k, v in d.items() if k != "verdicts"}  # noqa: E731
+def without_verdicts(report: dict) -> dict:
+    """The report without the per-response verdict lists (those go beside each response in the pairs file)."""
+    def strip(d):
+        return {k: v for k, v in d.items() if k != "verdicts"}
+
     out = dict(report, sides={k: strip(v) for k, v in report["sides"].items()})
     if report.get("human"):
         out["human"] = strip(report["human"])

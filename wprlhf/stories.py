@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -114,11 +115,17 @@ class StoriesConfig:
         check_numbers(self, non_negative=("judge_fraction", "temperature", "sft_lr", "lr", "kl_coef", "kl_target",
                                           "judge_val_fraction"))  # fmt: skip
         for name, low in dict(eval_prompts=1, response_length=1, sft_max_length=32, sft_epochs=1, sft_batch_size=1,
-                              ppo_steps=0, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
+                              ppo_steps=1, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
                               sft_examples=0).items():  # fmt: skip
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; "
                                 f"set --{name.replace('_', '-')} to {low} or more")  # fmt: skip
+        if self.batch_size % 2:
+            raise UserError(f"batch_size {self.batch_size} must be even (PPO takes 2 minibatches a step); set "
+                            "--batch-size to an even number")  # fmt: skip
+        for name in ("temperature", "sft_lr", "lr", "kl_target"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}; set --{name.replace('_', '-')}")
         if not 0 < self.judge_fraction < 0.5:
             raise UserError(f"judge_fraction must lie in (0, 0.5), got {self.judge_fraction}")
         if not 0 < self.judge_val_fraction < 0.5:
@@ -173,9 +180,9 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
     random.Random(config.split_seed).shuffle(order)
     n_eval = min(config.eval_prompts, len(order) // 4)
     n_judge = max(1, round(config.judge_fraction * len(order)))
-    if len(order) - n_eval - n_judge < 1:
-        raise UserError(f"{config.data} has {len(order)} distinct prompts: too few for train, judge and eval parts; "
-                        "it needs at least 4")  # fmt: skip
+    if n_eval < 1 or len(order) - n_eval - n_judge < 1:
+        raise UserError(f"{config.data} has {len(order)} distinct prompts: too few for train, judge and eval parts "
+                        "(eval takes at most a quarter); it needs at least 4, and many more for a result")  # fmt: skip
     parts = {"eval": order[:n_eval], "judge": order[n_eval : n_eval + n_judge], "train": order[n_eval + n_judge :]}
 
     def prompts_of(keys):
@@ -218,28 +225,58 @@ def _cache_root(config: StoriesConfig) -> Path | None:
 
 
 def _key(*parts) -> str:
+    """A short hash of what a cached model was trained on: the text it read and every setting."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cached(config: StoriesConfig, out_dir: Path, phase: str, key: str, marker: str, train) -> Path:
     """Run `train(dir)` into the cache (or the run directory when caching is off) unless a finished copy with
-    this key exists; returns the directory. `marker` is a file the finished training writes last."""
+    this key exists; returns the directory. Training goes to a temporary folder renamed into place when it is
+    done (`marker`, a file the training writes last, is checked), so a killed training or a second run of the
+    same key never leaves or deletes a half-written model."""
     root = _cache_root(config)
     target = (root / f"{phase}-{key}") if root is not None else out_dir / phase
     if (target / marker).exists():
-        print(f"{phase}: reusing {target} (cached: same data, split and settings)", flush=True)
+        print(f"{phase}: reusing {target} (cached: the same training text and settings)", flush=True)
         return target
-    if target.exists():
-        shutil.rmtree(target)  # a training killed half-way: start it again
     target.parent.mkdir(parents=True, exist_ok=True)
-    train(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        train(tmp)
+        if not (tmp / marker).exists():
+            raise UserError(f"{phase}: the training wrote no {marker}; see the messages above")
+        if target.exists():  # a copy left by an older version, or a run that finished first: keep the finished one
+            shutil.rmtree(tmp)
+            return target
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return target
 
 
-def _data_fingerprint(data: str) -> list:
-    path = Path(data)
-    files = sorted(path.iterdir()) if path.is_dir() else [path]
-    return [[f.name, f.stat().st_size] for f in files if f.is_file()] if path.exists() else [data]
+# Settings each phase's output depends on: a resume that changes one of a finished phase is refused.
+PHASE_SETTINGS = {
+    "split": ("data", "eval_prompts", "judge_fraction", "split_seed"),
+    "sft": ("policy", "sft", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size", "seed"),
+    "rm": ("reward_model", "rm_examples", "seed"),
+    "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
+    "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target"),
+    "best_of": ("best_of", "response_length", "fixed_length", "temperature"),
+}
+
+
+def _check_resume(config: StoriesConfig, state: dict) -> None:
+    """Refuse a resume whose settings differ from the run's where a finished phase depends on them."""
+    saved = state.get("config")
+    if not saved:
+        return
+    changed = sorted({name for phase in state["done"] for name in PHASE_SETTINGS.get(phase, ())
+                      if saved.get(name) != getattr(config, name)})  # fmt: skip
+    if changed:
+        was = ", ".join(f"--{n.replace('_', '-')} {saved.get(n)!r} (now {getattr(config, n)!r})" for n in changed)
+        raise UserError(f"this run was made with {was}: its finished phases depend on them. Resume with the "
+                        "run's own settings, or start a new --out")  # fmt: skip
 
 
 def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until: str = "") -> dict:
@@ -251,6 +288,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
     if state["done"] and not resume:
         raise UserError(f"{out_dir} holds a stories run; pass --resume to continue it or --force to start over")
+    _check_resume(config, state)
+    state["config"] = dataclasses.asdict(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
     clock = time.perf_counter()
@@ -276,8 +315,6 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     if not responses:
         raise UserError(f"{config.data} holds no stories; it needs rows of prompt_id, prompt, response_id, response")
     split_dir = out_dir / "split"
-    fingerprint = _data_fingerprint(config.data)
-    split_key = _key(fingerprint, config.eval_prompts, config.judge_fraction, config.split_seed)
 
     if wanted("split"):
         split = split_prompts(responses, config)
@@ -292,8 +329,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
             write_comparisons(split_dir / name, pairs)
         counts = {part: len(split[part]) for part in ("train", "judge", "eval")}
         counts["eval_from_fan"] = split["eval_source"].count("fan")
-        write_json_atomic(split_dir / "split.json", {**counts, "key": split_key, "data": config.data,
-                                                     "seed": config.split_seed})  # fmt: skip
+        write_json_atomic(split_dir / "split.json", {**counts, "data": config.data, "seed": config.split_seed})
         print(f"split: {counts['train']} train, {counts['judge']} judge, {counts['eval']} eval prompts "
               f"({counts['eval_from_fan']} of them Fan et al.'s)", flush=True)  # fmt: skip
         finish("split")
@@ -308,13 +344,13 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
                                max_examples=config.sft_examples, max_length=config.sft_max_length,
                                epochs=config.sft_epochs, batch_size=config.sft_batch_size,
-                               gradient_accumulation_steps=max(1, config.sft_batch_size // 8), lr=config.sft_lr,
+                               gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
                                eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
                                device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
-        key = _key(split_key, fingerprint, dataclasses.asdict(sft_config))
+        key = _key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
         path = _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
         finish("sft", sft_dir=str(path))
-    start_of_rl = str(Path(state["sft_dir"]) / "policy") if config.sft and "sft_dir" in state else config.policy
+    start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
     for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
                                               ("judge", "judge_comparisons.jsonl", config.judge_examples,
@@ -328,7 +364,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
                                  val_fraction=val,
                                  keep_meta=False, seed=config.seed, device=config.device,
                                  mixed_precision=config.mixed_precision)  # fmt: skip
-        key = _key(split_key, fingerprint, phase, dataclasses.asdict(rm_config) | {"data": comparisons})
+        text = (split_dir / comparisons).read_text(encoding="utf-8")
+        key = _key(text, dataclasses.asdict(rm_config) | {"data": ""})
         path = _cached(config, out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
         finish(phase, **{f"{phase}_dir": str(path)})
 
@@ -376,6 +413,11 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     return {}
 
 
+def _accumulation(batch_size: int) -> int:
+    """Micro-batches of 8 where the batch divides into them (the memory of 8 rows of 160 tokens), else one."""
+    return batch_size // 8 if batch_size > 8 and batch_size % 8 == 0 else 1
+
+
 def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -391,71 +433,73 @@ def _openings(tokenizer, stories: list[str], n_tokens: int) -> list[str]:
 
 def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     """Every side on the eval prompts by every judge; writes eval/report.json, table.md, samples.md, pairs.jsonl,
-    over_optimisation.png, and blind.db (the final policy against the start one, for people)."""
-    from .best_of import kl_bound
+    over_optimisation.png, and blind.db (the final policy against the start one, for people).
+
+    Sides: start (the start policy's samples), sft (fresh samples of the SFT policy, drawn apart from the best-of-n
+    pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), ppo (the last
+    step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
+    from .best_of import Pool, kl_bound
     from .distributed import resolve_device
     from .generation import generate, generation_config
     from .labelers import Relevance
     from .models import load_policy
-    from .policy_eval import _without_verdicts, judge_sides, queue_blind, response_logprobs, table_markdown
+    from .policy_eval import judge_sides, mean_ci, response_logprobs, table_markdown, without_verdicts
     from .reward_model import reward_fn_from_model
 
     eval_dir = out_dir / "eval"
     rows = [json.loads(line) for line in (out_dir / "split" / "eval_stories.jsonl").read_text().splitlines() if line]
     prompts = [r["prompt"] for r in rows]
-    pool = [json.loads(line) for line in (out_dir / "best_of" / "pool.jsonl").read_text().splitlines() if line]
-    if [r["prompt"] for r in pool] != prompts:
+    lines = [json.loads(line) for line in (out_dir / "best_of" / "pool.jsonl").read_text().splitlines() if line]
+    if [r["prompt"] for r in lines] != prompts:
         raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
                         "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
+    pool = Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
     device = resolve_device(config.device)
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)
-    T, bs = config.temperature, config.eval_batch_size
+    T, bs, min_len = config.temperature, config.eval_batch_size, config.min_response_length
+
+    def logprobs(model, texts):
+        return response_logprobs(model, tokenizer, prompts, texts, T, bs, min_response_length=min_len)
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
     sides = {"start": generate(start, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 30_000, progress=True)}
-    scores = np.asarray([r["scores"] for r in pool])  # (P, n) the reward model's scores of the pool
-    base = "sft" if config.sft else "start-sample"
-    sides[base] = [r["responses"][0] for r in pool]
-    chosen = {}
+    rl_start = state_sft_policy(state) if config.sft else None
+    base = "sft" if config.sft else "start"
+    sft = None
+    if config.sft:
+        sft, _ = load_policy(rl_start)
+        sft.to(device)
+        sides["sft"] = generate(sft, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 50_000, progress=True)
     for n in config.best_of_ns:
-        picks = scores[:, :n].argmax(1)
-        chosen[n] = picks
-        sides[f"best-of-{n}"] = [r["responses"][i] for r, i in zip(pool, picks)]
-    ppo_dir = out_dir / "ppo" / "policy"
+        sides[f"best-of-{n}"] = pool.best(n)[0]
     ppo = None
-    if ppo_dir.exists():
-        ppo, _ = load_policy(str(ppo_dir))
+    if (out_dir / "ppo" / "policy").exists():
+        ppo, _ = load_policy(str(out_dir / "ppo" / "policy"))
         ppo.to(device)
         sides["ppo"] = generate(ppo, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 40_000, progress=True)
 
-    # KL to the start policy (nats per response), k1 on the sampled text: log pi(y) - log start(y).
+    # KL to the start policy (nats per response): k1 on the sampled text, log pi(y) - log start(y), both with
+    # end-of-turn forbidden where the sampler forbade it.
     print("eval: KL of every side to the start policy", flush=True)
-    start_lp = {name: response_logprobs(start, tokenizer, prompts, texts, T, bs) for name, texts in sides.items()}
-    kls = {"start": [0.0] * len(prompts)}
-    kl_to_sft = {}
-    if config.sft:
-        sft, _ = load_policy(state_sft_policy(state))
-        sft.to(device)
-        pool_lp = {name: response_logprobs(sft, tokenizer, prompts, sides[name], T, bs)
-                   for name in sides if name == base or name.startswith("best-of-")}  # fmt: skip
-        kls[base] = (pool_lp[base] - start_lp[base]).tolist()
-        for n in config.best_of_ns:
-            # KL(best-of-n || start) = KL(best-of-n || sft) + E_best-of-n[log sft - log start]; the first term is
-            # the closed form log n - (n-1)/n, the second is measured on the chosen samples.
-            name = f"best-of-{n}"
-            kls[name] = (pool_lp[name] - start_lp[name] + kl_bound(n)).tolist()
-        if ppo is not None:
-            kl_to_sft["ppo"] = (response_logprobs(ppo, tokenizer, prompts, sides["ppo"], T, bs)
-                                - response_logprobs(sft, tokenizer, prompts, sides["ppo"], T, bs)).tolist()
-        del sft
-    else:
-        for n in config.best_of_ns:
-            kls[f"best-of-{n}"] = [kl_bound(n)] * len(prompts)
+    start_lp = {name: logprobs(start, texts) for name, texts in sides.items() if name != "start"}
+    kls, kl_to_sft = {"start": [0.0] * len(prompts)}, {}
+    rl_lp = {name: logprobs(sft, sides[name]) for name in sides if name != "start"} if sft is not None else {}
+    if sft is not None:
+        kls["sft"] = (rl_lp["sft"] - start_lp["sft"]).tolist()
+    for n in config.best_of_ns:
+        # KL(best-of-n || start) = KL(best-of-n || pool policy) + E_best-of-n[log pool - log start]: the first
+        # term has the closed form log n - (n-1)/n, the second is measured on the chosen samples (0 without SFT).
+        name = f"best-of-{n}"
+        measured = rl_lp[name] - start_lp[name] if sft is not None else np.zeros(len(prompts))
+        kls[name] = (measured + kl_bound(n)).tolist()
     if ppo is not None:
-        kls["ppo"] = (response_logprobs(ppo, tokenizer, prompts, sides["ppo"], T, bs) - start_lp["ppo"]).tolist()
-    del start, ppo
+        own = logprobs(ppo, sides["ppo"])
+        kls["ppo"] = (own - start_lp["ppo"]).tolist()
+        if sft is not None:
+            kl_to_sft["ppo"] = (own - rl_lp["ppo"]).tolist()
+    del start, ppo, sft
 
     human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
     judge = reward_fn_from_model(state["judge_dir"])
@@ -463,13 +507,13 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft else []
     report = judge_sides(prompts, sides, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
     reward = reward_fn_from_model(state["rm_dir"])
-    from .policy_eval import _ci
-
     for name, texts in list(sides.items()) + [("human", human)]:
-        where = report["human"] if name == "human" else report["sides"][name]
-        where["reward"] = _ci(reward(prompts, texts), prompts)
+        scores = np.asarray(reward(prompts, texts), dtype=np.float64)
+        if not np.isfinite(scores).all():
+            raise UserError(f"the reward model {state['rm_dir']} gave non-finite scores to side {name!r}; retrain it")
+        (report["human"] if name == "human" else report["sides"][name])["reward"] = mean_ci(scores, prompts)
     for name, values in kl_to_sft.items():
-        report["sides"][name]["kl_to_sft"] = _ci(values, prompts)
+        report["sides"][name]["kl_to_sft"] = mean_ci(values, prompts)
     report["judge_heldout"] = json.loads((Path(state["judge_dir"]) / "eval-heldout.json").read_text())
     report["rm_heldout"] = json.loads((Path(state["rm_dir"]) / "eval-heldout.json").read_text())
     report["split"] = json.loads((out_dir / "split" / "split.json").read_text())
@@ -478,23 +522,38 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     report["selection_rule"] = "PPO: the last step (fixed before any judging)"
 
     eval_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(eval_dir / "report.json", _without_verdicts(report))
+    write_json_atomic(eval_dir / "report.json", without_verdicts(report))
     write_text_atomic(eval_dir / "table.md", _summary(report) + "\n" + table_markdown(report))
-    lines = [json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}, "human": human[i],
-                         "verdicts": {name: report["sides"][name]["verdicts"][i] for name in sides}})
-             for i, p in enumerate(prompts)]  # fmt: skip
-    write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(lines) + "\n")
+    out_lines = [json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}, "human": human[i],
+                             "verdicts": {name: report["sides"][name]["verdicts"][i] for name in sides}})
+                 for i, p in enumerate(prompts)]  # fmt: skip
+    write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(out_lines) + "\n")
     write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, human, n=6))
     final = "ppo" if "ppo" in sides else f"best-of-{max(config.best_of_ns)}"
-    db = eval_dir / "blind.db"
-    if not db.exists():
-        queue_blind(db, prompts, (final, sides[final]), ("start", sides["start"]), seed=config.seed)
+    _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]), ("start", sides["start"]))
     _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
     print(_summary(report), flush=True)
     return report
 
 
+def _requeue_blind(db: Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]]) -> None:
+    """Queue the blind pairs of this evaluation. A database from an earlier evaluation is replaced while nobody
+    has labelled it; one with labels is kept (people's work is never deleted) with a note."""
+    from .labeling.store import Store
+    from .policy_eval import queue_blind
+
+    if db.exists():
+        if Store(db).labels():
+            print(f"note: {db} holds labels of an earlier evaluation and is kept; move it aside to queue this one's "
+                  "pairs", flush=True)  # fmt: skip
+            return
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+    queue_blind(db, prompts, a, b)
+
+
 def state_sft_policy(state: dict) -> str:
+    """The SFT policy of a run (its cached folder's policy/)."""
     return str(Path(state["sft_dir"]) / "policy")
 
 
@@ -502,8 +561,10 @@ def _summary(report: dict) -> str:
     j, h = report["judge_heldout"], report.get("judge_prefers_human")
     lines = [f"Eval prompts: {report['prompts']} (none trained on); responses of {report['response_length']} tokens.",
              f"Judge reward model (judge prompts only): held-out accuracy {j.get('accuracy', float('nan')):.1%} "
-             f"(n {j.get('n', 0)}); it prefers the human openings to the start policy's on "
-             f"{h['win_rate']:.1%} [{h['win_rate_lo']:.1%}, {h['win_rate_hi']:.1%}] of eval prompts." if h else ""]
+             f"(n {j.get('n', 0)})."]  # fmt: skip
+    if h:
+        lines.append(f"The judge prefers the human openings to the start policy's on {h['win_rate']:.1%} "
+                     f"[{h['win_rate_lo']:.1%}, {h['win_rate_hi']:.1%}] of eval prompts.")
     for key, win in report["win_rates"].items():
         lines.append(f"- judge win rate {key}: {win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]")
     return "\n".join(lines) + "\n"
