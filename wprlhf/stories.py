@@ -92,10 +92,12 @@ class StoriesConfig:
     ppo_steps: int = 40
     batch_size: int = 16
     """PPO episodes per step."""
-    lr: float = 2e-5
-    kl_coef: float = 0.05
-    """Initial KL penalty (adaptive towards kl_target)."""
-    kl_target: float = 8.0
+    lr: float = 1e-5
+    kl_coef: float = 0.2
+    """Initial KL penalty β (adaptive towards kl_target). A first run with β 0.05, target 8 and lr 2e-5 found the
+    reward model's weakness within 15 steps: repeated lines of dialogue ("Oh, I'm here!" x 6), which both reward
+    models score 2-3 standard deviations above the human stories, at KL 7-10 nats (README)."""
+    kl_target: float = 4.0
     """Adaptive-KL target, nats per response, KL to the SFT policy."""
     # --- best-of-n and evaluation
     best_of: str = "4,16"
