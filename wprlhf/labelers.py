@@ -53,6 +53,8 @@ _ASSISTANT_OPENING = re.compile(  # how an assistant's reply opens; checked only
     r"^(sure|certainly|absolutely|of course|no problem|here'?s|here is|here are|what an? (great|wonderful|"
     r"fascinating|interesting|intriguing|creative|fun|unique|thought)|great (question|prompt|idea|concept|choice)|"
     r"wow|i'?d (be happy|love)|i'?m (happy|glad|excited) to|i'?m here to|thank you|thanks for|hey there|hello|"
+    r"i'?m sorry (for|but|if|about)|the question|you'?re asking|your question|a great (reference|question|idea|"
+    r"concept|prompt|choice)|"
     r"hi there|dear (user|reader|writer)|as an ai|let me|let'?s (explore|dive|break|imagine|write|create)|"
     r"in this (story|prompt|piece|essay)|this (prompt|story|sentence|phrase|idea|concept|statement|quote|message|"
     r"text|scenario|premise) (is|was|explores|suggests|raises|highlights|describes|presents|sounds|seems)|"
@@ -65,7 +67,11 @@ _ASSISTANT_ANYWHERE = re.compile(
     r"(enjoy|like|help|find)|feel free to|let me know if|here'?s (a|an|my) (story|short|tale|draft|version|"
     r"revised|rewritten|possible)|here is (a|an|my) (story|short|tale|draft|version|revised|rewritten|possible)|"
     r"would you like (me|to)|in this (story|essay|piece|article),|this story (explores|follows|highlights)|"
-    r"the story (is about|explores)|(great|interesting|fascinating|intriguing) (concept|premise|question)",
+    r"the story (is about|explores)|(great|interesting|fascinating|intriguing) (concept|premise|question)|"
+    r"as an? (ai|chatbot|language model|assistant)|i'?m (here|able|happy|glad) to (help|assist)|assist you|"
+    r"help you with|your (question|inquir|request)|i (can|could) (help|assist)|glad to have you|"
+    r"(any|the) (confusion|misunderstanding)|how can i (help|assist)|(a|the) classic example of|"
+    r"can be interpreted|the original (sentence|text|prompt|statement)|understand your|there are many ways",
     re.IGNORECASE,
 )
 _LIST_LINE = re.compile(r"^\s*([-*•]|\d+[.)])\s+\S", re.MULTILINE)
@@ -91,7 +97,8 @@ def story_verdict(prompt: str, response: str) -> str:
     - 'broken': under 10 words, under 70 % real words, or looping (distinct words under 35 % of all);
     - 'assistant': opens as an assistant's reply outside quotation marks ("Sure!", "What a great concept",
       "Here's a story", "This prompt is ...") or says anywhere what only an assistant says ("your story",
-      "writing prompt", "I hope you enjoy", "Let me know if"; outside dialogue in quotation marks);
+      "writing prompt", "I hope you enjoy", "as a chatbot", "is a classic example of"; outside dialogue in
+      quotation marks);
     - 'markup': two or more list lines (an outline or an essay, not prose);
     - 'restated': over 30 % of its words copied from the prompt in runs of 6 or more (an edit or a restatement
       of the prompt's sentence; a story that quotes the prompt's line once stays a story).
