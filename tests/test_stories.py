@@ -55,7 +55,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     out, cache = tmp_path / "run", tmp_path / "cache"
     flags = ["--data", str(wp_data), "--quick", "--policy", "tiny", "--reward-model", "tiny", "--cache-dir", str(cache),
              "--eval-prompts", "8", "--ppo-steps", "3", "--sft-examples", "8", "--response-length", "12",
-             "--eval-batch-size", "8"]  # fmt: skip
+             "--eval-batch-size", "8", "--score-clip", "1.5"]  # fmt: skip
     code = main(["stories", "--out", str(out), *flags])
     assert code == 0, capsys.readouterr().err[-2000:]
     state = json.loads((out / "stories_state.json").read_text())
@@ -84,6 +84,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert judge_prompts <= keys["judge"] and judge_prompts
 
     # One metrics row per PPO step, with the judge's score of the same samples beside the reward.
+    assert json.loads((out / "ppo" / "config.json").read_text())["score_clip"] == 1.5
     rows = list(csv.DictReader(open(out / "ppo" / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert all(math.isfinite(float(r["judge_mean"])) for r in rows)

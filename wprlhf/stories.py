@@ -99,6 +99,10 @@ class StoriesConfig:
     models score 2-3 standard deviations above the human stories, at KL 7-10 nats (README)."""
     kl_target: float = 4.0
     """Adaptive-KL target, nats per response, KL to the SFT policy."""
+    score_clip: float | None = None
+    """Clip the reward model's scores to [-score_clip, score_clip] in PPO (None = off). The reward model is
+    normalised on human stories (mean 0, std 1); PPO's gamed samples score 3-6, far outside what it saw, so a clip
+    near 1.5 stops paying for going there. Not yet measured (README)."""
     # --- best-of-n and evaluation
     best_of: str = "4,16"
     """Best-of-n baselines from the SFT policy, with the reward model choosing; one pool of the largest n."""
@@ -263,7 +267,7 @@ PHASE_SETTINGS = {
     "sft": ("policy", "sft", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size", "seed"),
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
-    "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target"),
+    "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip"),
     "best_of": ("best_of", "response_length", "fixed_length", "temperature"),
 }
 
@@ -381,6 +385,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
                                response_length=config.response_length,
                                min_response_length=config.min_response_length, temperature=config.temperature,
                                lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
+                               score_clip=config.score_clip,
                                checkpoint_every=5, sample_every=5, seed=config.seed, device=config.device,
                                mixed_precision=config.mixed_precision)  # fmt: skip
         ppo_dir = out_dir / "ppo"
