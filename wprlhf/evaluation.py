@@ -76,12 +76,18 @@ def win_rate(judge: RewardFn, prompts: list[str], new: list[str], start: list[st
     """
     new_scores = [float(s) for s in judge(prompts, new)]
     start_scores = [float(s) for s in judge(prompts, start)]
-    pairs = torch.tensor([start_scores, new_scores], dtype=torch.float64).T  # (N, 2): start, new
-    wins = choice_credit(pairs, torch.ones(len(new_scores), dtype=torch.long)).tolist()
-    lo, hi = bootstrap_ci(wins, prompts)
-    return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins),
+    return {**scored_win_rate(new_scores, start_scores, prompts),
             "judge_new": float(np.mean(new_scores)), "judge_start": float(np.mean(start_scores)),
             "judge_new_scores": new_scores, "judge_start_scores": start_scores}  # fmt: skip
+
+
+def scored_win_rate(new_scores: Sequence[float], start_scores: Sequence[float], groups: Sequence[str]) -> dict:
+    """win_rate, win_rate_lo/hi (95% CI resampling `groups`, i.e. prompts) and n from scores already computed:
+    a higher new score wins 1, an equal one 1/2 (`reward_model.choice_credit`)."""
+    pairs = torch.tensor([list(start_scores), list(new_scores)], dtype=torch.float64).T  # (N, 2): start, new
+    wins = choice_credit(pairs, torch.ones(len(pairs), dtype=torch.long)).tolist()
+    lo, hi = bootstrap_ci(wins, groups)
+    return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins)}
 
 
 @torch.no_grad()

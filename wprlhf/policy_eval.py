@@ -35,7 +35,7 @@ from . import evaluation
 from .core import bootstrap_ci, masked_sum, pad_sequences
 from .data import prompt_key
 from .errors import UserError, check_numbers
-from .evaluation import distinct_n, repetition_rate, win_rate
+from .evaluation import distinct_n, repetition_rate, scored_win_rate
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .forwards import model_inputs
 from .generation import encode_prompts, fit_positions
@@ -167,10 +167,8 @@ def judge_sides(prompts: list[str], sides: dict[str, list[str]], judge: RewardFn
 
 
 def _win(prompts: list[str], new: Sequence[float], old: Sequence[float]) -> dict:
-    """win_rate's numbers from scores already computed (the judge is called once per side)."""
-    keys = [prompt_key(p) for p in prompts]  # the CI resamples prompts, reposts together
-    result = win_rate(lambda _p, texts: texts, keys, list(new), list(old))  # the 'judge' returns the scores
-    return {k: result[k] for k in ("win_rate", "win_rate_lo", "win_rate_hi", "n")}
+    """The win rate of `new` over `old` scores (the judge is called once per side), reposts resampled together."""
+    return scored_win_rate(new, old, [prompt_key(p) for p in prompts])
 
 
 ROWS = (("judge", "judge score", "{:+.2f}"), ("story", "stories", "{:.0%}"), ("relevance", "relevance", "{:.3f}"),
