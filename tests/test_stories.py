@@ -81,6 +81,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert rm_prompts and ppo_prompts and sft_prompts
     assert not (rm_prompts | ppo_prompts | sft_prompts) & held_out
     assert ppo_prompts <= keys["train"] and rm_prompts <= keys["train"]
+    for phase in ("sft", "rm", "judge"):  # the run names its cached models
+        assert (out / phase).resolve() == Path(state[f"{phase}_dir"]).resolve()
     assert judge_prompts <= keys["judge"] and judge_prompts
 
     # One metrics row per PPO step, with the judge's score of the same samples beside the reward.

@@ -244,7 +244,7 @@ def _cached(config: StoriesConfig, out_dir: Path, phase: str, key: str, marker: 
     target = (root / f"{phase}-{key}") if root is not None else out_dir / phase
     if (target / marker).exists():
         print(f"{phase}: reusing {target} (cached: the same training text and settings)", flush=True)
-        return target
+        return _link(out_dir / phase, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -253,11 +253,22 @@ def _cached(config: StoriesConfig, out_dir: Path, phase: str, key: str, marker: 
             raise UserError(f"{phase}: the training wrote no {marker}; see the messages above")
         if target.exists():  # a copy left by an older version, or a run that finished first: keep the finished one
             shutil.rmtree(tmp)
-            return target
+            return _link(out_dir / phase, target)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _link(out_dir / phase, target)
+
+
+def _link(name: Path, target: Path) -> Path:
+    """RUN/sft, RUN/rm, RUN/judge: a link to the cached model, so commands can name it by the run
+    (`--judge rm:RUN/judge`); returns target."""
+    if name != target:
+        if name.is_symlink():
+            name.unlink()
+        if not name.exists():
+            name.symlink_to(target.resolve(), target_is_directory=True)
     return target
 
 
