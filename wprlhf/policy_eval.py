@@ -324,10 +324,11 @@ def read_side(spec: str) -> dict[str, str]:
     rows: dict[str, str] = {}
     for where, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise UserError(f"{where}: expected {{\"prompt\": \"...\", \"responses\": [\"...\"]}} with a prompt")
+            raise UserError(f"{spec} line {where}: expected {{\"prompt\": \"...\", \"responses\": [\"...\"]}} with a prompt")
         responses = row["responses"] if "responses" in row else [row.get("response")]
         if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
-            raise UserError(f"{where}: 'responses' must be a non-empty list of strings (or 'response' a string)")
+            raise UserError(f"{spec} line {where}: 'responses' must be a non-empty list of strings (or 'response' a "
+                            "string)")
         rows.setdefault(row["prompt"], responses[0])
     if not rows:
         raise UserError(f"{spec} holds no responses; write one {{\"prompt\", \"responses\"}} line per prompt")

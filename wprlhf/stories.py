@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 from pathlib import Path
 
-from .data import Response, is_hub_id, karma_pairs, load_responses, prompt_key, read_rows, write_comparisons
+from .data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
+                   write_comparisons)
 from .distributed import check_mixed_precision
 from .errors import UserError, check_numbers
-from .files import write_json_atomic, write_text_atomic
+from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .text import clean_prompt
 
 STATE_FILE = "stories_state.json"
@@ -195,17 +196,23 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
         return [p for k in keys for p in dict.fromkeys(r.prompt for r in groups[k])]
 
     split = {name: prompts_of(keys) for name, keys in parts.items()}
-    split["eval_stories"] = [min((r for r in groups[k] if r.prompt == p), key=lambda r: r.rank if r.rank is not None
-                                 else 10**9).response for k in parts["eval"] for p in dict.fromkeys(
-                                 r.prompt for r in groups[k])]  # fmt: skip
+    def rank(r: Response) -> int:  # rank 0 is a thread's top-karma story; unranked ones come last
+        return r.rank if r.rank is not None else 10**9
+
+    top: dict[str, Response] = {}  # each eval prompt's top-karma story
+    for r in (r for k in parts["eval"] for r in groups[k]):
+        if r.prompt not in top or rank(r) < rank(top[r.prompt]):
+            top[r.prompt] = r
+    split["eval_stories"] = [top[p].response for p in split["eval"]]
     split["eval_source"] = ["data"] * len(split["eval"])
-    taken = set(groups)
+    taken, n_groups = set(groups), len(parts["eval"])
     for prompt, story in _fan_prompts(config.data):
-        if len(set(map(prompt_key, split["eval"]))) >= config.eval_prompts:
+        if n_groups >= config.eval_prompts:
             break
         if prompt_key(prompt) in taken:
             continue
         taken.add(prompt_key(prompt))
+        n_groups += 1
         split["eval"].append(prompt)
         split["eval_stories"].append(story)
         split["eval_source"].append("fan")
@@ -350,7 +357,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         print(f"split: {counts['train']} train, {counts['judge']} judge, {counts['eval']} eval prompts "
               f"({counts['eval_from_fan']} of them Fan et al.'s)", flush=True)  # fmt: skip
         finish("split")
-    train_prompts = _lines(split_dir / "train_prompts.txt")
+    train_prompts = load_prompts(split_dir / "train_prompts.txt")
     train_keys = {prompt_key(p) for p in train_prompts}
 
     if config.sft and wanted("sft"):
@@ -412,7 +419,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         from .models import load_policy
         from .reward_model import reward_fn_from_model
 
-        eval_prompts = _lines(split_dir / "eval_prompts.txt")
+        eval_prompts = load_prompts(split_dir / "eval_prompts.txt")
         policy, tokenizer = load_policy(start_of_rl)
         policy.to(resolve_device(config.device))
         gen = generation_config(None, response_length=config.response_length,
@@ -434,10 +441,6 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
 def _accumulation(batch_size: int) -> int:
     """Micro-batches of 8 where the batch divides into them (the memory of 8 rows of 160 tokens), else one."""
     return batch_size // 8 if batch_size > 8 and batch_size % 8 == 0 else 1
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ==========================================================================================================
@@ -465,9 +468,9 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     from .reward_model import reward_fn_from_model
 
     eval_dir = out_dir / "eval"
-    rows = [json.loads(line) for line in (out_dir / "split" / "eval_stories.jsonl").read_text().splitlines() if line]
+    rows = [row for _, row in iter_jsonl(out_dir / "split" / "eval_stories.jsonl")]
     prompts = [r["prompt"] for r in rows]
-    lines = [json.loads(line) for line in (out_dir / "best_of" / "pool.jsonl").read_text().splitlines() if line]
+    lines = [row for _, row in iter_jsonl(out_dir / "best_of" / "pool.jsonl")]
     if [r["prompt"] for r in lines] != prompts:
         raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
                         "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
