@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py, on 1 process (plain python) or 2 (python -m torch.distributed.run): one PPO
 update on a fixed global rollout batch, or one reward-model training run, written to OUT for comparison.
 
-    python tests/distributed_worker.py ppo OUT.pt
+    python tests/distributed_worker.py ppo OUT.pt           (or rloo, grpo)
+    python tests/distributed_worker.py dpo DATA.jsonl OUT_DIR
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py rm DATA.jsonl OUT_DIR
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py nonfinite OUT
 """
@@ -37,14 +38,23 @@ def trim(queries, query_mask, responses, response_mask):
     return queries[:, q_keep:], query_mask[:, q_keep:], responses[:, :r_keep], response_mask[:, :r_keep]
 
 
-def ppo(out: str) -> None:
+def ppo(out: str, method: str = "ppo") -> None:
+    """One update of `method` ('ppo', 'rloo', 'grpo') on the fixed global batch; RLOO and GRPO see it as 2 prompts
+    x 4 responses, so under 2 processes each holds one group and the advantages need the gathered batch."""
+    from wprlhf.grpo import GRPOConfig, GRPOTrainer
     from wprlhf.models import load_policy
     from wprlhf.ppo import PPOConfig, PPOTrainer
+    from wprlhf.rloo import RLOOConfig, RLOOTrainer
 
     policy, tokenizer = load_policy("tiny", seed=0)
-    config = PPOConfig(policy="tiny", batch_size=B, num_minibatches=2, ppo_epochs=2, gradient_accumulation_steps=2,
-                       lr=1e-3, whiten_rewards=True, score_norm="batch", device="cpu", seed=0)  # fmt: skip
-    trainer = PPOTrainer(config, policy, tokenizer)
+    common = dict(policy="tiny", batch_size=B, num_minibatches=2, ppo_epochs=2, gradient_accumulation_steps=2,
+                  lr=1e-3, device="cpu", seed=0)  # fmt: skip
+    if method == "ppo":
+        trainer = PPOTrainer(PPOConfig(**common, whiten_rewards=True, score_norm="batch"), policy, tokenizer)
+    elif method == "rloo":
+        trainer = RLOOTrainer(RLOOConfig(**common, samples_per_prompt=4, score_norm="batch"), policy, tokenizer)
+    else:
+        trainer = GRPOTrainer(GRPOConfig(**common, samples_per_prompt=4, kl_coef=0.1), policy, tokenizer)
     acc = trainer.accelerator
     queries, query_mask, responses, response_mask, scores = fixed_rollout()
     queries = torch.where(query_mask, queries, tokenizer.pad_token_id)
@@ -62,6 +72,14 @@ def rm(data: str, out: str) -> None:
 
     config = RewardConfig(data=data, model="tiny", max_length=48, batch_size=16, epochs=1, lr=1e-3, warmup_ratio=0.0,
                           val_fraction=0.2, eval_every=1000, normalize_samples=16, device="cpu", seed=0)  # fmt: skip
+    train(config, out, progress=False)
+
+
+def dpo(data: str, out: str) -> None:
+    from wprlhf.dpo import DPOConfig, train
+
+    config = DPOConfig(data=data, policy="tiny", beta=0.5, lr=1e-3, warmup=0.0, batch_size=4,
+                       gradient_accumulation_steps=2, epochs=1, val_fraction=0.0, device="cpu", seed=0)  # fmt: skip
     train(config, out, progress=False)
 
 
@@ -83,4 +101,6 @@ def nonfinite(out: str) -> None:
 
 
 if __name__ == "__main__":
-    {"ppo": ppo, "rm": rm, "nonfinite": nonfinite}[sys.argv[1]](*sys.argv[2:])
+    modes = {"ppo": ppo, "rloo": lambda out: ppo(out, "rloo"), "grpo": lambda out: ppo(out, "grpo"), "rm": rm,
+             "dpo": dpo, "nonfinite": nonfinite}  # fmt: skip
+    modes[sys.argv[1]](*sys.argv[2:])

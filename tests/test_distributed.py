@@ -49,9 +49,10 @@ def assert_same_params(one: dict, two: dict, start: dict | None = None, atol: fl
         assert moved > 100 * atol, f"parameters moved only {moved:.2e}"
 
 
-def test_ppo_update_on_two_processes_equals_one(tmp_path):
-    run_worker(1, "ppo", tmp_path / "one.pt")
-    run_worker(2, "ppo", tmp_path / "two.pt")
+@pytest.mark.parametrize("method", ["ppo", "rloo", "grpo"])
+def test_update_on_two_processes_equals_one(tmp_path, method):
+    run_worker(1, method, tmp_path / "one.pt")
+    run_worker(2, method, tmp_path / "two.pt")
     one = torch.load(tmp_path / "one.pt.rank0")
     two = [torch.load(tmp_path / f"two.pt.rank{r}") for r in (0, 1)]
 
@@ -59,11 +60,14 @@ def test_ppo_update_on_two_processes_equals_one(tmp_path):
 
     policy, _ = load_policy("tiny", seed=0)
     start = {f"policy.{k}": v for k, v in policy.state_dict().items()}
-    start.update({f"value.{k}": v for k, v in make_value_model(policy, seed=1).state_dict().items()})
+    if method == "ppo":
+        start.update({f"value.{k}": v for k, v in make_value_model(policy, seed=1).state_dict().items()})
     assert_same_params(one["params"], two[0]["params"], start)
     assert_same_params(two[0]["params"], two[1]["params"], atol=1e-7)  # DDP keeps the replicas identical
     # Logged statistics are those of the global batch on both processes.
-    for key in ("score_mean", "kl", "policy_loss", "value_loss", "approxkl", "clipfrac", "entropy", "grad_norm"):
+    keys = ["score_mean", "kl", "policy_loss", "approxkl", "clipfrac", "entropy", "grad_norm"]
+    keys += ["value_loss"] if method == "ppo" else ["kl_term"] if method == "grpo" else ["rlhf_reward_mean"]
+    for key in keys:
         assert two[0]["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4, abs=1e-6), key
         assert two[1]["stats"][key] == pytest.approx(two[0]["stats"][key], rel=1e-6, abs=1e-8), key
 
@@ -89,6 +93,31 @@ def test_reward_model_step_on_two_processes_equals_one(tmp_path):
     metrics = [(tmp_path / name / "metrics.csv").read_text().splitlines() for name in ("one", "two")]
     assert len(metrics[1]) == len(metrics[0]) == 2  # header + the one step, logged once
     assert json.loads((tmp_path / "two" / "eval-heldout.json").read_text())["n"] >= 1
+
+
+def test_dpo_on_two_processes_equals_one(tmp_path):
+    """Two DPO steps of 4 pairs (2 micro-batches each): each process takes every other pair of a step."""
+    comparisons = [Comparison(prompt=f"prompt {i} about {'cats' if i % 2 else 'ships'}",
+                              responses=[f"a tale of {i} words " * (1 + i % 3), f"short {i}"], best=i % 2)
+                   for i in range(8)]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    write_comparisons(data, comparisons)
+    run_worker(1, "dpo", data, tmp_path / "one")
+    run_worker(2, "dpo", data, tmp_path / "two")
+    from safetensors.torch import load_file
+
+    from wprlhf.models import load_policy
+
+    one, two = (load_file(tmp_path / name / "policy" / "model.safetensors") for name in ("one", "two"))
+    start = load_policy("tiny", seed=0)[0].state_dict()
+    assert_same_params(one, two, {k: start[k] for k in one}, atol=1e-4)  # 1e-4: see the reward model's test
+    metrics = [(tmp_path / name / "metrics.csv").read_text().splitlines() for name in ("one", "two")]
+    assert len(metrics[1]) == len(metrics[0]) == 3  # header + 2 steps, logged once
+    from wprlhf.metrics import read_metrics
+
+    for a, b in zip(*(read_metrics(tmp_path / name / "metrics.csv") for name in ("one", "two"))):
+        for key in ("loss", "accuracy", "margin", "chosen_reward"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
 
 
 def test_ppo_cli_on_two_processes_logs_once_and_resumes(tmp_path):

@@ -59,7 +59,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     code = main(["stories", "--out", str(out), *flags])
     assert code == 0, capsys.readouterr().err[-2000:]
     state = json.loads((out / "stories_state.json").read_text())
-    assert state["done"] == ["split", "sft", "rm", "judge", "ppo", "best_of", "eval"]
+    assert state["done"] == ["split", "rm", "judge", "sft", "ppo", "best_of", "eval"]
 
     # One prompt-level split; the repost (prompt 23) sits on the same side as prompt 0.
     parts = {part: _lines(out / "split" / f"{part}_prompts.txt") for part in ("train", "judge", "eval")}
@@ -117,9 +117,17 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert main(["stories", "--out", str(out), *flags, "--resume", "--judge-fraction", "0.3"]) == 2
     assert "--judge-fraction 0.2" in capsys.readouterr().err
     # A second run on the same data and settings reuses the cached SFT policy and both reward models.
-    assert main(["stories", "--out", str(tmp_path / "again"), *flags, "--until", "judge"]) == 0
+    assert main(["stories", "--out", str(tmp_path / "again"), *flags, "--until", "sft"]) == 0
     said = capsys.readouterr().out
     assert all(f"{phase}: reusing {cache}" in said for phase in ("sft", "rm", "judge")), said[-1500:]
+    # SFT on the start policy's best-of-2 by the reward model (expert iteration) instead of human stories: its
+    # examples are train prompts' samples, the reward model's pick among 2, and it is another cached policy.
+    assert main(["stories", "--out", str(tmp_path / "expert"), *flags, "--sft-data", "best-of-2", "--until", "sft"]) == 0
+    pool = [json.loads(line) for line in _lines(tmp_path / "expert" / "split" / "sft_best_of.jsonl")]
+    assert len(pool) == 8 and all(len(row["responses"]) == len(row["scores"]) == 2 for row in pool)
+    assert {prompt_key(row["prompt"]) for row in pool} <= keys["train"]
+    expert_state = json.loads((tmp_path / "expert" / "stories_state.json").read_text())
+    assert expert_state["sft_dir"] != state["sft_dir"] and (Path(expert_state["sft_dir"]) / "policy").is_dir()
     from transformers import AutoModelForCausalLM  # the SFT policy loads outside wprlhf
 
     AutoModelForCausalLM.from_pretrained(json.loads((out / "stories_state.json").read_text())["sft_dir"] + "/policy")
@@ -127,7 +135,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
     for flags, words in ((["--best-of", "1,x"], "comma-separated"), (["--judge-fraction", "0.7"], "judge_fraction"),
-                         (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr")):  # fmt: skip
+                         (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr"),
+                         (["--sft-data", "best-of-1"], "sft_data")):  # fmt: skip
         assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(wp_data), *flags]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "r").exists()

@@ -74,15 +74,27 @@ def _empty_out_dir(out: str, force: bool) -> None:
         shutil.rmtree(out)
 
 
+CONFIGS = {"ppo": "PPOConfig", "rloo": "RLOOConfig", "grpo": "GRPOConfig"}  # method module -> its config class
+
+
+def _method(name: str):
+    """(config class, train function) of an on-policy method: 'ppo', 'rloo' or 'grpo'."""
+    import importlib
+
+    module = importlib.import_module(f".{name}", __package__)
+    return getattr(module, CONFIGS[name]), module.train
+
+
 def cmd_ppo(args: argparse.Namespace) -> None:
+    """`wprlhf ppo`, `wprlhf rloo` and `wprlhf grpo`: one command shape, the method's own config and train()."""
     from .data import load_prompts
     from .distributed import is_main_process
-    from .ppo import train
-    from .ppo_config import PPOConfig, dump_config, load_config
+    from .ppo_config import dump_config, load_config
     from .report import write_report
     from .rewards import load_reward
 
-    config = load_config(args.config, _overrides(args, PPOConfig), args.preset)
+    config_cls, train = _method(args.method)
+    config = load_config(args.config, _overrides(args, config_cls), getattr(args, "preset", None), config_cls)
     judge_fn = None
     if config.task:
         from .tasks import load_task
@@ -240,6 +252,34 @@ def cmd_classifier_eval(args: argparse.Namespace) -> None:
     result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.train_data,
                       polarity=sentiment, batch_size=args.batch_size)  # fmt: skip
     print(json.dumps(result, indent=2, allow_nan=False))  # strict JSON, as the file run_eval wrote
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .compare import CompareConfig, run
+
+    config = load_config(CompareConfig, args.config, _overrides(args, CompareConfig))
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if args.force and not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out)
+    run(config, args.out, resume=args.resume)
+    print(f"done: {args.out}/table.md (judge {config.judge}, 95 % CIs), {args.out}/judge_vs_kl.png", file=sys.stderr)
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from .checkpoint import load_config
+    from .distributed import is_main_process
+    from .dpo import DPOConfig, train
+
+    config = load_config(DPOConfig, args.config, _overrides(args, DPOConfig))
+    if is_main_process():
+        print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    if args.force and not args.resume and Path(args.out).exists():
+        shutil.rmtree(args.out, ignore_errors=True)
+    row = train(config, args.out, resume=args.resume)
+    if is_main_process():
+        held_out = f", held-out accuracy {row['val_accuracy']:.1%}" if "val_accuracy" in row else ""
+        print(f"done: {args.out}/metrics.csv{held_out}; policy in {args.out}/policy", file=sys.stderr)
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -430,7 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     ppo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(ppo, PPOConfig)
-    ppo.set_defaults(func=cmd_ppo)
+    ppo.set_defaults(func=cmd_ppo, method="ppo")
+
+    from .grpo import GRPOConfig
+    from .rloo import RLOOConfig
+
+    for name, config_cls, what in (
+        ("rloo", RLOOConfig, "REINFORCE with a leave-one-out baseline over k samples a prompt (Ahmadian et al. 2024)"),
+        ("grpo", GRPOConfig, "group-standardised advantages, k3 KL in the loss (Shao et al. 2024)"),
+    ):  # fmt: skip
+        method = sub.add_parser(name, help=f"train a policy with {name.upper()} against a reward", description=(
+            f"{name.upper()}: {what}; no value model. The same reward SPECs, prompts and run directory as `wprlhf "
+            "ppo` (metrics.csv, tb/, samples.jsonl, checkpoints/, policy/)."))  # fmt: skip
+        method.add_argument("--out", required=True, help="run directory")
+        method.add_argument("--config", help=f"YAML or JSON file of {config_cls.__name__} fields (flags override it)")
+        method.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+        method.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+        add_config_flags(method, config_cls)
+        method.set_defaults(func=cmd_ppo, method=name)
 
     smp = sub.add_parser("sample", help="sample k responses per prompt into JSONL (the labeling input)")
     smp.add_argument("--policy", default="smollm2", help="'smollm2', 'tiny', a local directory or a hub id")
@@ -523,6 +580,29 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
+
+    from .dpo import DPOConfig
+
+    dpo = sub.add_parser("dpo", help="direct preference optimisation on a comparisons file (no reward model)",
+                         description=("DPO (Rafailov et al. 2023) or IPO (--loss ipo) against the frozen start policy, "
+                                      "from a comparisons JSONL or pair CSV. Writes config.json, metrics.csv, tb/, "
+                                      "checkpoints/ and policy/ into --out."))  # fmt: skip
+    dpo.add_argument("--out", required=True, help="run directory")
+    dpo.add_argument("--config", help="YAML or JSON file of DPOConfig fields (flags override it)")
+    dpo.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    dpo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
+    add_config_flags(dpo, DPOConfig)
+    dpo.set_defaults(func=cmd_dpo)
+
+    from .compare import CompareConfig
+
+    cmp = sub.add_parser("compare", help="PPO, RLOO, GRPO, DPO and best-of-n on the same preferences and budget",
+                         description=("Labels start-policy samples (a simulated labeler or --comparisons), trains a "
+                                      "reward model on them, trains each method with the same budget of responses, "
+                                      "and judges each against the start policy on held-out prompts: table.md, "
+                                      "report.json, judge_vs_kl.png in --out."))  # fmt: skip
+    add_run_flags(cmp, CompareConfig)
+    cmp.set_defaults(func=cmd_compare)
 
     demo = sub.add_parser("demo", help="the whole RLHF pipeline offline on the embedded models, with a report",
                           description="Sample from SmolLM2 -> simulated comparisons -> MiniLM reward model -> PPO -> the "

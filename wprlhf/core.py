@@ -123,6 +123,77 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: t
 
 
 # ----------------------------------------------------------------------------------------------------------
+# policy-gradient pieces shared by PPO, RLOO and GRPO
+
+
+def normalize_scores(scores: torch.Tensor, mode: str = "none", clip: float | None = None) -> torch.Tensor:
+    """Scores as they enter the rewards: standardised over the batch ('batch') or as given ('none'), then clipped.
+
+    scores (B,) -> (B,). 'batch' needs B >= 2 (PPOConfig refuses less): the std of one score is undefined.
+    """
+    if mode == "batch":
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token reward: a KL penalty on each response token, plus the scalar score on the last one.
+
+    scores (B,); logprobs, ref_logprobs (B, Tr); response_mask (B, Tr) bool, True on real tokens.
+    Returns rewards (B, Tr), exactly zero where response_mask is False, and the per-token KL (B, Tr).
+    """
+    kl = kl_k1(logprobs, ref_logprobs) if kl_estimator == "k1" else kl_k3(logprobs, ref_logprobs)
+    kl = torch.where(response_mask, kl, torch.zeros_like(kl))
+    rewards = -kl_coef * kl
+    last = last_true_index(response_mask)  # (B,)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def policy_loss(
+    new_logprobs: torch.Tensor,
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    n_tokens: int | torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    new_logprobs (B, T) with grad, the policy being trained; logprobs (B, T), the rollout policy's; advantages
+    (B, T); mask (B, T) bool. The loss is summed over the masked tokens and divided by n_tokens (default:
+    mask.sum()); passing the whole minibatch's token count makes micro-batches add up to one large batch.
+    weights (B, T), when given, multiply each token's term first (GRPO's 1/|o_i|, with n_tokens the number of
+    responses, makes the loss a mean over responses of each response's token mean).
+    Returns loss and stats: clipfrac (share of tokens whose clipped term was chosen), approxkl (k3 of the
+    rollout policy to the current one).
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    log_ratio = new_logprobs - logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    losses = torch.maximum(unclipped, clipped)
+    loss = masked_sum(losses if weights is None else losses * weights, mask) / n_tokens
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
 # generalised advantage estimation: the only implementation in wprlhf
 
 

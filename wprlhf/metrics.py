@@ -32,6 +32,7 @@ METRIC_NAMES = (
     "clipfrac",            # share of tokens where the clipped surrogate was active
     "value_clipfrac",
     "approxkl",            # KL of the policy after each minibatch to the rollout policy (k3), per token
+    "kl_term",             # GRPO: the loss's KL term, k3 of the policy to the reference, per token
     "explained_variance",  # of the returns by the rollout values
     "value_mean",
     "return_mean",
@@ -55,6 +56,24 @@ RM_METRIC_NAMES = (
     "val_loss",      # on held-out prompts, every eval_every steps
     "val_accuracy",
     "lr",
+    "elapsed_s",
+)  # fmt: skip
+
+
+# Per optimizer step of DPO (dpo.py). Rewards are DPO's implicit ones: beta * (log pi(y) - log ref(y)), nats x beta.
+DPO_METRIC_NAMES = (
+    "step",
+    "pairs",            # (prompt, chosen, rejected) pairs trained on so far
+    "loss",             # mean DPO (or IPO) loss of this step's pairs
+    "accuracy",         # share of this step's pairs whose chosen response has the larger implicit reward
+    "chosen_reward",    # mean implicit reward of the chosen responses
+    "rejected_reward",
+    "margin",           # chosen_reward - rejected_reward, mean over pairs
+    "grad_norm",        # before clipping
+    "lr",
+    "val_loss",         # on held-out prompts' pairs, every eval_every steps and at the last step
+    "val_accuracy",
+    "val_margin",
     "elapsed_s",
 )  # fmt: skip
 

@@ -185,16 +185,19 @@ def _cell(stat: dict | None, fmt: str) -> str:
 
 
 def table_markdown(report: dict, extra: dict[str, dict[str, str]] | None = None) -> str:
-    """The report as a Markdown table: a row per side, a column per judge, 95 % CIs in brackets."""
+    """The report as a Markdown table: a row per side, a column per judge, 95 % CIs in brackets. extra: side ->
+    {column: text}, columns appended after the judges' (e.g. training time)."""
     names = list(report["sides"]) + (["human"] if report.get("human") else [])
-    columns = [("win", f"judge win rate vs {report['baseline']}")] + [(k, label) for k, label, _ in ROWS]
-    lines = ["| side | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    extra = extra or {}
+    added = list(dict.fromkeys(k for cells in extra.values() for k in cells))
+    columns = [f"judge win rate vs {report['baseline']}"] + [label for _, label, _ in ROWS] + added
+    lines = ["| side | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names:
         stats = report["sides"].get(name) or report.get("human")
         win = report["win_rates"].get(f"{name} vs {report['baseline']}")
         cells = [f"{win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]" if win else "-"]
-        for key, _, fmt in ROWS:
-            cells.append((extra or {}).get(name, {}).get(key) or _cell(stats.get(key), fmt))
+        cells += [_cell(stats.get(key), fmt) for key, _, fmt in ROWS]
+        cells += [extra.get(name, {}).get(k, "-") for k in added]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,11 +1,13 @@
 """PPO with a per-token KL penalty to a frozen reference (Ziegler et al. 2019) and a value model (Stiennon et al. 2020).
 
-The algorithm, top to bottom: the KL controllers; the phases of a step (normalize_scores -> compute_rewards ->
-compute_advantages -> policy_loss / value_loss -> update); `step`, one PPO step, one call per phase; `PPOTrainer`,
+The algorithm, top to bottom: the phases of a step (normalize_scores -> compute_rewards -> compute_advantages ->
+policy_loss / value_loss -> update); `step`, one PPO step, one call per phase; `PPOTrainer`,
 the trl-style API (`step(queries, responses, scores)`); and `train()`. Scores come from one callable,
 `reward_fn(prompts: list[str], responses: list[str]) -> list[float]`: this module never knows who gives them.
 
-The settings are `PPOConfig` (`ppo_config.py`); devices, processes, micro-batches, the LoRA reference, checkpoints
+The settings are `PPOConfig` (`ppo_config.py`); the KL controllers are in `kl_control.py`, and `compute_rewards`
+(per-token KL penalty plus score) and `policy_loss` (the clipped surrogate), which RLOO and GRPO share, in
+`core.py`; devices, processes, micro-batches, the LoRA reference, checkpoints
 and the run loop are plumbing, in `ppo_trainer.py`; the forward passes are in `forwards.py`.
 """
 
@@ -16,82 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import (clip_around, explained_variance, gae, kl_k1, kl_k3, last_true_index, masked_mean, masked_sum,
-                   masked_whiten, pad_sequences)  # fmt: skip
+from .core import (clip_around, compute_rewards, explained_variance, gae, kl_k1, masked_mean, masked_sum,
+                   masked_whiten, normalize_scores, pad_sequences, policy_loss)  # fmt: skip
 from .errors import UserError
-from .models import load_policy, position_limit
+from .models import position_limit
+from .kl_control import AdaptiveKLController, FixedKLController, kl_controller  # noqa: F401  (tests import them here)
 from .ppo_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.ppo import PPOConfig, train`)
-from .ppo_trainer import Rollout, Samples, Trainer, check_scores, keep_saved_precision, run
+from .ppo_trainer import (Rollout, Samples, Trainer, check_scores, prepare_run, rollout_stats, run,
+                          update_epochs)  # fmt: skip
 from .signatures import RewardFn
 
 # ==========================================================================================================
-# KL controllers: an object with `value` and `update(kl, n_episodes)`
-
-
-class FixedKLController:
-    """A constant kl_coef."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def update(self, kl: float, n_episodes: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-class AdaptiveKLController(FixedKLController):
-    """Ziegler et al. 2019, eq. 2 (their beta is our kl_coef): e = clip(KL / target - 1, -0.2, 0.2);
-    kl_coef <- kl_coef (1 + e * n / horizon)."""
-
-    def __init__(self, value: float, target: float, horizon: int):
-        super().__init__(value)
-        self.target, self.horizon = target, horizon
-
-    def update(self, kl: float, n_episodes: int) -> None:
-        error = min(max(kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + error * n_episodes / self.horizon
-
-
-# ==========================================================================================================
 # The phases of a step. Each is a function of tensors that a test can call alone.
-
-
-def normalize_scores(scores: torch.Tensor, mode: str = "none", clip: float | None = None) -> torch.Tensor:
-    """Scores as they enter the rewards: standardised over the batch ('batch') or as given ('none'), then clipped.
-
-    scores (B,) -> (B,). 'batch' needs B >= 2 (PPOConfig refuses less): the std of one score is undefined.
-    """
-    if mode == "batch":
-        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
-    if clip is not None:
-        scores = scores.clamp(-clip, clip)
-    return scores
-
-
-def compute_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    response_mask: torch.Tensor,
-    kl_coef: float,
-    kl_estimator: str = "k1",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token reward: a KL penalty on each response token, plus the scalar score on the last one.
-
-    scores (B,); logprobs, ref_logprobs (B, Tr); response_mask (B, Tr) bool, True on real tokens.
-    Returns rewards (B, Tr), exactly zero where response_mask is False, and the per-token KL (B, Tr).
-    """
-    kl = kl_k1(logprobs, ref_logprobs) if kl_estimator == "k1" else kl_k3(logprobs, ref_logprobs)
-    kl = torch.where(response_mask, kl, torch.zeros_like(kl))
-    rewards = -kl_coef * kl
-    last = last_true_index(response_mask)  # (B,)
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards, kl
 
 
 def compute_advantages(
@@ -103,36 +41,6 @@ def compute_advantages(
     """
     advantages, returns = gae(rewards, values, response_mask, gamma, lam)
     return masked_whiten(advantages, response_mask), returns
-
-
-def policy_loss(
-    new_logprobs: torch.Tensor,
-    logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float,
-    n_tokens: int | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
-
-    new_logprobs (B, T) with grad, the policy being trained; logprobs (B, T), the rollout policy's; advantages
-    (B, T); mask (B, T) bool. The loss is summed over the masked tokens and divided by n_tokens (default:
-    mask.sum()); passing the whole minibatch's token count makes micro-batches add up to one large batch.
-    Returns loss and stats: clipfrac (share of tokens whose clipped term was chosen), approxkl (k3 of the
-    rollout policy to the current one).
-    """
-    n_tokens = mask.sum() if n_tokens is None else n_tokens
-    log_ratio = new_logprobs - logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
-    loss = masked_sum(torch.maximum(unclipped, clipped), mask) / n_tokens
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-        }
-    return loss, stats
 
 
 def value_loss(
@@ -169,21 +77,7 @@ def update(trainer: Trainer, rollout: Rollout, advantages: torch.Tensor, returns
         mask = rollout.response_mask[rows]
         return value_loss(new_values, rollout.values[rows], returns[rows], mask, c.cliprange_value, n_tokens)
 
-    stats = []
-    for epoch in range(c.ppo_epochs):
-        for rows in trainer.minibatches():
-            # Entropy is read on the first epoch only: it is a statistic, and costly over the vocabulary.
-            stats.append(trainer.optimize(rollout, rows, policy_objective, value_objective, c.vf_coef, epoch == 0))
-            if c.target_approxkl is not None and stats[-1]["approxkl"] > c.target_approxkl:
-                return mean_stats(stats)  # the policy moved too far from the rollout policy: the samples are stale
-    return mean_stats(stats)
-
-
-def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each statistic's mean over the minibatches that measured it (entropy: the first epoch's), and their count."""
-    keys = dict.fromkeys(k for row in rows for k in row)  # in the order the minibatches logged them
-    out = {k: sum(row[k] for row in rows if k in row) / sum(k in row for row in rows) for k in keys}
-    return {**out, "ppo_minibatches": len(rows)}
+    return update_epochs(trainer, rollout, policy_objective, value_objective, c.vf_coef)
 
 
 def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
@@ -207,20 +101,13 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
 
 
 def step_stats(trainer, rollout: Rollout, kl, rlhf_rewards, returns, kl_coef: float) -> dict[str, float]:
-    """The step's metrics (names in metrics.py): scores as reward_fn gave them, KL per response, value fit."""
-    mask, B = rollout.response_mask, len(rollout)
-    return {
-        "score_mean": float(rollout.scores.mean()),
-        "score_std": float(rollout.scores.std()) if B > 1 else 0.0,
+    """The step's metrics (names in metrics.py): `rollout_stats`, and the value model's fit."""
+    mask = rollout.response_mask
+    return rollout_stats(trainer, rollout, kl_coef) | {
         "rlhf_reward_mean": float(rlhf_rewards.mean()),
-        "kl": float(kl.mean()),
-        "kl_k3": float(masked_sum(kl_k3(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
-        "kl_coef": kl_coef,
         "explained_variance": float(explained_variance(rollout.values, returns, mask)),
         "value_mean": float(masked_mean(rollout.values, mask)),
         "return_mean": float(masked_mean(returns, mask)),
-        "response_length": float(mask.sum(1).float().mean()),
-        "lr": trainer.optimizer.param_groups[0]["lr"],
     }
 
 
@@ -230,14 +117,9 @@ def step_stats(trainer, rollout: Rollout, kl, rlhf_rewards, returns, kl_coef: fl
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:
     """One PPO step on this process's prompts: (stats over the global batch, this process's samples)."""
-    samples = trainer.generate(prompts)  # 1. rollout: the policy writes a response to each prompt
-    samples.scores = trainer.score(samples, reward_fn)  # 2. evaluation: reward_fn scores each response
-    gen = samples.generation  # + the reference's log-probs and the values of the same tokens, all processes' episodes
-    # The sampler's log-probs save a policy forward in fp32. Under bf16/fp16 its KV-cached steps round otherwise than
-    # a training forward would: recompute them there, so the first minibatch's ratio is exactly 1.
-    logprobs = gen.logprobs if trainer.config.mixed_precision == "no" else None
-    rollout = trainer.forward_rollout(samples.queries, samples.query_mask, gen.responses, gen.response_mask,
-                                      samples.scores, logprobs)  # fmt: skip
+    # 1. rollout: the policy writes a response to each prompt; 2. evaluation: reward_fn scores each response;
+    # + the reference's log-probs and the values of the same tokens, gathered over all processes' episodes.
+    rollout, samples = trainer.rollout(prompts, reward_fn)
     return learn(trainer, rollout), samples  # 3-6. rewards, advantages, update, stats
 
 
@@ -246,11 +128,7 @@ class PPOTrainer(Trainer):
     scores)` for a batch you sampled and scored yourself, or `step_batch` for padded tensors."""
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, value_model: nn.Module | None = None):
-        if config.adaptive_kl:
-            kl_ctl = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        else:
-            kl_ctl = FixedKLController(config.kl_coef)
-        super().__init__(config, policy, tokenizer, kl_ctl, value_model)
+        super().__init__(config, policy, tokenizer, kl_controller(config), value_model, learn=learn)
 
     def step(self, queries, responses, scores) -> dict[str, float]:
         """One PPO update from token lists: queries and responses are 1-D tensors of different lengths; scores
@@ -274,16 +152,6 @@ class PPOTrainer(Trainer):
         rollout = self.forward_rollout(q.to(device), q_mask.to(device), r.to(device), r_mask.to(device), scores_t)
         return learn(self, rollout)
 
-    def step_batch(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> dict[str, float]:
-        """One PPO update on a rollout batch (this process's shard of it under `accelerate launch`).
-
-        queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool;
-        scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here);
-        b = batch_size / processes. Returns a dict of float stats over the global batch (metrics.py's names).
-        """
-        scores = check_scores(scores, queries.shape[0], "step_batch's scores")
-        return learn(self, self.forward_rollout(queries, query_mask, responses, response_mask, scores, logprobs))
-
 
 def train(
     config: PPOConfig,
@@ -304,12 +172,5 @@ def train(
     out_dir gets: config.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the two
     newest, resumable) and, at the end, policy/ (and value/) in Hugging Face format.
     """
-    if not prompts:
-        raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
-    if resume:
-        config = keep_saved_precision(config, out_dir)
-    if policy is None:
-        policy, tokenizer = load_policy(config.policy, seed=config.seed)
-    torch.manual_seed(config.seed)
-    trainer = PPOTrainer(config, policy, tokenizer)
-    return run(trainer, step, prompts, reward_fn, out_dir, resume, progress, judge_fn)
+    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer)
+    return run(PPOTrainer(config, policy, tokenizer), step, prompts, reward_fn, out_dir, resume, progress, judge_fn)

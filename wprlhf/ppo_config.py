@@ -44,6 +44,9 @@ class PPOConfig:
     # --- rollout
     batch_size: int = 16
     """Episodes (prompt -> response) per PPO step."""
+    samples_per_prompt: int = 1
+    """k: responses sampled to each prompt of a step, so a step takes batch_size / k prompts. RLOO and GRPO
+    compare a prompt's k responses with each other and need k >= 2; PPO's value model needs none."""
     num_minibatches: int = 2
     """Optimizer steps per PPO epoch; each sees batch_size / num_minibatches episodes."""
     gradient_accumulation_steps: int = 1
@@ -145,8 +148,8 @@ class PPOConfig:
                                           "vf_coef", "kl_coef", "score_clip", "max_grad_norm", "gamma", "lam"))  # fmt: skip
         # Ranges first: the divisibility checks below divide by these sizes.
         at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
-                        max_prompt_length=1, response_length=1, min_response_length=0, top_k=0, kl_horizon=1,
-                        checkpoint_every=1, sample_every=1, log_samples=0, lora_r=0)  # fmt: skip
+                        max_prompt_length=1, response_length=1, samples_per_prompt=1, min_response_length=0, top_k=0,
+                        kl_horizon=1, checkpoint_every=1, sample_every=1, log_samples=0, lora_r=0)  # fmt: skip
         for name, low in at_least.items():
             value, flag = getattr(self, name), "--" + name.replace("_", "-")
             if value < low:
@@ -160,6 +163,9 @@ class PPOConfig:
                             f"{self.response_length}; lower --min-response-length")  # fmt: skip
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}; set --top-p in that range (1 = off)")
+        if self.batch_size % self.samples_per_prompt:
+            raise UserError(f"batch_size {self.batch_size} is not divisible by samples_per_prompt "
+                            f"{self.samples_per_prompt}; make --batch-size a multiple of it")  # fmt: skip
         if self.batch_size % self.num_minibatches:
             raise UserError(
                 f"batch_size {self.batch_size} is not divisible by num_minibatches {self.num_minibatches}; "
@@ -221,7 +227,7 @@ def check_resumable(saved: dict, config: PPOConfig) -> None:
     """UserError unless `config` differs from the checkpoint's saved config only in RESUMABLE_CHANGES."""
     current, saved = dataclasses.asdict(config), upgrade(saved)
     # A field added since the checkpoint was written is missing from it; it ran with that field's default.
-    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     changed = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != current[k]]
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed)
@@ -229,11 +235,12 @@ def check_resumable(saved: dict, config: PPOConfig) -> None:
                         "start a new run in another --out directory")  # fmt: skip
 
 
-def load_config(path: str | Path | None, overrides: dict, preset: str | None = None) -> PPOConfig:
-    """PPOConfig from a preset, then a YAML/JSON file, then explicit overrides; unknown keys are errors."""
+def load_config(path: str | Path | None, overrides: dict, preset: str | None = None, config_cls=PPOConfig) -> PPOConfig:
+    """config_cls (PPOConfig, RLOOConfig, GRPOConfig) from a preset, then a YAML/JSON file, then explicit
+    overrides; unknown keys are errors."""
     if preset and preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return ckpt.load_config(PPOConfig, path, overrides, PRESETS.get(preset or ""), upgrade)
+    return ckpt.load_config(config_cls, path, overrides, PRESETS.get(preset or ""), upgrade)
 
 
 def dump_config(config: PPOConfig) -> str:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .core import masked_mean
+from .core import kl_k1, kl_k3, masked_mean, masked_sum
 from .distributed import (check_divisible, check_finite, device_of, gather_padded, is_main_process, make_accelerator,
                           reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
 from .files import write_json_atomic
@@ -40,6 +40,7 @@ from .metrics import MetricsLogger
 from .models import (
     ValueHead,
     add_lora,
+    load_policy,
     checkpointing,
     count_parameters,
     enable_gradient_checkpointing,
@@ -137,15 +138,19 @@ class PolicyAndValue(nn.Module):
 
 
 class Trainer:
-    """Policy, frozen reference, value model, AdamW and the KL controller `kl_ctl` (whatever `ppo.py` gives)."""
+    """Policy, frozen reference, value model (none with with_value=False), AdamW and the KL controller `kl_ctl`
+    (whatever the algorithm's module gives)."""
 
-    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None):
+    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None,
+                 with_value: bool = True, learn: Callable | None = None):  # fmt: skip
         device = resolve_device(config.device)
         # 'auto' becomes what this device runs fastest; trainer.config (and so config.json) holds the choice.
         config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
         self.config = config
         self.tokenizer = tokenizer
         self.kl_ctl = kl_ctl
+        self.learn = learn
+        """The algorithm's `learn(trainer, rollout) -> stats`: its update on a scored rollout (`step_batch`)."""
         self.accelerator = make_accelerator(device, config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
@@ -153,7 +158,9 @@ class Trainer:
         self.policy = policy.to(self.device)
         prompt_room(self.policy, config.response_length)  # a UserError now, before any work, if nothing fits
         self.value_model, self.value_head = None, None
-        if config.shared_value_head:
+        if not with_value:  # RLOO, GRPO: a baseline from the other samples of a prompt instead of a value model
+            value_params = []
+        elif config.shared_value_head:
             self.value_head = ValueHead(self.policy.config.hidden_size, seed=config.seed + 1).to(self.device)
             value_params = list(self.value_head.parameters())
         else:
@@ -168,7 +175,9 @@ class Trainer:
                 if model is not None:
                     enable_gradient_checkpointing(model)
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]
-        groups = [{"params": policy_params, "lr": config.lr}, {"params": value_params, "lr": config.value_lr or config.lr}]
+        groups = [{"params": policy_params, "lr": config.lr}]
+        if value_params:
+            groups.append({"params": value_params, "lr": config.value_lr or config.lr})
         optimizer = make_optimizer(config.optimizer, groups, config.adam_eps, config.weight_decay, self.device)
         decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
         # Stepped once per PPO step on every process: not handed to accelerate, which would step it once per process.
@@ -219,6 +228,31 @@ class Trainer:
         self.timings["time_score"] = time.perf_counter() - started
         return scores
 
+    def rollout(self, prompts: list[str], reward_fn: RewardFn) -> tuple[Rollout, Samples]:
+        """Rollout and evaluation of a step: this process's prompts sampled (`generate`) and scored (`score`), then
+        the no-grad forwards, gathered into the global Rollout (`forward_rollout`). Returns it and this process's
+        Samples (for the samples log and a judge)."""
+        samples = self.generate(prompts)
+        samples.scores = self.score(samples, reward_fn)
+        gen = samples.generation
+        # The sampler's log-probs save a policy forward in fp32. Under bf16/fp16 its KV-cached steps round otherwise
+        # than a training forward would: recompute them there, so the first minibatch's ratio is exactly 1.
+        logprobs = gen.logprobs if self.config.mixed_precision == "no" else None
+        rollout = self.forward_rollout(samples.queries, samples.query_mask, gen.responses, gen.response_mask,
+                                       samples.scores, logprobs)  # fmt: skip
+        return rollout, samples
+
+    def step_batch(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> dict[str, float]:
+        """One update of the algorithm (`self.learn`) on a rollout batch you sampled and scored yourself (this
+        process's shard of it under `accelerate launch`).
+
+        queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool;
+        scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here);
+        b = batch_size / processes. Returns a dict of float stats over the global batch (metrics.py's names).
+        """
+        scores = check_scores(scores, queries.shape[0], "step_batch's scores")
+        return self.learn(self, self.forward_rollout(queries, query_mask, responses, response_mask, scores, logprobs))
+
     def reference_logprobs(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
         """Log-probs of the responses under the frozen start policy (B, Tr)."""
         batch = (queries, query_mask, responses, response_mask)
@@ -246,6 +280,8 @@ class Trainer:
                 logprobs = torch.where(response_mask, logprobs, 0.0)
             if self.value_model is not None:
                 values = value_forward(self.value_model, *batch)
+            elif self.value_head is None:  # no value model: Rollout.values is 0
+                values = torch.zeros_like(logprobs, dtype=torch.float32)
             ref_logprobs = self.reference_logprobs(*batch)
         with torch.no_grad():
             # The global batch on every process: padding to the longest shard happens here and nowhere else.
@@ -279,10 +315,10 @@ class Trainer:
         order = torch.randperm(c.batch_size, generator=self.shuffle_generator).to(self.device)
         return [order[start : start + c.minibatch_size] for start in range(0, c.batch_size, c.minibatch_size)]
 
-    def optimize(self, rollout: Rollout, rows: torch.Tensor, policy_objective: Callable, value_objective: Callable,
-                 vf_coef: float, with_entropy: bool) -> dict[str, float]:  # fmt: skip
+    def optimize(self, rollout: Rollout, rows: torch.Tensor, policy_objective: Callable,
+                 value_objective: Callable | None, vf_coef: float, with_entropy: bool) -> dict[str, float]:  # fmt: skip
         """One optimizer step on the minibatch `rows` (global indices) of `rollout`, minimising
-        policy_objective + vf_coef * value_objective.
+        policy_objective + vf_coef * value_objective (None: no value model, the policy's loss alone).
 
         policy_objective(new_logprobs, rows, n_tokens) and value_objective(values, rows, n_tokens) each return
         (loss, stats): loss summed over the rows' response tokens and divided by n_tokens, the whole minibatch's
@@ -336,12 +372,12 @@ class Trainer:
             acc.backward(pg_loss)
             with acc.autocast():
                 values = value_forward(self.value_model, *batch)
-        vf_loss, vf_stats = value_objective(values, idx, n_tokens)
-        loss = vf_coef * vf_loss + (0.0 if self.separate_backwards else pg_loss)
+        vf_loss, vf_stats = value_objective(values, idx, n_tokens) if value_objective else (None, {})
+        loss = (0.0 if vf_loss is None else vf_coef * vf_loss) + (0.0 if self.separate_backwards else pg_loss)
         # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
         acc.backward(loss * acc.num_processes)
         share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
-        micro = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+        micro = {"policy_loss": pg_loss.item(), **({} if vf_loss is None else {"value_loss": vf_loss.item()}),
                  **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
         if entropy is not None:
             micro["entropy"] = float(masked_mean(entropy, mask)) * share
@@ -439,6 +475,47 @@ class Trainer:
 
 
 # ==========================================================================================================
+# What every on-policy method's update shares: epochs over minibatches, and the rollout's statistics
+
+
+def update_epochs(trainer: Trainer, rollout: Rollout, policy_objective: Callable,
+                  value_objective: Callable | None = None, vf_coef: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """ppo_epochs passes over the rollout, each num_minibatches `Trainer.optimize` steps on the objectives; stops
+    early once a minibatch's approx-KL to the rollout policy exceeds target_approxkl. Mean stats (`mean_stats`)."""
+    c = trainer.config
+    stats = []
+    for epoch in range(c.ppo_epochs):
+        for rows in trainer.minibatches():
+            # Entropy is read on the first epoch only: it is a statistic, and costly over the vocabulary.
+            stats.append(trainer.optimize(rollout, rows, policy_objective, value_objective, vf_coef, epoch == 0))
+            if c.target_approxkl is not None and stats[-1]["approxkl"] > c.target_approxkl:
+                return mean_stats(stats)  # the policy moved too far from the rollout policy: the samples are stale
+    return mean_stats(stats)
+
+
+def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each statistic's mean over the minibatches that measured it (entropy: the first epoch's), and their count."""
+    keys = dict.fromkeys(k for row in rows for k in row)  # in the order the minibatches logged them
+    out = {k: sum(row[k] for row in rows if k in row) / sum(k in row for row in rows) for k in keys}
+    return {**out, "ppo_minibatches": len(rows)}
+
+
+def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float) -> dict[str, float]:
+    """Metrics of a rollout every method logs (names in metrics.py): scores as reward_fn gave them, KL to the
+    reference per response (k1 and k3), the step's kl_coef, response length, learning rate."""
+    mask, B = rollout.response_mask, len(rollout)
+    return {
+        "score_mean": float(rollout.scores.mean()),
+        "score_std": float(rollout.scores.std()) if B > 1 else 0.0,
+        "kl": float(masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
+        "kl_k3": float(masked_sum(kl_k3(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
+        "kl_coef": kl_coef,
+        "response_length": float(mask.sum(1).float().mean()),
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+    }
+
+
+# ==========================================================================================================
 # The run loop: prompts in, a step function per batch, files out
 
 
@@ -456,6 +533,20 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
             orders[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
         batch.append(prompts[orders[epoch][pos]])
     return batch
+
+
+def prepare_run(config: PPOConfig, prompts: list[str], out_dir: str | Path, resume: bool, policy: nn.Module | None,
+                tokenizer) -> tuple[PPOConfig, nn.Module, object]:  # fmt: skip
+    """What every algorithm's train() does before building its trainer: refuse an empty prompt set, keep a resumed
+    run's precision, load the policy (config.policy) unless one is given, seed torch. (config, policy, tokenizer)."""
+    if not prompts:
+        raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
+    if resume:
+        config = keep_saved_precision(config, out_dir)
+    if policy is None:
+        policy, tokenizer = load_policy(config.policy, seed=config.seed)
+    torch.manual_seed(config.seed)
+    return config, policy, tokenizer
 
 
 def keep_saved_precision(config: PPOConfig, out_dir: str | Path) -> PPOConfig:
@@ -503,7 +594,11 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
     bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not (progress and main), initial=start,
                total=config.steps)  # fmt: skip
     for step in bar:
-        batch_prompts = shard(prompt_batch(prompts, step, config.batch_size, config.seed), acc)
+        # k = samples_per_prompt responses to each of batch_size / k prompts, a prompt's k side by side (RLOO's and
+        # GRPO's groups); shards are contiguous, so the gathered global batch keeps the groups.
+        k = config.samples_per_prompt
+        batch = [p for p in prompt_batch(prompts, step, config.batch_size // k, config.seed) for _ in range(k)]
+        batch_prompts = shard(batch, acc)
         started = time.perf_counter()
         stats, samples = step_fn(trainer, batch_prompts, reward_fn)
         elapsed = time.perf_counter() - started

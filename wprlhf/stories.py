@@ -34,13 +34,13 @@ from pathlib import Path
 
 from .data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
                    write_comparisons)
-from .distributed import check_mixed_precision
+from .distributed import check_mixed_precision, resolve_device, resolve_mixed_precision
 from .errors import UserError, check_numbers
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .text import clean_prompt
 
 STATE_FILE = "stories_state.json"
-PHASES = ("split", "sft", "rm", "judge", "ppo", "best_of", "eval")
+PHASES = ("split", "rm", "judge", "sft", "ppo", "best_of", "eval")
 DATA = "../shared/data/writing_prompts"
 
 
@@ -72,8 +72,12 @@ class StoriesConfig:
     sft: bool = True
     """Fine-tune on top-voted stories before PPO. SmolLM2-Instruct answers a prompt as an assistant; SFT teaches
     it to answer as a writer (README: story share before and after)."""
+    sft_data: str = "human"
+    """What SFT imitates: 'human', each train prompt's top-voted story; or 'best-of-N' (e.g. 'best-of-8'), the start
+    policy's best of N samples by the reward model (best-of-n distillation, one round of expert iteration): text the
+    start policy itself writes, so the fine-tuned policy stays near it in KL."""
     sft_examples: int = 384
-    """Top-voted stories of train prompts to fine-tune on (one per prompt; 0 = all)."""
+    """Train prompts to fine-tune on, one example each (0 = all)."""
     sft_max_length: int = 160
     """Tokens of chat template + prompt + story opening per SFT example: the opening is what PPO continues."""
     sft_lr: float = 1e-4
@@ -138,6 +142,7 @@ class StoriesConfig:
         if not 0 < self.judge_val_fraction < 0.5:
             raise UserError(f"judge_val_fraction must lie in (0, 0.5), got {self.judge_val_fraction}")
         self.best_of_ns  # parses, or names the problem
+        self.sft_best_of  # parses, or names the problem
 
     @property
     def best_of_ns(self) -> list[int]:
@@ -148,6 +153,16 @@ class StoriesConfig:
         if not ns or ns[0] < 2:
             raise UserError(f"best_of needs integers >= 2 (e.g. '4,16'), got {self.best_of!r}")
         return ns
+
+    @property
+    def sft_best_of(self) -> int:
+        """N of sft_data 'best-of-N'; 0 for 'human'."""
+        if self.sft_data == "human":
+            return 0
+        n = self.sft_data[len("best-of-"):]
+        if not self.sft_data.startswith("best-of-") or not n.isdigit() or int(n) < 2:
+            raise UserError(f"sft_data must be 'human' or 'best-of-N' with N >= 2 (e.g. best-of-8), got {self.sft_data!r}")
+        return int(n)
 
     @property
     def min_response_length(self) -> int:
@@ -282,7 +297,8 @@ def _link(name: Path, target: Path) -> Path:
 # Settings each phase's output depends on: a resume that changes one of a finished phase is refused.
 PHASE_SETTINGS = {
     "split": ("data", "eval_prompts", "judge_fraction", "split_seed"),
-    "sft": ("policy", "sft", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size", "seed"),
+    "sft": ("policy", "sft", "sft_data", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size",
+            "seed"),
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
     "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip"),
@@ -339,6 +355,9 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     if not responses:
         raise UserError(f"{config.data} holds no stories; it needs rows of prompt_id, prompt, response_id, response")
     split_dir = out_dir / "split"
+    # The precision each training runs in, resolved here so a cached model's key names the one it was trained in
+    # ('auto' is bf16 on one CPU and fp32 on another).
+    precision = resolve_mixed_precision(config.mixed_precision, resolve_device(config.device))
 
     if wanted("split"):
         split = split_prompts(responses, config)
@@ -360,21 +379,6 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     train_prompts = load_prompts(split_dir / "train_prompts.txt")
     train_keys = {prompt_key(p) for p in train_prompts}
 
-    if config.sft and wanted("sft"):
-        from .sft import SFTConfig
-        from .sft import train as sft_train
-
-        stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
-        sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
-                               max_examples=config.sft_examples, max_length=config.sft_max_length,
-                               epochs=config.sft_epochs, batch_size=config.sft_batch_size,
-                               gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
-                               eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
-                               device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
-        key = _key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
-        path = _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
-        finish("sft", sft_dir=str(path))
-    start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
     for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
                                               ("judge", "judge_comparisons.jsonl", config.judge_examples,
@@ -387,11 +391,29 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model, max_examples=examples,
                                  val_fraction=val,
                                  keep_meta=False, seed=config.seed, device=config.device,
-                                 mixed_precision=config.mixed_precision)  # fmt: skip
+                                 mixed_precision=precision)  # fmt: skip
         text = (split_dir / comparisons).read_text(encoding="utf-8")
         key = _key(text, dataclasses.asdict(rm_config) | {"data": ""})
         path = _cached(config, out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
         finish(phase, **{f"{phase}_dir": str(path)})
+
+    if config.sft and wanted("sft"):
+        from .sft import SFTConfig
+        from .sft import train as sft_train
+
+        stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
+        if config.sft_best_of:
+            stories = _expert_stories(config, train_prompts, state["rm_dir"], split_dir / "sft_best_of.jsonl")
+        sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
+                               max_examples=config.sft_examples, max_length=config.sft_max_length,
+                               epochs=config.sft_epochs, batch_size=config.sft_batch_size,
+                               gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
+                               eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
+                               device=config.device, mixed_precision=precision)  # fmt: skip
+        key = _key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
+        path = _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
+        finish("sft", sft_dir=str(path))
+    start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
     if wanted("ppo"):
         from .ppo import train as ppo_train
@@ -414,7 +436,6 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
 
     if wanted("best_of"):
         from .best_of import sample_pool
-        from .distributed import resolve_device
         from .generation import generation_config
         from .models import load_policy
         from .reward_model import reward_fn_from_model
@@ -436,6 +457,37 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("eval")
         return report
     return {}
+
+
+def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str, path: Path) -> list[Response]:
+    """SFT examples of best-of-n distillation: for sft_examples train prompts (a seeded choice), the start policy's
+    best of sft_best_of samples by the reward model, as `Response`s of rank 0. The pool is written to `path` (and
+    read back from it when it is there, so a resumed run does not sample again)."""
+    from .best_of import Pool, sample_pool
+    from .generation import generation_config
+    from .models import load_policy
+    from .reward_model import reward_fn_from_model
+
+    prompts = list(train_prompts)
+    if config.sft_examples and len(prompts) > config.sft_examples:
+        prompts = random.Random(config.seed).sample(prompts, config.sft_examples)
+    lines = [row for _, row in iter_jsonl(path)] if path.exists() else []
+    if [r["prompt"] for r in lines] == prompts:
+        pool = Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines]))
+    else:
+        policy, tokenizer = load_policy(config.policy, seed=config.seed)
+        policy.to(resolve_device(config.device))
+        gen = generation_config(None, response_length=config.response_length,
+                                min_response_length=config.min_response_length, temperature=config.temperature)
+        print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, the "
+              "reward model keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
+        pool = sample_pool(policy, tokenizer, prompts, config.sft_best_of, reward_fn_from_model(rm_dir), gen,
+                           seed=config.seed + 60_000, batch_size=config.eval_batch_size)  # fmt: skip
+        write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
+                                        for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
+    best, _ = pool.best(config.sft_best_of)
+    return [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
+            for i, (p, text) in enumerate(zip(prompts, best))]
 
 
 def _accumulation(batch_size: int) -> int:
@@ -460,7 +512,6 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), ppo (the last
     step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
     from .best_of import Pool, kl_bound
-    from .distributed import resolve_device
     from .generation import generate, generation_config
     from .labelers import Relevance
     from .models import load_policy

@@ -1,0 +1,279 @@
+"""`wprlhf compare`: PPO, RLOO, GRPO, DPO and best-of-n on the same preferences, the same budget and the same judge.
+
+The run, in one directory (each phase resumable: compare_state.json lists the finished ones):
+
+    split        prompts into train and eval parts by `prompt_key` (reposts together): prompts/train.txt, eval.txt
+    labels       the start policy writes 2 responses to each of n_comparisons train prompts; the labeler (a simulated
+                 one over a reward SPEC, or your comparisons file) picks the better: comparisons.jsonl
+    rm           a reward model trained on those comparisons (rm/): the reward of PPO, RLOO, GRPO and best-of-n
+    <method>     each method trained from the start policy with the same budget of responses: PPO, RLOO and GRPO
+                 sample `budget` responses (steps = budget / batch_size); DPO reads the comparisons' pairs, 2
+                 responses each, for as many epochs as fit in the budget (at least one); best-of-n trains nothing
+    eval         every method against the start policy on the eval prompts by the judge (never trained on):
+                 report.json, table.md, judge_vs_kl.png (judge win rate against KL to the start policy)
+
+The budget counts responses a method learns from, so the methods see the same amount of text; time per method is
+measured and reported beside it, since a DPO pair costs no sampling and a PPO episode costs a value model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_comparisons, load_prompts, split_by_prompt, write_comparisons
+from .distributed import check_mixed_precision, resolve_device
+from .errors import UserError, check_numbers
+from .files import write_json_atomic, write_text_atomic
+
+STATE_FILE = "compare_state.json"
+METHODS = ("ppo", "rloo", "grpo", "dpo")
+
+
+@dataclass
+class CompareConfig:
+    """`wprlhf compare`. Defaults: the sentiment labeler on the shipped prompts, about an hour on 2 CPU cores."""
+
+    methods: str = "ppo,rloo,grpo,dpo,best-of-4,best-of-16"
+    """Comma-separated: ppo, rloo, grpo, dpo and best-of-N for any N >= 2."""
+    policy: str = "smollm2"
+    """The start policy: every method starts from it, and every KL is measured to it."""
+    prompts: str = ""
+    """Prompt file or prompt/response data set (its prompts); empty = the prompts shipped with wprlhf."""
+    eval_prompts: int = 40
+    """Prompts (groups of reposts) held out for the judge; none is trained on."""
+    labeler: str = "sentiment"
+    """Reward SPEC whose scores a simulated labeler turns into preferences (Bradley-Terry, labeler_temperature)."""
+    labeler_temperature: float = 0.1
+    """Noise of the simulated labeler, in the labeler score's units (0 = always the higher score)."""
+    comparisons: str = ""
+    """A comparisons file to use instead of the simulated labeler (the labeling page's export, karma pairs)."""
+    n_comparisons: int = 128
+    """Train prompts the labeler compares 2 start-policy responses for."""
+    judge: str = "sentiment"
+    """Reward SPEC of the judge (noiseless): a built-in, or rm:DIR of a judge reward model."""
+    reward_model: str = "minilm"
+    """Backbone of the reward model trained on the comparisons ('tiny' in tests)."""
+    budget: int = 512
+    """Responses each method learns from (PPO/RLOO/GRPO episodes; DPO: 2 per pair per epoch)."""
+    response_length: int = 32
+    """Tokens of every response, in training and evaluation (fixed: min = max new tokens)."""
+    batch_size: int = 16
+    """Episodes per step of PPO, RLOO and GRPO (RLOO and GRPO: 4 responses to each of batch_size / 4 prompts)."""
+    lr: float = 1e-5
+    """Learning rate of PPO, RLOO and GRPO."""
+    dpo_lr: float = 5e-6
+    dpo_beta: float = 0.1
+    kl_coef: float = 0.05
+    """KL coefficient of PPO, RLOO and GRPO (fixed, so the methods trade reward for KL at one price)."""
+    temperature: float = 0.7
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "auto"
+
+    def __post_init__(self):
+        check_mixed_precision(self.mixed_precision)
+        check_numbers(self, non_negative=("labeler_temperature", "lr", "dpo_lr", "dpo_beta", "kl_coef", "temperature"))
+        for name, low in dict(eval_prompts=1, n_comparisons=2, budget=1, response_length=1, batch_size=4).items():
+            if getattr(self, name) < low:
+                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; set --{name.replace('_', '-')}")
+        if self.batch_size % 4:
+            raise UserError(f"batch_size {self.batch_size} must be a multiple of 4 (RLOO and GRPO: 4 responses a "
+                            "prompt); set --batch-size")  # fmt: skip
+        if self.budget < self.batch_size:
+            raise UserError(f"budget {self.budget} is less than one step of batch_size {self.batch_size}")
+        self.method_list  # parses, or names the problem
+
+    @property
+    def method_list(self) -> list[str]:
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        for name in names:
+            if name not in METHODS and not (name.startswith("best-of-") and name[8:].isdigit() and int(name[8:]) >= 2):
+                raise UserError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)} and "
+                                "best-of-N (N >= 2)")  # fmt: skip
+        if not names:
+            raise UserError("--methods is empty; name at least one method")
+        return names
+
+
+# ==========================================================================================================
+# phases
+
+
+def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: list[str], comparisons, reward_fn) -> None:
+    """Train one method from the start policy into out (its run directory)."""
+    common = dict(policy=config.policy, response_length=config.response_length,
+                  min_response_length=config.response_length, temperature=config.temperature, lr=config.lr,
+                  kl_coef=config.kl_coef, adaptive_kl=False, batch_size=config.batch_size,
+                  steps=max(1, config.budget // config.batch_size), checkpoint_every=10**6, log_samples=0,
+                  seed=config.seed, device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
+    if name == "ppo":
+        from .ppo import PPOConfig, train
+
+        train(PPOConfig(**common), train_prompts, reward_fn, out)
+    elif name == "rloo":
+        from .rloo import RLOOConfig, train
+
+        train(RLOOConfig(**common, samples_per_prompt=4), train_prompts, reward_fn, out)
+    elif name == "grpo":
+        from .grpo import GRPOConfig, train
+
+        train(GRPOConfig(**common, samples_per_prompt=4), train_prompts, reward_fn, out)
+    else:
+        from .dpo import DPOConfig, pairs_from, train
+
+        epochs = max(1, config.budget // (2 * max(1, len(pairs_from(comparisons)))))
+        train(DPOConfig(policy=config.policy, beta=config.dpo_beta, lr=config.dpo_lr, epochs=epochs, batch_size=8,
+                        max_response_length=config.response_length + 1, val_fraction=0.0, checkpoint_every=10**6,
+                        seed=config.seed, device=config.device, mixed_precision=config.mixed_precision), out,
+              comparisons=comparisons)  # fmt: skip
+
+
+def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """Run (or resume) the comparison into out_dir; returns the report."""
+    from .best_of import kl_bound, sample_pool
+    from .generation import generate, generate_k, generation_config
+    from .labelers import SimulatedLabeler
+    from .models import load_policy
+    from .policy_eval import judge_sides, response_logprobs, table_markdown, without_verdicts
+    from .reward_model import RewardConfig, reward_fn_from_model
+    from .reward_model import train as rm_train
+    from .rewards import load_reward
+
+    out_dir = Path(out_dir)
+    state_path = out_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
+    if state["done"] and not resume:
+        raise UserError(f"{out_dir} holds a comparison; pass --resume to continue it or --force to start over")
+    if state.get("config") and state["config"] != dataclasses.asdict(config):
+        changed = sorted(k for k, v in dataclasses.asdict(config).items() if state["config"].get(k) != v)
+        raise UserError(f"this run was made with other settings ({', '.join(changed)}); resume with the run's own "
+                        "settings, or start a new --out")  # fmt: skip
+    state["config"] = dataclasses.asdict(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    judge = load_reward(config.judge, what="judge")  # a bad SPEC fails before any work
+    device = resolve_device(config.device)
+    gen = generation_config(None, response_length=config.response_length,
+                            min_response_length=config.response_length, temperature=config.temperature)  # fmt: skip
+
+    def finish(phase: str, started: float) -> None:
+        state["done"].append(phase)
+        state["timings_s"][phase] = time.perf_counter() - started
+        write_json_atomic(state_path, state)
+        print(f"== {phase} done in {state['timings_s'][phase] / 60:.1f} min", flush=True)
+
+    prompts_dir = out_dir / "prompts"
+    if "split" not in state["done"]:
+        started = time.perf_counter()
+        prompts = list(dict.fromkeys(load_prompts(config.prompts)))
+        train_prompts, eval_prompts = split_by_prompt(prompts, min(0.5, config.eval_prompts / len(prompts)), seed=42)
+        if len(train_prompts) < 2 or not eval_prompts:
+            raise UserError(f"{len(prompts)} distinct prompts are too few to hold out {config.eval_prompts} for the "
+                            "judge and train on the rest; give --prompts more prompts or lower --eval-prompts")  # fmt: skip
+        write_text_atomic(prompts_dir / "train.txt", "".join(p + "\n" for p in train_prompts))
+        write_text_atomic(prompts_dir / "eval.txt", "".join(p + "\n" for p in eval_prompts))
+        finish("split", started)
+    train_prompts, eval_prompts = load_prompts(prompts_dir / "train.txt"), load_prompts(prompts_dir / "eval.txt")
+
+    if "labels" not in state["done"]:
+        started = time.perf_counter()
+        if config.comparisons:
+            comparisons = load_comparisons(config.comparisons)
+        else:
+            policy, tokenizer = load_policy(config.policy, seed=config.seed)
+            policy.to(device)
+            labelled = train_prompts[: config.n_comparisons]
+            responses = generate_k(policy, tokenizer, labelled, 2, gen, seed=config.seed + 10_000, progress=True)
+            labeler = SimulatedLabeler(load_reward(config.labeler, what="labeler"), name=f"sim:{config.labeler}",
+                                       temperature=config.labeler_temperature, seed=config.seed)  # fmt: skip
+            comparisons = labeler.label(labelled, responses)
+        if not comparisons:
+            raise UserError(f"{config.comparisons} holds no comparisons")
+        write_comparisons(out_dir / "comparisons.jsonl", comparisons)
+        finish("labels", started)
+    comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
+
+    needs_rm = any(m != "dpo" for m in config.method_list)
+    if needs_rm and "rm" not in state["done"]:
+        started = time.perf_counter()
+        rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model, val_fraction=0.1,
+                              keep_meta=True, seed=config.seed, device=config.device,
+                              mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
+        finish("rm", started)
+    reward_fn = reward_fn_from_model(out_dir / "rm") if needs_rm else None
+
+    for name in config.method_list:
+        if name.startswith("best-of-") or name in state["done"]:
+            continue
+        started = time.perf_counter()
+        run_dir = out_dir / name
+        if run_dir.exists():  # a method killed half-way starts again: its budget is counted from zero
+            import shutil
+
+            shutil.rmtree(run_dir)
+        _train_method(name, config, run_dir, train_prompts, comparisons, reward_fn)
+        finish(name, started)
+
+    # ---- evaluation: every method against the start policy, by the judge
+    started = time.perf_counter()
+    start, tokenizer = load_policy(config.policy, seed=config.seed)
+    start.to(device)
+    sides = {"start": generate(start, tokenizer, eval_prompts, gen, seed=config.seed + 30_000, progress=True)}
+    kls: dict[str, list[float]] = {"start": [0.0] * len(eval_prompts)}
+
+    def logprobs(model, texts):
+        return response_logprobs(model, tokenizer, eval_prompts, texts, config.temperature,
+                                 min_response_length=config.response_length, progress=False)  # fmt: skip
+
+    ns = [int(m[8:]) for m in config.method_list if m.startswith("best-of-")]
+    if ns:
+        pool = sample_pool(start, tokenizer, eval_prompts, max(ns), reward_fn, gen, seed=config.seed + 20_000)
+        for n in ns:
+            sides[f"best-of-{n}"] = pool.best(n)[0]
+            kls[f"best-of-{n}"] = [kl_bound(n)] * len(eval_prompts)
+    for name in (m for m in config.method_list if m in METHODS):
+        model, _ = load_policy(str(out_dir / name / "policy"))
+        model.to(device)
+        sides[name] = generate(model, tokenizer, eval_prompts, gen, seed=config.seed + 40_000, progress=True)
+        kls[name] = (logprobs(model, sides[name]) - logprobs(start, sides[name])).tolist()
+        del model
+    report = judge_sides(eval_prompts, sides, judge, "start", kls=kls)
+    report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
+                  comparisons=len(comparisons), budget=config.budget, timings_s=state["timings_s"],
+                  response_length=config.response_length)  # fmt: skip
+    state["timings_s"]["eval"] = time.perf_counter() - started
+    extra = {name: {"train minutes": f"{state['timings_s'].get(name, 0.0) / 60:.1f}"} for name in sides}
+    write_json_atomic(out_dir / "report.json", without_verdicts(report))
+    write_text_atomic(out_dir / "table.md", table_markdown(report, extra))
+    _plot(report, out_dir / "judge_vs_kl.png")
+    write_json_atomic(state_path, state)
+    return report
+
+
+def _plot(report: dict, path: Path) -> None:
+    """Judge win rate over the start policy (95 % CI) against mean KL to it, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, side in report["sides"].items():
+        if name == "start":
+            continue
+        win, kl = report["win_rates"][f"{name} vs start"], side["kl"]["mean"]
+        err = np.array([[win["win_rate"] - win["win_rate_lo"]], [win["win_rate_hi"] - win["win_rate"]]])
+        ax.errorbar([kl], [win["win_rate"]], yerr=err, fmt="o", capsize=3, label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("KL to the start policy (nats per response)")
+    ax.set_ylabel("judge win rate over the start policy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

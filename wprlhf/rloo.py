@@ -1,0 +1,111 @@
+"""RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024), k responses per prompt, no value model.
+
+The step, top to bottom: sample k responses to each prompt and score them (`Trainer.rollout`, as PPO does); each
+response's return is its score minus kl_coef times its KL to the frozen reference, the per-token penalty of
+Ziegler et al. 2019 summed over the response (`core.compute_rewards`); the baseline of a response is the mean
+return of the *other* k - 1 responses to its prompt (Ahmadian et al. 2024, eq. 6)
+
+    A_i = R_i - 1/(k-1) * sum_{j != i} R_j,        R_i = score_i - kl_coef * sum_t (log pi(y_it) - log ref(y_it))
+
+and every token of response i gets A_i in the policy-gradient loss. With ppo_epochs 1 and num_minibatches 1 (the
+defaults) the update is plain REINFORCE, since the ratio to the rollout policy is 1; more epochs reuse the batch
+with PPO's clipped ratio (`core.policy_loss`), as trl's RLOO does. The settings are `RLOOConfig`; the run loop,
+checkpoints and processes are `ppo_trainer`'s, shared with PPO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .core import compute_rewards, kl_k1, masked_sum, normalize_scores, policy_loss
+from .errors import UserError
+from .kl_control import kl_controller
+from .ppo_config import PPOConfig
+from .ppo_trainer import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
+from .signatures import RewardFn
+
+
+@dataclass
+class RLOOConfig(PPOConfig):
+    """PPOConfig's fields, with RLOO's defaults; the value-model fields (vf_coef, value_lr, cliprange_value, gamma,
+    lam, shared_value_head, whiten_rewards) are not read: there is no value model."""
+
+    samples_per_prompt: int = 4
+    """k responses per prompt (>= 2): each one's baseline is the mean return of the other k - 1."""
+    kl_coef: float = 0.05
+    """Coefficient of the per-token KL penalty in the return (trl's RLOO default)."""
+    adaptive_kl: bool = False
+    """A fixed kl_coef, as in Ahmadian et al. 2024; True adapts it towards kl_target as PPO does."""
+    ppo_epochs: int = 1
+    """Passes over each batch (1: REINFORCE on fresh samples)."""
+    num_minibatches: int = 1
+    """Optimizer steps per pass."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.samples_per_prompt < 2:
+            raise UserError(f"RLOO needs samples_per_prompt >= 2 (a leave-one-out baseline), got "
+                            f"{self.samples_per_prompt}; set --samples-per-prompt 2 or more")  # fmt: skip
+
+
+# ==========================================================================================================
+# The maths of a step
+
+
+def rloo_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out advantages (Ahmadian et al. 2024, eq. 6): each return minus the mean of its group's others.
+
+    returns (B,) with B = prompts * k, a prompt's k responses adjacent (as the run loop orders them).
+    Returns (B,). A group's advantages sum to 0.
+    """
+    grouped = returns.view(-1, k)  # (B/k, k)
+    others = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - others).reshape(-1)
+
+
+def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
+    """Returns, leave-one-out advantages, the policy-gradient update and the step's stats, on a scored rollout."""
+    c, kl_coef = trainer.config, trainer.kl_ctl.value
+    mask = rollout.response_mask
+    with torch.no_grad():
+        scores = normalize_scores(rollout.scores, c.score_norm, c.score_clip)
+        rewards, _ = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef, c.kl_estimator)
+        returns = masked_sum(rewards, mask, dim=1)  # (B,) score - kl_coef * KL
+        advantages = rloo_advantages(returns, c.samples_per_prompt)  # (B,)
+        token_advantages = advantages[:, None].expand_as(rewards)  # (B, Tr): one action, the whole response
+
+    def policy_objective(new_logprobs, rows, n_tokens):
+        return policy_loss(new_logprobs, rollout.logprobs[rows], token_advantages[rows], mask[rows], c.cliprange,
+                           n_tokens)  # fmt: skip
+
+    update_stats = update_epochs(trainer, rollout, policy_objective)
+    kl = masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), mask, dim=1)  # (B,) nats per response
+    trainer.kl_ctl.update(float(kl.mean()), len(rollout))
+    trainer.end_step(len(rollout))
+    trainer.last_episodes = {"kl": kl.tolist(), "rlhf_reward": returns.tolist()}
+    return rollout_stats(trainer, rollout, kl_coef) | update_stats | {"rlhf_reward_mean": float(returns.mean())}
+
+
+def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:
+    """One RLOO step on this process's prompts (each repeated k times by the run loop)."""
+    rollout, samples = trainer.rollout(prompts, reward_fn)  # 1-2. sample k responses a prompt, score them
+    return learn(trainer, rollout), samples  # 3-5. returns, leave-one-out advantages, update
+
+
+class RLOOTrainer(Trainer):
+    """Policy, frozen reference, AdamW and the KL controller; no value model. `step_batch` as PPOTrainer's."""
+
+    def __init__(self, config: RLOOConfig, policy: nn.Module, tokenizer):
+        super().__init__(config, policy, tokenizer, kl_controller(config), with_value=False, learn=learn)
+
+
+def train(config: RLOOConfig, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path, policy=None,
+          tokenizer=None, resume: bool = False, progress: bool = True, judge_fn: RewardFn | None = None) -> Trainer:  # fmt: skip
+    """Run `config.steps` RLOO steps into out_dir: the files `ppo.train` writes (metrics.csv, tb/, samples.jsonl,
+    checkpoints/, policy/ in Hugging Face format), without value/."""
+    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer)
+    return run(RLOOTrainer(config, policy, tokenizer), step, prompts, reward_fn, out_dir, resume, progress, judge_fn)
