@@ -78,7 +78,7 @@ def rm(data: str, out: str) -> None:
 def dpo(data: str, out: str) -> None:
     from wprlhf.dpo import DPOConfig, train
 
-    config = DPOConfig(data=data, policy="tiny", beta=0.5, lr=1e-3, warmup=0.0, batch_size=4,
+    config = DPOConfig(data=data, policy="tiny", beta=0.5, lr=2e-2, warmup=0.0, batch_size=4,
                        gradient_accumulation_steps=2, epochs=1, val_fraction=0.0, device="cpu", seed=0)  # fmt: skip
     train(config, out, progress=False)
 

@@ -3,6 +3,7 @@ against the start policy on prompts none of them trained on; resume and bad inpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -51,6 +52,24 @@ def test_every_method_on_the_same_preferences_and_budget(tmp_path):
         run(config, out)
     with pytest.raises(UserError, match="budget"):
         run(CompareConfig(**{**TINY, "budget": 32}, prompts=str(prompts)), out, resume=True)
+
+
+def test_a_comparisons_file_is_kept_to_train_prompts(tmp_path):
+    """Comparisons of held-out prompts are dropped (no method learns on the judge's prompts); a file with none of
+    the train prompts is refused, before any training."""
+    from wprlhf.data import Comparison, write_comparisons
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(16)))
+    data = tmp_path / "labels.jsonl"
+    write_comparisons(data, [Comparison(f"Tell me about the {i}th cat.", ["a b", "c d"], i % 2) for i in range(16)])
+    config = CompareConfig(**{**TINY, "methods": "dpo", "eval_prompts": 4}, prompts=str(prompts), comparisons=str(data))
+    run(config, tmp_path / "run")
+    kept = {c.prompt for c in load_comparisons(tmp_path / "run" / "comparisons.jsonl")}
+    assert kept == set(load_prompts(tmp_path / "run" / "prompts" / "train.txt")) and len(kept) == 12
+    write_comparisons(data, [Comparison("A prompt nobody gave.", ["a", "b"], 0)])
+    with pytest.raises(UserError, match="no comparison is of a train prompt"):
+        run(dataclasses.replace(config, comparisons=str(data)), tmp_path / "other")
 
 
 def test_bad_settings_are_refused():

@@ -75,6 +75,8 @@ def test_configs_need_a_group(config_cls):
         config_cls(samples_per_prompt=1)
     with pytest.raises(UserError, match="not divisible by samples_per_prompt"):
         config_cls(batch_size=6, samples_per_prompt=4)
+    with pytest.raises(UserError, match="does not read --vf-coef, --lam"):  # no value model: refused, not ignored
+        config_cls(vf_coef=0.5, lam=0.9)
 
 
 # A setting where `tiny` learns the vowel reward in 30 steps of 8 prompts x 4 responses. The learning rate is PPO's

@@ -482,11 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         method = sub.add_parser(name, help=f"train a policy with {name.upper()} against a reward", description=(
             f"{name.upper()}: {what}; no value model. The same reward SPECs, prompts and run directory as `wprlhf "
             "ppo` (metrics.csv, tb/, samples.jsonl, checkpoints/, policy/)."))  # fmt: skip
-        method.add_argument("--out", required=True, help="run directory")
-        method.add_argument("--config", help=f"YAML or JSON file of {config_cls.__name__} fields (flags override it)")
-        method.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-        method.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
-        add_config_flags(method, config_cls)
+        add_run_flags(method, config_cls)
         method.set_defaults(func=cmd_ppo, method=name)
 
     smp = sub.add_parser("sample", help="sample k responses per prompt into JSONL (the labeling input)")
@@ -587,11 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description=("DPO (Rafailov et al. 2023) or IPO (--loss ipo) against the frozen start policy, "
                                       "from a comparisons JSONL or pair CSV. Writes config.json, metrics.csv, tb/, "
                                       "checkpoints/ and policy/ into --out."))  # fmt: skip
-    dpo.add_argument("--out", required=True, help="run directory")
-    dpo.add_argument("--config", help="YAML or JSON file of DPOConfig fields (flags override it)")
-    dpo.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    dpo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
-    add_config_flags(dpo, DPOConfig)
+    add_run_flags(dpo, DPOConfig)
     dpo.set_defaults(func=cmd_dpo)
 
     from .compare import CompareConfig

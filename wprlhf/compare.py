@@ -12,8 +12,10 @@ The run, in one directory (each phase resumable: compare_state.json lists the fi
     eval         every method against the start policy on the eval prompts by the judge (never trained on):
                  report.json, table.md, judge_vs_kl.png (judge win rate against KL to the start policy)
 
-The budget counts responses a method learns from, so the methods see the same amount of text; time per method is
-measured and reported beside it, since a DPO pair costs no sampling and a PPO episode costs a value model.
+The budget counts responses a method learns from, so the methods see the same amount of text, and PPO, RLOO and
+GRPO take the same optimizer steps (2 epochs x 2 minibatches a batch); time per method is measured and reported
+beside it, since a DPO pair costs no sampling and a PPO episode costs a value model (the reward model's time,
+shared by all but DPO, is reported apart).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_comparisons, load_prompts, split_by_prompt, write_comparisons
+from .data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
 from .distributed import check_mixed_precision, resolve_device
 from .errors import UserError, check_numbers
 from .files import write_json_atomic, write_text_atomic
@@ -70,7 +72,8 @@ class CompareConfig:
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
     kl_coef: float = 0.05
-    """KL coefficient of PPO, RLOO and GRPO (fixed, so the methods trade reward for KL at one price)."""
+    """KL coefficient of PPO, RLOO and GRPO, fixed. PPO and RLOO subtract kl_coef x KL from the reward; GRPO adds
+    kl_coef x k3 to its loss against standardised advantages, so the same number is not the same price there."""
     temperature: float = 0.7
     seed: int = 0
     device: str = "auto"
@@ -109,7 +112,8 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
     """Train one method from the start policy into out (its run directory)."""
     common = dict(policy=config.policy, response_length=config.response_length,
                   min_response_length=config.response_length, temperature=config.temperature, lr=config.lr,
-                  kl_coef=config.kl_coef, adaptive_kl=False, batch_size=config.batch_size,
+                  kl_coef=config.kl_coef, adaptive_kl=False, batch_size=config.batch_size, ppo_epochs=2,
+                  num_minibatches=2,
                   steps=max(1, config.budget // config.batch_size), checkpoint_every=10**6, log_samples=0,
                   seed=config.seed, device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
     if name == "ppo":
@@ -127,8 +131,9 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
     else:
         from .dpo import DPOConfig, pairs_from, train
 
-        epochs = max(1, config.budget // (2 * max(1, len(pairs_from(comparisons)))))
+        epochs = max(1, config.budget // (2 * len(pairs_from(comparisons))))
         train(DPOConfig(policy=config.policy, beta=config.dpo_beta, lr=config.dpo_lr, epochs=epochs, batch_size=8,
+                        max_pairs=config.budget // 2,
                         max_response_length=config.response_length + 1, val_fraction=0.0, checkpoint_every=10**6,
                         seed=config.seed, device=config.device, mixed_precision=config.mixed_precision), out,
               comparisons=comparisons)  # fmt: skip
@@ -137,6 +142,7 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
 def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Run (or resume) the comparison into out_dir; returns the report."""
     from .best_of import kl_bound, sample_pool
+    from .dpo import pairs_from
     from .generation import generate, generate_k, generation_config
     from .labelers import SimulatedLabeler
     from .models import load_policy
@@ -183,7 +189,12 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     if "labels" not in state["done"]:
         started = time.perf_counter()
         if config.comparisons:
-            comparisons = load_comparisons(config.comparisons)
+            # Only train prompts' comparisons: the eval prompts are the judge's, and no method may learn on them.
+            train_keys = {prompt_key(p) for p in train_prompts}
+            comparisons = [c for c in load_comparisons(config.comparisons) if prompt_key(c.prompt) in train_keys]
+            if not comparisons:
+                raise UserError(f"{config.comparisons}: no comparison is of a train prompt (--prompts, less the "
+                                f"{len(eval_prompts)} held out); give --prompts the prompts the comparisons are of")  # fmt: skip
         else:
             policy, tokenizer = load_policy(config.policy, seed=config.seed)
             policy.to(device)
@@ -192,8 +203,9 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
             labeler = SimulatedLabeler(load_reward(config.labeler, what="labeler"), name=f"sim:{config.labeler}",
                                        temperature=config.labeler_temperature, seed=config.seed)  # fmt: skip
             comparisons = labeler.label(labelled, responses)
-        if not comparisons:
-            raise UserError(f"{config.comparisons} holds no comparisons")
+        if not pairs_from(comparisons):
+            raise UserError(f"all {len(comparisons)} comparisons are ties: no preference to learn from; lower "
+                            "--labeler-temperature or label again")  # fmt: skip
         write_comparisons(out_dir / "comparisons.jsonl", comparisons)
         finish("labels", started)
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
@@ -245,8 +257,10 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     report = judge_sides(eval_prompts, sides, judge, "start", kls=kls)
     report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
                   comparisons=len(comparisons), budget=config.budget, timings_s=state["timings_s"],
+                  reward_model_minutes=state["timings_s"].get("rm", 0.0) / 60,
                   response_length=config.response_length)  # fmt: skip
     state["timings_s"]["eval"] = time.perf_counter() - started
+    # Training time of each method; the reward model's (shared by PPO, RLOO, GRPO and best-of-n) is said apart.
     extra = {name: {"train minutes": f"{state['timings_s'].get(name, 0.0) / 60:.1f}"} for name in sides}
     write_json_atomic(out_dir / "report.json", without_verdicts(report))
     write_text_atomic(out_dir / "table.md", table_markdown(report, extra))

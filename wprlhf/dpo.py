@@ -19,8 +19,10 @@ policy with its adapters off (one copy of the weights).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -43,6 +45,7 @@ from .forwards import policy_forward
 from .generation import encode_prompts, fit_positions
 from .metrics import DPO_METRIC_NAMES, MetricsLogger
 from .models import add_lora, count_parameters, load_policy, make_optimizer, make_reference, merged_copy, stop_token_ids
+from .ppo_trainer import keep_saved_precision
 
 
 @dataclass
@@ -107,6 +110,8 @@ class DPOConfig:
         if self.batch_size % self.gradient_accumulation_steps:
             raise UserError(f"batch_size {self.batch_size} is not divisible by gradient_accumulation_steps "
                             f"{self.gradient_accumulation_steps}; pick a divisor")  # fmt: skip
+        if self.warmup > 1:
+            raise UserError(f"warmup is a share of the steps, in [0, 1]; got {self.warmup}")
         if not 0 <= self.val_fraction < 0.5:
             raise UserError(f"val_fraction must lie in [0, 0.5), got {self.val_fraction}")
 
@@ -186,6 +191,18 @@ def pair_logprobs(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[to
 # train()
 
 
+class ResponseLogprobs(nn.Module):
+    """The policy as the one module accelerate wraps (DDP hooks fire on its forward): a batch from `encode_pairs`
+    -> (chosen, rejected) summed log-probs, as `pair_logprobs`."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, queries, query_mask, responses, response_mask):
+        return pair_logprobs(self.policy, (queries, query_mask, responses, response_mask))
+
+
 class DPO:
     """The models and optimizer of a DPO run; `batch_loss` is one micro-batch's loss and stats."""
 
@@ -203,7 +220,7 @@ class DPO:
                                    self.device)  # fmt: skip
         warmup = round(config.warmup * total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
-        self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(ResponseLogprobs(self.policy), optimizer)
         self.params, self.step = params, 0
 
     def batch_loss(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -216,7 +233,7 @@ class DPO:
                 with self.policy.disable_adapter():
                     ref = pair_logprobs(self.policy, batch)
         with self.accelerator.autocast():
-            chosen, rejected = pair_logprobs(self.model, batch)
+            chosen, rejected = self.model(*batch)
         losses, stats = dpo_loss(chosen, rejected, ref[0].float(), ref[1].float(), self.config.beta, self.config.loss)
         return losses, stats
 
@@ -287,12 +304,21 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         raise UserError(f"{out_dir} has no checkpoint to resume; rerun without --resume")
     if not resume and (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    if resume:
+        config = keep_saved_precision(config, out_dir)
     device = resolve_device(config.device)
     config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     torch.manual_seed(config.seed)
-    steps_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under `accelerate launch` / torchrun
+    if config.batch_size % world:
+        raise UserError(f"batch_size {config.batch_size} does not split over {world} processes; make --batch-size a "
+                        "multiple of the process count")  # fmt: skip
+    # A last, short batch is kept when every process gets a pair of it (DDP needs a backward on each), else dropped.
+    steps_per_epoch = len(train_pairs) // config.batch_size + (len(train_pairs) % config.batch_size >= world)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_pairs)} training pairs are fewer than the {world} processes; give more comparisons")
     total = steps_per_epoch * config.epochs
     dpo = DPO(config, policy, tokenizer, total)
     acc, main = dpo.accelerator, is_main_process()
@@ -314,7 +340,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
             tqdm.write(f"dpo: {len(train_pairs)} pairs ({len(val_pairs)} held out), {total} steps, policy "
                        f"{config.policy} ({count_parameters(dpo.policy) / 1e6:.1f} M parameters), mixed precision "
                        f"{config.mixed_precision}")  # fmt: skip
-    world, rank = acc.num_processes, acc.process_index
+    rank = acc.process_index
     started, row = time.perf_counter(), {}
     for step in tqdm(range(dpo.step, total), desc="dpo", unit="step", disable=not (progress and main),
                      initial=dpo.step, total=total):  # fmt: skip
@@ -325,7 +351,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         sums = {"loss": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
         for i, start in enumerate(range(0, len(local), micro)):
             last = start + micro >= len(local)
-            with (acc.no_sync(dpo.model) if not last else _nullcontext()):
+            with acc.no_sync(dpo.model) if not last else contextlib.nullcontext():
                 losses, stats = dpo.batch_loss([train_pairs[j] for j in local[start : start + micro]])
                 # The loss of the whole step's pairs is their mean: each micro-batch adds its share of the sum.
                 acc.backward(losses.sum() / len(rows) * world)
@@ -334,14 +360,18 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
             for k in ("chosen_reward", "rejected_reward", "margin"):
                 sums[k] += float(stats[k].sum())
         sums = {k: v / len(rows) for k, v in reduce_sum(acc, sums).items()}
-        norm = acc.clip_grad_norm_(dpo.params, config.max_grad_norm or math.inf)
-        check_finite(acc, step + 1, "DPO update", "lower --lr or --beta, or use --mixed-precision no",
-                     loss=sums["loss"], grad_norm=float(norm))  # fmt: skip
+        norm = acc.clip_grad_norm_(dpo.params, config.max_grad_norm or math.inf)  # None under DeepSpeed
+        checked = {"loss": sums["loss"]}
+        if norm is not None:
+            sums["grad_norm"] = float(norm)
+            if config.mixed_precision != "fp16":  # an infinite norm under fp16 is the loss scaler's to skip
+                checked["grad_norm"] = float(norm)
+        check_finite(acc, step + 1, "DPO update", "lower --lr or --beta, or use --mixed-precision no", **checked)
         dpo.optimizer.step()
         dpo.optimizer.zero_grad(set_to_none=True)
         dpo.scheduler.step()
         dpo.step = step + 1
-        row = {"pairs": min(dpo.step * config.batch_size, total * config.batch_size), **sums, "grad_norm": float(norm),
+        row = {"pairs": epoch * len(train_pairs) + min((within + 1) * config.batch_size, len(train_pairs)), **sums,
                "lr": dpo.scheduler.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}  # fmt: skip
         if val_pairs and (dpo.step % config.eval_every == 0 or dpo.step == total):
             row |= evaluate(dpo, val_pairs, config.batch_size)
@@ -359,8 +389,3 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     acc.wait_for_everyone()
     return row
 
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()

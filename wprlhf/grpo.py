@@ -25,19 +25,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import kl_k1, kl_k3, masked_mean, masked_sum, normalize_scores, policy_loss
+from .core import kl_k3, masked_mean, masked_sum, normalize_scores, policy_loss
 from .errors import UserError
 from .kl_control import kl_controller
-from .ppo_config import PPOConfig
+from .ppo_config import VALUE_SETTINGS, PPOConfig, check_group_method
 from .ppo_trainer import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
 from .signatures import RewardFn
 
 
 @dataclass
 class GRPOConfig(PPOConfig):
-    """PPOConfig's fields, with GRPO's defaults; the value-model fields (vf_coef, value_lr, cliprange_value, gamma,
-    lam, shared_value_head, whiten_rewards) and kl_estimator are not read: there is no value model, and the KL
-    term is k3 by definition."""
+    """PPOConfig's fields, with GRPO's defaults. There is no value model, the group standardises the scores and
+    the KL term is k3 by definition: the value-model settings, score_norm and kl_estimator are refused if changed."""
 
     samples_per_prompt: int = 4
     """k responses per prompt (>= 2): the group whose mean and std standardise each score (the paper's G = 64)."""
@@ -54,9 +53,7 @@ class GRPOConfig(PPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.samples_per_prompt < 2:
-            raise UserError(f"GRPO needs samples_per_prompt >= 2 (a group to standardise within), got "
-                            f"{self.samples_per_prompt}; set --samples-per-prompt 2 or more")  # fmt: skip
+        check_group_method(self, "GRPO", VALUE_SETTINGS + ("score_norm", "kl_estimator"))
         if not self.eps > 0:
             raise UserError(f"eps must be > 0, got {self.eps}; set --eps")
 
@@ -100,7 +97,7 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
     c, kl_coef = trainer.config, trainer.kl_ctl.value
     mask = rollout.response_mask
     with torch.no_grad():
-        scores = normalize_scores(rollout.scores, "none", c.score_clip)
+        scores = normalize_scores(rollout.scores, "none", c.score_clip)  # the group standardises them below
         advantages = grpo_advantages(scores, c.samples_per_prompt, c.eps)  # (B,)
 
     def policy_objective(new_logprobs, rows, n_tokens):
@@ -109,12 +106,8 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
                          mask[rows], c.cliprange, kl_coef, c.minibatch_size)  # fmt: skip
 
     update_stats = update_epochs(trainer, rollout, policy_objective)
-    kl = masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), mask, dim=1)  # (B,) nats per response
-    trainer.kl_ctl.update(float(kl.mean()), len(rollout))
-    trainer.end_step(len(rollout))
-    objective = rollout.scores - kl_coef * kl  # (B,) what the loss trades: score against KL
-    trainer.last_episodes = {"kl": kl.tolist(), "rlhf_reward": objective.tolist()}
-    return rollout_stats(trainer, rollout, kl_coef) | update_stats | {"rlhf_reward_mean": float(objective.mean())}
+    trainer.finish_step(rollout)  # rlhf reward: score - kl_coef * KL, what the loss trades
+    return rollout_stats(trainer, rollout, kl_coef) | update_stats
 
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import (clip_around, compute_rewards, explained_variance, gae, kl_k1, masked_mean, masked_sum,
+from .core import (clip_around, compute_rewards, explained_variance, gae, masked_mean, masked_sum,
                    masked_whiten, normalize_scores, pad_sequences, policy_loss)  # fmt: skip
 from .errors import UserError
 from .models import position_limit
@@ -91,20 +91,14 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
             rewards = masked_whiten(rewards, rollout.response_mask, shift_mean=False)
         advantages, returns = compute_advantages(rewards, rollout.values, rollout.response_mask, c.gamma, c.lam)
     update_stats = update(trainer, rollout, advantages, returns)
-    # KL in nats per response, as Ziegler et al.'s controller (eq. 2) measures it: k1 summed over the tokens.
-    kl = masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), rollout.response_mask, dim=1)  # (B,)
-    trainer.kl_ctl.update(float(kl.mean()), len(rollout))
-    trainer.end_step(len(rollout))
-    rlhf_rewards = masked_sum(rewards, rollout.response_mask, dim=1)  # (B,) score - kl_coef * KL, per response
-    trainer.last_episodes = {"kl": kl.tolist(), "rlhf_reward": rlhf_rewards.tolist()}
-    return step_stats(trainer, rollout, kl, rlhf_rewards, returns, kl_coef) | update_stats
+    trainer.finish_step(rollout, masked_sum(rewards, rollout.response_mask, dim=1))  # score - kl_coef * KL, (B,)
+    return step_stats(trainer, rollout, returns, kl_coef) | update_stats
 
 
-def step_stats(trainer, rollout: Rollout, kl, rlhf_rewards, returns, kl_coef: float) -> dict[str, float]:
+def step_stats(trainer, rollout: Rollout, returns, kl_coef: float) -> dict[str, float]:
     """The step's metrics (names in metrics.py): `rollout_stats`, and the value model's fit."""
     mask = rollout.response_mask
     return rollout_stats(trainer, rollout, kl_coef) | {
-        "rlhf_reward_mean": float(rlhf_rewards.mean()),
         "explained_variance": float(explained_variance(rollout.values, returns, mask)),
         "value_mean": float(masked_mean(rollout.values, mask)),
         "return_mean": float(masked_mean(returns, mask)),

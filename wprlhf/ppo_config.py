@@ -200,6 +200,22 @@ class PPOConfig:
         return generation_config(self)
 
 
+# Settings of PPO's value model and GAE: RLOO and GRPO have neither, and refuse them rather than ignore them.
+VALUE_SETTINGS = ("vf_coef", "value_lr", "cliprange_value", "gamma", "lam", "shared_value_head", "whiten_rewards")
+
+
+def check_group_method(config: PPOConfig, method: str, unused: tuple[str, ...] = VALUE_SETTINGS) -> None:
+    """UserError unless `config` of RLOO or GRPO (`method`) has k >= 2 responses a prompt, and leaves every setting
+    the method does not read (`unused`) at PPO's default: a changed one would be silently ignored."""
+    if config.samples_per_prompt < 2:
+        raise UserError(f"{method} needs samples_per_prompt >= 2 (it compares a prompt's responses with each other), "
+                        f"got {config.samples_per_prompt}; set --samples-per-prompt 2 or more")  # fmt: skip
+    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    if changed := [name for name in unused if getattr(config, name) != defaults[name]]:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise UserError(f"{method} does not read {flags} (it has no value model or GAE); drop them")
+
+
 PRESETS = {
     # trl v0.1's defaults after Ziegler et al. 2019, the seed's settings. trl v0.1 trained on one episode at a
     # time (minibatch size 1), hence 256 minibatches.

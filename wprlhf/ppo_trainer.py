@@ -151,6 +151,7 @@ class Trainer:
         self.kl_ctl = kl_ctl
         self.learn = learn
         """The algorithm's `learn(trainer, rollout) -> stats`: its update on a scored rollout (`step_batch`)."""
+        self.method = type(config).__name__.removesuffix("Config")  # 'PPO', 'RLOO', 'GRPO': for messages
         self.accelerator = make_accelerator(device, config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
@@ -248,8 +249,11 @@ class Trainer:
 
         queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool;
         scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here);
-        b = batch_size / processes. Returns a dict of float stats over the global batch (metrics.py's names).
+        b = batch_size / processes. RLOO and GRPO: a prompt's k responses sit side by side, and the processes'
+        shards in rank order make the global batch. Returns a dict of float stats over the global batch.
         """
+        if self.learn is None:
+            raise UserError("this Trainer has no algorithm: build a PPOTrainer, RLOOTrainer or GRPOTrainer")
         scores = check_scores(scores, queries.shape[0], "step_batch's scores")
         return self.learn(self, self.forward_rollout(queries, query_mask, responses, response_mask, scores, logprobs))
 
@@ -389,8 +393,21 @@ class Trainer:
         Under fp16 an infinite gradient norm is the loss scaler's business: it skips that step and lowers its scale.
         """
         keys = ["policy_loss", "value_loss"] + ([] if self.config.mixed_precision == "fp16" else ["grad_norm"])
-        check_finite(self.accelerator, self.step_count + 1, "PPO update", NON_FINITE_FIX,
+        check_finite(self.accelerator, self.step_count + 1, f"{self.method} update", NON_FINITE_FIX,
                      **{k: stats[k] for k in keys if k in stats})  # fmt: skip
+
+    def finish_step(self, rollout: Rollout, rlhf_rewards: torch.Tensor | None = None) -> torch.Tensor:
+        """After a step's update: the KL per response to the controller, the schedule and counters (`end_step`), and
+        the per-episode numbers of the samples log. rlhf_rewards (B,): what the method maximises per response (None:
+        score - kl_coef * KL). Returns the KL per response (B,), k1 summed over its tokens, in nats: what Ziegler
+        et al.'s controller (eq. 2) measures."""
+        kl = masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), rollout.response_mask, dim=1)  # (B,)
+        if rlhf_rewards is None:
+            rlhf_rewards = rollout.scores - self.kl_ctl.value * kl
+        self.kl_ctl.update(float(kl.mean()), len(rollout))
+        self.end_step(len(rollout))
+        self.last_episodes = {"kl": kl.tolist(), "rlhf_reward": rlhf_rewards.tolist()}
+        return kl
 
     def end_step(self, n_episodes: int) -> None:
         """Book-keeping once a step's update is done: the learning-rate schedule and the counters."""
@@ -502,11 +519,13 @@ def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float) -> dict[str, float]:
     """Metrics of a rollout every method logs (names in metrics.py): scores as reward_fn gave them, KL to the
-    reference per response (k1 and k3), the step's kl_coef, response length, learning rate."""
+    reference per response (k1 and k3), the step's kl_coef, the rlhf reward (`finish_step`'s), response length,
+    learning rate."""
     mask, B = rollout.response_mask, len(rollout)
     return {
         "score_mean": float(rollout.scores.mean()),
         "score_std": float(rollout.scores.std()) if B > 1 else 0.0,
+        "rlhf_reward_mean": float(np.mean(trainer.last_episodes["rlhf_reward"])),
         "kl": float(masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
         "kl_k3": float(masked_sum(kl_k3(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
         "kl_coef": kl_coef,
@@ -591,7 +610,7 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
             tqdm.write(f"policy {config.policy}: {count_parameters(trainer.policy) / 1e6:.1f} M parameters on "
                        f"{trainer.device}, mixed precision {config.mixed_precision}"
                        + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))  # fmt: skip
-    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", disable=not (progress and main), initial=start,
+    bar = tqdm(range(start, config.steps), desc=trainer.method.lower(), unit="step", disable=not (progress and main), initial=start,
                total=config.steps)  # fmt: skip
     for step in bar:
         # k = samples_per_prompt responses to each of batch_size / k prompts, a prompt's k side by side (RLOO's and

@@ -21,18 +21,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import compute_rewards, kl_k1, masked_sum, normalize_scores, policy_loss
-from .errors import UserError
+from .core import compute_rewards, masked_sum, normalize_scores, policy_loss
 from .kl_control import kl_controller
-from .ppo_config import PPOConfig
+from .ppo_config import PPOConfig, check_group_method
 from .ppo_trainer import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
 from .signatures import RewardFn
 
 
 @dataclass
 class RLOOConfig(PPOConfig):
-    """PPOConfig's fields, with RLOO's defaults; the value-model fields (vf_coef, value_lr, cliprange_value, gamma,
-    lam, shared_value_head, whiten_rewards) are not read: there is no value model."""
+    """PPOConfig's fields, with RLOO's defaults. There is no value model: the value-model settings (vf_coef,
+    value_lr, cliprange_value, gamma, lam, shared_value_head, whiten_rewards) are refused if changed."""
 
     samples_per_prompt: int = 4
     """k responses per prompt (>= 2): each one's baseline is the mean return of the other k - 1."""
@@ -47,9 +46,7 @@ class RLOOConfig(PPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.samples_per_prompt < 2:
-            raise UserError(f"RLOO needs samples_per_prompt >= 2 (a leave-one-out baseline), got "
-                            f"{self.samples_per_prompt}; set --samples-per-prompt 2 or more")  # fmt: skip
+        check_group_method(self, "RLOO")
 
 
 # ==========================================================================================================
@@ -83,11 +80,8 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
                            n_tokens)  # fmt: skip
 
     update_stats = update_epochs(trainer, rollout, policy_objective)
-    kl = masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), mask, dim=1)  # (B,) nats per response
-    trainer.kl_ctl.update(float(kl.mean()), len(rollout))
-    trainer.end_step(len(rollout))
-    trainer.last_episodes = {"kl": kl.tolist(), "rlhf_reward": returns.tolist()}
-    return rollout_stats(trainer, rollout, kl_coef) | update_stats | {"rlhf_reward_mean": float(returns.mean())}
+    trainer.finish_step(rollout, returns)
+    return rollout_stats(trainer, rollout, kl_coef) | update_stats
 
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:
