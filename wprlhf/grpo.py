@@ -105,7 +105,7 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
         return grpo_loss(new_logprobs, rollout.logprobs[rows], rollout.ref_logprobs[rows], advantages[rows],
                          mask[rows], c.cliprange, kl_coef, c.minibatch_size)  # fmt: skip
 
-    update_stats = update_epochs(trainer, rollout, policy_objective)
+    update_stats = update_epochs(trainer, rollout, policy_objective)  # its policy_loss includes the KL term
     trainer.finish_step(rollout)  # rlhf reward: score - kl_coef * KL, what the loss trades
     return rollout_stats(trainer, rollout, kl_coef) | update_stats
 

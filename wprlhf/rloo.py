@@ -7,8 +7,10 @@ return of the *other* k - 1 responses to its prompt (Ahmadian et al. 2024, eq. 6
 
     A_i = R_i - 1/(k-1) * sum_{j != i} R_j,        R_i = score_i - kl_coef * sum_t (log pi(y_it) - log ref(y_it))
 
-and every token of response i gets A_i in the policy-gradient loss. With ppo_epochs 1 and num_minibatches 1 (the
-defaults) the update is plain REINFORCE, since the ratio to the rollout policy is 1; more epochs reuse the batch
+and every token of response i gets A_i in the policy-gradient loss, averaged over the minibatch's tokens (the
+sequence-level REINFORCE gradient divided by the mean response length: a constant with fixed-length responses).
+With ppo_epochs 1 and num_minibatches 1 (the defaults) the update is plain REINFORCE, since the ratio to the rollout
+policy is 1; more epochs reuse the batch
 with PPO's clipped ratio (`core.policy_loss`), as trl's RLOO does. The settings are `RLOOConfig`; the run loop,
 checkpoints and processes are `ppo_trainer`'s, shared with PPO.
 """

@@ -4,9 +4,10 @@ The pipeline (issue 18), one resumable phase after another, in one run directory
 
     split      prompts grouped by `data.prompt_key` (reposts together) into train / judge / eval parts:
                split/train_prompts.txt, judge_prompts.txt, eval_prompts.txt, split.json
-    sft        supervised fine-tuning of the start policy on the top-voted story of each train prompt
     rm         the reward model: karma comparisons of train prompts only (split/rm_comparisons.jsonl)
     judge      the judge reward model: karma comparisons of judge prompts only (split/judge_comparisons.jsonl)
+    sft        supervised fine-tuning of the start policy on the top-voted story of each train prompt, or
+               (sft_data 'best-of-N') on the start policy's best of N samples by the reward model
     ppo        PPO from the SFT policy against the reward model, KL-penalised to the SFT policy, on train prompts
     best_of    n samples of the SFT policy per eval prompt, scored by the reward model (best-of-4, best-of-16)
     eval       every policy on the eval prompts by every judge (`policy_eval.judge_sides`): eval/report.json,
