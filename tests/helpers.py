@@ -40,3 +40,31 @@ def save_tiny_classifier(path):
     tokenizer.save_pretrained(path)
     (path / "train_config.json").write_text(json.dumps({"max_length": 64}))
     return path
+
+
+def assert_same_runs(whole, split, steps: int) -> None:
+    """A run in one go (directory `whole`) and one killed and resumed (`split`): the same metrics row for row (but
+    times) and the same final policy weights."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from wprlhf.metrics import read_metrics
+
+    rows_whole, rows_split = read_metrics(whole / "metrics.csv"), read_metrics(split / "metrics.csv")
+    assert [r["step"] for r in rows_split] == list(range(1, steps + 1))
+    skip = {"time_generate", "time_score", "time_train", "episodes_per_s", "elapsed_s"}
+    for a, b in zip(rows_whole, rows_split):
+        for key in a.keys() - skip:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    wa, wb = (load_file(run / "policy" / "model.safetensors") for run in (whole, split))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
+
+
+def toy_comparisons(n: int):
+    """n pairs on prompts about cats or ships, the better one alternating between A and B."""
+    from wprlhf.data import Comparison
+
+    return [Comparison(prompt=f"prompt {i} about {'cats' if i % 2 else 'ships'}",
+                       responses=[f"a tale of {i} words " * (1 + i % 3), f"short {i}"], best=i % 2)
+            for i in range(n)]  # fmt: skip

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wprlhf.data import Comparison, write_comparisons
+from tests.helpers import toy_comparisons
+from wprlhf.data import write_comparisons
 
 pytestmark = pytest.mark.learning  # every test here takes optimizer steps
 
@@ -73,11 +74,8 @@ def test_update_on_two_processes_equals_one(tmp_path, method):
 
 
 def test_reward_model_step_on_two_processes_equals_one(tmp_path):
-    comparisons = [Comparison(prompt=f"prompt {i} about {'cats' if i % 2 else 'ships'}",
-                              responses=[f"a tale of {i} words " * (1 + i % 3), f"short {i}"], best=i % 2)
-                   for i in range(10)]  # fmt: skip
     data = tmp_path / "pairs.jsonl"
-    write_comparisons(data, comparisons)
+    write_comparisons(data, toy_comparisons(10))
     run_worker(1, "rm", data, tmp_path / "one")
     run_worker(2, "rm", data, tmp_path / "two")
     from safetensors.torch import load_file
@@ -97,11 +95,8 @@ def test_reward_model_step_on_two_processes_equals_one(tmp_path):
 
 def test_dpo_on_two_processes_equals_one(tmp_path):
     """Two DPO steps of 4 pairs (2 micro-batches each): each process takes every other pair of a step."""
-    comparisons = [Comparison(prompt=f"prompt {i} about {'cats' if i % 2 else 'ships'}",
-                              responses=[f"a tale of {i} words " * (1 + i % 3), f"short {i}"], best=i % 2)
-                   for i in range(8)]  # fmt: skip
     data = tmp_path / "pairs.jsonl"
-    write_comparisons(data, comparisons)
+    write_comparisons(data, toy_comparisons(8))
     run_worker(1, "dpo", data, tmp_path / "one")
     run_worker(2, "dpo", data, tmp_path / "two")
     from safetensors.torch import load_file
