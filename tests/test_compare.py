@@ -79,3 +79,36 @@ def test_bad_settings_are_refused():
         CompareConfig(methods="best-of-1")
     with pytest.raises(UserError, match="multiple of 4"):
         CompareConfig(batch_size=6)
+
+
+def test_eval_prompts_from_a_file_and_a_trained_reward_model(tmp_path):
+    """The writing task's set-up: eval prompts from another run's split (a repost of one in --prompts is dropped
+    from training), a reward model already trained on the comparisons used as it is (no rm/ phase), relevance
+    reported; a run stored before a config field existed resumes with that field's default."""
+    from wprlhf.data import Comparison, write_comparisons
+    from wprlhf.reward_model import RewardConfig
+    from wprlhf.reward_model import train as rm_train
+
+    prompts, held = tmp_path / "prompts.txt", tmp_path / "eval.txt"
+    prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(10)) + "TELL me about the 0th CAT!\n")
+    held.write_text("Tell me about the 0th cat.\n" + "".join(f"Tell me about the {i}th dog.\n" for i in range(5)))
+    data = tmp_path / "labels.jsonl"
+    write_comparisons(data, [Comparison(f"Tell me about the {i}th cat.", ["a e i o", "x y z"], 0) for i in range(1, 10)])
+    rm_train(RewardConfig(data=str(data), model="tiny", val_fraction=0.0, mixed_precision="no"), tmp_path / "rm")
+    config = CompareConfig(**{**TINY, "methods": "grpo,best-of-2", "eval_prompts": 5,
+                              "reward_model": f"rm:{tmp_path / 'rm'}"}, prompts=str(prompts), eval_file=str(held),
+                           comparisons=str(data), relevance=True)  # fmt: skip
+    out = tmp_path / "run"
+    report = run(config, out)
+    train, evals = load_prompts(out / "prompts" / "train.txt"), load_prompts(out / "prompts" / "eval.txt")
+    assert evals == ["Tell me about the 0th cat."] + [f"Tell me about the {i}th dog." for i in range(4)]
+    assert train == [f"Tell me about the {i}th cat." for i in range(1, 10)]  # the eval prompt and its repost gone
+    assert not (out / "rm").exists() and "rm" not in json.loads((out / "compare_state.json").read_text())["done"]
+    assert -1 <= report["sides"]["grpo"]["relevance"]["mean"] <= 1 and "relevance" in (out / "table.md").read_text()
+    # An older run's config lacks the newer fields: it resumes as if it had their defaults.
+    state = json.loads((out / "compare_state.json").read_text())
+    del state["config"]["relevance"]
+    (out / "compare_state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="relevance"):
+        run(config, out, resume=True)
+    run(dataclasses.replace(config, relevance=False), out, resume=True)

@@ -49,6 +49,10 @@ class CompareConfig:
     """Prompt file or prompt/response data set (its prompts); empty = the prompts shipped with wprlhf."""
     eval_prompts: int = 40
     """Prompts (groups of reposts) held out for the judge; none is trained on."""
+    eval_file: str = ""
+    """A prompt file of the eval prompts (its first eval_prompts), e.g. `wprlhf stories`' split/eval_prompts.txt, so
+    that a judge trained on that run's judge prompts never sees them; --prompts then gives the train prompts (any of
+    them that is an eval prompt, repost or not, is dropped). Empty: eval prompts are held out of --prompts."""
     labeler: str = "sentiment"
     """Reward SPEC whose scores a simulated labeler turns into preferences (Bradley-Terry, labeler_temperature)."""
     labeler_temperature: float = 0.1
@@ -59,8 +63,12 @@ class CompareConfig:
     """Train prompts the labeler compares 2 start-policy responses for."""
     judge: str = "sentiment"
     """Reward SPEC of the judge (noiseless): a built-in, or rm:DIR of a judge reward model."""
+    relevance: bool = False
+    """Also report prompt relevance (MiniLM cosine of prompt and response), a judge of the writing-prompts task."""
     reward_model: str = "minilm"
-    """Backbone of the reward model trained on the comparisons ('tiny' in tests)."""
+    """Backbone of the reward model trained on the comparisons ('tiny' in tests); or rm:DIR, a reward model already
+    trained on exactly these comparisons, used as it is (e.g. `wprlhf stories`' RUN/rm, whose comparisons are its
+    split/rm_comparisons.jsonl: pass that file as --comparisons)."""
     budget: int = 512
     """Responses each method learns from (PPO/RLOO/GRPO episodes; DPO: 2 per pair per epoch)."""
     response_length: int = 32
@@ -156,8 +164,10 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
     if state["done"] and not resume:
         raise UserError(f"{out_dir} holds a comparison; pass --resume to continue it or --force to start over")
-    if state.get("config") and state["config"] != dataclasses.asdict(config):
-        changed = sorted(k for k, v in dataclasses.asdict(config).items() if state["config"].get(k) != v)
+    # A field added after the run was made is missing from its stored config: it held that field's default.
+    stored = {**dataclasses.asdict(CompareConfig()), **state["config"]} if state.get("config") else None
+    if stored and stored != dataclasses.asdict(config):
+        changed = sorted(k for k, v in dataclasses.asdict(config).items() if stored.get(k) != v)
         raise UserError(f"this run was made with other settings ({', '.join(changed)}); resume with the run's own "
                         "settings, or start a new --out")  # fmt: skip
     state["config"] = dataclasses.asdict(config)
@@ -177,7 +187,13 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     if "split" not in state["done"]:
         started = time.perf_counter()
         prompts = list(dict.fromkeys(load_prompts(config.prompts)))
-        train_prompts, eval_prompts = split_by_prompt(prompts, min(0.5, config.eval_prompts / len(prompts)), seed=42)
+        if config.eval_file:
+            eval_prompts = list(dict.fromkeys(load_prompts(config.eval_file)))[: config.eval_prompts]
+            eval_keys = {prompt_key(p) for p in eval_prompts}
+            train_prompts = [p for p in prompts if prompt_key(p) not in eval_keys]
+        else:
+            train_prompts, eval_prompts = split_by_prompt(prompts, min(0.5, config.eval_prompts / len(prompts)),
+                                                          seed=42)  # fmt: skip
         if len(train_prompts) < 2 or not eval_prompts:
             raise UserError(f"{len(prompts)} distinct prompts are too few to hold out {config.eval_prompts} for the "
                             "judge and train on the rest; give --prompts more prompts or lower --eval-prompts")  # fmt: skip
@@ -211,13 +227,19 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
 
     needs_rm = any(m != "dpo" for m in config.method_list)
-    if needs_rm and "rm" not in state["done"]:
+    trained_rm = config.reward_model[3:] if config.reward_model.startswith("rm:") else ""
+    if needs_rm and trained_rm:
+        reward_fn = load_reward(config.reward_model, what="reward model")
+    elif needs_rm and "rm" not in state["done"]:
         started = time.perf_counter()
         rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model, val_fraction=0.1,
                               keep_meta=True, seed=config.seed, device=config.device,
                               mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
         finish("rm", started)
-    reward_fn = reward_fn_from_model(out_dir / "rm") if needs_rm else None
+    if needs_rm and not trained_rm:
+        reward_fn = reward_fn_from_model(out_dir / "rm")
+    elif not needs_rm:
+        reward_fn = None
 
     for name in config.method_list:
         if name.startswith("best-of-") or name in state["done"]:
@@ -254,7 +276,12 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
         sides[name] = generate(model, tokenizer, eval_prompts, gen, seed=config.seed + 40_000, progress=True)
         kls[name] = (logprobs(model, sides[name]) - logprobs(start, sides[name])).tolist()
         del model
-    report = judge_sides(eval_prompts, sides, judge, "start", kls=kls)
+    relevance = None
+    if config.relevance:
+        from .labelers import Relevance
+
+        relevance = Relevance()
+    report = judge_sides(eval_prompts, sides, judge, "start", relevance=relevance, kls=kls)
     report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
                   comparisons=len(comparisons), budget=config.budget, timings_s=state["timings_s"],
                   reward_model_minutes=state["timings_s"].get("rm", 0.0) / 60,
