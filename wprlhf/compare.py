@@ -10,7 +10,8 @@ The run, in one directory (each phase resumable: compare_state.json lists the fi
                  sample `budget` responses (steps = budget / batch_size); DPO reads the comparisons' pairs, 2
                  responses each, for as many epochs as fit in the budget (at least one); best-of-n trains nothing
     eval         every method against the start policy on the eval prompts by the judge (never trained on):
-                 report.json, table.md, judge_vs_kl.png (judge win rate against KL to the start policy)
+                 report.json, table.md, judge_vs_kl.png (judge win rate against KL to the start policy),
+                 samples.jsonl (each eval prompt with every side's response)
 
 The budget counts responses a method learns from, so the methods see the same amount of text, and PPO, RLOO and
 GRPO take the same optimizer steps (2 epochs x 2 minibatches a batch); time per method is measured and reported
@@ -290,6 +291,10 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     # Training time of each method; the reward model's (shared by PPO, RLOO, GRPO and best-of-n) is said apart.
     extra = {name: {"train minutes": f"{state['timings_s'].get(name, 0.0) / 60:.1f}"} for name in sides}
     write_json_atomic(out_dir / "report.json", without_verdicts(report))
+    # Every side's response to each eval prompt, for reading (and for a blind read: `wprlhf eval --blind-db`).
+    write_text_atomic(out_dir / "samples.jsonl", "".join(
+        json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}}) + "\n"
+        for i, p in enumerate(eval_prompts)))  # fmt: skip
     write_text_atomic(out_dir / "table.md", table_markdown(report, extra))
     _plot(report, out_dir / "judge_vs_kl.png")
     write_json_atomic(state_path, state)
