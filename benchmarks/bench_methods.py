@@ -12,8 +12,8 @@ The work, the same for both sides (what ../shared/peer/TRL_PPO_BENCHMARK.md fixe
 
 | method | policy | per step | steps | counted |
 |---|---|---|---:|---|
-| rloo, grpo | SmolLM2-135M-Instruct, fp32 | 8 prompts x k = 4 samples = 32 responses; one optimizer step on them, in 2 micro-batches of 16 (1 epoch) | 2 | 64 episodes |
-| dpo | SmolLM2-135M-Instruct, fp32 | 8 pairs, one optimizer step | 8 | 64 pairs |
+| rloo, grpo | SmolLM2-135M, fp32 | 8 prompts x k = 4 = 32 responses, 1 optimizer step (2 micro) | 2 | 64 episodes |
+| dpo | SmolLM2-135M, fp32 | 8 pairs, 1 optimizer step | 8 | 64 pairs |
 
 RLOO and GRPO: prompts of 32 tokens (Fan et al. prompts cut to their first 32 tokens, decoded to text, no chat
 template), exactly 32 sampled tokens (EOS suppressed), temperature 0.7, top_k 0, top_p 1, the frozen reference's
@@ -129,9 +129,9 @@ def run_wprlhf(method: str, out: Path) -> tuple[float, dict, dict]:
         module = import_module(f"wprlhf.{method}")
         config_class = getattr(module, f"{method.upper()}Config")
         config = config_class(policy="smollm2", batch_size=PROMPTS * K, samples_per_prompt=K, steps=STEPS,
-                              ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=MICRO, max_prompt_length=2 * TOKENS,
-                              response_length=TOKENS, min_response_length=TOKENS, stop_at_eos=False,
-                              chat_template=False, temperature=0.7, top_k=0, top_p=1.0, lr=LR_RL,
+                              ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=MICRO,
+                              max_prompt_length=2 * TOKENS, response_length=TOKENS, min_response_length=TOKENS,
+                              stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0, lr=LR_RL,
                               lr_schedule="linear", kl_coef=BETA_RL, adaptive_kl=False, max_grad_norm=1.0,
                               mixed_precision="no", device="cpu", checkpoint_every=10**6, log_samples=0,
                               seed=SEED)  # fmt: skip
@@ -167,8 +167,9 @@ def run_trl(method: str, out: Path) -> tuple[float, dict, dict]:
         rows = dpo_rows(tokenizer)
         data = Dataset.from_dict({"prompt": [r[0] for r in rows], "chosen": [" " + r[1] for r in rows],
                                   "rejected": [" " + r[2] for r in rows]})  # fmt: skip
-        args = DPOConfig(**common, per_device_train_batch_size=PAIR_BATCH, num_train_epochs=1, learning_rate=LR_DPO,
-                         beta=BETA_DPO, loss_type=["sigmoid"], precompute_ref_log_probs=False, warmup_steps=0.1)  # fmt: skip
+        args = DPOConfig(**common, per_device_train_batch_size=PAIR_BATCH, num_train_epochs=1,
+                         learning_rate=LR_DPO, beta=BETA_DPO, loss_type=["sigmoid"], precompute_ref_log_probs=False,
+                         warmup_steps=0.1)  # fmt: skip
         trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tokenizer)
     else:
         if method == "grpo":
@@ -238,11 +239,11 @@ def trl_python(given: str | None) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def print_table(records: list[dict]) -> None:
-    print("\n| method | unit | wprlhf /s median (min-max) | trl 1.16 /s median (min-max) | wprlhf / trl | peak RSS "
+def table(records: list[dict]) -> list[str]:
+    """Markdown lines: per method, each side's median rate, the ratio, peak RSS and the work both did."""
+    lines = ["| method | unit | wprlhf /s median (min-max) | trl 1.16 /s median (min-max) | wprlhf / trl | peak RSS "
           "MiB wprlhf / trl | work wprlhf / trl: sampled tokens, no-grad seqs, grad seqs, optimizer steps | probe "
-          "GFLOP/s (min-max) |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---|---:|")
+          "GFLOP/s (min-max) |", "|---|---|---:|---:|---:|---:|---|---:|"]  # fmt: skip
     for method in dict.fromkeys(r["method"] for r in records):
         side = {s: [r for r in records if r["method"] == method and r["side"] == s] for s in ("wprlhf", "trl")}
         if not side["wprlhf"] or not side["trl"]:
@@ -253,9 +254,28 @@ def print_table(records: list[dict]) -> None:
         cells = [f"{med(rate[s]):.3f} ({min(rate[s]):.3f}-{max(rate[s]):.3f})" for s in ("wprlhf", "trl")]
         counts = ", ".join(f"{work['wprlhf'][k]} / {work['trl'][k]}"
                            for k in ("gen_tokens", "fwd_seqs", "grad_seqs", "optimizer_steps"))  # fmt: skip
-        rss = f"{med([r['peak_rss_mib'] for r in side['wprlhf']]):.0f} / {med([r['peak_rss_mib'] for r in side['trl']]):.0f}"
-        print(f"| {method} | {side['wprlhf'][0]['unit']} | {cells[0]} | {cells[1]} | "
-              f"{med(rate['wprlhf']) / med(rate['trl']):.2f} | {rss} | {counts} | {min(probes):.0f}-{max(probes):.0f} |")  # fmt: skip
+        rss = " / ".join(f"{med([r['peak_rss_mib'] for r in side[s]]):.0f}" for s in ("wprlhf", "trl"))
+        lines.append(f"| {method} | {side['wprlhf'][0]['unit']} | {cells[0]} | {cells[1]} | "
+                     f"{med(rate['wprlhf']) / med(rate['trl']):.2f} | {rss} | {counts} | "
+                     f"{min(probes):.0f}-{max(probes):.0f} |")  # fmt: skip
+    return lines
+
+
+def write_report(path: Path, records: list[dict], command: str) -> None:
+    """RESULTS_methods.md: what ran, where (the CPU and its capability), and the table."""
+    m, versions = records[0]["machine"], {r["side"]: r["versions"] for r in records}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    text = ["# wprlhf RLOO, GRPO and DPO vs trl 1.16.0's trainers, side by side on the CPU\n",
+            f"Written by `benchmarks/bench_methods.py` on {time.strftime('%Y-%m-%d %H:%M')}, repo at "
+            f"`{commit.strip()}`. Command, from the repo root:\n", f"    {command}\n",
+            "The work, the same on both sides, is in the docstring of `benchmarks/bench_methods.py`; each run is a "
+            "fresh process with 2 threads, the sides alternate, ratios are wprlhf / trl of the medians (above 1: "
+            "wprlhf is faster).\n",
+            f"Machine: {m['cpu']}, {m['nproc']} cores, torch CPU capability {m['capability']}, flags "
+            f"{', '.join(m['bf16_flags'])}.\n",
+            *(f"- {side}: " + ", ".join(f"{k} {v}" for k, v in v.items()) for side, v in versions.items()), "",
+            *table(records), ""]  # fmt: skip
+    path.write_text("\n".join(text), encoding="utf-8")
 
 
 def main() -> None:
@@ -289,8 +309,10 @@ def main() -> None:
                 print(f"{method} {side} {rep + 1}/{args.repeats}: {record['per_s']:.3f} {record['unit']}/s "
                       f"({record['timed_s']:.1f} s), peak RSS {record['peak_rss_mib']:.0f} MiB, probe "
                       f"{record['probe_gflops_before']}/{record['probe_gflops_after']}", flush=True)  # fmt: skip
-    print_table(records)
-    print(f"\nappended {len(records)} lines to {shown(out)}")
+    print("\n".join(["", *table(records)]))
+    report = REPO / "benchmarks" / "RESULTS_methods.md"
+    write_report(report, records, "python " + " ".join([shown(sys.argv[0]), *sys.argv[1:]]))
+    print(f"\nappended {len(records)} lines to {shown(out)}; wrote {shown(report)}")
 
 
 if __name__ == "__main__":

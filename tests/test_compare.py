@@ -116,3 +116,12 @@ def test_eval_prompts_from_a_file_and_a_trained_reward_model(tmp_path):
     with pytest.raises(UserError, match="relevance"):
         run(config, out, resume=True)
     run(dataclasses.replace(config, relevance=False), out, resume=True)
+
+
+def test_a_missing_trained_reward_model_fails_before_any_work(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(16)))
+    config = CompareConfig(**{**TINY, "reward_model": f"rm:{tmp_path / 'nowhere'}"}, prompts=str(prompts))
+    with pytest.raises(UserError, match="nowhere"):
+        run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "prompts").exists()

@@ -174,6 +174,8 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     state["config"] = dataclasses.asdict(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = load_reward(config.judge, what="judge")  # a bad SPEC fails before any work
+    # A reward model trained already (rm:DIR) is used as it is; it too must load before any work.
+    given_rm = load_reward(config.reward_model, what="reward model") if config.reward_model.startswith("rm:") else None
     device = resolve_device(config.device)
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.response_length, temperature=config.temperature)  # fmt: skip
@@ -228,19 +230,18 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
 
     needs_rm = any(m != "dpo" for m in config.method_list)
-    trained_rm = config.reward_model[3:] if config.reward_model.startswith("rm:") else ""
-    if needs_rm and trained_rm:
-        reward_fn = load_reward(config.reward_model, what="reward model")
-    elif needs_rm and "rm" not in state["done"]:
-        started = time.perf_counter()
-        rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model, val_fraction=0.1,
-                              keep_meta=True, seed=config.seed, device=config.device,
-                              mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
-        finish("rm", started)
-    if needs_rm and not trained_rm:
-        reward_fn = reward_fn_from_model(out_dir / "rm")
-    elif not needs_rm:
+    if not needs_rm:
         reward_fn = None
+    elif given_rm is not None:
+        reward_fn = given_rm
+    else:
+        if "rm" not in state["done"]:
+            started = time.perf_counter()
+            rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model,
+                                  val_fraction=0.1, keep_meta=True, seed=config.seed, device=config.device,
+                                  mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
+            finish("rm", started)
+        reward_fn = reward_fn_from_model(out_dir / "rm")
 
     for name in config.method_list:
         if name.startswith("best-of-") or name in state["done"]:
