@@ -309,17 +309,20 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    # One colour per method in every run's plot; best-of-n in greys, darker for larger n.
+    colours = {"ppo": "tab:green", "rloo": "tab:red", "grpo": "tab:purple", "dpo": "tab:brown"}
     for name, side in report["sides"].items():
         if name == "start":
             continue
+        colour = colours.get(name) or str(max(0.1, 0.7 - 0.15 * np.log2(int(name[8:]))))
         win, kl = report["win_rates"][f"{name} vs start"], side["kl"]["mean"]
         err = np.array([[win["win_rate"] - win["win_rate_lo"]], [win["win_rate_hi"] - win["win_rate"]]])
-        ax.errorbar([kl], [win["win_rate"]], yerr=err, fmt="o", capsize=3, label=name)
+        ax.errorbar([kl], [win["win_rate"]], yerr=err, fmt="o", capsize=3, label=name, color=colour)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("KL to the start policy (nats per response)")
     ax.set_ylabel("judge win rate over the start policy")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
