@@ -27,7 +27,14 @@ it is off here, as in wprlhf, so that both sides do the same arithmetic.
 
 What is timed: trl's `trainer.train()` (its dataset tokenisation and model set-up happen before, in `__init__`,
 and are not counted); wprlhf's steps as its own metrics.csv times them (RLOO/GRPO: each step's wall time from
-prompts to update; DPO: `elapsed_s` of the last step, pair tokenisation included). Each record counts the work
+prompts to update; DPO: `elapsed_s` of the last step, pair tokenisation included). The windows are not the same:
+trl's also holds its optimizer and dataloader set-up, callbacks and per-step logging, which favours wprlhf in
+RLOO/GRPO by what those cost (not measured; a per-step callback on trl's side would remove it), while wprlhf's DPO
+window holds the pair tokenisation trl does before it.
+
+Same compute is not the same update: trl's RLOO loss sums each response's token log-probs (a gradient about
+response-length times wprlhf's, which averages them), so gradient clipping at 1.0 acts differently; the matmuls
+are the same. Each record counts the work
 (`work`: sampled tokens, forwards with and without grad, optimizer steps; see _common.WorkCounter), so the table
 shows that both did the same. A measurement, never a test: nothing here asserts on time.
 """
@@ -310,7 +317,8 @@ def main() -> None:
                       f"({record['timed_s']:.1f} s), peak RSS {record['peak_rss_mib']:.0f} MiB, probe "
                       f"{record['probe_gflops_before']}/{record['probe_gflops_after']}", flush=True)  # fmt: skip
     print("\n".join(["", *table(records)]))
-    report = REPO / "benchmarks" / "RESULTS_methods.md"
+    # The default --out's report is RESULTS_methods.md; another --out gets its own, beside it.
+    report = REPO / "benchmarks" / "RESULTS_methods.md" if args.out is None else out.with_suffix(".md")
     write_report(report, records, "python " + " ".join([shown(sys.argv[0]), *sys.argv[1:]]))
     print(f"\nappended {len(records)} lines to {shown(out)}; wrote {shown(report)}")
 

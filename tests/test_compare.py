@@ -121,7 +121,11 @@ def test_eval_prompts_from_a_file_and_a_trained_reward_model(tmp_path):
 def test_a_missing_trained_reward_model_fails_before_any_work(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(16)))
-    config = CompareConfig(**{**TINY, "reward_model": f"rm:{tmp_path / 'nowhere'}"}, prompts=str(prompts))
+    missing = {**TINY, "reward_model": f"rm:{tmp_path / 'nowhere'}"}
+    with pytest.raises(UserError, match="needs --comparisons"):
+        CompareConfig(**missing, prompts=str(prompts))
+    with pytest.raises(UserError, match="judge is the --reward-model"):
+        CompareConfig(**{**missing, "judge": missing["reward_model"]}, prompts=str(prompts), comparisons="c.jsonl")
     with pytest.raises(UserError, match="nowhere"):
-        run(config, tmp_path / "run")
+        run(CompareConfig(**missing, prompts=str(prompts), comparisons=str(prompts)), tmp_path / "run")
     assert not (tmp_path / "run" / "prompts").exists()

@@ -100,6 +100,12 @@ class CompareConfig:
         if self.budget < self.batch_size:
             raise UserError(f"budget {self.budget} is less than one step of batch_size {self.batch_size}")
         self.method_list  # parses, or names the problem
+        if self.reward_model.startswith("rm:"):  # it stands for the comparisons DPO reads: those must be given
+            if not self.comparisons:
+                raise UserError("--reward-model rm:DIR needs --comparisons: the comparisons that reward model was "
+                                "trained on (DPO learns from the same ones)")  # fmt: skip
+            if self.reward_model.strip() == self.judge.strip():
+                raise UserError("--judge is the --reward-model itself; judge with a model no method trained on")
 
     @property
     def method_list(self) -> list[str]:
@@ -175,7 +181,16 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = load_reward(config.judge, what="judge")  # a bad SPEC fails before any work
     # A reward model trained already (rm:DIR) is used as it is; it too must load before any work.
-    given_rm = load_reward(config.reward_model, what="reward model") if config.reward_model.startswith("rm:") else None
+    needs_rm = any(m != "dpo" for m in config.method_list)
+    given_rm = None
+    if needs_rm and config.reward_model.startswith("rm:"):
+        given_rm = load_reward(config.reward_model, what="reward model")
+    relevance = None
+    if config.relevance:  # loaded now: a failure after the evaluation's sampling would lose it
+        from .labelers import Relevance
+
+        relevance = Relevance()
+        relevance.embed(["a sentence"])
     device = resolve_device(config.device)
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.response_length, temperature=config.temperature)  # fmt: skip
@@ -197,6 +212,9 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
         else:
             train_prompts, eval_prompts = split_by_prompt(prompts, min(0.5, config.eval_prompts / len(prompts)),
                                                           seed=42)  # fmt: skip
+        if config.eval_file and len(train_prompts) < 2:
+            raise UserError(f"--prompts has {len(train_prompts)} prompts that are not in --eval-file "
+                            f"{config.eval_file}; give --prompts the train prompts")  # fmt: skip
         if len(train_prompts) < 2 or not eval_prompts:
             raise UserError(f"{len(prompts)} distinct prompts are too few to hold out {config.eval_prompts} for the "
                             "judge and train on the rest; give --prompts more prompts or lower --eval-prompts")  # fmt: skip
@@ -229,7 +247,6 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
         finish("labels", started)
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
 
-    needs_rm = any(m != "dpo" for m in config.method_list)
     if not needs_rm:
         reward_fn = None
     elif given_rm is not None:
@@ -278,11 +295,6 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
         sides[name] = generate(model, tokenizer, eval_prompts, gen, seed=config.seed + 40_000, progress=True)
         kls[name] = (logprobs(model, sides[name]) - logprobs(start, sides[name])).tolist()
         del model
-    relevance = None
-    if config.relevance:
-        from .labelers import Relevance
-
-        relevance = Relevance()
     report = judge_sides(eval_prompts, sides, judge, "start", relevance=relevance, kls=kls)
     report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
                   comparisons=len(comparisons), budget=config.budget, timings_s=state["timings_s"],
@@ -292,7 +304,7 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
     # Training time of each method; the reward model's (shared by PPO, RLOO, GRPO and best-of-n) is said apart.
     extra = {name: {"train minutes": f"{state['timings_s'].get(name, 0.0) / 60:.1f}"} for name in sides}
     write_json_atomic(out_dir / "report.json", without_verdicts(report))
-    # Every side's response to each eval prompt, for reading (and for a blind read: `wprlhf eval --blind-db`).
+    # Every side's response to each eval prompt, to read (and to hand a blind reader as shuffled pairs).
     write_text_atomic(out_dir / "samples.jsonl", "".join(
         json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}}) + "\n"
         for i, p in enumerate(eval_prompts)))  # fmt: skip
