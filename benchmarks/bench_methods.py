@@ -34,9 +34,9 @@ window holds the pair tokenisation trl does before it.
 
 Same compute is not the same update: trl's RLOO loss sums each response's token log-probs (a gradient about
 response-length times wprlhf's, which averages them), so gradient clipping at 1.0 acts differently; the matmuls
-are the same. Each record counts the work
-(`work`: sampled tokens, forwards with and without grad, optimizer steps; see _common.WorkCounter), so the table
-shows that both did the same. A measurement, never a test: nothing here asserts on time.
+are the same. Each record counts the work (`work`: sampled tokens, forwards with and without grad, optimizer
+steps; see _common.WorkCounter), so the table shows that both did the same. A measurement, never a test: nothing
+here asserts on time.
 """
 
 from __future__ import annotations
@@ -83,10 +83,10 @@ def vowel_share(prompts, completions, **_) -> list[float]:
     return out
 
 
-def texts(tokenizer, n: int, offset: int = 0) -> list[str]:
-    """n texts of 32 tokens each (fixed_queries' rows, decoded); offset skips rows, so pairs' texts differ."""
-    queries, _, _ = fixed_queries(tokenizer, n + offset, TOKENS)
-    return tokenizer.batch_decode(queries[offset:], skip_special_tokens=True)
+def texts(tokenizer, n: int) -> list[str]:
+    """n distinct texts of 32 tokens each (fixed_queries' rows, decoded)."""
+    queries, _, _ = fixed_queries(tokenizer, n, TOKENS)
+    return tokenizer.batch_decode(queries, skip_special_tokens=True)
 
 
 def dpo_rows(tokenizer) -> list[tuple[str, str, str]]:

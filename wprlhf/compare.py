@@ -247,11 +247,8 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
         finish("labels", started)
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
 
-    if not needs_rm:
-        reward_fn = None
-    elif given_rm is not None:
-        reward_fn = given_rm
-    else:
+    reward_fn = given_rm  # None when no method needs a reward model, or when it is trained below
+    if needs_rm and given_rm is None:
         if "rm" not in state["done"]:
             started = time.perf_counter()
             rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model,
