@@ -104,3 +104,7 @@ if __name__ == "__main__":
     modes = {"ppo": ppo, "rloo": lambda out: ppo(out, "rloo"), "grpo": lambda out: ppo(out, "grpo"), "rm": rm,
              "dpo": dpo, "nonfinite": nonfinite}  # fmt: skip
     modes[sys.argv[1]](*sys.argv[2:])
+    # Tear gloo down before the interpreter does: left to exit, its threads can abort the process
+    # ("terminate called without an active exception") after the work has finished and been written.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
