@@ -6,6 +6,13 @@ queries of exactly 32 tokens (no padding), 32 new tokens per row (no stop), temp
 
     .venv/bin/python benchmarks/bench_sampler.py                      # smollm2, batch 8
     .venv/bin/python benchmarks/bench_sampler.py --model tiny         # random TINY_ARCH, batch 16
+    .venv/bin/python benchmarks/bench_sampler.py --precision bf16     # as a bf16 run samples (see below)
+
+--precision bf16 times what a run under `--mixed-precision bf16` does: wprlhf builds a copy of the policy with bf16
+linear weights (`models.matmuls_in`, included in the time, as the trainer builds it per step) and samples from it
+under bf16 autocast; HF `generate` runs the fp32 model under the same autocast (as trl's bf16 run does), and once
+more on wprlhf's bf16 copy (`hf_bf16_weights`: the same weights, dtype and arithmetic, only the decoding loop
+differs).
 
 Prints a markdown table; appends one JSON line per run to --out (default benchmarks/results_sampler.jsonl).
 This is a measurement, never a test: nothing here asserts on time.
@@ -31,30 +38,36 @@ from _common import (
     versions,
 )
 
-SIDES = ("wprlhf", "hf_scores", "hf")
+SIDES = ("wprlhf", "hf_scores", "hf", "hf_bf16_weights")
 LABELS = {
     "wprlhf": "wprlhf `sample` (KV cache)",
     "hf_scores": "HF `generate`, output_scores=True (trl's call)",
     "hf": "HF `generate`, no scores",
+    "hf_bf16_weights": "HF `generate` on wprlhf's bf16-weight copy, no scores",
 }
 
 
-def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int):
-    """name -> zero-argument callable that samples the batch once and returns the response tokens (B, Tr)."""
+def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int, bf16: bool):
+    """name -> zero-argument callable that samples the batch once and returns the response tokens (B, Tr).
+    bf16: every side runs under bf16 autocast, wprlhf's from its per-call bf16-weight copy (see the docstring)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     from wprlhf.generation import GenerationConfig, sample
-    from wprlhf.models import stop_token_ids
+    from wprlhf.models import matmuls_in, stop_token_ids
 
     config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, temperature=temperature)
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
     generator = torch.Generator().manual_seed(seed)
     attention_mask = query_mask.long()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    bf16_copy = matmuls_in(model, torch.bfloat16, share_others=True) if bf16 else None
 
     def wprlhf_side():
-        return sample(model, queries, query_mask, config, stops, pad, generator).responses
+        with autocast():
+            sampler = matmuls_in(model, torch.bfloat16, share_others=True) if bf16 else model
+            return sample(sampler, queries, query_mask, config, stops, pad, generator).responses
 
-    def hf_side(scores: bool):
+    def hf_side(scores: bool, on=model):
         # A fresh config, so nothing from the checkpoint's generation_config adds a logits processor.
         hf_config = HFGenerationConfig(
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
@@ -63,15 +76,18 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
         )  # fmt: skip
 
         def run():
-            with torch.inference_mode():
-                out = model.generate(input_ids=queries, attention_mask=attention_mask, generation_config=hf_config)
+            with torch.inference_mode(), autocast():
+                out = on.generate(input_ids=queries, attention_mask=attention_mask, generation_config=hf_config)
             if scores:
                 assert len(out.scores) == new_tokens
             return out.sequences[:, queries.shape[1] :]
 
         return run
 
-    return {"wprlhf": wprlhf_side, "hf_scores": hf_side(True), "hf": hf_side(False)}
+    sides = {"wprlhf": wprlhf_side, "hf_scores": hf_side(True), "hf": hf_side(False)}
+    if bf16:
+        sides["hf_bf16_weights"] = hf_side(False, on=bf16_copy)
+    return sides
 
 
 def profile_sides(sides: dict, rows: int = 12) -> None:
@@ -95,7 +111,10 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: as a --mixed-precision bf16 run samples (module docstring)")
+    parser.add_argument("--sides", default=",".join(SIDES),
+                        help=f"comma-separated subset of {','.join(SIDES)} (the last only with --precision bf16)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per side")
     parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_sampler.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,8 +131,8 @@ def main() -> None:
     model, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
     load_s = time.perf_counter() - t0
     queries, query_mask, source = fixed_queries(tokenizer, batch, args.prompt_tokens, args.prompts)
-    sides = {k: v for k, v in make_sides(model, tokenizer, queries, query_mask, args.new_tokens,
-                                         args.temperature, args.seed).items() if k in sides_wanted}  # fmt: skip
+    sides = {k: v for k, v in make_sides(model, tokenizer, queries, query_mask, args.new_tokens, args.temperature,
+                                         args.seed, args.precision == "bf16").items() if k in sides_wanted}  # fmt: skip
     torch.manual_seed(args.seed)
 
     probe_before = cpu_probe()
@@ -146,7 +165,7 @@ def main() -> None:
         }  # fmt: skip
 
     print(f"\n## Sampler: {args.model}, batch {batch}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
-          f"{args.threads} threads, fp32, {args.repeats} interleaved repeats (prompts: {source})\n")  # fmt: skip
+          f"{args.threads} threads, {args.precision}, {args.repeats} interleaved repeats (prompts: {source})\n")  # fmt: skip
     print("| side | median s | min–max s | tokens/s (median) | tokens/s (best) | CPU util | wprlhf ÷ side tokens/s "
           "(medians) | same, median of paired rounds |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -160,6 +179,7 @@ def main() -> None:
     record = {
         "bench": "sampler", "model": args.model, "batch": batch, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
+        "precision": args.precision,
         "repeats": args.repeats, "prompts": source, "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "summary": summary, "probe_gflops_before": probe_before, "probe_gflops_after": probe_after,
         "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "machine": machine(), "versions": versions(),

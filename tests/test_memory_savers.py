@@ -13,6 +13,7 @@ from wprlhf.core import masked_sum, pad_sequences
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
 from wprlhf.forwards import policy_forward
+from wprlhf.generation import sample
 from wprlhf.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.rewards import vowels
 
@@ -171,6 +172,57 @@ def test_bf16_rollout_logprobs_match_the_training_forward(tmp_path):
     train(config, PROMPTS, vowels, tmp_path / "run", progress=False)
     row = read_metrics(tmp_path / "run" / "metrics.csv")[0]
     assert row["clipfrac"] == 0.0 and row["approxkl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def _bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_bf16_reference_holds_bf16_matmul_weights_and_gives_the_policys_logprobs(tmp_path, tokenizer):
+    """Under bf16 the frozen reference stores its linear weights (the head untied from the embedding) in bf16: less
+    memory than an fp32 copy, and under autocast the same numbers, so the first rollout's KL is exactly 0."""
+    policy, _ = load_policy("tiny")
+    trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=1, mixed_precision="bf16", device="cpu"),
+                         policy, tokenizer)  # fmt: skip
+    reference = trainer.reference
+    linears = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+    assert _bytes(reference) < 0.8 * _bytes(policy)
+    assert next(policy.parameters()).dtype == torch.float32 and all(p.requires_grad for p in policy.parameters())
+    samples = trainer.generate(PROMPTS[:4])
+    batch = (samples.queries, samples.query_mask, samples.generation.responses, samples.generation.response_mask)
+    with torch.no_grad(), trainer.accelerator.autocast():
+        policy_logprobs = policy_forward(policy, *batch, trainer.config.temperature)[0]
+    assert torch.equal(trainer.reference_logprobs(*batch), policy_logprobs)
+    config = PPOConfig(policy="tiny", steps=1, batch_size=4, num_minibatches=1, response_length=6,
+                       mixed_precision="bf16", device="cpu", log_samples=0)  # fmt: skip
+    train(config, PROMPTS, vowels, tmp_path / "run", progress=False)
+    assert read_metrics(tmp_path / "run" / "metrics.csv")[0]["kl"] == 0.0
+
+
+def test_bf16_sampling_reads_bf16_weights_and_samples_what_the_policy_samples(tokenizer):
+    """The trainer samples from a per-step copy with bf16 linear weights; with the same noise it draws the same tokens,
+    with the same log-probs, as the fp32 policy under bf16 autocast."""
+    policy, _ = load_policy("tiny")
+    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=1, response_length=8, mixed_precision="bf16",
+                       device="cpu")  # fmt: skip
+    trainer = PPOTrainer(config, policy, tokenizer)
+    weight_dtypes = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: weight_dtypes.add(m.weight.dtype) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        samples = trainer.generate(PROMPTS[:4])
+    finally:
+        hook.remove()
+    assert weight_dtypes == {torch.bfloat16}
+    trainer.generator.manual_seed(config.seed)
+    with trainer.accelerator.autocast():
+        expected = sample(policy, samples.queries, samples.query_mask, config.generation(), trainer.stop_token_ids,
+                          tokenizer.pad_token_id, torch.Generator().manual_seed(config.seed))  # fmt: skip
+    assert torch.equal(samples.generation.responses, expected.responses)
+    assert torch.equal(samples.generation.logprobs, expected.logprobs)
+    assert next(policy.parameters()).dtype == torch.float32 and all(p.requires_grad for p in policy.parameters())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")

@@ -75,6 +75,11 @@ def resolve_mixed_precision(value: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_runs_bf16_fast() else "no"
 
 
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """The dtype a resolved mixed_precision ('no'|'bf16'|'fp16') runs matmuls in under autocast; None for 'no'."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accelerator:
     """An Accelerator on `device` ('cpu' forces the CPU even where a GPU exists); mixed_precision 'no'|'bf16'|'fp16'."""
     check_mixed_precision(mixed_precision)

@@ -37,8 +37,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import linear_schedule, masked_sum, pad_sequences
 from .data import Comparison, load_comparisons, split_by_prompt
-from .distributed import (check_finite, check_mixed_precision, device_of, is_main_process, make_accelerator,
-                          reduce_sum, resolve_device, resolve_mixed_precision)  # fmt: skip
+from .distributed import (autocast_dtype, check_finite, check_mixed_precision, device_of, is_main_process,
+                          make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
 from .files import write_json_atomic
 from .forwards import policy_forward
@@ -211,7 +211,8 @@ class DPO:
         self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.policy = policy.to(self.device)
-        self.reference = None if config.lora_r else make_reference(self.policy)
+        # Under bf16/fp16 the reference's matmul weights are stored in that dtype: the same log-probs, less memory.
+        self.reference = None if config.lora_r else make_reference(self.policy, autocast_dtype(config.mixed_precision))
         if config.lora_r:
             self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
         self.policy.eval()  # dropout off, as everywhere in wprlhf: the log-ratios are then deterministic

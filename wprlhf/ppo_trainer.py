@@ -30,8 +30,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .core import kl_k1, kl_k3, masked_mean, masked_sum
-from .distributed import (check_divisible, check_finite, device_of, gather_padded, is_main_process, make_accelerator,
-                          reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
+from .distributed import (autocast_dtype, check_divisible, check_finite, device_of, gather_padded, is_main_process,
+                          make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
 from .files import write_json_atomic
 from .errors import UserError
 from .forwards import policy_forward, value_forward
@@ -47,6 +47,7 @@ from .models import (
     make_optimizer,
     make_reference,
     make_value_model,
+    matmuls_in,
     merged_copy,
     stop_token_ids,
 )
@@ -167,8 +168,11 @@ class Trainer:
         else:
             self.value_model = (value_model or make_value_model(policy, seed=config.seed + 1)).to(self.device)
             value_params = list(self.value_model.parameters())
+        # Under bf16/fp16 the reference and the sampler's copy of the policy hold their matmul weights in that dtype:
+        # the same numbers autocast would compute with, in less memory and without casting them on every forward.
+        self.matmul_dtype = None if config.lora_r else autocast_dtype(config.mixed_precision)
         # LoRA: the reference is the policy with its adapters switched off (one copy of the base weights).
-        self.reference = None if config.lora_r else make_reference(self.policy)
+        self.reference = None if config.lora_r else make_reference(self.policy, self.matmul_dtype)
         if config.lora_r:
             self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
         if config.gradient_checkpointing:
@@ -214,9 +218,13 @@ class Trainer:
         # The clipped queries are kept: PPO's forwards must read the prompts the responses were sampled from.
         queries, query_mask = fit_positions(self.policy, queries, query_mask, c.response_length)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        # Decoding one token at a time reads every weight per token: from bf16 copies it reads half the bytes, and
+        # samples exactly what the fp32 policy samples under the same autocast. Made per step, freed before training.
+        sampler = self.policy if self.matmul_dtype is None else matmuls_in(self.policy, self.matmul_dtype, share_others=True)
         with self.accelerator.autocast():
-            gen = sample(self.policy, queries, query_mask, c.generation(), self.stop_token_ids,
+            gen = sample(sampler, queries, query_mask, c.generation(), self.stop_token_ids,
                          self.tokenizer.pad_token_id, self.generator, self.tokenizer)  # fmt: skip
+        del sampler
         texts = decode_responses(self.tokenizer, gen.responses, gen.response_mask)
         self.timings["time_generate"] = time.perf_counter() - started
         return Samples(prompts, texts, queries, query_mask, gen)
@@ -258,12 +266,14 @@ class Trainer:
         return self.learn(self, self.forward_rollout(queries, query_mask, responses, response_mask, scores, logprobs))
 
     def reference_logprobs(self, queries, query_mask, responses, response_mask) -> torch.Tensor:
-        """Log-probs of the responses under the frozen start policy (B, Tr)."""
+        """Log-probs of the responses under the frozen start policy (B, Tr), under the run's autocast (which a
+        reference with bf16/fp16 weights needs)."""
         batch = (queries, query_mask, responses, response_mask)
-        if self.reference is not None:
-            return policy_forward(self.reference, *batch, self.config.temperature)[0]
-        with self.policy.disable_adapter():
-            return policy_forward(self.policy, *batch, self.config.temperature)[0]
+        with self.accelerator.autocast():
+            if self.reference is not None:
+                return policy_forward(self.reference, *batch, self.config.temperature)[0]
+            with self.policy.disable_adapter():
+                return policy_forward(self.policy, *batch, self.config.temperature)[0]
 
     def forward_rollout(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> Rollout:
         """This process's episodes -> the global Rollout: no-grad forwards for the reference's log-probs and the
