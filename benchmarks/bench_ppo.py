@@ -133,7 +133,7 @@ def one_run(args) -> dict:
     """The child process: load, build the trainer, time `steps` PPO updates. Returns the JSON record."""
     import torch
 
-    from wprlhf.generation import decode_responses, sample
+    from wprlhf.generation import decode_responses
     from wprlhf.models import load_policy
     from wprlhf.ppo import PPOConfig, PPOTrainer
     from wprlhf.rewards import length
@@ -171,7 +171,6 @@ def one_run(args) -> dict:
     for name, model in watched.items():
         if model is not None:
             counter.watch(name, model)
-    generation = config.generation()
     rss_before = current_rss_mib()
     probe_before = cpu_probe()
 
@@ -182,9 +181,8 @@ def one_run(args) -> dict:
     for step in range(U):
         u0 = time.perf_counter()
         q, m = queries[step * B : (step + 1) * B], query_mask[step * B : (step + 1) * B]
-        with timers("generate"):  # what trainer.generate does after encode_prompts
-            gen = sample(trainer.policy, q, m, generation, trainer.stop_token_ids, tokenizer.pad_token_id,
-                         trainer.generator, tokenizer)  # fmt: skip
+        with timers("generate"):  # what trainer.generate does after encode_prompts (in the run's precision)
+            gen = trainer.sample(q, m)
         counter.sampled_tokens += int(gen.response_mask.sum())
         if reward_model is not None:
             with timers("rollout_reward_fwd"):

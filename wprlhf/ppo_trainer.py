@@ -218,16 +218,21 @@ class Trainer:
         # The clipped queries are kept: PPO's forwards must read the prompts the responses were sampled from.
         queries, query_mask = fit_positions(self.policy, queries, query_mask, c.response_length)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
+        gen = self.sample(queries, query_mask)
+        texts = decode_responses(self.tokenizer, gen.responses, gen.response_mask)
+        self.timings["time_generate"] = time.perf_counter() - started
+        return Samples(prompts, texts, queries, query_mask, gen)
+
+    @torch.no_grad()
+    def sample(self, queries: torch.Tensor, query_mask: torch.Tensor) -> Generation:
+        """Responses of the current policy to queries (b, Tq) left-padded, query_mask (b, Tq) bool, already fitted to
+        the model's positions, in the run's precision and with its generation settings and noise."""
         # Decoding one token at a time reads every weight per token: from bf16 copies it reads half the bytes, and
         # samples exactly what the fp32 policy samples under the same autocast. Made per step, freed before training.
         sampler = self.policy if self.matmul_dtype is None else matmuls_in(self.policy, self.matmul_dtype, share_others=True)
         with self.accelerator.autocast():
-            gen = sample(sampler, queries, query_mask, c.generation(), self.stop_token_ids,
-                         self.tokenizer.pad_token_id, self.generator, self.tokenizer)  # fmt: skip
-        del sampler
-        texts = decode_responses(self.tokenizer, gen.responses, gen.response_mask)
-        self.timings["time_generate"] = time.perf_counter() - started
-        return Samples(prompts, texts, queries, query_mask, gen)
+            return sample(sampler, queries, query_mask, self.config.generation(), self.stop_token_ids,
+                          self.tokenizer.pad_token_id, self.generator, self.tokenizer)  # fmt: skip
 
     def score(self, samples: Samples, reward_fn: RewardFn) -> torch.Tensor:
         """reward_fn on this process's (prompts, texts), checked: scores (b,) on the trainer's device."""
