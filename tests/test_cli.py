@@ -203,3 +203,19 @@ def test_unknown_hub_id_offline_fails_fast(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, err = run_cli(capsys, "sample", "--policy", "nobody/no-such-model", "--out", tmp_path / "s.jsonl")
     assert code == 2 and "cannot be reached (offline?)" in err
+
+
+def test_the_command_leaves_an_open_process_group_before_exit(tmp_path, prompts_txt, capsys):
+    """Under torchrun a process group is open; the command closes it on every way out (here an error), so gloo's
+    teardown at interpreter exit cannot turn the run's exit status non-zero."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        code, err = run_cli(capsys, "ppo", "--policy", "tiny", "--prompts", prompts_txt, "--reward", "no_such_reward",
+                            "--out", tmp_path / "r")  # fmt: skip
+        assert code == 2 and "unknown reward" in err
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -684,7 +684,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"wprlhf {args.command}: interrupted (runs resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under `accelerate launch`/torchrun, leave the process group before exit: a group still open when the
+    interpreter shuts down can abort in gloo's teardown and turn a finished run into a non-zero exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

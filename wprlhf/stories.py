@@ -179,6 +179,20 @@ QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=
 # the split
 
 
+def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
+    """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
+    a step in 2 minibatches x 2 epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
+    `steps` replaces config.ppo_steps (benchmarks/bench_stories.py times a few)."""
+    from .ppo_config import PPOConfig
+
+    return PPOConfig(policy=policy, reward="stories: the reward model", steps=steps or config.ppo_steps,
+                     batch_size=config.batch_size, num_minibatches=2, ppo_epochs=2,
+                     response_length=config.response_length, min_response_length=config.min_response_length,
+                     temperature=config.temperature, lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
+                     score_clip=config.score_clip, checkpoint_every=5, sample_every=5, seed=config.seed,
+                     device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
+
+
 def _fan_prompts(data: str) -> list[tuple[str, str]]:
     """(prompt, story) rows of fan_prompts.csv beside the data, prompts detokenised; [] when there is none."""
     path = Path(data) / "fan_prompts.csv"
@@ -418,17 +432,9 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
 
     if wanted("ppo"):
         from .ppo import train as ppo_train
-        from .ppo_config import PPOConfig
         from .reward_model import reward_fn_from_model
 
-        ppo_config = PPOConfig(policy=start_of_rl, reward="stories: the reward model", steps=config.ppo_steps,
-                               batch_size=config.batch_size, num_minibatches=2, ppo_epochs=2,
-                               response_length=config.response_length,
-                               min_response_length=config.min_response_length, temperature=config.temperature,
-                               lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
-                               score_clip=config.score_clip,
-                               checkpoint_every=5, sample_every=5, seed=config.seed, device=config.device,
-                               mixed_precision=config.mixed_precision)  # fmt: skip
+        ppo_config = ppo_settings(config, start_of_rl)
         ppo_dir = out_dir / "ppo"
         resume_ppo = (ppo_dir / "metrics.csv").exists()
         ppo_train(ppo_config, train_prompts, reward_fn_from_model(state["rm_dir"]), ppo_dir, resume=resume_ppo,
