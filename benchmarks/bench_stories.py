@@ -10,7 +10,7 @@ the chat template, 2 minibatches x 2 PPO epochs, a separate value model, adaptiv
 reward model scored through `reward_model.score`, as in a run (a fresh, untrained head unless --reward-model: the
 same work). Prompts: Fan et al.'s r/WritingPrompts prompts (../shared/data/writing_prompts/fan_prompts.csv), else
 the built-in ones. Each step is `ppo.step` (rollout, scoring, update), timed by phase; the first step is a warm-up
-and is not counted. trl has no counterpart here (no reward-model-on-text PPO run of this shape), so there is no ratio.
+and is not counted. wprlhf only: no trl run, so no ratio.
 
 Prints episodes per minute and each phase's share; appends one JSON line per run (fresh process each) to --out
 (default benchmarks/results_stories.jsonl). A measurement, never a test.
