@@ -122,6 +122,19 @@ def versions() -> dict:
             "wprlhf": getattr(wprlhf, "__version__", "?")}  # fmt: skip
 
 
+def run_child(cmd: list[str], what: str) -> dict:
+    """Run one measurement in a fresh process (`cmd`, from the repo root) and return the JSON record it prints last;
+    SystemExit naming `what` (e.g. "run 2 of smollm2") with the end of its stderr if it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{what} failed with exit status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

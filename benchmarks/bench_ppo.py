@@ -303,11 +303,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for m in models:  # interleaved: smollm2, tiny, smollm2, tiny, ...
             t0 = time.perf_counter()
-            proc = subprocess.run(child_command(args, m), cwd=REPO, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"run {rep + 1} of {m} failed with exit status {proc.returncode}")
-            record = json.loads(proc.stdout.strip().splitlines()[-1])
+            record = run_child(child_command(args, m), f"run {rep + 1} of {m}")
             record["repeat"] = rep + 1
             append_jsonl(out, record)
             records.append(record)

@@ -8,11 +8,12 @@ queries of exactly 32 tokens (no padding), 32 new tokens per row (no stop), temp
     .venv/bin/python benchmarks/bench_sampler.py --model tiny         # random TINY_ARCH, batch 16
     .venv/bin/python benchmarks/bench_sampler.py --precision bf16     # as a bf16 run samples (see below)
 
---precision bf16 times what a run under `--mixed-precision bf16` does: wprlhf builds a copy of the policy with bf16
-linear weights (`models.matmuls_in`, included in the time, as the trainer builds it per step) and samples from it
-under bf16 autocast; HF `generate` runs the fp32 model under the same autocast (as trl's bf16 run does), and once
-more on wprlhf's bf16 copy (`hf_bf16_weights`: the same weights, dtype and arithmetic, only the decoding loop
-differs).
+--precision bf16 times what a run under `--mixed-precision bf16` does: wprlhf samples from the fp32 policy inside one
+bf16 autocast block (as `Trainer.sample` does: each weight is cast once a call, and every step reads the casts); HF
+`generate` runs the fp32 model under the same autocast in inference mode (each step casts every weight, as in trl's
+bf16 run, whose prepared model enters autocast anew at every forward), and once more on a copy of the model holding
+those bf16 casts (`hf_bf16_weights`, `models.matmuls_in`: the same weights, dtype and arithmetic as wprlhf's, only
+the decoding loop differs).
 
 Prints a markdown table; appends one JSON line per run to --out (default benchmarks/results_sampler.jsonl).
 This is a measurement, never a test: nothing here asserts on time.
@@ -43,7 +44,7 @@ LABELS = {
     "wprlhf": "wprlhf `sample` (KV cache)",
     "hf_scores": "HF `generate`, output_scores=True (trl's call)",
     "hf": "HF `generate`, no scores",
-    "hf_bf16_weights": "HF `generate` on wprlhf's bf16-weight copy, no scores",
+    "hf_bf16_weights": "HF `generate` on a copy holding the bf16 casts, no scores",
 }
 
 
@@ -60,12 +61,11 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
     generator = torch.Generator().manual_seed(seed)
     attention_mask = query_mask.long()
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    bf16_copy = matmuls_in(model, torch.bfloat16, share_others=True) if bf16 else None
+    bf16_copy = matmuls_in(model, torch.bfloat16) if bf16 else None
 
     def wprlhf_side():
         with autocast():
-            sampler = matmuls_in(model, torch.bfloat16, share_others=True) if bf16 else model
-            return sample(sampler, queries, query_mask, config, stops, pad, generator).responses
+            return sample(model, queries, query_mask, config, stops, pad, generator).responses
 
     def hf_side(scores: bool, on=model):
         # A fresh config, so nothing from the checkpoint's generation_config adds a logits processor.

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import REPO, append_jsonl, cpu_probe, cpu_seconds, machine, med, peak_rss_mib, prompt_texts, shown, versions
+from _common import (REPO, append_jsonl, cpu_probe, cpu_seconds, machine, med, peak_rss_mib, prompt_texts, run_child,
+                     shown, versions)
 from bench_ppo import Timers, instrument
 
 PHASES = ("generate", "score", "rollout_fwd_no_grad", "rollout_value_fwd", "train_forward", "train_backward",
@@ -133,15 +133,12 @@ def main() -> None:
         print(json.dumps(one_run(args)), flush=True)
         return
     out = Path(args.out or REPO / "benchmarks" / "results_stories.jsonl")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one"] + [
+        a for k, v in vars(args).items() if k not in ("one", "repeats", "out")
+        for a in (f"--{k.replace('_', '-')}", str(v)) if v != ""]  # fmt: skip
     records = []
     for i in range(args.repeats):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one"] + [
-            a for k, v in vars(args).items() if k not in ("one", "repeats", "out")
-            for a in (f"--{k.replace('_', '-')}", str(v)) if v != ""]  # fmt: skip
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(f"run {i + 1} failed with exit status {proc.returncode}")
-        record = json.loads(proc.stdout.strip().splitlines()[-1])
+        record = run_child(cmd, f"run {i + 1}")
         record["command"] = " ".join(["benchmarks/bench_stories.py"] + sys.argv[1:])
         append_jsonl(out, record)
         records.append(record)

@@ -205,17 +205,29 @@ def test_unknown_hub_id_offline_fails_fast(monkeypatch, capsys, tmp_path):
     assert code == 2 and "cannot be reached (offline?)" in err
 
 
-def test_the_command_leaves_an_open_process_group_before_exit(tmp_path, prompts_txt, capsys):
-    """Under torchrun a process group is open; the command closes it on every way out (here an error), so gloo's
-    teardown at interpreter exit cannot turn the run's exit status non-zero."""
+@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "user_error"])
+def test_the_command_closes_the_process_group_it_opened(tmp_path, capsys, monkeypatch, fails):
+    """Under torchrun the command opens a process group (accelerate's state); it closes it before exit, so gloo's
+    teardown at interpreter exit cannot turn the run's exit status non-zero. A group the caller opened stays open."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    from wprlhf import cli
+    from wprlhf.errors import UserError
+
+    def opens_a_group(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if fails:
+            raise UserError("stopped")
+
+    monkeypatch.setattr(cli, "cmd_sample", opens_a_group)
     try:
-        code, err = run_cli(capsys, "ppo", "--policy", "tiny", "--prompts", prompts_txt, "--reward", "no_such_reward",
-                            "--out", tmp_path / "r")  # fmt: skip
-        assert code == 2 and "unknown reward" in err
+        code, _ = run_cli(capsys, "sample", "--policy", "tiny", "--prompts", "p.txt", "--out", "o.jsonl")
+        assert code == (2 if fails else 0)
         assert not dist.is_initialized()
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+        monkeypatch.setattr(cli, "cmd_sample", lambda args: None)
+        assert run_cli(capsys, "sample", "--policy", "tiny", "--prompts", "p.txt", "--out", "o.jsonl")[0] == 0
+        assert dist.is_initialized()  # the caller's group
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -73,6 +73,19 @@ def test_logprobs_count_response_tokens_only_and_padding_changes_nothing(tiny, t
             torch.testing.assert_close(rejected[i], alone[1][0], atol=1e-4, rtol=0)
 
 
+def test_bf16_reference_holds_bf16_matmul_weights_and_starts_at_zero_margin(tokenizer):
+    """Under bf16 the DPO reference stores its linear weights in bf16; before any step it gives the policy's own
+    log-probs, so every pair's implicit reward margin is exactly 0."""
+    from wprlhf.dpo import DPO
+    from wprlhf.models import load_policy
+
+    policy, _ = load_policy("tiny")
+    dpo = DPO(DPOConfig(policy="tiny", mixed_precision="bf16", device="cpu"), policy, tokenizer, total_steps=1)
+    assert all(m.weight.dtype == torch.bfloat16 for m in dpo.reference.modules() if isinstance(m, torch.nn.Linear))
+    _, stats = dpo.batch_loss([Pair("A short prompt", "yes", "no no no"), Pair("Another prompt", "a b c", "x")])
+    assert torch.equal(stats["margin"], torch.zeros(2))
+
+
 # A toy preference: vowel-rich answers beat consonant runs, on 24 prompts (4 held out by the split).
 TOY = [Comparison(f"Say something about thing number {i}.", ["brr tsk psst grr hmm", "aeiou oui eau aia"], 1,
                   prompt_id=str(i)) for i in range(24)]  # fmt: skip

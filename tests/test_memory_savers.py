@@ -13,7 +13,6 @@ from wprlhf.core import masked_sum, pad_sequences
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
 from wprlhf.forwards import policy_forward
-from wprlhf.generation import sample
 from wprlhf.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.rewards import vowels
 
@@ -201,28 +200,58 @@ def test_bf16_reference_holds_bf16_matmul_weights_and_gives_the_policys_logprobs
     assert read_metrics(tmp_path / "run" / "metrics.csv")[0]["kl"] == 0.0
 
 
-def test_bf16_sampling_reads_bf16_weights_and_samples_what_the_policy_samples(tokenizer):
-    """The trainer samples from a per-step copy with bf16 linear weights; with the same noise it draws the same tokens,
-    with the same log-probs, as the fp32 policy under bf16 autocast."""
+def test_matmuls_in_copies_gpt2_conv1d_and_never_shares_a_bf16_policys_weights():
+    """GPT-2's Conv1D layers are cast too (the copy computes the model's autocast logits exactly), and a policy that is
+    already bf16 gets a copy of its weights, not the same storage: a shared reference would follow the policy's
+    updates and the KL penalty would vanish."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from wprlhf.models import matmuls_in
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)).eval()
+    copy = matmuls_in(gpt2, torch.bfloat16)
+    conv = copy.transformer.h[0].attn.c_attn
+    assert conv.weight.dtype == conv.bias.dtype == torch.bfloat16
+    assert copy.transformer.wte.weight.dtype == torch.float32 and copy.lm_head.weight.dtype == torch.bfloat16
+    assert _bytes(copy) < 0.8 * _bytes(gpt2)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(copy(ids).logits, gpt2(ids).logits)
+
+    policy, _ = load_policy("tiny", dtype=torch.bfloat16)
+    reference = matmuls_in(policy, torch.bfloat16)
+    ours = {p.data_ptr() for p in policy.parameters()}
+    assert not ours & {p.data_ptr() for p in reference.parameters()}
+    assert all(p.requires_grad for p in policy.parameters())
+
+
+def test_bf16_sampling_casts_each_weight_once_per_call(tokenizer):
+    """Under bf16 the trainer's sampler reads cast bf16 weights on every decoding step, but casts each weight only
+    once per call (autocast's cache, which inference mode would switch off): 8 tokens, 1 cast of the head."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     policy, _ = load_policy("tiny")
-    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=1, response_length=8, mixed_precision="bf16",
-                       device="cpu")  # fmt: skip
+    head = policy.get_output_embeddings().weight
+    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=1, response_length=8, stop_at_eos=False,
+                       mixed_precision="bf16", device="cpu")  # fmt: skip
     trainer = PPOTrainer(config, policy, tokenizer)
-    weight_dtypes = set()
-    hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: weight_dtypes.add(m.weight.dtype) if isinstance(m, torch.nn.Linear) else None)
-    try:
-        samples = trainer.generate(PROMPTS[:4])
-    finally:
-        hook.remove()
-    assert weight_dtypes == {torch.bfloat16}
-    trainer.generator.manual_seed(config.seed)
-    with trainer.accelerator.autocast():
-        expected = sample(policy, samples.queries, samples.query_mask, config.generation(), trainer.stop_token_ids,
-                          tokenizer.pad_token_id, torch.Generator().manual_seed(config.seed))  # fmt: skip
-    assert torch.equal(samples.generation.responses, expected.responses)
-    assert torch.equal(samples.generation.logprobs, expected.logprobs)
-    assert next(policy.parameters()).dtype == torch.float32 and all(p.requires_grad for p in policy.parameters())
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            casts = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)  # how each mode dispatches it
+            if func in casts and args[0].data_ptr() == head.data_ptr():
+                CountCasts.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    queries, query_mask = pad_sequences([torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]],
+                                        tokenizer.pad_token_id, side="left")  # fmt: skip
+    with CountCasts():
+        gen = trainer.sample(queries, query_mask)
+    assert gen.responses.shape == (4, 8)
+    assert CountCasts.casts == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")

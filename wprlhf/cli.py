@@ -676,26 +676,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    opened_before = _process_group_open()
     try:
         args.func(args)
     except UserError as err:
         print(f"wprlhf {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"wprlhf {args.command}: interrupted (runs resume with --resume)", file=sys.stderr)
         return 130
-    finally:
-        _close_process_group()
-    return 0
+    else:
+        code = 0
+    # Under `accelerate launch`/torchrun the command opened a process group: leave it before exit, since a group
+    # still open when the interpreter shuts down can abort in gloo's teardown and turn a finished run into a
+    # non-zero exit. Only on these orderly ways out (a crash on one rank must not wait on the others), and only a
+    # group this command opened (not a caller's).
+    if not opened_before and _process_group_open():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return code
 
 
-def _close_process_group() -> None:
-    """Under `accelerate launch`/torchrun, leave the process group before exit: a group still open when the
-    interpreter shuts down can abort in gloo's teardown and turn a finished run into a non-zero exit."""
+def _process_group_open() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return dist.is_available() and dist.is_initialized()
 
 
 if __name__ == "__main__":

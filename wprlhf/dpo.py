@@ -211,8 +211,10 @@ class DPO:
         self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.policy = policy.to(self.device)
-        # Under bf16/fp16 the reference's matmul weights are stored in that dtype: the same log-probs, less memory.
-        self.reference = None if config.lora_r else make_reference(self.policy, autocast_dtype(config.mixed_precision))
+        # Under bf16/fp16 autocast the reference's matmul weights are stored in that dtype: the same log-probs, less
+        # memory. (DeepSpeed runs no autocast: it casts the models themselves; the reference stays a plain copy.)
+        matmul_dtype = autocast_dtype(config.mixed_precision) if self.accelerator.native_amp else None
+        self.reference = None if config.lora_r else make_reference(self.policy, matmul_dtype)
         if config.lora_r:
             self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
         self.policy.eval()  # dropout off, as everywhere in wprlhf: the log-ratios are then deterministic

@@ -267,9 +267,9 @@ def load_policy(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 def make_reference(policy: nn.Module, matmul_dtype: torch.dtype | None = None) -> nn.Module:
     """A frozen copy of the policy: the anchor of the KL penalty.
 
-    matmul_dtype (bf16 or fp16, for a run whose forwards use that autocast): the copy's matmul weights are stored
-    in it (`matmuls_in`), so the reference takes less memory and its forwards skip autocast's weight casts, while
-    computing under that autocast exactly what the policy computed at the start.
+    matmul_dtype (bf16 or fp16, for a run whose forwards all use that autocast): the copy's matmul weights are
+    stored in it (`matmuls_in`), so the reference takes less memory and its forwards skip autocast's weight casts,
+    while computing under that autocast exactly what the policy computed at the start.
     """
     if matmul_dtype is not None:
         return matmuls_in(policy, matmul_dtype).eval()
@@ -278,34 +278,31 @@ def make_reference(policy: nn.Module, matmul_dtype: torch.dtype | None = None) -
     return reference.eval()
 
 
-def matmuls_in(model: nn.Module, dtype: torch.dtype, share_others: bool = False) -> nn.Module:
-    """A no-grad copy of `model` whose nn.Linear weights and biases are stored in `dtype` (the output head too, untied
-    from the input embedding); embeddings, norms and everything else keep their dtype.
+def matmuls_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of `model` whose matmul weights and biases (nn.Linear, GPT-2's Conv1D) are stored in `dtype`, the
+    output head too (untied from the input embedding); embeddings, norms and everything else stay as they are.
 
-    Under autocast to `dtype` every linear layer casts its fp32 weight to `dtype` before the matmul, and the copy
-    holds exactly those cast values, so it computes bit for bit what `model` computes under the same autocast: in
-    about 60 % of an fp32 copy's memory (SmolLM2: 384 MB against 538 MB), without casting weights on each forward.
-    Outside autocast its linear layers would see fp32 inputs and fail: use it only under that autocast.
-
-    share_others: the copy reuses `model`'s other parameters instead of copying them (a short-lived sampling copy;
-    they keep requires_grad, so use it under no_grad/inference_mode only).
+    Under autocast to `dtype` every such layer casts its fp32 weight to `dtype` before the matmul, and the copy
+    holds exactly those cast values, so it computes bit for bit what `model` computes under the same autocast, in
+    about 70 % of an fp32 copy's memory (SmolLM2: 382 MB against 538 MB) and without casting weights on each forward.
+    Outside autocast its matmuls would see fp32 inputs and fail: use it only under that autocast.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    cast = {id(p) for m in linears for p in (m.weight, m.bias) if p is not None}
-    memo = {}
-    for p in model.parameters():  # unique parameters: a tied head's weight is the embedding's, kept as it is here
-        embedded = any(p is m.weight for m in model.modules() if isinstance(m, nn.Embedding))
-        if id(p) in cast and not embedded:
-            memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-        elif share_others:
-            memo[id(p)] = p
+    from transformers.pytorch_utils import Conv1D
+
+    cast = {id(p) for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) for p in (m.weight, m.bias)
+            if p is not None}  # fmt: skip
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+    def frozen(p: torch.Tensor) -> nn.Parameter:  # copy=True: a weight already in dtype must not be shared
+        return nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+
+    # Unique parameters: a head tied to the embedding is the embedding's weight here, kept as it is.
+    memo = {id(p): frozen(p) for p in model.parameters() if id(p) in cast and id(p) not in embedded}
     duplicate = copy.deepcopy(model, memo)
-    for m in duplicate.modules():  # a head tied to the embedding: its own copy in dtype
-        if isinstance(m, nn.Linear) and m.weight.dtype != dtype:
-            m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
-    if not share_others:
-        duplicate.requires_grad_(False)
-    return duplicate
+    for m in duplicate.modules():  # the tied head: its own copy in dtype
+        if isinstance(m, (nn.Linear, Conv1D)) and m.weight.dtype != dtype:
+            m.weight = frozen(m.weight)
+    return duplicate.requires_grad_(False)
 
 
 def add_lora(policy: nn.Module, r: int, alpha: float) -> nn.Module:

@@ -123,10 +123,9 @@ class PPOConfig:
     mixed_precision: str = "auto"
     """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX;
     else fp32), 'no' (fp32), 'bf16' or 'fp16': autocast for every forward (accelerate's); weights and AdamW stay
-    fp32. Without LoRA, the frozen reference and the per-step sampling copy of the policy then store their linear
-    weights in that dtype (`models.matmuls_in`: the values autocast computes with, so the same log-probs and samples,
-    in less memory and without a cast per forward). The choice is printed and saved in config.json; --resume keeps
-    the saved one."""
+    fp32. Without LoRA the frozen reference then stores its matmul weights in that dtype (`models.matmuls_in`: the
+    values autocast computes with, so the same log-probs in less memory). The choice is printed and saved in
+    config.json; --resume keeps the saved one."""
     lora_r: int = 0
     """LoRA rank of the policy's adapters (peft, on every linear layer); 0 = train all weights. With LoRA the
     reference is the same network with its adapters off, so the base weights are held once."""

@@ -47,7 +47,6 @@ from .models import (
     make_optimizer,
     make_reference,
     make_value_model,
-    matmuls_in,
     merged_copy,
     stop_token_ids,
 )
@@ -168,11 +167,12 @@ class Trainer:
         else:
             self.value_model = (value_model or make_value_model(policy, seed=config.seed + 1)).to(self.device)
             value_params = list(self.value_model.parameters())
-        # Under bf16/fp16 the reference and the sampler's copy of the policy hold their matmul weights in that dtype:
-        # the same numbers autocast would compute with, in less memory and without casting them on every forward.
-        self.matmul_dtype = None if config.lora_r else autocast_dtype(config.mixed_precision)
+        # Under bf16/fp16 autocast the reference holds its matmul weights in that dtype: the numbers autocast would
+        # compute with, in less memory and without a cast per forward. (DeepSpeed runs no autocast: it casts the
+        # models themselves, so there the reference stays a plain copy.)
+        matmul_dtype = autocast_dtype(config.mixed_precision) if self.accelerator.native_amp else None
         # LoRA: the reference is the policy with its adapters switched off (one copy of the base weights).
-        self.reference = None if config.lora_r else make_reference(self.policy, self.matmul_dtype)
+        self.reference = None if config.lora_r else make_reference(self.policy, matmul_dtype)
         if config.lora_r:
             self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
         if config.gradient_checkpointing:
@@ -227,11 +227,10 @@ class Trainer:
     def sample(self, queries: torch.Tensor, query_mask: torch.Tensor) -> Generation:
         """Responses of the current policy to queries (b, Tq) left-padded, query_mask (b, Tq) bool, already fitted to
         the model's positions, in the run's precision and with its generation settings and noise."""
-        # Decoding one token at a time reads every weight per token: from bf16 copies it reads half the bytes, and
-        # samples exactly what the fp32 policy samples under the same autocast. Made per step, freed before training.
-        sampler = self.policy if self.matmul_dtype is None else matmuls_in(self.policy, self.matmul_dtype, share_others=True)
+        # One autocast block for the whole call: under bf16 each weight is cast once and every decoding step reads the
+        # cast (half the bytes of fp32 per token); the casts are freed when the block ends, before training.
         with self.accelerator.autocast():
-            return sample(sampler, queries, query_mask, self.config.generation(), self.stop_token_ids,
+            return sample(self.policy, queries, query_mask, self.config.generation(), self.stop_token_ids,
                           self.tokenizer.pad_token_id, self.generator, self.tokenizer)  # fmt: skip
 
     def score(self, samples: Samples, reward_fn: RewardFn) -> torch.Tensor:
