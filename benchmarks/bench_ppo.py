@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import resource
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -45,6 +44,7 @@ from _common import (
     machine,
     med,
     peak_rss_mib,
+    run_child,
     shown,
     versions,
 )

@@ -165,7 +165,8 @@ def main() -> None:
         }  # fmt: skip
 
     print(f"\n## Sampler: {args.model}, batch {batch}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
-          f"{args.threads} threads, {args.precision}, {args.repeats} interleaved repeats (prompts: {source})\n")  # fmt: skip
+          f"{args.threads} threads, {args.precision}, {args.repeats} interleaved repeats "
+          f"(prompts: {source})\n")  # fmt: skip
     print("| side | median s | min–max s | tokens/s (median) | tokens/s (best) | CPU util | wprlhf ÷ side tokens/s "
           "(medians) | same, median of paired rounds |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

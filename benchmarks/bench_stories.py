@@ -116,7 +116,8 @@ def print_table(records: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--policy", default="smollm2", help="smollm2, or a saved policy (e.g. a stories run's SFT)")
-    parser.add_argument("--reward-model", default="", help="a saved reward model directory (default: a fresh MiniLM head)")
+    parser.add_argument("--reward-model", default="",
+                        help="a saved reward model directory (default: a fresh MiniLM head)")
     parser.add_argument("--precision", choices=("auto", "no", "bf16"), default="auto",
                         help="PPOConfig.mixed_precision; auto = bf16 where this CPU runs it faster")
     parser.add_argument("--steps", type=int, default=3, help="timed PPO steps after one warm-up step")
@@ -142,7 +143,8 @@ def main() -> None:
         record["command"] = " ".join(["benchmarks/bench_stories.py"] + sys.argv[1:])
         append_jsonl(out, record)
         records.append(record)
-        print(f"run {i + 1}/{args.repeats}: {record['episodes_per_min']:.1f} episodes/min, wall {record['wall_s']:.1f} s")
+        print(f"run {i + 1}/{args.repeats}: {record['episodes_per_min']:.1f} episodes/min, "
+              f"wall {record['wall_s']:.1f} s")
     print_table(records)
     print(f"\nappended to {shown(out)}")
 

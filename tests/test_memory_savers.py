@@ -181,8 +181,8 @@ def test_bf16_reference_holds_bf16_matmul_weights_and_gives_the_policys_logprobs
     """Under bf16 the frozen reference stores its linear weights (the head untied from the embedding) in bf16: less
     memory than an fp32 copy, and under autocast the same numbers, so the first rollout's KL is exactly 0."""
     policy, _ = load_policy("tiny")
-    trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=1, mixed_precision="bf16", device="cpu"),
-                         policy, tokenizer)  # fmt: skip
+    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=1, mixed_precision="bf16", device="cpu")
+    trainer = PPOTrainer(config, policy, tokenizer)
     reference = trainer.reference
     linears = [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
