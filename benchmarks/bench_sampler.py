@@ -50,7 +50,7 @@ LABELS = {
 
 def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int, bf16: bool):
     """name -> zero-argument callable that samples the batch once and returns the response tokens (B, Tr).
-    bf16: every side runs under bf16 autocast, wprlhf's from its per-call bf16-weight copy (see the docstring)."""
+    bf16: every side runs under bf16 autocast (wprlhf's in one block, reading cached casts; see the docstring)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     from wprlhf.generation import GenerationConfig, sample

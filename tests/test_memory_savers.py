@@ -200,6 +200,18 @@ def test_bf16_reference_holds_bf16_matmul_weights_and_gives_the_policys_logprobs
     assert read_metrics(tmp_path / "run" / "metrics.csv")[0]["kl"] == 0.0
 
 
+def test_no_bf16_reference_where_autocast_is_off(tokenizer):
+    """fp16 on the CPU (like DeepSpeed's precision) runs no autocast: the reference stays a plain fp32 copy, which an
+    fp32 forward can run, and a step trains."""
+    policy, _ = load_policy("tiny")
+    config = PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, mixed_precision="fp16", device="cpu")
+    trainer = PPOTrainer(config, policy, tokenizer)
+    assert not trainer.accelerator.native_amp
+    assert {p.dtype for p in trainer.reference.parameters()} == {torch.float32}
+    stats = _step(trainer, tokenizer)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
 def test_matmuls_in_copies_gpt2_conv1d_and_never_shares_a_bf16_policys_weights():
     """GPT-2's Conv1D layers are cast too (the copy computes the model's autocast logits exactly), and a policy that is
     already bf16 gets a copy of its weights, not the same storage: a shared reference would follow the policy's

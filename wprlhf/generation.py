@@ -203,9 +203,10 @@ def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return tokens.clamp(max=logits.shape[-1] - 1)
 
 
-# no_grad, not inference_mode: under autocast, a weight that requires grad is cast to bf16 once and the cast is
-# reused for the rest of the autocast block, so a bf16 run's decoding steps read half the bytes of fp32 weights.
-# Autocast keeps no such cache in inference mode: there every step would cast every weight again.
+# no_grad, not inference_mode: under autocast, a weight that requires grad (not a LoRA run's frozen base) is cast to
+# bf16 once and the cast is reused for the rest of the autocast block, so a bf16 run's decoding steps read half the
+# bytes of fp32 weights. Autocast keeps no such cache in inference mode (torch 2.13; older versions did): there every
+# step would cast every weight again.
 @torch.no_grad()
 def sample(
     model: nn.Module,
