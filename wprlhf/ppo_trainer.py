@@ -223,7 +223,6 @@ class Trainer:
         self.timings["time_generate"] = time.perf_counter() - started
         return Samples(prompts, texts, queries, query_mask, gen)
 
-    @torch.no_grad()
     def sample(self, queries: torch.Tensor, query_mask: torch.Tensor) -> Generation:
         """Responses of the current policy to queries (b, Tq) left-padded, query_mask (b, Tq) bool, already fitted to
         the model's positions, in the run's precision and with its generation settings and noise."""

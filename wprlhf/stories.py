@@ -175,10 +175,6 @@ QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=
              ppo_steps=2, batch_size=4, best_of="2,4", response_length=24, eval_batch_size=8)  # fmt: skip
 
 
-# ==========================================================================================================
-# the split
-
-
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
     a step in 2 minibatches x 2 epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
@@ -191,6 +187,10 @@ def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
                      temperature=config.temperature, lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
                      score_clip=config.score_clip, checkpoint_every=5, sample_every=5, seed=config.seed,
                      device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
+
+
+# ==========================================================================================================
+# the split
 
 
 def _fan_prompts(data: str) -> list[tuple[str, str]]:
