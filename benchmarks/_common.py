@@ -107,6 +107,25 @@ def machine() -> dict:
             "bf16_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}  # fmt: skip
 
 
+def on_device(device: str) -> dict:
+    """What a run's record says of its accelerator: `device`, and on CUDA the GPU's name and the peak memory torch's
+    allocator held (MiB). On a GPU, kernels run asynchronously: callers synchronize before reading a clock and run
+    without per-phase timers, which would need a synchronization per call and so change what is measured."""
+    if device == "cpu":
+        return {"device": "cpu"}
+    torch.cuda.synchronize()
+    return {"device": device, "gpu": torch.cuda.get_device_name(),
+            "gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}  # fmt: skip
+
+
+def check_device(device: str) -> None:
+    """Exit with a clear message when `device` ('cpu' or 'cuda') is not usable here."""
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

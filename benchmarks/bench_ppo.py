@@ -37,12 +37,14 @@ from _common import (
     WORK,
     WorkCounter,
     append_jsonl,
+    check_device,
     cpu_probe,
     cpu_seconds,
     current_rss_mib,
     fixed_queries,
     machine,
     med,
+    on_device,
     peak_rss_mib,
     run_child,
     shown,
@@ -139,6 +141,7 @@ def one_run(args) -> dict:
     from wprlhf.rewards import length
 
     torch.set_num_threads(args.threads)
+    check_device(args.device)
     work = WORK[args.model]
     precision = {"mixed_precision": "no"}  # the fp32 row, whatever the default ('auto') would pick on this CPU
     if args.bf16:  # the "best settings" row: wprlhf's bf16 autocast, where its PPOConfig has one
@@ -151,7 +154,7 @@ def one_run(args) -> dict:
     config = PPOConfig(
         policy=args.model, reward="length", seed=args.seed, **work, max_prompt_length=32, response_length=32,
         stop_at_eos=False, chat_template=False, temperature=0.7, top_k=0, top_p=1.0,
-        device="cpu", lr=3e-6, lr_schedule="linear", kl_coef=0.05, adaptive_kl=False,
+        device=args.device, lr=3e-6, lr_schedule="linear", kl_coef=0.05, adaptive_kl=False,
         max_grad_norm=args.max_grad_norm, log_samples=0, **precision,
     )  # fmt: skip
     t0 = time.perf_counter()
@@ -160,10 +163,11 @@ def one_run(args) -> dict:
     queries, query_mask, source = fixed_queries(tokenizer, B * U, 32, args.prompts)
     torch.manual_seed(args.seed)
     trainer = PPOTrainer(config, policy, tokenizer)
-    reward_model = tiny_reward_model(tokenizer) if args.reward == "tiny-rm" else None
+    queries, query_mask = queries.to(trainer.device), query_mask.to(trainer.device)
+    reward_model = tiny_reward_model(tokenizer).to(trainer.device) if args.reward == "tiny-rm" else None
     load_s = time.perf_counter() - t0
     timers = Timers()
-    if not args.no_timers:
+    if not args.no_timers and args.device == "cpu":  # on a GPU the clock would need a sync per call: none
         instrument(trainer, timers)
     counter = WorkCounter(config.response_length)
     watched = {"policy": trainer.policy, "reference": trainer.reference, "value": trainer.value_model,
@@ -192,7 +196,8 @@ def one_run(args) -> dict:
                 texts = decode_responses(tokenizer, gen.responses, gen.response_mask)
                 scores = torch.tensor(length([""] * B, texts), dtype=torch.float32)
         stats = trainer.step_batch(q, m, gen.responses, gen.response_mask, scores, gen.logprobs)
-        update_s.append(round(time.perf_counter() - u0, 3))
+        update_s.append(round(time.perf_counter() - u0, 3))  # step_batch's stats are floats: GPU work is done
+    accelerator = on_device(args.device)  # synchronizes on a GPU
     wall = time.perf_counter() - w0
     cpu_s = cpu_seconds() - c0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -222,13 +227,13 @@ def one_run(args) -> dict:
                      "threads": torch.get_num_threads(), "value_model": "separate", "lr": 3e-6, "kl_coef": 0.05,
                      "max_grad_norm": args.max_grad_norm, "reward": args.reward,
                      "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id},
-        "machine": machine(), "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **accelerator, "machine": machine(), "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
 
 
 def child_command(args, model: str) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--model", model, "--threads", str(args.threads),
-           "--prompts", args.prompts, "--seed", str(args.seed), "--reward", args.reward]  # fmt: skip
+           "--prompts", args.prompts, "--seed", str(args.seed), "--reward", args.reward, "--device", args.device]  # fmt: skip
     if args.max_grad_norm is not None:
         cmd += ["--max-grad-norm", str(args.max_grad_norm)]
     if args.no_timers:
@@ -287,6 +292,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (PPOConfig.mixed_precision), not the work")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the policy (0 = full fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (then without per-phase timers)")
     parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_ppo.jsonl)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child: one run, JSON on stdout
     args = parser.parse_args()

@@ -55,11 +55,13 @@ from _common import (
     WORK,
     WorkCounter,
     append_jsonl,
+    check_device,
     cpu_probe,
     cpu_seconds,
     current_rss_mib,
     fixed_queries,
     machine,
+    on_device,
     peak_rss_mib,
 )
 
@@ -192,7 +194,7 @@ def make_trainer(args, work: dict, episodes: int, tokenizer, policy, reference, 
         optim="adamw_torch_fused", kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
         gamma=1.0, lam=0.95, whiten_rewards=False, bf16=args.bf16, fp16=False, gradient_checkpointing=False,
         num_sample_generations=0, save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=1,
-        use_cpu=True, dataloader_num_workers=0,
+        use_cpu=args.device == "cpu", dataloader_num_workers=0,
     )  # fmt: skip
     dataset = Dataset.from_dict({"input_ids": queries.tolist()})
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
@@ -298,6 +300,7 @@ def one_run(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    check_device(args.device)
     work = WORK[args.config]
     B = work["batch_size"]
     episodes = args.episodes or B * work["steps"]
@@ -320,7 +323,8 @@ def one_run(args) -> dict:
         counter = WorkCounter(RESPONSE_TOKENS)
         for name, model in (("policy", policy), ("reference", reference), ("value", value), ("reward", reward)):
             counter.watch(name, model)
-        timers = None if args.no_timers else Timers()
+        # On a GPU the clock would need a sync per call: no phase timers there.
+        timers = None if args.no_timers or args.device != "cpu" else Timers()
         update_starts: list[float] = []
         instrument(trainer, counter, timers, update_starts)
         rss_before = current_rss_mib()
@@ -331,6 +335,7 @@ def one_run(args) -> dict:
         c0, w0 = cpu_seconds(), time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):
             trainer.train()
+        accelerator = on_device(args.device)  # synchronizes on a GPU
         w1 = time.perf_counter()
         wall, cpu_s = w1 - w0, cpu_seconds() - c0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -369,7 +374,7 @@ def one_run(args) -> dict:
                      "lr_scheduler": enum_value(config.lr_scheduler_type), "optim": enum_value(config.optim),
                      "kl_coef": config.kl_coef, "max_grad_norm": None, "reward": "tiny-rm", "seed": config.seed,
                      "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id},
-        "machine": machine(), "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **accelerator, "machine": machine(), "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
 
 
@@ -384,6 +389,7 @@ def main() -> None:
     run.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
     run.add_argument("--bf16", action="store_true", help="trl's best setting: bf16 mixed precision (not the work)")
     run.add_argument("--no-timers", action="store_true", help="no per-phase wrappers")
+    run.add_argument("--device", default="cpu", help="cpu, or cuda (then without per-phase timers)")
     run.add_argument("--episodes", type=int, default=None, help="change the work (marks reference_work false)")
     run.add_argument("--out", default=None, help="also append the JSON line to this file")
     args = parser.parse_args()

@@ -52,6 +52,7 @@ SETTINGS = ("batch_size", "num_minibatches", "ppo_epochs", "prompt_tokens", "res
 METRICS = (("episodes_per_s", "episodes/s", 3, True), ("gen_tokens_per_s", "generated tokens/s", 1, True),
            ("trained_tokens_per_s", "trained tokens/s", 0, True), ("peak_rss_mib", "peak RSS MiB", 0, False),
            ("wall_s", "wall s", 2, False))  # fmt: skip
+GPU_METRICS = (("gpu_peak_mib", "GPU peak MiB (torch allocator)", 0, False),)  # only in --device cuda records
 
 
 def med(xs):
@@ -96,12 +97,12 @@ def wprlhf_has_bf16(python: str) -> bool:
 
 def variants(args, trl_python: str) -> list[dict]:
     """What runs, in order, for each repeat and config: label, side, interpreter, script arguments."""
-    common = ["--threads", str(args.threads), "--prompts", args.prompts]
+    common = ["--threads", str(args.threads), "--prompts", args.prompts, "--device", args.device]
     out = [{"label": "wprlhf", "side": "wprlhf", "python": args.wprlhf_python, "model_flag": True,
             "shown": shown_python(args.wprlhf_python, "python"),
             "argv": ["benchmarks/bench_ppo.py", "--one", "--reward", "tiny-rm", *common]},
            {"label": "trl", "side": "trl", "python": trl_python, "model_flag": False,
-            "shown": shown_python(trl_python, "$BENCH_VENV/bin/python"),
+            "shown": shown_python(trl_python, "python3" if args.trl_python else "$BENCH_VENV/bin/python"),
             "argv": ["benchmarks/bench_trl.py", "run", *common]}]  # fmt: skip
     if args.best:
         if wprlhf_has_bf16(args.wprlhf_python):
@@ -150,26 +151,28 @@ def metric_cell(rs: list[dict], key: str, digits: int) -> str:
 
 
 def speed_table(config: str, by_label: dict[str, list[dict]], labels: list[str]) -> list[str]:
-    head = "| side | runs | " + " | ".join(f"{name} median (min–max)" for _, name, _, _ in METRICS)
+    on_gpu = any("gpu_peak_mib" in r for rs in by_label.values() for r in rs)
+    metrics = METRICS + GPU_METRICS if on_gpu else METRICS
+    head = "| side | runs | " + " | ".join(f"{name} median (min–max)" for _, name, _, _ in metrics)
     lines = [
         head + " | CPU probe GFLOP/s before / after (medians) | CPU util | load avg before |",
-        "|---|---:|" + "---:|" * len(METRICS) + "---:|---:|---:|",
+        "|---|---:|" + "---:|" * len(metrics) + "---:|---:|---:|",
     ]
     for label in labels:
         rs = by_label.get(label, [])
         if not rs:
-            lines.append(f"| {label} | 0 | " + " | ".join("—" for _ in METRICS) + " | — | — | — |")
+            lines.append(f"| {label} | 0 | " + " | ".join("—" for _ in metrics) + " | — | — | — |")
             continue
         probes = f"{med([r['probe_gflops_before'] for r in rs]):.0f} / {med([r['probe_gflops_after'] for r in rs]):.0f}"
         load = med([r["loadavg_before"] for r in rs])
-        cells = " | ".join(metric_cell(rs, key, digits) for key, _, digits, _ in METRICS)
+        cells = " | ".join(metric_cell(rs, key, digits) for key, _, digits, _ in metrics)
         lines.append(f"| {label} | {len(rs)} | {cells} | {probes} | {med([r['cpu_util'] for r in rs]):.2f} | "
                      f"{load:.2f} |")  # fmt: skip
     lora = [(label, "trl") for label in labels if label.startswith("wprlhf LoRA")]
     for a, b in (("wprlhf", "trl"), ("wprlhf bf16", "trl bf16"), *lora):
         if by_label.get(a) and by_label.get(b):
             cells = []
-            for key, _, _, _ in METRICS:
+            for key, _, _, _ in metrics:
                 x, y = med([r[key] for r in by_label[a]]), med([r[key] for r in by_label[b]])
                 cells.append(f"**{x / y:.2f}×**" if y else "—")
             note = " (not the same work)" if "LoRA" in a else ""
@@ -311,7 +314,8 @@ def git_state() -> str:
 
 
 def results_md(args, command: str, records: list[dict], failures: list[str], labels: list[str], git: str) -> str:
-    out = ["# wprlhf PPO vs trl 1.12.0 PPOTrainer, side by side on the CPU", ""]
+    where = "the CPU" if args.device == "cpu" else f"a GPU ({args.device})"
+    out = [f"# wprlhf PPO vs trl 1.12.0 PPOTrainer, side by side on {where}", ""]
     out += [(f"Written by `benchmarks/compare.py` on {time.strftime('%Y-%m-%d %H:%M')}, repo at {git}. Command, "
              "from the repo root:"), "", f"    {command}", ""]  # fmt: skip
     if args.repeats < 3:
@@ -329,6 +333,10 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         loads = [r["loadavg_before"] for r in records]
         probes = [r[k] for r in records for k in ("probe_gflops_before", "probe_gflops_after")]
         capability = f", torch CPU capability {m['capability']} (flags: {', '.join(m['bf16_flags'])})" if "capability" in m else ""
+        gpu = next((r["gpu"] for r in records if r.get("gpu")), None)
+        if gpu:
+            out += [(f"GPU: {gpu}. Each side synchronizes before its clock stops and runs without per-phase timers "
+                     "(they would need a synchronization per call); the CPU figures below are the host's."), ""]  # fmt: skip
         out += [(f"Machine: {m['cpu']}{capability}, {m['nproc']} cores visible, Python {m['python']}, {args.threads} torch "
                  f"threads per run. 1-minute load average before each run: {min(loads):.2f}–{max(loads):.2f} "
                  "(another process using the cores slows both sides). CPU probe (fp32 1024³ matmul): "
@@ -354,7 +362,7 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         phases = phase_table(by_label, labels)
         if phases:
             out += [f"### {config}: time per phase (median seconds, share of median wall)", ""] + phases + [""]
-        rates = rate_table(config, by_label)
+        rates = rate_table(config, by_label) if args.device == "cpu" else []
         if rates:
             out += [f"### {config}: where the time goes, against what the CPU can do", "", RATES_NOTE, ""]
             out += rates + [""]
@@ -372,6 +380,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
     parser.add_argument("--wprlhf-python", default=str(REPO / ".venv" / "bin" / "python"))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (no phase timers)")
+    parser.add_argument("--trl-python", default=None,
+                        help="an interpreter that already has trl 1.12.0 and its needs (e.g. a GPU machine's "
+                             "python3 with carried wheels); default: the pinned venv benchmarks/setup_trl.sh makes")
     parser.add_argument("--trl-venv", type=Path, default=Path(os.environ.get("BENCH_VENV") or DEFAULT_TRL_VENV))
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--out", type=Path, default=HERE / "results_compare.jsonl")
@@ -381,9 +393,10 @@ def main() -> None:
     if not set(args.configs) <= {"tiny", "smollm2"} or args.repeats < 1:
         raise SystemExit("--configs: tiny and/or smollm2; --repeats >= 1")
     interpreter = ".venv/bin/python" if Path(sys.executable).parent.parent == REPO / ".venv" else "python3"
-    command = shlex.join([interpreter, "benchmarks/compare.py", *sys.argv[1:]])
+    # No home directory in the results: the command is shown with `~` for it.
+    command = shlex.join([interpreter, "benchmarks/compare.py", *sys.argv[1:]]).replace(str(Path.home()), "~")
 
-    trl_python = setup_trl(args)
+    trl_python = args.trl_python or setup_trl(args)
     prepare_caches(args, trl_python)
     todo = variants(args, trl_python)
     labels = [v["label"] for v in todo]
