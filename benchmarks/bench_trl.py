@@ -29,8 +29,13 @@ from __future__ import annotations
 
 import os
 
-# The peer work is CPU work: a CUDA build of torch (see setup_trl.sh's TORCH_PIP_ARGS) must not take a GPU.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import sys
+
+# The peer work is CPU work: a CUDA build of torch (see setup_trl.sh's TORCH_PIP_ARGS) must not take a GPU, unless
+# the run asks for one (`--device cuda`). Set before torch is imported, so read from the raw arguments.
+_argv = sys.argv[1:]
+if "--device=cuda" not in _argv and ("--device", "cuda") not in set(zip(_argv, _argv[1:])):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import argparse
 import contextlib
@@ -41,7 +46,6 @@ import json
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import types
