@@ -204,8 +204,9 @@ def one_run(args) -> dict:
     counter.stop()
     probe_after = cpu_probe()
 
-    phases = {k: round(v, 3) for k, v in timers.s.items()}
-    if timers.s:
+    # On a GPU the context timers above stopped without a sync: their seconds would be launch times, not work.
+    phases = {k: round(v, 3) for k, v in timers.s.items()} if args.device == "cpu" else {}
+    if phases:
         phases["other"] = round(wall - sum(timers.s.values()), 3)
     episodes = B * U
     work_counts = counter.summary(trainer.optimizer)
