@@ -122,12 +122,17 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert all(f"{phase}: reusing {cache}" in said for phase in ("sft", "rm", "judge")), said[-1500:]
     # SFT on the start policy's best-of-2 by the reward model (expert iteration) instead of human stories: its
     # examples are train prompts' samples, the reward model's pick among 2, and it is another cached policy.
-    assert main(["stories", "--out", str(tmp_path / "expert"), *flags, "--sft-data", "best-of-2", "--until", "sft"]) == 0
+    # With an instruction, the policy reads it before each prompt: the SFT examples hold it, the pool file the bare
+    # prompts (what the reward model scored).
+    assert main(["stories", "--out", str(tmp_path / "expert"), *flags, "--sft-data", "best-of-2", "--instruction",
+                 "Tell a story.", "--until", "sft"]) == 0  # fmt: skip
     pool = [json.loads(line) for line in _lines(tmp_path / "expert" / "split" / "sft_best_of.jsonl")]
     assert len(pool) == 8 and all(len(row["responses"]) == len(row["scores"]) == 2 for row in pool)
     assert {prompt_key(row["prompt"]) for row in pool} <= keys["train"]
     expert_state = json.loads((tmp_path / "expert" / "stories_state.json").read_text())
     assert expert_state["sft_dir"] != state["sft_dir"] and (Path(expert_state["sft_dir"]) / "policy").is_dir()
+    sft_samples = [json.loads(line)["prompt"] for line in _lines(Path(expert_state["sft_dir"]) / "samples.jsonl")]
+    assert sft_samples and all(p.startswith("Tell a story.\n\n[WP] prompt number") for p in sft_samples)
     from transformers import AutoModelForCausalLM  # the SFT policy loads outside wprlhf
 
     AutoModelForCausalLM.from_pretrained(json.loads((out / "stories_state.json").read_text())["sft_dir"] + "/policy")
@@ -312,3 +317,30 @@ def test_blind_results_of_a_missing_or_empty_database_say_what_to_do(tmp_path, c
     Store(tmp_path / "empty.db")
     assert main(["eval", "--blind-results", str(tmp_path / "empty.db")]) == 2
     assert "no labels" in capsys.readouterr().err
+
+
+def test_the_instruction_reaches_the_policy_and_never_the_reward_models():
+    from wprlhf.stories import StoriesConfig, on_prompts, query
+
+    seen = []
+
+    def reward(prompts, responses):
+        seen.extend(prompts)
+        return [0.0] * len(responses)
+
+    told = StoriesConfig(instruction="Write a story.")
+    assert query(told, "[WP] A door") == "Write a story.\n\n[WP] A door"
+    on_prompts(told, reward)([query(told, "[WP] A door"), "[WP] bare"], ["x", "y"])
+    assert seen == ["[WP] A door", "[WP] bare"]
+    bare = StoriesConfig()
+    assert query(bare, "[WP] A door") == "[WP] A door" and on_prompts(bare, reward) is reward
+
+
+def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path):
+    from wprlhf.errors import UserError
+    from wprlhf.stories import StoriesConfig, _check_resume
+
+    saved = {k: v for k, v in StoriesConfig().__dict__.items() if k != "instruction"}
+    _check_resume(StoriesConfig(), {"done": ["split", "sft", "ppo"], "config": saved})  # no error
+    with pytest.raises(UserError, match="--instruction"):
+        _check_resume(StoriesConfig(instruction="Write."), {"done": ["split", "sft", "ppo"], "config": saved})

@@ -69,6 +69,11 @@ class StoriesConfig:
     fixed_length: bool = True
     """Forbid end-of-turn before response_length tokens (min = max new tokens)."""
     temperature: float = 0.7
+    instruction: str = ""
+    """Put before each prompt, with a blank line, in every policy's query (start, SFT, PPO, best-of-n, evaluation
+    and its KL alike); '' = the bare prompt. Reward models, judges and relevance read the bare prompt. SmolLM2 as
+    shipped answers a bare prompt as an assistant (README: story share 44 %); told to write a story's opening it
+    mostly does, so the start policy is a writer before any training and RL need not pay KL for the register."""
     # --- SFT
     sft: bool = True
     """Fine-tune on top-voted stories before PPO. SmolLM2-Instruct answers a prompt as an assistant; SFT teaches
@@ -173,6 +178,25 @@ class StoriesConfig:
 # A run in minutes on 2 cores, for the test and for trying the command: tiny sizes everywhere.
 QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=8, rm_examples=64, judge_examples=64,
              ppo_steps=2, batch_size=4, best_of="2,4", response_length=24, eval_batch_size=8)  # fmt: skip
+
+
+def query(config: StoriesConfig, prompt: str) -> str:
+    """What the policy reads for `prompt`: config.instruction, a blank line, the prompt (the bare prompt when the
+    instruction is '')."""
+    return f"{config.instruction}\n\n{prompt}" if config.instruction else prompt
+
+
+def on_prompts(config: StoriesConfig, reward_fn):
+    """reward_fn, callable on the policy's queries: it reads the bare prompts behind them (`query` inverted), so
+    reward models and judges score (prompt, response) as they were trained to, whatever the policy was told."""
+    head = f"{config.instruction}\n\n" if config.instruction else ""
+    if not head:
+        return reward_fn
+
+    def on_queries(queries: list[str], responses: list[str]) -> list[float]:
+        return reward_fn([q[len(head):] if q.startswith(head) else q for q in queries], responses)
+
+    return on_queries
 
 
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
@@ -313,11 +337,12 @@ def _link(name: Path, target: Path) -> Path:
 PHASE_SETTINGS = {
     "split": ("data", "eval_prompts", "judge_fraction", "split_seed"),
     "sft": ("policy", "sft", "sft_data", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size",
-            "seed"),
+            "seed", "instruction"),
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
-    "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip"),
-    "best_of": ("best_of", "response_length", "fixed_length", "temperature"),
+    "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip",
+            "instruction"),
+    "best_of": ("best_of", "response_length", "fixed_length", "temperature", "instruction"),
 }
 
 
@@ -326,8 +351,9 @@ def _check_resume(config: StoriesConfig, state: dict) -> None:
     saved = state.get("config")
     if not saved:
         return
+    defaults = StoriesConfig.__dataclass_fields__  # a run saved before an option existed had its default
     changed = sorted({name for phase in state["done"] for name in PHASE_SETTINGS.get(phase, ())
-                      if saved.get(name) != getattr(config, name)})  # fmt: skip
+                      if saved.get(name, defaults[name].default) != getattr(config, name)})  # fmt: skip
     if changed:
         was = ", ".join(f"--{n.replace('_', '-')} {saved.get(n)!r} (now {getattr(config, n)!r})" for n in changed)
         raise UserError(f"this run was made with {was}: its finished phases depend on them. Resume with the "
@@ -419,6 +445,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
         if config.sft_best_of:
             stories = _expert_stories(config, train_prompts, state["rm_dir"], split_dir / "sft_best_of.jsonl")
+        stories = [dataclasses.replace(r, prompt=query(config, r.prompt)) for r in stories]
         sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
                                max_examples=config.sft_examples, max_length=config.sft_max_length,
                                epochs=config.sft_epochs, batch_size=config.sft_batch_size,
@@ -437,8 +464,9 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         ppo_config = ppo_settings(config, start_of_rl)
         ppo_dir = out_dir / "ppo"
         resume_ppo = (ppo_dir / "metrics.csv").exists()
-        ppo_train(ppo_config, train_prompts, reward_fn_from_model(state["rm_dir"]), ppo_dir, resume=resume_ppo,
-                  judge_fn=reward_fn_from_model(state["judge_dir"]))  # fmt: skip
+        ppo_train(ppo_config, [query(config, p) for p in train_prompts],
+                  on_prompts(config, reward_fn_from_model(state["rm_dir"])), ppo_dir, resume=resume_ppo,
+                  judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
         finish("ppo")
 
     if wanted("best_of"):
@@ -452,10 +480,11 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         policy.to(resolve_device(config.device))
         gen = generation_config(None, response_length=config.response_length,
                                 min_response_length=config.min_response_length, temperature=config.temperature)
-        pool = sample_pool(policy, tokenizer, eval_prompts, max(config.best_of_ns), reward_fn_from_model(state["rm_dir"]),
-                           gen, seed=config.seed + 20_000, batch_size=config.eval_batch_size)  # fmt: skip
+        pool = sample_pool(policy, tokenizer, [query(config, p) for p in eval_prompts], max(config.best_of_ns),
+                           on_prompts(config, reward_fn_from_model(state["rm_dir"])), gen, seed=config.seed + 20_000,
+                           batch_size=config.eval_batch_size)  # fmt: skip
         lines = [json.dumps({"prompt": p, "responses": rs, "scores": s.tolist(), "policy": start_of_rl})
-                 for p, rs, s in zip(pool.prompts, pool.responses, pool.scores)]  # fmt: skip
+                 for p, rs, s in zip(eval_prompts, pool.responses, pool.scores)]  # fmt: skip
         write_text_atomic(out_dir / "best_of" / "pool.jsonl", "\n".join(lines) + "\n")
         finish("best_of")
 
@@ -488,8 +517,10 @@ def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str
                                 min_response_length=config.min_response_length, temperature=config.temperature)
         print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, the "
               "reward model keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
-        pool = sample_pool(policy, tokenizer, prompts, config.sft_best_of, reward_fn_from_model(rm_dir), gen,
-                           seed=config.seed + 60_000, batch_size=config.eval_batch_size)  # fmt: skip
+        pool = sample_pool(policy, tokenizer, [query(config, p) for p in prompts], config.sft_best_of,
+                           on_prompts(config, reward_fn_from_model(rm_dir)), gen, seed=config.seed + 60_000,
+                           batch_size=config.eval_batch_size)  # fmt: skip
+        pool = Pool(prompts, pool.responses, pool.scores)
         write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
                                         for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
     best, _ = pool.best(config.sft_best_of)
@@ -538,26 +569,28 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
                             min_response_length=config.min_response_length, temperature=config.temperature)
     T, bs, min_len = config.temperature, config.eval_batch_size, config.min_response_length
 
+    queries = [query(config, p) for p in prompts]  # what the policies read; the judges read `prompts`
+
     def logprobs(model, texts):
-        return response_logprobs(model, tokenizer, prompts, texts, T, bs, min_response_length=min_len)
+        return response_logprobs(model, tokenizer, queries, texts, T, bs, min_response_length=min_len)
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
-    sides = {"start": generate(start, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 30_000, progress=True)}
+    sides = {"start": generate(start, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 30_000, progress=True)}
     rl_start = state_sft_policy(state) if config.sft else None
     base = "sft" if config.sft else "start"
     sft = None
     if config.sft:
         sft, _ = load_policy(rl_start)
         sft.to(device)
-        sides["sft"] = generate(sft, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 50_000, progress=True)
+        sides["sft"] = generate(sft, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 50_000, progress=True)
     for n in config.best_of_ns:
         sides[f"best-of-{n}"] = pool.best(n)[0]
     ppo = None
     if (out_dir / "ppo" / "policy").exists():
         ppo, _ = load_policy(str(out_dir / "ppo" / "policy"))
         ppo.to(device)
-        sides["ppo"] = generate(ppo, tokenizer, prompts, gen, batch_size=bs, seed=config.seed + 40_000, progress=True)
+        sides["ppo"] = generate(ppo, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 40_000, progress=True)
 
     # KL to the start policy (nats per response): k1 on the sampled text, log pi(y) - log start(y), both with
     # end-of-turn forbidden where the sampler forbade it.
