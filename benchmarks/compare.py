@@ -335,8 +335,9 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         capability = f", torch CPU capability {m['capability']} (flags: {', '.join(m['bf16_flags'])})" if "capability" in m else ""
         gpu = next((r["gpu"] for r in records if r.get("gpu")), None)
         if gpu:
-            out += [(f"GPU: {gpu}. Each side synchronizes before its clock stops and runs without per-phase timers "
-                     "(they would need a synchronization per call); the CPU figures below are the host's."), ""]  # fmt: skip
+            out += [(f"GPU: {gpu}. Each side synchronizes before its clock stops and runs without per-phase "
+                     "timers (they would need a synchronization per call); the CPU figures below are the host's."),
+                    ""]  # fmt: skip
         out += [(f"Machine: {m['cpu']}{capability}, {m['nproc']} cores visible, Python {m['python']}, {args.threads} torch "
                  f"threads per run. 1-minute load average before each run: {min(loads):.2f}–{max(loads):.2f} "
                  "(another process using the cores slows both sides). CPU probe (fp32 1024³ matmul): "
@@ -366,7 +367,7 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
         if rates:
             out += [f"### {config}: where the time goes, against what the CPU can do", "", RATES_NOTE, ""]
             out += rates + [""]
-    out += ["Raw JSON lines: `benchmarks/results_compare.jsonl` (one per run, with `variant`, `repeat` and `command`).",
+    out += [f"Raw JSON lines: `benchmarks/{args.out.name}` (one per run, with `variant`, `repeat` and `command`).",
             "", WHY_NOTE]
     return "\n".join(out) + "\n"
 
@@ -380,7 +381,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
     parser.add_argument("--wprlhf-python", default=str(REPO / ".venv" / "bin" / "python"))
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda: both sides on the GPU (no phase timers)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu, or cuda: both sides on the GPU (no phase timers)")
     parser.add_argument("--trl-python", default=None,
                         help="an interpreter that already has trl 1.12.0 and its needs (e.g. a GPU machine's "
                              "python3 with carried wheels); default: the pinned venv benchmarks/setup_trl.sh makes")
@@ -394,7 +396,9 @@ def main() -> None:
         raise SystemExit("--configs: tiny and/or smollm2; --repeats >= 1")
     interpreter = ".venv/bin/python" if Path(sys.executable).parent.parent == REPO / ".venv" else "python3"
     # No home directory in the results: the command is shown with `~` for it.
-    command = shlex.join([interpreter, "benchmarks/compare.py", *sys.argv[1:]]).replace(str(Path.home()), "~")
+    command = shlex.join([interpreter, "benchmarks/compare.py", *sys.argv[1:]])
+    if str(Path.home()) != "/":
+        command = command.replace(str(Path.home()) + "/", "~/")
 
     trl_python = args.trl_python or setup_trl(args)
     prepare_caches(args, trl_python)

@@ -342,5 +342,9 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
 
     saved = {k: v for k, v in StoriesConfig().__dict__.items() if k != "instruction"}
     _check_resume(StoriesConfig(), {"done": ["split", "sft", "ppo"], "config": saved})  # no error
-    with pytest.raises(UserError, match="--instruction"):
+    with pytest.raises(UserError, match="--instruction '' \\(now 'Write.'\\)"):
         _check_resume(StoriesConfig(instruction="Write."), {"done": ["split", "sft", "ppo"], "config": saved})
+    # PPO killed part-way continues from its checkpoints: its settings hold before it is finished too.
+    _check_resume(StoriesConfig(instruction="Write."), {"done": ["split"], "config": saved})
+    with pytest.raises(UserError, match="--instruction"):
+        _check_resume(StoriesConfig(instruction="Write."), {"done": ["split"], "config": saved}, started=("ppo",))

@@ -346,17 +346,20 @@ PHASE_SETTINGS = {
 }
 
 
-def _check_resume(config: StoriesConfig, state: dict) -> None:
-    """Refuse a resume whose settings differ from the run's where a finished phase depends on them."""
+def _check_resume(config: StoriesConfig, state: dict, started: tuple[str, ...] = ()) -> None:
+    """Refuse a resume whose settings differ from the run's where a finished phase, or one `started` (PPO with
+    checkpoints on disk, which a resume continues), depends on them."""
     saved = state.get("config")
     if not saved:
         return
-    defaults = StoriesConfig.__dataclass_fields__  # a run saved before an option existed had its default
-    changed = sorted({name for phase in state["done"] for name in PHASE_SETTINGS.get(phase, ())
-                      if saved.get(name, defaults[name].default) != getattr(config, name)})  # fmt: skip
+    fields = StoriesConfig.__dataclass_fields__
+    was = {name: saved.get(name, fields[name].default) for name in saved.keys() | fields.keys() if name in fields}
+    # (a run saved before an option existed ran with its default)
+    changed = sorted({name for phase in [*state["done"], *started] for name in PHASE_SETTINGS.get(phase, ())
+                      if was[name] != getattr(config, name)})  # fmt: skip
     if changed:
-        was = ", ".join(f"--{n.replace('_', '-')} {saved.get(n)!r} (now {getattr(config, n)!r})" for n in changed)
-        raise UserError(f"this run was made with {was}: its finished phases depend on them. Resume with the "
+        then = ", ".join(f"--{n.replace('_', '-')} {was[n]!r} (now {getattr(config, n)!r})" for n in changed)
+        raise UserError(f"this run was made with {then}: its finished phases depend on them. Resume with the "
                         "run's own settings, or start a new --out")  # fmt: skip
 
 
@@ -369,7 +372,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
     if state["done"] and not resume:
         raise UserError(f"{out_dir} holds a stories run; pass --resume to continue it or --force to start over")
-    _check_resume(config, state)
+    _check_resume(config, state, ("ppo",) if (out_dir / "ppo" / "metrics.csv").exists() else ())
     state["config"] = dataclasses.asdict(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
