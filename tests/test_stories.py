@@ -55,7 +55,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     out, cache = tmp_path / "run", tmp_path / "cache"
     flags = ["--data", str(wp_data), "--quick", "--policy", "tiny", "--reward-model", "tiny", "--cache-dir", str(cache),
              "--eval-prompts", "8", "--ppo-steps", "3", "--sft-examples", "8", "--response-length", "12",
-             "--eval-batch-size", "8", "--score-clip", "1.5"]  # fmt: skip
+             "--eval-batch-size", "8", "--score-clip", "1.5", "--reward-extra", "0.5*story+relevance"]  # fmt: skip
     code = main(["stories", "--out", str(out), *flags])
     assert code == 0, capsys.readouterr().err[-2000:]
     state = json.loads((out / "stories_state.json").read_text())
@@ -141,7 +141,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
     for flags, words in ((["--best-of", "1,x"], "comma-separated"), (["--judge-fraction", "0.7"], "judge_fraction"),
                          (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr"),
-                         (["--sft-data", "best-of-1"], "sft_data")):  # fmt: skip
+                         (["--sft-data", "best-of-1"], "sft_data"), (["--reward-extra", "2*nosuch"], "nosuch")):  # fmt: skip
         assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(wp_data), *flags]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "r").exists()

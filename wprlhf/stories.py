@@ -110,6 +110,12 @@ class StoriesConfig:
     models score 2-3 standard deviations above the human stories, at KL 7-10 nats (README)."""
     kl_target: float = 4.0
     """Adaptive-KL target, nats per response, KL to the SFT policy."""
+    reward_extra: str = ""
+    """A reward SPEC (`rewards.py`) added to the reward model's score in PPO and in best-of-n's choice, '' = none.
+    E.g. '3.6*relevance+1.2*story': prompt relevance and the story rule, each weighted to about one standard
+    deviation of the reward model's scores per standard deviation of its own. A karma reward model does not ask
+    for the prompt to be followed; a reader does (README). Relevance and the story rule are then trained on, so
+    as judges they are no longer independent: the judge reward model and blind readers still are."""
     score_clip: float | None = None
     """Clip the reward model's scores to [-score_clip, score_clip] in PPO (None = off). The reward model is
     normalised on human stories (mean 0, std 1); PPO's gamed samples score 3-6, far outside what it saw, so a clip
@@ -197,6 +203,23 @@ def on_prompts(config: StoriesConfig, reward_fn):
         return reward_fn([q[len(head):] if q.startswith(head) else q for q in queries], responses)
 
     return on_queries
+
+
+def task_reward(config: StoriesConfig, rm_dir: str):
+    """What PPO maximises and best-of-n chooses by: the reward model's score of (bare prompt, response), plus
+    config.reward_extra's terms when it names any; callable on the policy's queries (`on_prompts`)."""
+    from .reward_model import reward_fn_from_model
+    from .rewards import load_reward
+
+    karma = reward_fn_from_model(rm_dir)
+    if not config.reward_extra.strip():
+        return on_prompts(config, karma)
+    extra = load_reward(config.reward_extra, "reward_extra")
+
+    def total(prompts: list[str], responses: list[str]) -> list[float]:
+        return [a + b for a, b in zip(karma(prompts, responses), extra(prompts, responses), strict=True)]
+
+    return on_prompts(config, total)
 
 
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
@@ -341,8 +364,8 @@ PHASE_SETTINGS = {
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
     "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip",
-            "instruction"),
-    "best_of": ("best_of", "response_length", "fixed_length", "temperature", "instruction"),
+            "instruction", "reward_extra"),
+    "best_of": ("best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
 }
 
 
@@ -368,6 +391,10 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     out_dir = Path(out_dir)
     if until and until not in PHASES:
         raise UserError(f"--until {until!r}: choose one of {', '.join(PHASES)}")
+    if config.reward_extra.strip():  # a bad SPEC fails now, not after an hour of SFT and reward models
+        from .rewards import load_reward
+
+        load_reward(config.reward_extra, "reward_extra")
     state_path = out_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
     if state["done"] and not resume:
@@ -467,8 +494,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         ppo_config = ppo_settings(config, start_of_rl)
         ppo_dir = out_dir / "ppo"
         resume_ppo = (ppo_dir / "metrics.csv").exists()
-        ppo_train(ppo_config, [query(config, p) for p in train_prompts],
-                  on_prompts(config, reward_fn_from_model(state["rm_dir"])), ppo_dir, resume=resume_ppo,
+        ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
+                  ppo_dir, resume=resume_ppo,
                   judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
         finish("ppo")
 
@@ -484,7 +511,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         gen = generation_config(None, response_length=config.response_length,
                                 min_response_length=config.min_response_length, temperature=config.temperature)
         pool = sample_pool(policy, tokenizer, [query(config, p) for p in eval_prompts], max(config.best_of_ns),
-                           on_prompts(config, reward_fn_from_model(state["rm_dir"])), gen, seed=config.seed + 20_000,
+                           task_reward(config, state["rm_dir"]), gen, seed=config.seed + 20_000,
                            batch_size=config.eval_batch_size)  # fmt: skip
         lines = [json.dumps({"prompt": p, "responses": rs, "scores": s.tolist(), "policy": start_of_rl})
                  for p, rs, s in zip(eval_prompts, pool.responses, pool.scores)]  # fmt: skip
