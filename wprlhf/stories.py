@@ -80,7 +80,8 @@ class StoriesConfig:
     it to answer as a writer (README: story share before and after)."""
     sft_data: str = "human"
     """What SFT imitates: 'human', each train prompt's top-voted story; or 'best-of-N' (e.g. 'best-of-8'), the start
-    policy's best of N samples by the reward model (best-of-n distillation, one round of expert iteration): text the
+    policy's best of N samples by the task's reward (the reward model, plus reward_extra's terms; best-of-n
+    distillation, one round of expert iteration): text the
     start policy itself writes, so the fine-tuned policy stays near it in KL."""
     sft_examples: int = 384
     """Train prompts to fine-tune on, one example each (0 = all)."""
@@ -360,7 +361,7 @@ def _link(name: Path, target: Path) -> Path:
 PHASE_SETTINGS = {
     "split": ("data", "eval_prompts", "judge_fraction", "split_seed"),
     "sft": ("policy", "sft", "sft_data", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size",
-            "seed", "instruction"),
+            "seed", "instruction", "reward_extra"),
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
     "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip",
@@ -532,7 +533,6 @@ def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str
     from .best_of import Pool, sample_pool
     from .generation import generation_config
     from .models import load_policy
-    from .reward_model import reward_fn_from_model
 
     prompts = list(train_prompts)
     if config.sft_examples and len(prompts) > config.sft_examples:
@@ -548,7 +548,7 @@ def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str
         print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, the "
               "reward model keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
         pool = sample_pool(policy, tokenizer, [query(config, p) for p in prompts], config.sft_best_of,
-                           on_prompts(config, reward_fn_from_model(rm_dir)), gen, seed=config.seed + 60_000,
+                           task_reward(config, rm_dir), gen, seed=config.seed + 60_000,
                            batch_size=config.eval_batch_size)  # fmt: skip
         pool = Pool(prompts, pool.responses, pool.scores)
         write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
