@@ -376,9 +376,8 @@ def _check_resume(config: StoriesConfig, state: dict, started: tuple[str, ...] =
     saved = state.get("config")
     if not saved:
         return
-    fields = StoriesConfig.__dataclass_fields__
-    was = {name: saved.get(name, fields[name].default) for name in saved.keys() | fields.keys() if name in fields}
-    # (a run saved before an option existed ran with its default)
+    # A run saved before an option existed ran with its default.
+    was = {name: saved.get(name, field.default) for name, field in StoriesConfig.__dataclass_fields__.items()}
     changed = sorted({name for phase in [*state["done"], *started] for name in PHASE_SETTINGS.get(phase, ())
                       if was[name] != getattr(config, name)})  # fmt: skip
     if changed:
