@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -124,9 +125,17 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     # examples are train prompts' samples, the reward model's pick among 2, and it is another cached policy.
     # With an instruction, the policy reads it before each prompt: the SFT examples hold it, the pool file the bare
     # prompts (what the reward model scored).
+    # With --ppo-steps 0 there is no PPO phase: the distilled policy is the final one, queued blind against the start.
     assert main(["stories", "--out", str(tmp_path / "expert"), *flags, "--sft-data", "best-of-2", "--instruction",
-                 "Tell a story.", "--until", "sft"]) == 0  # fmt: skip
+                 "Tell a story.", "--ppo-steps", "0"]) == 0  # fmt: skip
+    assert not (tmp_path / "expert" / "ppo").exists()
+    expert_report = json.loads((tmp_path / "expert" / "eval" / "report.json").read_text())
+    assert set(expert_report["sides"]) == {"start", "sft", "best-of-2", "best-of-4"}
+    queued = Store(tmp_path / "expert" / "eval" / "blind.db").comparisons()
+    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("sft", "start")}
     pool = [json.loads(line) for line in _lines(tmp_path / "expert" / "split" / "sft_best_of.jsonl")]
+    to_sample = [json.loads(line)["prompt"] for line in _lines(tmp_path / "expert" / "split" / "sft_queries.jsonl")]
+    assert to_sample == ["Tell a story.\n\n" + row["prompt"] for row in pool]  # for a pool drawn elsewhere
     assert len(pool) == 8 and all(len(row["responses"]) == len(row["scores"]) == 2 for row in pool)
     assert {prompt_key(row["prompt"]) for row in pool} <= keys["train"]
     expert_state = json.loads((tmp_path / "expert" / "stories_state.json").read_text())
@@ -141,7 +150,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
     for flags, words in ((["--best-of", "1,x"], "comma-separated"), (["--judge-fraction", "0.7"], "judge_fraction"),
                          (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr"),
-                         (["--sft-data", "best-of-1"], "sft_data"), (["--reward-extra", "2*nosuch"], "nosuch")):  # fmt: skip
+                         (["--sft-data", "best-of-1"], "sft_data"), (["--reward-extra", "2*nosuch"], "nosuch"),
+                         (["--ppo-steps", "0", "--no-sft"], "trains nothing")):  # fmt: skip
         assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(wp_data), *flags]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
@@ -348,3 +358,62 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
     _check_resume(StoriesConfig(instruction="Write."), {"done": ["split"], "config": saved})
     with pytest.raises(UserError, match="--instruction"):
         _check_resume(StoriesConfig(instruction="Write."), {"done": ["split"], "config": saved}, started=("ppo",))
+
+
+def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_its_best_distilled(tmp_path, monkeypatch):
+    """`wprlhf sample -k N` over the queries (e.g. on a GPU) gives the sft phase its pool: read, scored on the
+    queries, rewritten with bare prompts and scores; a pool of the wrong size is sampled again."""
+    import wprlhf.models
+    from wprlhf import stories
+    from wprlhf.generation import write_samples
+
+    config = stories.StoriesConfig(instruction="Tell a story.", sft_data="best-of-3")
+    prompts = ["[WP] a door", "[WP] a key"]
+    path = tmp_path / "sft_best_of.jsonl"
+    write_samples(path, [stories.query(config, p) for p in prompts], [["x", "good good", "good"], ["good", "y", "z"]],
+                  "smollm2")  # fmt: skip
+    seen = []
+
+    def reward(queries, responses):
+        seen.extend(queries)
+        return [float(r.count("good")) for r in responses]
+
+    monkeypatch.setattr(stories, "task_reward", lambda config, rm_dir: reward)
+
+    def no_sampling(*args, **kwargs):
+        raise RuntimeError("sampled again")
+
+    monkeypatch.setattr(wprlhf.models, "load_policy", no_sampling)
+    examples = stories._expert_stories(config, prompts, "rm", path)
+    assert [(e.prompt, e.response) for e in examples] == [("[WP] a door", "good good"), ("[WP] a key", "good")]
+    assert seen == [stories.query(config, p) for p in prompts for _ in range(3)]
+    rows = [json.loads(line) for line in _lines(path)]
+    assert [r["prompt"] for r in rows] == prompts and [r["scores"] for r in rows] == [[0, 2, 1], [1, 0, 0]]
+    seen.clear()
+    assert stories._expert_stories(config, prompts, "rm", path) == examples and not seen  # scored once
+    with pytest.raises(RuntimeError, match="sampled again"):
+        stories._expert_stories(dataclasses.replace(config, sft_data="best-of-4"), prompts, "rm", path)
+
+
+def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(tmp_path, monkeypatch):
+    """`wprlhf eval --instruction`: the sampled policies and their KL read instruction + prompt, the judges, the
+    pairs file and the blind queue the bare prompt."""
+    from wprlhf import policy_eval
+
+    alpha, beta = _tiny_policy(tmp_path / "alpha-policy", 1), _tiny_policy(tmp_path / "beta-policy", 2)
+    prompts = tmp_path / "eval_prompts.txt"
+    prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
+    read = {"sampled": [], "scored": [], "judged": []}
+
+    def spy(name, what, at):  # record the prompts argument (at position `at`) of policy_eval.name, then call it
+        real = getattr(policy_eval, name)
+        monkeypatch.setattr(policy_eval, name, lambda *a, **k: read[what].extend(a[at]) or real(*a, **k))
+
+    spy("_sample_side", "sampled", 1), spy("response_logprobs", "scored", 2), spy("judge_sides", "judged", 0)
+    assert main(["eval", "--policy", str(alpha), "--against", str(beta), "--prompts", str(prompts), "--judge", "length",
+                 "--response-length", "6", "--instruction", "Tell a story.", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    asked = ["Tell a story.\n\n[WP] a lighthouse", "Tell a story.\n\n[WP] a key"]
+    assert read["sampled"] == asked * 2 and read["scored"] == asked * 2
+    assert read["judged"] == ["[WP] a lighthouse", "[WP] a key"]
+    assert [json.loads(line)["prompt"] for line in _lines(tmp_path / "e-pairs.jsonl")] == read["judged"]
+    assert json.loads((tmp_path / "e.json").read_text())["instruction"] == "Tell a story."

@@ -99,6 +99,13 @@ class Generation:
     finished: torch.Tensor
 
 
+def instruction_head(instruction: str) -> str:
+    """What a query starts with when the task asks for something in words: the instruction and a blank line ('' for
+    no instruction). The one place the form is written: `wprlhf stories --instruction` and `wprlhf eval
+    --instruction` put it before each prompt, and reward models read the prompt without it."""
+    return f"{instruction}\n\n" if instruction else ""
+
+
 def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
     """Whether prompts go through the chat template: it is asked for and the tokenizer has one."""
     return bool(chat_template and getattr(tokenizer, "chat_template", None))

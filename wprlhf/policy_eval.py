@@ -298,6 +298,10 @@ class EvalConfig:
     temperature: float = 0.7
     max_prompts: int = 0
     """Use only the first N prompts (0 = all)."""
+    instruction: str = ""
+    """Put, with a blank line, before each prompt in what the sampled policies read (as with `wprlhf stories
+    --instruction`, whose policies expect it); judges read the bare prompt. Response files are keyed by the bare
+    prompt."""
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
@@ -356,6 +360,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
     """`wprlhf eval`: sample (or read) both sides on the prompts, judge them, write out (JSON) beside a Markdown
     table (out with .md) and the pairs (out's stem + -pairs.jsonl), and queue blind pairs in blind_db when given."""
     from .data import load_prompts
+    from .generation import instruction_head
     from .labelers import Relevance
     from .models import load_policy
     from .rewards import load_reward
@@ -374,6 +379,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
     if not prompts:
         raise UserError("no prompts to evaluate on; give --prompts a file with at least one prompt")
     judge = load_reward(config.judge, what="judge") if config.judge else None  # a bad SPEC fails before sampling
+    queries = [instruction_head(config.instruction) + p for p in prompts]  # what policies read; judges read prompts
     texts, models = {}, {}
     for spec in (config.policy, config.against):
         if spec in files:
@@ -383,7 +389,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
                                 f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
             texts[spec] = [files[spec][p] for p in prompts]
         else:
-            texts[spec], models[spec] = _sample_side(spec, prompts, config)
+            texts[spec], models[spec] = _sample_side(spec, queries, config)
     new, old = texts[config.policy], texts[config.against]
     kls = {}
     reference = config.reference or (config.against if config.against in models else "")
@@ -391,11 +397,12 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
         model, tokenizer = models[config.policy]
         ref_model = models[reference][0] if reference in models else load_policy(reference)[0]
         ref_model.to(next(model.parameters()).device)
-        lp = {m: response_logprobs(m, tokenizer, prompts, new, config.temperature, config.batch_size,
+        lp = {m: response_logprobs(m, tokenizer, queries, new, config.temperature, config.batch_size,
                                    min_response_length=config.min_response_length) for m in (model, ref_model)}  # fmt: skip
         kls["policy"] = (lp[model] - lp[ref_model]).tolist()
     report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
-    report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference)
+    report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference,
+                  instruction=config.instruction)
     if blind_db:
         report["blind_queued"] = queue_blind(blind_db, prompts, (config.policy, new), (config.against, old))
     out = Path(out)

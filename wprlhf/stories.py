@@ -102,6 +102,7 @@ class StoriesConfig:
     """Share of judge prompts held out of the judge's training to state its accuracy."""
     # --- PPO
     ppo_steps: int = 40
+    """PPO steps; 0 = no PPO phase (the SFT policy is then the final one: best-of-n distillation alone)."""
     batch_size: int = 16
     """PPO episodes per step."""
     lr: float = 1e-5
@@ -139,11 +140,13 @@ class StoriesConfig:
         check_numbers(self, non_negative=("judge_fraction", "temperature", "sft_lr", "lr", "kl_coef", "kl_target",
                                           "judge_val_fraction"))  # fmt: skip
         for name, low in dict(eval_prompts=1, response_length=1, sft_max_length=32, sft_epochs=1, sft_batch_size=1,
-                              ppo_steps=1, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
+                              ppo_steps=0, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
                               sft_examples=0).items():  # fmt: skip
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; "
                                 f"set --{name.replace('_', '-')} to {low} or more")  # fmt: skip
+        if not self.ppo_steps and not self.sft:
+            raise UserError("--ppo-steps 0 with --no-sft trains nothing; give PPO steps or an SFT phase")
         if self.batch_size % 2:
             raise UserError(f"batch_size {self.batch_size} must be even (PPO takes 2 minibatches a step); set "
                             "--batch-size to an even number")  # fmt: skip
@@ -189,7 +192,9 @@ QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=
 
 def _head(config: StoriesConfig) -> str:
     """What every query starts with: config.instruction and a blank line, or '' without an instruction."""
-    return f"{config.instruction}\n\n" if config.instruction else ""
+    from .generation import instruction_head
+
+    return instruction_head(config.instruction)
 
 
 def query(config: StoriesConfig, prompt: str) -> str:
@@ -454,6 +459,10 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("split")
     train_prompts = load_prompts(split_dir / "train_prompts.txt")
     train_keys = {prompt_key(p) for p in train_prompts}
+    if config.sft and config.sft_best_of and "sft" not in state["done"]:
+        # The queries whose samples best-of-n distillation needs, for a pool drawn elsewhere (_expert_stories).
+        write_text_atomic(split_dir / "sft_queries.jsonl", "".join(
+            json.dumps({"prompt": query(config, p)}) + "\n" for p in _expert_prompts(config, train_prompts)))  # fmt: skip
 
 
     for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
@@ -492,7 +501,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("sft", sft_dir=str(path))
     start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
-    if wanted("ppo"):
+    if wanted("ppo") and config.ppo_steps:
         from .ppo import train as ppo_train
         from .reward_model import reward_fn_from_model
 
@@ -502,6 +511,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
                   ppo_dir, resume=resume_ppo,
                   judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
+    if wanted("ppo"):
         finish("ppo")
 
     if wanted("best_of"):
@@ -530,21 +540,45 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     return {}
 
 
+def _expert_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
+    """The train prompts of best-of-n distillation: sft_examples of them, a choice seeded by config.seed."""
+    if config.sft_examples and len(train_prompts) > config.sft_examples:
+        return random.Random(config.seed).sample(train_prompts, config.sft_examples)
+    return list(train_prompts)
+
+
 def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str, path: Path) -> list[Response]:
     """SFT examples of best-of-n distillation: for sft_examples train prompts (a seeded choice), the start policy's
-    best of sft_best_of samples by the reward model, as `Response`s of rank 0. The pool is written to `path` (and
-    read back from it when it is there, so a resumed run does not sample again)."""
+    best of sft_best_of samples by the task's reward, as `Response`s of rank 0. The pool is written to `path` (and
+    read back from it when it is there, so a resumed run does not sample again). A pool put at `path` before the
+    sft phase, from `wprlhf sample -k N --prompts split/sft_queries.jsonl` (N = sft_best_of), is scored and used
+    instead of sampling here: the sampling is the phase's cost on a CPU, and a GPU does it in seconds (README)."""
     from .best_of import Pool, sample_pool
     from .generation import generation_config
     from .models import load_policy
 
-    prompts = list(train_prompts)
-    if config.sft_examples and len(prompts) > config.sft_examples:
-        prompts = random.Random(config.seed).sample(prompts, config.sft_examples)
+    prompts = _expert_prompts(config, train_prompts)
     lines = [row for _, row in iter_jsonl(path)] if path.exists() else []
-    if [r["prompt"] for r in lines] == prompts:
-        pool = Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines]))
+    # A pool sampled elsewhere (e.g. on a GPU: `wprlhf sample -k N` over the queries) holds the queries and no
+    # scores; it is used when it answers these prompts with N responses each, and scored here.
+    usable = [r["prompt"] for r in lines] in (prompts, [query(config, p) for p in prompts]) and all(
+        len(r["responses"]) == config.sft_best_of for r in lines)  # fmt: skip
+    if usable:
+        responses = [r["responses"] for r in lines]
+        if all("scores" in r for r in lines):
+            scores = np.asarray([r["scores"] for r in lines], dtype=np.float64)
+        else:
+            print(f"sft: scoring the {len(lines)} x {config.sft_best_of} samples of {path}", flush=True)
+            scores = np.asarray(task_reward(config, rm_dir)([query(config, p) for p in prompts for _ in responses[0]],
+                                                            [r for rs in responses for r in rs]), dtype=np.float64)
+            if not np.isfinite(scores).all():
+                raise UserError(f"the reward gave non-finite scores to samples of {path}; check --reward-extra")
+            scores = scores.reshape(len(prompts), config.sft_best_of)
+        pool = Pool(prompts, responses, scores)
     else:
+        if lines:
+            print(f"note: {path} does not hold {config.sft_best_of} samples for each of these prompts; sampling "
+                  "again", flush=True)  # fmt: skip
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
         policy.to(resolve_device(config.device))
         gen = generation_config(None, response_length=config.response_length,
@@ -555,6 +589,7 @@ def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str
                            task_reward(config, rm_dir), gen, seed=config.seed + 60_000,
                            batch_size=config.eval_batch_size)  # fmt: skip
         pool = Pool(prompts, pool.responses, pool.scores)
+    if not (usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]):
         write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
                                         for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
     best, _ = pool.best(config.sft_best_of)
@@ -675,7 +710,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
                  for i, p in enumerate(prompts)]  # fmt: skip
     write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(out_lines) + "\n")
     write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, human, n=6))
-    final = "ppo" if "ppo" in sides else f"best-of-{max(config.best_of_ns)}"
+    final = "ppo" if "ppo" in sides else "sft" if "sft" in sides else f"best-of-{max(config.best_of_ns)}"
     _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]), ("start", sides["start"]))
     _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
     print(_summary(report), flush=True)
