@@ -125,16 +125,18 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     # examples are train prompts' samples, the reward model's pick among 2, and it is another cached policy.
     # With an instruction, the policy reads it before each prompt: the SFT examples hold it, the pool file the bare
     # prompts (what the reward model scored).
-    # With --ppo-steps 0 there is no PPO phase: the distilled policy is the final one, queued blind against the start.
+    # With --rl none there is no RL phase: the distilled policy is the final one, queued blind against the start.
     assert main(["stories", "--out", str(tmp_path / "expert"), *flags, "--sft-data", "best-of-2", "--instruction",
-                 "Tell a story.", "--ppo-steps", "0"]) == 0  # fmt: skip
+                 "Tell a story.", "--rl", "none"]) == 0  # fmt: skip
     assert not (tmp_path / "expert" / "ppo").exists()
     expert_report = json.loads((tmp_path / "expert" / "eval" / "report.json").read_text())
     assert set(expert_report["sides"]) == {"start", "sft", "best-of-2", "best-of-4"}
     queued = Store(tmp_path / "expert" / "eval" / "blind.db").comparisons()
     assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("sft", "start")}
+    assert json.loads((tmp_path / "expert" / "stories_state.json").read_text())["done"] == [
+        "split", "rm", "judge", "sft", "best_of", "eval"]
     pool = [json.loads(line) for line in _lines(tmp_path / "expert" / "split" / "sft_best_of.jsonl")]
-    to_sample = [json.loads(line)["prompt"] for line in _lines(tmp_path / "expert" / "split" / "sft_queries.jsonl")]
+    to_sample = [json.loads(line)["prompt"] for line in _lines(tmp_path / "expert" / "split" / "pool_queries.jsonl")]
     assert to_sample == ["Tell a story.\n\n" + row["prompt"] for row in pool]  # for a pool drawn elsewhere
     assert len(pool) == 8 and all(len(row["responses"]) == len(row["scores"]) == 2 for row in pool)
     assert {prompt_key(row["prompt"]) for row in pool} <= keys["train"]
@@ -146,12 +148,31 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 
     AutoModelForCausalLM.from_pretrained(json.loads((out / "stories_state.json").read_text())["sft_dir"] + "/policy")
 
+    # --rl dpo: DPO on pairs of the RL start policy's own samples (here the start, asked with the instruction), the
+    # task's reward's best against its worst; the final policy is DPO's, queued blind against the start.
+    dpo_run = tmp_path / "dpo"
+    assert main(["stories", "--out", str(dpo_run), *flags, "--no-sft", "--rl", "dpo", "--dpo-samples", "3",
+                 "--instruction", "Tell a story."]) == 0  # fmt: skip
+    assert json.loads((dpo_run / "stories_state.json").read_text())["done"] == [
+        "split", "rm", "judge", "dpo", "best_of", "eval"]
+    dpo_pool = [json.loads(line) for line in _lines(dpo_run / "dpo" / "pool.jsonl")]
+    assert len(dpo_pool) == 8 and all(len(row["scores"]) == 3 for row in dpo_pool)
+    assert {prompt_key(row["prompt"]) for row in dpo_pool} <= keys["train"]
+    assert list(csv.DictReader(open(dpo_run / "dpo" / "metrics.csv")))  # it trained
+    AutoModelForCausalLM.from_pretrained(dpo_run / "dpo" / "policy")
+    dpo_report = json.loads((dpo_run / "eval" / "report.json").read_text())
+    assert set(dpo_report["sides"]) == {"start", "dpo", "best-of-2", "best-of-4"}
+    assert dpo_report["sides"]["dpo"]["kl"]["lo"] <= dpo_report["sides"]["dpo"]["kl"]["mean"]
+    queued = Store(dpo_run / "eval" / "blind.db").comparisons()
+    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("dpo", "start")}
+
 
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
     for flags, words in ((["--best-of", "1,x"], "comma-separated"), (["--judge-fraction", "0.7"], "judge_fraction"),
                          (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr"),
                          (["--sft-data", "best-of-1"], "sft_data"), (["--reward-extra", "2*nosuch"], "nosuch"),
-                         (["--ppo-steps", "0", "--no-sft"], "trains nothing")):  # fmt: skip
+                         (["--rl", "none", "--no-sft"], "trains nothing"), (["--rl", "rloo"], "rl must be"),
+                         (["--dpo-beta", "0"], "dpo_beta")):  # fmt: skip
         assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(wp_data), *flags]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
@@ -360,16 +381,16 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
         _check_resume(StoriesConfig(instruction="Write."), {"done": ["split"], "config": saved}, started=("ppo",))
 
 
-def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_its_best_distilled(tmp_path, monkeypatch):
-    """`wprlhf sample -k N` over the queries (e.g. on a GPU) gives the sft phase its pool: read, scored on the
+def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path, monkeypatch):
+    """`wprlhf sample -k N` over the queries (e.g. on a GPU) gives distillation or DPO its pool: read, scored on the
     queries, rewritten with bare prompts and scores; a pool of the wrong size is sampled again."""
     import wprlhf.models
     from wprlhf import stories
     from wprlhf.generation import write_samples
 
-    config = stories.StoriesConfig(instruction="Tell a story.", sft_data="best-of-3")
+    config = stories.StoriesConfig(instruction="Tell a story.")
     prompts = ["[WP] a door", "[WP] a key"]
-    path = tmp_path / "sft_best_of.jsonl"
+    path = tmp_path / "pool.jsonl"
     write_samples(path, [stories.query(config, p) for p in prompts], [["x", "good good", "good"], ["good", "y", "z"]],
                   "smollm2")  # fmt: skip
     seen = []
@@ -384,15 +405,16 @@ def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_its_best_dist
         raise RuntimeError("sampled again")
 
     monkeypatch.setattr(wprlhf.models, "load_policy", no_sampling)
-    examples = stories._expert_stories(config, prompts, "rm", path)
-    assert [(e.prompt, e.response) for e in examples] == [("[WP] a door", "good good"), ("[WP] a key", "good")]
+    pool = stories.own_pool(config, "smollm2", prompts, 3, "rm", path, seed=0)
+    assert pool.best(3)[0] == ["good good", "good"] and pool.scores.tolist() == [[0, 2, 1], [1, 0, 0]]
     assert seen == [stories.query(config, p) for p in prompts for _ in range(3)]
     rows = [json.loads(line) for line in _lines(path)]
     assert [r["prompt"] for r in rows] == prompts and [r["scores"] for r in rows] == [[0, 2, 1], [1, 0, 0]]
     seen.clear()
-    assert stories._expert_stories(config, prompts, "rm", path) == examples and not seen  # scored once
+    assert stories.own_pool(config, "smollm2", prompts, 3, "rm", path, seed=0).scores.tolist() == pool.scores.tolist()
+    assert not seen  # scored once
     with pytest.raises(RuntimeError, match="sampled again"):
-        stories._expert_stories(dataclasses.replace(config, sft_data="best-of-4"), prompts, "rm", path)
+        stories.own_pool(config, "smollm2", prompts, 4, "rm", path, seed=0)
 
 
 def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(tmp_path, monkeypatch):

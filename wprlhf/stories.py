@@ -8,7 +8,10 @@ The pipeline (issue 18), one resumable phase after another, in one run directory
     judge      the judge reward model: karma comparisons of judge prompts only (split/judge_comparisons.jsonl)
     sft        supervised fine-tuning of the start policy on the top-voted story of each train prompt, or
                (sft_data 'best-of-N') on the start policy's best of N samples by the reward model
-    ppo        PPO from the SFT policy against the reward model, KL-penalised to the SFT policy, on train prompts
+    dpo        (rl 'dpo') DPO from the SFT policy on pairs of its own samples: for each train prompt, the best and
+               the worst of N by the task's reward
+    ppo        (rl 'ppo') PPO from the SFT policy against the task's reward, KL-penalised to the SFT policy, on
+               train prompts
     best_of    n samples of the SFT policy per eval prompt, scored by the reward model (best-of-4, best-of-16)
     eval       every policy on the eval prompts by every judge (`policy_eval.judge_sides`): eval/report.json,
                eval/table.md, eval/samples.md, eval/over_optimisation.png, eval/blind.db (final vs start, blind)
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 from .data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
                    write_comparisons)
 from .distributed import check_mixed_precision, resolve_device, resolve_mixed_precision
@@ -40,8 +43,12 @@ from .errors import UserError, check_numbers
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .text import clean_prompt
 
+if TYPE_CHECKING:
+    from .best_of import Pool
+
 STATE_FILE = "stories_state.json"
-PHASES = ("split", "rm", "judge", "sft", "ppo", "best_of", "eval")
+PHASES = ("split", "rm", "judge", "sft", "dpo", "ppo", "best_of", "eval")
+RL_METHODS = ("ppo", "dpo", "none")
 DATA = "../shared/data/writing_prompts"
 
 
@@ -100,9 +107,19 @@ class StoriesConfig:
     """Karma comparisons (of judge prompts) the judge reward model trains on."""
     judge_val_fraction: float = 0.15
     """Share of judge prompts held out of the judge's training to state its accuracy."""
-    # --- PPO
+    # --- RL
+    rl: str = "ppo"
+    """The RL phase after SFT: 'ppo' (online, against the task's reward), 'dpo' (offline, on pairs of the SFT
+    policy's own samples ranked by the task's reward) or 'none' (the SFT policy is the final one)."""
+    dpo_samples: int = 16
+    """DPO's pairs: for each of sft_examples train prompts, the best and the worst of this many samples of the RL
+    start policy by the task's reward (Rafailov et al. 2023 on reward-ranked samples of the policy itself, as in
+    Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization")."""
+    dpo_beta: float = 0.1
+    """DPO's β: the strength of the implicit KL penalty to the RL start policy (eq. 7)."""
+    dpo_lr: float = 5e-6
+    dpo_epochs: int = 2
     ppo_steps: int = 40
-    """PPO steps; 0 = no PPO phase (the SFT policy is then the final one: best-of-n distillation alone)."""
     batch_size: int = 16
     """PPO episodes per step."""
     lr: float = 1e-5
@@ -140,17 +157,19 @@ class StoriesConfig:
         check_numbers(self, non_negative=("judge_fraction", "temperature", "sft_lr", "lr", "kl_coef", "kl_target",
                                           "judge_val_fraction"))  # fmt: skip
         for name, low in dict(eval_prompts=1, response_length=1, sft_max_length=32, sft_epochs=1, sft_batch_size=1,
-                              ppo_steps=0, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
-                              sft_examples=0).items():  # fmt: skip
+                              ppo_steps=1, batch_size=2, eval_batch_size=1, rm_examples=0, judge_examples=0,
+                              sft_examples=0, dpo_samples=2, dpo_epochs=1).items():  # fmt: skip
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; "
                                 f"set --{name.replace('_', '-')} to {low} or more")  # fmt: skip
-        if not self.ppo_steps and not self.sft:
-            raise UserError("--ppo-steps 0 with --no-sft trains nothing; give PPO steps or an SFT phase")
+        if self.rl not in RL_METHODS:
+            raise UserError(f"rl must be one of {', '.join(RL_METHODS)}, got {self.rl!r}")
+        if self.rl == "none" and not self.sft:
+            raise UserError("--rl none with --no-sft trains nothing; choose --rl ppo or dpo, or an SFT phase")
         if self.batch_size % 2:
             raise UserError(f"batch_size {self.batch_size} must be even (PPO takes 2 minibatches a step); set "
                             "--batch-size to an even number")  # fmt: skip
-        for name in ("temperature", "sft_lr", "lr", "kl_target"):
+        for name in ("temperature", "sft_lr", "lr", "kl_target", "dpo_beta", "dpo_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}; set --{name.replace('_', '-')}")
         if not 0 < self.judge_fraction < 0.5:
@@ -374,7 +393,9 @@ PHASE_SETTINGS = {
             "seed", "instruction", "reward_extra"),
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
-    "ppo": ("response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip",
+    "dpo": ("rl", "dpo_samples", "dpo_beta", "dpo_lr", "dpo_epochs", "sft_examples", "response_length", "fixed_length",
+            "temperature", "instruction", "reward_extra", "seed"),
+    "ppo": ("rl", "response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip",
             "instruction", "reward_extra"),
     "best_of": ("best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
 }
@@ -459,10 +480,10 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("split")
     train_prompts = load_prompts(split_dir / "train_prompts.txt")
     train_keys = {prompt_key(p) for p in train_prompts}
-    if config.sft and config.sft_best_of and "sft" not in state["done"]:
-        # The queries whose samples best-of-n distillation needs, for a pool drawn elsewhere (_expert_stories).
-        write_text_atomic(split_dir / "sft_queries.jsonl", "".join(
-            json.dumps({"prompt": query(config, p)}) + "\n" for p in _expert_prompts(config, train_prompts)))  # fmt: skip
+    if (config.sft and config.sft_best_of) or config.rl == "dpo":
+        # The queries of the policy's own-sample pools (distillation's, DPO's), for a pool drawn elsewhere (own_pool).
+        write_text_atomic(split_dir / "pool_queries.jsonl", "".join(
+            json.dumps({"prompt": query(config, p)}) + "\n" for p in pool_prompts(config, train_prompts)))  # fmt: skip
 
 
     for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
@@ -488,7 +509,13 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
 
         stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
         if config.sft_best_of:
-            stories = _expert_stories(config, train_prompts, state["rm_dir"], split_dir / "sft_best_of.jsonl")
+            prompts = pool_prompts(config, train_prompts)
+            print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, "
+                  "the task's reward keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
+            pool = own_pool(config, config.policy, prompts, config.sft_best_of, state["rm_dir"],
+                            split_dir / "sft_best_of.jsonl", seed=config.seed + 60_000)  # fmt: skip
+            stories = [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
+                       for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft_best_of)[0]))]  # fmt: skip
         stories = [dataclasses.replace(r, prompt=query(config, r.prompt)) for r in stories]
         sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
                                max_examples=config.sft_examples, max_length=config.sft_max_length,
@@ -501,7 +528,28 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("sft", sft_dir=str(path))
     start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
-    if wanted("ppo") and config.ppo_steps:
+    if wanted("dpo") and config.rl == "dpo":
+        from .data import Comparison
+        from .dpo import DPOConfig
+        from .dpo import train as dpo_train
+
+        dpo_dir = out_dir / "dpo"
+        prompts = pool_prompts(config, train_prompts)
+        print(f"dpo: {config.dpo_samples} samples of {start_of_rl} for each of {len(prompts)} train prompts; the "
+              "task's reward's best and worst make a pair", flush=True)  # fmt: skip
+        pool = own_pool(config, start_of_rl, prompts, config.dpo_samples, state["rm_dir"], dpo_dir / "pool.jsonl",
+                        seed=config.seed + 70_000)  # fmt: skip
+        best, worst = pool.scores.argmax(1), pool.scores.argmin(1)
+        pairs = [Comparison(prompt=query(config, p), responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
+                 for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
+                 if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
+        dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo_beta, lr=config.dpo_lr, epochs=config.dpo_epochs,
+                               batch_size=8, max_prompt_length=256, max_response_length=config.response_length + 16,
+                               eval_every=12, seed=config.seed, device=config.device, mixed_precision=precision)  # fmt: skip
+        dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists())
+        finish("dpo")
+
+    if wanted("ppo") and config.rl == "ppo":
         from .ppo import train as ppo_train
         from .reward_model import reward_fn_from_model
 
@@ -511,7 +559,6 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
                   ppo_dir, resume=resume_ppo,
                   judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
-    if wanted("ppo"):
         finish("ppo")
 
     if wanted("best_of"):
@@ -540,61 +587,55 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     return {}
 
 
-def _expert_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
-    """The train prompts of best-of-n distillation: sft_examples of them, a choice seeded by config.seed."""
+def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
+    """The train prompts of the own-sample pools (best-of-n distillation's, DPO's): sft_examples of them, a choice
+    seeded by config.seed."""
     if config.sft_examples and len(train_prompts) > config.sft_examples:
         return random.Random(config.seed).sample(train_prompts, config.sft_examples)
     return list(train_prompts)
 
 
-def _expert_stories(config: StoriesConfig, train_prompts: list[str], rm_dir: str, path: Path) -> list[Response]:
-    """SFT examples of best-of-n distillation: for sft_examples train prompts (a seeded choice), the start policy's
-    best of sft_best_of samples by the task's reward, as `Response`s of rank 0. The pool is written to `path` (and
-    read back from it when it is there, so a resumed run does not sample again). A pool put at `path` before the
-    sft phase, from `wprlhf sample -k N --prompts split/sft_queries.jsonl` (N = sft_best_of), is scored and used
-    instead of sampling here: the sampling is the phase's cost on a CPU, and a GPU does it in seconds (README)."""
+def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_dir: str, path: Path,
+             seed: int) -> Pool:  # fmt: skip
+    """n samples of `policy` for each prompt (asked with `query`), scored by the task's reward: the pool that
+    best-of-n distillation takes the best of, and DPO the best and the worst.
+
+    The pool is written to `path` ({"prompt", "responses", "scores"} a line, bare prompts) and read back from it
+    when it answers these prompts with n samples each, so a resumed run does not sample again. A pool put there
+    before the phase, from `wprlhf sample -k n --prompts split/pool_queries.jsonl` (its prompts are the queries, and
+    it has no scores), is scored and used instead of sampling here: sampling is most of the phase on a CPU, and a
+    GPU does it in seconds (README). Anything else at `path` is sampled again, with a note."""
     from .best_of import Pool, sample_pool
     from .generation import generation_config
     from .models import load_policy
 
-    prompts = _expert_prompts(config, train_prompts)
     lines = [row for _, row in iter_jsonl(path)] if path.exists() else []
-    # A pool sampled elsewhere (e.g. on a GPU: `wprlhf sample -k N` over the queries) holds the queries and no
-    # scores; it is used when it answers these prompts with N responses each, and scored here.
-    usable = [r["prompt"] for r in lines] in (prompts, [query(config, p) for p in prompts]) and all(
-        len(r["responses"]) == config.sft_best_of for r in lines)  # fmt: skip
+    queries = [query(config, p) for p in prompts]
+    usable = [r["prompt"] for r in lines] in (prompts, queries) and all(len(r["responses"]) == n for r in lines)
+    if usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]:
+        return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
     if usable:
+        print(f"scoring the {len(lines)} x {n} samples of {path}", flush=True)
         responses = [r["responses"] for r in lines]
-        if all("scores" in r for r in lines):
-            scores = np.asarray([r["scores"] for r in lines], dtype=np.float64)
-        else:
-            print(f"sft: scoring the {len(lines)} x {config.sft_best_of} samples of {path}", flush=True)
-            scores = np.asarray(task_reward(config, rm_dir)([query(config, p) for p in prompts for _ in responses[0]],
-                                                            [r for rs in responses for r in rs]), dtype=np.float64)
-            if not np.isfinite(scores).all():
-                raise UserError(f"the reward gave non-finite scores to samples of {path}; check --reward-extra")
-            scores = scores.reshape(len(prompts), config.sft_best_of)
-        pool = Pool(prompts, responses, scores)
+        scores = np.asarray(task_reward(config, rm_dir)([q for q in queries for _ in range(n)],
+                                                        [r for rs in responses for r in rs]), dtype=np.float64)  # fmt: skip
+        if scores.shape != (len(prompts) * n,) or not np.isfinite(scores).all():
+            raise UserError(f"the task's reward gave {scores.size} scores ({int((~np.isfinite(scores)).sum())} not "
+                            f"finite) to the {len(prompts) * n} samples of {path}; check --reward-extra")  # fmt: skip
+        pool = Pool(prompts, responses, scores.reshape(len(prompts), n))
     else:
         if lines:
-            print(f"note: {path} does not hold {config.sft_best_of} samples for each of these prompts; sampling "
-                  "again", flush=True)  # fmt: skip
-        policy, tokenizer = load_policy(config.policy, seed=config.seed)
-        policy.to(resolve_device(config.device))
+            print(f"note: {path} does not hold {n} samples for each of these prompts; sampling again", flush=True)
+        model, tokenizer = load_policy(policy, seed=config.seed)
+        model.to(resolve_device(config.device))
         gen = generation_config(None, response_length=config.response_length,
                                 min_response_length=config.min_response_length, temperature=config.temperature)
-        print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, the "
-              "reward model keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
-        pool = sample_pool(policy, tokenizer, [query(config, p) for p in prompts], config.sft_best_of,
-                           task_reward(config, rm_dir), gen, seed=config.seed + 60_000,
+        pool = sample_pool(model, tokenizer, queries, n, task_reward(config, rm_dir), gen, seed=seed,
                            batch_size=config.eval_batch_size)  # fmt: skip
         pool = Pool(prompts, pool.responses, pool.scores)
-    if not (usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]):
-        write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
-                                        for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
-    best, _ = pool.best(config.sft_best_of)
-    return [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
-            for i, (p, text) in enumerate(zip(prompts, best))]
+    write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
+                                    for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
+    return pool
 
 
 def _accumulation(batch_size: int) -> int:
@@ -616,8 +657,8 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     over_optimisation.png, and blind.db (the final policy against the start one, for people).
 
     Sides: start (the start policy's samples), sft (fresh samples of the SFT policy, drawn apart from the best-of-n
-    pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), ppo (the last
-    step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
+    pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), dpo or ppo (the
+    last step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
     from .best_of import Pool, kl_bound
     from .generation import generate, generation_config
     from .labelers import Relevance
@@ -655,11 +696,13 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         sides["sft"] = generate(sft, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 50_000, progress=True)
     for n in config.best_of_ns:
         sides[f"best-of-{n}"] = pool.best(n)[0]
-    ppo = None
-    if (out_dir / "ppo" / "policy").exists():
-        ppo, _ = load_policy(str(out_dir / "ppo" / "policy"))
-        ppo.to(device)
-        sides["ppo"] = generate(ppo, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 40_000, progress=True)
+    rl = {}  # the RL policies: 'dpo', 'ppo'
+    for name in ("dpo", "ppo"):
+        if (out_dir / name / "policy").exists():
+            rl[name], _ = load_policy(str(out_dir / name / "policy"))
+            rl[name].to(device)
+            sides[name] = generate(rl[name], tokenizer, queries, gen, batch_size=bs, seed=config.seed + 40_000,
+                                   progress=True)  # fmt: skip
 
     # KL to the start policy (nats per response): k1 on the sampled text, log pi(y) - log start(y), both with
     # end-of-turn forbidden where the sampler forbade it.
@@ -675,12 +718,12 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         name = f"best-of-{n}"
         measured = rl_lp[name] - start_lp[name] if sft is not None else np.zeros(len(prompts))
         kls[name] = (measured + kl_bound(n)).tolist()
-    if ppo is not None:
-        own = logprobs(ppo, sides["ppo"])
-        kls["ppo"] = (own - start_lp["ppo"]).tolist()
+    for name, model in rl.items():
+        own = logprobs(model, sides[name])
+        kls[name] = (own - start_lp[name]).tolist()
         if sft is not None:
-            kl_to_sft["ppo"] = (own - rl_lp["ppo"]).tolist()
-    del start, ppo, sft
+            kl_to_sft[name] = (own - rl_lp[name]).tolist()
+    del start, rl, sft
 
     human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
     judge = reward_fn_from_model(state["judge_dir"])
@@ -700,7 +743,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     report["split"] = json.loads((out_dir / "split" / "split.json").read_text())
     report["timings_s"] = state.get("timings_s", {})
     report["response_length"] = config.response_length
-    report["selection_rule"] = "PPO: the last step (fixed before any judging)"
+    report["selection_rule"] = "PPO and DPO: the last step (fixed before any judging)"
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(eval_dir / "report.json", without_verdicts(report))
@@ -710,7 +753,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
                  for i, p in enumerate(prompts)]  # fmt: skip
     write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(out_lines) + "\n")
     write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, human, n=6))
-    final = "ppo" if "ppo" in sides else "sft" if "sft" in sides else f"best-of-{max(config.best_of_ns)}"
+    final = next(name for name in ("ppo", "dpo", "sft", f"best-of-{max(config.best_of_ns)}") if name in sides)
     _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]), ("start", sides["start"]))
     _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
     print(_summary(report), flush=True)
