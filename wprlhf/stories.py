@@ -113,8 +113,8 @@ class StoriesConfig:
     policy's own samples ranked by the task's reward) or 'none' (the SFT policy is the final one)."""
     dpo_samples: int = 16
     """DPO's pairs: for each of sft_examples train prompts, the best and the worst of this many samples of the RL
-    start policy by the task's reward (Rafailov et al. 2023 on reward-ranked samples of the policy itself, as in
-    Liu et al. 2024, "Statistical Rejection Sampling Improves Preference Optimization")."""
+    start policy by the task's reward: one round of Dong et al. 2024's iterative DPO ("RLHF Workflow: From Reward
+    Modeling to Online RLHF", best-of-n against worst-of-n by a reward model; DPO is Rafailov et al. 2023)."""
     dpo_beta: float = 0.1
     """DPO's β: the strength of the implicit KL penalty to the RL start policy (eq. 7)."""
     dpo_lr: float = 5e-6
