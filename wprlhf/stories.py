@@ -91,7 +91,7 @@ class StoriesConfig:
     distillation, one round of expert iteration): text the
     start policy itself writes, so the fine-tuned policy stays near it in KL."""
     sft_examples: int = 384
-    """Train prompts to fine-tune on, one example each (0 = all)."""
+    """Train prompts to fine-tune on, one example each (0 = all); also the prompts of DPO's pairs, one pair each."""
     sft_max_length: int = 160
     """Tokens of chat template + prompt + story opening per SFT example: the opening is what PPO continues."""
     sft_lr: float = 1e-4
