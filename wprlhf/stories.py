@@ -209,23 +209,20 @@ QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=
              ppo_steps=2, batch_size=4, best_of="2,4", response_length=24, eval_batch_size=8)  # fmt: skip
 
 
-def _head(config: StoriesConfig) -> str:
-    """What every query starts with: config.instruction and a blank line, or '' without an instruction."""
-    from .generation import instruction_head
-
-    return instruction_head(config.instruction)
-
-
 def query(config: StoriesConfig, prompt: str) -> str:
     """What the policy reads for `prompt`: config.instruction, a blank line, the prompt (the bare prompt when the
     instruction is '')."""
-    return _head(config) + prompt
+    from .generation import instruction_head
+
+    return instruction_head(config.instruction) + prompt
 
 
 def on_prompts(config: StoriesConfig, reward_fn):
     """reward_fn, callable on the policy's queries: it reads the bare prompts behind them (`query` inverted), so
     reward models and judges score (prompt, response) as they were trained to, whatever the policy was told."""
-    head = _head(config)
+    from .generation import instruction_head
+
+    head = instruction_head(config.instruction)
     if not head:
         return reward_fn
 
