@@ -86,6 +86,29 @@ def test_bf16_reference_holds_bf16_matmul_weights_and_starts_at_zero_margin(toke
     assert torch.equal(stats["margin"], torch.zeros(2))
 
 
+def test_reference_logprobs_are_kept_per_pair_and_read_back_in_later_epochs(tokenizer):
+    """A pair's reference log-probs are computed the first time its key is seen and read back after: the loss is
+    the same as computing them again, and no reference forward runs once every key is known."""
+    from wprlhf.dpo import DPO
+    from wprlhf.models import load_policy
+
+    policy, _ = load_policy("tiny")
+    dpo = DPO(DPOConfig(policy="tiny", mixed_precision="no", device="cpu"), policy, tokenizer, total_steps=1)
+    pairs = [Pair("A short prompt", "yes", "no no no"), Pair("Another prompt", "a b c", "x")]
+    with torch.no_grad():
+        dpo.policy.lm_head.weight.mul_(1.5)  # the policy moves; the reference must not
+        fresh, _ = dpo.batch_loss(pairs)
+        first, _ = dpo.batch_loss(pairs, [("train", 0), ("train", 1)])
+        assert set(dpo.ref_logprobs) == {("train", 0), ("train", 1)}
+        calls = []
+        dpo.reference.register_forward_hook(lambda *a: calls.append(1))
+        again, _ = dpo.batch_loss(pairs[::-1], [("train", 1), ("train", 0)])
+    assert not calls
+    torch.testing.assert_close(first, fresh)
+    torch.testing.assert_close(again, first.flip(0), atol=1e-5, rtol=0)
+    assert not torch.allclose(fresh, torch.full_like(fresh, math.log(2)))  # the policy did move off the reference
+
+
 # A toy preference: vowel-rich answers beat consonant runs, on 24 prompts (4 held out by the split).
 TOY = [Comparison(f"Say something about thing number {i}.", ["brr tsk psst grr hmm", "aeiou oui eau aia"], 1,
                   prompt_id=str(i)) for i in range(24)]  # fmt: skip

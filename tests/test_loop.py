@@ -50,6 +50,16 @@ def test_one_resolver_reads_reward_judge_and_labeler_specs(tmp_path):
         load_reward("colour")
 
 
+def test_a_negative_weight_makes_repetition_a_loop_penalty():
+    """`repetition` is graded: a longer loop costs more, prose that never repeats a 4-gram costs nothing."""
+    texts = ["She lit the candle and waited for the voice to speak again before dawn came.",
+             "and then he ran and then he ran and then he ran away",
+             "the end of the end of the end of the end of the end of the end"]  # fmt: skip
+    assert load_reward("-2*repetition")(["p"] * 3, texts) == pytest.approx([0.0, -2 * 5 / 10, -2 * 11 / 14])
+    story_then_loop = load_reward("1.2*story+-2*repetition")(["p"] * 3, texts)
+    assert story_then_loop[:2] == pytest.approx([1.2, 1.2 - 1.0])
+
+
 @pytest.mark.parametrize("spec, message", [("colour", "unknown judge 'colour'"), ("x*sentiment", "is not a number"),
                                            ("sim:", "empty judge spec")])  # fmt: skip
 def test_bad_judge_specs(spec, message):

@@ -225,19 +225,30 @@ class DPO:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
         self.model, self.optimizer = self.accelerator.prepare(ResponseLogprobs(self.policy), optimizer)
         self.params, self.step = params, 0
+        # The frozen reference gives a pair the same log-probs every epoch: each pair's are computed once, the first
+        # time a batch holds it, and read from here after (a quarter of a step's work in every later epoch).
+        self.ref_logprobs: dict[tuple[str, int], tuple[float, float]] = {}
 
-    def batch_loss(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pair losses (n,) with grad, and per-pair stats (n,) each, of `pairs` under the current policy."""
+    def batch_loss(self, pairs: Sequence[Pair], keys: Sequence[tuple[str, int]] | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+        """Per-pair losses (n,) with grad, and per-pair stats (n,) each, of `pairs` under the current policy.
+        keys: one per pair (('train', index) or ('val', index)), under which its reference log-probs are kept."""
         batch = tuple(x.to(self.device) for x in encode_pairs(self.tokenizer, pairs, self.config, self.policy))
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.reference is not None:
-                ref = pair_logprobs(self.reference, batch)
-            else:
-                with self.policy.disable_adapter():
-                    ref = pair_logprobs(self.policy, batch)
+        if keys is None or any(k not in self.ref_logprobs for k in keys):
+            with torch.no_grad(), self.accelerator.autocast():
+                if self.reference is not None:
+                    ref = pair_logprobs(self.reference, batch)
+                else:
+                    with self.policy.disable_adapter():
+                        ref = pair_logprobs(self.policy, batch)
+            ref = torch.stack([r.float() for r in ref], 1)  # (n, 2): chosen, rejected
+            if keys is not None:
+                self.ref_logprobs.update(zip(keys, map(tuple, ref.tolist())))
+        else:
+            ref = torch.tensor([self.ref_logprobs[k] for k in keys], device=self.device)
         with self.accelerator.autocast():
             chosen, rejected = self.model(*batch)
-        losses, stats = dpo_loss(chosen, rejected, ref[0].float(), ref[1].float(), self.config.beta, self.config.loss)
+        losses, stats = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.config.beta, self.config.loss)
         return losses, stats
 
     def state_dict(self) -> dict:
@@ -271,7 +282,8 @@ def evaluate(dpo: DPO, pairs: Sequence[Pair], batch_size: int) -> dict[str, floa
     totals = {"val_loss": 0.0, "val_accuracy": 0.0, "val_margin": 0.0}
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            losses, stats = dpo.batch_loss(pairs[start : start + batch_size])
+            losses, stats = dpo.batch_loss(pairs[start : start + batch_size],
+                                           [("val", i) for i in range(start, min(start + batch_size, len(pairs)))])
             totals["val_loss"] += float(losses.sum())
             totals["val_accuracy"] += float((stats["margin"] > 0).float().sum())
             totals["val_margin"] += float(stats["margin"].sum())
@@ -355,7 +367,8 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         for i, start in enumerate(range(0, len(local), micro)):
             last = start + micro >= len(local)
             with acc.no_sync(dpo.model) if not last else contextlib.nullcontext():
-                losses, stats = dpo.batch_loss([train_pairs[j] for j in local[start : start + micro]])
+                chunk = local[start : start + micro]
+                losses, stats = dpo.batch_loss([train_pairs[j] for j in chunk], [("train", int(j)) for j in chunk])
                 # The loss of the whole step's pairs is their mean: each micro-batch adds its share of the sum.
                 acc.backward(losses.sum() / len(rows) * world)
             sums["loss"] += float(losses.detach().sum())

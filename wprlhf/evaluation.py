@@ -7,7 +7,6 @@ KL of the policy's samples to the start policy, distinct-n and repetition (degen
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,16 +18,12 @@ from .models import stop_token_ids
 from .forwards import policy_forward
 from .reward_model import choice_credit
 from .signatures import RewardFn
-from .text import meta_share
-
-
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+from .text import meta_share, repeats_ngram, word_ngrams
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     """Distinct word n-grams over all n-grams of a set of texts (Li et al. 2016); 0 when there are none."""
-    grams = [g for t in texts for g in _ngrams(t.lower().split(), n)]
+    grams = [g for t in texts for g in word_ngrams(t, n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -36,7 +31,7 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     """Share of texts in which some word n-gram occurs more than once: loops such as 'and then and then'."""
     if not texts:
         return 0.0
-    return float(np.mean([any(c > 1 for c in Counter(_ngrams(t.lower().split(), n)).values()) for t in texts]))
+    return float(np.mean([repeats_ngram(t, n) for t in texts]))
 
 
 def text_stats(prompts: list[str], texts: list[str], relevance: RewardFn | None = None) -> dict:

@@ -2,8 +2,10 @@
 
 `wprlhf ppo --reward SPEC`, `wprlhf loop --judge SPEC` and `--labeler sim:SPEC` all read a SPEC here. A SPEC is a
 term or a weighted sum of terms (`0.7*sentiment+0.3*relevance`, `length+0.5*rm:runs/rm`); a term is
-- a built-in: `vowels`, `length` (toys with a known optimum), `sentiment` (VADER compound, -1..1) or `relevance`
-  (cosine of MiniLM embeddings of prompt and response, -1..1; the judges live in `labelers.py`);
+- a built-in: `vowels`, `length` (toys with a known optimum), `sentiment` (VADER compound, -1..1), `relevance`
+  (cosine of MiniLM embeddings of prompt and response, -1..1), `story` (1 for a story by the rule of
+  `labelers.story_verdict`, else 0; the judges live in `labelers.py`) or `repetition` (the share of a response's
+  word 4-grams that repeat an earlier one, 0..1: a loop's cost, weighted below zero, `...+-2*repetition`);
 - `rm:DIR`, a reward model trained by `wprlhf rm train`;
 - `module:function` or `path/to/file.py:function`, the user's own code.
 A leading `sim:` (the loop's name for a simulated labeler) is ignored. Every reward in wprlhf has that one
@@ -19,6 +21,7 @@ from pathlib import Path
 from .errors import UserError
 from .labelers import Relevance, sentiment, story
 from .signatures import RewardFn
+from .text import repeated_share
 
 
 def vowels(prompts: list[str], responses: list[str]) -> list[float]:
@@ -36,8 +39,14 @@ def length(prompts: list[str], responses: list[str]) -> list[float]:
     return [min(len(text.split()) / 100, 1.0) for text in responses]
 
 
+def repetition(prompts: list[str], responses: list[str]) -> list[float]:
+    """Share (0..1) of each response's word 4-grams that repeat an earlier one (`text.repeated_share`): 0 for
+    prose that never loops, 0.79 for 'the end of' said six times. A penalty: give it a negative weight."""
+    return [repeated_share(text, 4) for text in responses]
+
+
 BUILTIN: dict[str, RewardFn | type] = {"vowels": vowels, "length": length, "sentiment": sentiment,
-                                       "relevance": Relevance, "story": story}  # fmt: skip
+                                       "relevance": Relevance, "story": story, "repetition": repetition}  # fmt: skip
 """Built-in terms: a function, or a class whose instance is one (a fresh one per SPEC; its model loads on first use)."""
 
 EXAMPLES = "0.7*sentiment+0.3*relevance"

@@ -1,12 +1,14 @@
-"""Text cleaning: Fan et al.'s tokenised prompts made plain again, and Reddit's post-hoc meta lines found and removed.
+"""Text cleaning and counting: Fan et al.'s tokenised prompts made plain again, Reddit's post-hoc meta lines found
+and removed, and the word n-grams that show a loop.
 
 Text in, text out: no file, no model. `data.py` applies these while reading stories; `evaluation.py` measures
-how often samples carry meta lines.
+how often samples carry meta lines or loop; `rewards.py` penalises loops.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,3 +154,26 @@ def meta_share(texts: Iterable[str]) -> float:
     samples (top-karma stories, PPO outputs) carry more Reddit meta than another?"""
     flags = [has_meta(t) for t in texts]
     return sum(flags) / len(flags) if flags else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loops: word n-grams that come back
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The lower-cased whitespace-word n-grams of `text`, in order (none when it has under n words)."""
+    words = text.lower().split()
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def repeats_ngram(text: str, n: int = 4) -> bool:
+    """True when some word n-gram occurs more than once in `text`: a loop such as 'and then and then'."""
+    return any(c > 1 for c in Counter(word_ngrams(text, n)).values())
+
+
+def repeated_share(text: str, n: int = 4) -> float:
+    """Share (0..1) of `text`'s word n-grams that repeat an earlier one: 0 for none (or under n words), near 1 for a
+    phrase said over and over. Graded where `repeats_ngram` is yes/no, so a reward can rank two loops."""
+    grams = word_ngrams(text, n)
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
