@@ -438,3 +438,32 @@ def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(t
     assert read["judged"] == ["[WP] a lighthouse", "[WP] a key"]
     assert [json.loads(line)["prompt"] for line in _lines(tmp_path / "e-pairs.jsonl")] == read["judged"]
     assert json.loads((tmp_path / "e.json").read_text())["instruction"] == "Tell a story."
+
+
+def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt(tmp_path, monkeypatch):
+    """`--against-instruction ''`: one model asked two ways is two systems. --policy reads the instruction, --against
+    (the same model) the bare prompt, and the KL reference reads what --against read; the blind queue names the
+    two sides apart."""
+    from wprlhf import policy_eval
+    from wprlhf.labeling.store import Store
+
+    alpha = _tiny_policy(tmp_path / "alpha-policy", 1)
+    prompts = tmp_path / "eval_prompts.txt"
+    prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
+    read = {"sampled": [], "scored": []}
+    for name, what, at in (("_sample_side", "sampled", 1), ("response_logprobs", "scored", 2)):
+        real = getattr(policy_eval, name)
+        monkeypatch.setattr(policy_eval, name,
+                            lambda *a, _r=real, _w=what, _at=at, **k: read[_w].extend(a[_at]) or _r(*a, **k))
+    db = tmp_path / "blind.db"
+    assert main(["eval", "--policy", str(alpha), "--against", str(alpha), "--prompts", str(prompts),
+                 "--response-length", "6", "--instruction", "Tell a story.", "--against-instruction", "",
+                 "--out", str(tmp_path / "e.json"), "--blind-db", str(db)]) == 0  # fmt: skip
+    bare = ["[WP] a lighthouse", "[WP] a key"]
+    told = ["Tell a story.\n\n" + p for p in bare]
+    assert read["sampled"] == told + bare and read["scored"] == told + bare
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert (report["instruction"], report["against_instruction"]) == ("Tell a story.", "")
+    assert report["sides"]["policy"]["kl"]["mean"] != 0.0  # the same weights, two contexts: not the same system
+    sides = {n for c in Store(db).comparisons() for n in c["metadata"]["blind_sides"]}
+    assert sides == {f"{alpha} [policy: Tell a story.]", f"{alpha} [against: bare prompt]"}

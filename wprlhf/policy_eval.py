@@ -302,6 +302,11 @@ class EvalConfig:
     """Put, with a blank line, before each prompt in what the sampled policies read (as with `wprlhf stories
     --instruction`, whose policies expect it); judges read the bare prompt. Response files are keyed by the bare
     prompt."""
+    against_instruction: str | None = None
+    """What --against reads before each prompt instead (None = the same as --instruction; '' = the bare prompt).
+    It compares two whole systems, e.g. an instructed policy with SmolLM2 as shipped asked the bare prompt: KL is
+    then log pi(y | instruction, prompt) - log ref(y | against-instruction, prompt), the distance between what the
+    two systems write for a prompt, not between two models under one context."""
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
@@ -379,32 +384,43 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
     if not prompts:
         raise UserError("no prompts to evaluate on; give --prompts a file with at least one prompt")
     judge = load_reward(config.judge, what="judge") if config.judge else None  # a bad SPEC fails before sampling
-    queries = [instruction_head(config.instruction) + p for p in prompts]  # what policies read; judges read prompts
+    # What each side's policy reads (the KL reference reads --against's); judges read the bare prompts.
+    heads = {"policy": config.instruction,
+             "against": config.instruction if config.against_instruction is None else config.against_instruction}
+    queries = {side: [instruction_head(head) + p for p in prompts] for side, head in heads.items()}
+    specs = {"policy": config.policy, "against": config.against}
     texts, models = {}, {}
-    for spec in (config.policy, config.against):
+    for side, spec in specs.items():
         if spec in files:
             missing = [p for p in prompts if p not in files[spec]]
             if missing:
                 raise UserError(f"{spec} has no response to {len(missing)} of the {len(prompts)} prompts, e.g. "
                                 f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
-            texts[spec] = [files[spec][p] for p in prompts]
+            texts[side] = [files[spec][p] for p in prompts]
         else:
-            texts[spec], models[spec] = _sample_side(spec, queries, config)
-    new, old = texts[config.policy], texts[config.against]
+            texts[side], models[side] = _sample_side(spec, queries[side], config)
+    new, old = texts["policy"], texts["against"]
     kls = {}
-    reference = config.reference or (config.against if config.against in models else "")
-    if reference and config.policy in models:
-        model, tokenizer = models[config.policy]
-        ref_model = models[reference][0] if reference in models else load_policy(reference)[0]
+    reference = config.reference or (config.against if "against" in models else "")
+    if reference and "policy" in models:
+        model, tokenizer = models["policy"]
+        if "against" in models and reference == config.against:
+            ref_model = models["against"][0]
+        else:
+            ref_model = load_policy(reference)[0]
         ref_model.to(next(model.parameters()).device)
-        lp = {m: response_logprobs(m, tokenizer, queries, new, config.temperature, config.batch_size,
-                                   min_response_length=config.min_response_length) for m in (model, ref_model)}  # fmt: skip
-        kls["policy"] = (lp[model] - lp[ref_model]).tolist()
+        lp = [response_logprobs(m, tokenizer, q, new, config.temperature, config.batch_size,
+                                min_response_length=config.min_response_length)
+              for m, q in ((model, queries["policy"]), (ref_model, queries["against"]))]  # fmt: skip
+        kls["policy"] = (lp[0] - lp[1]).tolist()
     report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
     report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference,
-                  instruction=config.instruction)
+                  instruction=heads["policy"], against_instruction=heads["against"])
     if blind_db:
-        report["blind_queued"] = queue_blind(blind_db, prompts, (config.policy, new), (config.against, old))
+        # One model under two instructions is two systems: the blind store must tell its sides apart.
+        names = (config.policy, config.against) if config.policy != config.against else tuple(
+            f"{config.policy} [{side}: {heads[side][:40] or 'bare prompt'}]" for side in ("policy", "against"))
+        report["blind_queued"] = queue_blind(blind_db, prompts, (names[0], new), (names[1], old))
     out = Path(out)
     write_json_atomic(out, without_verdicts(report))
     write_text_atomic(out.with_suffix(".md"), table_markdown(report))
