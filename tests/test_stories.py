@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from wprlhf.best_of import Pool, kl_bound
 from wprlhf.cli import main
@@ -414,6 +415,31 @@ def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path
     assert not seen  # scored once
     with pytest.raises(RuntimeError, match="sampled again"):
         stories.own_pool(config, "smollm2", prompts, 4, "rm", path, seed=0)
+
+
+@pytest.mark.parametrize("precision, sampled_in", [("bf16", torch.bfloat16), ("no", None)])
+def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_path, monkeypatch, precision, sampled_in):
+    """--mixed-precision bf16 samples the own-sample pool under bf16 autocast (most of a DPO run's time on a CPU);
+    the reward scores outside it, in the precision it was trained in; 'no' samples in fp32."""
+    import wprlhf.best_of
+    from wprlhf import stories
+
+    seen = {}
+
+    def fake_generate_k(model, tokenizer, prompts, k, config, **kwargs):
+        seen["sampled"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return [[f"story {i}" for i in range(k)] for _ in prompts]
+
+    def reward(queries, responses):
+        seen["scored"] = torch.is_autocast_enabled("cpu")
+        return [float(r[-1]) for r in responses]
+
+    monkeypatch.setattr(wprlhf.best_of, "generate_k", fake_generate_k)
+    monkeypatch.setattr(stories, "task_reward", lambda config, rm_dir: reward)
+    config = stories.StoriesConfig(policy="tiny", device="cpu", mixed_precision=precision, response_length=4)
+    pool = stories.own_pool(config, "tiny", ["[WP] a door"], 3, "rm", tmp_path / "pool.jsonl", seed=0)
+    assert pool.best(3)[0] == ["story 2"]
+    assert seen == {"sampled": sampled_in, "scored": False}
 
 
 def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(tmp_path, monkeypatch):

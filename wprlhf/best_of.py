@@ -11,6 +11,8 @@ samples, which are themselves m independent samples. `wprlhf sample --best-of N 
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 
@@ -51,15 +53,18 @@ class Pool:
 
 
 def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: RewardFn, config: GenerationConfig,
-                seed: int = 0, batch_size: int = 16, progress: bool = True, **kwargs) -> Pool:  # fmt: skip
+                seed: int = 0, batch_size: int = 16, progress: bool = True, sampling_context=None,
+                **kwargs) -> Pool:  # fmt: skip
     """Sample n responses to each prompt and score them all with reward_fn; the scores must be finite. Other
-    keyword arguments go to `generation.generate` (max_prompt_length, chat_template)."""
+    keyword arguments go to `generation.generate` (max_prompt_length, chat_template). sampling_context (e.g. a
+    `torch.autocast`) is entered for the sampling only: the reward scores outside it, as it was trained."""
     if n < 1:
         raise UserError(f"--best-of must be >= 1, got {n}")
     if not prompts:
         raise UserError("best-of-n got no prompts; give --prompts a file with at least one prompt")
-    responses = generate_k(policy, tokenizer, prompts, n, config, seed=seed, batch_size=batch_size, progress=progress,
-                           **kwargs)
+    with sampling_context or contextlib.nullcontext():
+        responses = generate_k(policy, tokenizer, prompts, n, config, seed=seed, batch_size=batch_size,
+                               progress=progress, **kwargs)  # fmt: skip
     flat = [r for rs in responses for r in rs]
     scores = np.asarray(reward_fn([p for p in prompts for _ in range(n)], flat), dtype=np.float64)
     if scores.shape != (len(flat),):

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from .data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
                    write_comparisons)
-from .distributed import check_mixed_precision, resolve_device, resolve_mixed_precision
+from .distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
 from .errors import UserError, check_numbers
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .text import clean_prompt
@@ -150,7 +150,8 @@ class StoriesConfig:
     seed: int = 0
     device: str = "auto"
     mixed_precision: str = "auto"
-    """'auto' (bf16 where it is faster), 'no', 'bf16' or 'fp16': training forwards of SFT, reward models and PPO."""
+    """'auto' (bf16 where it is faster), 'no', 'bf16' or 'fp16': training forwards of SFT, reward models, PPO and
+    DPO, and the sampling of the best-of-n and own-sample pools (evaluation samples and measures KL in fp32)."""
 
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
@@ -571,7 +572,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
                                 min_response_length=config.min_response_length, temperature=config.temperature)
         pool = sample_pool(policy, tokenizer, [query(config, p) for p in eval_prompts], max(config.best_of_ns),
                            task_reward(config, state["rm_dir"]), gen, seed=config.seed + 20_000,
-                           batch_size=config.eval_batch_size)  # fmt: skip
+                           batch_size=config.eval_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
         lines = [json.dumps({"prompt": p, "responses": rs, "scores": s.tolist(), "policy": start_of_rl})
                  for p, rs, s in zip(eval_prompts, pool.responses, pool.scores)]  # fmt: skip
         write_text_atomic(out_dir / "best_of" / "pool.jsonl", "\n".join(lines) + "\n")
@@ -590,6 +591,19 @@ def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
     if config.sft_examples and len(train_prompts) > config.sft_examples:
         return random.Random(config.seed).sample(train_prompts, config.sft_examples)
     return list(train_prompts)
+
+
+def pool_autocast(config: StoriesConfig):
+    """The autocast the pools are sampled under: config.mixed_precision resolved on config.device (rewards score
+    outside it). Sampling the pools is most of a DPO or best-of-n run on a CPU, and bf16 does it about 1.7x faster
+    where the CPU has AVX-512 BF16 (README). Evaluation's own samples stay fp32."""
+    import contextlib
+
+    import torch
+
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(resolve_mixed_precision(config.mixed_precision, device))
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_dir: str, path: Path,
@@ -628,7 +642,7 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
         gen = generation_config(None, response_length=config.response_length,
                                 min_response_length=config.min_response_length, temperature=config.temperature)
         pool = sample_pool(model, tokenizer, queries, n, task_reward(config, rm_dir), gen, seed=seed,
-                           batch_size=config.eval_batch_size)  # fmt: skip
+                           batch_size=config.eval_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
         pool = Pool(prompts, pool.responses, pool.scores)
     write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
                                     for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
