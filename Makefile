@@ -22,15 +22,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# The main job: RLHF on r/WritingPrompts (`wprlhf stories`) when the data is there (DATA=DIR|HUB_ID names another
-# source), judged on held-out prompts by judges it never trained on; a killed run resumes where it stopped.
+# The main job: RLHF on r/WritingPrompts (`wprlhf stories` with the README's recipe, examples/stories.yaml) when
+# the data is there (DATA=DIR|HUB_ID names another source), judged on held-out prompts by judges it never trained
+# on; a killed run resumes where it stopped.
 # Without the data, the offline mock task (`wprlhf demo`: a simulated sentiment labeler), and it says so.
 WP_DATA ?= ../shared/data/writing_prompts
-STORIES_OUT ?= runs/stories
+STORIES_OUT ?= runs/stories-dpo
 demo: setup
 	@if [ -n "$(DATA)" ] || [ -d "$(WP_DATA)" ]; then \
-		echo "== writing-prompts RLHF on $(or $(DATA),$(WP_DATA)) -> $(STORIES_OUT) (wprlhf stories)"; \
-		$(BIN)/wprlhf stories --data "$(or $(DATA),$(WP_DATA))" --out $(STORIES_OUT) --resume; \
+		echo "== writing-prompts RLHF on $(or $(DATA),$(WP_DATA)) -> $(STORIES_OUT) (wprlhf stories, examples/stories.yaml)"; \
+		$(BIN)/wprlhf stories --config examples/stories.yaml --data "$(or $(DATA),$(WP_DATA))" --out $(STORIES_OUT) --resume; \
 	else \
 		echo "== no writing-prompts data at $(WP_DATA) (and no DATA=...): running the offline MOCK task instead"; \
 		echo "== (wprlhf demo: a simulated sentiment labeler, an instrument for the machinery, not the result)"; \

@@ -493,3 +493,20 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     assert report["sides"]["policy"]["kl"]["mean"] != 0.0  # the same weights, two contexts: not the same system
     sides = {n for c in Store(db).comparisons() for n in c["metadata"]["blind_sides"]}
     assert sides == {f"{alpha} [policy: Tell a story.]", f"{alpha} [against: bare prompt]"}
+
+
+def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs():
+    """examples/stories.yaml (the headline's recipe) loads into StoriesConfig, its reward SPEC resolves, and
+    `make demo` passes it to `wprlhf stories`."""
+    from pathlib import Path
+
+    from wprlhf.checkpoint import load_config
+    from wprlhf.rewards import load_reward
+    from wprlhf.stories import StoriesConfig
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(StoriesConfig, root / "examples" / "stories.yaml", {})
+    assert (config.sft, config.rl, config.instruction != "") == (False, "dpo", True)
+    scores = load_reward(config.reward_extra, "reward_extra")(["[WP] p"], ["and so on and so on and so on"])
+    assert len(scores) == 1 and math.isfinite(scores[0])
+    assert "--config examples/stories.yaml" in (root / "Makefile").read_text()
