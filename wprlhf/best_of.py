@@ -12,7 +12,6 @@ samples, which are themselves m independent samples. `wprlhf sample --best-of N 
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import dataclass
 
