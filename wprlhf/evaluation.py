@@ -18,7 +18,7 @@ from .models import stop_token_ids
 from .forwards import policy_forward
 from .reward_model import choice_credit
 from .signatures import RewardFn
-from .text import meta_share, repeats_ngram, word_ngrams
+from .text import meta_share, repeated_share, word_ngrams
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -31,7 +31,7 @@ def repetition_rate(texts: Sequence[str], n: int = 4) -> float:
     """Share of texts in which some word n-gram occurs more than once: loops such as 'and then and then'."""
     if not texts:
         return 0.0
-    return float(np.mean([repeats_ngram(t, n) for t in texts]))
+    return float(np.mean([repeated_share(t, n) > 0 for t in texts]))
 
 
 def text_stats(prompts: list[str], texts: list[str], relevance: RewardFn | None = None) -> dict:

@@ -594,16 +594,14 @@ def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
 
 
 def pool_autocast(config: StoriesConfig):
-    """The autocast the pools are sampled under: config.mixed_precision resolved on config.device (rewards score
-    outside it). Sampling the pools is most of a DPO or best-of-n run on a CPU, and bf16 does it about 1.7x faster
+    """The autocast the pools are sampled under (None for fp32): config.mixed_precision resolved on config.device
+    (rewards score outside it). Sampling the pools is most of a DPO or best-of-n run on a CPU, and bf16 does it about 1.7x faster
     where the CPU has AVX-512 BF16 (README). Evaluation's own samples stay fp32."""
-    import contextlib
-
     import torch
 
     device = resolve_device(config.device)
     dtype = autocast_dtype(resolve_mixed_precision(config.mixed_precision, device))
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else None
 
 
 def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_dir: str, path: Path,

@@ -8,7 +8,6 @@ how often samples carry meta lines or loop; `rewards.py` penalises loops.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,13 +166,9 @@ def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-def repeats_ngram(text: str, n: int = 4) -> bool:
-    """True when some word n-gram occurs more than once in `text`: a loop such as 'and then and then'."""
-    return any(c > 1 for c in Counter(word_ngrams(text, n)).values())
-
-
 def repeated_share(text: str, n: int = 4) -> float:
     """Share (0..1) of `text`'s word n-grams that repeat an earlier one: 0 for none (or under n words), near 1 for a
-    phrase said over and over. Graded where `repeats_ngram` is yes/no, so a reward can rank two loops."""
+    phrase said over and over. Above 0 where some n-gram comes back (a loop); graded, so a reward can rank two
+    loops."""
     grams = word_ngrams(text, n)
     return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
