@@ -420,7 +420,8 @@ def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path
 @pytest.mark.parametrize("precision, sampled_in", [("bf16", torch.bfloat16), ("no", None)])
 def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_path, monkeypatch, precision, sampled_in):
     """--mixed-precision bf16 samples the own-sample pool under bf16 autocast (most of a DPO run's time on a CPU);
-    the reward scores outside it, in the precision it was trained in; 'no' samples in fp32."""
+    the reward scores outside it, in the precision it was trained in; 'no' samples in fp32. Pools are drawn
+    pool_batch_size rows a batch, not evaluation's eval_batch_size."""
     import wprlhf.best_of
     from wprlhf import stories
 
@@ -428,6 +429,7 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
 
     def fake_generate_k(model, tokenizer, prompts, k, config, **kwargs):
         seen["sampled"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen["batch_size"] = kwargs["batch_size"]
         return [[f"story {i}" for i in range(k)] for _ in prompts]
 
     def reward(queries, responses):
@@ -436,10 +438,11 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
 
     monkeypatch.setattr(wprlhf.best_of, "generate_k", fake_generate_k)
     monkeypatch.setattr(stories, "task_reward", lambda config, rm_dir: reward)
-    config = stories.StoriesConfig(policy="tiny", device="cpu", mixed_precision=precision, response_length=4)
+    config = stories.StoriesConfig(policy="tiny", device="cpu", mixed_precision=precision, response_length=4,
+                                   pool_batch_size=5, eval_batch_size=7)  # fmt: skip
     pool = stories.own_pool(config, "tiny", ["[WP] a door"], 3, "rm", tmp_path / "pool.jsonl", seed=0)
     assert pool.best(3)[0] == ["story 2"]
-    assert seen == {"sampled": sampled_in, "scored": False}
+    assert seen == {"sampled": sampled_in, "scored": False, "batch_size": 5}
 
 
 def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(tmp_path, monkeypatch):
