@@ -18,6 +18,7 @@ from wprlhf.generation import (
     encode_prompts,
     fit_positions,
     generate,
+    generate_k,
     prompt_room,
     sample,
 )
@@ -112,6 +113,36 @@ def test_seeded_reproducibility(tiny, tokenizer):
     assert torch.equal(a.logprobs, b.logprobs)
     # A near-uniform random model over ~49k tokens: two seeds agreeing on 24 tokens is essentially impossible.
     assert not torch.equal(a.responses, c.responses)
+
+
+def test_several_samples_per_query_share_its_forward(tiny, tokenizer):
+    """num_samples=k gives k adjacent rows per query from one prefill: greedy rows equal the query's own greedy
+    response, sampled rows are k different draws, and their log-probs equal a full forward over their own query
+    (a KV cache copied to the wrong rows would condition them on another prompt)."""
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    k, pad = 3, tokenizer.pad_token_id
+    alone = sample(tiny, queries, query_mask, _greedy(8, stop_at_eos=False), [], pad)
+    greedy = sample(tiny, queries, query_mask, _greedy(8, stop_at_eos=False), [], pad, num_samples=k)
+    assert torch.equal(greedy.responses, alone.responses.repeat_interleave(k, 0))
+
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7, stop_at_eos=False)
+    gen = sample(tiny, queries, query_mask, config, [], pad, torch.Generator().manual_seed(0), num_samples=k)
+    assert gen.responses.shape == (len(PROMPTS) * k, 10)
+    rows = gen.responses.view(len(PROMPTS), k, 10)
+    assert all(not torch.equal(rows[i, 0], rows[i, 1]) for i in range(len(PROMPTS)))
+    own_q, own_m = queries.repeat_interleave(k, 0), query_mask.repeat_interleave(k, 0)
+    expected = _forward_logprobs(tiny, own_q, own_m, gen.responses, gen.response_mask, 0.7)
+    torch.testing.assert_close(gen.logprobs, expected, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="num_samples"):
+        sample(tiny, queries, query_mask, config, [], pad, num_samples=0)
+
+
+def test_generate_k_groups_each_prompts_responses(tiny, tokenizer):
+    """generate_k: (P, k) responses, prompt i's k in row i, whatever the batch size (which counts responses)."""
+    config = _greedy(6, stop_at_eos=False)
+    one_each = generate(tiny, tokenizer, PROMPTS, config, batch_size=3)
+    for batch_size in (1, 4, 64):
+        assert generate_k(tiny, tokenizer, PROMPTS, 2, config, batch_size=batch_size) == [[t, t] for t in one_each]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -224,12 +224,18 @@ def sample(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     tokenizer=None,
+    num_samples: int = 1,
 ) -> Generation:
     """Sample responses with a KV cache: one forward over the queries, then one single-token forward per step.
 
     queries (B, Tq) int64, left-padded; query_mask (B, Tq) bool. `generator` seeds the sampling noise.
     `tokenizer` is needed only for stop_strings. Each prompt plus max_new_tokens must fit the model's positions
     (clip with `fit_positions` first); otherwise UserError before any forward.
+
+    num_samples > 1 answers each query num_samples times: the Generation has B * num_samples rows, rows
+    i * num_samples .. (i + 1) * num_samples - 1 answering query i. The queries' forward (the prefill) runs once
+    and its KV cache is copied to their rows, instead of running it on num_samples copies of each query (the
+    pools of best-of-n and DPO draw 16 responses of 64 tokens to prompts of about 90).
     """
     from transformers import DynamicCache
 
@@ -240,7 +246,9 @@ def sample(
         raise UserError(f"a prompt of {longest} tokens plus {config.max_new_tokens} response tokens exceeds the "
                         f"model's {room + config.max_new_tokens} positions; clip the queries with "
                         "generation.fit_positions or lower --max-prompt-length")  # fmt: skip
-    B = queries.shape[0]
+    if num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    B = queries.shape[0] * num_samples
     device = queries.device
     stops = torch.tensor(stop_token_ids or [-1], device=device)
     attention_mask = query_mask.long()
@@ -257,9 +265,14 @@ def sample(
         input_ids=queries, attention_mask=attention_mask, position_ids=position_ids,
         past_key_values=cache, use_cache=True, logits_to_keep=1,
     )  # fmt: skip
-    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    next_logits = out.logits[:, -1, :]
+    next_position = position_ids[:, -1:] + 1
+    if num_samples > 1:  # each query's row -> num_samples rows, adjacent: (B / num_samples, ...) -> (B, ...)
+        cache.batch_repeat_interleave(num_samples)
+        next_logits, next_position, attention_mask = (x.repeat_interleave(num_samples, 0)
+                                                      for x in (next_logits, next_position, attention_mask))  # fmt: skip
     for t in range(config.max_new_tokens):
-        logits = out.logits[:, -1, :].float() / config.temperature  # (B, V)
+        logits = next_logits.float() / config.temperature  # (B, V)
         allowed = logits  # what we choose from; log-probs stay those of the full distribution (PPO's forward)
         if config.stop_at_eos and t < config.min_new_tokens:
             allowed = logits.clone()
@@ -284,6 +297,7 @@ def sample(
             input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
             past_key_values=cache, use_cache=True,
         )  # fmt: skip
+        next_logits = out.logits[:, -1, :]
         next_position = next_position + 1
 
     generation = Generation(responses, response_mask, logprobs, finished)
@@ -336,8 +350,11 @@ def generate(
     max_prompt_length: int | None = None,
     chat_template: bool = True,
     progress: bool = False,
+    num_samples: int = 1,
 ) -> list[str]:
-    """Text in, text out: sample one response per prompt, in batches. For `wprlhf sample` and evaluation.
+    """Text in, text out: sample num_samples responses per prompt, in batches of about batch_size responses
+    (batch_size // num_samples prompts, at least one). For `wprlhf sample` and evaluation. Returns
+    len(prompts) * num_samples strings, prompt i's at i * num_samples .. (i + 1) * num_samples - 1.
 
     Prompts keep their last max_prompt_length tokens, and fewer where prompt + response would exceed the model's
     positions (`fit_positions`)."""
@@ -346,23 +363,23 @@ def generate(
     prompt_room(model, config.max_new_tokens)  # a response too long for the model fails before any sampling
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    per_batch = max(1, batch_size // num_samples)
     texts = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress, unit="batch"):
-        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], max_prompt_length, chat_template)
+    for start in tqdm(range(0, len(prompts), per_batch), desc="sampling", disable=not progress, unit="batch"):
+        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + per_batch], max_prompt_length, chat_template)
         queries, query_mask = fit_positions(model, queries, query_mask, config.max_new_tokens)
         gen = sample(
             model, queries.to(device), query_mask.to(device), config, stop_token_ids(tokenizer),
-            tokenizer.pad_token_id, generator, tokenizer,
+            tokenizer.pad_token_id, generator, tokenizer, num_samples=num_samples,
         )  # fmt: skip
         texts.extend(decode_responses(tokenizer, gen.responses, gen.response_mask))
     return texts
 
 
 def generate_k(model: nn.Module, tokenizer, prompts: list[str], k: int, config: GenerationConfig, **kwargs) -> list[list[str]]:
-    """k responses per prompt, (P, k) nested lists; one batched pass over the prompts repeated k times.
-    Keyword arguments go to `generate`."""
-    repeated = [p for p in prompts for _ in range(k)]  # prompt i's responses sit at i*k .. i*k+k-1
-    texts = generate(model, tokenizer, repeated, config, **kwargs)
+    """k responses per prompt, (P, k) nested lists: `generate` with num_samples=k, so each prompt's forward runs
+    once for its k responses. Keyword arguments go to `generate` (batch_size counts responses)."""
+    texts = generate(model, tokenizer, prompts, config, num_samples=k, **kwargs)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
