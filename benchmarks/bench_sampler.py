@@ -7,6 +7,13 @@ queries of exactly 32 tokens (no padding), 32 new tokens per row (no stop), temp
     .venv/bin/python benchmarks/bench_sampler.py                      # smollm2, batch 8
     .venv/bin/python benchmarks/bench_sampler.py --model tiny         # random TINY_ARCH, batch 16
     .venv/bin/python benchmarks/bench_sampler.py --precision bf16     # as a bf16 run samples (see below)
+    .venv/bin/python benchmarks/bench_sampler.py --precision bf16 --batch 64 --samples-per-prompt 16 \
+        --prompt-tokens 96 --new-tokens 64 --sides wprlhf,wprlhf_repeated,hf   # a best-of-n / DPO pool's batch
+
+--samples-per-prompt K: the batch is batch / K prompts answered K times each, as the pools of best-of-n and DPO
+are drawn. wprlhf runs each prompt's forward once and copies its KV cache (`sample(num_samples=K)`); the side
+`wprlhf_repeated` runs wprlhf's sampler on K copies of each prompt instead (what it did before), and HF `generate`
+gets `num_return_sequences=K` (it, too, copies the prompts before its first forward).
 
 --precision bf16 times what a run under `--mixed-precision bf16` does: wprlhf samples from the fp32 policy inside one
 bf16 autocast block (as `Trainer.sample` does: each weight is cast once a call, and every step reads the casts); HF
@@ -39,18 +46,21 @@ from _common import (
     versions,
 )
 
-SIDES = ("wprlhf", "hf_scores", "hf", "hf_bf16_weights")
+SIDES = ("wprlhf", "wprlhf_repeated", "hf_scores", "hf", "hf_bf16_weights")
 LABELS = {
     "wprlhf": "wprlhf `sample` (KV cache)",
+    "wprlhf_repeated": "wprlhf `sample` on K copies of each prompt (no shared prefill)",
     "hf_scores": "HF `generate`, output_scores=True (trl's call)",
     "hf": "HF `generate`, no scores",
     "hf_bf16_weights": "HF `generate` on a copy holding the bf16 casts, no scores",
 }
 
 
-def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int, bf16: bool):
-    """name -> zero-argument callable that samples the batch once and returns the response tokens (B, Tr).
-    bf16: every side runs under bf16 autocast (wprlhf's in one block, reading cached casts; see the docstring)."""
+def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int, bf16: bool,
+               k: int = 1):  # fmt: skip
+    """name -> zero-argument callable that samples the batch once and returns the response tokens (B * k, Tr) for
+    queries (B, Tq), k responses each. bf16: every side runs under bf16 autocast (wprlhf's in one block, reading
+    cached casts; see the docstring)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     from wprlhf.generation import GenerationConfig, sample
@@ -65,7 +75,12 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
 
     def wprlhf_side():
         with autocast():
-            return sample(model, queries, query_mask, config, stops, pad, generator).responses
+            return sample(model, queries, query_mask, config, stops, pad, generator, num_samples=k).responses
+
+    def wprlhf_repeated_side():
+        copies, copies_mask = queries.repeat_interleave(k, 0), query_mask.repeat_interleave(k, 0)
+        with autocast():
+            return sample(model, copies, copies_mask, config, stops, pad, generator).responses
 
     def hf_side(scores: bool, on=model):
         # A fresh config, so nothing from the checkpoint's generation_config adds a logits processor.
@@ -73,6 +88,7 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
             bos_token_id=tokenizer.bos_token_id, output_scores=scores, return_dict_in_generate=True,
+            num_return_sequences=k,
         )  # fmt: skip
 
         def run():
@@ -85,6 +101,8 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
         return run
 
     sides = {"wprlhf": wprlhf_side, "hf_scores": hf_side(True), "hf": hf_side(False)}
+    if k > 1:
+        sides["wprlhf_repeated"] = wprlhf_repeated_side
     if bf16:
         sides["hf_bf16_weights"] = hf_side(False, on=bf16_copy)
     return sides
@@ -118,8 +136,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per side")
     parser.add_argument("--out", default=None, help="JSON lines file (default: benchmarks/results_sampler.jsonl)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples-per-prompt", type=int, default=1,
+                        help="K: the batch is batch/K prompts, K responses each (module docstring)")
     args = parser.parse_args()
     batch = args.batch or (8 if args.model == "smollm2" else 16)
+    k = args.samples_per_prompt
+    if k < 1 or batch % k:
+        raise SystemExit(f"--samples-per-prompt {k} must be >= 1 and divide the batch {batch}")
     torch.set_num_threads(args.threads)
     sides_wanted = [s for s in args.sides.split(",") if s]
     if not set(sides_wanted) <= set(SIDES) or "wprlhf" not in sides_wanted:
@@ -130,9 +153,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
     load_s = time.perf_counter() - t0
-    queries, query_mask, source = fixed_queries(tokenizer, batch, args.prompt_tokens, args.prompts)
-    sides = {k: v for k, v in make_sides(model, tokenizer, queries, query_mask, args.new_tokens, args.temperature,
-                                         args.seed, args.precision == "bf16").items() if k in sides_wanted}  # fmt: skip
+    queries, query_mask, source = fixed_queries(tokenizer, batch // k, args.prompt_tokens, args.prompts)
+    sides = {name: fn for name, fn in make_sides(model, tokenizer, queries, query_mask, args.new_tokens,
+                                                 args.temperature, args.seed, args.precision == "bf16", k).items()
+             if name in sides_wanted}  # fmt: skip
     torch.manual_seed(args.seed)
 
     probe_before = cpu_probe()
@@ -164,7 +188,8 @@ def main() -> None:
             "wprlhf_speedup_paired": round(med(paired), 3),
         }  # fmt: skip
 
-    print(f"\n## Sampler: {args.model}, batch {batch}, {args.prompt_tokens} prompt + {args.new_tokens} new tokens, "
+    print(f"\n## Sampler: {args.model}, batch {batch} ({batch // k} prompts x {k}), {args.prompt_tokens} prompt + "
+          f"{args.new_tokens} new tokens, "
           f"{args.threads} threads, {args.precision}, {args.repeats} interleaved repeats "
           f"(prompts: {source})\n")  # fmt: skip
     print("| side | median s | min–max s | tokens/s (median) | tokens/s (best) | CPU util | wprlhf ÷ side tokens/s "
@@ -180,7 +205,7 @@ def main() -> None:
     record = {
         "bench": "sampler", "model": args.model, "batch": batch, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
-        "precision": args.precision,
+        "precision": args.precision, "samples_per_prompt": k,
         "repeats": args.repeats, "prompts": source, "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "summary": summary, "probe_gflops_before": probe_before, "probe_gflops_after": probe_after,
         "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "machine": machine(), "versions": versions(),
