@@ -13,6 +13,7 @@ from wprlhf.core import position_ids_from_mask
 from wprlhf.errors import UserError
 from wprlhf.generation import (
     GenerationConfig,
+    _rows_copyable,
     _sample,
     decode_responses,
     encode_prompts,
@@ -135,6 +136,65 @@ def test_several_samples_per_query_share_its_forward(tiny, tokenizer):
     torch.testing.assert_close(gen.logprobs, expected, atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="num_samples"):
         sample(tiny, queries, query_mask, config, [], pad, num_samples=0)
+
+
+def test_copies_finish_apart_and_a_cache_that_cannot_be_copied_is_prefilled_per_copy(tiny, tokenizer, monkeypatch):
+    """With a stop token, a query's copies end at different steps, each masked and scored as its own row. Where the
+    cache has a layer whose state batch_repeat_interleave would not copy (a hybrid model's recurrent layer, stood in
+    for here by `_rows_copyable` saying no), the sampler prefills num_samples copies of each query instead."""
+    from transformers import DynamicCache
+
+    import wprlhf.generation as generation
+
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    k, pad = 3, tokenizer.pad_token_id
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7, stop_at_eos=False)
+    first = sample(tiny, queries, query_mask, config, [], pad, torch.Generator().manual_seed(0), num_samples=k)
+    stop = int(first.responses[0, 3])
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7)
+    own_q, own_m = queries.repeat_interleave(k, 0), query_mask.repeat_interleave(k, 0)
+    prefill_rows = []
+    hook = tiny.register_forward_pre_hook(lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape),
+                                          with_kwargs=True)  # fmt: skip
+    try:
+        runs = {}
+        for copied in (True, False):
+            if not copied:
+                monkeypatch.setattr(generation, "_rows_copyable", lambda cache: False)
+            prefill_rows.clear()
+            runs[copied] = sample(tiny, queries, query_mask, config, [stop], pad, torch.Generator().manual_seed(0),
+                                  num_samples=k)  # fmt: skip
+            assert prefill_rows[0][0] == (len(PROMPTS) if copied else len(PROMPTS) * k)
+    finally:
+        hook.remove()
+    for gen in runs.values():
+        m = gen.response_mask
+        assert not m.all() and not m[0].all(), "row 0 meets the stop token by step 3"
+        expected = _forward_logprobs(tiny, own_q, own_m, gen.responses, m, 0.7)
+        torch.testing.assert_close(gen.logprobs[m], expected[m], atol=1e-5, rtol=0)
+        assert (gen.logprobs[~m] == 0).all()
+    assert _rows_copyable(DynamicCache(config=tiny.config)), "the test model's key/value layers are copied"
+
+
+def test_generate_batches_hold_at_most_batch_size_responses(tiny, tokenizer, monkeypatch):
+    """generate(num_samples=k) puts batch_size // k prompts in a batch; a k above batch_size samples a prompt's
+    copies batch_size at a time, so --batch-size still caps the rows of a batch."""
+    import wprlhf.generation as generation
+
+    rows = []
+    real = generation.sample
+
+    def spy(model, queries, *args, num_samples=1, **kwargs):
+        rows.append((queries.shape[0], num_samples))
+        return real(model, queries, *args, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(generation, "sample", spy)
+    config = _greedy(4, stop_at_eos=False)
+    generate_k(tiny, tokenizer, PROMPTS, 2, config, batch_size=4)
+    assert rows == [(2, 2), (1, 2)]
+    rows.clear()
+    generate_k(tiny, tokenizer, PROMPTS, 3, config, batch_size=2)
+    assert rows == [(2, 1)] * 4 + [(1, 1)]
 
 
 def test_generate_k_groups_each_prompts_responses(tiny, tokenizer):

@@ -84,7 +84,7 @@ def generation_config(config=None, **settings) -> GenerationConfig:
 
 @dataclass
 class Generation:
-    """Sampled responses for a batch of queries.
+    """Sampled responses for a batch of queries (B rows; B = queries x num_samples, each query's rows adjacent).
 
     responses (B, Tr) int64: sampled tokens, pad after a row ends;
     response_mask (B, Tr) bool: True up to and including the stop token;
@@ -210,6 +210,14 @@ def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return tokens.clamp(max=logits.shape[-1] - 1)
 
 
+def _rows_copyable(cache) -> bool:
+    """Whether `cache.batch_repeat_interleave` copies everything a layer keeps: true of key/value layers, not of a
+    hybrid model's recurrent or convolutional state (transformers 5.23 leaves it at the old batch size)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+
+
 # no_grad, not inference_mode: under autocast, a weight that requires grad (not a LoRA run's frozen base) is cast to
 # bf16 once and the cast is reused for the rest of the autocast block, so a bf16 run's decoding steps read half the
 # bytes of fp32 weights. Autocast keeps no such cache in inference mode (torch 2.13; older versions did): there every
@@ -251,9 +259,12 @@ def sample(
     B = queries.shape[0] * num_samples
     device = queries.device
     stops = torch.tensor(stop_token_ids or [-1], device=device)
+    cache = DynamicCache(config=model.config)
+    if num_samples > 1 and not _rows_copyable(cache):
+        queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+        num_samples = 1
     attention_mask = query_mask.long()
     position_ids = position_ids_from_mask(query_mask)
-    cache = DynamicCache(config=model.config)
 
     responses = torch.full((B, config.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, config.max_new_tokens), dtype=torch.float32, device=device)
@@ -352,9 +363,10 @@ def generate(
     progress: bool = False,
     num_samples: int = 1,
 ) -> list[str]:
-    """Text in, text out: sample num_samples responses per prompt, in batches of about batch_size responses
-    (batch_size // num_samples prompts, at least one). For `wprlhf sample` and evaluation. Returns
-    len(prompts) * num_samples strings, prompt i's at i * num_samples .. (i + 1) * num_samples - 1.
+    """Text in, text out: sample num_samples responses per prompt, in batches of at most batch_size responses
+    (batch_size // num_samples prompts; where num_samples > batch_size, a prompt's copies batch_size at a time).
+    For `wprlhf sample` and evaluation. Returns len(prompts) * num_samples strings, prompt i's at
+    i * num_samples .. (i + 1) * num_samples - 1.
 
     Prompts keep their last max_prompt_length tokens, and fewer where prompt + response would exceed the model's
     positions (`fit_positions`)."""
@@ -363,7 +375,9 @@ def generate(
     prompt_room(model, config.max_new_tokens)  # a response too long for the model fails before any sampling
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    per_batch = max(1, batch_size // num_samples)
+    if num_samples > batch_size:  # one prompt's samples overfill a batch: sample its copies batch_size at a time
+        prompts, num_samples = [p for p in prompts for _ in range(num_samples)], 1
+    per_batch = batch_size // num_samples
     texts = []
     for start in tqdm(range(0, len(prompts), per_batch), desc="sampling", disable=not progress, unit="batch"):
         queries, query_mask = encode_prompts(tokenizer, prompts[start : start + per_batch], max_prompt_length, chat_template)
