@@ -565,22 +565,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("ppo")
 
     if wanted("best_of"):
-        from .best_of import sample_pool
-        from .generation import generation_config
-        from .models import load_policy
-        from .reward_model import reward_fn_from_model
-
-        eval_prompts = load_prompts(split_dir / "eval_prompts.txt")
-        policy, tokenizer = load_policy(start_of_rl)
-        policy.to(resolve_device(config.device))
-        gen = generation_config(None, response_length=config.response_length,
-                                min_response_length=config.min_response_length, temperature=config.temperature)
-        pool = sample_pool(policy, tokenizer, [query(config, p) for p in eval_prompts], max(config.best_of_ns),
-                           task_reward(config, state["rm_dir"]), gen, seed=config.seed + 20_000,
-                           batch_size=config.pool_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
-        lines = [json.dumps({"prompt": p, "responses": rs, "scores": s.tolist(), "policy": start_of_rl})
-                 for p, rs, s in zip(eval_prompts, pool.responses, pool.scores)]  # fmt: skip
-        write_text_atomic(out_dir / "best_of" / "pool.jsonl", "\n".join(lines) + "\n")
+        own_pool(config, start_of_rl, load_prompts(split_dir / "eval_prompts.txt"), max(config.best_of_ns),
+                 state["rm_dir"], out_dir / "best_of" / "pool.jsonl", seed=config.seed + 20_000)  # fmt: skip
         finish("best_of")
 
     if wanted("eval"):
@@ -612,7 +598,8 @@ def pool_autocast(config: StoriesConfig):
 def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_dir: str, path: Path,
              seed: int) -> Pool:  # fmt: skip
     """n samples of `policy` for each prompt (asked with `query`), scored by the task's reward: the pool that
-    best-of-n distillation takes the best of, and DPO the best and the worst.
+    best-of-n distillation takes the best of, DPO the best and the worst, and the best-of-n baselines their picks
+    (on the eval prompts).
 
     The pool is written to `path` ({"prompt", "responses", "scores"} a line, bare prompts) and read back from it
     when it answers these prompts with n samples each, so a resumed run does not sample again. A pool put there
