@@ -133,6 +133,10 @@ def reward_model_scores(reward_model, queries, query_mask, responses, response_m
 
 def one_run(args) -> dict:
     """The child process: load, build the trainer, time `steps` PPO updates. Returns the JSON record."""
+    from wprlhf.allocator import keep_freed_memory
+
+    # First, as the `wprlhf` command does (wprlhf/allocator.py); --system-malloc measures without it.
+    kept = False if args.system_malloc else keep_freed_memory()
     import torch
 
     from wprlhf.generation import decode_responses
@@ -221,7 +225,7 @@ def one_run(args) -> dict:
         "probe_gflops_after": probe_after, "peak_rss_mib": peak_rss_mib(), "rss_before_train_mib": rss_before,
         "update_s": update_s, "phases_s": phases, "load_s": round(load_s, 2), "prompts": source,
         "response_length_mean": stats["response_length"], "timers": bool(phases),
-        "bf16": args.bf16, "mixed_precision_effective": str(getattr(getattr(trainer, "accelerator", config), "mixed_precision", "no")),
+        "bf16": args.bf16, "keep_freed_memory": kept, "mixed_precision_effective": str(getattr(getattr(trainer, "accelerator", config), "mixed_precision", "no")),
         "attn_implementation": policy.config._attn_implementation,
         "dtype": str(next(policy.parameters()).dtype), "work": work_counts,
         "settings": {**work, "prompt_tokens": 32, "response_tokens": 32, "temperature": 0.7, "top_k": 0, "top_p": 1.0,
@@ -293,6 +297,8 @@ def main() -> None:
         help="length: the built-in text reward; tiny-rm: the trl peer's random tiny reward model",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (PPOConfig.mixed_precision), not the work")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc malloc as it is (the wprlhf command sets it to keep freed memory)")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the policy (0 = full fine-tuning)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (then without per-phase timers)")

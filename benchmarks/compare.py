@@ -29,6 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "benchmarks"
 DEFAULT_TRL_VENV = Path.home() / ".cache" / "wprlhf-bench" / "trl-venv"
+# glibc's environment form of what wprlhf/allocator.py sets with mallopt at the start of the `wprlhf` command (and
+# bench_ppo.py): no mmap per block, no trimming of the heap. For the --malloc-rows trl row.
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 
 # Counts in each record's `work` (see _common.WorkCounter) that the two sides must share for the same work.
 # Call counts may legitimately differ (the same rows in other chunks): shown, not required to match; so are
@@ -108,6 +111,12 @@ def variants(args, trl_python: str) -> list[dict]:
         if wprlhf_has_bf16(args.wprlhf_python):
             out.append({**out[0], "label": "wprlhf bf16", "argv": [*out[0]["argv"], "--bf16"]})
         out.append({**out[1], "label": "trl bf16", "argv": [*out[1]["argv"], "--bf16"]})
+    if args.malloc_rows:  # how much of the bf16 ratio is the allocator setting, how much the code
+        bf16 = {v["label"]: v for v in out}
+        if "wprlhf bf16" in bf16:
+            out.append({**bf16["wprlhf bf16"], "label": "wprlhf bf16, system malloc",
+                        "argv": [*bf16["wprlhf bf16"]["argv"], "--system-malloc"]})  # fmt: skip
+        out.append({**bf16["trl bf16"], "label": "trl bf16, malloc as wprlhf's", "env": KEEP_FREED_MEMORY_ENV})
     if args.lora:  # no trl counterpart: LoRA is not the same work (a row of its own, for memory)
         out.append(
             {**out[0], "label": f"wprlhf LoRA r={args.lora}", "argv": [*out[0]["argv"], "--lora", str(args.lora)]}
@@ -120,14 +129,16 @@ def run_one(variant: dict, config: str, timeout: int) -> tuple[dict | None, str]
     argv = argv + ["--model", config] if variant["model_flag"] else argv[:2] + [config] + argv[2:]
     cmd = [variant["python"], *argv]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                              env={**os.environ, **variant.get("env", {})})  # fmt: skip
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout} s"
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         return None, f"exit status {proc.returncode}: {proc.stderr.strip()[-3000:]}"
     record = json.loads(lines[-1])
-    record["command"] = f"{variant['shown']} {shlex.join(argv)}"
+    env = " ".join(f"{k}={v}" for k, v in variant.get("env", {}).items())
+    record["command"] = f"{env + ' ' if env else ''}{variant['shown']} {shlex.join(argv)}"
     return record, ""
 
 
@@ -169,7 +180,8 @@ def speed_table(config: str, by_label: dict[str, list[dict]], labels: list[str])
         lines.append(f"| {label} | {len(rs)} | {cells} | {probes} | {med([r['cpu_util'] for r in rs]):.2f} | "
                      f"{load:.2f} |")  # fmt: skip
     lora = [(label, "trl") for label in labels if label.startswith("wprlhf LoRA")]
-    for a, b in (("wprlhf", "trl"), ("wprlhf bf16", "trl bf16"), *lora):
+    malloc = (("wprlhf bf16", "trl bf16, malloc as wprlhf's"), ("wprlhf bf16, system malloc", "trl bf16"))
+    for a, b in (("wprlhf", "trl"), ("wprlhf bf16", "trl bf16"), *malloc, *lora):
         if by_label.get(a) and by_label.get(b):
             cells = []
             for key, _, _, _ in metrics:
@@ -377,6 +389,9 @@ def main() -> None:
     parser.add_argument("--configs", default="tiny,smollm2", help="comma-separated: tiny, smollm2")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per side and config (≥3 to compare)")
     parser.add_argument("--best", action="store_true", help="add each side's bf16 mixed-precision row")
+    parser.add_argument("--malloc-rows", action="store_true",
+                        help="with --best: add wprlhf bf16 with glibc malloc left alone, and trl bf16 with malloc set "
+                             "as the wprlhf command sets it (what the allocator setting is worth on each side)")
     parser.add_argument("--lora", type=int, default=0, help="add a wprlhf LoRA row of this rank (not the same work)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", choices=("auto", "fan", "builtin"), default="auto")
@@ -394,6 +409,8 @@ def main() -> None:
     args.configs = [c for c in args.configs.split(",") if c]
     if not set(args.configs) <= {"tiny", "smollm2"} or args.repeats < 1:
         raise SystemExit("--configs: tiny and/or smollm2; --repeats >= 1")
+    if args.malloc_rows and not args.best:
+        raise SystemExit("--malloc-rows adds bf16 rows: use it with --best")
     interpreter = ".venv/bin/python" if Path(sys.executable).parent.parent == REPO / ".venv" else "python3"
     # No home directory in the results: the command is shown with `~` for it.
     command = shlex.join([interpreter, "benchmarks/compare.py", *sys.argv[1:]])

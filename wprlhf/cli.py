@@ -15,6 +15,7 @@ import types
 import typing
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .errors import UserError
 
 
@@ -676,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Before any tensor: steps then reuse the memory earlier steps freed (allocator.py says why and what it costs).
+    keep_freed_memory()
     opened_before = _process_group_open()
     try:
         args.func(args)
