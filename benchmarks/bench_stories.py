@@ -34,6 +34,9 @@ PHASES = ("generate", "score", "rollout_fwd_no_grad", "rollout_value_fwd", "trai
 
 def one_run(args) -> dict:
     """The child process: load, build the trainer, one warm-up step, then `--steps` timed `ppo.step`s."""
+    from wprlhf.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()  # first, as the `wprlhf` command does (wprlhf/allocator.py)
     import torch
 
     from wprlhf import ppo_trainer
@@ -85,7 +88,8 @@ def one_run(args) -> dict:
         "bench": "stories", "side": "wprlhf", "policy": args.policy, "steps": args.steps, "episodes": episodes,
         "wall_s": round(wall, 3), "episodes_per_min": round(60 * episodes / wall, 2), "step_s": step_s,
         "phases_s": {k: round(v, 3) for k, v in phases.items()}, "cpu_util": round(cpu_s / wall, 2),
-        "mixed_precision": trainer.config.mixed_precision, "response_length_mean": stats["response_length"],
+        "mixed_precision": trainer.config.mixed_precision, "keep_freed_memory": kept,
+        "response_length_mean": stats["response_length"],
         "reward_model": args.reward_model or f"{task.reward_model} (fresh head)", "prompts": source,
         "probe_gflops_before": probe_before, "probe_gflops_after": probe_after, "peak_rss_mib": peak_rss_mib(),
         "load_s": round(load_s, 2), "settings": {k: getattr(config, k) for k in (

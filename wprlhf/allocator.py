@@ -4,9 +4,9 @@ PyTorch allocates CPU tensors with malloc. glibc's malloc gives each large block
 128 KiB) its own mmap and unmaps it when freed, and returns the top of its heap to the kernel once more than twice
 that threshold lies free there. A training step frees and reallocates the same gigabytes every minibatch (autocast's
 bf16 casts of the weights, the gradients, the (B, Tr, V) logits and their log-softmax), so every step makes the
-kernel map and zero fresh pages again: on a 2-core cloud VM, a third of a PPO run's CPU time was the kernel's. With
+kernel map and zero fresh pages again: on a 2-core cloud VM, a quarter to a third of a PPO run's CPU time. With
 mmap off and trimming off, a freed block goes back to malloc's free lists and the next step reuses it. Measured there
-(`benchmarks/RESULTS_amx.md`, SmolLM2, bf16): 15 % more PPO episodes a second (trl's PPO gains 13 % from the same
+(`benchmarks/RESULTS_amx.md`, SmolLM2, bf16): 17 % more PPO episodes a second (trl's PPO gains 15 % from the same
 setting), peak RSS unchanged.
 
 The cost: memory a process has freed stays its own until it exits (the high-water mark, which a run needs anyway,
