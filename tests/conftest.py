@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _malloc_as_the_suite_found_it(monkeypatch):
+    """`cli.main` sets the whole process's malloc (allocator.py): tests that call it in this process must not change
+    how the rest of the suite allocates, or its memory would depend on test order. Child processes still set it."""
+    monkeypatch.setattr("wprlhf.cli.keep_freed_memory", lambda: False)
+
+
 def pytest_report_header(config):
     """The kernel set and thread count in every run's header: a learning test's trajectory depends on both."""
     return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"

@@ -9,8 +9,11 @@ mmap off and trimming off, a freed block goes back to malloc's free lists and th
 (`benchmarks/RESULTS_amx.md`, SmolLM2, bf16): 17 % more PPO episodes a second (trl's PPO gains 15 % from the same
 setting), peak RSS unchanged.
 
-The cost: memory a process has freed stays its own until it exits (the high-water mark, which a run needs anyway,
-is what the machine must hold). `WPRLHF_KEEP_FREED_MEMORY=0` leaves malloc as it is.
+What it covers: blocks of the main thread, where PyTorch's CPU autograd and the sampler allocate, and blocks up to
+64 MiB of other threads; glibc still maps a larger block of another thread on its own, and may unmap a thread's
+whole arena. The cost: memory a process has freed stays its own until it exits (its high-water mark, which the run
+needed anyway). The command leaves it off for `label` and `report`, which run no model. `WPRLHF_KEEP_FREED_MEMORY=0`
+(or false, no, off) leaves malloc as it is everywhere.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ def keep_freed_memory() -> bool:
     (M_TRIM_THRESHOLD at its largest), for the rest of the process. Call it before the work starts: blocks already
     mapped keep their mapping.
 
-    Returns True where the settings took effect; False (and changes nothing) off Linux, on a C library other than
-    glibc (musl, macOS, Windows: their allocators are not glibc's), where mallopt refused, or when the environment
-    sets WPRLHF_KEEP_FREED_MEMORY=0. The `wprlhf` command calls it first thing; a program that uses the library
+    Returns True where both settings took effect. False, changing nothing, when the environment sets
+    WPRLHF_KEEP_FREED_MEMORY to 0 (false, no, off), off Linux, or on a C library other than glibc (musl, macOS,
+    Windows: their allocators are not glibc's); False too where glibc's mallopt refused a setting (it accepts both
+    in every version since 2.0). The `wprlhf` command calls it before its work; a program that uses the library
     may call it too.
     """
-    if os.environ.get("WPRLHF_KEEP_FREED_MEMORY", "1") == "0":
+    if os.environ.get("WPRLHF_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False

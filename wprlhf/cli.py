@@ -678,7 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Before any tensor: steps then reuse the memory earlier steps freed (allocator.py says why and what it costs).
-    keep_freed_memory()
+    # Not for the commands that run no model: the labeling server and the report.
+    if args.command not in ("label", "report"):
+        keep_freed_memory()
     opened_before = _process_group_open()
     try:
         args.func(args)
