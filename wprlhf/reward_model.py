@@ -468,6 +468,7 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     torch.manual_seed(config.seed)  # dropout masks
     step, seen, started = 0, 0, time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"{name} train", unit="step", disable=not (progress and main))
+    last_val = None
     for _ in range(config.epochs):
         for batch in label.batches(each_epoch(rng) if each_epoch else train_set, config.batch_size, rng):
             if len(batch) < acc.num_processes:
@@ -499,7 +500,9 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
             if main:
                 logger.log(step, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
+            # The last held-out accuracy measured (every eval_every steps), not a 'nan' on the steps between.
+            last_val = row.get("val_accuracy", last_val)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", **({} if last_val is None else {"val_acc": f"{last_val:.3f}"}))
     bar.close()
     if main:
         logger.close()
