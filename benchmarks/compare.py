@@ -2,6 +2,7 @@
 
     python3 benchmarks/compare.py                                   # tiny and smollm2, 3 runs per side each
     python3 benchmarks/compare.py --configs tiny --repeats 5 --best # + bf16 "best settings" rows
+    python3 benchmarks/compare.py --configs smollm2 --best --malloc-rows  # + what keeping freed memory is worth
 
 One invocation: makes/reuses the trl venv (benchmarks/setup_trl.sh), converts the SmolLM2 caches of both sides
 before any timing, then runs, for each repeat and config, wprlhf (benchmarks/bench_ppo.py --reward tiny-rm) and
