@@ -67,7 +67,7 @@ def test_update_on_two_processes_equals_one(tmp_path, method):
     assert_same_params(two[0]["params"], two[1]["params"], atol=1e-7)  # DDP keeps the replicas identical
     # Logged statistics are those of the global batch on both processes.
     keys = ["score_mean", "kl", "policy_loss", "approxkl", "clipfrac", "entropy", "grad_norm"]
-    keys += ["value_loss"] if method == "ppo" else ["kl_term"] if method == "grpo" else ["rlhf_reward_mean"]
+    keys += ["value_loss", "value_grad_norm"] if method == "ppo" else ["kl_term"] if method == "grpo" else ["rlhf_reward_mean"]
     for key in keys:
         assert two[0]["stats"][key] == pytest.approx(one["stats"][key], rel=1e-4, abs=1e-6), key
         assert two[1]["stats"][key] == pytest.approx(two[0]["stats"][key], rel=1e-6, abs=1e-8), key

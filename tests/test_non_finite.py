@@ -65,8 +65,8 @@ def test_trl_style_step_refuses_empty_and_mismatched_token_lists(tokenizer):
 
 @pytest.mark.learning
 def test_a_non_finite_update_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-    """Finite but huge scores at step 3 overflow the value loss to inf: the run stops before step 3's optimizer
-    step, naming it, and the step-2 checkpoint is untouched."""
+    """Finite but huge scores at step 3 overflow the advantages and the policy's loss: the run stops before step
+    3's first optimizer step (the policy's), naming it, and the step-2 checkpoint is untouched."""
     calls = []
 
     def reward_fn(prompts, responses):
@@ -76,7 +76,7 @@ def test_a_non_finite_update_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
     config = PPOConfig(policy="tiny", steps=4, batch_size=4, num_minibatches=2, response_length=6, lr=1e-3,
                        checkpoint_every=1, log_samples=0)  # fmt: skip
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=r"PPO update, step 3: .*value_loss = inf") as err:
+    with pytest.raises(NonFiniteError, match=r"PPO update, step 3: .*policy_loss = nan") as err:
         train(config, PROMPTS, reward_fn, out, progress=False)
     assert "--resume" in str(err.value)
     assert [r["step"] for r in read_metrics(out / "metrics.csv")] == [1, 2]

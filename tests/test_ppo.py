@@ -130,6 +130,37 @@ def test_policy_then_value_backwards_equal_one_joint_backward(tokenizer):
     torch.testing.assert_close(separate, joint, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("separate_backwards", [True, False])
+def test_each_network_is_clipped_on_its_own_and_the_policy_steps_first(tokenizer, separate_backwards):
+    """max_grad_norm clips the policy's and the value model's gradients apart (clipped together, the larger value
+    gradients would shrink the policy's far below the bound); one process frees the policy's gradients before the
+    value model's exist."""
+    policy, _ = load_policy("tiny")
+    trainer = PPOTrainer(PPOConfig(policy="tiny", batch_size=4, num_minibatches=2, ppo_epochs=1, lr=1e-3,
+                                   vf_coef=100.0, max_grad_norm=1e-3), policy, tokenizer)  # fmt: skip
+    trainer.separate_backwards = separate_backwards
+    models = trainer.models()
+    steps = []  # per optimizer step: each model's gradient norm after clipping, None where it has no gradients
+
+    def norm(model):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append({n: norm(m) for n, m in models.items()}), step(*a, **k))[1]
+    queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
+    responses = [torch.tensor([100 + n, 200, 300, 400][:n]) for n in (4, 2, 3, 1)]
+    stats = trainer.step(queries, responses, [1.0, -1.0, 0.5, 0.0])
+    assert stats["value_grad_norm"] > 10 * stats["grad_norm"] > 10 * 1e-3  # both clipped, value's much larger
+    if separate_backwards:  # two steps per minibatch: the policy's alone, then the value model's alone
+        assert [sorted(k for k, v in s.items() if v is not None) for s in steps] == [["policy"], ["value"]] * 2
+    else:
+        assert [sorted(s) for s in steps] == [["policy", "value"]] * 2
+    for s in steps:
+        for name, value in s.items():
+            assert value is None or value == pytest.approx(1e-3, rel=1e-3), (name, s)
+
+
 def test_gradient_accumulation_equals_full_minibatch(tokenizer):
     """Micro-batches with different token counts add up to the same update as one minibatch."""
     full = _one_update(tokenizer, gradient_accumulation_steps=1)

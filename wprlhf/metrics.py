@@ -36,7 +36,8 @@ METRIC_NAMES = (
     "explained_variance",  # of the returns by the rollout values
     "value_mean",
     "return_mean",
-    "grad_norm",           # before clipping
+    "grad_norm",           # the policy's gradient norm (with a shared value head, its head's too), before clipping
+    "value_grad_norm",     # the separate value model's, before clipping
     "response_length",     # mean tokens per response, stop token included
     "lr",
     "ppo_minibatches",     # optimizer steps this PPO step (fewer when target_approxkl stops early)

@@ -82,7 +82,9 @@ class PPOConfig:
     lr_schedule: str = "constant"
     """'constant' or 'linear' (decay to 0 over `steps`, stepped once per PPO step)."""
     max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm (policy and value together); None = off."""
+    """Clip each network's gradient norm to this on its own: the policy's (with a shared value head, its head's too)
+    and the separate value model's, so that the value loss's larger gradients never shrink the policy's step (as
+    OpenRLHF clips its actor and critic); None = off."""
 
     # --- PPO
     gamma: float = 1.0

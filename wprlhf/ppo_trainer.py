@@ -190,10 +190,14 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(
             PolicyAndValue(self.policy, self.value_model, self.value_head), optimizer
         )
-        self.trainable = policy_params + value_params
-        # One process and a separate value model: the policy's loss is backpropagated before the value model runs,
-        # so the two models' activations are never held at once (peak RSS of the smollm2 benchmark -350 MiB; the
-        # gradients are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
+        # Each trained network's gradient is clipped on its own (as OpenRLHF's actor and critic): clipped together,
+        # the value loss's gradients, often far larger, would shrink the policy's step. A shared value head is part
+        # of the policy's network.
+        self.clip_groups = ({"grad_norm": policy_params, "value_grad_norm": value_params} if self.value_model
+                            else {"grad_norm": policy_params + value_params})  # fmt: skip
+        # One process and a separate value model: the policy's micro-batches run and the policy takes its step
+        # before the value model runs, so the two models' activations and gradients are never held at once (the
+        # updates are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
         self.separate_backwards = self.value_model is not None and self.accelerator.distributed_type == "NO"
         # Sampling noise differs between processes; the minibatch order must not (all train on one global batch).
         rank = self.accelerator.process_index
@@ -334,18 +338,33 @@ class Trainer:
 
     def optimize(self, rollout: Rollout, rows: torch.Tensor, policy_objective: Callable,
                  value_objective: Callable | None, vf_coef: float, with_entropy: bool) -> dict[str, float]:  # fmt: skip
-        """One optimizer step on the minibatch `rows` (global indices) of `rollout`, minimising
+        """One update on the minibatch `rows` (global indices) of `rollout`, minimising
         policy_objective + vf_coef * value_objective (None: no value model, the policy's loss alone).
 
         policy_objective(new_logprobs, rows, n_tokens) and value_objective(values, rows, n_tokens) each return
         (loss, stats): loss summed over the rows' response tokens and divided by n_tokens, the whole minibatch's
         token count, so this process's slice of the minibatch, cut into gradient_accumulation_steps micro-batches,
-        adds up to the loss of the whole minibatch. Returns the minibatch's stats, summed over processes.
+        adds up to the loss of the whole minibatch. Each network's gradient is clipped to max_grad_norm on its own
+        (`clip_groups`). With `separate_backwards` the policy's micro-batches run and the policy steps, then the value
+        model's do; otherwise one forward and one backward per micro-batch train both, and one optimizer step. The
+        two losses share no parameters, so the updates are the same. Returns the minibatch's stats, summed over
+        processes, with each network's gradient norm before clipping.
         """
-        c, acc = self.config, self.accelerator
-        world, rank = acc.num_processes, acc.process_index
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
         n_tokens = rollout.response_mask[rows].sum().clamp(min=1)
         local = rows[rank::world]
+        if not self.separate_backwards:
+            stats = self._accumulate(rollout, local, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
+            return self._step(stats, self.clip_groups)
+        stats = self._accumulate(rollout, local, n_tokens, policy_objective, None, vf_coef, with_entropy)
+        stats = self._step(stats, {"grad_norm": self.clip_groups["grad_norm"]})
+        value_stats = self._accumulate(rollout, local, n_tokens, None, value_objective, vf_coef, False)
+        return {**stats, **self._step(value_stats, {"value_grad_norm": self.clip_groups["value_grad_norm"]})}
+
+    def _accumulate(self, rollout, local, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
+        """Forwards and backwards of this process's rows `local` of a minibatch, in gradient_accumulation_steps
+        micro-batches; their stats, summed over micro-batches and processes."""
+        c, acc = self.config, self.accelerator
         micro_size = max(1, len(local) // c.gradient_accumulation_steps)
         starts = range(0, len(local), micro_size)
         stats: dict[str, float] = {}
@@ -358,11 +377,19 @@ class Trainer:
                 micro = self._backward(rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
             for k, v in micro.items():
                 stats[k] = stats.get(k, 0.0) + v
-        stats = reduce_sum(acc, stats)
-        # max_norm inf measures the norm without clipping: the guard below needs it either way.
-        norm = acc.clip_grad_norm_(self.trainable, c.max_grad_norm or math.inf)
-        if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
-            stats["grad_norm"] = float(norm)
+        return reduce_sum(acc, stats)
+
+    def _step(self, stats: dict[str, float], groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
+        """Clip each group of parameters that holds gradients to max_grad_norm, stop on a non-finite loss or norm
+        (`check_finite`), step the optimizer (parameters without a gradient stay as they are) and free the
+        gradients. Returns stats with each group's norm before clipping under its key."""
+        acc, max_norm = self.accelerator, self.config.max_grad_norm or math.inf
+        if acc.distributed_type != "DEEPSPEED":  # DeepSpeed's engine clips by its own config
+            for i, (key, params) in enumerate(groups.items()):
+                # accelerate unscales fp16 gradients (all the optimizer's) on its first call; the rest are plain.
+                clip = acc.clip_grad_norm_ if i == 0 else torch.nn.utils.clip_grad_norm_
+                # max_norm inf measures the norm without clipping: the guard below needs it either way.
+                stats[key] = float(clip(params, max_norm))
         self.check_finite(stats)
         self.optimizer.step()
         # A caller's own autocast block around the step would otherwise keep serving bf16 casts of the old weights.
@@ -373,7 +400,8 @@ class Trainer:
         return stats
 
     def _backward(self, rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
-        """Forward and backward of one micro-batch; its stats, weighted by its share of the minibatch's tokens."""
+        """Forward and backward of one micro-batch for the objectives given (either may be None); its stats,
+        weighted by its share of the minibatch's tokens."""
         c, acc = self.config, self.accelerator
         mask = rollout.response_mask[idx]
         batch = (rollout.queries[idx], rollout.query_mask[idx], rollout.responses[idx], mask)
@@ -381,22 +409,23 @@ class Trainer:
         # passes over the (b, Tr, V) logits).
         # The bare models' forwards need the autocast that accelerate gives only the prepared module's forward: without
         # it, --mixed-precision never reached a one-process run's training matmuls (a no-op in fp32).
-        if self.separate_backwards:
+        entropy = None
+        if not self.separate_backwards:
+            new_logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=with_entropy)
+        elif policy_objective is not None:
             with acc.autocast():
                 new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy)
         else:
-            new_logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=with_entropy)
-        pg_loss, pg_stats = policy_objective(new_logprobs, idx, n_tokens)
-        if self.separate_backwards:  # frees the policy's activations before the value model runs
-            acc.backward(pg_loss)
             with acc.autocast():
                 values = value_forward(self.value_model, *batch)
+        pg_loss, pg_stats = policy_objective(new_logprobs, idx, n_tokens) if policy_objective else (None, {})
         vf_loss, vf_stats = value_objective(values, idx, n_tokens) if value_objective else (None, {})
-        loss = (0.0 if vf_loss is None else vf_coef * vf_loss) + (0.0 if self.separate_backwards else pg_loss)
+        loss = (0.0 if pg_loss is None else pg_loss) + (0.0 if vf_loss is None else vf_coef * vf_loss)
         # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
         acc.backward(loss * acc.num_processes)
         share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
-        micro = {"policy_loss": pg_loss.item(), **({} if vf_loss is None else {"value_loss": vf_loss.item()}),
+        micro = {**({} if pg_loss is None else {"policy_loss": pg_loss.item()}),
+                 **({} if vf_loss is None else {"value_loss": vf_loss.item()}),
                  **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
         if entropy is not None:
             micro["entropy"] = float(masked_mean(entropy, mask)) * share
@@ -407,7 +436,8 @@ class Trainer:
 
         Under fp16 an infinite gradient norm is the loss scaler's business: it skips that step and lowers its scale.
         """
-        keys = ["policy_loss", "value_loss"] + ([] if self.config.mixed_precision == "fp16" else ["grad_norm"])
+        keys = ["policy_loss", "value_loss"] + ([] if self.config.mixed_precision == "fp16" else
+                                                 ["grad_norm", "value_grad_norm"])
         check_finite(self.accelerator, self.step_count + 1, f"{self.method} update", NON_FINITE_FIX,
                      **{k: stats[k] for k in keys if k in stats})  # fmt: skip
 
