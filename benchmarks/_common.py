@@ -185,7 +185,8 @@ class WorkCounter:
       backward                   backward passes that reached the input embeddings (a hook on that weight's grad);
       head_rows                  rows the output head (LM head or scalar head) computed: informational, an
                                  implementation may skip rows it doesn't need.
-    Plus optimizer steps (a global optimizer hook), the sampled tokens (the harness reports them) and the trained
+    Plus optimizer steps and parameter updates (a global optimizer hook: step calls, and the parameters each call
+    updated, those with a gradient; an implementation may step each network apart), the sampled tokens (the harness reports them) and the trained
     tokens (response tokens in the training forwards). The hooks are a few Python operations per backbone call
     (a few dozen calls per PPO update), nothing measurable next to the forwards they count.
     """
@@ -197,6 +198,7 @@ class WorkCounter:
         self.response_tokens = response_tokens
         self.models: dict[str, dict] = {}
         self.optimizer_steps = 0
+        self.parameter_updates = 0
         self.sampled_tokens = 0
         self._handles = []
 
@@ -237,8 +239,10 @@ class WorkCounter:
 
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        def step_hook(_optimizer, _args, _kwargs):
+        def step_hook(optimizer, _args, _kwargs):
             self.optimizer_steps += 1
+            params = {id(p): p for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+            self.parameter_updates += sum(p.numel() for p in params.values())
 
         self._handles.append(register_optimizer_step_post_hook(step_hook))
 
@@ -250,6 +254,7 @@ class WorkCounter:
     def summary(self, optimizer=None) -> dict:
         out = {name: dict(c) for name, c in self.models.items()}
         out["optimizer_steps"] = self.optimizer_steps
+        out["parameter_updates"] = self.parameter_updates
         if optimizer is not None:
             params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
             out["optimizer_params"] = sum(p.numel() for p in params.values())

@@ -47,8 +47,11 @@ MUST_MATCH = (("gen_tokens", "sampling forwards: token positions fed (prefill + 
               ("params", "parameters"))  # fmt: skip
 INFO = (("gen_calls", "sampling forward calls"), ("fwd_calls", "full forward calls without grad"),
         ("grad_calls", "training forward calls"), ("head_rows", "output-head rows computed"))  # fmt: skip
-TOTALS = (("optimizer_steps", "optimizer steps"), ("optimizer_params", "parameters the optimizer updates"),
+TOTALS = (("parameter_updates", "parameter updates (parameters x AdamW steps)"),
+          ("optimizer_params", "parameters the optimizer updates"),
           ("sampled_tokens", "sampled tokens"), ("trained_tokens", "trained response tokens"))  # fmt: skip
+# wprlhf steps the policy and a separate value model apart in one process: twice the calls for the same updates.
+TOTALS_INFO = (("optimizer_steps", "optimizer step calls"),)
 SETUP = (("dtype", "weights dtype"), ("attn_implementation", "attention"), ("prompts", "prompt source"),
          ("response_length_mean", "response length"), ("episodes", "episodes"), ("ppo_updates", "PPO updates"))  # fmt: skip
 SETTINGS = ("batch_size", "num_minibatches", "ppo_epochs", "prompt_tokens", "response_tokens", "temperature", "top_k",
@@ -227,6 +230,8 @@ def work_table(wp: list[dict], tr: list[dict]) -> tuple[list[str], list[str]]:
             row(model, what, a.get(key), b.get(key), False)
     for key, what in TOTALS:
         row("all", what, w.get(key), t.get(key), True)
+    for key, what in TOTALS_INFO:
+        row("all", what, w.get(key), t.get(key), False)
     for key, what in SETUP:
         row("setup", what, wp[0].get(key), tr[0].get(key), True)
     for key in SETTINGS:
@@ -277,7 +282,9 @@ def phase_work(config: str, work: dict) -> dict[str, tuple[float, str]]:
         "train_forward": (train_fwd / 1e9, "GFLOP"),
         "train_backward": (2 * train_fwd / 1e9, "GFLOP"),
         "train_optimizer_step": (
-            work["optimizer_steps"] * work["optimizer_params"] * ADAMW_BYTES_PER_PARAM / 1e9,
+            # Records written before parameter updates were counted took one step per call, every parameter.
+            work.get("parameter_updates", work["optimizer_steps"] * work["optimizer_params"])
+            * ADAMW_BYTES_PER_PARAM / 1e9,
             "GB",
         ),
     }

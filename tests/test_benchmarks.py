@@ -15,7 +15,7 @@ WORK = {
     "policy": {"gen_calls": 64, "gen_tokens": 1008, "grad_tokens": 1024, "params": P},
     "reference": {"fwd_tokens": 1024, "params": P},
     "value": {"fwd_tokens": 1024, "grad_tokens": 1024, "params": P + 576},
-    "optimizer_steps": 4, "optimizer_params": 2 * P + 576, "sampled_tokens": 512, "trained_tokens": 512,
+    "optimizer_steps": 8, "parameter_updates": 4 * (2 * P + 576), "optimizer_params": 2 * P + 576, "sampled_tokens": 512, "trained_tokens": 512,
 }  # fmt: skip
 
 
@@ -30,6 +30,9 @@ def test_phase_work_against_hand_counts():
     assert work["train_forward"] == pytest.approx(train_forward / 1e9)
     assert work["train_backward"] == pytest.approx(2 * train_forward / 1e9)
     assert work["train_optimizer_step"] == pytest.approx(4 * (2 * P + 576) * 28 / 1e9)
+    # A record from before parameter updates were counted: one call stepped every parameter.
+    old = {k: v for k, v in {**WORK, "optimizer_steps": 4}.items() if k != "parameter_updates"}
+    assert compare.phase_work("smollm2", old)["train_optimizer_step"][0] == pytest.approx(work["train_optimizer_step"])
 
 
 def test_rate_table_divides_work_by_median_phase_time():
@@ -44,3 +47,28 @@ def test_rate_table_divides_work_by_median_phase_time():
     assert f"| 8.00 | {gen_gb / 8.0:.1f} GB/s |" in rows["generate (weights read)"]
     assert "(93% of probe)" in rows["train_backward"]  # 2 x 464 GFLOP / 10 s against 100 GFLOP/s
     assert compare.rate_table("smollm2", {"wprlhf": by_label["wprlhf"]}) == []  # one side alone: no comparison
+
+
+def test_work_counter_counts_the_parameters_each_step_updated():
+    """Stepping two networks apart (the policy, then the value model) is the same parameter updates as one step."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).parents[1] / "benchmarks" / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    policy, value = torch.nn.Linear(3, 4), torch.nn.Linear(3, 1)  # 16 and 4 parameters
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()])
+    counter = common.WorkCounter(response_tokens=1)
+    counter.start()
+    try:
+        for model in (policy, value):  # apart: the other model has no gradients
+            model(torch.ones(2, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        policy(torch.ones(2, 3)).sum().backward()
+        value(torch.ones(2, 3)).sum().backward()
+        optimizer.step()  # together
+    finally:
+        counter.stop()
+    work = counter.summary(optimizer)
+    assert (work["optimizer_steps"], work["parameter_updates"], work["optimizer_params"]) == (3, 40, 20)

@@ -1,6 +1,6 @@
 """No NaN or inf reaches the weights: bad scores are refused at every entry point, normalisation that needs two
 episodes refuses one, and any update whose loss or gradient norm is not finite stops the run before the optimizer
-step, naming the step and the quantity, with the weights and the last checkpoint as they were."""
+step, naming the step and the quantity: the weights stay finite and the last checkpoint as it was."""
 
 from __future__ import annotations
 

@@ -168,5 +168,5 @@ def check_finite(accelerator: Accelerator | None, step: int, where: str, fix: st
         values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
     bad = [f"{k} = {v}" for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
     if bad:
-        raise NonFiniteError(f"{where}, step {step}: {', '.join(bad)}; stopped before the optimizer step, so the "
-                             f"weights and the last checkpoint are as they were. {fix}")  # fmt: skip
+        raise NonFiniteError(f"{where}, step {step}: {', '.join(bad)}; stopped before the optimizer step, so no NaN or "
+                             f"inf reached the weights and the last checkpoint is as it was. {fix}")  # fmt: skip

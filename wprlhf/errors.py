@@ -7,8 +7,9 @@ class UserError(Exception):
 
 
 class NonFiniteError(UserError):
-    """A loss or gradient norm became NaN or inf: the run stops before the optimizer step, so the weights and the
-    last checkpoint stay as they were."""
+    """A loss or gradient norm became NaN or inf: the run stops before that optimizer step, so no NaN or inf
+    reaches the weights and the last checkpoint stays as it was (a trainer kept in memory holds the updates made
+    before that step: the step's earlier minibatches, and in PPO with a separate value model the policy's own)."""
 
 
 def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:

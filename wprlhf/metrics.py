@@ -40,7 +40,7 @@ METRIC_NAMES = (
     "value_grad_norm",     # the separate value model's, before clipping
     "response_length",     # mean tokens per response, stop token included
     "lr",
-    "ppo_minibatches",     # optimizer steps this PPO step (fewer when target_approxkl stops early)
+    "ppo_minibatches",     # minibatch updates this PPO step (fewer when target_approxkl stops early)
     "time_generate",
     "time_score",
     "time_train",

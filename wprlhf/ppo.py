@@ -65,7 +65,7 @@ def value_loss(
 
 
 def update(trainer: Trainer, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-    """ppo_epochs passes over the rollout, each num_minibatches optimizer steps on policy_loss + vf_coef *
+    """ppo_epochs passes over the rollout, each num_minibatches minibatch updates on policy_loss + vf_coef *
     value_loss (PPO, eq. 9); stops early once a minibatch's approx-KL exceeds target_approxkl. Mean stats."""
     c = trainer.config
 

@@ -3,8 +3,8 @@
 `Trainer` holds the policy, the frozen reference (with LoRA: the policy with its adapters off), the value model
 (separate, or a head on the policy) and AdamW, prepared by accelerate. It samples (`generate`), scores (`score`), runs
 the no-grad forwards of a rollout and gathers every process's shard into the global batch (`forward_rollout`), and
-takes one optimizer step on a minibatch of it (`optimize`: micro-batches, DDP scaling, gradient clipping, the
-non-finite guard). `run` is the loop around a step function: prompts per step, metrics, samples, checkpoints,
+updates the trained networks on a minibatch of it (`optimize`: micro-batches, DDP scaling, each network's
+gradient clipping, the non-finite guard). `run` is the loop around a step function: prompts per step, metrics, samples, checkpoints,
 resume, the final export. None of it knows PPO's maths; `ppo.py` passes its losses in.
 
 Under `accelerate launch` each process samples and scores its shard of the batch (batch_size / processes
@@ -191,10 +191,10 @@ class Trainer:
             PolicyAndValue(self.policy, self.value_model, self.value_head), optimizer
         )
         # Each trained network's gradient is clipped on its own (as OpenRLHF's actor and critic): clipped together,
-        # the value loss's gradients, often far larger, would shrink the policy's step. A shared value head is part
-        # of the policy's network.
-        self.clip_groups = ({"grad_norm": policy_params, "value_grad_norm": value_params} if self.value_model
-                            else {"grad_norm": policy_params + value_params})  # fmt: skip
+        # a separate value model's gradients, often far larger, would shrink the policy's step. A shared value head
+        # is part of the policy's network (its loss reaches the policy's weights), so they are clipped together.
+        self.clip_groups = ({"grad_norm": policy_params, "value_grad_norm": value_params}
+                            if self.value_model is not None else {"grad_norm": policy_params + value_params})  # fmt: skip
         # One process and a separate value model: the policy's micro-batches run and the policy takes its step
         # before the value model runs, so the two models' activations and gradients are never held at once (the
         # updates are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
@@ -384,7 +384,12 @@ class Trainer:
         (`check_finite`), step the optimizer (parameters without a gradient stay as they are) and free the
         gradients. Returns stats with each group's norm before clipping under its key."""
         acc, max_norm = self.accelerator, self.config.max_grad_norm or math.inf
-        if acc.distributed_type != "DEEPSPEED":  # DeepSpeed's engine clips by its own config
+        if acc.distributed_type == "DEEPSPEED":
+            # DeepSpeed's engine clips the joint norm by its own config (gradient_clipping); accelerate reads it back.
+            norm = acc.clip_grad_norm_([p for params in groups.values() for p in params], max_norm)
+            if norm is not None:
+                stats["grad_norm"] = float(norm)
+        else:
             for i, (key, params) in enumerate(groups.items()):
                 # accelerate unscales fp16 gradients (all the optimizer's) on its first call; the rest are plain.
                 clip = acc.clip_grad_norm_ if i == 0 else torch.nn.utils.clip_grad_norm_
