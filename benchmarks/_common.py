@@ -186,9 +186,10 @@ class WorkCounter:
       head_rows                  rows the output head (LM head or scalar head) computed: informational, an
                                  implementation may skip rows it doesn't need.
     Plus optimizer steps and parameter updates (a global optimizer hook: step calls, and the parameters each call
-    updated, those with a gradient; an implementation may step each network apart), the sampled tokens (the harness reports them) and the trained
-    tokens (response tokens in the training forwards). The hooks are a few Python operations per backbone call
-    (a few dozen calls per PPO update), nothing measurable next to the forwards they count.
+    updated, those with a gradient; an implementation may step each network apart), the sampled tokens (the
+    harness reports them) and the trained tokens (response tokens in the training forwards). The hooks are a few
+    Python operations per backbone call (a few dozen calls per PPO update), nothing measurable next to the forwards
+    they count.
     """
 
     KEYS = ("gen_calls", "gen_tokens", "fwd_calls", "fwd_seqs", "fwd_tokens", "grad_calls", "grad_seqs",

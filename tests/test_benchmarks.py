@@ -15,7 +15,8 @@ WORK = {
     "policy": {"gen_calls": 64, "gen_tokens": 1008, "grad_tokens": 1024, "params": P},
     "reference": {"fwd_tokens": 1024, "params": P},
     "value": {"fwd_tokens": 1024, "grad_tokens": 1024, "params": P + 576},
-    "optimizer_steps": 8, "parameter_updates": 4 * (2 * P + 576), "optimizer_params": 2 * P + 576, "sampled_tokens": 512, "trained_tokens": 512,
+    "optimizer_steps": 8, "parameter_updates": 4 * (2 * P + 576), "optimizer_params": 2 * P + 576,
+    "sampled_tokens": 512, "trained_tokens": 512,
 }  # fmt: skip
 
 
@@ -53,7 +54,8 @@ def test_work_counter_counts_the_parameters_each_step_updated():
     """Stepping two networks apart (the policy, then the value model) is the same parameter updates as one step."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_common", Path(__file__).parents[1] / "benchmarks" / "_common.py")
+    path = Path(__file__).parents[1] / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", path)
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
     policy, value = torch.nn.Linear(3, 4), torch.nn.Linear(3, 1)  # 16 and 4 parameters

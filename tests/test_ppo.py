@@ -144,7 +144,7 @@ def test_each_network_is_clipped_on_its_own_and_the_policy_steps_first(tokenizer
 
     def norm(model):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else None
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else None
 
     step = trainer.optimizer.step
     trainer.optimizer.step = lambda *a, **k: (steps.append({n: norm(m) for n, m in models.items()}), step(*a, **k))[1]

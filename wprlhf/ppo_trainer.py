@@ -4,8 +4,8 @@
 (separate, or a head on the policy) and AdamW, prepared by accelerate. It samples (`generate`), scores (`score`), runs
 the no-grad forwards of a rollout and gathers every process's shard into the global batch (`forward_rollout`), and
 updates the trained networks on a minibatch of it (`optimize`: micro-batches, DDP scaling, each network's
-gradient clipping, the non-finite guard). `run` is the loop around a step function: prompts per step, metrics, samples, checkpoints,
-resume, the final export. None of it knows PPO's maths; `ppo.py` passes its losses in.
+gradient clipping, the non-finite guard). `run` is the loop around a step function: prompts per step, metrics,
+samples, checkpoints, resume, the final export. None of it knows PPO's maths; `ppo.py` passes its losses in.
 
 Under `accelerate launch` each process samples and scores its shard of the batch (batch_size / processes
 episodes); `forward_rollout` gathers the shards, so every process computes the same global rewards, advantages
@@ -193,8 +193,8 @@ class Trainer:
         # Each trained network's gradient is clipped on its own (as OpenRLHF's actor and critic): clipped together,
         # a separate value model's gradients, often far larger, would shrink the policy's step. A shared value head
         # is part of the policy's network (its loss reaches the policy's weights), so they are clipped together.
-        self.clip_groups = ({"grad_norm": policy_params, "value_grad_norm": value_params}
-                            if self.value_model is not None else {"grad_norm": policy_params + value_params})  # fmt: skip
+        apart = {"grad_norm": policy_params, "value_grad_norm": value_params}
+        self.clip_groups = apart if self.value_model is not None else {"grad_norm": policy_params + value_params}
         # One process and a separate value model: the policy's micro-batches run and the policy takes its step
         # before the value model runs, so the two models' activations and gradients are never held at once (the
         # updates are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
