@@ -83,9 +83,9 @@ class PPOConfig:
     """'constant' or 'linear' (decay to 0 over `steps`, stepped once per PPO step)."""
     max_grad_norm: float | None = 1.0
     """Clip each network's gradient norm to this on its own: the policy's and the separate value model's, so that
-    the value loss's larger gradients never shrink the policy's step (as OpenRLHF clips its actor and critic); with
-    a shared value head the policy and head are one network, clipped together. Under DeepSpeed its own config's
-    gradient_clipping (the joint norm) applies instead. None = off."""
+    the value model's gradients, when the larger, never shrink the policy's step (as OpenRLHF clips its actor and
+    critic); with a shared value head the policy and head are one network, clipped together. Under DeepSpeed its
+    own config's gradient_clipping (the joint norm) applies instead. None = off."""
 
     # --- PPO
     gamma: float = 1.0

@@ -191,7 +191,7 @@ class Trainer:
             PolicyAndValue(self.policy, self.value_model, self.value_head), optimizer
         )
         # Each trained network's gradient is clipped on its own (as OpenRLHF's actor and critic): clipped together,
-        # a separate value model's gradients, often far larger, would shrink the policy's step. A shared value head
+        # a separate value model's gradients, when the larger, would shrink the policy's step. A shared value head
         # is part of the policy's network (its loss reaches the policy's weights), so they are clipped together.
         apart = {"grad_norm": policy_params, "value_grad_norm": value_params}
         self.clip_groups = apart if self.value_model is not None else {"grad_norm": policy_params + value_params}
