@@ -31,7 +31,10 @@ def _malloc_as_the_suite_found_it(monkeypatch):
 
 def pytest_report_header(config):
     """The kernel set and thread count in every run's header: a learning test's trajectory depends on both."""
-    return f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread(s)"
+    from tests.helpers import SEED_OFFSET
+
+    return (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} thread(s), WPRLHF_TEST_SEED={SEED_OFFSET}")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +59,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is absent (a fresh clone): this test needs the real data set beside the repo")
     return SHARED_DATA
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per learned bar checked (tests.helpers.learned): measured, bar and margin, so a near miss shows
+    before it becomes a failure on another CPU."""
+    from tests.helpers import LEARNED, SEED_OFFSET
+
+    if not LEARNED:
+        return
+    terminalreporter.section(f"learned bars (WPRLHF_TEST_SEED={SEED_OFFSET}; margin = measured / bar, >= 1.5 wanted)")
+    for row in LEARNED:
+        sign = "<" if row["upper"] else ">"
+        flag = "" if row["margin"] >= 1.5 else "   <-- margin under 1.5"
+        terminalreporter.write_line(f"{row['margin']:6.2f}  {row['test']}  {row['what']}: {row['measured']:.4g} "
+                                    f"{sign} {row['bar']:.4g}{flag}")

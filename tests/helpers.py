@@ -68,3 +68,57 @@ def toy_comparisons(n: int):
     return [Comparison(prompt=f"prompt {i} about {'cats' if i % 2 else 'ships'}",
                        responses=[f"a tale of {i} words " * (1 + i % 3), f"short {i}"], best=i % 2)
             for i in range(n)]  # fmt: skip
+
+
+# --- learned thresholds: one seed offset for every test that trains, and one line per learned bar ------------------
+# A trajectory of sampled optimizer steps is a chaotic function of every rounding, so another CPU's kernels act like
+# another seed. WPRLHF_TEST_SEED (default 0) is added to every seed a learning test sets: sweeping it shows whether a
+# test's bar holds under a change of seed, which is what it must survive on a CPU nobody here has tried.
+def _test_seed_offset() -> int:
+    import os
+
+    raw = os.environ.get("WPRLHF_TEST_SEED", "0")
+    if not raw.isdigit():
+        raise ValueError(f"WPRLHF_TEST_SEED must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+SEED_OFFSET = _test_seed_offset()
+
+
+def seed(n: int = 0) -> int:
+    """The seed a test asked for, plus WPRLHF_TEST_SEED."""
+    return n + SEED_OFFSET
+
+
+LEARNED: list[dict] = []  # every learned bar checked in this process, for conftest's summary table
+
+
+def learned(what: str, measured: float, bar: float, *, upper: bool = False) -> None:
+    """Assert a learned quantity clears its bar, and record it: `measured > bar` (or `measured < bar` with upper=True).
+
+    The margin is measured / bar (bar / measured for an upper bound): a test must clear its bar by >= 1.5 under a
+    change of seed (README, Tests). Express accuracies near 1 as an error rate with an upper bound, so the margin
+    can exceed 1.5 at all. The line is printed at the end of every pytest run (conftest), pass or fail, and appended
+    as JSON to $WPRLHF_MARGIN_LOG when that is set (the seed sweep reads it).
+    """
+    import json
+    import math
+    import os
+
+    measured, bar = float(measured), float(bar)
+    if upper:
+        margin = math.inf if measured <= 0 < bar else bar / measured
+        ok = measured < bar
+    else:
+        margin = math.inf if bar <= 0 < measured else measured / bar
+        ok = measured > bar
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    row = {"test": test, "what": what, "measured": measured, "bar": bar, "upper": upper, "margin": margin,
+           "seed_offset": SEED_OFFSET}  # fmt: skip
+    LEARNED.append(row)
+    if os.environ.get("WPRLHF_MARGIN_LOG"):
+        with open(os.environ["WPRLHF_MARGIN_LOG"], "a") as f:
+            f.write(json.dumps(row) + "\n")
+    sign = "<" if upper else ">"
+    assert ok, f"{what}: measured {measured:.4g}, bar {sign} {bar:.4g} (margin {margin:.2f})"

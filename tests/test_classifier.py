@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from tests.helpers import learned, seed
 from wprlhf.classifier import (
     ClassifierConfig,
     binary_f1,
@@ -65,8 +66,9 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def save_tiny_encoder(path):
-    """A random 2-layer BERT (hidden 32) with the embedded MiniLM tokenizer, saved like a hub model."""
+def save_tiny_encoder(path, init_seed: int = 0):
+    """A random 2-layer BERT (hidden 32, weights from `init_seed`) with the embedded MiniLM tokenizer, saved like a
+    hub model."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from wprlhf.models import minilm_dir
@@ -74,7 +76,7 @@ def save_tiny_encoder(path):
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(init_seed)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -82,7 +84,7 @@ def save_tiny_encoder(path):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"), init_seed=seed(0))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,8 @@ TOY = {"max_length": 32, "epochs": 8, "batch_size": 8, "lr": 3e-3, "val_fraction
 @pytest.fixture(scope="module")
 def trained(encoder, toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf")
-    result = train(ClassifierConfig(data=str(toy), model=str(encoder), **TOY), out, polarity=sentiment, progress=False)
+    config = ClassifierConfig(data=str(toy), model=str(encoder), seed=seed(0), **TOY)
+    result = train(config, out, polarity=sentiment, progress=False)
     return out, result
 
 
@@ -112,12 +115,15 @@ def test_training_learns_a_separable_toy_set(trained, encoder, toy):
     texts, labels = load_labelled(toy / "test.csv")
     before = float(((log_odds(model, tokenizer, texts, 32) > 0).long() == torch.tensor(labels)).float().mean())
     after = run_eval(out, str(toy / "test.csv"), progress=False)["accuracy"]
-    assert after >= 0.9 and after > before + 0.2, (before, after)
-    assert held_out["accuracy"] >= 0.9 and held_out["n"] == 16
+    learned("test-set error rate", 1 - after, 0.1 + 1e-9, upper=True)
+    learned("test accuracy gain over the untrained encoder", after - before, 0.2)
+    learned("held-out error rate", 1 - held_out["accuracy"], 0.1 + 1e-9, upper=True)
+    assert held_out["n"] == 16
     rows = read_metrics(out / "metrics.csv")
     assert (out / "metrics.csv").read_text().splitlines()[0].split(",") == list(CLASSIFIER_METRIC_NAMES)
     assert len(rows) == 8 * 48 // 8 and rows[-1]["examples"] == 8 * 48
-    assert rows[-1]["val_accuracy"] >= 0.9 and rows[-1]["loss"] < rows[0]["loss"]
+    learned("last validation-curve error rate", 1 - rows[-1]["val_accuracy"], 0.1 + 1e-9, upper=True)
+    learned("training loss drop, first to last step", rows[0]["loss"] - rows[-1]["loss"], 0)
     # The curve's last point is the held-out evaluation of the same model: one function reads the texts for both.
     assert rows[-1]["val_accuracy"] == held_out["accuracy"] and rows[-1]["val_loss"] == held_out["loss"]
     assert strict_json((out / "eval-heldout.json").read_text())["accuracy"] == held_out["accuracy"]
@@ -133,7 +139,9 @@ def test_saved_model_loads_in_plain_transformers(trained):
     tokenizer = AutoTokenizer.from_pretrained(out)
     logits = model.eval()(**tokenizer(["wonderful superb film", "dreadful tedious film"], return_tensors="pt",
                                       padding=True)).logits  # fmt: skip
-    assert logits[0, 1] - logits[0, 0] > 0 > logits[1, 1] - logits[1, 0]
+    log_odds_of = (logits[:, 1] - logits[:, 0]).detach()
+    learned("log-odds of a positive text", float(log_odds_of[0]), 0)
+    learned("minus log-odds of a negative text", -float(log_odds_of[1]), 0)
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["max_length"] == 32 and saved["train_examples"] == 48 and saved["val_examples"] == 16
 
@@ -145,7 +153,8 @@ def test_log_odds_reward_follows_the_label_and_scores_the_whole_review(trained):
     scores = reward_fn(["the film was", "the film was", ""], ["wonderful and superb", "dreadful and tedious",
                                                               "the film was wonderful and superb"])  # fmt: skip
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
-    assert scores[0] > 0 > scores[1]
+    learned("log-odds reward of a positive review", scores[0], 0)
+    learned("minus log-odds reward of a negative review", -scores[1], 0)
     assert scores[0] == pytest.approx(scores[2], abs=1e-5)  # opening + continuation read as one text
     # log-odds is logit_pos - logit_neg = log(p_pos / p_neg), batched or not
     model, tokenizer = load_classifier(out)
@@ -283,7 +292,7 @@ def test_cli_train_then_eval(tmp_path, encoder, toy, capsys):
                  str(tmp_path / "e.json"), "--max-examples", "10"])  # fmt: skip
     assert code == 0
     printed = strict_json(capsys.readouterr().out)
-    assert printed["n"] == 10 and set(printed["baselines"]) == {"vader", "tfidf_logreg"}
+    assert printed["n"] == 10 and set(printed["baselines"]) == {"majority_class", "vader", "tfidf_logreg"}
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 10
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import learned, seed
+
 pytestmark = pytest.mark.integration
 
 
@@ -58,12 +60,13 @@ def test_smollm2_ppo_step(smollm2, tmp_path):
 
     model, tokenizer = smollm2
     config = PPOConfig(policy="smollm2", steps=2, batch_size=2, num_minibatches=1, ppo_epochs=1, response_length=12,
-                       log_samples=0)  # fmt: skip
+                       log_samples=0, seed=seed(0))  # fmt: skip
     train(config, ["Tell a story about a fox.", "Describe a storm at sea."], length, tmp_path / "run",
           policy=model, tokenizer=tokenizer, progress=False)  # fmt: skip
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 2
-    assert all(abs(r["kl"]) < 1.0 and torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
+    learned("max |KL| over 2 steps (nats)", max(abs(r["kl"]) for r in rows), 1.0, upper=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
     assert reloaded.config.num_hidden_layers == 30
 

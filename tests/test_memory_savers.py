@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import torch
 
+from tests.helpers import learned, seed
 from tests.test_ppo import LEARNING, PROMPTS, _one_update
 from wprlhf.core import masked_sum, pad_sequences
 from wprlhf.metrics import read_metrics
@@ -64,9 +65,10 @@ def test_lora_moves_probability_towards_high_scores(tokenizer):
     errors on one CPU kernel set and 3 on another (rounding picks different tokens); this gap moves by the same
     wide margin under every kernel set.
     """
-    policy, _ = load_policy("tiny")
+    policy, _ = load_policy("tiny", seed=seed(0))
     config = PPOConfig(policy="tiny", batch_size=8, num_minibatches=2, lr=1e-2, temperature=1.0, lora_r=16,
-                       lora_alpha=32.0, adaptive_kl=False, kl_coef=0.05)  # fmt: skip
+                       lora_alpha=32.0, adaptive_kl=False, kl_coef=0.05, seed=seed(0))  # fmt: skip
+    # config.seed also picks the adapters' init: the value model's torch.manual_seed(seed + 1) runs just before it
     trainer = PPOTrainer(config, policy, tokenizer)
     queries = [torch.tensor(tokenizer(p)["input_ids"]) for p in PROMPTS[:4]]
     good = [torch.tensor([100 + i, 2000, 3000, 4000]) for i in range(4)]
@@ -75,7 +77,7 @@ def test_lora_moves_probability_towards_high_scores(tokenizer):
     for _ in range(6):
         trainer.step(queries + queries, good + bad, [1.0] * 4 + [-1.0] * 4)
     gain = _preference_gap(trainer, queries, good, bad) - before
-    assert gain > 10.0, f"log-prob gap of high- over low-score responses rose by {gain:.3f} nats"
+    learned("rise of the log-prob gap, high- over low-score responses (nats)", gain, 10.0)
 
 
 def test_lora_resumes_and_exports_a_plain_merged_model(tmp_path, tokenizer):

@@ -28,7 +28,7 @@ from torch import nn
 
 from .data import read_rows
 from .distributed import check_mixed_precision
-from .errors import UserError, check_numbers
+from .errors import UserError, check_numbers, warn_if_degenerate
 from .files import write_json_atomic
 from .reward_model import BinaryRating, accuracy_ci, choice_credit, fit, load, outputs, save
 
@@ -171,7 +171,7 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
     budget = max(1, max_length - prefix - suffix)
     head = int(budget * HEAD_SHARE)
     rows = []
-    for row in tokenizer(list(texts), verbose=False)["input_ids"]:  # special tokens included, nothing truncated
+    for row in tokenizer(list(texts), verbose=False, split_special_tokens=True)["input_ids"]:  # [CLS]/[SEP] added, the text's own spellings kept as text
         start, body, end = row[:prefix], row[prefix : len(row) - suffix], row[len(row) - suffix :]
         if len(body) > budget:
             body = body[:head] + body[len(body) - (budget - head) :]
@@ -293,7 +293,7 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
     held_out: dict = {}
     if val_texts:
         held_out = evaluate(model, tokenizer, val_texts, val_labels, config.max_length)
-        held_out["baselines"] = baselines(train_texts, train_labels, val_texts, val_labels, polarity)
+        held_out["baselines"] = baselines(train_texts, train_labels, val_texts, val_labels, polarity, "the held-out texts")
     held_out["elapsed_s"] = time.perf_counter() - started
     return save(model, tokenizer, out_dir, held_out)
 
@@ -378,9 +378,13 @@ def tfidf_logreg(train_texts: list[str], train_labels: list[int], test_texts: li
     return float(sign_credit(decision, torch.tensor(test_labels)).mean())
 
 
-def baselines(train_texts, train_labels, test_texts, test_labels, polarity: ScoreFn | None) -> dict:
-    """{'vader': ..., 'tfidf_logreg': ...}: accuracies on the test texts (vader only when polarity is given)."""
-    out = {}
+def baselines(train_texts, train_labels, test_texts, test_labels, polarity: ScoreFn | None, where: str = "the test texts") -> dict:
+    """{'majority_class', 'vader', 'tfidf_logreg'}: accuracies on the test texts (vader only when polarity is given,
+    tfidf_logreg only with training texts). majority_class is a constant predictor's, the larger class's share;
+    at 0.9 or more a warning says the set is one-sided (`warn_if_degenerate`)."""
+    positive = sum(test_labels) / len(test_labels) if test_labels else None
+    out = {"majority_class": None if positive is None else max(positive, 1 - positive)}
+    warn_if_degenerate(out["majority_class"], "always predicting the majority class", where)
     if polarity is not None:
         out["vader"] = polarity_accuracy(polarity, test_texts, test_labels)
     if train_texts:
@@ -421,7 +425,7 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
         except UserError as err:
             print(f"note: no tfidf_logreg baseline, the training data could not be read ({err}); pass --train-data",
                   file=sys.stderr)  # fmt: skip
-    result["baselines"] = baselines(train_texts, train_labels, texts, labels, polarity)
+    result["baselines"] = baselines(train_texts, train_labels, texts, labels, polarity, data)
     result.update(model=str(model_dir), data=data, max_length=max_length, train_data=train_source or "")
     write_json_atomic(out, result)
     return result

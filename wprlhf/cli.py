@@ -51,11 +51,17 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
         group.add_argument(flag, dest=field.name, type=parse, default=None, help=f"(default {default})")
 
 
+ALLOW_CHANGED_HELP = ("with --resume: continue even though an input (the prompts or data file, a reward file or "
+                      "model, the policy) changed since the run started; its steps so far came from the old one")
+
+
 def add_run_flags(parser: argparse.ArgumentParser, config_cls) -> None:
-    """--out, --config, --resume and --force of a pipeline made of phases, then one flag per config field."""
+    """--out, --config, --resume, --allow-changed-inputs and --force of a pipeline made of phases, then one flag per
+    config field."""
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--config", help=f"YAML or JSON file of {config_cls.__name__} fields (flags override it)")
     parser.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    parser.add_argument("--allow-changed-inputs", action="store_true", help=ALLOW_CHANGED_HELP)
     parser.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(parser, config_cls)
 
@@ -118,7 +124,8 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         print(dump_config(config), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out, ignore_errors=True)
-    train(config, prompts, reward_fn, args.out, resume=args.resume, judge_fn=judge_fn)
+    train(config, prompts, reward_fn, args.out, resume=args.resume, judge_fn=judge_fn,
+          allow_changed_inputs=args.allow_changed_inputs)  # fmt: skip
     if main:
         report = write_report(args.out)
         print(f"done: {args.out}/metrics.csv, policy in {args.out}/policy, report {report}", file=sys.stderr)
@@ -138,7 +145,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     policy, tokenizer = load_policy(args.policy, seed=args.seed)
     policy.to(resolve_device(args.device))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # fmt: skip
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)  # fmt: skip
     if args.best_of is not None:
         from .best_of import sample_pool, write_ranked
 
@@ -157,11 +164,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return
     if args.reward:
         raise UserError("--reward chooses among samples only with --best-of N")
+    finished: list[bool] = []
     responses = generate_k(policy, tokenizer, prompts, args.k, config, batch_size=args.batch_size, seed=args.seed,
                            max_prompt_length=args.max_prompt_length, chat_template=not args.no_chat_template,
-                           progress=True)  # fmt: skip
-    write_samples(args.out, prompts, responses, args.policy)
-    print(f"wrote {len(prompts)} prompts x {args.k} responses to {args.out}", file=sys.stderr)
+                           progress=True, finished=finished)  # fmt: skip
+    write_samples(args.out, prompts, responses, args.policy,
+                  None if config.fixed_length else [finished[i * args.k : (i + 1) * args.k] for i in range(len(prompts))])
+    cut = "" if config.fixed_length else f"; {sum(not f for f in finished)} of {len(finished)} cut at --max-new-tokens"
+    print(f"wrote {len(prompts)} prompts x {args.k} responses to {args.out}{cut}", file=sys.stderr)
 
 
 def cmd_task_eval(args: argparse.Namespace) -> None:
@@ -200,7 +210,7 @@ def cmd_task_eval(args: argparse.Namespace) -> None:
     result = evaluate_task(task, args.policy, args.start or run.get("policy") or "smollm2",
                            args.classifier or run.get("classifier", ""), prompts, args.n, args.response_length,
                            args.min_response_length, args.temperature, args.seed, args.batch_size, chat_template,
-                           args.device, progress=True)  # fmt: skip
+                           args.device, progress=True, greedy=args.greedy)  # fmt: skip
     write_json_atomic(out, result)
     print(summary(result))
     print(f"wrote {out}", file=sys.stderr)
@@ -263,7 +273,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out)
-    run(config, args.out, resume=args.resume)
+    run(config, args.out, resume=args.resume, allow_changed_inputs=args.allow_changed_inputs)
     print(f"done: {args.out}/table.md (judge {config.judge}, 95 % CIs), {args.out}/judge_vs_kl.png", file=sys.stderr)
 
 
@@ -277,7 +287,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
         print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out, ignore_errors=True)
-    row = train(config, args.out, resume=args.resume)
+    row = train(config, args.out, resume=args.resume, allow_changed_inputs=args.allow_changed_inputs)
     if is_main_process():
         held_out = f", held-out accuracy {row['val_accuracy']:.1%}" if "val_accuracy" in row else ""
         print(f"done: {args.out}/metrics.csv{held_out}; policy in {args.out}/policy", file=sys.stderr)
@@ -366,7 +376,7 @@ def cmd_loop(args: argparse.Namespace) -> None:
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out)
-    rows = run(config, args.out, resume=args.resume)
+    rows = run(config, args.out, resume=args.resume, allow_changed_inputs=args.allow_changed_inputs)
     last = rows[-1]
     report = write_report(args.out)
     print(f"done: {args.out}/loop_metrics.csv and {report}; after round {last['round']} the judge prefers the policy to its start "
@@ -382,7 +392,8 @@ def cmd_stories(args: argparse.Namespace) -> None:
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out)
-    report = run(config, args.out, resume=args.resume, until=args.until or "")
+    report = run(config, args.out, resume=args.resume, until=args.until or "",
+                 allow_changed_inputs=args.allow_changed_inputs)  # fmt: skip
     if report:
         print(f"done: {args.out}/eval/table.md (every judge, 95 % CIs), {args.out}/eval/samples.md; blind pairs "
               f"for people: wprlhf label serve --db {args.out}/eval/blind.db", file=sys.stderr)  # fmt: skip
@@ -439,7 +450,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         if not args.force:
             raise UserError(f"{out} holds a run; pass --resume to continue it or --force to start over")
         shutil.rmtree(out)
-    rows = run(config, out, resume=args.resume)
+    rows = run(config, out, resume=args.resume, allow_changed_inputs=args.allow_changed_inputs)
     report = write_report(out)
     last = rows[-1]
     print(f"done in {last['elapsed_s'] / 60:.1f} min: the judge prefers the trained policy to the start policy "
@@ -469,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--config", help="YAML or JSON file of PPOConfig fields (flags override it)")
     ppo.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of settings")
     ppo.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    ppo.add_argument("--allow-changed-inputs", action="store_true", help=ALLOW_CHANGED_HELP)
     ppo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(ppo, PPOConfig)
     ppo.set_defaults(func=cmd_ppo, method="ppo")
@@ -498,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--max-new-tokens", type=int, default=64)
     smp.add_argument("--min-new-tokens", type=int, default=0)
     smp.add_argument("--temperature", type=float, default=0.7)
+    smp.add_argument("--greedy", action="store_true", help="the most likely token at every step instead of sampling")
     smp.add_argument("--top-k", type=int, default=0)
     smp.add_argument("--top-p", type=float, default=1.0)
     smp.add_argument("--max-prompt-length", type=int, default=128)
@@ -524,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     tev.add_argument("--response-length", type=int, default=24, help="tokens per continuation (default 24)")
     tev.add_argument("--min-response-length", type=int, default=8, help="no stop token before this many (default 8)")
     tev.add_argument("--temperature", type=float, default=0.7)
+    tev.add_argument("--greedy", action="store_true", help="the most likely token at every step instead of sampling")
     tev.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap openings in the chat template (default: as the run did, else no)")  # fmt: skip
     tev.add_argument("--seed", type=int, default=0, help="seeds the draw of openings and the sampling")
@@ -610,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", help="YAML or JSON file of LoopConfig fields (see `wprlhf loop --help`)")
     demo.add_argument("--seed", type=int)
     demo.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    demo.add_argument("--allow-changed-inputs", action="store_true", help=ALLOW_CHANGED_HELP)
     demo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     demo.set_defaults(func=cmd_demo)
 

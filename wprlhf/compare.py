@@ -32,10 +32,12 @@ import numpy as np
 from .data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
 from .distributed import check_mixed_precision, resolve_device
 from .errors import UserError, check_numbers
-from .files import write_json_atomic, write_text_atomic
+from .files import check_inputs, input_fingerprints, write_json_atomic, write_text_atomic
 
 STATE_FILE = "compare_state.json"
 METHODS = ("ppo", "rloo", "grpo", "dpo")
+INPUTS = ("policy", "prompts", "eval_file", "labeler", "comparisons", "judge", "reward_model")
+"""Inputs whose content a resume compares (`files.fingerprint`): a changed file or model is refused."""
 
 
 @dataclass
@@ -154,8 +156,9 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
               comparisons=comparisons)  # fmt: skip
 
 
-def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dict:
-    """Run (or resume) the comparison into out_dir; returns the report."""
+def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_changed_inputs: bool = False) -> dict:
+    """Run (or resume) the comparison into out_dir; returns the report. A resume whose inputs (INPUTS) changed since
+    the run started is refused unless allow_changed_inputs."""
     from .best_of import kl_bound, sample_pool
     from .dpo import pairs_from
     from .generation import generate, generate_k, generation_config
@@ -177,7 +180,9 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False) -> dic
         changed = sorted(k for k, v in dataclasses.asdict(config).items() if stored.get(k) != v)
         raise UserError(f"this run was made with other settings ({', '.join(changed)}); resume with the run's own "
                         "settings, or start a new --out")  # fmt: skip
-    state["config"] = dataclasses.asdict(config)
+    inputs = input_fingerprints({name: getattr(config, name) for name in INPUTS})
+    check_inputs(state.get("inputs"), inputs, allow_changed_inputs, f"the comparison in {out_dir}")
+    state["config"], state["inputs"] = dataclasses.asdict(config), inputs
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = load_reward(config.judge, what="judge")  # a bad SPEC fails before any work
     # A reward model trained already (rm:DIR) is used as it is; it too must load before any work.

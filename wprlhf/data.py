@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -541,12 +542,18 @@ def best_of_k(responses: Sequence[Response], k: int = 4, seed: int = 42, min_gap
 
 
 def prompt_key(prompt: str) -> str:
-    """The text by which reposts of one prompt are recognised: case folded, punctuation and tags' brackets gone.
+    """The text by which reposts of one prompt are recognised: Unicode-normalised (NFKC, so a full-width or
+    ligature spelling is the plain one), format characters (category Cf: zero-width spaces and joiners, soft
+    hyphens, direction marks) dropped, case folded, punctuation and tags' brackets gone. Two spellings of one
+    prompt share a key, so they fall on one side of every split.
 
     >>> prompt_key("[WP] You're  an immortal!") == prompt_key("[ wp ] you re an immortal")
     True
+    >>> prompt_key("\uff37\uff30 im\u200bmortal") == prompt_key("WP immortal")
+    True
     """
-    return " ".join(re.sub(r"[\W_]+", " ", prompt.casefold()).split())
+    text = "".join(c for c in unicodedata.normalize("NFKC", prompt) if unicodedata.category(c) != "Cf")
+    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
 
 
 def split_by_prompt(items: Sequence, test_fraction: float = 0.1, seed: int = 42) -> tuple[list, list]:

@@ -83,6 +83,7 @@ def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
 def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accelerator:
     """An Accelerator on `device` ('cpu' forces the CPU even where a GPU exists); mixed_precision 'no'|'bf16'|'fp16'."""
     check_mixed_precision(mixed_precision)
+    check_launch_environment()
     # Gradient accumulation stays ours (micro-batches share one loss normaliser), so accelerate's is left at 1.
     try:
         return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
@@ -95,6 +96,24 @@ def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accel
             raise
         AcceleratorState._reset_state(reset_partial_state=True)
         return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+
+
+def check_launch_environment(environ=os.environ) -> None:
+    """UserError when the environment says several processes (WORLD_SIZE > 1) but no launcher set up their
+    rendezvous (MASTER_ADDR): a WORLD_SIZE left over in a shell would otherwise fail deep inside torch.distributed."""
+    world = environ.get("WORLD_SIZE", "")
+    if world.strip() in ("", "0", "1"):
+        return
+    if not world.strip().isdigit():
+        raise UserError(f"WORLD_SIZE={world!r} is set in the environment but is not a process count; unset it "
+                        "(`unset WORLD_SIZE`) for a one-process run")  # fmt: skip
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not environ.get(name)]
+    if missing:
+        names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        raise UserError(f"WORLD_SIZE={world} is set in the environment, but {names} {'is' if len(missing) == 1 else 'are'}"
+                        " not: no launcher started this process. For one process, unset WORLD_SIZE (`unset "
+                        "WORLD_SIZE`); for several, start the command with `accelerate launch` or `torchrun`, which "
+                        "set them all")  # fmt: skip
 
 
 def device_of(accelerator: Accelerator) -> torch.device:

@@ -40,9 +40,9 @@ from .data import Comparison, load_comparisons, split_by_prompt
 from .distributed import (autocast_dtype, check_finite, check_mixed_precision, device_of, is_main_process,
                           make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
-from .files import write_json_atomic
+from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from .forwards import policy_forward
-from .generation import encode_prompts, fit_positions
+from .generation import encode_prompts, fit_positions, text_ids
 from .metrics import DPO_METRIC_NAMES, MetricsLogger
 from .models import add_lora, count_parameters, load_policy, make_optimizer, make_reference, merged_copy, stop_token_ids
 from .ppo_trainer import keep_saved_precision
@@ -148,7 +148,8 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], config: DPOConfig, model: nn.
     """
     stop = stop_token_ids(tokenizer)[-1:]  # <|im_end|> for SmolLM2 (the largest id of EOS and end-of-turn)
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    ids = [(tokenizer(t, add_special_tokens=False)["input_ids"] + stop)[: config.max_response_length] for t in texts]
+    # The response's text stays text (`text_ids`): one that spells <|im_end|> does not end early; the stop is ours.
+    ids = [(row + stop)[: config.max_response_length] for row in text_ids(tokenizer, texts)]
     responses, response_mask = pad_sequences([torch.tensor(x, dtype=torch.long) for x in ids], tokenizer.pad_token_id)
     prompts = [p.prompt for p in pairs] * 2
     queries, query_mask = encode_prompts(tokenizer, prompts, config.max_prompt_length, config.chat_template)
@@ -291,11 +292,14 @@ def evaluate(dpo: DPO, pairs: Sequence[Pair], batch_size: int) -> dict[str, floa
 
 
 def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparison] | None = None, policy=None,
-          tokenizer=None, resume: bool = False, progress: bool = True) -> dict:  # fmt: skip
+          tokenizer=None, resume: bool = False, progress: bool = True,
+          allow_changed_inputs: bool = False) -> dict:  # fmt: skip
     """Fine-tune config.policy on config.data's preferences (or `comparisons`); returns the last step's metrics.
 
     out_dir gets config.json, metrics.csv (a row per optimizer step; held-out loss, accuracy and margin every
-    eval_every), tb/, checkpoints/ (resumable with resume=True) and policy/ (Hugging Face format, with tokenizer).
+    eval_every), tb/, checkpoints/ (resumable with resume=True) and policy/ (Hugging Face format, with tokenizer),
+    and inputs.json: the fingerprints of the policy, the data file and the pairs, which a resume compares (one that
+    changed is refused unless allow_changed_inputs).
     UserError for a missing or empty comparisons file, no pair left after skipping ties, or a run already in out_dir.
     """
     from tqdm.auto import tqdm
@@ -319,7 +323,10 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         raise UserError(f"{out_dir} has no checkpoint to resume; rerun without --resume")
     if not resume and (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    inputs = input_fingerprints({"policy": config.policy, "data": config.data},
+                                {"pairs": [(p.prompt, p.chosen, p.rejected) for p in pairs]})  # fmt: skip
     if resume:
+        check_inputs(read_inputs(out_dir), inputs, allow_changed_inputs, f"the DPO run in {out_dir}")
         config = keep_saved_precision(config, out_dir)
     device = resolve_device(config.device)
     config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
@@ -350,6 +357,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", dataclasses.asdict(config) | {
             "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})  # fmt: skip
+        write_json_atomic(out_dir / INPUTS_FILE, inputs)
         logger = MetricsLogger(out_dir, resume_step=dpo.step if resume else None, names=DPO_METRIC_NAMES)
         if not resume:
             tqdm.write(f"dpo: {len(train_pairs)} pairs ({len(val_pairs)} held out), {total} steps, policy "

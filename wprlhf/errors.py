@@ -12,6 +12,21 @@ class NonFiniteError(UserError):
     before that step: the step's earlier minibatches, and in PPO with a separate value model the policy's own)."""
 
 
+# A constant predictor at or above this on a test set makes any accuracy there look good for no reason.
+DEGENERATE_BASELINE = 0.9
+
+
+def warn_if_degenerate(baseline: float | None, predictor: str, where: str) -> None:
+    """Warn (stderr) when a constant predictor (`predictor`: 'always the first response', 'the majority class')
+    scores >= DEGENERATE_BASELINE on the set `where`: there, a near-perfect accuracy says little."""
+    import sys
+
+    if baseline is not None and baseline >= DEGENERATE_BASELINE:
+        print(f"warning: on {where}, {predictor} already scores {baseline:.3f}: the set is nearly one-sided, so an "
+              "accuracy near 1 there says little; balance it (shuffle which side wins) before quoting it",
+              file=sys.stderr)  # fmt: skip
+
+
 def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
     """The check every config dataclass's __post_init__ starts with: UserError for a float field that is NaN or
     inf (a NaN passes every range check, then reaches the weights or a JSON file we write), or negative where

@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -131,3 +134,157 @@ def read_csv_floats(path: str | Path) -> list[dict[str, float]]:
                                     f"{value!r}); is the file damaged?") from None  # fmt: skip
             rows.append(numbers)
     return rows
+
+
+# ---------------------------------------------------------------------------------------- a run's inputs, fingerprinted
+# A resumed run must train on what it started on: the config compares settings and paths, and these compare what
+# the paths hold. Training runs keep their fingerprints in INPUTS_FILE; pipelines in their state file.
+
+INPUTS_FILE = "inputs.json"
+"""Where a training run (PPO, RLOO, GRPO, DPO, SFT) records its inputs' fingerprints when it starts."""
+
+ALLOW_CHANGED = "--allow-changed-inputs"
+"""The flag (`allow_changed_inputs=True` in Python) that resumes a run whose inputs changed."""
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(:.+)?")  # as data.is_hub_id reads one
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".model", ".tiktoken")
+_DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".txt", ".gz", ".parquet", ".arrow")
+
+
+def _counted(path: Path) -> bool:
+    """Whether a file inside a directory input is one of what it is: weights, config, tokenizer, data. Not the
+    reports a later command writes beside them (`rm eval`'s eval-*.json), which do not change the model."""
+    name = path.name.lower()
+    return (name.endswith(_MODEL_SUFFIXES + _DATA_SUFFIXES) or (name.endswith(".json") and "config" in name)
+            or name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens")))  # fmt: skip
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _directory_digest(root: Path) -> str:
+    """sha256 of the (relative name, size) of the directory's weight, config, tokenizer and data files: a retrained
+    or replaced model changes them, and gigabytes of weights are never read. Checkpoints, TensorBoard logs and
+    hidden entries are left out."""
+    root = root.resolve()
+    rows = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("checkpoints", "tb"))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and _counted(path) and path.is_file():
+                rows.append([path.relative_to(root).as_posix(), path.stat().st_size])
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _path_fingerprint(path: Path) -> str | None:
+    if path.is_file():
+        return f"file sha256:{_file_digest(path)}"
+    if path.is_dir():
+        return f"directory sha256:{_directory_digest(path)}"
+    return None
+
+
+def fingerprint(value: str) -> str | None:
+    """What the input `value` names, as a string that changes when it does; None for a name with nothing on disk.
+
+    - an existing file (prompts, comparisons, a config file): the sha256 of its content;
+    - an existing directory (a policy, a reward model, a data set): a sha256 of its weight, config, tokenizer and
+      data files' names and sizes (`_directory_digest`);
+    - a reward SPEC (`rewards.load_reward`): `rm:DIR` is the directory's; `path/file.py:function` the .py file's
+      content (the modules it imports are the user's business: a change there is not seen); a weighted sum
+      combines its terms'; a leading `sim:` is dropped;
+    - a hub id ('owner/name'), not a path: the name itself (no config names a revision, so the name is all there is);
+    - a built-in name ('vowels', 'tiny', 'smollm2'), a `module:function`, '' or a missing path: None, nothing to
+      compare.
+    """
+    spec = str(value).strip()
+    if not spec:
+        return None
+    if (found := _path_fingerprint(Path(spec).expanduser())) is not None:
+        return found
+    for prefix in ("sim:", "rm:"):
+        if spec.startswith(prefix):
+            return fingerprint(spec[len(prefix) :])
+    target = spec.rpartition(":")[0]
+    if target.endswith(".py"):
+        return _path_fingerprint(Path(target).expanduser())
+    if "+" in spec or "*" in spec:  # a weighted sum: '0.5*length+rm:runs/rm'
+        terms = []
+        for term in spec.split("+"):
+            weight, star, name = term.partition("*")
+            try:
+                float(weight)
+            except ValueError:
+                star = ""
+            terms.append(fingerprint(name if star else term))
+        if not any(terms):
+            return None
+        return terms[0] if len(terms) == 1 else f"sum sha256:{hashlib.sha256(json.dumps(terms).encode()).hexdigest()}"
+    if _HUB_ID.fullmatch(spec):
+        return f"hub {spec}"
+    return None
+
+
+def fingerprint_texts(texts: Sequence) -> str:
+    """sha256 of a list given in memory (prompts, comparisons as tuples of text): its items, in order."""
+    return f"list sha256:{hashlib.sha256(json.dumps(list(texts), default=str).encode()).hexdigest()}"
+
+
+def input_fingerprints(specs: dict[str, str], lists: dict[str, Sequence] | None = None) -> dict[str, dict]:
+    """{name: {"spec": what the config says, "fingerprint": ...}} of a run's inputs: each of `specs` (config field ->
+    its value) that names something to compare (`fingerprint`), and each of `lists` (what train() was handed in
+    memory, such as the prompts: spec 'N items')."""
+    out = {}
+    for name, spec in specs.items():
+        if (found := fingerprint(spec)) is not None:
+            out[name] = {"spec": str(spec), "fingerprint": found}
+    for name, items in (lists or {}).items():
+        out[name] = {"spec": f"{len(items)} items", "fingerprint": fingerprint_texts(items)}
+    return out
+
+
+def check_inputs(saved: dict | None, current: dict, allow_changed: bool = False, run: str = "the run") -> list[str]:
+    """Refuse to resume `run` on inputs that changed since it started: UserError naming each input of `saved`
+    (`input_fingerprints` when it started) whose fingerprint now differs or is gone, and the two ways on. With
+    allow_changed, a note on stderr instead. Returns a line per changed input. saved None or {} (a run written before
+    fingerprints were kept) checks nothing: unknown is not changed."""
+    changed = []
+    for name, then in (saved or {}).items():
+        if not isinstance(then, dict) or "fingerprint" not in then:
+            continue  # an entry this version cannot read: unknown
+        now = current.get(name)
+        if now is not None and now["fingerprint"] == then["fingerprint"]:
+            continue
+        spec = then.get("spec", "")
+        if now is None:
+            changed.append(f"{name} ({spec}) is gone or names nothing on disk now")
+        elif now["spec"] != spec:
+            changed.append(f"{name} ({spec}) is now {now['spec']}")
+        else:
+            changed.append(f"{name} ({spec}) has changed")
+    if changed and not allow_changed:
+        raise UserError(f"{run} cannot resume: inputs changed since it started: {'; '.join(changed)}. Its steps so "
+                        f"far trained on the old ones. Start a new run in another --out, or pass {ALLOW_CHANGED} "
+                        "(allow_changed_inputs=True in Python) to continue on the new ones anyway")  # fmt: skip
+    if changed:
+        print(f"note: {run} continues on changed inputs ({ALLOW_CHANGED}): {'; '.join(changed)}", file=sys.stderr)
+    return changed
+
+
+def read_inputs(out_dir: str | Path) -> dict | None:
+    """The fingerprints a training run in out_dir recorded when it started (INPUTS_FILE), None when it has none."""
+    path = Path(out_dir) / INPUTS_FILE
+    if not path.exists():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); restore it, or delete it to resume without comparing the "
+                        "run's inputs") from None  # fmt: skip
+    return found if isinstance(found, dict) else None

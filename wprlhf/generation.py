@@ -51,13 +51,19 @@ class GenerationConfig:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(f"min_new_tokens {self.min_new_tokens} must lie in [0, max_new_tokens]")
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature} (use greedy for argmax)")
+        if not self.temperature > 0 or not math.isfinite(self.temperature):
+            raise UserError(f"temperature must be a finite number > 0, got {self.temperature}; for the most likely "
+                            "token at every step use --greedy")  # fmt: skip
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0 (0 = full vocabulary), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"top_p must lie in (0, 1], got {self.top_p}")
         self.stop_strings = tuple(self.stop_strings)
+
+    @property
+    def fixed_length(self) -> bool:
+        """Every response runs to max_new_tokens by design: no stop, or none allowed before the cap."""
+        return not self.stop_at_eos or self.min_new_tokens >= self.max_new_tokens
 
 
 # PPO's names for the sampling settings (PPOConfig, LoopConfig, `wprlhf task-eval`) -> GenerationConfig's
@@ -113,12 +119,84 @@ def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
 
 def apply_chat_template(tokenizer, prompt: str, response: str | None = None) -> str:
     """The chat template's text of [user: prompt] with the assistant's turn opened, where sampling continues
-    (response None); or of [user: prompt, assistant: response], the conversation SFT trains on. The one place
-    either is written, so SFT trains on the prompt text that `encode_prompts` samples from."""
+    (response None); or of [user: prompt, assistant: response], the conversation SFT trains on. For reading and
+    logging; token ids come from `chat_ids`, which keeps the prompt's and the response's text as text."""
     turns = [{"role": "user", "content": prompt}]
     if response is None:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
+
+
+def text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Data text (prompts, responses, stories, labeled texts) -> token ids, no special tokens added, and none parsed.
+
+    A story that spells `<|im_end|>` or `<|endoftext|>` gets the ids of those characters, not the control ids: only
+    the chat template and the code put a stop or turn marker into a sequence, so nothing trains past a stop that
+    the sampler would never cross, and a prompt cannot open a chat turn of its own.
+    """
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+# Stand-ins for the prompt and the response while the template is rendered: private-use characters that no data
+# text is expected to hold (a text that holds one is refused), so the template's own pieces can be cut out.
+_PROMPT_SLOT, _RESPONSE_SLOT = "\ue000", "\ue001"
+
+
+def _template_pieces(tokenizer, with_response: bool) -> list[str]:
+    """The chat template's text around its slots: [before the prompt, after it] for sampling (the assistant's
+    turn opened), or [before the prompt, between prompt and response, after the response] for a whole turn."""
+    rendered = apply_chat_template(tokenizer, _PROMPT_SLOT, _RESPONSE_SLOT if with_response else None)
+    head, sep, rest = rendered.partition(_PROMPT_SLOT)
+    pieces = [head, *rest.split(_RESPONSE_SLOT)] if with_response else [head, rest]
+    if not sep or len(pieces) != (3 if with_response else 2) or _PROMPT_SLOT in rest:
+        raise UserError("this model's chat template does not place the prompt (and the response) once each, as "
+                        "written, so their text cannot be kept apart from the template's markers; pass "
+                        "--no-chat-template to use plain text")  # fmt: skip
+    return pieces
+
+
+def template_markers(tokenizer) -> list[str]:
+    """The special tokens the chat template writes around a turn (`<|im_start|>`, `<|im_end|>` for SmolLM2)."""
+    rendered = "".join(_template_pieces(tokenizer, with_response=True))
+    return [t for t in tokenizer.all_special_tokens if t in rendered]
+
+
+def check_bare_prompts(tokenizer, prompts: list[str]) -> None:
+    """Refuse prompts already written in the chat template: wrapped again, they would put a system turn twice and
+    a user turn inside a user turn. UserError naming the first such row and the fix."""
+    markers = template_markers(tokenizer)
+    for i, prompt in enumerate(prompts):
+        found = [m for m in markers if m in prompt]
+        if found or _PROMPT_SLOT in prompt or _RESPONSE_SLOT in prompt:
+            raise UserError(f"prompt {i} already holds the chat template's markup ({', '.join(found) or 'U+E000'}): "
+                            f"{prompt[:80]!r}; pass the bare prompt (the template is applied here), or "
+                            "--no-chat-template to send prompts exactly as written, markup included")  # fmt: skip
+
+
+def chat_ids(tokenizer, prompts: list[str], responses: list[str] | None = None) -> list[list[int]] | tuple:
+    """Token ids of [user: prompt] in the chat template with the assistant's turn opened (responses None), or
+    (prompt_ids, completion_ids) of [user: prompt, assistant: response]: the completion is the response's tokens
+    and the template's end of turn (trailing whitespace dropped), what SFT and DPO train on.
+
+    The template's pieces and the data's text are tokenised apart (`text_ids`), so special ids appear only where
+    the template puts them. Prompts already in the template are refused (`check_bare_prompts`).
+    """
+    check_bare_prompts(tokenizer, prompts)
+    markup = lambda piece: tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []  # noqa: E731
+    if responses is None:
+        head, tail = (markup(p) for p in _template_pieces(tokenizer, with_response=False))
+        return [head + ids + tail for ids in text_ids(tokenizer, prompts)]
+    gen_head, gen_tail = _template_pieces(tokenizer, with_response=False)
+    head, between, end = _template_pieces(tokenizer, with_response=True)
+    if head != gen_head or not between.startswith(gen_tail):
+        raise UserError("this model's chat template does not write a conversation as its prompt followed by the "
+                        "answer (it may rewrite earlier turns), so the story's tokens cannot be told apart; pass "
+                        "--no-chat-template to train on plain text")  # fmt: skip
+    # The prompt ends as sampling sees it; what the template adds before a written answer opens the completion.
+    head_ids, tail_ids = markup(head), markup(gen_tail)
+    opening, end_ids = markup(between[len(gen_tail) :]), markup(end.rstrip())
+    prompt_ids = [head_ids + ids + tail_ids for ids in text_ids(tokenizer, prompts)]
+    return prompt_ids, [opening + ids + end_ids for ids in text_ids(tokenizer, responses)]
 
 
 def encode_prompts(
@@ -126,17 +204,19 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> left-padded queries (B, Tq) and query_mask (B, Tq) bool.
 
-    Uses the tokenizer's chat template when it has one and chat_template is True. Long prompts keep their
-    last max_prompt_length tokens (the end holds the assistant header that the response continues from).
+    Uses the tokenizer's chat template when it has one and chat_template is True (`chat_ids`: the prompt's text
+    stays text; a prompt already in the template is refused). Long prompts keep their last max_prompt_length tokens (the end
+    holds the assistant header that the response continues from).
     """
     if not prompts:
         raise UserError("no prompts to encode: the prompt set is empty")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+    prompts = list(prompts)
     use_template = uses_chat_template(tokenizer, chat_template)
-    texts = [apply_chat_template(tokenizer, p) for p in prompts] if use_template else list(prompts)
-    # The template already holds the special tokens; a plain prompt gets the tokenizer's usual ones.
-    ids = tokenizer(texts, add_special_tokens=not use_template)["input_ids"]
+    # Without the template the prompt is the whole input, markup included if the user wrote some, read as the
+    # tokenizer reads text (its usual leading tokens added); with it, the prompt's text stays text (`chat_ids`).
+    ids = chat_ids(tokenizer, prompts) if use_template else tokenizer(prompts, add_special_tokens=True)["input_ids"]
     if max_prompt_length is not None:
         ids = [row[-max_prompt_length:] for row in ids]
     for i, row in enumerate(ids):
@@ -284,6 +364,12 @@ def sample(
                                                       for x in (next_logits, next_position, attention_mask))  # fmt: skip
     for t in range(config.max_new_tokens):
         logits = next_logits.float() / config.temperature  # (B, V)
+        # A non-finite row (NaN logits, or logits / T past float32 at a tiny T) has no distribution to draw from:
+        # inverse-CDF sampling would return the last id over and over. One reduction and one sync per step.
+        if not bool(torch.isfinite(logits.amax(-1)).all()):
+            raise UserError(f"the policy's next-token distribution is not finite at step {t} (NaN logits, or "
+                            f"logits / temperature overflowing at temperature {config.temperature}); use --greedy "
+                            "for the most likely token, a temperature of 0.1 or more, or check the model's weights")  # fmt: skip
         allowed = logits  # what we choose from; log-probs stay those of the full distribution (PPO's forward)
         if config.stop_at_eos and t < config.min_new_tokens:
             allowed = logits.clone()
@@ -362,6 +448,7 @@ def generate(
     chat_template: bool = True,
     progress: bool = False,
     num_samples: int = 1,
+    finished: list[bool] | None = None,
 ) -> list[str]:
     """Text in, text out: sample num_samples responses per prompt, in batches of at most batch_size responses
     (batch_size // num_samples prompts; where num_samples > batch_size, a prompt's copies batch_size at a time).
@@ -369,7 +456,8 @@ def generate(
     i * num_samples .. (i + 1) * num_samples - 1.
 
     Prompts keep their last max_prompt_length tokens, and fewer where prompt + response would exceed the model's
-    positions (`fit_positions`)."""
+    positions (`fit_positions`). A list passed as `finished` receives, per response, whether it ended with a stop
+    token (False: cut at max_new_tokens)."""
     from tqdm.auto import tqdm
 
     prompt_room(model, config.max_new_tokens)  # a response too long for the model fails before any sampling
@@ -387,17 +475,25 @@ def generate(
             tokenizer.pad_token_id, generator, tokenizer, num_samples=num_samples,
         )  # fmt: skip
         texts.extend(decode_responses(tokenizer, gen.responses, gen.response_mask))
+        if finished is not None:
+            finished.extend(gen.finished.tolist())
     return texts
 
 
 def generate_k(model: nn.Module, tokenizer, prompts: list[str], k: int, config: GenerationConfig, **kwargs) -> list[list[str]]:
     """k responses per prompt, (P, k) nested lists: `generate` with num_samples=k, so each prompt's forward runs
-    once for its k responses. Keyword arguments go to `generate` (batch_size counts responses)."""
+    once for its k responses. Keyword arguments go to `generate` (batch_size counts responses; `finished` gets
+    P * k flags in the same order)."""
     texts = generate(model, tokenizer, prompts, config, num_samples=k, **kwargs)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def write_samples(path: str | Path, prompts: list[str], responses: list[list[str]], policy: str) -> None:
-    """The samples JSONL that labeling reads: {"prompt", "responses": [...], "policy"} a line, written atomically."""
-    lines = [json.dumps({"prompt": p, "responses": rs, "policy": policy}) for p, rs in zip(prompts, responses)]
+def write_samples(path: str | Path, prompts: list[str], responses: list[list[str]], policy: str,
+                  finished: list[list[bool]] | None = None) -> None:  # fmt: skip
+    """The samples JSONL that labeling reads: {"prompt", "responses": [...], "policy"} a line, written atomically;
+    with `finished` (per response: ended with a stop token, not cut at the cap) a "finished": [...] list too."""
+    rows = [{"prompt": p, "responses": rs, "policy": policy} for p, rs in zip(prompts, responses)]
+    for row, done in zip(rows, finished or []):
+        row["finished"] = [bool(x) for x in done]
+    lines = [json.dumps(row) for row in rows]
     write_text_atomic(Path(path), "\n".join(lines) + "\n")

@@ -152,7 +152,7 @@ class Relevance:
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], truncation=True, max_length=self.max_length,
-                                   padding=True, return_tensors="pt")  # fmt: skip
+                                   padding=True, return_tensors="pt", split_special_tokens=True)  # fmt: skip
             hidden = self.model(**batch).last_hidden_state  # (b, T, H)
             mask = batch["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
 from .distributed import check_mixed_precision, resolve_device
 from .errors import UserError, check_numbers
-from .files import iter_jsonl, write_json_atomic, write_text_atomic
+from .files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
 from .metrics import read_metrics
 from .evaluation import sample_with_kl, text_stats, win_rate
 from .generation import generate_k, generation_config, write_samples
@@ -247,12 +247,21 @@ def _load_state(out_dir: Path) -> dict:
         raise UserError(f"{path} is corrupt ({err}); delete the run directory or restore the file") from err
 
 
-def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[dict]:
-    """Run (or resume) the loop; returns one row of loop metrics per round."""
+# Inputs whose content a resume compares (`files.fingerprint`): a changed file or model is refused.
+INPUTS = ("policy", "prompts", "labeler", "judge", "reward_model", "ppo_config")
+
+
+def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
+        allow_changed_inputs: bool = False) -> list[dict]:  # fmt: skip
+    """Run (or resume) the loop; returns one row of loop metrics per round. A resume whose inputs (INPUTS) changed
+    since the loop started is refused unless allow_changed_inputs."""
     out_dir = Path(out_dir)
     state = _load_state(out_dir)
     if state["done"] and not resume:
         raise UserError(f"{out_dir} holds a loop run; pass --resume to continue it or --force to start over")
+    inputs = input_fingerprints({name: getattr(config, name) for name in INPUTS})
+    check_inputs(state.get("inputs"), inputs, allow_changed_inputs, f"the loop in {out_dir}")
+    state["inputs"] = inputs
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "loop_config.json", dataclasses.asdict(config))
     started = time.perf_counter() - state.get("elapsed_s", 0.0)
@@ -331,7 +340,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False) -> list[d
             resume_ppo = (ppo_dir / "metrics.csv").exists() or ckpt.latest_checkpoint(ppo_dir) is not None
             try:
                 ppo_train(round_ppo, train_prompts, reward_fn_from_model(round_dir / "rm"), ppo_dir,
-                          resume=resume_ppo, judge_fn=judge)  # fmt: skip
+                          resume=resume_ppo, judge_fn=judge, allow_changed_inputs=allow_changed_inputs)  # fmt: skip
             except ckpt.NoUsableCheckpoint as err:  # its advice names `wprlhf ppo` flags; this is the loop's
                 restart = (f"move {ppo_dir} aside (e.g. to {ppo_dir}.broken) and rerun with --resume "
                            "(its PPO starts again from the start policy)")  # fmt: skip

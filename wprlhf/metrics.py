@@ -39,6 +39,7 @@ METRIC_NAMES = (
     "grad_norm",           # the policy's gradient norm (with a shared value head, its head's too), before clipping
     "value_grad_norm",     # the separate value model's, before clipping
     "response_length",     # mean tokens per response, stop token included
+    "truncated_share",     # share of responses cut at response_length with no stop token (empty: fixed-length mode)
     "lr",
     "ppo_minibatches",     # minibatch updates this PPO step (fewer when target_approxkl stops early)
     "time_generate",
@@ -169,14 +170,19 @@ class MetricsLogger:
         self.tb.flush()
 
     def log_samples(self, step: int, prompts: list[str], responses: list[str], scores: list[float],
-                    kls: list[float], rlhf_rewards: list[float], echo: bool = True) -> None:  # fmt: skip
+                    kls: list[float], rlhf_rewards: list[float], echo: bool = True,
+                    finished: list[bool] | None = None) -> None:  # fmt: skip
         """Append decoded samples to samples.jsonl (and print them): what the numbers in metrics.csv look like.
-        rlhf_rewards: score - kl_coef * KL of each response."""
+        rlhf_rewards: score - kl_coef * KL of each response; finished: whether it ended with a stop token (False =
+        cut at the length cap)."""
         from tqdm.auto import tqdm
 
+        finished = finished if finished is not None else [None] * len(prompts)
         with open(self.samples_path, "a", encoding="utf-8") as f:
-            for prompt, response, score, kl, total in zip(prompts, responses, scores, kls, rlhf_rewards):
+            for prompt, response, score, kl, total, done in zip(prompts, responses, scores, kls, rlhf_rewards, finished):
                 row = {"step": step, "prompt": prompt, "response": response, "score": score, "kl": kl, "rlhf_reward": total}
+                if done is not None:
+                    row["finished"] = bool(done)
                 f.write(json.dumps(row) + "\n")
                 if echo:
                     tqdm.write(f"--- step {step}  score {score:.3f}  kl {kl:.2f}  reward {total:.3f}\n"

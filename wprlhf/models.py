@@ -14,7 +14,9 @@ import copy
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -435,7 +437,25 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
         prepare_tokenizer(tokenizer)
     tokenizer.padding_side = "right"
     torch.manual_seed(seed)  # the fresh head's init
-    model = from_pretrained(AutoModelForSequenceClassification, name, source, num_labels=num_labels)
+    # transformers prints a warning table whenever a head is newly initialised, which is what a reward model or a
+    # classifier starts from: ours says it in one line, and still warns of anything else missing (a broken file).
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = from_pretrained(AutoModelForSequenceClassification, name, source, num_labels=num_labels,
+                                      output_loading_info=True)  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys", []))
+    head = [k for k in missing if k.split(".")[0] in ("classifier", "score")]
+    if head:
+        print(f"note: {name}: a new {num_labels}-output head ({', '.join(sorted(head))}) starts from random "
+              "weights, as it should before training", file=sys.stderr)  # fmt: skip
+    if other := sorted(set(missing) - set(head)):
+        warnings.warn(f"{name}: these weights were missing from the checkpoint and start from random values: "
+                      f"{', '.join(other[:8])}{' ...' if len(other) > 8 else ''}", stacklevel=2)  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 

@@ -296,6 +296,10 @@ class EvalConfig:
     """End-of-turn is forbidden before this many tokens (None = response_length: fixed-length responses, so that
     length cannot decide a comparison); 0 lets responses stop when they like."""
     temperature: float = 0.7
+    """Sampling temperature; the KL column's log-probs use the same one."""
+    greedy: bool = False
+    """The most likely token at every step instead of sampling (the KL column is then the log-ratio of those
+    responses at --temperature, not an average over samples)."""
     max_prompts: int = 0
     """Use only the first N prompts (0 = all)."""
     instruction: str = ""
@@ -357,6 +361,7 @@ def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
     model.to(resolve_device(config.device))
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
+    gen.greedy = config.greedy
     return generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True), (
         model, tokenizer)
 

@@ -157,14 +157,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     judge_fn: RewardFn | None = None,
+    allow_changed_inputs: bool = False,
 ) -> PPOTrainer:
     """Run `config.steps` PPO steps; write metrics, samples, checkpoints and the final models into out_dir.
 
     judge_fn, when given, scores the same responses without training on them (metric `judge_mean`): where
     score_mean climbs and judge_mean does not, the policy is exploiting the reward model.
 
-    out_dir gets: config.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the two
-    newest, resumable) and, at the end, policy/ (and value/) in Hugging Face format.
+    out_dir gets: config.json, inputs.json, metrics.csv, TensorBoard events (tb/), samples.jsonl, checkpoints/ (the
+    two newest, resumable) and, at the end, policy/ (and value/) in Hugging Face format.
+
+    resume=True continues from the newest checkpoint; it refuses inputs (the prompts, a reward file or model, the
+    policy) that changed since the run started, as inputs.json fingerprinted them, unless allow_changed_inputs.
     """
-    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer)
+    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer, allow_changed_inputs)
     return run(PPOTrainer(config, policy, tokenizer), step, prompts, reward_fn, out_dir, resume, progress, judge_fn)

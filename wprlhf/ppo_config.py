@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from . import checkpoint as ckpt
 from .distributed import check_mixed_precision
 from .errors import UserError, check_numbers
 from .generation import GenerationConfig, generation_config
+
+
+# The least temperature PPO, RLOO and GRPO train at: their log-probs are those of softmax(logits / temperature).
+MIN_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -62,13 +67,17 @@ class PPOConfig:
     min_response_length: int = 0
     """Stop tokens are forbidden before this many tokens."""
     temperature: float = 0.7
-    """Sampling temperature; log-probs in the loss use the same one."""
+    """Sampling temperature; log-probs in the loss use the same one. At least MIN_TEMPERATURE (0.05)."""
     top_k: int = 0
     """Top-k sampling (0 = full vocabulary, as PPO's log-probs assume)."""
     top_p: float = 1.0
     """Nucleus sampling (1.0 = off, as PPO's log-probs assume)."""
     stop_at_eos: bool = True
     """False = fixed-length responses of response_length tokens (benchmarks)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of each response cut at response_length without a stop token (trl's name), so
+    the policy learns to finish; score_mean includes it. 0 = off. Refused in fixed-length mode (stop_at_eos False,
+    or min_response_length = response_length), where every response reaches the cap by design."""
     chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template where it has one (instruct models)."""
 
@@ -182,6 +191,16 @@ class PPOConfig:
                 f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
             )
         check_mixed_precision(self.mixed_precision)
+        if self.missing_eos_penalty and self.generation().fixed_length:
+            raise UserError(f"--missing-eos-penalty {self.missing_eos_penalty} penalises responses cut at the cap, but "
+                            "in fixed-length mode (--no-stop-at-eos, or --min-response-length equal to "
+                            "--response-length) every response is cut there by design; drop the penalty")  # fmt: skip
+        if not math.isfinite(self.missing_eos_penalty):
+            raise UserError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
+        if self.temperature < MIN_TEMPERATURE:
+            # log-probs at T are logits / T: far below 1 they saturate float32 and the ratio and KL lose all meaning.
+            raise UserError(f"temperature {self.temperature} is below {MIN_TEMPERATURE}, the least an RL method "
+                            "trains at (its log-probs are logits / temperature); use 0.1 to 1.0")  # fmt: skip
         choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"), score_norm=("none", "batch"),
                        optimizer=("adamw", "adamw8bit"))  # fmt: skip
         for name, allowed in choices.items():

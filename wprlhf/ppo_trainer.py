@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .core import kl_k1, kl_k3, masked_mean, masked_sum
 from .distributed import (autocast_dtype, check_divisible, check_finite, device_of, gather_padded, is_main_process,
                           make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
-from .files import write_json_atomic
+from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from .errors import UserError
 from .forwards import policy_forward, value_forward
 from .generation import Generation, decode_responses, encode_prompts, fit_positions, prompt_room, sample
@@ -241,6 +241,8 @@ class Trainer:
         started = time.perf_counter()
         name = f"reward {self.config.reward!r}"
         scores = check_scores(reward_fn(samples.prompts, samples.texts), len(samples.texts), name).to(self.device)
+        if self.config.missing_eos_penalty:  # a response cut at the cap is not a finished one (trl's penalty)
+            scores = scores - self.config.missing_eos_penalty * (~samples.generation.finished).to(scores.dtype)
         self.timings["time_score"] = time.perf_counter() - started
         return scores
 
@@ -604,13 +606,22 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return batch
 
 
+def run_inputs(config: PPOConfig, prompts: list[str]) -> dict[str, dict]:
+    """The fingerprints (`files.input_fingerprints`) of what a run trains on: the policy, reward, prompts file and
+    classifier its config names, and the prompts train() was handed (which the Python API may pass without a file)."""
+    specs = {name: getattr(config, name) for name in ("policy", "reward", "prompts", "classifier")}
+    return input_fingerprints(specs, {"prompt_list": prompts})
+
+
 def prepare_run(config: PPOConfig, prompts: list[str], out_dir: str | Path, resume: bool, policy: nn.Module | None,
-                tokenizer) -> tuple[PPOConfig, nn.Module, object]:  # fmt: skip
-    """What every algorithm's train() does before building its trainer: refuse an empty prompt set, keep a resumed
-    run's precision, load the policy (config.policy) unless one is given, seed torch. (config, policy, tokenizer)."""
+                tokenizer, allow_changed_inputs: bool = False) -> tuple[PPOConfig, nn.Module, object]:  # fmt: skip
+    """What every algorithm's train() does before building its trainer: refuse an empty prompt set, refuse a resume
+    whose inputs changed since the run started (unless allow_changed_inputs), keep a resumed run's precision, load
+    the policy (config.policy) unless one is given, seed torch. (config, policy, tokenizer)."""
     if not prompts:
         raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
     if resume:
+        check_inputs(read_inputs(out_dir), run_inputs(config, prompts), allow_changed_inputs, f"the run in {out_dir}")
         config = keep_saved_precision(config, out_dir)
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
@@ -655,6 +666,7 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
+        write_json_atomic(out_dir / INPUTS_FILE, run_inputs(config, prompts))  # what a resume compares (prepare_run)
         logger = MetricsLogger(out_dir, resume_step=start if resume else None)
         if not resume:
             tqdm.write(f"policy {config.policy}: {count_parameters(trainer.policy) / 1e6:.1f} M parameters on "
@@ -673,6 +685,9 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
         elapsed = time.perf_counter() - started
         time_train = elapsed - trainer.timings["time_generate"] - trainer.timings["time_score"]
         stats.update(trainer.timings, time_train=time_train, episodes_per_s=config.batch_size / elapsed)
+        if not config.generation().fixed_length:  # in fixed-length mode every response is cut by design: left empty
+            cut = (~samples.generation.finished).float()
+            stats["truncated_share"] = float(gather_padded(acc, cut, 0.0).mean())
         if judge_fn is not None:
             judged = torch.tensor([float(s) for s in judge_fn(samples.prompts, samples.texts)], device=trainer.device)
             stats["judge_mean"] = float(gather_padded(acc, judged, 0.0).mean())
@@ -682,7 +697,8 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
             if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):
                 n = min(config.log_samples, len(samples.texts))
                 logger.log_samples(step + 1, samples.prompts[:n], samples.texts[:n], samples.scores[:n].tolist(),
-                                   trainer.last_episodes["kl"][:n], trainer.last_episodes["rlhf_reward"][:n], echo=progress)  # fmt: skip
+                                   trainer.last_episodes["kl"][:n], trainer.last_episodes["rlhf_reward"][:n], echo=progress,
+                                   finished=samples.generation.finished[:n].tolist())  # fmt: skip
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             trainer.save(ckpt.checkpoint_path(out_dir, step + 1))
     if main:

@@ -37,7 +37,7 @@ from .core import bootstrap_ci, linear_schedule
 from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
 from .distributed import (check_finite, check_mixed_precision, device_of, make_accelerator, reduce_sum, resolve_device,
                           resolve_mixed_precision)  # fmt: skip
-from .errors import UserError, check_numbers
+from .errors import UserError, check_numbers, warn_if_degenerate
 from .files import write_json_atomic
 from .metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
 from .models import freeze_lower_layers, load_reward_backbone, position_limit
@@ -346,10 +346,11 @@ def save(model: nn.Module, tokenizer, out_dir: Path, held_out: dict) -> dict:
 def encode(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
     """(prompt, response) text pairs -> padded input_ids / attention_mask (B, T).
 
-    Truncation 'longest_first' trims the longer text (nearly always the story) from its end.
+    Truncation 'longest_first' trims the longer text (nearly always the story) from its end. A text that spells a
+    special token (`<|im_end|>`, `[SEP]`) is read as those characters.
     """
     return tokenizer([p for p, _ in pairs], [r for _, r in pairs], truncation="longest_first", max_length=max_length,
-                     padding=True, return_tensors="pt")  # fmt: skip
+                     padding=True, return_tensors="pt", split_special_tokens=True)  # fmt: skip
 
 
 def story_windows(text: str, n: int) -> list[str]:
@@ -587,7 +588,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     fold_normalization(model, float(raw.mean()), float(raw.std().clamp(min=1e-6)))
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
     if val_set:
-        held_out["baselines"] = {"longer_wins": longer_wins(val_set), "tfidf_logreg": tfidf_logreg(train_set, val_set)}
+        held_out["baselines"] = set_baselines(train_set, val_set, "the held-out comparisons")
     return save(model, tokenizer, out_dir, held_out)
 
 
@@ -636,6 +637,26 @@ def _padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         scores[i, : len(r)] = torch.as_tensor(r, dtype=torch.float64)
         valid[i, : len(r)] = True
     return scores, valid
+
+
+def always_first(comparisons: list[Comparison]) -> float | None:
+    """Baseline: a constant predictor that always picks the first response, scored as every accuracy is
+    (`choice_credit`). A set where it scores near 1 is one-sided, and any accuracy on it flatters. None when every
+    comparison is a labelled tie."""
+    decided = [c for c in comparisons if not c.tie]
+    if not decided:
+        return None
+    return sum(c.best == 0 for c in decided) / len(decided)
+
+
+def set_baselines(train_set: list[Comparison] | None, test_set: list[Comparison], where: str) -> dict:
+    """Every baseline of a comparison test set, with a warning when the constant one is high (`warn_if_degenerate`):
+    always_first, longer_wins, and tfidf_logreg when there is a training set to fit it on."""
+    out = {"always_first": always_first(test_set), "longer_wins": longer_wins(test_set)}
+    if train_set is not None:
+        out["tfidf_logreg"] = tfidf_logreg(train_set, test_set)
+    warn_if_degenerate(out["always_first"], "always picking the first response", where)
+    return out
 
 
 def longer_wins(comparisons: list[Comparison]) -> float | None:
@@ -743,11 +764,8 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
         if not keep_meta:
             raw = resolve_comparisons(data, keep_meta=True)[: len(test)]
             result["accuracy_raw"] = evaluate(model, tokenizer, raw, max_length)["accuracy"]
-        baselines = {"longer_wins": longer_wins(test)}
-        if train_source:
-            train_set = resolve_comparisons(train_source, keep_meta=keep_meta)
-            baselines["tfidf_logreg"] = tfidf_logreg(train_set, test)
-        result["baselines"] = baselines
+        train_set = resolve_comparisons(train_source, keep_meta=keep_meta) if train_source else None
+        result["baselines"] = set_baselines(train_set, test, data)
     result.update(model=str(model_dir), data=data, max_length=max_length)
     write_json_atomic(out, result)
     return result

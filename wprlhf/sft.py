@@ -29,8 +29,8 @@ from .core import linear_schedule, logprobs_from_logits, masked_sum
 from .distributed import (check_finite, check_mixed_precision, device_of, is_main_process, make_accelerator, reduce_sum,
                           resolve_device, resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
-from .files import atomic_writer, write_json_atomic
-from .generation import GenerationConfig, apply_chat_template, generate, uses_chat_template
+from .files import INPUTS_FILE, atomic_writer, input_fingerprints, write_json_atomic
+from .generation import GenerationConfig, chat_ids, generate, text_ids, uses_chat_template
 from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics, smooth
 from .models import count_parameters, load_policy
 
@@ -177,48 +177,27 @@ class Example:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def format_example(tokenizer, prompt: str, response: str, chat_template: bool = True,
-                   separator: str = "\n\n") -> tuple[str, str]:  # fmt: skip
-    """(prompt_text, completion_text): the text before the story, and the story with its end marker.
-
-    Chat models: prompt_text is the template of [user: prompt] with the assistant's turn opened, the text
-    generation.encode_prompts samples from (both call `apply_chat_template`); completion_text is what the template
-    adds for [assistant: response],
-    trailing whitespace dropped: the story and the end-of-turn marker (`<|im_end|>` for SmolLM2), so the model
-    learns to stop. Plain models (or chat_template=False): prompt + separator, and story + EOS.
-    """
-    if uses_chat_template(tokenizer, chat_template):
-        prompt_text, full = apply_chat_template(tokenizer, prompt), apply_chat_template(tokenizer, prompt, response)
-        if not full.startswith(prompt_text):
-            raise UserError("this model's chat template does not write a conversation as its prompt followed by "
-                            "the answer (it may rewrite earlier turns), so the story's tokens cannot be told "
-                            "apart; pass --no-chat-template to train on plain text")  # fmt: skip
-        completion = full[len(prompt_text) :].rstrip()
-        if completion.endswith(response) and tokenizer.eos_token:  # a template with no end-of-turn marker
-            completion += tokenizer.eos_token
-        return prompt_text, completion
-    return prompt + separator, response + (tokenizer.eos_token or "")
-
-
 def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
                     chat_template: bool = True, separator: str = "\n\n") -> list[Example]:  # fmt: skip
     """(prompt, story) texts -> Examples of at most max_length tokens, the story cut at its end first.
 
-    The prompt and the completion are tokenized apart, as at generation time (the prompt is encoded, the model
-    continues), so training sees the token boundary that sampling will. A prompt longer than max_length / 2
-    keeps its last tokens (the assistant header sits at its end), as generation.encode_prompts does.
+    Chat models: the prompt is the template of [user: prompt] with the assistant's turn opened, the ids
+    generation.encode_prompts samples from; the completion is the story and the template's end-of-turn marker
+    (`<|im_end|>` for SmolLM2), so the model learns to stop (`generation.chat_ids`). Plain models (or
+    chat_template=False): prompt + separator, and story + EOS. Either way the story's text stays text: a story
+    that spells `<|im_end|>` does not teach the model to stop there. A prompt longer than max_length / 2 keeps its
+    last tokens (the assistant header sits at its end), as generation.encode_prompts does.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return []
-    use_template = uses_chat_template(tokenizer, chat_template)
-    texts = [format_example(tokenizer, p, r, chat_template, separator) for p, r in zip(prompts, responses)]
-    # The template holds its special tokens already; a plain prompt gets the tokenizer's usual ones (BOS).
-    prompt_ids = tokenizer([p for p, _ in texts], add_special_tokens=not use_template)["input_ids"]
-    # Special-token strings in the completion (<|im_end|>, EOS) become their single ids.
-    completion_ids = tokenizer([c for _, c in texts], add_special_tokens=False, truncation=True,
-                               max_length=max_length)["input_ids"]  # fmt: skip
+    if uses_chat_template(tokenizer, chat_template):
+        prompt_ids, completion_ids = chat_ids(tokenizer, list(prompts), list(responses))
+    else:  # the tokenizer's usual leading tokens (BOS) before the prompt; the story's text, then EOS
+        prompt_ids = tokenizer([p + separator for p in prompts], add_special_tokens=True)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        completion_ids = [ids + eos for ids in text_ids(tokenizer, list(responses))]
     examples = []
     for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids)):
         if not p_ids:
@@ -452,9 +431,9 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     A task's examples come this way (`wprlhf sft --task` passes `tasks.sft_stories(task, data)`): SFT trains on
     whatever it is given and knows no task but by name, so it sits below the tasks (README, Architecture).
 
-    out_dir gets config.json, metrics.csv (a row per optimizer step, val_loss at step 0 and every eval_every),
-    tb/, samples.jsonl (held-out prompts before and after), loss.png, eval.json and policy/ (Hugging Face format,
-    with sft_config.json).
+    out_dir gets config.json, inputs.json (`files.input_fingerprints` of the policy, the data and the stories given),
+    metrics.csv (a row per optimizer step, val_loss at step 0 and every eval_every), tb/, samples.jsonl (held-out
+    prompts before and after), loss.png, eval.json and policy/ (Hugging Face format, with sft_config.json).
     """
     from tqdm.auto import tqdm
 
@@ -525,6 +504,10 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
              "n_val_tokens": sum(len(e.response_ids) for e in val_examples), "steps": total_steps}  # fmt: skip
     if main:
         write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
+        # What the run trained on, as files.fingerprint reads it: SFT does not resume, but the record travels.
+        given = {"stories": [(s.prompt, s.response, s.rank) for s in responses]} if stories is not None else {}
+        inputs = input_fingerprints({"policy": config.policy, "data": config.data}, given)
+        write_json_atomic(out_dir / INPUTS_FILE, inputs)
     logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
     pad = tokenizer.pad_token_id
     if progress:

@@ -40,7 +40,7 @@ from .data import (Response, is_hub_id, karma_pairs, load_prompts, load_response
                    write_comparisons)
 from .distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
 from .errors import UserError, check_numbers
-from .files import iter_jsonl, write_json_atomic, write_text_atomic
+from .files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
 from .text import clean_prompt
 
 if TYPE_CHECKING:
@@ -420,8 +420,14 @@ def _check_resume(config: StoriesConfig, state: dict, started: tuple[str, ...] =
                         "run's own settings, or start a new --out")  # fmt: skip
 
 
-def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until: str = "") -> dict:
-    """Run (or resume) the pipeline into out_dir; returns the evaluation report (or {} when stopped early)."""
+# Inputs whose content a resume compares (`files.fingerprint`): a changed data set or model is refused.
+INPUTS = ("data", "policy", "reward_model", "reward_extra")
+
+
+def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until: str = "",
+        allow_changed_inputs: bool = False) -> dict:  # fmt: skip
+    """Run (or resume) the pipeline into out_dir; returns the evaluation report (or {} when stopped early). A resume
+    whose inputs (INPUTS) changed since the run started is refused unless allow_changed_inputs."""
     out_dir = Path(out_dir)
     if until and until not in PHASES:
         raise UserError(f"--until {until!r}: choose one of {', '.join(PHASES)}")
@@ -434,7 +440,9 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     if state["done"] and not resume:
         raise UserError(f"{out_dir} holds a stories run; pass --resume to continue it or --force to start over")
     _check_resume(config, state, ("ppo",) if (out_dir / "ppo" / "metrics.csv").exists() else ())
-    state["config"] = dataclasses.asdict(config)
+    inputs = input_fingerprints({name: getattr(config, name) for name in INPUTS})
+    check_inputs(state.get("inputs"), inputs, allow_changed_inputs, f"the stories run in {out_dir}")
+    state["config"], state["inputs"] = dataclasses.asdict(config), inputs
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
     clock = time.perf_counter()
@@ -549,7 +557,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo_beta, lr=config.dpo_lr, epochs=config.dpo_epochs,
                                batch_size=8, max_prompt_length=256, max_response_length=config.response_length + 16,
                                eval_every=12, seed=config.seed, device=config.device, mixed_precision=precision)  # fmt: skip
-        dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists())
+        dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists(),
+                  allow_changed_inputs=allow_changed_inputs)  # fmt: skip
         finish("dpo")
 
     if wanted("ppo") and config.rl == "ppo":
@@ -560,7 +569,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         ppo_dir = out_dir / "ppo"
         resume_ppo = (ppo_dir / "metrics.csv").exists()
         ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
-                  ppo_dir, resume=resume_ppo,
+                  ppo_dir, resume=resume_ppo, allow_changed_inputs=allow_changed_inputs,
                   judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
         finish("ppo")
 
@@ -650,7 +659,9 @@ def _accumulation(batch_size: int) -> int:
 
 def _openings(tokenizer, stories: list[str], n_tokens: int) -> list[str]:
     """The first n_tokens tokens of each human story, as text: the human side at the policies' length."""
-    return [tokenizer.decode(tokenizer(s, add_special_tokens=False)["input_ids"][:n_tokens]).strip() for s in stories]
+    from .generation import text_ids
+
+    return [tokenizer.decode(ids[:n_tokens]).strip() for ids in text_ids(tokenizer, stories)]
 
 
 def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:

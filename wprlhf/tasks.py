@@ -257,8 +257,9 @@ def heldout_openings(data: str | Path | None, n: int, seed: int = 0) -> tuple[li
 def evaluate_task(name: str, policy: str, start: str, classifier_dir: str | Path, data: str | Path | None = None,
                   n_openings: int = 128, response_length: int = 24, min_response_length: int = 8,
                   temperature: float = 0.7, seed: int = 0, batch_size: int = 16, chat_template: bool = False,
-                  device: str = "auto", progress: bool = False) -> dict:  # fmt: skip
-    """The trained `policy` against its `start` policy on held-out openings (`heldout_openings`).
+                  device: str = "auto", progress: bool = False, greedy: bool = False) -> dict:  # fmt: skip
+    """The trained `policy` against its `start` policy on held-out openings (`heldout_openings`); greedy takes the
+    most likely token at every step instead of sampling.
 
     Both continue every prompt once (sentiment-control: each opening under each control prefix) with the same
     sampling seed; the classifier scores opening + continuation (prefix removed) and VADER judges it. Every
@@ -290,6 +291,7 @@ def evaluate_task(name: str, policy: str, start: str, classifier_dir: str | Path
     groups = plain  # resample openings: an opening's three controlled samples move together
     gen = generation_config(response_length=response_length, min_response_length=min_response_length,
                             temperature=temperature)  # fmt: skip
+    gen.greedy = greedy
 
     texts, kls = _sample_both(policy, start, prompts, gen, seed, batch_size, chat_template, device, progress)
     scores = {}
@@ -307,7 +309,7 @@ def evaluate_task(name: str, policy: str, start: str, classifier_dir: str | Path
               "n": len(openings), "n_samples": len(prompts), "openings_source": source,
               "openings_from_test_split": from_test, "seed": seed,
               "generation": {"response_length": response_length, "min_response_length": min_response_length,
-                             "temperature": temperature, "chat_template": chat_template},
+                             "temperature": temperature, "greedy": greedy, "chat_template": chat_template},
               "reward": both("reward"), "vader": both("judge"), "kl": mean_ci(kls, groups)}  # fmt: skip
     if name == "positive-reviews":
         result["positive_prob"] = both("positive_prob")
