@@ -122,3 +122,34 @@ def learned(what: str, measured: float, bar: float, *, upper: bool = False) -> N
             f.write(json.dumps(row) + "\n")
     sign = "<" if upper else ">"
     assert ok, f"{what}: measured {measured:.4g}, bar {sign} {bar:.4g} (margin {margin:.2f})"
+
+
+def fixed_rollout_gap_rise(trainer, prompts: list[str], reward_fn, updates: int) -> float:
+    """How far `updates` training steps on one fixed rollout move the policy towards its better responses (nats).
+
+    The trainer samples one response per prompt (a prompt repeated k times gives RLOO's and GRPO's groups), the
+    reward scores them, and each response's sign is its score against its group's mean (the batch's when k = 1).
+    The gap is the mean summed log-prob of the above-mean responses minus that of the below-mean ones; returned is
+    its rise over the updates. A property of the update on given samples, not of a sampled trajectory: another
+    CPU's kernels change which tokens are drawn (as another seed would), not whether the update follows the scores.
+    """
+    from wprlhf.core import masked_sum
+    from wprlhf.forwards import policy_forward
+
+    samples = trainer.generate(prompts)
+    scores = torch.tensor([float(s) for s in reward_fn(samples.prompts, samples.texts)])
+    gen, k = samples.generation, trainer.config.samples_per_prompt
+    q, qm, r, rm = samples.queries, samples.query_mask, gen.responses, gen.response_mask
+    groups = scores.view(-1, k) if k > 1 else scores.view(1, -1)
+    sign = (groups - groups.mean(1, keepdim=True)).reshape(-1)
+
+    def gap() -> float:
+        with torch.no_grad():
+            logprobs = policy_forward(trainer.policy, q, qm, r, rm, trainer.config.temperature)[0]
+        summed = masked_sum(logprobs, rm, dim=1)
+        return float(summed[sign > 0].mean() - summed[sign < 0].mean())
+
+    before = gap()
+    for _ in range(updates):
+        trainer.step_batch(q, qm, r, rm, scores)
+    return gap() - before

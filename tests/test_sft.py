@@ -149,7 +149,9 @@ def test_linear_schedule_warms_up_then_decays():
 
 @pytest.mark.learning
 def test_training_lowers_held_out_loss(stories_csv, tmp_path, tokenizer):
-    """Held-out prompts' stories share the training stories' text, so learning it must lower their loss."""
+    """Held-out prompts' stories share the training stories' text, so learning it must lower their loss: by more
+    than 1 nat per token (a random tiny model starts near ln 49152 = 10.8; the held-out loss is a deterministic
+    function of the weights, so only the training trajectory moves it)."""
     from wprlhf.models import load_policy
 
     config = SFTConfig(policy="tiny", data=str(stories_csv), max_length=96, batch_size=4, gradient_accumulation_steps=2,
@@ -158,7 +160,7 @@ def test_training_lowers_held_out_loss(stories_csv, tmp_path, tokenizer):
     policy, _ = load_policy("tiny", seed=seed(0))  # as the `tiny` fixture, at the test's seed
     result = train(config, tmp_path / "run", policy=policy.eval(), tokenizer=tokenizer, progress=False)
     assert result["n_train_examples"] == 9 and result["n_val_examples"] == 3  # rank-0 stories only
-    learned("held-out loss drop (nats/token)", result["val_loss_before"] - result["val_loss_after"], 2.0)
+    learned("held-out loss drop (nats/token)", result["val_loss_before"] - result["val_loss_after"], 1.0)
 
 
 @pytest.mark.learning

@@ -26,17 +26,34 @@ def _entropy(scaled_logits: torch.Tensor, logz: torch.Tensor) -> torch.Tensor:
 
 
 def logprobs_and_entropy(
-    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    stop_token_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the chosen tokens under softmax(logits / temperature), and that distribution's entropy.
 
     logits (B, T, V) or (B, V); tokens (B, T) or (B,) int64. Returns logprobs and entropy (nats, no grad; None
     unless with_entropy), each (B, T) or (B,), float32. Both share one log-normaliser pass over the vocabulary.
+
+    stop_token_ids, min_new_tokens (with (B, T, V) logits): the sampler's floor on response length, which masks the
+    stop tokens while t < min_new_tokens (`generation.sample`). The log-probs of those positions are then those of
+    the distribution it drew from, softmax over the other tokens: log p(y) - log(1 - p(stops)). Log-ratios and KL
+    estimates then compare what was sampled (a KL of full-vocabulary log-probs on such samples can be negative).
+    The entropy stays that of the full distribution. Without a floor (the default) nothing changes.
     """
     scaled = _scale(logits, temperature)
     logz = torch.logsumexp(scaled, dim=-1)
     # gather - logsumexp avoids materialising a second (B, T, V) tensor as log_softmax would.
     logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logz
+    if min_new_tokens > 0 and len(stop_token_ids) and scaled.dim() == 3:
+        m = min(min_new_tokens, scaled.shape[1])
+        stops = torch.as_tensor(list(stop_token_ids), dtype=torch.long, device=scaled.device)
+        # log of the mass the sampler kept, log(1 - p(stops)) = logsumexp over the other tokens - log Z: (B, m).
+        kept = scaled[:, :m].index_fill(-1, stops, -torch.inf).logsumexp(-1) - logz[:, :m]
+        logprobs = torch.cat([logprobs[:, :m] - kept, logprobs[:, m:]], dim=1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -150,6 +167,7 @@ def compute_rewards(
 
     scores (B,); logprobs, ref_logprobs (B, Tr); response_mask (B, Tr) bool, True on real tokens.
     Returns rewards (B, Tr), exactly zero where response_mask is False, and the per-token KL (B, Tr).
+    kl_estimator 'k3' is computed here, but PPOConfig refuses it for a reward (see its kl_estimator field).
     """
     kl = kl_k1(logprobs, ref_logprobs) if kl_estimator == "k1" else kl_k3(logprobs, ref_logprobs)
     kl = torch.where(response_mask, kl, torch.zeros_like(kl))

@@ -8,7 +8,7 @@ h = [log pi(y_c) - log ref(y_c)] - [log pi(y_r) - log ref(y_r)], each log-prob s
     ipo     (Azar et al. 2023, eq. 17):      (h - 1 / (2 * beta))^2       (their tau is our beta)
 
 and beta * (log pi(y) - log ref(y)) is a response's implicit reward (Rafailov et al., sec. 5), logged for the chosen
-and rejected responses with their margin and the share of pairs it orders right (accuracy).
+and rejected responses with their margin and the share of pairs it orders right (accuracy; an exact tie counts 1/2).
 
 Read top to bottom: the config; comparisons -> pairs (ties skipped, a k-way comparison expanded to best-vs-each);
 pairs -> tensors; `dpo_loss`; `pair_logprobs`; then `train()`, the plumbing: a held-out split by prompt, AdamW with
@@ -44,8 +44,10 @@ from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, w
 from .forwards import policy_forward
 from .generation import encode_prompts, fit_positions, text_ids
 from .metrics import DPO_METRIC_NAMES, MetricsLogger
-from .models import add_lora, count_parameters, load_policy, make_optimizer, make_reference, merged_copy, stop_token_ids
+from .models import (add_lora, count_parameters, load_policy, make_optimizer, make_reference, merged_copy,
+                     position_limit, stop_token_ids)  # fmt: skip
 from .ppo_trainer import keep_saved_precision
+from .reward_model import choice_credit
 
 
 @dataclass
@@ -144,7 +146,10 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], config: DPOConfig, model: nn.
 
     Returns queries (2n, Tq) left-padded and query_mask; responses (2n, Tr) right-padded and response_mask (bool,
     True on the response's tokens and its end-of-turn token). A response is its tokens and the tokenizer's first
-    stop token, as the sampler would end it, cut to max_response_length.
+    stop token, as the sampler would end it, cut to max_response_length. Where prompt + response would pass the
+    model's positions, a prompt keeps its last (positions - max_response_length) tokens: a rule of the pair alone,
+    never of its batch mates' lengths, so a pair's reference log-probs, cached the first time a batch holds it
+    (`DPO.ref_logprobs`), are those of every later batch.
     """
     stop = stop_token_ids(tokenizer)[-1:]  # <|im_end|> for SmolLM2 (the largest id of EOS and end-of-turn)
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -153,7 +158,7 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], config: DPOConfig, model: nn.
     responses, response_mask = pad_sequences([torch.tensor(x, dtype=torch.long) for x in ids], tokenizer.pad_token_id)
     prompts = [p.prompt for p in pairs] * 2
     queries, query_mask = encode_prompts(tokenizer, prompts, config.max_prompt_length, config.chat_template)
-    queries, query_mask = fit_positions(model, queries, query_mask, responses.shape[1])
+    queries, query_mask = fit_positions(model, queries, query_mask, config.max_response_length)
     return queries, query_mask, responses, response_mask
 
 
@@ -177,6 +182,17 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
         stats = {"chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
                  "margin": chosen_reward - rejected_reward}  # fmt: skip
     return losses, stats
+
+
+def pair_credit(margin: torch.Tensor) -> torch.Tensor:
+    """Each pair's share of `accuracy`: 1 where the chosen response's implicit reward is the higher (margin > 0),
+    1/2 on an exact tie (margin 0: every pair while the policy equals the reference), 0 otherwise. The one tie rule
+    of every accuracy in wprlhf (`reward_model.choice_credit`, with the rejected response's reward as 0).
+
+    margin (n,) -> (n,) float32, no grad.
+    """
+    rewards = torch.stack([margin.detach(), torch.zeros_like(margin.detach())], dim=1)  # (n, 2): chosen, rejected
+    return choice_credit(rewards, torch.zeros(len(margin), dtype=torch.long))
 
 
 def pair_logprobs(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +228,10 @@ class DPO:
         self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.policy = policy.to(self.device)
+        limit = position_limit(self.policy)
+        if limit is not None and config.max_response_length >= limit:
+            raise UserError(f"max_response_length {config.max_response_length} leaves no room for a prompt in the "
+                            f"model's {limit} positions; set --max-response-length to at most {limit - 1}")  # fmt: skip
         # Under bf16/fp16 autocast the reference's matmul weights are stored in that dtype: the same log-probs, less
         # memory. (DeepSpeed runs no autocast: it casts the models themselves; the reference stays a plain copy.)
         matmul_dtype = autocast_dtype(config.mixed_precision) if self.accelerator.native_amp else None
@@ -279,14 +299,14 @@ def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
 
 
 def evaluate(dpo: DPO, pairs: Sequence[Pair], batch_size: int) -> dict[str, float]:
-    """Mean loss, accuracy (chosen reward > rejected) and margin on held-out pairs, no grad."""
+    """Mean loss, accuracy (chosen reward > rejected, a tie 1/2: `pair_credit`) and margin on held-out pairs."""
     totals = {"val_loss": 0.0, "val_accuracy": 0.0, "val_margin": 0.0}
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             losses, stats = dpo.batch_loss(pairs[start : start + batch_size],
                                            [("val", i) for i in range(start, min(start + batch_size, len(pairs)))])
             totals["val_loss"] += float(losses.sum())
-            totals["val_accuracy"] += float((stats["margin"] > 0).float().sum())
+            totals["val_accuracy"] += float(pair_credit(stats["margin"]).sum())
             totals["val_margin"] += float(stats["margin"].sum())
     return {k: v / len(pairs) for k, v in totals.items()}
 
@@ -380,7 +400,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
                 # The loss of the whole step's pairs is their mean: each micro-batch adds its share of the sum.
                 acc.backward(losses.sum() / len(rows) * world)
             sums["loss"] += float(losses.detach().sum())
-            sums["accuracy"] += float((stats["margin"] > 0).float().sum())
+            sums["accuracy"] += float(pair_credit(stats["margin"]).sum())
             for k in ("chosen_reward", "rejected_reward", "margin"):
                 sums[k] += float(stats[k].sum())
         sums = {k: v / len(rows) for k, v in reduce_sum(acc, sums).items()}

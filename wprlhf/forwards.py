@@ -6,6 +6,8 @@ so padding never moves a token (learned absolute positions, GPT-2, as well as Ro
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -20,6 +22,15 @@ def model_inputs(queries, query_mask, responses, response_mask):
     return input_ids, attention_mask.long(), position_ids_from_mask(attention_mask)
 
 
+def sampling_floor(min_new_tokens: int, stop_at_eos: bool, stop_token_ids: Sequence[int]) -> dict:
+    """policy_forward's keyword arguments that score responses under the distribution the sampler drew from when it
+    forbade stop tokens before min_new_tokens (`GenerationConfig.min_new_tokens`, PPO's min_response_length); {} when
+    it forbade none (min_new_tokens 0, fixed-length mode, no stop token), which leaves the log-probs as they were."""
+    if min_new_tokens <= 0 or not stop_at_eos or not stop_token_ids:
+        return {}
+    return {"stop_token_ids": tuple(stop_token_ids), "min_new_tokens": int(min_new_tokens)}
+
+
 def policy_forward(
     policy: nn.Module,
     queries: torch.Tensor,
@@ -29,13 +40,18 @@ def policy_forward(
     temperature: float,
     value_head: ValueHead | None = None,
     with_entropy: bool = False,
+    stop_token_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs of the responses under `policy`, the shared value head's values, and optionally entropy.
 
     queries (B, Tq) left-padded, query_mask (B, Tq) bool; responses (B, Tr), response_mask (B, Tr) bool.
     Returns logprobs (B, Tr), values (B, Tr) or None (no value_head), entropy (B, Tr) or None.
     Position t of each output belongs to response token t: it is read from the state just before that token.
+    stop_token_ids, min_new_tokens (`sampling_floor`): log-probs under the distribution sampled from, stop tokens
+    masked while t < min_new_tokens (`core.logprobs_and_entropy`).
     """
+    floor = {"stop_token_ids": stop_token_ids, "min_new_tokens": min_new_tokens}
     Tr = responses.shape[1]
     input_ids, attention_mask, position_ids = model_inputs(queries, query_mask, responses, response_mask)
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -46,11 +62,11 @@ def policy_forward(
         # the V-wide logits ((h/T)W = (hW)/T): two fewer passes over a (B, Tr, 49k) tensor, forward and backward.
         hidden = backbone(**inputs).last_hidden_state[:, -Tr - 1 : -1]  # (B, Tr, H)
         logits = head(hidden / temperature if temperature != 1.0 else hidden)  # (B, Tr, V)
-        logprobs, entropy = logprobs_and_entropy(logits, responses, 1.0, with_entropy)
+        logprobs, entropy = logprobs_and_entropy(logits, responses, 1.0, with_entropy, **floor)
     else:
         out = policy(**inputs, logits_to_keep=Tr + 1, output_hidden_states=value_head is not None)
         hidden = out.hidden_states[-1][:, -Tr - 1 : -1] if value_head is not None else None
-        logprobs, entropy = logprobs_and_entropy(out.logits[:, :-1], responses, temperature, with_entropy)
+        logprobs, entropy = logprobs_and_entropy(out.logits[:, :-1], responses, temperature, with_entropy, **floor)
     values = None if value_head is None else value_head(hidden).float()
     return logprobs, values, entropy
 

@@ -95,7 +95,9 @@ class Generation:
     responses (B, Tr) int64: sampled tokens, pad after a row ends;
     response_mask (B, Tr) bool: True up to and including the stop token;
     logprobs (B, Tr) float32: log-prob of each sampled token under softmax(logits / temperature) over the full
-      vocabulary (what PPO's training forward computes; top-k/top-p truncation is not reflected), 0 on pads;
+      vocabulary (what PPO's training forward computes; top-k/top-p truncation is not reflected), 0 on pads.
+      Under min_new_tokens they are not those of the distribution sampled from (stop tokens masked): PPO and
+      `evaluation.sample_with_kl` then recompute them with `forwards.sampling_floor`;
     finished (B,) bool: the row ended with a stop token or stop string (False = cut at max_new_tokens).
     """
 
@@ -370,7 +372,7 @@ def sample(
             raise UserError(f"the policy's next-token distribution is not finite at step {t} (NaN logits, or "
                             f"logits / temperature overflowing at temperature {config.temperature}); use --greedy "
                             "for the most likely token, a temperature of 0.1 or more, or check the model's weights")  # fmt: skip
-        allowed = logits  # what we choose from; log-probs stay those of the full distribution (PPO's forward)
+        allowed = logits  # what we choose from; log-probs stay those of the full distribution (see Generation)
         if config.stop_at_eos and t < config.min_new_tokens:
             allowed = logits.clone()
             allowed[:, stops[stops >= 0]] = -math.inf

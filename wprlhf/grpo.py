@@ -12,6 +12,10 @@ with the k3 estimator (Shao et al. 2024, eq. 3 and 4), each response's tokens av
     L = 1/G sum_i 1/|o_i| sum_t [ -min(ratio_it A_i, clip(ratio_it, 1 +- cliprange) A_i) + kl_coef * k3_it ],
     k3_it = ref(o_it) / pi(o_it) - log(ref(o_it) / pi(o_it)) - 1.
 
+On samples of pi, k3 = r - 1 - log r with r = ref / pi estimates KL(pi || ref) without bias (Schulman 2020); as a
+loss, differentiated through pi(o_it), its expected gradient is sum_o (pi - ref) grad log pi = grad KL(ref || pi),
+which also vanishes only at pi = ref: a pull back to the reference. (As a reward, as PPO's and RLOO's penalty would
+use it, k3's score-function gradient is grad KL(pi || ref) - grad KL(ref || pi), with no pull back: they refuse it.)
 The 1/|o_i| weighs a short response's tokens more (Liu et al. 2025 call it a length bias); with fixed-length
 responses (min_response_length = response_length) it is a constant. The settings are `GRPOConfig`; the run loop,
 checkpoints and processes are `ppo_trainer`'s, shared with PPO and RLOO.
@@ -80,6 +84,8 @@ def grpo_loss(new_logprobs: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: 
 
     new_logprobs (B, T) with grad; logprobs (B, T), the rollout policy's; ref_logprobs (B, T), the reference's;
     advantages (B,); mask (B, T) bool. Returns loss and stats (policy_loss's, and kl_term: the mean k3 per token).
+    The k3 term's value estimates KL(pi || ref) (k3 = r - 1 - log r, r = ref / pi, on samples of pi); its gradient
+    through new_logprobs is, in expectation, grad KL(ref || pi): both vanish only at pi = ref.
     """
     n_responses = mask.shape[0] if n_responses is None else n_responses
     weights = 1.0 / mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1): 1/|o_i|

@@ -37,7 +37,7 @@ from .data import prompt_key
 from .errors import UserError, check_numbers
 from .evaluation import distinct_n, repetition_rate, scored_win_rate
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
-from .forwards import model_inputs
+from .forwards import policy_forward, sampling_floor
 from .generation import encode_prompts, fit_positions
 from .labelers import story_verdict
 from .models import stop_token_ids
@@ -89,36 +89,32 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], temperature: float,
-                      batch_size: int = 16, chat_template: bool = True, min_response_length: int = 0,
-                      progress: bool = True) -> np.ndarray:  # fmt: skip
+def response_logprobs(model, tokenizer, prompts: list[str], responses: Sequence[str] | Sequence[Sequence[int]],
+                      temperature: float, batch_size: int = 16, chat_template: bool = True,
+                      min_response_length: int = 0, progress: bool = True) -> np.ndarray:  # fmt: skip
     """Sum over each response's tokens of log p(token | prompt, earlier tokens) at `temperature` -> (N,) nats.
 
     min_response_length: the sampler forbade end-of-turn before this many tokens, so those positions are scored
-    under the distribution it sampled from (stop tokens masked, the rest renormalised); the difference of two
-    models' sums is then the KL estimate k1 of what each would sample. Responses are text, so they are tokenized
-    again; text the same tokenizer wrote gives back its tokens except at rare merges.
+    under the distribution it sampled from (stop tokens masked, the rest renormalised: `forwards.sampling_floor`, as
+    PPO and `evaluation.sample_with_kl` score them); the difference of two models' sums is then the KL estimate k1
+    of what each would sample. responses: the sampled token ids (`evaluation.sample_responses`: a response that
+    stopped ends with its stop token, whose term the KL needs), or text, tokenized again: text has lost the stop
+    token, and the same tokenizer gives back its other tokens except at rare merges.
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    stops = torch.tensor(stop_token_ids(tokenizer), device=device)
+    floor = sampling_floor(min_response_length, True, stop_token_ids(tokenizer))
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="log-probs", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
-        ids = [torch.tensor(tokenizer(r, add_special_tokens=False)["input_ids"] or [tokenizer.pad_token_id])
-               for r in responses[chunk]]  # fmt: skip
+        ids = [torch.tensor((tokenizer(r, add_special_tokens=False)["input_ids"] if isinstance(r, str) else list(r))
+                            or [tokenizer.pad_token_id], dtype=torch.long) for r in responses[chunk]]  # fmt: skip
         tokens, response_mask = (x.to(device) for x in pad_sequences(ids, tokenizer.pad_token_id, side="right"))
         queries, query_mask = encode_prompts(tokenizer, prompts[chunk], None, chat_template)
         queries, query_mask = fit_positions(model, queries, query_mask, tokens.shape[1])
-        input_ids, attention_mask, position_ids = model_inputs(queries.to(device), query_mask.to(device), tokens,
-                                                               response_mask)  # fmt: skip
-        Tr = tokens.shape[1]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=Tr + 1).logits[:, :-1].float() / temperature  # (B, Tr, V)
-        if min_response_length:
-            logits[:, :min_response_length, stops] = -torch.inf
-        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, Tr)
+        logprobs = policy_forward(model, queries.to(device), query_mask.to(device), tokens, response_mask, temperature,
+                                  **floor)[0]  # (B, Tr)
         out += masked_sum(logprobs, response_mask, dim=1).tolist()
     return np.asarray(out)
 
@@ -352,9 +348,11 @@ def read_side(spec: str) -> dict[str, str]:
 
 
 def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
-    """(responses, (model, tokenizer)) of a model sampled on the prompts."""
+    """(responses, (model, tokenizer), ids) of a model sampled on the prompts: ids, each response's sampled tokens
+    with its stop token where it stopped, are what its KL is measured on (`response_logprobs`)."""
     from .distributed import resolve_device
-    from .generation import generate, generation_config
+    from .evaluation import sample_responses
+    from .generation import generation_config
     from .models import load_policy
 
     model, tokenizer = load_policy(spec, seed=config.seed)
@@ -362,8 +360,9 @@ def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
     gen.greedy = config.greedy
-    return generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True), (
-        model, tokenizer)
+    texts, ids = sample_responses(model, tokenizer, prompts, gen, seed=config.seed, batch_size=config.batch_size,
+                                  progress=True)  # fmt: skip
+    return texts, (model, tokenizer), ids
 
 
 def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
@@ -394,7 +393,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
              "against": config.instruction if config.against_instruction is None else config.against_instruction}
     queries = {side: [instruction_head(head) + p for p in prompts] for side, head in heads.items()}
     specs = {"policy": config.policy, "against": config.against}
-    texts, models = {}, {}
+    texts, models, ids = {}, {}, {}
     for side, spec in specs.items():
         if spec in files:
             missing = [p for p in prompts if p not in files[spec]]
@@ -403,7 +402,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
                                 f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
             texts[side] = [files[spec][p] for p in prompts]
         else:
-            texts[side], models[side] = _sample_side(spec, queries[side], config)
+            texts[side], models[side], ids[side] = _sample_side(spec, queries[side], config)
     new, old = texts["policy"], texts["against"]
     kls = {}
     reference = config.reference or (config.against if "against" in models else "")
@@ -414,7 +413,8 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
         else:
             ref_model = load_policy(reference)[0]
         ref_model.to(next(model.parameters()).device)
-        lp = [response_logprobs(m, tokenizer, q, new, config.temperature, config.batch_size,
+        # The sampled ids, not the text: a response that stopped keeps its stop token's term.
+        lp = [response_logprobs(m, tokenizer, q, ids["policy"], config.temperature, config.batch_size,
                                 min_response_length=config.min_response_length)
               for m, q in ((model, queries["policy"]), (ref_model, queries["against"]))]  # fmt: skip
         kls["policy"] = (lp[0] - lp[1]).tolist()

@@ -65,7 +65,8 @@ class PPOConfig:
     response_length: int = 64
     """Maximum response tokens."""
     min_response_length: int = 0
-    """Stop tokens are forbidden before this many tokens."""
+    """Stop tokens are forbidden before this many tokens. Log-probs (ratios, the KL penalty, the logged `kl`) are then
+    those of the distribution sampled from, stop tokens masked and the rest renormalised, so `kl` stays a KL."""
     temperature: float = 0.7
     """Sampling temperature; log-probs in the loss use the same one. At least MIN_TEMPERATURE (0.05)."""
     top_k: int = 0
@@ -123,7 +124,11 @@ class PPOConfig:
     kl_horizon: int = 512
     """Episodes over which kl_coef moves by up to a factor e^0.2; small enough to move within a short CPU run."""
     kl_estimator: str = "k1"
-    """Per-token KL in the penalty: 'k1' (log p - log q, the paper's) or 'k3' (non-negative)."""
+    """Per-token KL in the reward's penalty: 'k1' (log pi - log ref, Ziegler et al.'s), the only one accepted. 'k3'
+    (r - 1 - log r, r = ref / pi) is refused: a reward's gradient is the score function's, and that of E_pi[k3] is
+    grad KL(pi||ref) - grad KL(ref||pi), which has no pull back to the reference (a one-token bandit with score 0
+    collapses onto one token under k3 and returns to the reference under k1). k3 is logged as `kl_k3` either way;
+    GRPO uses it as a loss term, where its gradient does pull back (grpo.py)."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance over the batch (keeping their mean)."""
     score_norm: str = "none"
@@ -206,6 +211,10 @@ class PPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.kl_estimator == "k3":
+            raise UserError("kl_estimator 'k3' cannot be the KL penalty in the reward: the score-function gradient of "
+                            "E[k3] is grad KL(pi||ref) - grad KL(ref||pi), with no pull back to the reference; use "
+                            "--kl-estimator k1 (the default; k3 is logged as kl_k3 either way)")  # fmt: skip
         if self.score_norm == "batch" and self.batch_size < 2:
             # The standard deviation of one score is undefined (NaN), and would reach every weight.
             raise UserError(f"score_norm 'batch' standardises scores over the batch and needs batch_size >= 2, got "

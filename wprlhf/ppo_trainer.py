@@ -34,7 +34,7 @@ from .distributed import (autocast_dtype, check_divisible, check_finite, device_
                           make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
 from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from .errors import UserError
-from .forwards import policy_forward, value_forward
+from .forwards import policy_forward, sampling_floor, value_forward
 from .generation import Generation, decode_responses, encode_prompts, fit_positions, prompt_room, sample
 from .metrics import MetricsLogger
 from .models import (
@@ -81,7 +81,9 @@ class Rollout:
     queries (B, Tq) left-padded, query_mask (B, Tq) bool; responses (B, Tr), response_mask (B, Tr) bool, True up
     to and including the stop token; logprobs (B, Tr): the rollout policy's log-probs of the sampled tokens;
     ref_logprobs (B, Tr): the frozen reference's; values (B, Tr): the value model's estimates; scores (B,): one
-    reward_fn score per response. Every (B, Tr) tensor is float32 and 0 on padding.
+    reward_fn score per response. Every (B, Tr) tensor is float32 and 0 on padding. With min_response_length > 0
+    both log-probs are those of the distribution sampled from (stop tokens masked while t < min_response_length,
+    `forwards.sampling_floor`), as are the training forward's: `kl` is then a KL of what was sampled.
     """
 
     queries: torch.Tensor
@@ -123,15 +125,19 @@ def check_scores(scores, n: int, source: str) -> torch.Tensor:
 
 class PolicyAndValue(nn.Module):
     """The trained networks as one module, so accelerate wraps them once (DDP, DeepSpeed) and one forward
-    gives what the loss needs. Same inputs as policy_forward -> logprobs, values (B, Tr), entropy or None."""
+    gives what the loss needs. Same inputs as policy_forward -> logprobs, values (B, Tr), entropy or None.
+    floor: policy_forward's `sampling_floor` keywords ({} without min_response_length)."""
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: ValueHead | None):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None, value_head: ValueHead | None,
+                 floor: dict | None = None):  # fmt: skip
         super().__init__()
         self.policy, self.value_model, self.value_head = policy, value_model, value_head
+        self.floor = floor or {}
 
     def forward(self, queries, query_mask, responses, response_mask, temperature: float, with_entropy: bool = False):
         batch = (queries, query_mask, responses, response_mask)
-        logprobs, values, entropy = policy_forward(self.policy, *batch, temperature, self.value_head, with_entropy)
+        logprobs, values, entropy = policy_forward(self.policy, *batch, temperature, self.value_head, with_entropy,
+                                                   **self.floor)  # fmt: skip
         if self.value_model is not None:
             values = value_forward(self.value_model, *batch)
         return logprobs, values, entropy
@@ -139,7 +145,9 @@ class PolicyAndValue(nn.Module):
 
 class Trainer:
     """Policy, frozen reference, value model (none with with_value=False), AdamW and the KL controller `kl_ctl`
-    (whatever the algorithm's module gives)."""
+    (whatever the algorithm's module gives). The policy and value model given are put in eval mode (dropout off,
+    as DPO and the CLI do): a policy in train mode would give other log-probs than its frozen copy, the reference,
+    and than itself in the next forward (KL of 0.1-0.2 nats at step 0, ratios off 1 on fixed tokens)."""
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None,
                  with_value: bool = True, learn: Callable | None = None):  # fmt: skip
@@ -156,7 +164,7 @@ class Trainer:
         self.device = device_of(self.accelerator)
         self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
         check_divisible(config.minibatch_size, "minibatch size (batch_size / num_minibatches)", self.accelerator)
-        self.policy = policy.to(self.device)
+        self.policy = policy.to(self.device).eval()
         prompt_room(self.policy, config.response_length)  # a UserError now, before any work, if nothing fits
         self.value_model, self.value_head = None, None
         if not with_value:  # RLOO, GRPO: a baseline from the other samples of a prompt instead of a value model
@@ -165,7 +173,7 @@ class Trainer:
             self.value_head = ValueHead(self.policy.config.hidden_size, seed=config.seed + 1).to(self.device)
             value_params = list(self.value_head.parameters())
         else:
-            self.value_model = (value_model or make_value_model(policy, seed=config.seed + 1)).to(self.device)
+            self.value_model = (value_model or make_value_model(policy, seed=config.seed + 1)).to(self.device).eval()
             value_params = list(self.value_model.parameters())
         # Under bf16/fp16 autocast the reference holds its matmul weights in that dtype: the numbers autocast would
         # compute with, in less memory and without a cast per forward. (DeepSpeed runs no autocast: it casts the
@@ -184,11 +192,14 @@ class Trainer:
         if value_params:
             groups.append({"params": value_params, "lr": config.value_lr or config.lr})
         optimizer = make_optimizer(config.optimizer, groups, config.adam_eps, config.weight_decay, self.device)
+        self.floor = sampling_floor(config.min_response_length, config.stop_at_eos, stop_token_ids(tokenizer))
+        """policy_forward's keywords for the distribution sampled from (`forwards.sampling_floor`): every log-prob of
+        a rollout, of the reference and of the update under min_response_length's masked stop tokens."""
         decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
         # Stepped once per PPO step on every process: not handed to accelerate, which would step it once per process.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
         self.model, self.optimizer = self.accelerator.prepare(
-            PolicyAndValue(self.policy, self.value_model, self.value_head), optimizer
+            PolicyAndValue(self.policy, self.value_model, self.value_head, self.floor), optimizer
         )
         # Each trained network's gradient is clipped on its own (as OpenRLHF's actor and critic): clipped together,
         # a separate value model's gradients, when the larger, would shrink the policy's step. A shared value head
@@ -254,8 +265,9 @@ class Trainer:
         samples.scores = self.score(samples, reward_fn)
         gen = samples.generation
         # The sampler's log-probs save a policy forward in fp32. Under bf16/fp16 its KV-cached steps round otherwise
-        # than a training forward would: recompute them there, so the first minibatch's ratio is exactly 1.
-        logprobs = gen.logprobs if self.config.mixed_precision == "no" else None
+        # than a training forward would: recompute them there, so the first minibatch's ratio is exactly 1. Under
+        # min_response_length they are over the full vocabulary, not the distribution sampled from: recomputed too.
+        logprobs = gen.logprobs if self.config.mixed_precision == "no" and not self.floor else None
         rollout = self.forward_rollout(samples.queries, samples.query_mask, gen.responses, gen.response_mask,
                                        samples.scores, logprobs)  # fmt: skip
         return rollout, samples
@@ -265,7 +277,8 @@ class Trainer:
         process's shard of it under `accelerate launch`).
 
         queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool;
-        scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here);
+        scores (b,) float; logprobs (b, Tr): the rollout policy's log-probs (None = computed here; with
+        min_response_length > 0 always computed here, under the distribution sampled from);
         b = batch_size / processes. RLOO and GRPO: a prompt's k responses sit side by side, and the processes'
         shards in rank order make the global batch. Returns a dict of float stats over the global batch.
         """
@@ -280,24 +293,26 @@ class Trainer:
         batch = (queries, query_mask, responses, response_mask)
         with self.accelerator.autocast():
             if self.reference is not None:
-                return policy_forward(self.reference, *batch, self.config.temperature)[0]
+                return policy_forward(self.reference, *batch, self.config.temperature, **self.floor)[0]
             with self.policy.disable_adapter():
-                return policy_forward(self.policy, *batch, self.config.temperature)[0]
+                return policy_forward(self.policy, *batch, self.config.temperature, **self.floor)[0]
 
     def forward_rollout(self, queries, query_mask, responses, response_mask, scores, logprobs=None) -> Rollout:
         """This process's episodes -> the global Rollout: no-grad forwards for the reference's log-probs and the
         values (and the policy's log-probs when the sampler's are not given), then every process's shard gathered.
 
         queries (b, Tq) left-padded, query_mask (b, Tq); responses (b, Tr), response_mask (b, Tr) bool; scores (b,)
-        float, already checked (`check_scores`); logprobs (b, Tr) or None; b = batch_size / processes. UserError for a
-        batch of the wrong size or content.
+        float, already checked (`check_scores`); logprobs (b, Tr) or None (with a floor, `self.floor`, they are
+        recomputed: a sampler's are over the full vocabulary); b = batch_size / processes. UserError for a batch of the
+        wrong size or content.
         """
         self.check_episodes(queries, responses, response_mask)
         batch = (queries, query_mask, responses, response_mask)
         with torch.no_grad(), self.accelerator.autocast():
-            if logprobs is None or self.value_head is not None:
-                policy_logprobs, values, _ = policy_forward(self.policy, *batch, self.config.temperature, self.value_head)
-            if logprobs is None:
+            if logprobs is None or self.value_head is not None or self.floor:
+                policy_logprobs, values, _ = policy_forward(self.policy, *batch, self.config.temperature,
+                                                            self.value_head, **self.floor)  # fmt: skip
+            if logprobs is None or self.floor:
                 logprobs = policy_logprobs
             else:  # sampling already gave them: no second policy forward
                 logprobs = torch.where(response_mask, logprobs, 0.0)
@@ -421,7 +436,8 @@ class Trainer:
             new_logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=with_entropy)
         elif policy_objective is not None:
             with acc.autocast():
-                new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy)
+                new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy,
+                                                          **self.floor)  # fmt: skip
         else:
             with acc.autocast():
                 values = value_forward(self.value_model, *batch)
@@ -572,7 +588,8 @@ def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
 def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float) -> dict[str, float]:
     """Metrics of a rollout every method logs (names in metrics.py): scores as reward_fn gave them, KL to the
     reference per response (k1 and k3), the step's kl_coef, the rlhf reward (`finish_step`'s), response length,
-    learning rate."""
+    learning rate. `kl` is k1 summed over a response's tokens under the distribution sampled from (`Rollout`), the
+    KL that `evaluation.sample_with_kl` and `wprlhf eval` report under that name."""
     mask, B = rollout.response_mask, len(rollout)
     return {
         "score_mean": float(rollout.scores.mean()),

@@ -526,19 +526,28 @@ def _random_windows(comparisons: list[Comparison], n: int, rng: random.Random) -
 
 
 def fold_normalization(model: nn.Module, mean: float, std: float) -> None:
-    """Rescale the head so that its outputs become (r - mean) / std; a bias-free head keeps the shift in
-    config.reward_offset (applied by wprlhf's `score`)."""
+    """Rescale the head so that its rewards r (what `score` gives now) become (r - mean) / std; a bias-free head
+    keeps the shift in config.reward_offset (applied by wprlhf's `score`).
+
+    A model normalised before (a reward_offset already set) is normalised again from its current rewards: with
+    r = h - o (h the head's output, o the old offset), (r - mean) / std = h / std - (o + mean) / std, so the new
+    offset keeps the old one (overwriting it left the scores off-centre by o / std). config.reward_normalization
+    stays the map from the head's first, raw outputs to the rewards: (raw - mean) / std, composed over the folds.
+    """
     head = getattr(model, "classifier", None) or model.score
     if isinstance(head, nn.Sequential) or not isinstance(head, nn.Linear):  # e.g. RoBERTa's two-layer head
         head = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    shift = mean + getattr(model.config, "reward_offset", 0.0)  # in the head's current output units
     with torch.no_grad():
         head.weight.div_(std)
         if head.bias is not None:
-            head.bias.sub_(mean).div_(std)
+            head.bias.sub_(shift).div_(std)
             model.config.reward_offset = 0.0
         else:
-            model.config.reward_offset = mean / std
-    model.config.reward_normalization = {"mean": mean, "std": std}
+            model.config.reward_offset = shift / std
+    before = getattr(model.config, "reward_normalization", None) or {"mean": 0.0, "std": 1.0}
+    # raw -> (raw - M) / S -> ((raw - M) / S - mean) / std = (raw - (M + mean * S)) / (S * std)
+    model.config.reward_normalization = {"mean": before["mean"] + mean * before["std"], "std": before["std"] * std}
 
 
 def resolve_comparisons(source: str, keep_meta: bool) -> list[Comparison]:
