@@ -117,9 +117,9 @@ def learned(what: str, measured: float, bar: float, *, upper: bool = False) -> N
     row = {"test": test, "what": what, "measured": measured, "bar": bar, "upper": upper, "margin": margin,
            "seed_offset": SEED_OFFSET}  # fmt: skip
     LEARNED.append(row)
-    if os.environ.get("WPRLHF_MARGIN_LOG"):
+    if os.environ.get("WPRLHF_MARGIN_LOG"):  # strict JSON: an infinite margin (a bar of 0 cleared) is written null
         with open(os.environ["WPRLHF_MARGIN_LOG"], "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "margin": margin if math.isfinite(margin) else None}, allow_nan=False) + "\n")
     sign = "<" if upper else ">"
     assert ok, f"{what}: measured {measured:.4g}, bar {sign} {bar:.4g} (margin {margin:.2f})"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -49,6 +50,7 @@ def table(rows: list[dict], kernels: list[str], offsets: list[int], min_margin: 
     """Markdown: one line per (test, bar), its worst margin per kernel set and the offset where it was worst."""
     bars: dict[tuple[str, str], dict] = {}
     for row in rows:
+        row["margin"] = math.inf if row["margin"] is None else row["margin"]  # null: a bar of 0 cleared
         key = (row["test"], row["what"])
         entry = bars.setdefault(key, {"bar": row["bar"], "upper": row["upper"], "worst": {}})
         worst = entry["worst"].get(row["kernel"])

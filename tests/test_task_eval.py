@@ -128,7 +128,7 @@ def test_task_eval_positive_reviews_writes_beside_the_run(run_dir, capsys):
     assert result["openings_source"] == str(run_dir / "reviews" / "imdb_test.csv")
     assert all(s["opening"].startswith("Test review") for s in result["samples"])
     assert result["generation"] == {"response_length": 6, "min_response_length": 2, "temperature": 0.7,
-                                    "chat_template": False}  # fmt: skip
+                                    "greedy": False, "chat_template": False}  # fmt: skip
     for key in ("reward", "positive_prob", "vader"):
         assert_paired(result[key])
     assert all(0 <= result["positive_prob"][side]["mean"] <= 1 for side in ("start", "trained"))

@@ -698,14 +698,17 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
-    sides = {"start": generate(start, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 30_000, progress=True)}
+    cut: dict[str, list[bool]] = {}  # per sampled side: which responses ended with a stop token (truncated_share)
+    sides = {"start": generate(start, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 30_000, progress=True,
+                               finished=cut.setdefault("start", []))}  # fmt: skip
     rl_start = state_sft_policy(state) if config.sft else None
     base = "sft" if config.sft else "start"
     sft = None
     if config.sft:
         sft, _ = load_policy(rl_start)
         sft.to(device)
-        sides["sft"] = generate(sft, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 50_000, progress=True)
+        sides["sft"] = generate(sft, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 50_000, progress=True,
+                                finished=cut.setdefault("sft", []))  # fmt: skip
     for n in config.best_of_ns:
         sides[f"best-of-{n}"] = pool.best(n)[0]
     rl = {}  # the RL policies: 'dpo', 'ppo'
@@ -714,7 +717,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
             rl[name], _ = load_policy(str(out_dir / name / "policy"))
             rl[name].to(device)
             sides[name] = generate(rl[name], tokenizer, queries, gen, batch_size=bs, seed=config.seed + 40_000,
-                                   progress=True)  # fmt: skip
+                                   progress=True, finished=cut.setdefault(name, []))  # fmt: skip
 
     # KL to the start policy (nats per response): k1 on the sampled text, log pi(y) - log start(y), both with
     # end-of-turn forbidden where the sampler forbade it.
@@ -752,6 +755,9 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         (report["human"] if name == "human" else report["sides"][name])["reward"] = mean_ci(scores, prompts)
     for name, values in kl_to_sft.items():
         report["sides"][name]["kl_to_sft"] = mean_ci(values, prompts)
+    if not gen.fixed_length:  # the share of each sampled side's responses cut at response_length with no stop
+        for name, done in cut.items():
+            report["sides"][name]["truncated_share"] = mean_ci([0.0 if d else 1.0 for d in done], prompts)
     report["judge_heldout"] = json.loads((Path(state["judge_dir"]) / "eval-heldout.json").read_text())
     report["rm_heldout"] = json.loads((Path(state["rm_dir"]) / "eval-heldout.json").read_text())
     report["split"] = json.loads((out_dir / "split" / "split.json").read_text())
