@@ -451,6 +451,7 @@ def generate(
     progress: bool = False,
     num_samples: int = 1,
     finished: list[bool] | None = None,
+    ids: list[list[int]] | None = None,
 ) -> list[str]:
     """Text in, text out: sample num_samples responses per prompt, in batches of at most batch_size responses
     (batch_size // num_samples prompts; where num_samples > batch_size, a prompt's copies batch_size at a time).
@@ -459,7 +460,8 @@ def generate(
 
     Prompts keep their last max_prompt_length tokens, and fewer where prompt + response would exceed the model's
     positions (`fit_positions`). A list passed as `finished` receives, per response, whether it ended with a stop
-    token (False: cut at max_new_tokens)."""
+    token (False: cut at max_new_tokens); one passed as `ids`, its sampled token ids, the stop token included (the
+    text drops it, and a KL needs its term)."""
     from tqdm.auto import tqdm
 
     prompt_room(model, config.max_new_tokens)  # a response too long for the model fails before any sampling
@@ -479,6 +481,8 @@ def generate(
         texts.extend(decode_responses(tokenizer, gen.responses, gen.response_mask))
         if finished is not None:
             finished.extend(gen.finished.tolist())
+        if ids is not None:
+            ids.extend(row[mask].tolist() for row, mask in zip(gen.responses, gen.response_mask))
     return texts
 
 

@@ -38,7 +38,7 @@ from .errors import UserError, check_numbers
 from .evaluation import distinct_n, repetition_rate, scored_win_rate
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .forwards import policy_forward, sampling_floor
-from .generation import encode_prompts, fit_positions
+from .generation import encode_prompts, fit_positions, text_ids
 from .labelers import story_verdict
 from .models import stop_token_ids
 from .signatures import RewardFn
@@ -108,8 +108,8 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: Sequence[
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="log-probs", unit="batch", disable=not progress):
         chunk = slice(start, start + batch_size)
-        ids = [torch.tensor((tokenizer(r, add_special_tokens=False)["input_ids"] if isinstance(r, str) else list(r))
-                            or [tokenizer.pad_token_id], dtype=torch.long) for r in responses[chunk]]  # fmt: skip
+        ids = [torch.tensor((text_ids(tokenizer, [r])[0] if isinstance(r, str) else list(r)) or [tokenizer.pad_token_id],
+                            dtype=torch.long) for r in responses[chunk]]  # fmt: skip
         tokens, response_mask = (x.to(device) for x in pad_sequences(ids, tokenizer.pad_token_id, side="right"))
         queries, query_mask = encode_prompts(tokenizer, prompts[chunk], None, chat_template)
         queries, query_mask = fit_positions(model, queries, query_mask, tokens.shape[1])

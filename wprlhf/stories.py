@@ -693,22 +693,27 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
 
     queries = [query(config, p) for p in prompts]  # what the policies read; the judges read `prompts`
 
-    def logprobs(model, texts):
-        return response_logprobs(model, tokenizer, queries, texts, T, bs, min_response_length=min_len)
+    def logprobs(model, side):  # a sampled side by its token ids (its stop tokens' terms kept); best-of-n by its text
+        responses = sampled.get(side) or sides[side]
+        return response_logprobs(model, tokenizer, queries, responses, T, bs, min_response_length=min_len)
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
     cut: dict[str, list[bool]] = {}  # per sampled side: which responses ended with a stop token (truncated_share)
-    sides = {"start": generate(start, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 30_000, progress=True,
-                               finished=cut.setdefault("start", []))}  # fmt: skip
+    sampled: dict[str, list[list[int]]] = {}  # per sampled side: its token ids, stop included (the KL's last term)
+
+    def draw(model, name, seed):
+        return generate(model, tokenizer, queries, gen, batch_size=bs, seed=seed, progress=True,
+                        finished=cut.setdefault(name, []), ids=sampled.setdefault(name, []))  # fmt: skip
+
+    sides = {"start": draw(start, "start", config.seed + 30_000)}
     rl_start = state_sft_policy(state) if config.sft else None
     base = "sft" if config.sft else "start"
     sft = None
     if config.sft:
         sft, _ = load_policy(rl_start)
         sft.to(device)
-        sides["sft"] = generate(sft, tokenizer, queries, gen, batch_size=bs, seed=config.seed + 50_000, progress=True,
-                                finished=cut.setdefault("sft", []))  # fmt: skip
+        sides["sft"] = draw(sft, "sft", config.seed + 50_000)
     for n in config.best_of_ns:
         sides[f"best-of-{n}"] = pool.best(n)[0]
     rl = {}  # the RL policies: 'dpo', 'ppo'
@@ -716,17 +721,16 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         if (out_dir / name / "policy").exists():
             rl[name], _ = load_policy(str(out_dir / name / "policy"))
             rl[name].to(device)
-            sides[name] = generate(rl[name], tokenizer, queries, gen, batch_size=bs, seed=config.seed + 40_000,
-                                   progress=True, finished=cut.setdefault(name, []))  # fmt: skip
+            sides[name] = draw(rl[name], name, config.seed + 40_000)
 
     # KL to the start policy (nats per response): k1 on the sampled text, log pi(y) - log start(y), both with
     # end-of-turn forbidden where the sampler forbade it.
     print("eval: KL of every side to the start policy", flush=True)
     # Without SFT a best-of-n side is the start policy's own samples: its KL is the closed form, nothing to measure.
     measured_sides = [name for name in sides if name != "start" and (sft is not None or name in rl)]
-    start_lp = {name: logprobs(start, sides[name]) for name in measured_sides}
+    start_lp = {name: logprobs(start, name) for name in measured_sides}
     kls, kl_to_sft = {"start": [0.0] * len(prompts)}, {}
-    rl_lp = {name: logprobs(sft, sides[name]) for name in sides if name != "start"} if sft is not None else {}
+    rl_lp = {name: logprobs(sft, name) for name in sides if name != "start"} if sft is not None else {}
     if sft is not None:
         kls["sft"] = (rl_lp["sft"] - start_lp["sft"]).tolist()
     for n in config.best_of_ns:
@@ -736,7 +740,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         measured = rl_lp[name] - start_lp[name] if sft is not None else np.zeros(len(prompts))
         kls[name] = (measured + kl_bound(n)).tolist()
     for name, model in rl.items():
-        own = logprobs(model, sides[name])
+        own = logprobs(model, name)
         kls[name] = (own - start_lp[name]).tolist()
         if sft is not None:
             kl_to_sft[name] = (own - rl_lp[name]).tolist()
