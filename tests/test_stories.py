@@ -246,6 +246,9 @@ def test_blind_pairs_through_the_page_give_the_hand_counted_win_rate(tmp_path, c
                  str(report)]) == 0  # fmt: skip
     written = json.loads(report.read_text())
     assert written["blind_queued"] == 8 and "judge" in written["sides"]["policy"] and written["sides"]["policy"]["kl"]
+    for side in ("policy", "against"):  # lengths vary (min 1 of 10): the share cut at the cap, with its CI
+        share = written["sides"][side]["truncated_share"]
+        assert 0 <= share["lo"] <= share["mean"] <= share["hi"] <= 1, share
     texts = {json.loads(line)["prompt"]: json.loads(line) for line in _lines(tmp_path / "eval-pairs.jsonl")}
 
     # Two people label through the HTTP API: ann picks the longer response (a tie when equal); bob agrees except on

@@ -421,6 +421,11 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
     report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
     report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference,
                   instruction=heads["policy"], against_instruction=heads["against"])
+    if config.min_response_length < config.response_length:  # not fixed-length: how many ran into the cap unfinished
+        for side, sampled in ids.items():
+            stops = set(stop_token_ids(models[side][1]))
+            cut = [0.0 if row and row[-1] in stops else 1.0 for row in sampled]
+            report["sides"][side]["truncated_share"] = mean_ci(cut, prompts)
     if blind_db:
         # One model under two instructions is two systems: the blind store must tell its sides apart.
         names = (config.policy, config.against) if config.policy != config.against else tuple(
