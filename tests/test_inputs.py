@@ -126,6 +126,12 @@ def test_cli_sample_writes_finished_per_response(tmp_path, capsys):
                         "--out", tmp_path / "s.jsonl")  # fmt: skip
     row = json.loads((tmp_path / "s.jsonl").read_text())
     assert code == 0 and len(row["finished"]) == 3 and f"{row['finished'].count(False)} of 3 cut" in err
+    # best-of-n pools carry it too, ranked with their responses; fixed-length pools leave it out
+    for extra, out in (([], "b.jsonl"), (["--min-new-tokens", 2], "fixed.jsonl")):
+        assert run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, "--best-of", 3, "--reward", "length",
+                       "--max-new-tokens", 2, *extra, "--out", tmp_path / out)[0] == 0  # fmt: skip
+    ranked, fixed = (json.loads((tmp_path / out).read_text()) for out in ("b.jsonl", "fixed.jsonl"))
+    assert len(ranked["finished"]) == 3 and "finished" not in fixed
 
 
 # ---------------------------------------------------------------------------------------------- environment

@@ -33,12 +33,24 @@ def kl_bound(n: int) -> float:
 class Pool:
     """n samples per prompt and their scores.
 
-    prompts (P,); responses (P, n) nested lists; scores (P, n) float64, from one reward_fn call over all P x n.
+    prompts (P,); responses (P, n) nested lists; scores (P, n) float64, from one reward_fn call over all P x n;
+    finished (P, n) nested bools, whether each response ended with a stop token (None: not known, or fixed-length
+    sampling, where every response reaches the cap by design).
     """
 
     prompts: list[str]
     responses: list[list[str]]
     scores: np.ndarray
+    finished: list[list[bool]] | None = None
+
+    def rows(self) -> list[dict]:
+        """One {"prompt", "responses", "scores"[, "finished"]} dict per prompt, in the pool's order (a pool file's
+        lines)."""
+        out = [{"prompt": p, "responses": rs, "scores": [float(x) for x in sc]}
+               for p, rs, sc in zip(self.prompts, self.responses, self.scores)]  # fmt: skip
+        for row, done in zip(out, self.finished or []):
+            row["finished"] = [bool(x) for x in done]
+        return out
 
     def best(self, m: int) -> tuple[list[str], list[float]]:
         """Best-of-m for m <= n: each prompt's highest-scoring response among its first m samples (the first one
@@ -61,9 +73,10 @@ def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: Reward
         raise UserError(f"--best-of must be >= 1, got {n}")
     if not prompts:
         raise UserError("best-of-n got no prompts; give --prompts a file with at least one prompt")
+    done: list[bool] = []
     with sampling_context or contextlib.nullcontext():
         responses = generate_k(policy, tokenizer, prompts, n, config, seed=seed, batch_size=batch_size,
-                               progress=progress, **kwargs)  # fmt: skip
+                               progress=progress, finished=done, **kwargs)  # fmt: skip
     flat = [r for rs in responses for r in rs]
     scores = np.asarray(reward_fn([p for p in prompts for _ in range(n)], flat), dtype=np.float64)
     if scores.shape != (len(flat),):
@@ -72,7 +85,8 @@ def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: Reward
     if not np.isfinite(scores).all():
         raise UserError(f"the reward gave {int((~np.isfinite(scores)).sum())} non-finite scores (NaN or inf) for "
                         f"{len(flat)} responses; best-of-n needs finite scores: check the reward")  # fmt: skip
-    return Pool(prompts, responses, scores.reshape(len(prompts), n))
+    finished = None if config.fixed_length else [done[i * n : (i + 1) * n] for i in range(len(prompts))]
+    return Pool(prompts, responses, scores.reshape(len(prompts), n), finished)
 
 
 def write_ranked(path, pool: Pool, policy: str, reward: str) -> None:
@@ -83,9 +97,9 @@ def write_ranked(path, pool: Pool, policy: str, reward: str) -> None:
     from .files import write_text_atomic
 
     lines = []
-    for prompt, responses, scores in zip(pool.prompts, pool.responses, pool.scores):
-        order = sorted(range(len(responses)), key=lambda i: -scores[i])  # stable: the earlier of equal scores first
-        lines.append(json.dumps({"prompt": prompt, "responses": [responses[i] for i in order],
-                                 "scores": [float(scores[i]) for i in order], "policy": policy,
-                                 "best_of": len(responses), "reward": reward}))  # fmt: skip
+    for row in pool.rows():
+        order = sorted(range(len(row["responses"])), key=lambda i: -row["scores"][i])  # stable: earlier of equal first
+        ranked = {key: [row[key][i] for i in order] for key in ("responses", "scores", "finished") if key in row}
+        lines.append(json.dumps({"prompt": row["prompt"], **ranked, "policy": policy, "best_of": len(order),
+                                 "reward": reward}))  # fmt: skip
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -642,9 +642,8 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
                                 min_response_length=config.min_response_length, temperature=config.temperature)
         pool = sample_pool(model, tokenizer, queries, n, task_reward(config, rm_dir), gen, seed=seed,
                            batch_size=config.pool_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
-        pool = Pool(prompts, pool.responses, pool.scores)
-    write_text_atomic(path, "".join(json.dumps({"prompt": p, "responses": rs, "scores": sc.tolist()}) + "\n"
-                                    for p, rs, sc in zip(pool.prompts, pool.responses, pool.scores)))  # fmt: skip
+        pool = Pool(prompts, pool.responses, pool.scores, pool.finished)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in pool.rows()))
     return pool
 
 
