@@ -193,6 +193,7 @@ def test_cli_writes_every_file(stories_csv, tmp_path, capsys):
     assert {(s["stage"], s["decoding"]) for s in samples} == {(a, b) for a in ("before", "after")
                                                               for b in ("greedy", "sampled")}  # fmt: skip
     assert all(s["prompt"].startswith("[WP] Prompt number") and s["reference"].startswith("The cat") for s in samples)
+    assert all(isinstance(s["finished"], bool) for s in samples)  # False: cut at --sample-tokens
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
     # policy/ is what `wprlhf ppo --policy OUT/policy` and plain from_pretrained load.

@@ -355,10 +355,12 @@ def write_samples(path: Path, model: nn.Module, tokenizer, prompts: list[str], r
     lines = []
     for decoding in ("greedy", "sampled"):
         generation = GenerationConfig(max_new_tokens=config.sample_tokens, greedy=decoding == "greedy")
-        texts = generate(model, tokenizer, prompts, generation, seed=config.seed, chat_template=config.chat_template)
-        for prompt, text, reference in zip(prompts, texts, references):
+        done: list[bool] = []  # False: cut at sample_tokens with no end-of-turn
+        texts = generate(model, tokenizer, prompts, generation, seed=config.seed, chat_template=config.chat_template,
+                         finished=done)  # fmt: skip
+        for prompt, text, reference, finished in zip(prompts, texts, references, done):
             lines.append({"step": step, "stage": stage, "decoding": decoding, "prompt": prompt, "response": text,
-                          "reference": reference[:1000]})  # fmt: skip
+                          "finished": finished, "reference": reference[:1000]})  # fmt: skip
             if echo:
                 tqdm.write(f"--- {stage} training, {decoding}\n> {prompt[:200]}\n{text[:400]}")
     with open(path, "a", encoding="utf-8") as f:
