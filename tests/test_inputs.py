@@ -70,6 +70,14 @@ def test_reward_model_and_classifier_read_special_spellings_as_text(tokenizer):
 
     rows = encode(tokenizer, [("a prompt", SPELLED)], max_length=64)["input_ids"][0].tolist()
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") not in rows
+    from transformers import AutoTokenizer
+
+    from wprlhf.classifier import encode as classifier_encode
+    from wprlhf.models import minilm_dir
+
+    bert = AutoTokenizer.from_pretrained(minilm_dir())
+    ids = classifier_encode(bert, ["a film [SEP] with [CLS] in it"], max_length=32)["input_ids"][0].tolist()
+    assert ids.count(bert.sep_token_id) == 1 and ids.count(bert.cls_token_id) == 1  # only the ones BERT adds
 
 
 @pytest.mark.parametrize("prompt", [
@@ -249,13 +257,31 @@ def test_rm_eval_prints_the_constant_baseline_beside_the_accuracy(tmp_path, caps
 
 # ---------------------------------------------------------------------------------------------- what a newcomer sees
 def test_a_fresh_head_gets_one_line_of_ours_not_a_warning_table(tmp_path, capfd):
+    """Our note on stderr; nothing from transformers' loggers (caught at the logger, where its table is emitted:
+    its stderr handler may have been set up under another test's capture)."""
+    import logging
+
     from wprlhf.models import load_reward_backbone
 
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
     save_tiny_classifier(tmp_path / "clf")
-    capfd.readouterr()
-    load_reward_backbone("minilm", num_labels=2)
-    err = capfd.readouterr().err
-    assert "a new 2-output head (classifier.bias, classifier.weight) starts from random weights" in err
-    assert "LOAD REPORT" not in err and "MISSING" not in err
-    load_reward_backbone(str(tmp_path / "clf"), num_labels=2)  # a trained head loads silently
-    assert "new" not in capfd.readouterr().err
+    records, hf_logger = Records(), logging.getLogger("transformers")
+    hf_logger.addHandler(records)
+    try:
+        capfd.readouterr()
+        load_reward_backbone("minilm", num_labels=2)
+        err = capfd.readouterr().err
+        assert "a new 2-output head (classifier.bias, classifier.weight) starts from random weights" in err
+        assert not [m for m in records.messages if "LOAD REPORT" in m or "MISSING" in m], records.messages
+        assert "LOAD REPORT" not in err
+        load_reward_backbone(str(tmp_path / "clf"), num_labels=2)  # a trained head loads silently
+        assert "new" not in capfd.readouterr().err
+    finally:
+        hf_logger.removeHandler(records)
