@@ -3,8 +3,6 @@ resuming reproduces an uninterrupted run, and saved models load in plain transfo
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 
@@ -33,11 +31,6 @@ def _run(tmp_path, name, **overrides):
     return read_metrics(tmp_path / name / "metrics.csv")
 
 
-def _first_last(rows, key, n=5):
-    values = [r[key] for r in rows]
-    return values[:n], values[-n:]
-
-
 def test_update_moves_probability_towards_high_vowel_scores(tokenizer):
     """PPO learns which of its own samples score high: on one rollout of 24 sampled responses scored by the vowel
     reward, 8 updates raise the log-prob gap between its above- and below-mean responses by over 5 nats (12-15
@@ -54,16 +47,16 @@ def test_update_moves_probability_towards_high_vowel_scores(tokenizer):
 
 
 def test_huge_fixed_kl_coef_keeps_policy_at_reference(tmp_path):
-    """With beta = 1000 and no adaptation the KL penalty dominates: KL stays near 0 and the reward barely moves."""
+    """With beta = 1000 and no adaptation the KL penalty dominates: the KL to the reference stays under 1 nat over
+    15 sampled steps (0.15-0.39 measured over 5 seeds and two kernel sets). The reward's change between the first
+    and last steps is not asserted: with the policy held in place it is the sampling noise of a 5-step window (its
+    bar of 0.015 was cleared by 1.6-1.9x only, by chance), which says nothing about the anchor."""
     # A smaller lr than the learning run: at 1e-2 Adam's own step noise moves a flat 49k-token policy by a few
     # nats whatever the rewards say, and that noise is not what this test is about.
     rows = _run(tmp_path, "anchored", steps=15, lr=2e-3, kl_coef=1000.0, adaptive_kl=False, score_norm="none",
                 seed=seed(0))
     assert all(r["kl_coef"] == 1000.0 for r in rows)
     learned("max |KL| over the run (nats)", max(abs(r["kl"]) for r in rows), 1.0, upper=True)
-    first, last = _first_last(rows, "score_mean")
-    learned("|reward change| last 5 vs first 5 steps", abs(statistics.mean(last) - statistics.mean(first)), 0.015,
-            upper=True)
 
 
 def test_kl_is_zero_while_policy_equals_reference(tokenizer):
