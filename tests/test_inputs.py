@@ -167,19 +167,28 @@ def test_a_temperature_too_small_for_float32_never_picks_a_token(tiny, tokenizer
     assert code == 2 and "--greedy" in err and not out.exists()
     code, err = run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, "--temperature", 0, "--out", out)
     assert code == 2 and "--greedy" in err
-    # --greedy: the argmax path, so a prompt's k responses are one response; sampled, they differ.
-    for flag in ("--greedy", "--no-chat-template"):
-        assert run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, flag, "-k", 2,
-                       "--max-new-tokens", 6, "--out", tmp_path / f"{flag}.jsonl")[0] == 0  # fmt: skip
-    greedy, sampled = (json.loads((tmp_path / f"{flag}.jsonl").read_text())["responses"]
-                       for flag in ("--greedy", "--no-chat-template"))  # fmt: skip
-    assert greedy[0] == greedy[1] and sampled[0] != sampled[1]
+    # --greedy: the argmax path, one response a prompt (k copies of it are refused); sampled, they differ.
+    assert run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, "--greedy", "--max-new-tokens", 6,
+                   "--out", tmp_path / "greedy.jsonl")[0] == 0  # fmt: skip
+    code, err = run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, "--greedy", "-k", 2, "--out", out)
+    assert code == 2 and "drop --greedy" in err
+    assert run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, "--no-chat-template", "-k", 2,
+                   "--max-new-tokens", 6, "--out", tmp_path / "sampled.jsonl")[0] == 0  # fmt: skip
+    (greedy,) = json.loads((tmp_path / "greedy.jsonl").read_text())["responses"]
+    sampled = json.loads((tmp_path / "sampled.jsonl").read_text())["responses"]
+    assert sampled[0] != sampled[1]
+    queries, query_mask = encode_prompts(tokenizer, ["A dragon opens a bakery."])
+    by_hand = sample(tiny, queries, query_mask, GenerationConfig(max_new_tokens=6, greedy=True),
+                     stop_token_ids(tokenizer), tokenizer.pad_token_id)  # fmt: skip
+    from wprlhf.generation import decode_responses
+
+    assert greedy == decode_responses(tokenizer, by_hand.responses, by_hand.response_mask)[0]  # the argmax, each step
 
 
 def test_rl_methods_refuse_temperatures_below_the_floor():
     from wprlhf.ppo_config import MIN_TEMPERATURE
 
-    with pytest.raises(UserError, match=f"below {MIN_TEMPERATURE}"):
+    with pytest.raises(UserError, match=f"temperature must be at least {MIN_TEMPERATURE}"):
         PPOConfig(policy="tiny", temperature=MIN_TEMPERATURE / 2)
     PPOConfig(policy="tiny", temperature=MIN_TEMPERATURE)
 
@@ -191,6 +200,8 @@ def test_unicode_spellings_of_one_prompt_share_a_key_and_a_side():
                  "[WP] You are immortal,\u00ad and bored.", "[WP] You are immortal, and bored.\ufeff",
                  "[WP] Ｙou are immortal, and bored."]  # fmt: skip
     assert len({prompt_key(s) for s in spellings}) == 1
+    assert prompt_key("[WP] İstanbul at dawn") == prompt_key("[wp] istanbul at dawn")  # no word split at U+0307
+    assert len({prompt_key(p) for p in ("🐉🔥", "🌙", "★★★", "🐉 🔥")}) == 3  # symbols alone are not all one prompt
     others = [f"[WP] prompt number {i}" for i in range(40)]
     for seed in range(5):
         train, test = split_by_prompt(others + spellings, test_fraction=0.3, seed=seed)
@@ -232,10 +243,15 @@ def test_accuracies_come_with_a_constant_predictor_and_a_warning_when_it_is_high
     one_sided.append(Comparison("p19", ["bad", "a good story"], 1))
     assert always_first(one_sided) == pytest.approx(0.95)
     capsys.readouterr()
-    assert set_baselines(None, one_sided, "test.jsonl")["always_first"] == pytest.approx(0.95)
-    assert "warning: on test.jsonl, always picking the first response already scores 0.950" in capsys.readouterr().err
+    found = set_baselines(None, one_sided, "test.jsonl")
+    assert found["always_first"] == found["majority_position"] == pytest.approx(0.95)
+    assert "warning: on test.jsonl, always picking the same position already scores 0.950" in capsys.readouterr().err
+    second = [Comparison(c.prompt, c.responses[::-1], 1 - c.best) for c in one_sided]  # B wins 19 of 20
+    found = set_baselines(None, second, "second.jsonl")
+    assert found["always_first"] == pytest.approx(0.05) and found["majority_position"] == pytest.approx(0.95)
+    assert "on second.jsonl, always picking the same position already scores 0.950" in capsys.readouterr().err
     balanced = [Comparison(f"p{i}", ["x", "y"], i % 2) for i in range(10)]
-    assert set_baselines(None, balanced, "b.jsonl")["always_first"] == 0.5 and "warning" not in capsys.readouterr().err
+    assert set_baselines(None, balanced, "b.jsonl")["majority_position"] == 0.5 and "warning" not in capsys.readouterr().err
     assert baselines([], [], ["a", "b", "c", "d"], [1, 1, 1, 0], None, "t.csv") == {"majority_class": 0.75}
     assert baselines([], [], ["a"] * 10, [0] * 10, None, "t.csv")["majority_class"] == 1.0
     assert "always predicting the majority class already scores 1.000" in capsys.readouterr().err
@@ -252,7 +268,8 @@ def test_rm_eval_prints_the_constant_baseline_beside_the_accuracy(tmp_path, caps
     write_comparisons(data, [Comparison(f"p{i}", [f"story {i}", f"other {i}"], 0) for i in range(12)])
     assert main(["rm", "eval", "--model", str(tmp_path / "rm"), "--data", str(data)]) == 0
     out = capsys.readouterr()
-    assert json.loads(out.out)["baselines"]["always_first"] == 1.0 and "already scores 1.000" in out.err
+    baselines = json.loads(out.out)["baselines"]
+    assert baselines["always_first"] == baselines["majority_position"] == 1.0 and "already scores 1.000" in out.err
 
 
 # ---------------------------------------------------------------------------------------------- what a newcomer sees

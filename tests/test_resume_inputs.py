@@ -69,6 +69,21 @@ def test_reward_specs_builtins_and_hub_ids(tmp_path):
     assert summed.startswith("sum sha256:") and fingerprint("0.5*length+0.3*vowels") is None
     (model / "model.safetensors").write_bytes(b"w" * 99)
     assert fingerprint(f"0.5*length+rm:{model}") != summed
+    # a file.py:fn reward inside a weighted sum is its file's too
+    for spec in (f"0.5*{code}:fn+vowels", f"vowels+{code}:fn", f"rm:{model}+{code}:fn"):
+        before = fingerprint(spec)
+        assert before is not None, spec
+        code.write_text(code.read_text() + "# edited\n")
+        assert fingerprint(spec) != before, spec
+
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", '{"prompts": "x", "reward": 5}', '{"prompts": {"spec": 1}}'])
+def test_a_hand_edited_inputs_file_is_refused_not_ignored(tmp_path, content):
+    from wprlhf.files import read_inputs
+
+    (tmp_path / INPUTS_FILE).write_text(content)
+    with pytest.raises(UserError, match="is not what wprlhf writes there.*delete it to resume"):
+        read_inputs(tmp_path)
 
 
 def test_check_inputs_names_each_change_and_lets_old_runs_resume(tmp_path):

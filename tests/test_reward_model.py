@@ -148,7 +148,7 @@ def test_identical_responses_score_one_half_everywhere(tmp_path, capsys):
     assert rows and all(r["accuracy"] == 0.5 and r["val_accuracy"] == 0.5 for r in rows)
     assert all(r["loss"] == pytest.approx(math.log(2), abs=1e-6) for r in rows)
     assert held_out["accuracy"] == 0.5 and held_out["n"] == 10
-    assert held_out["baselines"] == {"always_first": 1.0, "longer_wins": 0.5, "tfidf_logreg": 0.5}
+    assert held_out["baselines"] == {"always_first": 1.0, "majority_position": 1.0, "longer_wins": 0.5, "tfidf_logreg": 0.5}
     assert strict_json((tmp_path / "model" / "eval-heldout.json").read_text()) == held_out
     strict_json((tmp_path / "model" / "train_config.json").read_text())
 
@@ -158,7 +158,7 @@ def test_identical_responses_score_one_half_everywhere(tmp_path, capsys):
     assert main(["rm", "eval", "--model", str(tmp_path / "model"), "--data", str(test)]) == 0
     printed = strict_json(capsys.readouterr().out)
     assert printed["accuracy"] == printed["accuracy_raw"] == 0.5 and printed["n"] == 12
-    assert printed["baselines"] == {"always_first": 1.0, "longer_wins": 0.5, "tfidf_logreg": 0.5}
+    assert printed["baselines"] == {"always_first": 1.0, "majority_position": 1.0, "longer_wins": 0.5, "tfidf_logreg": 0.5}
     assert strict_json((tmp_path / "model" / "eval-test.json").read_text()) == printed
 
 
@@ -252,7 +252,7 @@ def test_rm_eval_cli_writes_eval_json(toy_rm, tmp_path, capsys):
     assert set(result) >= {"accuracy", "n", "ci95", "clean", "baselines"}
     learned("test error rate (all pairs right)", 1 - result["accuracy"], 1e-9, upper=True)
     assert result["n"] == 30
-    assert set(result["baselines"]) == {"always_first", "longer_wins", "tfidf_logreg"}
+    assert set(result["baselines"]) == {"always_first", "majority_position", "longer_wins", "tfidf_logreg"}
     assert 0 <= result["baselines"]["tfidf_logreg"] <= 1
 
 

@@ -384,7 +384,8 @@ def baselines(train_texts, train_labels, test_texts, test_labels, polarity: Scor
     at 0.9 or more a warning says the set is one-sided (`warn_if_degenerate`)."""
     positive = sum(test_labels) / len(test_labels) if test_labels else None
     out = {"majority_class": None if positive is None else max(positive, 1 - positive)}
-    warn_if_degenerate(out["majority_class"], "always predicting the majority class", where)
+    warn_if_degenerate(out["majority_class"], "always predicting the majority class", where,
+                       "add texts of the other class")  # fmt: skip
     if polarity is not None:
         out["vader"] = polarity_accuracy(polarity, test_texts, test_labels)
     if train_texts:

@@ -134,15 +134,23 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from .data import load_prompts
     from .distributed import resolve_device
-    from .generation import GenerationConfig, generate_k, write_samples
+    from .generation import GenerationConfig, check_bare_prompts, generate_k, write_samples
     from .models import load_policy
 
+    if args.k is None:
+        args.k = 1 if args.greedy else 2
     if args.k < 1:
         raise UserError(f"-k must be >= 1, got {args.k}")
     prompts = load_prompts(args.prompts)
     if args.max_prompts:
         prompts = prompts[: args.max_prompts]
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.greedy and (args.k > 1 or args.best_of is not None):
+        raise UserError("--greedy writes the one most likely response to each prompt: with -k or --best-of above 1 "
+                        "every response would be a copy of it; drop --greedy to sample several")  # fmt: skip
     policy, tokenizer = load_policy(args.policy, seed=args.seed)
+    check_bare_prompts(tokenizer, prompts, not args.no_chat_template)  # every prompt, before any sampling
     policy.to(resolve_device(args.device))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)  # fmt: skip
@@ -501,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp = sub.add_parser("sample", help="sample k responses per prompt into JSONL (the labeling input)")
     smp.add_argument("--policy", default="smollm2", help="'smollm2', 'tiny', a local directory or a hub id")
     smp.add_argument("--prompts", default="", help="prompt file (.txt/.jsonl/.csv/.csv.gz); empty = built-in")
-    smp.add_argument("-k", type=int, default=2, help="responses per prompt (default 2)")
+    smp.add_argument("-k", type=int, default=None, help="responses per prompt (default 2; 1 with --greedy)")
     smp.add_argument("--best-of", type=int, default=None, metavar="N", help="sample N per prompt and write them "
                      "sorted by --reward, best first: the first response is best-of-N (replaces -k)")
     smp.add_argument("--reward", default="", help="the reward SPEC that ranks --best-of samples (rm:DIR, ...)")

@@ -551,9 +551,16 @@ def prompt_key(prompt: str) -> str:
     True
     >>> prompt_key("\uff37\uff30 im\u200bmortal") == prompt_key("WP immortal")
     True
+    >>> prompt_key("İstanbul"), prompt_key("🐉🔥") == prompt_key("🌙")
+    ('istanbul', False)
     """
     text = "".join(c for c in unicodedata.normalize("NFKC", prompt) if unicodedata.category(c) != "Cf")
-    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+    # Case folding can leave a lone combining mark ('İ' -> 'i' + U+0307): normalise again and drop those marks, so a
+    # word is not split in two at one.
+    folded = "".join(c for c in unicodedata.normalize("NFKC", text.casefold()) if unicodedata.category(c) != "Mn")
+    # A prompt with no letters or digits at all (emoji, symbols) keeps its symbols: it is not a repost of every
+    # other such prompt.
+    return " ".join(re.sub(r"[\W_]+", " ", folded).split()) or "".join(folded.split())
 
 
 def split_by_prompt(items: Sequence, test_fraction: float = 0.1, seed: int = 42) -> tuple[list, list]:

@@ -98,15 +98,18 @@ def make_accelerator(device: torch.device, mixed_precision: str = "no") -> Accel
         return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
 
 
-def check_launch_environment(environ=os.environ) -> None:
-    """UserError when the environment says several processes (WORLD_SIZE > 1) but no launcher set up their
-    rendezvous (MASTER_ADDR): a WORLD_SIZE left over in a shell would otherwise fail deep inside torch.distributed."""
-    world = environ.get("WORLD_SIZE", "")
-    if world.strip() in ("", "0", "1"):
-        return
-    if not world.strip().isdigit():
-        raise UserError(f"WORLD_SIZE={world!r} is set in the environment but is not a process count; unset it "
-                        "(`unset WORLD_SIZE`) for a one-process run")  # fmt: skip
+def check_launch_environment(environ=os.environ) -> int:
+    """The process count the environment gives (WORLD_SIZE; 1 when unset), or a UserError when it is not a count
+    >= 1, or says several processes while no launcher set up their rendezvous (MASTER_ADDR, MASTER_PORT, RANK): a
+    WORLD_SIZE left over in a shell would otherwise fail deep inside torch.distributed."""
+    if "WORLD_SIZE" not in environ:
+        return 1
+    world = environ["WORLD_SIZE"].strip()
+    if not world.isdigit() or int(world) < 1:
+        raise UserError(f"WORLD_SIZE={environ['WORLD_SIZE']!r} is set in the environment but is not a process count "
+                        ">= 1; unset it (`unset WORLD_SIZE`) for a one-process run")  # fmt: skip
+    if int(world) == 1:
+        return 1
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not environ.get(name)]
     if missing:
         names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
@@ -114,6 +117,7 @@ def check_launch_environment(environ=os.environ) -> None:
                         " not: no launcher started this process. For one process, unset WORLD_SIZE (`unset "
                         "WORLD_SIZE`); for several, start the command with `accelerate launch` or `torchrun`, which "
                         "set them all")  # fmt: skip
+    return int(world)
 
 
 def device_of(accelerator: Accelerator) -> torch.device:

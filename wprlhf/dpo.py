@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -37,12 +36,12 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import linear_schedule, masked_sum, pad_sequences
 from .data import Comparison, load_comparisons, split_by_prompt
-from .distributed import (autocast_dtype, check_finite, check_mixed_precision, device_of, is_main_process,
+from .distributed import (autocast_dtype, check_finite, check_launch_environment, check_mixed_precision, device_of, is_main_process,
                           make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
 from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from .forwards import policy_forward
-from .generation import encode_prompts, fit_positions, text_ids
+from .generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
 from .metrics import DPO_METRIC_NAMES, MetricsLogger
 from .models import (add_lora, count_parameters, load_policy, make_optimizer, make_reference, merged_copy,
                      position_limit, stop_token_ids)  # fmt: skip
@@ -352,8 +351,9 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
+    check_bare_prompts(tokenizer, [p.prompt for p in pairs], config.chat_template)  # before any file is written
     torch.manual_seed(config.seed)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes under `accelerate launch` / torchrun
+    world = check_launch_environment()  # processes under `accelerate launch` / torchrun
     if config.batch_size % world:
         raise UserError(f"batch_size {config.batch_size} does not split over {world} processes; make --batch-size a "
                         "multiple of the process count")  # fmt: skip

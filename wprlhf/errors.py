@@ -16,15 +16,15 @@ class NonFiniteError(UserError):
 DEGENERATE_BASELINE = 0.9
 
 
-def warn_if_degenerate(baseline: float | None, predictor: str, where: str) -> None:
-    """Warn (stderr) when a constant predictor (`predictor`: 'always the first response', 'the majority class')
-    scores >= DEGENERATE_BASELINE on the set `where`: there, a near-perfect accuracy says little."""
+def warn_if_degenerate(baseline: float | None, predictor: str, where: str, fix: str) -> None:
+    """Warn (stderr) when a constant predictor (`predictor`: 'always picking the same position', 'always predicting
+    the majority class') scores >= DEGENERATE_BASELINE on the set `where`: there, a near-perfect accuracy says
+    little. `fix` says how to balance the set."""
     import sys
 
     if baseline is not None and baseline >= DEGENERATE_BASELINE:
         print(f"warning: on {where}, {predictor} already scores {baseline:.3f}: the set is nearly one-sided, so an "
-              "accuracy near 1 there says little; balance it (shuffle which side wins) before quoting it",
-              file=sys.stderr)  # fmt: skip
+              f"accuracy near 1 there says little; balance it ({fix}) before quoting it", file=sys.stderr)
 
 
 def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
@@ -36,6 +36,15 @@ def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
 
     for field in dataclasses.fields(config):
         value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        declared = str(field.type)  # 'float', 'int | None', ... (annotations are strings in wprlhf)
+        if declared.split(" | ")[0] in ("float", "int") and not (value is None and "None" in declared):
+            # A config file can hold any JSON/YAML value: "abc", true or [1] for a number would fail later, deep
+            # inside a comparison, or pass as 1.0 (a bool is an int to Python).
+            wanted = (int, float) if declared.startswith("float") else (int,)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                kind = "a number" if declared.startswith("float") else "a whole number"
+                raise UserError(f"{field.name} must be {kind}, got {value!r}; set {flag} (or {field.name} in the "
+                                "config file) to one")  # fmt: skip
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{field.name} must be a finite number, got {value}; set {flag} to a finite number")
         if field.name in non_negative and value is not None and value < 0:

@@ -87,6 +87,21 @@ def open_text(path: str | Path) -> Iterator[TextIO]:
         raise UserError(f"{path} is not a complete gzip file ({err}); download or write it again") from None
 
 
+def _has_lone_surrogate(value) -> bool:
+    """Whether a parsed JSON value holds a string with a lone surrogate (JSON allows the escape; no text can hold it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
 def iter_jsonl(path: str | Path, on_bad: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file, gzipped when its name ends .gz.
 
@@ -105,6 +120,9 @@ def iter_jsonl(path: str | Path, on_bad: Callable[[int, str], None] | None = Non
             else:
                 problem = None if isinstance(row, dict) else (
                     f"is a JSON {type(row).__name__}, not an object; write one {{...}} object per line")
+                if problem is None and _has_lone_surrogate(row):
+                    problem = ("holds a lone UTF-16 surrogate escape (such as \\ud800), which is no character and "
+                               "cannot be encoded; fix the text of that line")  # fmt: skip
             if problem is None:
                 yield n, row
             elif on_bad is None:
@@ -168,8 +186,9 @@ def _file_digest(path: Path) -> str:
 
 
 def _directory_digest(root: Path) -> str:
-    """sha256 of the (relative name, size) of the directory's weight, config, tokenizer and data files: a retrained
-    or replaced model changes them, and gigabytes of weights are never read. Checkpoints, TensorBoard logs and
+    """sha256 of the (relative name, size) of the directory's weight, config, tokenizer and data files: gigabytes
+    of weights are never read, so a model retrained in place with the same shapes (same file sizes) is not seen;
+    a different architecture, dtype, tokenizer or training record is. Checkpoints, TensorBoard logs and
     hidden entries are left out."""
     root = root.resolve()
     rows = []
@@ -211,10 +230,7 @@ def fingerprint(value: str) -> str | None:
     for prefix in ("sim:", "rm:"):
         if spec.startswith(prefix):
             return fingerprint(spec[len(prefix) :])
-    target = spec.rpartition(":")[0]
-    if target.endswith(".py"):
-        return _path_fingerprint(Path(target).expanduser())
-    if "+" in spec or "*" in spec:  # a weighted sum: '0.5*length+rm:runs/rm'
+    if "+" in spec or "*" in spec:  # a weighted sum: '0.5*length+rm:runs/rm', '0.5*rw.py:fn+vowels'
         terms = []
         for term in spec.split("+"):
             weight, star, name = term.partition("*")
@@ -226,6 +242,9 @@ def fingerprint(value: str) -> str | None:
         if not any(terms):
             return None
         return terms[0] if len(terms) == 1 else f"sum sha256:{hashlib.sha256(json.dumps(terms).encode()).hexdigest()}"
+    target = spec.rpartition(":")[0]
+    if target.endswith(".py"):
+        return _path_fingerprint(Path(target).expanduser())
     if _HUB_ID.fullmatch(spec):
         return f"hub {spec}"
     return None
@@ -282,9 +301,14 @@ def read_inputs(out_dir: str | Path) -> dict | None:
     path = Path(out_dir) / INPUTS_FILE
     if not path.exists():
         return None
+    fix = "restore it, or delete it to resume without comparing the run's inputs"
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise UserError(f"{path} is not valid JSON ({err}); restore it, or delete it to resume without comparing the "
-                        "run's inputs") from None  # fmt: skip
-    return found if isinstance(found, dict) else None
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path} cannot be read as JSON ({err}); {fix}") from None
+    entries_ok = isinstance(found, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("fingerprint"), str) and isinstance(v.get("spec", ""), str)
+        for v in found.values())  # fmt: skip
+    if not entries_ok:  # a hand-edited file must not turn the check off in silence
+        raise UserError(f"{path} is not what wprlhf writes there ({{name: {{\"spec\", \"fingerprint\"}}}}); {fix}")
+    return found

@@ -44,13 +44,16 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
     """Extra strings that end a response (the mask is cut after the token that completes one); off in fixed-length mode."""
     greedy: bool = False
-    """Argmax instead of sampling (evaluation, tests)."""
+    """Argmax instead of sampling (evaluation, tests). The temperature then only scales the logged log-probs; a
+    temperature of 0 is read as 1 there."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(f"min_new_tokens {self.min_new_tokens} must lie in [0, max_new_tokens]")
+        if self.greedy and self.temperature == 0:
+            self.temperature = 1.0  # argmax needs no temperature; the log-probs are those of the model as it is
         if not self.temperature > 0 or not math.isfinite(self.temperature):
             raise UserError(f"temperature must be a finite number > 0, got {self.temperature}; for the most likely "
                             "token at every step use --greedy")  # fmt: skip
@@ -163,16 +166,19 @@ def template_markers(tokenizer) -> list[str]:
     return [t for t in tokenizer.all_special_tokens if t in rendered]
 
 
-def check_bare_prompts(tokenizer, prompts: list[str]) -> None:
-    """Refuse prompts already written in the chat template: wrapped again, they would put a system turn twice and
-    a user turn inside a user turn. UserError naming the first such row and the fix."""
-    markers = template_markers(tokenizer)
+def check_bare_prompts(tokenizer, prompts: list[str], chat_template: bool = True) -> None:
+    """Refuse prompts already written in the chat template (when it is used): wrapped again, they would put a
+    system turn twice and a user turn inside a user turn. UserError naming the first such prompt (its place in the
+    list, counting from 0) and the fix. Runs check the whole set before any work; `chat_ids` checks each batch."""
+    if not uses_chat_template(tokenizer, chat_template):
+        return
+    markers = template_markers(tokenizer) + [_PROMPT_SLOT, _RESPONSE_SLOT]
     for i, prompt in enumerate(prompts):
-        found = [m for m in markers if m in prompt]
-        if found or _PROMPT_SLOT in prompt or _RESPONSE_SLOT in prompt:
-            raise UserError(f"prompt {i} already holds the chat template's markup ({', '.join(found) or 'U+E000'}): "
-                            f"{prompt[:80]!r}; pass the bare prompt (the template is applied here), or "
-                            "--no-chat-template to send prompts exactly as written, markup included")  # fmt: skip
+        if found := [m for m in markers if m in prompt]:
+            names = ", ".join(f"U+{ord(m):04X}" if m in (_PROMPT_SLOT, _RESPONSE_SLOT) else m for m in found)
+            raise UserError(f"prompt {i} already holds the chat template's markup ({names}): {prompt[:80]!r}; pass "
+                            "the bare prompt (the template is applied here), or --no-chat-template to send prompts "
+                            "exactly as written, markup included")  # fmt: skip
 
 
 def chat_ids(tokenizer, prompts: list[str], responses: list[str] | None = None) -> list[list[int]] | tuple:
@@ -464,6 +470,8 @@ def generate(
     text drops it, and a KL needs its term)."""
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1 (responses sampled at once), got {batch_size}; set --batch-size")
     prompt_room(model, config.max_new_tokens)  # a response too long for the model fails before any sampling
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -38,7 +38,7 @@ from .errors import UserError, check_numbers
 from .evaluation import distinct_n, repetition_rate, scored_win_rate
 from .files import iter_jsonl, write_json_atomic, write_text_atomic
 from .forwards import policy_forward, sampling_floor
-from .generation import encode_prompts, fit_positions, text_ids
+from .generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
 from .labelers import story_verdict
 from .models import stop_token_ids
 from .signatures import RewardFn
@@ -312,7 +312,9 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        check_numbers(self, non_negative=("temperature",))
+        check_numbers(self)
+        if self.greedy and self.temperature == 0:
+            self.temperature = 1.0  # argmax needs no temperature; the KL column's log-probs are the model's own
         for name in ("response_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}; set --{name.replace('_', '-')}")
@@ -356,6 +358,7 @@ def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
     from .models import load_policy
 
     model, tokenizer = load_policy(spec, seed=config.seed)
+    check_bare_prompts(tokenizer, prompts)  # every prompt, before any sampling
     model.to(resolve_device(config.device))
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip

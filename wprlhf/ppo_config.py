@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +163,8 @@ class PPOConfig:
 
     def __post_init__(self):
         check_numbers(self, non_negative=("lr", "value_lr", "weight_decay", "adam_eps", "cliprange", "cliprange_value",
-                                          "vf_coef", "kl_coef", "score_clip", "max_grad_norm", "gamma", "lam"))  # fmt: skip
+                                          "vf_coef", "kl_coef", "score_clip", "max_grad_norm", "gamma", "lam",
+                                          "missing_eos_penalty"))  # fmt: skip
         # Ranges first: the divisibility checks below divide by these sizes.
         at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
                         max_prompt_length=1, response_length=1, samples_per_prompt=1, min_response_length=0, top_k=0,
@@ -173,10 +173,13 @@ class PPOConfig:
             value, flag = getattr(self, name), "--" + name.replace("_", "-")
             if value < low:
                 raise UserError(f"{name} must be >= {low}, got {value}; set {flag} to {low} or more")
-        for name in ("temperature", "kl_target"):  # each divides something
-            value, flag = getattr(self, name), "--" + name.replace("_", "-")
-            if not value > 0:  # `not >` also refuses NaN
-                raise UserError(f"{name} must be > 0, got {value}; set {flag} to a positive number")
+        if not self.kl_target > 0:  # it divides the KL; `not >` also refuses NaN
+            raise UserError(f"kl_target must be > 0, got {self.kl_target}; set --kl-target to a positive number")
+        if not self.temperature >= MIN_TEMPERATURE:  # `not >=` also refuses NaN
+            # log-probs at T are logits / T: far below 1 they saturate float32 and the ratio and KL lose all meaning.
+            raise UserError(f"temperature must be at least {MIN_TEMPERATURE} (the least an RL method trains at: its "
+                            f"log-probs are logits / temperature), got {self.temperature}; set --temperature to a "
+                            "value from 0.1 to 1.0")  # fmt: skip
         if self.min_response_length > self.response_length:
             raise UserError(f"min_response_length {self.min_response_length} exceeds response_length "
                             f"{self.response_length}; lower --min-response-length")  # fmt: skip
@@ -200,12 +203,6 @@ class PPOConfig:
             raise UserError(f"--missing-eos-penalty {self.missing_eos_penalty} penalises responses cut at the cap, but "
                             "in fixed-length mode (--no-stop-at-eos, or --min-response-length equal to "
                             "--response-length) every response is cut there by design; drop the penalty")  # fmt: skip
-        if not math.isfinite(self.missing_eos_penalty):
-            raise UserError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
-        if self.temperature < MIN_TEMPERATURE:
-            # log-probs at T are logits / T: far below 1 they saturate float32 and the ratio and KL lose all meaning.
-            raise UserError(f"temperature {self.temperature} is below {MIN_TEMPERATURE}, the least an RL method "
-                            "trains at (its log-probs are logits / temperature); use 0.1 to 1.0")  # fmt: skip
         choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"), score_norm=("none", "batch"),
                        optimizer=("adamw", "adamw8bit"))  # fmt: skip
         for name, allowed in choices.items():

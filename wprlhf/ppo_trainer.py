@@ -35,7 +35,8 @@ from .distributed import (autocast_dtype, check_divisible, check_finite, device_
 from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from .errors import UserError
 from .forwards import policy_forward, sampling_floor, value_forward
-from .generation import Generation, decode_responses, encode_prompts, fit_positions, prompt_room, sample
+from .generation import (Generation, check_bare_prompts, decode_responses, encode_prompts, fit_positions, prompt_room,
+                         sample)
 from .metrics import MetricsLogger
 from .models import (
     ValueHead,
@@ -642,6 +643,7 @@ def prepare_run(config: PPOConfig, prompts: list[str], out_dir: str | Path, resu
         config = keep_saved_precision(config, out_dir)
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
+    check_bare_prompts(tokenizer, prompts, config.chat_template)  # every prompt, before step 1 (not at step 300)
     torch.manual_seed(config.seed)
     return config, policy, tokenizer
 

@@ -569,8 +569,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     if not config.data:
         raise UserError("rm train needs --data: a comparisons file, a directory or a hub id")
     comparisons = resolve_comparisons(config.data, config.keep_meta)
-    if not comparisons:
-        raise UserError(f"{config.data} holds no comparisons")
+    _require_decided(comparisons, config.data, 0)  # none, or only ties: nothing to learn which is better from
     rng = random.Random(config.seed)
     train_set, val_set = split_by_prompt(comparisons, config.val_fraction, seed=config.seed)
     if config.max_examples and len(train_set) > config.max_examples:
@@ -658,13 +657,26 @@ def always_first(comparisons: list[Comparison]) -> float | None:
     return sum(c.best == 0 for c in decided) / len(decided)
 
 
+def majority_position(comparisons: list[Comparison]) -> float | None:
+    """Baseline: the constant predictor that always picks the position that wins most often on this set (always
+    A, or always B, ...): the pairs' majority class. None when every comparison is a labelled tie."""
+    decided = [c for c in comparisons if not c.tie]
+    if not decided:
+        return None
+    wins = [c.best for c in decided]
+    return max(wins.count(position) for position in set(wins)) / len(decided)
+
+
 def set_baselines(train_set: list[Comparison] | None, test_set: list[Comparison], where: str) -> dict:
-    """Every baseline of a comparison test set, with a warning when the constant one is high (`warn_if_degenerate`):
-    always_first, longer_wins, and tfidf_logreg when there is a training set to fit it on."""
-    out = {"always_first": always_first(test_set), "longer_wins": longer_wins(test_set)}
+    """Every baseline of a comparison test set: the constant predictors always_first and majority_position, with a
+    warning when the latter is high (`warn_if_degenerate`), longer_wins, and tfidf_logreg when there is a training
+    set to fit it on."""
+    out = {"always_first": always_first(test_set), "majority_position": majority_position(test_set),
+           "longer_wins": longer_wins(test_set)}  # fmt: skip
     if train_set is not None:
         out["tfidf_logreg"] = tfidf_logreg(train_set, test_set)
-    warn_if_degenerate(out["always_first"], "always picking the first response", where)
+    warn_if_degenerate(out["majority_position"], "always picking the same position", where,
+                       "shuffle which position the better response takes")  # fmt: skip
     return out
 
 

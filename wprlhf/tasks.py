@@ -289,6 +289,7 @@ def evaluate_task(name: str, policy: str, start: str, classifier_dir: str | Path
     else:  # positive-reviews rewards exactly what [positive] does, so one signed reading serves both tasks
         controls, plain = ["[positive]"] * len(prompts), list(prompts)
     groups = plain  # resample openings: an opening's three controlled samples move together
+    temperature = 1.0 if greedy and temperature == 0 else temperature  # argmax needs none; log-probs at T = 1
     gen = generation_config(response_length=response_length, min_response_length=min_response_length,
                             temperature=temperature)  # fmt: skip
     gen.greedy = greedy
