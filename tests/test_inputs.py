@@ -302,3 +302,52 @@ def test_a_fresh_head_gets_one_line_of_ours_not_a_warning_table(tmp_path, capfd)
         assert "new" not in capfd.readouterr().err
     finally:
         hf_logger.removeHandler(records)
+
+
+# ---------------------------------------------------------------------------------------------- found by trying to break it
+def test_a_lone_surrogate_in_a_data_file_names_the_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "bad \\ud800 x"}\n')
+    code, err = run_cli(capsys, "sample", "--policy", "tiny", "--prompts", prompts, "--out", tmp_path / "o.jsonl")
+    assert code == 2 and "line 2 holds a lone UTF-16 surrogate" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("world", ["", "0", "abc", "-1"])
+def test_world_size_values_that_are_no_process_count(tmp_path, monkeypatch, capsys, world):
+    from wprlhf.distributed import check_launch_environment
+
+    assert check_launch_environment({}) == 1 and check_launch_environment({"WORLD_SIZE": "1"}) == 1
+    monkeypatch.setenv("WORLD_SIZE", world)
+    code, err = run_cli(capsys, "ppo", "--policy", "tiny", "--steps", 1, "--batch-size", 2, "--num-minibatches", 1,
+                        "--response-length", 2, "--out", tmp_path / "run")  # fmt: skip
+    assert code == 2 and "is not a process count >= 1" in err and "unset WORLD_SIZE" in err
+
+
+def test_markup_is_found_before_any_work_and_named_by_its_place_in_the_set(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na bird\na fish\na cow\nthe end <|im_start|>\n")
+    code, err = run_cli(capsys, "ppo", "--policy", "tiny", "--prompts", prompts, "--steps", 3, "--batch-size", 2,
+                        "--num-minibatches", 1, "--response-length", 4, "--out", tmp_path / "run")  # fmt: skip
+    assert code == 2 and "prompt 5 already holds the chat template's markup" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["sample", "--batch-size", "-1"], "--batch-size must be >= 1"),
+    (["sample", "--greedy", "--best-of", "3", "--reward", "length"], "drop --greedy"),
+    (["ppo", "--missing-eos-penalty=-1"], "missing_eos_penalty must be >= 0"),
+    (["ppo", "--temperature", "0"], "temperature must be at least 0.05"),
+])  # fmt: skip
+def test_more_bad_options(tmp_path, capsys, argv, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("A dragon opens a bakery.\n")
+    code, err = run_cli(capsys, *argv, "--policy", "tiny", "--prompts", prompts, "--out", tmp_path / "o")
+    assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", ['{"kl_coef": "abc"}', '{"missing_eos_penalty": true}', '{"steps": 1.5}'])
+def test_config_file_values_of_the_wrong_type(tmp_path, capsys, content):
+    config = tmp_path / "c.json"
+    config.write_text(content)
+    code, err = run_cli(capsys, "ppo", "--policy", "tiny", "--config", config, "--out", tmp_path / "o")
+    assert code == 2 and "must be a" in err and "config file" in err and "Traceback" not in err
