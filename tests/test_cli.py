@@ -231,3 +231,31 @@ def test_the_command_closes_the_process_group_it_opened(tmp_path, capsys, monkey
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_every_flag_of_every_subcommand_has_help(capsys):
+    """`wprlhf X -h` explains every flag: a config field's flag shows the first sentence of its docstring, a
+    hand-written one its own help; none is a bare '(default ...)'. Every help page renders."""
+    import argparse
+
+    from wprlhf.cli import build_parser
+
+    def walk(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*path, name])
+
+    bare, pages = [], 0
+    for path, parser in walk(build_parser(), []):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.help or action.help.startswith("(default"):
+                bare.append(f"wprlhf {' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+        parser.format_help()  # a stray % in a docstring would raise here
+        pages += 1
+    assert not bare, bare
+    assert pages > 20
+    assert "RLOO, GRPO and DPO" in build_parser().format_help()

@@ -55,11 +55,13 @@ class ClassifierConfig:
     """Tokens per text, special tokens included. Longer texts keep their first quarter and their last three
     quarters of the budget: reviews often end with the verdict."""
     epochs: int = 1
+    """Passes over the training texts."""
     batch_size: int = 16
     """Texts per optimizer step."""
     lr: float = 5e-5
     """Peak AdamW learning rate (BERT fine-tuning's usual range is 2e-5 .. 5e-5)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_ratio: float = 0.06
     """Share of optimizer steps with a linear warm-up; then linear decay to 0."""
     max_examples: int = 0

@@ -27,19 +27,51 @@ def _optional_number(kind):
     return parse
 
 
+def field_docs(config_cls) -> dict[str, str]:
+    """{field name: its docstring} of a config dataclass: the string literal written under each field, as the
+    configs document every setting; a subclass's docstring of a field wins over its base class's."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for statement, following in zip(body, body[1:]):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):  # fmt: skip
+                docs[statement.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def first_sentence(text: str) -> str:
+    """The text up to its first full stop that ends a sentence (one followed by a space and a capital or an
+    opening bracket), as a flag's help shows it; `wprlhf X -h` is a summary, the docstring the whole story."""
+    import re
+
+    return re.split(r"(?<=[.;])\s+(?=[A-Z(])", text, maxsplit=1)[0]
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field; defaults are None so that only flags the user typed override a file."""
-    hints = typing.get_type_hints(config_cls)
-    group = parser.add_argument_group(f"{config_cls.__name__} (see its docstrings for meanings)")
+    """One flag per dataclass field, its help the first sentence of the field's docstring; defaults are None so
+    that only flags the user typed override a file."""
+    hints, docs = typing.get_type_hints(config_cls), field_docs(config_cls)
+    group = parser.add_argument_group(f"{config_cls.__name__} settings (each also a key of a --config file)")
     for field in dataclasses.fields(config_cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
-        default = field.default
+        default = repr(field.default) if isinstance(field.default, str) else field.default
+        # argparse formats help with %: a literal percent sign in a docstring must be doubled
+        about = first_sentence(docs.get(field.name, "")).replace("%", "%%")
+        help_text = f"{about} (default {default})".strip() if about else f"(default {default})"
         if hint is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"(default {default})")  # fmt: skip
+                               help=help_text)  # fmt: skip
             continue
         args = typing.get_args(hint)
         optional = isinstance(hint, types.UnionType) and type(None) in args
@@ -48,7 +80,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
             parse = _optional_number(kind) if optional else kind
         else:
             parse = str
-        group.add_argument(flag, dest=field.name, type=parse, default=None, help=f"(default {default})")
+        group.add_argument(flag, dest=field.name, type=parse, default=None, help=help_text)
 
 
 ALLOW_CHANGED_HELP = ("with --resume: continue even though an input (the prompts or data file, a reward file or "
@@ -478,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .policy_eval import EvalConfig
     from .stories import PHASES, StoriesConfig
 
-    parser = argparse.ArgumentParser(prog="wprlhf", description="RLHF for writing prompts: SFT, reward models, PPO.")
+    parser = argparse.ArgumentParser(prog="wprlhf", description=(
+        "RLHF for r/WritingPrompts on a laptop CPU: SFT, reward models from comparisons, PPO, RLOO, GRPO and DPO, "
+        "best-of-n, the whole writing-prompts pipeline (stories), judged evaluation, a labeling page for people, "
+        "and the sentiment demos."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ppo = sub.add_parser("ppo", help="train a policy with PPO against a reward", description=(
@@ -506,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_run_flags(method, config_cls)
         method.set_defaults(func=cmd_ppo, method=name)
 
+    from .generation import GenerationConfig
+
+    gen_help = {name: f"{first_sentence(doc)} (default {getattr(GenerationConfig, name)})".replace("%", "%%")
+                for name, doc in field_docs(GenerationConfig).items()}  # fmt: skip
     smp = sub.add_parser("sample", help="sample k responses per prompt into JSONL (the labeling input)")
     smp.add_argument("--policy", default="smollm2", help="'smollm2', 'tiny', a local directory or a hub id")
     smp.add_argument("--prompts", default="", help="prompt file (.txt/.jsonl/.csv/.csv.gz); empty = built-in")
@@ -515,17 +554,18 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--reward", default="", help="the reward SPEC that ranks --best-of samples (rm:DIR, ...)")
     smp.add_argument("--out", required=True, help="output JSONL: {\"prompt\": str, \"responses\": [str, ...]}")
     smp.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
-    smp.add_argument("--max-new-tokens", type=int, default=64)
-    smp.add_argument("--min-new-tokens", type=int, default=0)
-    smp.add_argument("--temperature", type=float, default=0.7)
+    smp.add_argument("--max-new-tokens", type=int, default=64, help=gen_help["max_new_tokens"])
+    smp.add_argument("--min-new-tokens", type=int, default=0, help=gen_help["min_new_tokens"])
+    smp.add_argument("--temperature", type=float, default=0.7, help=gen_help["temperature"])
     smp.add_argument("--greedy", action="store_true", help="the most likely token at every step instead of sampling")
-    smp.add_argument("--top-k", type=int, default=0)
-    smp.add_argument("--top-p", type=float, default=1.0)
-    smp.add_argument("--max-prompt-length", type=int, default=128)
+    smp.add_argument("--top-k", type=int, default=0, help=gen_help["top_k"])
+    smp.add_argument("--top-p", type=float, default=1.0, help=gen_help["top_p"])
+    smp.add_argument("--max-prompt-length", type=int, default=128,
+                     help="prompts longer than this keep their last tokens (default 128)")
     smp.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
-    smp.add_argument("--batch-size", type=int, default=16)
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--device", default="auto")
+    smp.add_argument("--batch-size", type=int, default=16, help="responses sampled at once (default 16)")
+    smp.add_argument("--seed", type=int, default=0, help="seeds the sampling (and the tiny init) (default 0)")
+    smp.add_argument("--device", default="auto", help="'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N' (default auto)")
     smp.set_defaults(func=cmd_sample)
     tev = sub.add_parser("task-eval", help="a `ppo --task` policy against its start policy on held-out openings",
                          description="Both policies continue the same held-out review openings; the task's classifier "
@@ -544,13 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     tev.add_argument("--n", type=int, default=128, help="openings to evaluate on, drawn at random (default 128)")
     tev.add_argument("--response-length", type=int, default=24, help="tokens per continuation (default 24)")
     tev.add_argument("--min-response-length", type=int, default=8, help="no stop token before this many (default 8)")
-    tev.add_argument("--temperature", type=float, default=0.7)
+    tev.add_argument("--temperature", type=float, default=0.7, help=gen_help["temperature"])
     tev.add_argument("--greedy", action="store_true", help="the most likely token at every step instead of sampling")
     tev.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap openings in the chat template (default: as the run did, else no)")  # fmt: skip
     tev.add_argument("--seed", type=int, default=0, help="seeds the draw of openings and the sampling")
-    tev.add_argument("--batch-size", type=int, default=16)
-    tev.add_argument("--device", default="auto")
+    tev.add_argument("--batch-size", type=int, default=16, help="continuations sampled at once (default 16)")
+    tev.add_argument("--device", default="auto", help="'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N' (default auto)")
     tev.add_argument("--out", help="JSON output (default RUN/task-eval.json beside RUN/policy)")
     tev.set_defaults(func=cmd_task_eval)
 
@@ -589,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     cle.add_argument("--max-examples", type=int, default=0, help="evaluate on N texts drawn at random (0 = all)")
     cle.add_argument("--max-length", type=int, default=None, help="tokens per text (default: training's)")
     cle.add_argument("--train-data", help="training texts for the TF-IDF baseline (default: the model's)")
-    cle.add_argument("--batch-size", type=int, default=32)
+    cle.add_argument("--batch-size", type=int, default=32, help="texts scored at once (default 32)")
     cle.set_defaults(func=cmd_classifier_eval)
     sft = sub.add_parser("sft", help="supervised fine-tuning on prompt -> story (loss on the story only)", description=(
         "Fine-tune a causal LM on karma-scored stories, the loss on response tokens only. Writes config.json, "
@@ -630,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--labeler", help="simulated labeler, e.g. sim:sentiment (default), sim:relevance, sim:rm:DIR")
     demo.add_argument("--reward-model", help="reward-model backbone or a trained reward model to fine-tune")
     demo.add_argument("--config", help="YAML or JSON file of LoopConfig fields (see `wprlhf loop --help`)")
-    demo.add_argument("--seed", type=int)
+    demo.add_argument("--seed", type=int, help="seeds every phase of the demo (default: its config's)")
     demo.add_argument("--resume", action="store_true", help="continue after the last finished phase")
     demo.add_argument("--allow-changed-inputs", action="store_true", help=ALLOW_CHANGED_HELP)
     demo.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
@@ -673,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     las = lab_sub.add_parser("serve", help="serve the labeling page (beyond loopback it needs an access token)")
     las.add_argument("--db", required=True, help="the SQLite labels file (created if absent)")
     las.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    las.add_argument("--port", type=int, default=8765)
+    las.add_argument("--port", type=int, default=8765, help="the port the page listens on (default 8765)")
     las.add_argument("--token", help="access token to require (default: none on loopback, a random one otherwise)")
     las.add_argument("--labels-per-comparison", type=int, help="labelers per comparison (default: the file's, 1)")
     las.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -687,11 +727,11 @@ def build_parser() -> argparse.ArgumentParser:
     laa.add_argument("samples", nargs="+", help='JSONL: {"prompt": str, "responses": [2-4 str], ...} per line')
     laa.set_defaults(func=_labeling(cmd_label_add))
     lae = lab_sub.add_parser("export", help="write the labels as a comparisons JSONL (for `wprlhf rm train --data`)")
-    lae.add_argument("--db", required=True)
+    lae.add_argument("--db", required=True, help="the SQLite labels file to export from")
     lae.add_argument("--out", required=True, help="output JSONL, one line per label")
     lae.set_defaults(func=_labeling(cmd_label_export))
     lat = lab_sub.add_parser("status", help="print done / queued comparisons and labeler agreement")
-    lat.add_argument("--db", required=True)
+    lat.add_argument("--db", required=True, help="the SQLite labels file to report on")
     lat.add_argument("--json", action="store_true", help="print the numbers as JSON")
     lat.set_defaults(func=_labeling(cmd_label_status))
     return parser

@@ -81,14 +81,20 @@ class CompareConfig:
     lr: float = 1e-5
     """Learning rate of PPO, RLOO and GRPO."""
     dpo_lr: float = 5e-6
+    """Learning rate of DPO."""
     dpo_beta: float = 0.1
+    """DPO's beta: the strength of its implicit KL penalty to the start policy (Rafailov et al. 2023, eq. 7)."""
     kl_coef: float = 0.05
     """KL coefficient of PPO, RLOO and GRPO, fixed. PPO and RLOO subtract kl_coef x KL from the reward; GRPO adds
     kl_coef x k3 to its loss against standardised advantages, so the same number is not the same price there."""
     temperature: float = 0.7
+    """Sampling temperature, in training and evaluation alike."""
     seed: int = 0
+    """Seeds the labeler's noise, the sampling and every method's training."""
     device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     mixed_precision: str = "auto"
+    """'auto' (bf16 where the device runs it faster than fp32), 'no', 'bf16' or 'fp16'."""
 
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)

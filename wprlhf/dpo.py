@@ -63,6 +63,7 @@ class DPOConfig:
     loss: str = "sigmoid"
     """'sigmoid' (DPO, Rafailov et al. 2023) or 'ipo' (Azar et al. 2023)."""
     epochs: int = 1
+    """Passes over the training pairs."""
     batch_size: int = 8
     """Pairs per optimizer step."""
     gradient_accumulation_steps: int = 1
@@ -72,7 +73,9 @@ class DPOConfig:
     warmup: float = 0.1
     """Share of the steps over which the learning rate warms up linearly; it then decays linearly to 0."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this before each optimizer step (None = off)."""
     max_pairs: int = 0
     """Train on at most this many pairs, a seeded random subset (0 = all)."""
     max_prompt_length: int = 128
@@ -88,6 +91,7 @@ class DPOConfig:
     lora_r: int = 0
     """LoRA rank (0 = train all weights). With LoRA the reference is the policy with its adapters off."""
     lora_alpha: float = 16.0
+    """LoRA scaling (alpha / r multiplies the adapters' update), with lora_r > 0."""
     eval_every: int = 50
     """Steps between held-out evaluations (and the last step)."""
     checkpoint_every: int = 50
@@ -95,7 +99,9 @@ class DPOConfig:
     mixed_precision: str = "auto"
     """'auto' (bf16 where faster), 'no', 'bf16' or 'fp16': autocast of every forward; weights stay fp32."""
     device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     seed: int = 0
+    """Seeds the tiny init, the subset of pairs drawn (max_pairs) and the batch order."""
 
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)

@@ -59,6 +59,7 @@ class LoopConfig:
     eval_prompts: int = 12
     """Prompts held out of every round for the judge's win rate."""
     rounds: int = 3
+    """Rounds of sample -> label -> reward model -> PPO."""
     labeler: str = "sim:sentiment"
     """Who compares: 'sim:SPEC' (see wprlhf.rewards: sentiment, relevance, rm:DIR, weighted sums) or 'web'
     (the labeling page: responses are queued in --db and the loop waits for --web-labels labels a round)."""
@@ -76,6 +77,7 @@ class LoopConfig:
     lm-human-preferences) or 'pairs' (each of the k(k-1)/2 pairs on its own: more labels from the same samples,
     which is what a small reward model needs when sampling is the expensive part)."""
     prompts_per_round: int = 24
+    """Prompts whose k responses are compared each round."""
     response_length: int = 48
     """New tokens per response, in sampling and PPO alike. Prompts keep only as many tokens as leave room for them
     in the policy's positions (a warning says when a prompt loses some)."""
@@ -84,11 +86,15 @@ class LoopConfig:
     response_length gives fixed-length responses, as in Ziegler et al.'s sentiment task: a policy can then
     gain reward only by what it writes, not by stopping early (which also saves it KL penalty)."""
     temperature: float = 0.7
+    """Sampling temperature, in the labeled samples, PPO and evaluation alike."""
     reward_model: str = "minilm"
     """Backbone of the reward model, retrained from it each round on all labels so far."""
     rm_epochs: int = 4
+    """Passes of each round's reward-model training over all labels so far."""
     rm_lr: float = 5e-5
+    """Learning rate of each round's reward model."""
     rm_max_length: int = 256
+    """Tokens of prompt and response the reward model reads."""
     ppo_steps: int = 8
     """PPO steps per round."""
     batch_size: int = 8
@@ -105,8 +111,11 @@ class LoopConfig:
     web_labels: int = 0
     """Labels to wait for per round with labeler 'web' (0 = one per queued comparison)."""
     poll_s: float = 5.0
+    """Seconds between looks at the labeling database while waiting for web labels."""
     seed: int = 0
+    """Seeds the sampling, the simulated labelers, the reward models and PPO."""
     device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     mixed_precision: str = "auto"
     """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
     fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards of the reward model and PPO; weights and AdamW stay

@@ -308,8 +308,11 @@ class EvalConfig:
     then log pi(y | instruction, prompt) - log ref(y | against-instruction, prompt), the distance between what the
     two systems write for a prompt, not between two models under one context."""
     seed: int = 0
+    """Seeds the sampling (and the tiny init)."""
     batch_size: int = 16
+    """Responses sampled or scored at once."""
     device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
 
     def __post_init__(self):
         check_numbers(self)

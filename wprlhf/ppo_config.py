@@ -87,7 +87,9 @@ class PPOConfig:
     value_lr: float | None = None
     """Learning rate of the value model (None = lr)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the policy and the value model (0 = none, as trl's PPO)."""
     adam_eps: float = 1e-8
+    """AdamW's epsilon: the floor of its per-weight step denominator."""
     lr_schedule: str = "constant"
     """'constant' or 'linear' (decay to 0 over `steps`, stepped once per PPO step)."""
     max_grad_norm: float | None = 1.0
@@ -160,6 +162,7 @@ class PPOConfig:
     log_samples: int = 2
     """Decoded samples printed every sample_every steps, and written to samples.jsonl."""
     sample_every: int = 5
+    """Log samples to samples.jsonl every this many steps (and at step 1)."""
 
     def __post_init__(self):
         check_numbers(self, non_negative=("lr", "value_lr", "weight_decay", "adam_eps", "cliprange", "cliprange_value",

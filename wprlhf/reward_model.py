@@ -64,6 +64,7 @@ class RewardConfig:
     max_examples: int = 6000
     """Use at most this many training comparisons (0 = all), drawn at random with `seed`."""
     epochs: int = 1
+    """Passes over the training comparisons."""
     batch_size: int = 16
     """Comparisons per optimizer step. Batches are drawn prompt by prompt, so a story shared by several
     comparisons of a batch is encoded once."""
@@ -77,7 +78,9 @@ class RewardConfig:
     """Freeze the embeddings and this many of the lowest transformer layers: their backward pass is most of the
     cost on a CPU, and the general features they carry change little when learning a reward."""
     lr: float = 5e-5
+    """AdamW learning rate (head and backbone alike)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_ratio: float = 0.06
     """Share of optimizer steps with a linear warm-up; then linear decay to 0."""
     val_fraction: float = 0.05
@@ -93,7 +96,9 @@ class RewardConfig:
     """Responses used to normalise scores to mean 0 / std 1 (from the training data's responses; with windows,
     each costs one forward per window)."""
     seed: int = 0
+    """Seeds the fresh head's init, the train/held-out split by prompt, the subset drawn and the batch order."""
     device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     mixed_precision: str = "auto"
     """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
     fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay

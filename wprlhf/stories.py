@@ -76,6 +76,7 @@ class StoriesConfig:
     fixed_length: bool = True
     """Forbid end-of-turn before response_length tokens (min = max new tokens)."""
     temperature: float = 0.7
+    """Sampling temperature of every phase (pools, PPO, best-of-n, evaluation)."""
     instruction: str = ""
     """Put before each prompt, with a blank line, in every policy's query (start, SFT, PPO, best-of-n, evaluation
     and its KL alike); '' = the bare prompt. Reward models, judges and relevance read the bare prompt. SmolLM2 as
@@ -95,8 +96,11 @@ class StoriesConfig:
     sft_max_length: int = 160
     """Tokens of chat template + prompt + story opening per SFT example: the opening is what PPO continues."""
     sft_lr: float = 1e-4
+    """Learning rate of the SFT phase."""
     sft_epochs: int = 1
+    """Passes of the SFT phase over its examples."""
     sft_batch_size: int = 16
+    """SFT examples per optimizer step."""
     # --- reward models
     reward_model: str = "minilm"
     """Backbone of the reward model and of the judge: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (tests), a
@@ -118,11 +122,15 @@ class StoriesConfig:
     dpo_beta: float = 0.1
     """DPO's β: the strength of the implicit KL penalty to the RL start policy (eq. 7)."""
     dpo_lr: float = 5e-6
+    """Learning rate of the DPO phase."""
     dpo_epochs: int = 2
+    """Passes of the DPO phase over its pairs."""
     ppo_steps: int = 40
+    """Steps of the PPO phase (rl ppo)."""
     batch_size: int = 16
     """PPO episodes per step."""
     lr: float = 1e-5
+    """Learning rate of the PPO phase (policy and value model)."""
     kl_coef: float = 0.2
     """Initial KL penalty β (adaptive towards kl_target). A first run with β 0.05, target 8 and lr 2e-5 found the
     reward model's weakness within 15 steps: repeated lines of dialogue ("Oh, I'm here!" x 6), which both reward
@@ -152,7 +160,9 @@ class StoriesConfig:
     """Where the SFT policy and the reward models are cached across runs ('' = $WPRLHF_CACHE/stories, else
     ~/.cache/wprlhf/stories; 'none' = train them inside the run directory every time)."""
     seed: int = 0
+    """Seeds every phase: the samples, the models' initialisation and the training order (the split has split_seed)."""
     device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     mixed_precision: str = "auto"
     """'auto' (bf16 where it is faster), 'no', 'bf16' or 'fp16': training forwards of SFT, reward models, PPO and
     DPO, and the sampling of the best-of-n and own-sample pools (evaluation samples and measures KL in fp32)."""
