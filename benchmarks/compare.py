@@ -301,7 +301,7 @@ RATES_NOTE = (
 
 
 WHY_NOTE = ("Why a target can be missed on a CPU (a decoding step profiled op by op, bf16 on a CPU without AVX-512 "
-            "BF16): the README's section \"Speed, measured against trl\".")
+            "BF16): docs/performance.md.")
 
 
 def rate_table(config: str, by_label: dict[str, list[dict]]) -> list[str]:

@@ -98,7 +98,7 @@ def learned(what: str, measured: float, bar: float, *, upper: bool = False) -> N
     """Assert a learned quantity clears its bar, and record it: `measured > bar` (or `measured < bar` with upper=True).
 
     The margin is measured / bar (bar / measured for an upper bound): a test must clear its bar by >= 1.5 under a
-    change of seed (README, Tests). Express accuracies near 1 as an error rate with an upper bound, so the margin
+    change of seed (docs/tests.md). Express accuracies near 1 as an error rate with an upper bound, so the margin
     can exceed 1.5 at all. The line is printed at the end of every pytest run (conftest), pass or fail, and appended
     as JSON to $WPRLHF_MARGIN_LOG when that is set (the seed sweep reads it).
     """

@@ -1,6 +1,6 @@
-"""The import graph keeps the tiers of README.md's "Architecture" section: every arrow points down.
+"""The import graph keeps the tiers of docs/architecture.md: every arrow points down.
 
-The README's tier diagram is the one table; this test reads it. It places every module of wprlhf/ and
+That page's tier diagram is the one table; this test reads it. It places every module of wprlhf/ and
 wprlhf/labeling/ in it, parses each module's imports with `ast` (at the top of the file and inside functions,
 relative and absolute) and fails on any import of a module of the same or a higher tier, naming the arrow
 (`a.py -> b.py (tier i -> tier j)`). Modules the diagram names but the tree does not hold yet are skipped. Beside the
@@ -18,18 +18,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "wprlhf"
-README = ROOT / "README.md"
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 BOTTOM = "errors"
-"""Imports nothing; any module may import it, in its own tier too (README, Architecture)."""
+"""Imports nothing; any module may import it, in its own tier too (docs/architecture.md)."""
 NO_TORCH = ("report", "labeling/")
 
 
-def read_tiers(readme: str) -> dict[str, int]:
-    """{module: tier} from the first code block of the README's '## Architecture' section: lines `tier N  a, b, c`."""
-    if "\n## Architecture" not in readme:
-        raise AssertionError("README.md has no '## Architecture' section, where the tier diagram lives")
-    section = readme.split("\n## Architecture", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```", 2)[1]
+def read_tiers(page: str) -> dict[str, int]:
+    """{module: tier} from the first code block of docs/architecture.md: lines `tier N  a, b, c`."""
+    if "```" not in page:
+        raise AssertionError("docs/architecture.md has no code block, where the tier diagram lives")
+    block = page.split("```", 2)[1]
     tiers: dict[str, int] = {}
     for line in block.splitlines():
         match = re.match(r"\s*tier (\d+)\s+(.+)", line)
@@ -38,11 +37,12 @@ def read_tiers(readme: str) -> dict[str, int]:
         for name in match.group(2).split(","):
             name = name.strip()
             if name in tiers:
-                raise AssertionError(f"README.md's tier diagram places {name} twice (tiers {tiers[name]} and "
+                raise AssertionError(f"docs/architecture.md's tier diagram places {name} twice (tiers "
+                                     f"{tiers[name]} and "
                                      f"{match.group(1)})")  # fmt: skip
             tiers[name] = int(match.group(1))
     if not tiers:
-        raise AssertionError("README.md's Architecture section has no 'tier N  module, module' lines")
+        raise AssertionError("docs/architecture.md has no 'tier N  module, module' lines")
     return tiers
 
 
@@ -108,9 +108,10 @@ def reads_argv(source: str) -> list[int]:
 
 
 def violations(sources: dict[str, str], tiers: dict[str, int]) -> list[str]:
-    """Every broken rule of README.md's Architecture section, one line each."""
+    """Every broken rule of docs/architecture.md, one line each."""
     by_dotted = {_dotted(m): m for m in sources}
-    out = [f"{_file(m)} is in no tier: place it in README.md's Architecture diagram" for m in sources if m not in tiers]
+    out = [f"{_file(m)} is in no tier: place it in docs/architecture.md's tier diagram"
+           for m in sources if m not in tiers]
     for name, source in sources.items():
         argv = reads_argv(source)
         if argv and name != "cli":
@@ -143,18 +144,18 @@ def violations(sources: dict[str, str], tiers: dict[str, int]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ the package
 
 
-def test_imports_point_down_the_tiers_of_the_readme():
-    found = violations(package_sources(), read_tiers(README.read_text(encoding="utf-8")))
-    assert not found, "imports that break README.md's Architecture section:\n" + "\n".join(found)
+def test_imports_point_down_the_tiers():
+    found = violations(package_sources(), read_tiers(ARCHITECTURE.read_text(encoding="utf-8")))
+    assert not found, "imports that break docs/architecture.md:\n" + "\n".join(found)
 
 
 def test_the_diagram_places_the_modules_of_the_style_guide_and_the_planned_ones():
-    tiers = read_tiers(README.read_text(encoding="utf-8"))
+    tiers = read_tiers(ARCHITECTURE.read_text(encoding="utf-8"))
     for name in ("errors", "files", "text", "core", "signatures", "distributed", "models", "data", "checkpoint",
                  "metrics", "generation", "forwards", "rewards", "reward_model", "classifier", "labelers", "sft",
                  "evaluation", "ppo", "ppo_trainer", "tasks", "loop", "report", "cli", "labeling/store",
                  "labeling/app"):
-        assert name in tiers, f"README.md's tier diagram does not place {name}"
+        assert name in tiers, f"docs/architecture.md's tier diagram does not place {name}"
     assert tiers["cli"] == max(tiers.values()) and tiers["core"] == tiers[BOTTOM] == 0
 
 
@@ -166,7 +167,7 @@ TIERS = {"errors": 0, "core": 0, "models": 1, "data": 1, "sft": 3, "tasks": 5, "
 
 def test_a_module_in_no_tier_fails():
     found = violations({"errors": "", "core": "", "newthing": "from .errors import UserError\n"}, TIERS)
-    assert found == ["newthing.py is in no tier: place it in README.md's Architecture diagram"]
+    assert found == ["newthing.py is in no tier: place it in docs/architecture.md's tier diagram"]
 
 
 def test_upward_and_same_tier_imports_fail_at_any_depth_in_any_form():
@@ -210,10 +211,10 @@ def test_importing_a_subpackage_counts_its_init_and_from_dot_import_names_the_mo
     assert imports("labeling/__init__", "from .store import Store\n", known) == [("wprlhf.labeling.store", 1)]
 
 
-def test_the_tier_table_is_read_from_the_readme():
-    readme = "# x\n\n## Architecture\n\n```\ntier 1  b, c\ntier 0  a\n```\n\ntier 9 z\n\n## Next\n"
-    assert read_tiers(readme) == {"b": 1, "c": 1, "a": 0}
+def test_the_tier_table_is_read_from_the_architecture_page():
+    page = "# Architecture\n\n```\ntier 1  b, c\ntier 0  a\n```\n\ntier 9 z\n\n```\ntier 5 y\n```\n"
+    assert read_tiers(page) == {"b": 1, "c": 1, "a": 0}  # the first code block only
     with pytest.raises(AssertionError, match="places a twice"):
-        read_tiers(readme.replace("tier 0  a", "tier 0  a, a"))
-    with pytest.raises(AssertionError, match="no '## Architecture' section"):
+        read_tiers(page.replace("tier 0  a", "tier 0  a, a"))
+    with pytest.raises(AssertionError, match="no code block"):
         read_tiers("# x\n")

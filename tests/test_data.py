@@ -485,7 +485,7 @@ def test_real_responses_and_pairs_load(real):
     assert len(responses) == 11_078 and len({r.prompt_id for r in responses}) == 655
     assert min(r.score for r in responses) == -27 and max(r.score for r in responses) == 25_203
     assert sum(r.rank == 0 for r in responses) == 655 and responses.skipped == []
-    assert len(test) == 1_255 and sum(c.best for c in test) == 616  # label 1: 616, as the README says
+    assert len(test) == 1_255 and sum(c.best for c in test) == 616  # label 1: 616, as the data's README says
     for row in real["test_rows"]:  # the pair rule holds for every shipped pair
         hi, lo = sorted((float(row["score_a"]), float(row["score_b"])), reverse=True)
         assert clearly_better(hi, lo) and float(row["score_gap"]) == hi - lo
@@ -495,7 +495,7 @@ def test_real_karma_pairs_and_split_rebuild_the_shipped_test_set(real):
     responses, shipped = real["responses"], real["test"]
     _, test = split_by_prompt(responses, test_fraction=0.1, seed=42)
     test_ids = {r.prompt_id for r in test}
-    assert len({prompt_key(r.prompt) for r in test}) == 65 and len(test_ids) == 66  # README: 65 groups, 66 prompts
+    assert len({prompt_key(r.prompt) for r in test}) == 65 and len(test_ids) == 66  # data README: 65 groups, 66 prompts
     ours = [c for c in karma_pairs(responses) if c.prompt_id in test_ids]
     as_tuple = lambda c: (c.prompt_id, c.prompt, c.responses, c.best)
     assert [as_tuple(c) for c in ours] == [as_tuple(c) for c in shipped]  # pair for pair, A/B order included

@@ -38,7 +38,7 @@ def test_update_moves_probability_towards_high_vowel_scores(tokenizer):
 
     It replaced "the vowel reward rose by 3 standard errors in 25 sampled steps", which passed on this CPU and failed
     on an AVX2-only AMD EPYC (2.5 SE) and under one seed offset here (0.8 SE): a sampled trajectory is a chaotic
-    function of every rounding, while the update's direction on given samples is not (README, Tests).
+    function of every rounding, while the update's direction on given samples is not (docs/tests.md).
     """
     policy, _ = load_policy("tiny", seed=seed(0))
     config = PPOConfig(**{**LEARNING, "batch_size": 24, "num_minibatches": 2, "seed": seed(0)})

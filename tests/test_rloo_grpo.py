@@ -91,7 +91,7 @@ def test_update_moves_probability_towards_high_vowel_scores_within_groups(tokeni
     """RLOO and GRPO learn which of a prompt's k samples score high: on one rollout (6 prompts x 4 responses scored
     by the vowel reward), 8 updates raise the log-prob gap between responses above and below their group's mean by
     over 10 nats (RLOO 25-35, GRPO 30-55 measured over 5 seeds). A property of the update, where "the reward rose
-    by 3 standard errors in 30 sampled steps" measured 1.6 SE for GRPO at one seed (README, Tests)."""
+    by 3 standard errors in 30 sampled steps" measured 1.6 SE for GRPO at one seed (docs/tests.md)."""
     policy, _ = load_policy("tiny", seed=seed(0))
     settings = dict(policy="tiny", batch_size=24, samples_per_prompt=4, response_length=8, lr=1e-2, temperature=1.0,
                     log_samples=0, seed=seed(0))  # fmt: skip

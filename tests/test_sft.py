@@ -255,7 +255,7 @@ def test_config_rejects_unknown_keys(tmp_path):
 
 
 def test_a_task_run_takes_its_examples_from_the_caller(tmp_path):
-    """SFT imports no task (README, Architecture): `wprlhf sft --task` builds the examples and passes them in."""
+    """SFT imports no task (docs/architecture.md): `wprlhf sft --task` builds the examples and passes them in."""
     with pytest.raises(UserError, match=r"pass its examples, .*stories=tasks.sft_stories\('sentiment-control', data\)"):
         train(SFTConfig(policy="tiny", task="sentiment-control", data="reviews.csv"), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -48,7 +48,7 @@ def sentiment(prompts: list[str], responses: list[str]) -> list[float]:
 # What is a story? The rule behind the `story` judge (issue 18). An r/WritingPrompts response is prose that
 # tells the story; SmolLM2-Instruct as shipped mostly answers as an assistant ("What a great concept!"), writes an
 # essay about the prompt, edits the prompt's sentence, or loops. The rule names those four failures and calls
-# everything else a story, so it can be checked by reading (README: a hand audit of 50 verdicts).
+# everything else a story, so it can be checked by reading (docs/results.md: a hand audit of 50 verdicts).
 _ASSISTANT_OPENING = re.compile(  # how an assistant's reply opens; checked only outside quotation marks
     r"^(sure|certainly|absolutely|of course|no problem|here'?s|here is|here are|what an? (great|wonderful|"
     r"fascinating|interesting|intriguing|creative|fun|unique|thought)|great (question|prompt|idea|concept|choice)|"
@@ -103,7 +103,7 @@ def story_verdict(prompt: str, response: str) -> str:
     - 'restated': over 30 % of its words copied from the prompt in runs of 6 or more (an edit or a restatement
       of the prompt's sentence; a story that quotes the prompt's line once stays a story).
 
-    Measured on the first 48 words of 1,000 human stories of ../shared/data/writing_prompts: README, issue 18."""
+    Measured on the first 48 words of 1,000 human stories of ../shared/data/writing_prompts: docs/results.md."""
     words = _WORD.findall(response.lower())
     if len(words) < 10:
         return "broken"

@@ -52,7 +52,7 @@ pair), in order: (n,) rewards or (n, 2) logits."""
 @dataclass
 class RewardConfig:
     """`wprlhf rm train`: what to learn from, which backbone, how long. The defaults are the CPU recipe that beat
-    TF-IDF on karma pairs (README: 6,000 pairs read in 80-word windows of 128 tokens, ~8 minutes on 2 cores)."""
+    TF-IDF on karma pairs (docs/data.md: 6,000 pairs read in 80-word windows of 128 tokens, ~8 minutes on 2 cores)."""
 
     data: str = ""
     """Comparisons: a pair CSV (prompt, response_a, response_b, label), comparisons JSONL, a directory holding

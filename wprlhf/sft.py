@@ -431,7 +431,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
 
     stories: the examples to learn from (`data.Response`s: prompt, response, rank) instead of reading config.data.
     A task's examples come this way (`wprlhf sft --task` passes `tasks.sft_stories(task, data)`): SFT trains on
-    whatever it is given and knows no task but by name, so it sits below the tasks (README, Architecture).
+    whatever it is given and knows no task but by name, so it sits below the tasks (docs/architecture.md).
 
     out_dir gets config.json, inputs.json (`files.input_fingerprints` of the policy, the data and the stories given),
     metrics.csv (a row per optimizer step, val_loss at step 0 and every eval_every), tb/, samples.jsonl (held-out

@@ -54,7 +54,7 @@ DATA = "../shared/data/writing_prompts"
 
 @dataclass
 class StoriesConfig:
-    """`wprlhf stories`. Defaults: the long run of the README on 2 CPU cores (about 60 minutes from cached models)."""
+    """`wprlhf stories`. Defaults: docs/results.md's long run on 2 CPU cores (about 60 minutes from cached models)."""
 
     data: str = DATA
     """Karma-scored stories: a directory holding prompt_responses.csv.gz (and optionally fan_prompts.csv), a
@@ -80,12 +80,12 @@ class StoriesConfig:
     instruction: str = ""
     """Put before each prompt, with a blank line, in every policy's query (start, SFT, PPO, best-of-n, evaluation
     and its KL alike); '' = the bare prompt. Reward models, judges and relevance read the bare prompt. SmolLM2 as
-    shipped answers a bare prompt as an assistant (README: story share 44 %); told to write a story's opening it
-    mostly does, so the start policy is a writer before any training and RL need not pay KL for the register."""
+    shipped answers a bare prompt as an assistant (docs/results.md: story share 44 %); told to write a story's opening
+    it mostly does, so the start policy is a writer before any training and RL need not pay KL for the register."""
     # --- SFT
     sft: bool = True
     """Fine-tune on top-voted stories before PPO. SmolLM2-Instruct answers a prompt as an assistant; SFT teaches
-    it to answer as a writer (README: story share before and after)."""
+    it to answer as a writer (docs/results.md: story share before and after)."""
     sft_data: str = "human"
     """What SFT imitates: 'human', each train prompt's top-voted story; or 'best-of-N' (e.g. 'best-of-8'), the start
     policy's best of N samples by the task's reward (the reward model, plus reward_extra's terms; best-of-n
@@ -134,19 +134,19 @@ class StoriesConfig:
     kl_coef: float = 0.2
     """Initial KL penalty β (adaptive towards kl_target). A first run with β 0.05, target 8 and lr 2e-5 found the
     reward model's weakness within 15 steps: repeated lines of dialogue ("Oh, I'm here!" x 6), which both reward
-    models score 2-3 standard deviations above the human stories, at KL 7-10 nats (README)."""
+    models score 2-3 standard deviations above the human stories, at KL 7-10 nats (docs/results.md)."""
     kl_target: float = 4.0
     """Adaptive-KL target, nats per response, KL to the SFT policy."""
     reward_extra: str = ""
     """A reward SPEC (`rewards.py`) added to the reward model's score in PPO and in best-of-n's choice, '' = none.
     E.g. '3.6*relevance+1.2*story': prompt relevance and the story rule, each weighted to about one standard
     deviation of the reward model's scores per standard deviation of its own. A karma reward model does not ask
-    for the prompt to be followed; a reader does (README). Relevance and the story rule are then trained on, so
+    for the prompt to be followed; a reader does (docs/results.md). Relevance and the story rule are then trained on, so
     as judges they are no longer independent: the judge reward model and blind readers still are."""
     score_clip: float | None = None
     """Clip the reward model's scores to [-score_clip, score_clip] in PPO (None = off). The reward model is
     normalised on human stories (mean 0, std 1); PPO's gamed samples score 3-6, far outside what it saw, so a clip
-    near 1.5 stops paying for going there. Not yet measured (README)."""
+    near 1.5 stops paying for going there. Not yet measured (docs/results.md)."""
     # --- best-of-n and evaluation
     best_of: str = "4,16"
     """Best-of-n baselines from the SFT policy, with the reward model choosing; one pool of the largest n."""
@@ -606,7 +606,7 @@ def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
 def pool_autocast(config: StoriesConfig):
     """The autocast the pools are sampled under (None for fp32): config.mixed_precision resolved on config.device
     (rewards score outside it). Sampling the pools is most of a DPO or best-of-n run on a CPU, and bf16 does it about 1.7x faster
-    where the CPU has AVX-512 BF16 (README). Evaluation's own samples stay fp32."""
+    where the CPU has AVX-512 BF16 (docs/results.md). Evaluation's own samples stay fp32."""
     import torch
 
     device = resolve_device(config.device)
@@ -624,7 +624,7 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
     when it answers these prompts with n samples each, so a resumed run does not sample again. A pool put there
     before the phase, from `wprlhf sample -k n --prompts split/pool_queries.jsonl` (its prompts are the queries, and
     it has no scores), is scored and used instead of sampling here: sampling is most of the phase on a CPU, and a
-    GPU does it in seconds (README). Anything else at `path` is sampled again, with a note."""
+    GPU does it in seconds (docs/stories.md). Anything else at `path` is sampled again, with a note."""
     from .best_of import Pool, sample_pool
     from .generation import generation_config
     from .models import load_policy

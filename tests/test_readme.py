@@ -1,0 +1,30 @@
+"""The README's Python quick start runs as written (on the tiny model, one step), and every page it links exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 250
+    for link in re.findall(r"\]\((docs/[^)]+)\)", README):
+        assert (ROOT / link).is_file(), link
+
+
+@pytest.mark.learning
+def test_the_python_quick_start_runs(tmp_path, monkeypatch):
+    """The first Python block of the README, with the tiny model and one step in place of SmolLM2 and 20."""
+    block = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    assert 'policy="smollm2", steps=20' in block and '"runs/dragons"' in block
+    code = block.replace('policy="smollm2", steps=20', 'policy="tiny", steps=1, batch_size=2, num_minibatches=1, '
+                         'response_length=4').replace('"runs/dragons"', repr(str(tmp_path / "dragons")))  # fmt: skip
+    exec(compile(code, "README.md", "exec"), {})
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "dragons" / "policy").config.num_hidden_layers == 2
