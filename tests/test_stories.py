@@ -117,7 +117,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     # Resuming a finished run does nothing again; resuming with a setting a finished phase used is refused.
     capsys.readouterr()
     assert main(["stories", "--out", str(out), *flags, "--resume"]) == 0
-    assert "done in" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "done in" not in printed and "== resuming" in printed and "(split, rm, judge, sft, ppo" in printed
     assert main(["stories", "--out", str(out), *flags, "--resume", "--judge-fraction", "0.3"]) == 2
     assert "--judge-fraction 0.2" in capsys.readouterr().err
     # A second run on the same data and settings reuses the cached SFT policy and both reward models.

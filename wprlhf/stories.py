@@ -455,6 +455,9 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     state["config"], state["inputs"] = dataclasses.asdict(config), inputs
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
+    if state["done"]:  # say what a resumed run skips
+        print(f"== resuming {out_dir}: phases finished before ({', '.join(state['done'])}) are kept; an unfinished "
+              "one starts over", flush=True)  # fmt: skip
     clock = time.perf_counter()
 
     def finish(phase: str, **facts) -> None:
