@@ -358,6 +358,7 @@ def sample(
     logprobs = torch.zeros((B, config.max_new_tokens), dtype=torch.float32, device=device)
     response_mask = torch.zeros((B, config.max_new_tokens), dtype=torch.bool, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     # Prefill: logits only at the last position; the (B, Tq, V) logits of the prompt are never needed.
     out = model(
@@ -373,11 +374,9 @@ def sample(
     for t in range(config.max_new_tokens):
         logits = next_logits.float() / config.temperature  # (B, V)
         # A non-finite row (NaN logits, or logits / T past float32 at a tiny T) has no distribution to draw from:
-        # inverse-CDF sampling would return the last id over and over. One reduction and one sync per step.
-        if not bool(torch.isfinite(logits.amax(-1)).all()):
-            raise UserError(f"the policy's next-token distribution is not finite at step {t} (NaN logits, or "
-                            f"logits / temperature overflowing at temperature {config.temperature}); use --greedy "
-                            "for the most likely token, a temperature of 0.1 or more, or check the model's weights")  # fmt: skip
+        # inverse-CDF sampling would return the last id over and over. Noted on the device (no sync per step) and
+        # refused below, before any token leaves this function.
+        nonfinite |= ~torch.isfinite(logits.amax(-1)).all()
         allowed = logits  # what we choose from; log-probs stay those of the full distribution (see Generation)
         if config.stop_at_eos and t < config.min_new_tokens:
             allowed = logits.clone()
@@ -405,6 +404,10 @@ def sample(
         next_logits = out.logits[:, -1, :]
         next_position = next_position + 1
 
+    if bool(nonfinite):
+        raise UserError(f"the policy's next-token distribution was not finite (NaN logits, or logits / temperature "
+                        f"overflowing at temperature {config.temperature}); use --greedy for the most likely token, a "
+                        "temperature of 0.1 or more, or check the model's weights")  # fmt: skip
     generation = Generation(responses, response_mask, logprobs, finished)
     if config.stop_strings and config.stop_at_eos:
         if tokenizer is None:
