@@ -173,7 +173,8 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tens
     budget = max(1, max_length - prefix - suffix)
     head = int(budget * HEAD_SHARE)
     rows = []
-    for row in tokenizer(list(texts), verbose=False, split_special_tokens=True)["input_ids"]:  # [CLS]/[SEP] added, the text's own spellings kept as text
+    # [CLS] / [SEP] added, nothing truncated; a text that spells [SEP] keeps it as text
+    for row in tokenizer(list(texts), verbose=False, split_special_tokens=True)["input_ids"]:
         start, body, end = row[:prefix], row[prefix : len(row) - suffix], row[len(row) - suffix :]
         if len(body) > budget:
             body = body[:head] + body[len(body) - (budget - head) :]

@@ -36,8 +36,9 @@ from torch import nn
 from . import checkpoint as ckpt
 from .core import linear_schedule, masked_sum, pad_sequences
 from .data import Comparison, load_comparisons, split_by_prompt
-from .distributed import (autocast_dtype, check_finite, check_launch_environment, check_mixed_precision, device_of, is_main_process,
-                          make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision)  # fmt: skip
+from .distributed import (autocast_dtype, check_finite, check_launch_environment, check_mixed_precision, device_of,
+                          is_main_process, make_accelerator, reduce_sum, resolve_device,
+                          resolve_mixed_precision)  # fmt: skip
 from .errors import UserError, check_numbers
 from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from .forwards import policy_forward

@@ -85,36 +85,6 @@ def scored_win_rate(new_scores: Sequence[float], start_scores: Sequence[float], 
     return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins)}
 
 
-def _sampled_batches(policy, tokenizer, prompts: list[str], config: GenerationConfig, seed: int, batch_size: int,
-                     progress: bool, chat_template: bool):  # fmt: skip
-    """Yield (queries, query_mask, Generation) for each batch of at most batch_size prompts, sampled as
-    `generation.generate` samples them (one generator seeded once; prompts clipped to the model's positions)."""
-    from tqdm.auto import tqdm
-
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
-        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], None, chat_template)
-        # Later forwards (the KL's) must read the same (clipped) prompts the sampler did.
-        queries, query_mask = fit_positions(policy, queries.to(device), query_mask.to(device), config.max_new_tokens)
-        gen = sample(policy, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id,
-                     generator, tokenizer)  # fmt: skip
-        yield queries, query_mask, gen
-
-
-@torch.no_grad()
-def sample_responses(policy, tokenizer, prompts: list[str], config: GenerationConfig, seed: int = 0,
-                     batch_size: int = 16, progress: bool = False, chat_template: bool = True,
-                     ) -> tuple[list[str], list[list[int]]]:  # fmt: skip
-    """One response per prompt, as `generation.generate` samples it: (texts, ids), ids each response's sampled
-    tokens, its stop token included where it stopped (text drops it; a KL needs its term)."""
-    texts, ids = [], []
-    for _, _, gen in _sampled_batches(policy, tokenizer, prompts, config, seed, batch_size, progress, chat_template):
-        texts += decode_responses(tokenizer, gen.responses, gen.response_mask)
-        ids += [row[mask].tolist() for row, mask in zip(gen.responses, gen.response_mask)]
-    return texts, ids
-
-
 @torch.no_grad()
 def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: GenerationConfig, seed: int = 0,
                    batch_size: int = 16, progress: bool = False, chat_template: bool = True,
@@ -128,10 +98,18 @@ def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: Gen
     `reference` = None gives zeros. chat_template False feeds the prompts as plain text to be continued (the
     review tasks), as PPO fed them.
     """
+    from tqdm.auto import tqdm
+
     floor = sampling_floor(config.min_new_tokens, config.stop_at_eos, stop_token_ids(tokenizer))
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     texts, kls = [], []
-    for queries, query_mask, gen in _sampled_batches(policy, tokenizer, prompts, config, seed, batch_size, progress,
-                                                     chat_template):  # fmt: skip
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], None, chat_template)
+        # The KL's forwards below must read the same (clipped) prompts the sampler did.
+        queries, query_mask = fit_positions(policy, queries.to(device), query_mask.to(device), config.max_new_tokens)
+        gen = sample(policy, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                     generator, tokenizer)  # fmt: skip
         texts += decode_responses(tokenizer, gen.responses, gen.response_mask)
         if reference is None:
             kls += [0.0] * len(gen.responses)

@@ -97,7 +97,7 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: Sequence[
     min_response_length: the sampler forbade end-of-turn before this many tokens, so those positions are scored
     under the distribution it sampled from (stop tokens masked, the rest renormalised: `forwards.sampling_floor`, as
     PPO and `evaluation.sample_with_kl` score them); the difference of two models' sums is then the KL estimate k1
-    of what each would sample. responses: the sampled token ids (`evaluation.sample_responses`: a response that
+    of what each would sample. responses: the sampled token ids (`generation.generate(ids=...)`: a response that
     stopped ends with its stop token, whose term the KL needs), or text, tokenized again: text has lost the stop
     token, and the same tokenizer gives back its other tokens except at rare merges.
     """
@@ -353,11 +353,11 @@ def read_side(spec: str) -> dict[str, str]:
 
 
 def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
-    """(responses, (model, tokenizer), ids) of a model sampled on the prompts: ids, each response's sampled tokens
-    with its stop token where it stopped, are what its KL is measured on (`response_logprobs`)."""
+    """(responses, (model, tokenizer), ids, finished) of a model sampled on the prompts: ids, each response's sampled
+    tokens with its stop token where it stopped, are what its KL is measured on (`response_logprobs`); finished,
+    whether it stopped before the cap."""
     from .distributed import resolve_device
-    from .evaluation import sample_responses
-    from .generation import generation_config
+    from .generation import generate, generation_config
     from .models import load_policy
 
     model, tokenizer = load_policy(spec, seed=config.seed)
@@ -366,9 +366,10 @@ def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
     gen.greedy = config.greedy
-    texts, ids = sample_responses(model, tokenizer, prompts, gen, seed=config.seed, batch_size=config.batch_size,
-                                  progress=True)  # fmt: skip
-    return texts, (model, tokenizer), ids
+    ids, finished = [], []
+    texts = generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True,
+                     finished=finished, ids=ids)  # fmt: skip
+    return texts, (model, tokenizer), ids, finished
 
 
 def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
@@ -399,7 +400,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
              "against": config.instruction if config.against_instruction is None else config.against_instruction}
     queries = {side: [instruction_head(head) + p for p in prompts] for side, head in heads.items()}
     specs = {"policy": config.policy, "against": config.against}
-    texts, models, ids = {}, {}, {}
+    texts, models, ids, finished = {}, {}, {}, {}
     for side, spec in specs.items():
         if spec in files:
             missing = [p for p in prompts if p not in files[spec]]
@@ -408,7 +409,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
                                 f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
             texts[side] = [files[spec][p] for p in prompts]
         else:
-            texts[side], models[side], ids[side] = _sample_side(spec, queries[side], config)
+            texts[side], models[side], ids[side], finished[side] = _sample_side(spec, queries[side], config)
     new, old = texts["policy"], texts["against"]
     kls = {}
     reference = config.reference or (config.against if "against" in models else "")
@@ -428,10 +429,8 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
     report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference,
                   instruction=heads["policy"], against_instruction=heads["against"])
     if config.min_response_length < config.response_length:  # not fixed-length: how many ran into the cap unfinished
-        for side, sampled in ids.items():
-            stops = set(stop_token_ids(models[side][1]))
-            cut = [0.0 if row and row[-1] in stops else 1.0 for row in sampled]
-            report["sides"][side]["truncated_share"] = mean_ci(cut, prompts)
+        for side, done in finished.items():
+            report["sides"][side]["truncated_share"] = mean_ci([0.0 if d else 1.0 for d in done], prompts)
     if blind_db:
         # One model under two instructions is two systems: the blind store must tell its sides apart.
         names = (config.policy, config.against) if config.policy != config.against else tuple(
