@@ -120,7 +120,7 @@ def run_wprlhf(method: str, out: Path) -> tuple[float, dict, dict]:
     watch(counter, {"policy": policy})
     if method == "dpo":
         from wprlhf.data import Comparison
-        from wprlhf.dpo import DPOConfig, train
+        from wprlhf.methods.dpo import DPOConfig, train
 
         config = DPOConfig(policy="smollm2", beta=BETA_DPO, lr=LR_DPO, epochs=1, batch_size=PAIR_BATCH,
                            max_prompt_length=2 * TOKENS, max_response_length=2 * TOKENS, val_fraction=0.0,
@@ -133,7 +133,7 @@ def run_wprlhf(method: str, out: Path) -> tuple[float, dict, dict]:
     else:
         from importlib import import_module
 
-        module = import_module(f"wprlhf.{method}")
+        module = import_module(f"wprlhf.methods.{method}")
         config_class = getattr(module, f"{method.upper()}Config")
         config = config_class(policy="smollm2", batch_size=PROMPTS * K, samples_per_prompt=K, steps=STEPS,
                               ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=MICRO,

@@ -89,13 +89,13 @@ def instrument(trainer, timers: Timers) -> None:
 
     import torch
 
-    from wprlhf import ppo_trainer
+    from wprlhf.methods import onpolicy
 
     # LambdaLR notices that optimizer.step was replaced; the wrapper still calls the original step first.
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
     # The trainer's rollout forwards and minibatch steps find these by their module-level names at call time.
-    ppo_trainer.policy_forward = timers.wrap(ppo_trainer.policy_forward, "train_forward", "rollout_ref_fwd")
-    ppo_trainer.value_forward = timers.wrap(ppo_trainer.value_forward, "train_forward", "rollout_value_fwd")
+    onpolicy.policy_forward = timers.wrap(onpolicy.policy_forward, "train_forward", "rollout_ref_fwd")
+    onpolicy.value_forward = timers.wrap(onpolicy.value_forward, "train_forward", "rollout_value_fwd")
     trainer.optimizer.step = timers.wrap(trainer.optimizer.step, "train_optimizer_step")
     torch.Tensor.backward = timers.wrap(torch.Tensor.backward, "train_backward")
 
@@ -140,9 +140,9 @@ def one_run(args) -> dict:
     import torch
 
     from wprlhf.generation import decode_responses
+    from wprlhf.methods.ppo import PPOConfig, PPOTrainer
     from wprlhf.models import load_policy
-    from wprlhf.ppo import PPOConfig, PPOTrainer
-    from wprlhf.rewards import length
+    from wprlhf.rewards.spec import length
 
     torch.set_num_threads(args.threads)
     check_device(args.device)

@@ -24,8 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (REPO, append_jsonl, cpu_probe, cpu_seconds, machine, med, peak_rss_mib, prompt_texts, run_child,
-                     shown, versions)
+from _common import (
+    REPO,
+    append_jsonl,
+    cpu_probe,
+    cpu_seconds,
+    machine,
+    med,
+    peak_rss_mib,
+    prompt_texts,
+    run_child,
+    shown,
+    versions,
+)
 from bench_ppo import Timers, instrument
 
 PHASES = ("generate", "score", "rollout_fwd_no_grad", "rollout_value_fwd", "train_forward", "train_backward",
@@ -39,12 +50,12 @@ def one_run(args) -> dict:
     kept = keep_freed_memory()  # first, as the `wprlhf` command does (wprlhf/allocator.py)
     import torch
 
-    from wprlhf import ppo_trainer
+    from wprlhf.methods import onpolicy
+    from wprlhf.methods.onpolicy import prompt_batch
+    from wprlhf.methods.ppo import PPOTrainer, step
     from wprlhf.models import load_policy, load_reward_backbone
-    from wprlhf.ppo import PPOTrainer, step
-    from wprlhf.ppo_trainer import prompt_batch
-    from wprlhf.reward_model import load_reward_model, score
-    from wprlhf.stories import StoriesConfig, ppo_settings
+    from wprlhf.pipelines.stories import StoriesConfig, ppo_settings
+    from wprlhf.rewards.reward_model import load_reward_model, score
 
     torch.set_num_threads(args.threads)
     task = StoriesConfig(mixed_precision=args.precision, device="cpu")
@@ -64,10 +75,10 @@ def one_run(args) -> dict:
     trainer = PPOTrainer(config, policy, tokenizer)
     load_s = time.perf_counter() - t0
     timers = Timers()
-    policy_forward = ppo_trainer.policy_forward
+    policy_forward = onpolicy.policy_forward
     instrument(trainer, timers)
     # Under bf16 the rollout recomputes the policy's log-probs beside the reference's: both are no-grad forwards.
-    ppo_trainer.policy_forward = timers.wrap(policy_forward, "train_forward", "rollout_fwd_no_grad")
+    onpolicy.policy_forward = timers.wrap(policy_forward, "train_forward", "rollout_fwd_no_grad")
     step(trainer, prompt_batch(prompts, 0, config.batch_size, config.seed), reward_fn)  # warm-up, not timed
     timers.s.clear()
     probe_before = cpu_probe()

@@ -28,7 +28,6 @@ so that the conversion does not count in this process's peak RSS. A measurement,
 from __future__ import annotations
 
 import os
-
 import sys
 
 # The peer work is CPU work: a CUDA build of torch (see setup_trl.sh's TORCH_PIP_ARGS) must not take a GPU, unless
@@ -252,9 +251,9 @@ class Timers:
 
 def instrument(trainer, counter: WorkCounter, timers: Timers | None, update_starts: list[float]) -> None:
     """Count sampled tokens and mark update boundaries (always); time trl's phases (unless --no-timers)."""
-    from trl.experimental.ppo import ppo_trainer
+    from trl.experimental.ppo import onpolicy
 
-    batch_generation = ppo_trainer.batch_generation  # train() looks it up by this module-level name
+    batch_generation = onpolicy.batch_generation  # train() looks it up by this module-level name
 
     def counted_generation(model, queries, *args, **kwargs):
         update_starts.append(time.perf_counter())  # generation is the first work of every PPO update
@@ -262,7 +261,7 @@ def instrument(trainer, counter: WorkCounter, timers: Timers | None, update_star
         counter.sampled_tokens += (query_responses.shape[1] - queries.shape[1]) * query_responses.shape[0]
         return query_responses, logits
 
-    ppo_trainer.batch_generation = timers.wrap(counted_generation, "generate") if timers else counted_generation
+    onpolicy.batch_generation = timers.wrap(counted_generation, "generate") if timers else counted_generation
     if timers is None:
         return
     # The policy+value wrapper runs only in training (with grad); rollout calls each model on its own.
@@ -275,7 +274,7 @@ def instrument(trainer, counter: WorkCounter, timers: Timers | None, update_star
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
     trainer.optimizer.step = timers.wrap(trainer.optimizer.step, "train_optimizer_step")
     # trl calls gc.collect() itself, twice per update: time it without touching the process's gc module.
-    ppo_trainer.gc = types.SimpleNamespace(collect=timers.wrap(ppo_trainer.gc.collect, "gc_collect"))
+    onpolicy.gc = types.SimpleNamespace(collect=timers.wrap(onpolicy.gc.collect, "gc_collect"))
 
 
 def enum_value(x) -> str:

@@ -97,7 +97,7 @@ def prepare_caches(args, trl_python: str) -> None:
 
 
 def wprlhf_has_bf16(python: str) -> bool:
-    code = "import dataclasses, wprlhf.ppo as p; print('mixed_precision' in {f.name for f in dataclasses.fields(p.PPOConfig)})"
+    code = "import dataclasses, wprlhf.methods.ppo as p; print('mixed_precision' in {f.name for f in dataclasses.fields(p.PPOConfig)})"
     proc = subprocess.run([python, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     return proc.stdout.strip() == "True"
 

@@ -41,10 +41,10 @@ def trim(queries, query_mask, responses, response_mask):
 def ppo(out: str, method: str = "ppo") -> None:
     """One update of `method` ('ppo', 'rloo', 'grpo') on the fixed global batch; RLOO and GRPO see it as 2 prompts
     x 4 responses, so under 2 processes each holds one group and the advantages need the gathered batch."""
-    from wprlhf.grpo import GRPOConfig, GRPOTrainer
+    from wprlhf.methods.grpo import GRPOConfig, GRPOTrainer
+    from wprlhf.methods.ppo import PPOConfig, PPOTrainer
+    from wprlhf.methods.rloo import RLOOConfig, RLOOTrainer
     from wprlhf.models import load_policy
-    from wprlhf.ppo import PPOConfig, PPOTrainer
-    from wprlhf.rloo import RLOOConfig, RLOOTrainer
 
     policy, tokenizer = load_policy("tiny", seed=0)
     common = dict(policy="tiny", batch_size=B, num_minibatches=2, ppo_epochs=2, gradient_accumulation_steps=2,
@@ -68,7 +68,7 @@ def ppo(out: str, method: str = "ppo") -> None:
 
 
 def rm(data: str, out: str) -> None:
-    from wprlhf.reward_model import RewardConfig, train
+    from wprlhf.rewards.reward_model import RewardConfig, train
 
     config = RewardConfig(data=data, model="tiny", max_length=48, batch_size=16, epochs=1, lr=1e-3, warmup_ratio=0.0,
                           val_fraction=0.2, eval_every=1000, normalize_samples=16, device="cpu", seed=0)  # fmt: skip
@@ -76,7 +76,7 @@ def rm(data: str, out: str) -> None:
 
 
 def dpo(data: str, out: str) -> None:
-    from wprlhf.dpo import DPOConfig, train
+    from wprlhf.methods.dpo import DPOConfig, train
 
     config = DPOConfig(data=data, policy="tiny", beta=0.5, lr=2e-2, warmup=0.0, batch_size=4,
                        gradient_accumulation_steps=2, epochs=1, val_fraction=0.0, device="cpu", seed=0)  # fmt: skip

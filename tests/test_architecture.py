@@ -1,17 +1,18 @@
-"""The import graph keeps the tiers of docs/architecture.md: every arrow points down.
+"""The folders are the tiers of docs/architecture.md, and every import points down them.
 
-That page's tier diagram is the one table; this test reads it. It places every module of wprlhf/ and
-wprlhf/labeling/ in it, parses each module's imports with `ast` (at the top of the file and inside functions,
-relative and absolute) and fails on any import of a module of the same or a higher tier, naming the arrow
-(`a.py -> b.py (tier i -> tier j)`). Modules the diagram names but the tree does not hold yet are skipped. Beside the
-tiers: labeling/ imports nothing from wprlhf, report.py and labeling/ never import torch, nothing imports cli,
-only cli reads sys.argv, and core.py imports nothing from wprlhf.
+That page's block is the one table; this test reads it. Each row is `level N  FOLDER/  a, b > c > d`: the modules
+of one folder of wprlhf, in groups from highest to lowest. The test checks that every file of the package is
+placed, in the folder it lives in, and parses each module's imports with `ast` (at the top of the file and inside
+functions, relative and absolute). Across folders an import must go to a lower level; inside a folder, to a group
+further right. Beside the tiers: labeling/ imports nothing else from wprlhf, report.py and labeling/ never import
+torch, nothing imports cli, only cli reads sys.argv, and core.py imports nothing from wprlhf.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,41 +21,50 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "wprlhf"
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 BOTTOM = "errors"
-"""Imports nothing; any module may import it, in its own tier too (docs/architecture.md)."""
-NO_TORCH = ("report", "labeling/")
+"""Imports nothing; any module may import it (docs/architecture.md)."""
 
 
-def read_tiers(page: str) -> dict[str, int]:
-    """{module: tier} from the first code block of docs/architecture.md: lines `tier N  a, b, c`."""
+@dataclass(frozen=True)
+class Place:
+    """Where the diagram puts a module: its folder ('' for wprlhf/ itself), its level and its group in the row
+    (0 = the rightmost, lowest group)."""
+
+    folder: str
+    level: int
+    group: int
+
+
+def read_places(page: str) -> dict[str, Place]:
+    """{module: Place} from the first code block of docs/architecture.md; a module is named by its path under
+    wprlhf/ without .py ('core', 'methods/ppo', 'labeling/__init__')."""
     if "```" not in page:
         raise AssertionError("docs/architecture.md has no code block, where the tier diagram lives")
-    block = page.split("```", 2)[1]
-    tiers: dict[str, int] = {}
-    for line in block.splitlines():
-        match = re.match(r"\s*tier (\d+)\s+(.+)", line)
+    places: dict[str, Place] = {}
+    for line in page.split("```", 2)[1].splitlines():
+        match = re.match(r"\s*level (\d+)\s+(\S+/)\s+(.+)", line)
         if not match:
             continue
-        for name in match.group(2).split(","):
-            name = name.strip()
-            if name in tiers:
-                raise AssertionError(f"docs/architecture.md's tier diagram places {name} twice (tiers "
-                                     f"{tiers[name]} and "
-                                     f"{match.group(1)})")  # fmt: skip
-            tiers[name] = int(match.group(1))
-    if not tiers:
-        raise AssertionError("docs/architecture.md has no 'tier N  module, module' lines")
-    return tiers
+        folder = "" if match.group(2) == "wprlhf/" else match.group(2).rstrip("/")
+        groups = [g.split(",") for g in match.group(3).split(">")]
+        for i, group in enumerate(groups):
+            for name in filter(None, (n.strip() for n in group)):
+                module = f"{folder}/{name}" if folder else name
+                if module in places:
+                    raise AssertionError(f"docs/architecture.md's tier diagram places {module} twice")
+                places[module] = Place(folder, int(match.group(1)), len(groups) - 1 - i)
+    if not places:
+        raise AssertionError("docs/architecture.md has no 'level N  folder/  module, module > module' lines")
+    return places
 
 
 def package_sources(package: Path = PACKAGE) -> dict[str, str]:
-    """{module: source} for wprlhf/*.py and wprlhf/labeling/*.py; a module is named by its path without .py
-    ('core', 'labeling/store', '__init__' for the package itself)."""
-    files = sorted(package.glob("*.py")) + sorted(package.glob("labeling/*.py"))
-    return {f.relative_to(package).with_suffix("").as_posix(): f.read_text(encoding="utf-8") for f in files}
+    """{module: source} for every .py file under wprlhf/."""
+    return {f.relative_to(package).with_suffix("").as_posix(): f.read_text(encoding="utf-8")
+            for f in sorted(package.rglob("*.py"))}  # fmt: skip
 
 
 def _dotted(name: str) -> str:
-    """'labeling/store' -> 'wprlhf.labeling.store'; '__init__' -> 'wprlhf'; 'labeling/__init__' -> 'wprlhf.labeling'."""
+    """'labeling/store' -> 'wprlhf.labeling.store'; '__init__' -> 'wprlhf'; 'methods/__init__' -> 'wprlhf.methods'."""
     parts = ["wprlhf", *name.split("/")]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -107,11 +117,34 @@ def reads_argv(source: str) -> list[int]:
     return sorted(lines)
 
 
-def violations(sources: dict[str, str], tiers: dict[str, int]) -> list[str]:
+def _folder(name: str) -> str:
+    return name.rpartition("/")[0]
+
+
+def misplaced(sources: dict[str, str], places: dict[str, Place]) -> list[str]:
+    """Files the diagram does not place, or places in another folder than the one they live in."""
+    out = [f"{_file(m)} is in no tier: place it in its folder's row of docs/architecture.md"
+           for m in sources if m not in places]  # fmt: skip
+    out += [f"{_file(m)} lives in {_folder(m) or 'wprlhf'}/ but docs/architecture.md's row is {p.folder or 'wprlhf'}/"
+            for m, p in places.items() if m in sources and _folder(m) != p.folder]  # fmt: skip
+    return out
+
+
+def _arrow_breaks(a: Place, b: Place) -> str | None:
+    """Why an import from a module placed at `a` of one placed at `b` breaks the tiers, or None when it is down."""
+    if a.folder == b.folder:
+        if (b.level, b.group) < (a.level, a.group):
+            return None
+        return f"(level {a.level} group {a.group} -> level {b.level} group {b.group}): inside a folder, import only rightwards"
+    if b.level < a.level:
+        return None
+    return f"(level {a.level} -> level {b.level}): across folders, import only from a lower level"
+
+
+def violations(sources: dict[str, str], places: dict[str, Place]) -> list[str]:
     """Every broken rule of docs/architecture.md, one line each."""
     by_dotted = {_dotted(m): m for m in sources}
-    out = [f"{_file(m)} is in no tier: place it in docs/architecture.md's tier diagram"
-           for m in sources if m not in tiers]
+    out = misplaced(sources, places)
     for name, source in sources.items():
         argv = reads_argv(source)
         if argv and name != "cli":
@@ -134,87 +167,119 @@ def violations(sources: dict[str, str], tiers: dict[str, int]) -> list[str]:
                 out.append(f"{arrow} (line {line}): nothing imports cli")
             if name == "core":
                 out.append(f"{arrow} (line {line}): core.py imports nothing from wprlhf")
-            if other == BOTTOM or name not in tiers or other not in tiers:
+            if other == BOTTOM or name not in places or other not in places:
                 continue
-            if tiers[other] >= tiers[name]:
-                out.append(f"{arrow} (tier {tiers[name]} -> tier {tiers[other]}), line {line}")
+            why = _arrow_breaks(places[name], places[other])
+            if why:
+                out.append(f"{arrow} {why}, line {line}")
     return out
 
 
 # ------------------------------------------------------------------------------------------------ the package
 
 
-def test_imports_point_down_the_tiers():
-    found = violations(package_sources(), read_tiers(ARCHITECTURE.read_text(encoding="utf-8")))
-    assert not found, "imports that break docs/architecture.md:\n" + "\n".join(found)
+def test_imports_point_down_the_folders():
+    found = violations(package_sources(), read_places(ARCHITECTURE.read_text(encoding="utf-8")))
+    assert not found, "imports or files that break docs/architecture.md:\n" + "\n".join(found)
 
 
-def test_the_diagram_places_the_modules_of_the_style_guide_and_the_planned_ones():
-    tiers = read_tiers(ARCHITECTURE.read_text(encoding="utf-8"))
-    for name in ("errors", "files", "text", "core", "signatures", "distributed", "models", "data", "checkpoint",
-                 "metrics", "generation", "forwards", "rewards", "reward_model", "classifier", "labelers", "sft",
-                 "evaluation", "ppo", "ppo_trainer", "tasks", "loop", "report", "cli", "labeling/store",
-                 "labeling/app"):
-        assert name in tiers, f"docs/architecture.md's tier diagram does not place {name}"
-    assert tiers["cli"] == max(tiers.values()) and tiers["core"] == tiers[BOTTOM] == 0
+def test_the_folders_are_the_tiers_of_the_style_guide():
+    places = read_places(ARCHITECTURE.read_text(encoding="utf-8"))
+    levels = {p.folder: p.level for m, p in places.items() if m != "cli"}
+    assert levels["methods"] == levels["rewards"] < levels["evals"] < levels["pipelines"] < places["cli"].level
+    assert levels[""] == levels["labeling"] == 0 and places["core"].group == places[BOTTOM].group == 0
+    assert places["cli"].level == max(p.level for p in places.values())
+    for name in ("methods/ppo", "methods/rloo", "methods/grpo", "methods/dpo", "methods/sft", "methods/best_of",
+                 "rewards/spec", "rewards/reward_model", "evals/side_by_side", "pipelines/stories",
+                 "labeling/store", "labeling/app"):
+        assert name in places, f"docs/architecture.md's diagram does not place {name}"
 
 
 # ------------------------------------------------------------------------------------------------ the checker
 
-TIERS = {"errors": 0, "core": 0, "models": 1, "data": 1, "sft": 3, "tasks": 5, "cli": 6, "report": 2,
-         "labeling/store": 0, "labeling/app": 1, "labeling/__init__": 1, "__init__": 0}  # fmt: skip
+PAGE = """```
+level 3  wprlhf/     cli
+level 2  pipelines/  stories, sentiment, __init__
+level 1  methods/    ppo > onpolicy, __init__
+level 1  rewards/    spec > judges, __init__
+level 0  wprlhf/     models, data > core, errors
+level 0  labeling/   __init__, app > store
+```"""
+PLACES = read_places(PAGE)
 
 
-def test_a_module_in_no_tier_fails():
-    found = violations({"errors": "", "core": "", "newthing": "from .errors import UserError\n"}, TIERS)
-    assert found == ["newthing.py is in no tier: place it in docs/architecture.md's tier diagram"]
+def test_a_row_places_its_modules_in_its_folder_from_the_highest_group_down():
+    assert PLACES["methods/ppo"] == Place("methods", 1, 1) and PLACES["methods/onpolicy"] == Place("methods", 1, 0)
+    assert PLACES["methods/__init__"] == Place("methods", 1, 0)
+    assert PLACES["cli"] == Place("", 3, 0) and PLACES["errors"] == Place("", 0, 0)
+    assert PLACES["labeling/app"] == Place("labeling", 0, 1)
+    with pytest.raises(AssertionError, match="places methods/ppo twice"):
+        read_places(PAGE.replace("ppo > onpolicy", "ppo > ppo"))
+    with pytest.raises(AssertionError, match="no code block"):
+        read_places("# x\n")
 
 
-def test_upward_and_same_tier_imports_fail_at_any_depth_in_any_form():
+def test_a_file_in_no_row_or_in_another_folder_fails():
+    sources = {"errors": "", "core": "", "newthing": "from .errors import UserError\n", "methods/judges": ""}
+    assert misplaced(sources, PLACES) == [
+        "newthing.py is in no tier: place it in its folder's row of docs/architecture.md",
+        "methods/judges.py is in no tier: place it in its folder's row of docs/architecture.md"]
+    assert misplaced({"rewards/ppo": ""}, {"rewards/ppo": PLACES["methods/ppo"]}) == [
+        "rewards/ppo.py lives in rewards/ but docs/architecture.md's row is methods/"]
+
+
+def test_upward_sideways_and_leftward_imports_fail_at_any_depth_in_any_form():
     sources = {
-        "errors": "",
-        "models": "from .errors import UserError\n",  # down: fine
-        "data": "import json\n\ndef read():\n    from .models import load\n",  # same tier, inside a function
-        "sft": "def train():\n    if True:\n        from wprlhf.tasks import stories\n",  # up, absolute, nested
-        "tasks": "from . import sft\nimport wprlhf.models\n",  # down: fine
-    }
-    assert violations(sources, TIERS) == ["data.py -> models.py (tier 1 -> tier 1), line 4",
-                                          "sft.py -> tasks.py (tier 3 -> tier 5), line 3"]  # fmt: skip
+        "errors": "", "core": "",
+        "models": "from .errors import UserError\nfrom .core import gae\n",  # rightwards in wprlhf/: fine
+        "data": "import json\n\ndef read():\n    from .models import load\n",  # same group, inside a function
+        "methods/ppo": "def train():\n    if True:\n        from wprlhf.pipelines.stories import run\n"
+                       "from .onpolicy import Trainer\nfrom ..rewards import spec\n",  # up, down, sideways
+        "methods/onpolicy": "from . import ppo\nfrom ..core import gae\n",  # leftwards; down a level: fine
+        "pipelines/stories": "from ..methods import ppo\nimport wprlhf.rewards.judges\n",  # down: fine
+        "rewards/spec": "", "rewards/judges": "", "methods/__init__": "", "rewards/__init__": "",
+        "pipelines/__init__": "",
+    }  # fmt: skip
+    assert violations(sources, PLACES) == [
+        "data.py -> models.py (level 0 group 1 -> level 0 group 1): inside a folder, import only rightwards, line 4",
+        "methods/ppo.py -> rewards/spec.py (level 1 -> level 1): across folders, import only from a lower level, "
+        "line 5",
+        "methods/ppo.py -> rewards/__init__.py (level 1 -> level 1): across folders, import only from a lower "
+        "level, line 5",
+        "methods/ppo.py -> pipelines/stories.py (level 1 -> level 2): across folders, import only from a lower "
+        "level, line 3",
+        "methods/ppo.py -> pipelines/__init__.py (level 1 -> level 2): across folders, import only from a lower "
+        "level, line 3",
+        "methods/onpolicy.py -> methods/ppo.py (level 1 group 0 -> level 1 group 1): inside a folder, import only "
+        "rightwards, line 1",
+    ]
 
 
 def test_package_rules_beside_the_tiers():
     sources = {
         "errors": "", "core": "from .errors import UserError\n", "cli": "import sys\nargs = sys.argv\n",
         "data": "import sys as system\n\ndef f():\n    return system.argv[1:]\n",
-        "report": "from torch import nn\nfrom .cli import main\n",
+        "models": "from torch import nn\nfrom .cli import main\n",
         "labeling/store": "import torch.nn\n", "labeling/app": "from .store import Store\nfrom ..data import x\n",
         "labeling/__init__": "from .store import Store\n",
-        "__init__": "",
     }  # fmt: skip
-    assert violations(sources, TIERS) == [
+    assert violations(sources, PLACES) == [
         "core.py -> errors.py (line 1): core.py imports nothing from wprlhf",
         "data.py reads sys.argv (line 4): only cli.py parses the command line",
-        "report.py imports torch (line 1): report.py and labeling/ never import torch",
-        "report.py -> cli.py (line 2): nothing imports cli",
-        "report.py -> cli.py (tier 2 -> tier 6), line 2",
+        "models.py -> cli.py (line 2): nothing imports cli",
+        "models.py -> cli.py (level 0 group 1 -> level 3 group 0): inside a folder, import only rightwards, line 2",
         "labeling/store.py imports torch.nn (line 1): report.py and labeling/ never import torch",
         "labeling/app.py -> data.py (line 2): labeling/ imports nothing from wprlhf",
-        "labeling/app.py -> data.py (tier 1 -> tier 1), line 2",
+        "labeling/app.py -> data.py (level 0 -> level 0): across folders, import only from a lower level, line 2",
     ]
 
 
 def test_importing_a_subpackage_counts_its_init_and_from_dot_import_names_the_module():
-    known = {"cli", "checkpoint", "labeling/__init__", "labeling/store", "labeling/app"}
+    known = {"cli", "checkpoint", "labeling/__init__", "labeling/store", "labeling/app", "methods/__init__",
+             "methods/ppo", "methods/onpolicy"}  # fmt: skip
     assert imports("cli", "from .labeling.store import Store\nfrom . import checkpoint as ckpt\n", known) == [
         ("wprlhf.labeling.store", 1), ("wprlhf.labeling", 1), ("wprlhf.checkpoint", 2)]
     assert imports("labeling/app", "from .store import Store\n", known) == [("wprlhf.labeling.store", 1)]
-    assert imports("labeling/__init__", "from .store import Store\n", known) == [("wprlhf.labeling.store", 1)]
-
-
-def test_the_tier_table_is_read_from_the_architecture_page():
-    page = "# Architecture\n\n```\ntier 1  b, c\ntier 0  a\n```\n\ntier 9 z\n\n```\ntier 5 y\n```\n"
-    assert read_tiers(page) == {"b": 1, "c": 1, "a": 0}  # the first code block only
-    with pytest.raises(AssertionError, match="places a twice"):
-        read_tiers(page.replace("tier 0  a", "tier 0  a, a"))
-    with pytest.raises(AssertionError, match="no code block"):
-        read_tiers("# x\n")
+    assert imports("methods/ppo", "from .onpolicy import Trainer\nfrom ..checkpoint import save\n", known) == [
+        ("wprlhf.methods.onpolicy", 1), ("wprlhf.checkpoint", 2)]
+    assert imports("cli", "from .methods import ppo\n", known) == [("wprlhf.methods.ppo", 1), ("wprlhf.methods", 1)]

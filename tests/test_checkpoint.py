@@ -8,10 +8,10 @@ import torch
 
 from wprlhf import checkpoint as ckpt
 from wprlhf.cli import main
+from wprlhf.methods.ppo import PPOConfig, train
 from wprlhf.metrics import read_metrics
 from wprlhf.models import ValueHead
-from wprlhf.ppo import PPOConfig, train
-from wprlhf.rewards import length
+from wprlhf.rewards.spec import length
 
 # The smallest run that saves twice: checkpoints at steps 2 and 4.
 TINY = ["--policy", "tiny", "--reward", "length", "--checkpoint-every", "2", "--batch-size", "2",

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from tests.helpers import learned, seed
-from wprlhf.classifier import (
+from wprlhf.cli import main
+from wprlhf.errors import UserError
+from wprlhf.metrics import CLASSIFIER_METRIC_NAMES, read_metrics
+from wprlhf.rewards.classifier import (
     ClassifierConfig,
     binary_f1,
     encode,
@@ -27,10 +30,7 @@ from wprlhf.classifier import (
     tfidf_logreg,
     train,
 )
-from wprlhf.cli import main
-from wprlhf.errors import UserError
-from wprlhf.labelers import sentiment
-from wprlhf.metrics import CLASSIFIER_METRIC_NAMES, read_metrics
+from wprlhf.rewards.judges import sentiment
 
 GOOD = ["great", "wonderful", "superb", "delightful", "brilliant", "moving", "charming", "excellent"]
 BAD = ["awful", "boring", "dreadful", "terrible", "tedious", "clumsy", "dull", "horrible"]

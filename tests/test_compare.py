@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from wprlhf.compare import CompareConfig, run
 from wprlhf.data import load_comparisons, load_prompts
 from wprlhf.errors import UserError
 from wprlhf.metrics import read_metrics
+from wprlhf.pipelines.compare import CompareConfig, run
 
 pytestmark = pytest.mark.learning  # every method takes optimizer steps
 
@@ -88,8 +88,8 @@ def test_eval_prompts_from_a_file_and_a_trained_reward_model(tmp_path):
     from training), a reward model already trained on the comparisons used as it is (no rm/ phase), relevance
     reported; a run stored before a config field existed resumes with that field's default."""
     from wprlhf.data import Comparison, write_comparisons
-    from wprlhf.reward_model import RewardConfig
-    from wprlhf.reward_model import train as rm_train
+    from wprlhf.rewards.reward_model import RewardConfig
+    from wprlhf.rewards.reward_model import train as rm_train
 
     prompts, held = tmp_path / "prompts.txt", tmp_path / "eval.txt"
     prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(10)) + "TELL me about the 0th CAT!\n")

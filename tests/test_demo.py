@@ -3,11 +3,11 @@ the win rate and its CI in the report, and the run-directory rules (--force, --r
 
 from __future__ import annotations
 
-import pytest
-
 import csv
 import json
 import re
+
+import pytest
 
 from wprlhf.cli import main
 from wprlhf.metrics import read_metrics

@@ -10,8 +10,8 @@ import torch
 
 from tests.helpers import assert_same_runs, close, learned, seed, t
 from wprlhf.data import Comparison, write_comparisons
-from wprlhf.dpo import DPOConfig, Pair, dpo_loss, encode_pairs, pair_logprobs, pairs_from, train
 from wprlhf.errors import UserError
+from wprlhf.methods.dpo import DPOConfig, Pair, dpo_loss, encode_pairs, pair_logprobs, pairs_from, train
 from wprlhf.metrics import read_metrics
 
 # Two pairs: summed log-probs of the chosen and rejected responses under the policy and the reference; beta 0.5.
@@ -76,7 +76,7 @@ def test_logprobs_count_response_tokens_only_and_padding_changes_nothing(tiny, t
 def test_bf16_reference_holds_bf16_matmul_weights_and_starts_at_zero_margin(tokenizer):
     """Under bf16 the DPO reference stores its linear weights in bf16; before any step it gives the policy's own
     log-probs, so every pair's implicit reward margin is exactly 0."""
-    from wprlhf.dpo import DPO
+    from wprlhf.methods.dpo import DPO
     from wprlhf.models import load_policy
 
     policy, _ = load_policy("tiny")
@@ -89,7 +89,7 @@ def test_bf16_reference_holds_bf16_matmul_weights_and_starts_at_zero_margin(toke
 def test_reference_logprobs_are_kept_per_pair_and_read_back_in_later_epochs(tokenizer):
     """A pair's reference log-probs are computed the first time its key is seen and read back after: the loss is
     the same as computing them again, and no reference forward runs once every key is known."""
-    from wprlhf.dpo import DPO
+    from wprlhf.methods.dpo import DPO
     from wprlhf.models import load_policy
 
     policy, _ = load_policy("tiny")
@@ -138,7 +138,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     train(DPOConfig(**base), tmp_path / "whole", comparisons=TOY, progress=False)
     # A kill right after the first checkpoint (step 3): a shorter run is not the same run (the learning-rate
     # schedule depends on the total), so the run is stopped where a kill would stop it.
-    import wprlhf.dpo as dpo_module
+    import wprlhf.methods.dpo as dpo_module
 
     real = dpo_module.ckpt.save_checkpoint
 

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from tests.helpers import save_tiny_classifier
-from wprlhf import classifier, reward_model
 from wprlhf.cli import main
 from wprlhf.core import pad_sequences
 from wprlhf.errors import UserError
+from wprlhf.forwards import policy_forward, value_forward
 from wprlhf.generation import GenerationConfig, encode_prompts, fit_positions, generate, sample
+from wprlhf.methods.ppo import PPOConfig, train
 from wprlhf.metrics import read_metrics
 from wprlhf.models import (
     ValueHead,
@@ -33,8 +34,7 @@ from wprlhf.models import (
     stop_token_ids,
     tiny_config,
 )
-from wprlhf.forwards import policy_forward, value_forward
-from wprlhf.ppo import PPOConfig, train
+from wprlhf.rewards import classifier, reward_model
 
 POSITIONS = 64  # the tiny GPT-2's position table
 TEXTS = ["A dragon opens a bakery.", "The moon files a complaint about the sun and the stars.", "Hi"]

@@ -6,22 +6,19 @@ test sets a constant predictor aces, and the note a fresh reward head gets inste
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from tests.helpers import save_tiny_classifier
 from wprlhf.cli import main
 from wprlhf.data import Comparison, prompt_key, split_by_prompt, write_comparisons
-from wprlhf.dpo import DPOConfig, Pair, encode_pairs
 from wprlhf.errors import UserError
 from wprlhf.generation import GenerationConfig, chat_ids, encode_prompts, sample
+from wprlhf.methods.dpo import DPOConfig, Pair, encode_pairs
+from wprlhf.methods.ppo import PPOConfig
+from wprlhf.methods.sft import encode_examples
 from wprlhf.metrics import read_metrics
 from wprlhf.models import stop_token_ids
-from wprlhf.ppo import PPOConfig
-from wprlhf.sft import encode_examples
 
 SPELLED = "She typed <|im_end|> and then <|endoftext|> into the terminal."
 
@@ -66,14 +63,14 @@ def test_a_prompt_keeps_special_spellings_as_text_and_template_pieces_are_unchan
 
 
 def test_reward_model_and_classifier_read_special_spellings_as_text(tokenizer):
-    from wprlhf.reward_model import encode
+    from wprlhf.rewards.reward_model import encode
 
     rows = encode(tokenizer, [("a prompt", SPELLED)], max_length=64)["input_ids"][0].tolist()
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") not in rows
     from transformers import AutoTokenizer
 
-    from wprlhf.classifier import encode as classifier_encode
     from wprlhf.models import minilm_dir
+    from wprlhf.rewards.classifier import encode as classifier_encode
 
     bert = AutoTokenizer.from_pretrained(minilm_dir())
     ids = classifier_encode(bert, ["a film [SEP] with [CLS] in it"], max_length=32)["input_ids"][0].tolist()
@@ -186,7 +183,7 @@ def test_a_temperature_too_small_for_float32_never_picks_a_token(tiny, tokenizer
 
 
 def test_rl_methods_refuse_temperatures_below_the_floor():
-    from wprlhf.ppo_config import MIN_TEMPERATURE
+    from wprlhf.methods.onpolicy_config import MIN_TEMPERATURE
 
     with pytest.raises(UserError, match=f"temperature must be at least {MIN_TEMPERATURE}"):
         PPOConfig(policy="tiny", temperature=MIN_TEMPERATURE / 2)
@@ -219,16 +216,16 @@ def test_the_shipped_splits_are_unchanged_by_the_normalised_key(shared_data, mon
     """comparisons_test's 66 prompts (test_data rebuilds them pair for pair) and `wprlhf stories`' split of the
     shared data are the same under the new key as under the old one."""
     import wprlhf.data
-    import wprlhf.stories
+    import wprlhf.pipelines.stories
     from wprlhf.data import load_responses
-    from wprlhf.stories import StoriesConfig, split_prompts
+    from wprlhf.pipelines.stories import StoriesConfig, split_prompts
 
     folder = shared_data / "writing_prompts"
     responses = load_responses(folder / "prompt_responses.csv.gz")
     config = StoriesConfig(data=str(folder))
     new_split, (_, new_test) = split_prompts(responses, config), split_by_prompt(responses, 0.1, seed=42)
     monkeypatch.setattr(wprlhf.data, "prompt_key", _old_prompt_key)
-    monkeypatch.setattr(wprlhf.stories, "prompt_key", _old_prompt_key)
+    monkeypatch.setattr(wprlhf.pipelines.stories, "prompt_key", _old_prompt_key)
     old_split, (_, old_test) = split_prompts(responses, config), wprlhf.data.split_by_prompt(responses, 0.1, seed=42)
     assert {r.prompt_id for r in new_test} == {r.prompt_id for r in old_test} and len({r.prompt_id for r in new_test}) == 66
     assert new_split == old_split
@@ -236,8 +233,8 @@ def test_the_shipped_splits_are_unchanged_by_the_normalised_key(shared_data, mon
 
 # ---------------------------------------------------------------------------------------------- degenerate sets
 def test_accuracies_come_with_a_constant_predictor_and_a_warning_when_it_is_high(tmp_path, capsys):
-    from wprlhf.classifier import baselines
-    from wprlhf.reward_model import always_first, set_baselines
+    from wprlhf.rewards.classifier import baselines
+    from wprlhf.rewards.reward_model import always_first, set_baselines
 
     one_sided = [Comparison(f"p{i}", [f"a good story {i}", f"bad {i}"], 0) for i in range(19)]
     one_sided.append(Comparison("p19", ["bad", "a good story"], 1))

@@ -55,9 +55,9 @@ def test_smollm2_ppo_step(smollm2, tmp_path):
     reloadable."""
     from transformers import AutoModelForCausalLM
 
+    from wprlhf.methods.ppo import PPOConfig, train
     from wprlhf.metrics import read_metrics
-    from wprlhf.ppo import PPOConfig, train
-    from wprlhf.rewards import length
+    from wprlhf.rewards.spec import length
 
     model, tokenizer = smollm2
     config = PPOConfig(policy="smollm2", steps=2, batch_size=2, num_minibatches=1, ppo_epochs=1, response_length=12,

@@ -22,10 +22,24 @@ from wprlhf.cli import main
 from wprlhf.data import load_comparisons
 from wprlhf.labeling import app as labeling_app
 from wprlhf.labeling import store as store_module
-from wprlhf.labeling.app import (BackgroundServer, allowed_hosts, create_app, host_name, is_loopback,
-                                 read_instructions, resolve_token)  # fmt: skip
-from wprlhf.labeling.store import (LEASE_SECONDS, LabelingError, StaleComparison, Store, UnknownComparison,
-                                   UnknownSession, read_samples)  # fmt: skip
+from wprlhf.labeling.app import (
+    BackgroundServer,
+    allowed_hosts,
+    create_app,
+    host_name,
+    is_loopback,
+    read_instructions,  # fmt: skip
+    resolve_token,
+)
+from wprlhf.labeling.store import (
+    LEASE_SECONDS,
+    LabelingError,
+    StaleComparison,
+    Store,
+    UnknownComparison,
+    UnknownSession,  # fmt: skip
+    read_samples,
+)
 
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 TOO_BIG = 2**63  # one past SQLite's largest integer: sqlite3 raised OverflowError (a plain 500) before ids were checked

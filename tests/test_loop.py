@@ -11,12 +11,12 @@ import torch
 
 from wprlhf.data import load_comparisons
 from wprlhf.errors import UserError
-from wprlhf.labelers import SimulatedLabeler, agreement, sentiment
-from wprlhf.evaluation import distinct_n, repetition_rate, sample_with_kl, win_rate
+from wprlhf.evals.measures import distinct_n, repetition_rate, sample_with_kl, win_rate
 from wprlhf.generation import GenerationConfig, generation_config
-from wprlhf.loop import STATE_FILE, LoopConfig, run
 from wprlhf.metrics import read_metrics
-from wprlhf.rewards import load_reward
+from wprlhf.pipelines.loop import STATE_FILE, LoopConfig, run
+from wprlhf.rewards.judges import SimulatedLabeler, agreement, sentiment
+from wprlhf.rewards.spec import load_reward
 
 
 def test_sentiment_orders_obvious_texts():
@@ -35,7 +35,7 @@ def test_weighted_judge_spec():
 
 def test_one_resolver_reads_reward_judge_and_labeler_specs(tmp_path):
     """`--reward`, `--judge` and `--labeler sim:` share one grammar: built-ins, user code, weighted sums."""
-    from wprlhf.rewards import length, vowels
+    from wprlhf.rewards.spec import length, vowels
 
     texts = ["I love it, a lovely long day.", "I hate it."]
     assert load_reward("vowels") is vowels and load_reward("sim:sentiment", what="judge") is sentiment
@@ -124,7 +124,7 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
     out = tmp_path / "loop"
-    config = _config(ppo_config=str(ppo_file), min_response_length=6)  # fixed-length responses in every phase
+    config = _config(onpolicy_config=str(ppo_file), min_response_length=6)  # fixed-length responses in every phase
     rows = run(config, out)
     assert [r["round"] for r in rows] == [1, 2]
     assert [r["labels"] for r in rows] == [4, 8]  # labels accumulate: round 2's model sees both rounds
@@ -205,7 +205,7 @@ def test_loop_waits_for_web_labels(tmp_path):
 
 
 def test_pairs_questions_ask_every_pair_once():
-    from wprlhf.loop import questions
+    from wprlhf.pipelines.loop import questions
 
     prompts, asked = questions(["p", "q"], [["a", "b", "c"], ["d", "e"]], "pairs")
     assert prompts == ["p", "p", "p", "q"] and asked == [["a", "b"], ["a", "c"], ["b", "c"], ["d", "e"]]
@@ -271,7 +271,7 @@ def test_loop_runs_on_a_policy_that_writes_only_empty_responses(silent_policy, t
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
     out = tmp_path / "loop"
-    config = _config(policy=str(silent_policy), rounds=1, ppo_steps=1, response_length=4, ppo_config=str(ppo_file))
+    config = _config(policy=str(silent_policy), rounds=1, ppo_steps=1, response_length=4, onpolicy_config=str(ppo_file))
     rows = run(config, out)
     samples = [json.loads(line) for line in (out / "round-1" / "responses.jsonl").open()]
     assert samples and all(r == "" for s in samples for r in s["responses"])
@@ -290,5 +290,5 @@ def test_loop_checks_every_size_and_its_ppo_settings_before_sampling(tmp_path):
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"num_minibatches": 0}))
     with pytest.raises(UserError, match="num_minibatches must be >= 1, got 0; set --num-minibatches"):
-        run(_config(ppo_config=str(ppo_file)), tmp_path / "loop")
+        run(_config(onpolicy_config=str(ppo_file)), tmp_path / "loop")
     assert not (tmp_path / "loop" / "start_responses.jsonl").exists()

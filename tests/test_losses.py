@@ -1,4 +1,4 @@
-"""Unit tests for the PPO phases in wprlhf.ppo (rewards, advantages, losses, KL controllers), by hand.
+"""Unit tests for the PPO phases in wprlhf.methods.ppo (rewards, advantages, losses, KL controllers), by hand.
 
 Tiny hand-made tensors only; each expected number is a literal with the arithmetic that produced it.
 """
@@ -10,7 +10,7 @@ import math
 import torch
 
 from tests.helpers import close, mask_of, t
-from wprlhf.ppo import (
+from wprlhf.methods.ppo import (
     AdaptiveKLController,
     FixedKLController,
     compute_advantages,

@@ -3,7 +3,7 @@
 Each test holds one defect the defaults never met: k3 as a reward, a train-mode policy, the eval KL without its
 end-of-turn term, DPO's cached reference under prompt clipping, re-normalising a bias-free reward head, and one
 meaning each for DPO's `accuracy` (a tie counts 1/2) and for `kl` under a floor on response length (the KL of the
-distribution the sampler drew from, the same in PPO's metrics, `evaluation.sample_with_kl` and `wprlhf eval`).
+distribution the sampler drew from, the same in PPO's metrics, `measures.sample_with_kl` and `wprlhf eval`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _stop_prone_pair(tokenizer, boost: float = 0.92, noise: float = 0.0):
 
 
 def _sample_ids(policy, tokenizer, prompts, config: GenerationConfig, sample_seed: int):
-    """The samples `generation.generate` (and `evaluation.sample_with_kl`) draw with this seed, one batch: queries,
+    """The samples `generation.generate` (and `measures.sample_with_kl`) draw with this seed, one batch: queries,
     query_mask and the Generation."""
     queries, query_mask = encode_prompts(tokenizer, prompts)
     queries, query_mask = fit_positions(policy, queries, query_mask, config.max_new_tokens)
@@ -77,8 +77,8 @@ def _sampled_logprobs(model, queries, query_mask, responses, response_mask, stop
 def _ppo_kls(policy, reference, tokenizer, queries, query_mask, gen, min_response_length: int):
     """PPO's per-response `kl` (what finish_step hands the controller and the samples log) and the logged mean, on
     given samples: the rollout forwards as `Trainer.rollout` runs them in fp32 (the sampler's log-probs passed)."""
-    from wprlhf.ppo import PPOConfig, PPOTrainer
-    from wprlhf.ppo_trainer import rollout_stats
+    from wprlhf.methods.onpolicy import rollout_stats
+    from wprlhf.methods.ppo import PPOConfig, PPOTrainer
 
     n, Tr = gen.responses.shape
     config = PPOConfig(policy="tiny", batch_size=n, num_minibatches=1, response_length=Tr, temperature=T,
@@ -98,7 +98,7 @@ def _eval_kl(monkeypatch, tmp_path, policy, reference, tokenizer, prompts, confi
     pairs file's policy texts. The two models stand in for two directories (load_policy is patched)."""
     import json
 
-    from wprlhf.policy_eval import EvalConfig, run_eval
+    from wprlhf.evals.side_by_side import EvalConfig, run_eval
 
     models = {"P": policy, "R": reference}
     monkeypatch.setattr("wprlhf.models.load_policy", lambda spec, seed=0, **kw: (models[spec], tokenizer))
@@ -119,8 +119,8 @@ def _eval_kl(monkeypatch, tmp_path, policy, reference, tokenizer, prompts, confi
 def test_k3_as_the_reward_penalty_is_refused_naming_k1(method):
     """The score-function gradient of E[k3] is grad KL(pi||ref) - grad KL(ref||pi): no pull back to the reference.
     PPO and RLOO put the estimator into the reward, so k3 is refused there, with the fix (k1) in the message."""
-    from wprlhf.ppo import PPOConfig
-    from wprlhf.rloo import RLOOConfig
+    from wprlhf.methods.ppo import PPOConfig
+    from wprlhf.methods.rloo import RLOOConfig
 
     cls = {"ppo": PPOConfig, "rloo": RLOOConfig}[method]
     with pytest.raises(UserError, match="k1"):
@@ -157,7 +157,7 @@ def test_why_k3_cannot_be_a_reward_and_k1_can():
 def test_grpo_k3_loss_pulls_a_bandit_back_to_the_reference():
     """GRPO keeps k3 as a loss term: with every advantage 0, steps on `grpo_loss` over samples of a one-token bandit
     bring KL(pi||ref) from 0.5 nats down towards 0."""
-    from wprlhf.grpo import grpo_loss
+    from wprlhf.methods.grpo import grpo_loss
 
     g = torch.Generator().manual_seed(seed(0))
     log_ref = torch.log_softmax(torch.tensor([0.0, 0.5, -0.5, 1.0, 0.2]), -1)
@@ -187,9 +187,9 @@ def test_grpo_k3_loss_pulls_a_bandit_back_to_the_reference():
 def test_a_policy_passed_in_train_mode_is_put_in_eval_mode(method, tokenizer):
     """PPOTrainer(...) with a model whose .training is True (and dropout in its attention): the trainer's networks
     are in eval mode, so at step 0 (policy = reference) every response's KL is 0 and two forwards agree."""
-    from wprlhf.grpo import GRPOConfig, GRPOTrainer
-    from wprlhf.ppo import PPOConfig, PPOTrainer
-    from wprlhf.rloo import RLOOConfig, RLOOTrainer
+    from wprlhf.methods.grpo import GRPOConfig, GRPOTrainer
+    from wprlhf.methods.ppo import PPOConfig, PPOTrainer
+    from wprlhf.methods.rloo import RLOOConfig, RLOOTrainer
 
     cfg_cls, trainer_cls = {"ppo": (PPOConfig, PPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
                             "grpo": (GRPOConfig, GRPOTrainer)}[method]  # fmt: skip
@@ -238,7 +238,7 @@ def test_dpo_cached_reference_is_the_fresh_one_whatever_the_batch_mates(tokenize
     """Prompt + response past the model's positions: prompts are clipped, and by a rule that depends on the pair
     alone. A pair's reference log-probs cached in a batch beside long responses equal a fresh forward of it alone,
     so with policy = reference its margin is 0 (not -0.02: clipping that followed the batch's longest response)."""
-    from wprlhf.dpo import DPO, DPOConfig, Pair
+    from wprlhf.methods.dpo import DPO, DPOConfig, Pair
 
     policy, _ = load_policy("tiny", seed=0)
     policy.config.max_position_embeddings = 96
@@ -254,7 +254,7 @@ def test_dpo_cached_reference_is_the_fresh_one_whatever_the_batch_mates(tokenize
 
 
 def test_dpo_refuses_a_max_response_length_that_leaves_no_room_for_a_prompt(tokenizer):
-    from wprlhf.dpo import DPO, DPOConfig
+    from wprlhf.methods.dpo import DPO, DPOConfig
 
     policy, _ = load_policy("tiny", seed=0)
     policy.config.max_position_embeddings = 32
@@ -270,7 +270,7 @@ def test_renormalising_a_bias_free_head_keeps_the_scores_centred(tokenizer):
     """fold_normalization twice on a head without a bias (SmolLM2's, tiny's): the second fold must keep the first
     offset, so the scores are again mean 0 / std 1, and reward_normalization still maps the raw head to them."""
     from wprlhf.models import load_reward_backbone
-    from wprlhf.reward_model import fold_normalization, score
+    from wprlhf.rewards.reward_model import fold_normalization, score
 
     model, rm_tokenizer = load_reward_backbone("tiny", num_labels=1, seed=3)
     assert model.score.bias is None
@@ -294,9 +294,9 @@ def test_renormalising_a_bias_free_head_keeps_the_scores_centred(tokenizer):
 
 def test_dpo_accuracy_counts_an_exact_tie_as_one_half(tmp_path, tokenizer):
     """Policy = reference at step 0: every margin is exactly 0, a tie between chosen and rejected, which counts 1/2
-    as in every other accuracy of wprlhf (`reward_model.choice_credit`): training and held-out accuracy 0.5."""
+    as in every other accuracy of wprlhf (`core.choice_credit`): training and held-out accuracy 0.5."""
     from wprlhf.data import Comparison
-    from wprlhf.dpo import DPO, DPOConfig, Pair, evaluate, train
+    from wprlhf.methods.dpo import DPO, DPOConfig, Pair, evaluate, train
     from wprlhf.metrics import read_metrics
 
     pairs = [Pair("A short prompt", "yes", "no no no"), Pair("Another prompt", "a b c", "x")]
@@ -311,9 +311,9 @@ def test_dpo_accuracy_counts_an_exact_tie_as_one_half(tmp_path, tokenizer):
 
 def test_the_three_kls_agree_on_the_same_samples(tokenizer, tmp_path, monkeypatch):
     """One model pair, one set of samples drawn with a floor of 3 tokens (stop tokens masked before it): PPO's
-    per-response `kl` and its logged mean, `evaluation.sample_with_kl` and `wprlhf eval` all give the KL of the
+    per-response `kl` and its logged mean, `measures.sample_with_kl` and `wprlhf eval` all give the KL of the
     distribution the sampler drew from, as a slow full forward computes it."""
-    from wprlhf.evaluation import sample_with_kl
+    from wprlhf.evals.measures import sample_with_kl
 
     policy, reference = _stop_prone_pair(tokenizer, noise=0.02)
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=3, temperature=T)
@@ -336,7 +336,7 @@ def test_kl_under_a_floor_on_response_length_is_not_negative(tokenizer, tmp_path
     """Fixed-length responses (min = max = 8) from a policy that differs from its reference only in the stop token's
     logit: the distributions sampled from, stop tokens masked, are the same, so the KL is 0. Full-vocabulary
     log-probs would give sum_t log(1 - pi(stop)) - log(1 - ref(stop)), about -2.7 nats per response."""
-    from wprlhf.evaluation import sample_with_kl
+    from wprlhf.evals.measures import sample_with_kl
 
     policy, reference = _stop_prone_pair(tokenizer)
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=8, temperature=T)

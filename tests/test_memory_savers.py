@@ -5,17 +5,18 @@ learns, resumes and exports a plain model; gradient checkpointing gives the same
 from __future__ import annotations
 
 import importlib.util
+
 import pytest
 import torch
 
 from tests.helpers import learned, seed
 from tests.test_ppo import LEARNING, PROMPTS, _one_update
 from wprlhf.core import masked_sum, pad_sequences
+from wprlhf.forwards import policy_forward
+from wprlhf.methods.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
-from wprlhf.forwards import policy_forward
-from wprlhf.ppo import PPOConfig, PPOTrainer, train
-from wprlhf.rewards import vowels
+from wprlhf.rewards.spec import vowels
 
 pytestmark = pytest.mark.learning  # every test here takes optimizer steps
 

@@ -12,9 +12,10 @@ import torch
 from tests.test_classifier import TOY, save_tiny_encoder, toy_reviews, write_csv
 from tests.test_reward_model import _toy_comparisons
 from tests.test_sft import write_responses
-from wprlhf import classifier, reward_model, sft
 from wprlhf.data import write_comparisons
 from wprlhf.errors import UserError
+from wprlhf.methods import sft
+from wprlhf.rewards import classifier, reward_model
 
 pytestmark = pytest.mark.learning  # every test here takes optimizer steps
 
@@ -100,9 +101,9 @@ def test_auto_is_printed_saved_and_kept_on_resume(tmp_path, monkeypatch, capsys)
 
     from tests.test_ppo import PROMPTS
     from wprlhf import distributed
+    from wprlhf.methods.ppo import PPOConfig, train
     from wprlhf.metrics import read_metrics
-    from wprlhf.ppo import PPOConfig, train
-    from wprlhf.rewards import vowels
+    from wprlhf.rewards.spec import vowels
 
     monkeypatch.delenv("WPRLHF_MIXED_PRECISION")
     monkeypatch.setattr(distributed, "cpu_runs_bf16_fast", lambda: True)

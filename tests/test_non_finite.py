@@ -16,9 +16,9 @@ from tests.test_reward_model import _toy_comparisons
 from wprlhf.cli import main
 from wprlhf.data import write_comparisons
 from wprlhf.errors import NonFiniteError, UserError
+from wprlhf.methods.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
-from wprlhf.ppo import PPOConfig, PPOTrainer, train
 
 
 def _weights(model) -> torch.Tensor:
@@ -99,7 +99,7 @@ def _nan_loss(fn):
 @pytest.mark.learning
 def test_sft_stops_on_a_nan_loss(tmp_path, monkeypatch, tokenizer):
     from tests.test_sft import write_responses
-    from wprlhf import sft
+    from wprlhf.methods import sft
 
     data = write_responses(tmp_path / "responses.csv")
     policy, _ = load_policy("tiny")
@@ -115,7 +115,7 @@ def test_sft_stops_on_a_nan_loss(tmp_path, monkeypatch, tokenizer):
 
 @pytest.mark.learning
 def test_reward_model_training_stops_on_a_nan_loss(tmp_path, monkeypatch):
-    from wprlhf import reward_model
+    from wprlhf.rewards import reward_model
 
     write_comparisons(tmp_path / "train.jsonl", _toy_comparisons(40))
     monkeypatch.setattr(reward_model.Pairwise, "loss", _nan_loss(reward_model.Pairwise.loss))
@@ -129,7 +129,7 @@ def test_reward_model_training_stops_on_a_nan_loss(tmp_path, monkeypatch):
 @pytest.mark.learning
 def test_classifier_training_stops_on_a_nan_loss(tmp_path, monkeypatch):
     from tests.test_classifier import save_tiny_encoder, toy_reviews, write_csv
-    from wprlhf import classifier
+    from wprlhf.rewards import classifier
 
     write_csv(tmp_path / "train.csv", toy_reviews(16, seed=1))
     encoder = save_tiny_encoder(tmp_path / "enc")

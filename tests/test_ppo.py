@@ -9,10 +9,10 @@ import torch
 from tests.helpers import assert_same_runs, fixed_rollout_gap_rise, learned, seed
 from wprlhf.errors import UserError
 from wprlhf.forwards import policy_forward, value_forward
+from wprlhf.methods.ppo import PPOConfig, PPOTrainer, train
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_policy
-from wprlhf.ppo import PPOConfig, PPOTrainer, train
-from wprlhf.rewards import vowels
+from wprlhf.rewards.spec import vowels
 
 pytestmark = pytest.mark.learning  # every test here takes optimizer steps
 
@@ -224,7 +224,7 @@ def test_configs_and_checkpoints_with_the_old_value_model_key_still_load(tmp_pat
     `shared_value_head: bool`; config files and checkpoints written with the old key still load and resume."""
     import dataclasses
 
-    from wprlhf.ppo_config import check_resumable, load_config
+    from wprlhf.methods.onpolicy_config import check_resumable, load_config
 
     (tmp_path / "old.yaml").write_text("value_model: shared\nbatch_size: 4\n")
     config = load_config(tmp_path / "old.yaml", {})

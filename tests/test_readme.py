@@ -32,12 +32,14 @@ def test_the_python_quick_start_runs(tmp_path, monkeypatch):
 
 def test_every_public_name_the_docs_use_exists():
     """Each `from wprlhf.x import a, b` written in the README or docs/ imports, and each `module.name` they cite in
-    backticks (`rewards.load_reward`, `labelers.story_verdict`) names a module of wprlhf and an attribute of it."""
+    backticks (`spec.load_reward`, `judges.story_verdict`) names a module of wprlhf and an attribute of it."""
     import importlib
 
     pages = [README] + [p.read_text(encoding="utf-8") for p in sorted((ROOT / "docs").glob("*.md"))]
     text = "\n".join(pages)
-    modules = {p.stem for p in (ROOT / "wprlhf").glob("*.py")} - {"__init__"}
+    files = [p.relative_to(ROOT).with_suffix("") for p in (ROOT / "wprlhf").rglob("*.py") if p.stem != "__init__"]
+    modules = {f.name: ".".join(f.parts) for f in files}  # 'ppo' -> 'wprlhf.methods.ppo'
+    assert len(modules) == len(files), "two modules of wprlhf share a name: a doc's `name.attr` would be ambiguous"
     checked = 0
     for module, names in re.findall(r"from (wprlhf[\w.]*) import ([\w, ]+)", text):
         imported = importlib.import_module(module)
@@ -46,6 +48,6 @@ def test_every_public_name_the_docs_use_exists():
             checked += 1
     for module, name in set(re.findall(r"`(\w+)\.(\w+)`", text)):
         if module in modules and not name.startswith(("py", "json")):  # `ppo.py` is a file, not a name
-            assert hasattr(importlib.import_module(f"wprlhf.{module}"), name), f"wprlhf.{module}.{name}"
+            assert hasattr(importlib.import_module(modules[module]), name), f"{modules[module]}.{name}"
             checked += 1
     assert checked >= 10

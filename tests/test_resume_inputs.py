@@ -59,7 +59,7 @@ def test_a_directory_by_the_names_and_sizes_of_its_model_files(tmp_path):
 def test_reward_specs_builtins_and_hub_ids(tmp_path):
     model, code = _model_dir(tmp_path / "rm"), tmp_path / "reward.py"
     code.write_text("def fn(prompts, responses):\n    return [0.0] * len(responses)\n")
-    for builtin in ("vowels", "tiny", "smollm2", "", "0.7*sentiment+0.3*relevance", "wprlhf.rewards:vowels",
+    for builtin in ("vowels", "tiny", "smollm2", "", "0.7*sentiment+0.3*relevance", "wprlhf.rewards.spec:vowels",
                     "task:positive-reviews", f"{tmp_path}/missing.py:fn"):  # fmt: skip
         assert fingerprint(builtin) is None, builtin
     assert fingerprint(f"rm:{model}") == fingerprint(f"sim:rm:{model}") == fingerprint(str(model))
@@ -142,8 +142,8 @@ def test_grpo_resume_refuses_a_rewritten_prompts_file_or_reward_file(tmp_path, c
 @pytest.mark.learning
 def test_the_python_api_compares_the_prompt_list_itself(tmp_path):
     """train() is handed prompts, not a file: their list is fingerprinted too."""
-    from wprlhf.ppo import PPOConfig, train
-    from wprlhf.rewards import vowels
+    from wprlhf.methods.ppo import PPOConfig, train
+    from wprlhf.rewards.spec import vowels
 
     config = PPOConfig(policy="tiny", batch_size=2, num_minibatches=1, ppo_epochs=1, response_length=4, steps=1,
                        log_samples=0)  # fmt: skip
@@ -177,7 +177,7 @@ def test_dpo_resume_refuses_a_rewritten_comparisons_file(tmp_path, capsys):
 def test_sft_records_what_it_trained_on(tmp_path, tokenizer):
     """SFT does not resume; its run records the fingerprints a resume would compare."""
     from tests.test_sft import write_responses
-    from wprlhf.sft import SFTConfig, train
+    from wprlhf.methods.sft import SFTConfig, train
 
     data = write_responses(tmp_path / "responses.csv", n_prompts=4)
     config = SFTConfig(policy="tiny", data=str(data), max_length=48, batch_size=4, epochs=1, eval_every=100,
@@ -225,8 +225,8 @@ def _die(*args, **kwargs):
 
 
 def test_compare_resume_refuses_a_changed_comparisons_file(tmp_path, monkeypatch):
-    from wprlhf import compare
     from wprlhf.data import Comparison, write_comparisons
+    from wprlhf.pipelines import compare
 
     prompts, data, out = tmp_path / "prompts.txt", tmp_path / "labels.jsonl", tmp_path / "run"
     prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(16)))
@@ -245,7 +245,7 @@ def test_compare_resume_refuses_a_changed_comparisons_file(tmp_path, monkeypatch
 
 @pytest.mark.learning
 def test_loop_resume_refuses_a_changed_prompts_file(tmp_path, monkeypatch):
-    from wprlhf import loop
+    from wprlhf.pipelines import loop
 
     prompts, out = tmp_path / "prompts.txt", tmp_path / "run"
     prompts.write_text("".join(f"Tell me about the {i}th cat.\n" for i in range(8)))

@@ -15,7 +15,7 @@ from wprlhf.core import bootstrap_ci
 from wprlhf.data import Comparison, split_by_prompt, write_comparisons
 from wprlhf.files import write_json_atomic
 from wprlhf.metrics import read_metrics
-from wprlhf.reward_model import (
+from wprlhf.rewards.reward_model import (
     BestOfK,
     Pairwise,
     RewardConfig,
@@ -113,7 +113,7 @@ def test_baselines_and_evaluate_count_ties_by_the_same_rule(monkeypatch):
     mixed = _mixed_comparisons()
     assert longer_wins(mixed) == pytest.approx(7 / 15)
     # evaluate with a stand-in reward model whose score is the word count: the same credits
-    import wprlhf.reward_model as rm
+    import wprlhf.rewards.reward_model as rm
 
     monkeypatch.setattr(rm, "score", lambda model, tok, prompts, responses, *args, **kw: torch.tensor(
         [float(len(r.split())) for r in responses]))  # fmt: skip
@@ -231,7 +231,7 @@ def test_normalisation_is_folded_into_the_saved_head(toy_rm):
 
 @pytest.mark.learning
 def test_rm_reward_spec_scores_in_ppo_shape(toy_rm):
-    from wprlhf.rewards import load_reward
+    from wprlhf.rewards.spec import load_reward
 
     out, _ = toy_rm
     reward_fn = load_reward(f"rm:{out / 'model'}")

@@ -11,13 +11,12 @@ import pytest
 
 from tests.helpers import assert_same_runs, close, fixed_rollout_gap_rise, learned, mask_of, seed, t
 from wprlhf.errors import UserError
-from wprlhf.grpo import GRPOConfig, GRPOTrainer, grpo_advantages, grpo_loss
-from wprlhf.grpo import train as grpo_train
-from wprlhf.metrics import read_metrics
-from wprlhf.rewards import vowels
+from wprlhf.methods.grpo import GRPOConfig, GRPOTrainer, grpo_advantages, grpo_loss
+from wprlhf.methods.grpo import train as grpo_train
+from wprlhf.methods.rloo import RLOOConfig, RLOOTrainer, rloo_advantages
+from wprlhf.methods.rloo import train as rloo_train
 from wprlhf.models import load_policy
-from wprlhf.rloo import RLOOConfig, RLOOTrainer, rloo_advantages
-from wprlhf.rloo import train as rloo_train
+from wprlhf.rewards.spec import vowels
 
 PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "ship", "storm", "clock", "garden", "robot")]
 # 2 prompts x 3 responses, a prompt's responses adjacent (as the run loop orders them).

@@ -14,8 +14,7 @@ from tests.helpers import learned, seed
 from wprlhf.cli import main
 from wprlhf.core import linear_schedule
 from wprlhf.errors import UserError
-from wprlhf.metrics import SFT_METRIC_NAMES, read_metrics
-from wprlhf.sft import (
+from wprlhf.methods.sft import (
     Example,
     SFTConfig,
     collate,
@@ -25,6 +24,7 @@ from wprlhf.sft import (
     token_logprobs,
     train,
 )
+from wprlhf.metrics import SFT_METRIC_NAMES, read_metrics
 
 STORY = "The cat sat on the mat. The dog sat on the log. "
 
@@ -246,7 +246,7 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path, stories_csv, capsys, mon
 
 
 def test_config_rejects_unknown_keys(tmp_path):
-    from wprlhf.sft import load_config
+    from wprlhf.methods.sft import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("batch_sise: 4\n")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.helpers import learned, seed
-from wprlhf.best_of import Pool, kl_bound
 from wprlhf.cli import main
 from wprlhf.data import prompt_key
-from wprlhf.labelers import story_verdict
+from wprlhf.methods.best_of import Pool, kl_bound
+from wprlhf.rewards.judges import story_verdict
 
 WORDS = ("the night was cold and she walked to the river where the old boat waited under a pale moon while "
          "somewhere far behind her a dog barked twice and the lights of the town went out one by one").split()
@@ -287,7 +287,7 @@ def test_blind_pairs_through_the_page_give_the_hand_counted_win_rate(tmp_path, c
     expected = (sum(hand) + sum(bob)) / (2 * len(hand))
     assert main(["eval", "--blind-results", str(db)]) == 0
     printed = capsys.readouterr().out
-    from wprlhf.policy_eval import blind_results
+    from wprlhf.evals.side_by_side import blind_results
 
     result = blind_results(db)
     (pair,) = result["pairs"].values()
@@ -312,8 +312,8 @@ def _queue_order(db, texts):
 
 
 def test_blind_order_is_not_predictable_from_any_seed(tmp_path):
+    from wprlhf.evals.side_by_side import queue_blind
     from wprlhf.labeling.store import Store
-    from wprlhf.policy_eval import queue_blind
 
     prompts = [f"prompt {i}" for i in range(40)]
     orders = []
@@ -358,7 +358,7 @@ def test_blind_results_of_a_missing_or_empty_database_say_what_to_do(tmp_path, c
 
 
 def test_the_instruction_reaches_the_policy_and_never_the_reward_models():
-    from wprlhf.stories import StoriesConfig, on_prompts, query
+    from wprlhf.pipelines.stories import StoriesConfig, on_prompts, query
 
     seen = []
 
@@ -376,7 +376,7 @@ def test_the_instruction_reaches_the_policy_and_never_the_reward_models():
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path):
     from wprlhf.errors import UserError
-    from wprlhf.stories import StoriesConfig, _check_resume
+    from wprlhf.pipelines.stories import StoriesConfig, _check_resume
 
     saved = {k: v for k, v in StoriesConfig().__dict__.items() if k != "instruction"}
     _check_resume(StoriesConfig(), {"done": ["split", "sft", "ppo"], "config": saved})  # no error
@@ -392,8 +392,8 @@ def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path
     """`wprlhf sample -k N` over the queries (e.g. on a GPU) gives distillation or DPO its pool: read, scored on the
     queries, rewritten with bare prompts and scores; a pool of the wrong size is sampled again."""
     import wprlhf.models
-    from wprlhf import stories
     from wprlhf.generation import write_samples
+    from wprlhf.pipelines import stories
 
     config = stories.StoriesConfig(instruction="Tell a story.")
     prompts = ["[WP] a door", "[WP] a key"]
@@ -429,8 +429,8 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
     """--mixed-precision bf16 samples the own-sample pool under bf16 autocast (most of a DPO run's time on a CPU);
     the reward scores outside it, in the precision it was trained in; 'no' samples in fp32. Pools are drawn
     pool_batch_size rows a batch, not evaluation's eval_batch_size."""
-    import wprlhf.best_of
-    from wprlhf import stories
+    import wprlhf.methods.best_of
+    from wprlhf.pipelines import stories
 
     seen = {}
 
@@ -443,7 +443,7 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
         seen["scored"] = torch.is_autocast_enabled("cpu")
         return [float(r[-1]) for r in responses]
 
-    monkeypatch.setattr(wprlhf.best_of, "generate_k", fake_generate_k)
+    monkeypatch.setattr(wprlhf.methods.best_of, "generate_k", fake_generate_k)
     monkeypatch.setattr(stories, "task_reward", lambda config, rm_dir: reward)
     config = stories.StoriesConfig(policy="tiny", device="cpu", mixed_precision=precision, response_length=4,
                                    pool_batch_size=5, eval_batch_size=7)  # fmt: skip
@@ -455,16 +455,16 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
 def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(tmp_path, monkeypatch):
     """`wprlhf eval --instruction`: the sampled policies and their KL read instruction + prompt, the judges, the
     pairs file and the blind queue the bare prompt."""
-    from wprlhf import policy_eval
+    from wprlhf.evals import side_by_side
 
     alpha, beta = _tiny_policy(tmp_path / "alpha-policy", 1), _tiny_policy(tmp_path / "beta-policy", 2)
     prompts = tmp_path / "eval_prompts.txt"
     prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
     read = {"sampled": [], "scored": [], "judged": []}
 
-    def spy(name, what, at):  # record the prompts argument (at position `at`) of policy_eval.name, then call it
-        real = getattr(policy_eval, name)
-        monkeypatch.setattr(policy_eval, name, lambda *a, **k: read[what].extend(a[at]) or real(*a, **k))
+    def spy(name, what, at):  # record the prompts argument (at position `at`) of side_by_side.name, then call it
+        real = getattr(side_by_side, name)
+        monkeypatch.setattr(side_by_side, name, lambda *a, **k: read[what].extend(a[at]) or real(*a, **k))
 
     spy("_sample_side", "sampled", 1), spy("response_logprobs", "scored", 2), spy("judge_sides", "judged", 0)
     assert main(["eval", "--policy", str(alpha), "--against", str(beta), "--prompts", str(prompts), "--judge", "length",
@@ -480,7 +480,7 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     """`--against-instruction ''`: one model asked two ways is two systems. --policy reads the instruction, --against
     (the same model) the bare prompt, and the KL reference reads what --against read; the blind queue names the
     two sides apart."""
-    from wprlhf import policy_eval
+    from wprlhf.evals import side_by_side
     from wprlhf.labeling.store import Store
 
     alpha = _tiny_policy(tmp_path / "alpha-policy", 1)
@@ -488,8 +488,8 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
     read = {"sampled": [], "scored": []}
     for name, what, at in (("_sample_side", "sampled", 1), ("response_logprobs", "scored", 2)):
-        real = getattr(policy_eval, name)
-        monkeypatch.setattr(policy_eval, name,
+        real = getattr(side_by_side, name)
+        monkeypatch.setattr(side_by_side, name,
                             lambda *a, _r=real, _w=what, _at=at, **k: read[_w].extend(a[_at]) or _r(*a, **k))
     db = tmp_path / "blind.db"
     assert main(["eval", "--policy", str(alpha), "--against", str(alpha), "--prompts", str(prompts),
@@ -511,8 +511,8 @@ def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs()
     from pathlib import Path
 
     from wprlhf.checkpoint import load_config
-    from wprlhf.rewards import load_reward
-    from wprlhf.stories import StoriesConfig
+    from wprlhf.pipelines.stories import StoriesConfig
+    from wprlhf.rewards.spec import load_reward
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(StoriesConfig, root / "examples" / "stories.yaml", {})

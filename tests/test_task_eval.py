@@ -11,9 +11,9 @@ import pytest
 from tests.helpers import save_tiny_classifier
 from wprlhf.cli import main
 from wprlhf.errors import UserError
-from wprlhf.evaluation import sample_with_kl
+from wprlhf.evals.measures import sample_with_kl
 from wprlhf.generation import GenerationConfig, generate
-from wprlhf.tasks import CONTROLS, builtin_openings, evaluate_task, heldout_openings, opening, summary
+from wprlhf.pipelines.sentiment import CONTROLS, builtin_openings, evaluate_task, heldout_openings, opening, summary
 
 SHORT = ["--n", "5", "--response-length", "6", "--min-response-length", "2"]
 

@@ -10,14 +10,13 @@ import json
 import pytest
 
 from tests.helpers import save_tiny_classifier
-from wprlhf.classifier import join_review, load_classifier, log_odds, log_odds_reward
 from wprlhf.cli import main
 from wprlhf.errors import UserError
-from wprlhf.labelers import sentiment
+from wprlhf.methods.onpolicy_config import PPOConfig, check_resumable
+from wprlhf.methods.sft import encode_examples
 from wprlhf.metrics import read_metrics
 from wprlhf.models import load_tokenizer
-from wprlhf.ppo_config import PPOConfig, check_resumable
-from wprlhf.tasks import (
+from wprlhf.pipelines.sentiment import (
     CONTROLS,
     builtin_openings,
     control_prompts,
@@ -27,7 +26,8 @@ from wprlhf.tasks import (
     sft_stories,
     split_control,
 )
-from wprlhf.sft import encode_examples
+from wprlhf.rewards.classifier import join_review, load_classifier, log_odds, log_odds_reward
+from wprlhf.rewards.judges import sentiment
 
 TINY_RUN = ["--policy", "tiny", "--batch-size", "4", "--num-minibatches", "2", "--ppo-epochs", "1",
             "--response-length", "6", "--log-samples", "2", "--sample-every", "1"]  # fmt: skip

@@ -20,6 +20,7 @@ one it skipped. It never deletes, moves or writes a file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -69,8 +70,6 @@ def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None
     """A config dataclass from `base` (e.g. a preset), then a YAML/JSON file, then explicit overrides (None = not
     given). `upgrade(dict) -> dict` translates a file's keys of earlier versions. Unknown keys are errors that list
     the known ones."""
-    import dataclasses
-
     values = dict(base or {})
     if path:
         values.update(upgrade(read_config_file(path)) if upgrade else read_config_file(path))
@@ -364,3 +363,16 @@ def export_models(out_dir: Path, models: dict[str, nn.Module], tokenizer, value_
             os.replace(tmp / name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def keep_saved_precision(config, out_dir: str | Path):
+    """`config` (a dataclass with `mixed_precision`) as a resumed run should use it. A resumed run keeps the precision it started with (its config.json), whatever 'auto' would pick on the
+    machine it resumes on; an explicit --mixed-precision is left for check_resumable to compare."""
+    saved = Path(out_dir) / "config.json"
+    if config.mixed_precision != "auto" or not saved.exists():
+        return config
+    try:
+        precision = json.loads(saved.read_text(encoding="utf-8")).get("mixed_precision", "no")
+    except (ValueError, AttributeError):
+        return config  # an unreadable config.json: the checkpoint's own copy of the config decides
+    return dataclasses.replace(config, mixed_precision=precision)

@@ -120,7 +120,7 @@ def _method(name: str):
     """(config class, train function) of an on-policy method: 'ppo', 'rloo' or 'grpo'."""
     import importlib
 
-    module = importlib.import_module(f".{name}", __package__)
+    module = importlib.import_module(f".methods.{name}", __package__)
     return getattr(module, CONFIGS[name]), module.train
 
 
@@ -128,15 +128,15 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     """`wprlhf ppo`, `wprlhf rloo` and `wprlhf grpo`: one command shape, the method's own config and train()."""
     from .data import load_prompts
     from .distributed import is_main_process
-    from .ppo_config import dump_config, load_config
+    from .methods.onpolicy_config import dump_config, load_config
     from .report import write_report
-    from .rewards import load_reward
+    from .rewards.spec import load_reward
 
     config_cls, train = _method(args.method)
     config = load_config(args.config, _overrides(args, config_cls), getattr(args, "preset", None), config_cls)
     judge_fn = None
     if config.task:
-        from .tasks import load_task
+        from .pipelines.sentiment import load_task
 
         if getattr(args, "reward", None) is not None:
             raise UserError(f"--task {config.task} brings its own reward (the classifier's log-odds); drop --reward")
@@ -187,11 +187,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy)  # fmt: skip
     if args.best_of is not None:
-        from .best_of import sample_pool, write_ranked
+        from .methods.best_of import sample_pool, write_ranked
 
         if args.best_of < 1:
             raise UserError(f"--best-of must be >= 1 (samples per prompt to choose among), got {args.best_of}")
-        from .rewards import load_reward
+        from .rewards.spec import load_reward
 
         if not args.reward:
             raise UserError("--best-of N needs --reward SPEC to choose with (e.g. rm:runs/stories/rm)")
@@ -216,7 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_task_eval(args: argparse.Namespace) -> None:
     from .files import write_json_atomic
-    from .tasks import evaluate_task, summary
+    from .pipelines.sentiment import evaluate_task, summary
 
     policy = Path(args.policy)
     run: dict = {}  # the config.json of the run around policy/: its task, start policy, classifier and prompts
@@ -259,7 +259,7 @@ def cmd_task_eval(args: argparse.Namespace) -> None:
 def cmd_rm_train(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
     from .distributed import is_main_process
-    from .reward_model import RewardConfig, train
+    from .rewards.reward_model import RewardConfig, train
 
     config = load_config(RewardConfig, args.config, _overrides(args, RewardConfig))
     main = is_main_process()  # under `accelerate launch`, only one process prints
@@ -273,7 +273,7 @@ def cmd_rm_train(args: argparse.Namespace) -> None:
 
 
 def cmd_rm_eval(args: argparse.Namespace) -> None:
-    from .reward_model import run_eval
+    from .rewards.reward_model import run_eval
 
     result = run_eval(args.model, args.data, args.out, args.max_examples, args.max_length, args.best_of,
                       args.keep_meta, args.train_data)  # fmt: skip
@@ -282,8 +282,8 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
 
 def cmd_classifier_train(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
-    from .classifier import ClassifierConfig, train
-    from .labelers import sentiment
+    from .rewards.classifier import ClassifierConfig, train
+    from .rewards.judges import sentiment
 
     config = load_config(ClassifierConfig, args.config, _overrides(args, ClassifierConfig))
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
@@ -295,8 +295,8 @@ def cmd_classifier_train(args: argparse.Namespace) -> None:
 
 
 def cmd_classifier_eval(args: argparse.Namespace) -> None:
-    from .classifier import run_eval
-    from .labelers import sentiment
+    from .rewards.classifier import run_eval
+    from .rewards.judges import sentiment
 
     if args.max_examples < 0:
         raise UserError(f"--max-examples must be >= 0 (0 = all), got {args.max_examples}")
@@ -307,7 +307,7 @@ def cmd_classifier_eval(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
-    from .compare import CompareConfig, run
+    from .pipelines.compare import CompareConfig, run
 
     config = load_config(CompareConfig, args.config, _overrides(args, CompareConfig))
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
@@ -320,7 +320,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_dpo(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
     from .distributed import is_main_process
-    from .dpo import DPOConfig, train
+    from .methods.dpo import DPOConfig, train
 
     config = load_config(DPOConfig, args.config, _overrides(args, DPOConfig))
     if is_main_process():
@@ -335,7 +335,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from .distributed import is_main_process
-    from .sft import SFTConfig, load_config, train
+    from .methods.sft import SFTConfig, load_config, train
 
     config = load_config(args.config, _overrides(args, SFTConfig))
     main = is_main_process()  # under `accelerate launch`, only one process prints
@@ -345,7 +345,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
         shutil.rmtree(args.out, ignore_errors=True)
     stories = None
     if config.task:  # the task knows its examples' format; SFT trains on what it is given
-        from .tasks import sft_stories
+        from .pipelines.sentiment import sft_stories
 
         stories = sft_stories(config.task, config.data)
     result = train(config, args.out, stories=stories)
@@ -409,7 +409,7 @@ def cmd_label_status(args: argparse.Namespace) -> None:
 
 def cmd_loop(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
-    from .loop import LoopConfig, run
+    from .pipelines.loop import LoopConfig, run
     from .report import write_report
 
     config = load_config(LoopConfig, args.config, _overrides(args, LoopConfig))
@@ -426,7 +426,7 @@ def cmd_loop(args: argparse.Namespace) -> None:
 
 def cmd_stories(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
-    from .stories import QUICK, StoriesConfig, run
+    from .pipelines.stories import QUICK, StoriesConfig, run
 
     config = load_config(StoriesConfig, args.config, _overrides(args, StoriesConfig), QUICK if args.quick else None)
     print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
@@ -441,8 +441,8 @@ def cmd_stories(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
+    from .evals.side_by_side import EvalConfig, blind_results, run_eval
     from .files import write_json_atomic
-    from .policy_eval import EvalConfig, blind_results, run_eval
 
     if args.blind_results:
         result = blind_results(args.blind_results)
@@ -477,7 +477,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
-    from .loop import DEMO, DEMO_QUICK, LoopConfig, run
+    from .pipelines.loop import DEMO, DEMO_QUICK, LoopConfig, run
     from .report import write_report
 
     flags = {"prompts": args.data, "policy": args.policy, "labeler": args.labeler, "reward_model": args.reward_model,
@@ -502,13 +502,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .classifier import ClassifierConfig
-    from .loop import LoopConfig
-    from .ppo_config import PRESETS, PPOConfig
-    from .reward_model import RewardConfig
-    from .sft import SFTConfig
-    from .policy_eval import EvalConfig
-    from .stories import PHASES, StoriesConfig
+    from .evals.side_by_side import EvalConfig
+    from .methods.onpolicy_config import PRESETS, PPOConfig
+    from .methods.sft import SFTConfig
+    from .pipelines.loop import LoopConfig
+    from .pipelines.stories import PHASES, StoriesConfig
+    from .rewards.classifier import ClassifierConfig
+    from .rewards.reward_model import RewardConfig
 
     parser = argparse.ArgumentParser(prog="wprlhf", description=(
         "RLHF for r/WritingPrompts on a laptop CPU: SFT, reward models from comparisons, PPO, RLOO, GRPO and DPO, "
@@ -528,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(ppo, PPOConfig)
     ppo.set_defaults(func=cmd_ppo, method="ppo")
 
-    from .grpo import GRPOConfig
-    from .rloo import RLOOConfig
+    from .methods.grpo import GRPOConfig
+    from .methods.rloo import RLOOConfig
 
     for name, config_cls, what in (
         ("rloo", RLOOConfig, "REINFORCE with a leave-one-out baseline over k samples a prompt (Ahmadian et al. 2024)"),
@@ -640,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sft, SFTConfig)
     sft.set_defaults(func=cmd_sft)
 
-    from .dpo import DPOConfig
+    from .methods.dpo import DPOConfig
 
     dpo = sub.add_parser("dpo", help="direct preference optimisation on a comparisons file (no reward model)",
                          description=("DPO (Rafailov et al. 2023) or IPO (--loss ipo) against the frozen start policy, "
@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(dpo, DPOConfig)
     dpo.set_defaults(func=cmd_dpo)
 
-    from .compare import CompareConfig
+    from .pipelines.compare import CompareConfig
 
     cmp = sub.add_parser("compare", help="PPO, RLOO, GRPO, DPO and best-of-n on the same preferences and budget",
                          description=("Labels start-policy samples (a simulated labeler or --comparisons), trains a "

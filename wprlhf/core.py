@@ -6,6 +6,7 @@ tensors, True on real tokens. Shapes: B = batch, T = time (response tokens), V =
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -327,3 +328,23 @@ def bootstrap_ci(values, groups, n_boot: int = 2000, seed: int = 0) -> tuple[flo
     picks = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
     means = sums[picks].sum(1) / counts[picks].sum(1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def choice_credit(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """How right a scorer is about each labeler's choice: 1 when the best response alone has the top score, 1/(m+1)
+    when it shares the top score with m others, 0 otherwise. The mean is the accuracy.
+
+    This is the one tie rule of every accuracy in wprlhf (reward-model training, validation, eval, baselines, the
+    classifier, judge win rates): it is the expected accuracy of breaking the tie at random, so a scorer that
+    cannot tell the responses apart (identical texts, a constant score) gets chance, 1/k, and not the 1 or 0
+    that argmax's first-index rule gives depending on where the best response happens to sit.
+
+    scores (N, K) float; best (N,) int64; valid (N, K) bool or None (all valid), False on padding slots.
+    Returns (N,) float32 in [0, 1], on the scores' device, without grad. A NaN score is never the top one.
+    """
+    scores = scores.detach()
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
+    top = scores.masked_fill(~valid | scores.isnan(), -math.inf).max(-1, keepdim=True).values  # (N, 1)
+    at_top = (scores == top) & valid  # (N, K)
+    best_at_top = at_top.gather(1, best[:, None].to(scores.device)).squeeze(1)
+    return best_at_top.float() / at_top.sum(-1).clamp(min=1).float()

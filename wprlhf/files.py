@@ -1,7 +1,8 @@
 """Atomic file writes, and the readers of wprlhf's own JSONL and metrics CSV files: each written once, here.
 
-Tier 0: imports nothing from wprlhf but `errors`, and no torch, so `report.py` (which never loads a model) and
-every other module can use it. `labeling/` keeps its own small reader and writer, as it imports no wprlhf module.
+In the lowest group of the ground: imports nothing from wprlhf but `errors`, and no torch, so `report.py` (which
+never loads a model) and every other module can use it. `labeling/` keeps its own small reader and writer, as
+it imports no wprlhf module.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def fingerprint(value: str) -> str | None:
     - an existing file (prompts, comparisons, a config file): the sha256 of its content;
     - an existing directory (a policy, a reward model, a data set): a sha256 of its weight, config, tokenizer and
       data files' names and sizes (`_directory_digest`);
-    - a reward SPEC (`rewards.load_reward`): `rm:DIR` is the directory's; `path/file.py:function` the .py file's
+    - a reward SPEC (`spec.load_reward`): `rm:DIR` is the directory's; `path/file.py:function` the .py file's
       content (the modules it imports are the user's business: a change there is not seen); a weighted sum
       combines its terms'; a leading `sim:` is dropped;
     - a hub id ('owner/name'), not a path: the name itself (no config names a revision, so the name is all there is);

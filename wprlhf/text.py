@@ -1,8 +1,8 @@
 """Text cleaning and counting: Fan et al.'s tokenised prompts made plain again, Reddit's post-hoc meta lines found
 and removed, and the word n-grams that show a loop.
 
-Text in, text out: no file, no model. `data.py` applies these while reading stories; `evaluation.py` measures
-how often samples carry meta lines or loop; `rewards.py` penalises loops.
+Text in, text out: no file, no model. `data.py` applies these while reading stories; `evals/measures.py` measures
+how often samples carry meta lines or loop; `rewards/spec.py` penalises loops.
 """
 
 from __future__ import annotations

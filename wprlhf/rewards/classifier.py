@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import read_rows
-from .distributed import check_mixed_precision
-from .errors import UserError, check_numbers, warn_if_degenerate
-from .files import write_json_atomic
-from .reward_model import BinaryRating, accuracy_ci, choice_credit, fit, load, outputs, save
+from ..core import choice_credit
+from ..data import read_rows
+from ..distributed import check_mixed_precision
+from ..errors import UserError, check_numbers, warn_if_degenerate
+from ..files import write_json_atomic
+from .reward_model import BinaryRating, accuracy_ci, fit, load, outputs, save
 
 TRAIN_FILES = ("imdb_train.csv", "train.csv", "train.jsonl", "train.parquet")
 TEST_FILES = ("imdb_test.csv", "test.csv", "test.jsonl", "test.parquet")
@@ -254,7 +255,7 @@ def train(config: ClassifierConfig, out_dir: str | Path, polarity: ScoreFn | Non
           progress: bool = True) -> dict:  # fmt: skip
     """Fine-tune a two-way classifier; save it (HF format), train_config.json, metrics.csv and eval-heldout.json.
 
-    polarity: an optional score whose sign predicts the label (VADER's compound, `labelers.sentiment`), passed in
+    polarity: an optional score whose sign predicts the label (VADER's compound, `judges.sentiment`), passed in
     by the caller, for the baseline in eval-heldout.json. Returns the held-out evaluation.
     """
     started = time.perf_counter()
@@ -322,7 +323,7 @@ def binary_f1(predicted: Sequence[float], labels: Sequence[int]) -> float:
 
 
 def sign_credit(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """How right a score whose sign predicts the label is, by the one tie rule (`reward_model.choice_credit`):
+    """How right a score whose sign predicts the label is, by the one tie rule (`core.choice_credit`):
     each text chooses between negative (scored 0) and positive (scored `scores`), so a score > 0 is right for
     label 1, < 0 for label 0, and exactly 0 (log-odds 0: p = 1/2, or a lexicon that found no word) is a tie
     between the two classes and counts 1/2, the expected accuracy of a coin flip, not 'negative' by default.
@@ -404,7 +405,7 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
     data: a file with text,label (a directory gives its imdb_test.csv / test.csv; a hub id its train split, so
     name the test file, e.g. `stanfordnlp/imdb:plain_text/test-00000-of-00001.parquet`). max_examples draws a
     random subset (seed 0). The TF-IDF baseline trains on `train_data`, else on the data the model was trained
-    on; polarity (VADER's compound, `labelers.sentiment`) gives the `vader` baseline.
+    on; polarity (VADER's compound, `judges.sentiment`) gives the `vader` baseline.
     Default output: MODEL_DIR/eval-<data name>.json.
     """
     model_dir = Path(model_dir)

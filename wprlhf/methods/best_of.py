@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .generation import GenerationConfig, generate_k
-from .signatures import RewardFn
+from ..errors import UserError
+from ..generation import GenerationConfig, generate_k
+from ..signatures import RewardFn
 
 
 def kl_bound(n: int) -> float:
@@ -94,7 +94,7 @@ def write_ranked(path, pool: Pool, policy: str, reward: str) -> None:
     response is best-of-n), with their scores; a `wprlhf sample` file that `wprlhf eval` and `label add` read."""
     import json
 
-    from .files import write_text_atomic
+    from ..files import write_text_atomic
 
     lines = []
     for row in pool.rows():

@@ -18,7 +18,7 @@ which also vanishes only at pi = ref: a pull back to the reference. (As a reward
 use it, k3's score-function gradient is grad KL(pi || ref) - grad KL(ref || pi), with no pull back: they refuse it.)
 The 1/|o_i| weighs a short response's tokens more (Liu et al. 2025 call it a length bias); with fixed-length
 responses (min_response_length = response_length) it is a constant. The settings are `GRPOConfig`; the run loop,
-checkpoints and processes are `ppo_trainer`'s, shared with PPO and RLOO.
+checkpoints and processes are `onpolicy`'s, shared with PPO and RLOO.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import kl_k3, masked_mean, masked_sum, normalize_scores, policy_loss
-from .errors import UserError
+from ..core import kl_k3, masked_mean, masked_sum, normalize_scores, policy_loss
+from ..errors import UserError
+from ..signatures import RewardFn
 from .kl_control import kl_controller
-from .ppo_config import VALUE_SETTINGS, PPOConfig, check_group_method
-from .ppo_trainer import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
-from .signatures import RewardFn
+from .onpolicy import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
+from .onpolicy_config import VALUE_SETTINGS, PPOConfig, check_group_method
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The true scores (the *judges*) defined here: `sentiment` (VADER compound, -1..1), `Relevance` (cosine of the
 embedded MiniLM's sentence embeddings of prompt and response, -1..1) and `story` (1 if a response is a story by a
 stated rule, `story_verdict`, else 0). A SPEC such as `sentiment`, `rm:DIR` or
-`0.7*sentiment+0.3*relevance` becomes a judge in `rewards.load_reward`, the one resolver of reward specs, which
+`0.7*sentiment+0.3*relevance` becomes a judge in `spec.load_reward`, the one resolver of reward specs, which
 sits above this module; `--labeler sim:sentiment` and `--judge sentiment` name the same score.
 
 A labeler answers a comparison of k responses by sampling the best from Bradley-Terry on the true scores,
@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Comparison
-from .errors import UserError
-from .signatures import RewardFn
-
+from ..data import Comparison
+from ..errors import UserError
+from ..signatures import RewardFn
 
 # ==========================================================================================================
 # true scores
@@ -144,7 +143,7 @@ class Relevance:
         if self.model is None:
             from transformers import AutoModel, AutoTokenizer
 
-            from .models import from_pretrained, resolve_name
+            from ..models import from_pretrained, resolve_name
 
             source = resolve_name(self.name)
             self.tokenizer = from_pretrained(AutoTokenizer, self.name, source)

@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, load_labelled, log_odds_reward
-from .data import Response, read_rows
-from .distributed import resolve_device
-from .errors import UserError
-from .evaluation import mean_ci, paired_means, sample_with_kl, text_stats
-from .generation import GenerationConfig, generation_config
-from .labelers import sentiment
-from .models import load_policy
-from .signatures import RewardFn
+from ..data import Response, read_rows
+from ..distributed import resolve_device
+from ..errors import UserError
+from ..evals.measures import mean_ci, paired_means, sample_with_kl, text_stats
+from ..generation import GenerationConfig, generation_config
+from ..models import load_policy
+from ..rewards.classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, load_labelled, log_odds_reward
+from ..rewards.judges import sentiment
+from ..signatures import RewardFn
 
 CONTROLS = ("[negative]", "[neutral]", "[positive]")
 OPENING_WORDS = 8
@@ -132,7 +132,7 @@ def signed(control: str, value: float) -> float:
 
 
 def on_reviews(score_fn: RewardFn) -> RewardFn:
-    """A text score (of the response alone, like `labelers.sentiment`) applied to opening + continuation."""
+    """A text score (of the response alone, like `judges.sentiment`) applied to opening + continuation."""
 
     def review_score(prompts: list[str], responses: list[str]) -> list[float]:
         return [float(s) for s in score_fn(list(prompts), [join_review(p, r) for p, r in zip(prompts, responses)])]

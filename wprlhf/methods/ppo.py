@@ -5,10 +5,10 @@ policy_loss / value_loss -> update); `step`, one PPO step, one call per phase; `
 the trl-style API (`step(queries, responses, scores)`); and `train()`. Scores come from one callable,
 `reward_fn(prompts: list[str], responses: list[str]) -> list[float]`: this module never knows who gives them.
 
-The settings are `PPOConfig` (`ppo_config.py`); the KL controllers are in `kl_control.py`, and `compute_rewards`
+The settings are `PPOConfig` (`onpolicy_config.py`); the KL controllers are in `kl_control.py`, and `compute_rewards`
 (per-token KL penalty plus score) and `policy_loss` (the clipped surrogate), which RLOO and GRPO share, in
 `core.py`; devices, processes, micro-batches, the LoRA reference, checkpoints
-and the run loop are plumbing, in `ppo_trainer.py`; the forward passes are in `forwards.py`.
+and the run loop are plumbing, in `onpolicy.py`; the forward passes are in `forwards.py`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,33 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import (clip_around, compute_rewards, explained_variance, gae, masked_mean, masked_sum,
-                   masked_whiten, normalize_scores, pad_sequences, policy_loss)  # fmt: skip
-from .errors import UserError
-from .models import position_limit
+from ..core import (
+    clip_around,
+    compute_rewards,
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_sum,
+    masked_whiten,  # fmt: skip
+    normalize_scores,
+    pad_sequences,
+    policy_loss,
+)
+from ..errors import UserError
+from ..models import position_limit
+from ..signatures import RewardFn
 from .kl_control import AdaptiveKLController, FixedKLController, kl_controller  # noqa: F401  (tests import them here)
-from .ppo_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.ppo import PPOConfig, train`)
-from .ppo_trainer import (Rollout, Samples, Trainer, check_scores, prepare_run, rollout_stats, run,
-                          update_epochs)  # fmt: skip
-from .signatures import RewardFn
+from .onpolicy import (
+    Rollout,
+    Samples,
+    Trainer,
+    check_scores,
+    prepare_run,
+    rollout_stats,
+    run,
+    update_epochs,  # fmt: skip
+)
+from .onpolicy_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.methods.ppo import PPOConfig, train`)
 
 # ==========================================================================================================
 # The phases of a step. Each is a function of tensors that a test can call alone.

@@ -12,7 +12,7 @@ sequence-level REINFORCE gradient divided by the mean response length: a constan
 With ppo_epochs 1 and num_minibatches 1 (the defaults) the update is plain REINFORCE, since the ratio to the rollout
 policy is 1; more epochs reuse the batch
 with PPO's clipped ratio (`core.policy_loss`), as trl's RLOO does. The settings are `RLOOConfig`; the run loop,
-checkpoints and processes are `ppo_trainer`'s, shared with PPO.
+checkpoints and processes are `onpolicy`'s, shared with PPO.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .core import compute_rewards, masked_sum, normalize_scores, policy_loss
+from ..core import compute_rewards, masked_sum, normalize_scores, policy_loss
+from ..signatures import RewardFn
 from .kl_control import kl_controller
-from .ppo_config import PPOConfig, check_group_method
-from .ppo_trainer import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
-from .signatures import RewardFn
+from .onpolicy import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
+from .onpolicy_config import PPOConfig, check_group_method
 
 
 @dataclass

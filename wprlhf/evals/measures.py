@@ -12,13 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .core import bootstrap_ci, masked_sum
-from .generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
-from .models import stop_token_ids
-from .forwards import policy_forward, sampling_floor
-from .reward_model import choice_credit
-from .signatures import RewardFn
-from .text import meta_share, repeated_share, word_ngrams
+from ..core import bootstrap_ci, choice_credit, masked_sum
+from ..forwards import policy_forward, sampling_floor
+from ..generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
+from ..models import stop_token_ids
+from ..signatures import RewardFn
+from ..text import meta_share, repeated_share, word_ngrams
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -65,7 +64,7 @@ def paired_means(start: Sequence[float], trained: Sequence[float], groups: Seque
 
 def win_rate(judge: RewardFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
     """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2 (the one tie
-    rule, `reward_model.choice_credit`, with `new` as the choice to be right about).
+    rule, `core.choice_credit`, with `new` as the choice to be right about).
 
     Returns win_rate with win_rate_lo/hi (95% CI resampling prompts), n, and both sides' mean judge scores.
     """
@@ -78,7 +77,7 @@ def win_rate(judge: RewardFn, prompts: list[str], new: list[str], start: list[st
 
 def scored_win_rate(new_scores: Sequence[float], start_scores: Sequence[float], groups: Sequence[str]) -> dict:
     """win_rate, win_rate_lo/hi (95% CI resampling `groups`, i.e. prompts) and n from scores already computed:
-    a higher new score wins 1, an equal one 1/2 (`reward_model.choice_credit`)."""
+    a higher new score wins 1, an equal one 1/2 (`core.choice_credit`)."""
     pairs = torch.tensor([list(start_scores), list(new_scores)], dtype=torch.float64).T  # (N, 2): start, new
     wins = choice_credit(pairs, torch.ones(len(pairs), dtype=torch.long)).tolist()
     lo, hi = bootstrap_ci(wins, groups)

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
-from .distributed import check_mixed_precision, resolve_device
-from .errors import UserError, check_numbers
-from .files import check_inputs, input_fingerprints, write_json_atomic, write_text_atomic
+from ..data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
+from ..distributed import check_mixed_precision, resolve_device
+from ..errors import UserError, check_numbers
+from ..files import check_inputs, input_fingerprints, write_json_atomic, write_text_atomic
 
 STATE_FILE = "compare_state.json"
 METHODS = ("ppo", "rloo", "grpo", "dpo")
@@ -140,19 +140,19 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
                   steps=max(1, config.budget // config.batch_size), checkpoint_every=10**6, log_samples=0,
                   seed=config.seed, device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
     if name == "ppo":
-        from .ppo import PPOConfig, train
+        from ..methods.ppo import PPOConfig, train
 
         train(PPOConfig(**common), train_prompts, reward_fn, out)
     elif name == "rloo":
-        from .rloo import RLOOConfig, train
+        from ..methods.rloo import RLOOConfig, train
 
         train(RLOOConfig(**common, samples_per_prompt=4), train_prompts, reward_fn, out)
     elif name == "grpo":
-        from .grpo import GRPOConfig, train
+        from ..methods.grpo import GRPOConfig, train
 
         train(GRPOConfig(**common, samples_per_prompt=4), train_prompts, reward_fn, out)
     else:
-        from .dpo import DPOConfig, pairs_from, train
+        from ..methods.dpo import DPOConfig, pairs_from, train
 
         epochs = max(1, config.budget // (2 * len(pairs_from(comparisons))))
         train(DPOConfig(policy=config.policy, beta=config.dpo_beta, lr=config.dpo_lr, epochs=epochs, batch_size=8,
@@ -165,15 +165,15 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
 def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_changed_inputs: bool = False) -> dict:
     """Run (or resume) the comparison into out_dir; returns the report. A resume whose inputs (INPUTS) changed since
     the run started is refused unless allow_changed_inputs."""
-    from .best_of import kl_bound, sample_pool
-    from .dpo import pairs_from
-    from .generation import generate, generate_k, generation_config
-    from .labelers import SimulatedLabeler
-    from .models import load_policy
-    from .policy_eval import judge_sides, response_logprobs, table_markdown, without_verdicts
-    from .reward_model import RewardConfig, reward_fn_from_model
-    from .reward_model import train as rm_train
-    from .rewards import load_reward
+    from ..evals.side_by_side import judge_sides, response_logprobs, table_markdown, without_verdicts
+    from ..generation import generate, generate_k, generation_config
+    from ..methods.best_of import kl_bound, sample_pool
+    from ..methods.dpo import pairs_from
+    from ..models import load_policy
+    from ..rewards.judges import SimulatedLabeler
+    from ..rewards.reward_model import RewardConfig, reward_fn_from_model
+    from ..rewards.reward_model import train as rm_train
+    from ..rewards.spec import load_reward
 
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_FILE
@@ -198,7 +198,7 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
         given_rm = load_reward(config.reward_model, what="reward model")
     relevance = None
     if config.relevance:  # loaded now: a failure after the evaluation's sampling would lose it
-        from .labelers import Relevance
+        from ..rewards.judges import Relevance
 
         relevance = Relevance()
         relevance.embed(["a sentence"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import time
@@ -28,31 +27,49 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .core import kl_k1, kl_k3, masked_mean, masked_sum
-from .distributed import (autocast_dtype, check_divisible, check_finite, device_of, gather_padded, is_main_process,
-                          make_accelerator, reduce_sum, resolve_device, resolve_mixed_precision, shard)  # fmt: skip
-from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
-from .errors import UserError
-from .forwards import policy_forward, sampling_floor, value_forward
-from .generation import (Generation, check_bare_prompts, decode_responses, encode_prompts, fit_positions, prompt_room,
-                         sample)
-from .metrics import MetricsLogger
-from .models import (
+from .. import checkpoint as ckpt
+from ..core import kl_k1, kl_k3, masked_mean, masked_sum
+from ..distributed import (
+    autocast_dtype,
+    check_divisible,
+    check_finite,
+    device_of,
+    gather_padded,
+    is_main_process,
+    make_accelerator,  # fmt: skip
+    reduce_sum,
+    resolve_device,
+    resolve_mixed_precision,
+    shard,
+)
+from ..errors import UserError
+from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
+from ..forwards import policy_forward, sampling_floor, value_forward
+from ..generation import (
+    Generation,
+    check_bare_prompts,
+    decode_responses,
+    encode_prompts,
+    fit_positions,
+    prompt_room,
+    sample,
+)
+from ..metrics import MetricsLogger
+from ..models import (
     ValueHead,
     add_lora,
-    load_policy,
     checkpointing,
     count_parameters,
     enable_gradient_checkpointing,
+    load_policy,
     make_optimizer,
     make_reference,
     make_value_model,
     merged_copy,
     stop_token_ids,
 )
-from .ppo_config import PPOConfig, check_resumable
-from .signatures import RewardFn
+from ..signatures import RewardFn
+from .onpolicy_config import PPOConfig, check_resumable
 
 NON_FINITE_FIX = ("Check that reward_fn returns scores of a sensible scale, then rerun with a lower --lr, --max-grad-norm 1, "
                   "--score-clip 5 or --mixed-precision no: with --resume and the same --out where OUT/checkpoints "
@@ -590,7 +607,7 @@ def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float) -> dict[st
     """Metrics of a rollout every method logs (names in metrics.py): scores as reward_fn gave them, KL to the
     reference per response (k1 and k3), the step's kl_coef, the rlhf reward (`finish_step`'s), response length,
     learning rate. `kl` is k1 summed over a response's tokens under the distribution sampled from (`Rollout`), the
-    KL that `evaluation.sample_with_kl` and `wprlhf eval` report under that name."""
+    KL that `measures.sample_with_kl` and `wprlhf eval` report under that name."""
     mask, B = rollout.response_mask, len(rollout)
     return {
         "score_mean": float(rollout.scores.mean()),
@@ -640,25 +657,12 @@ def prepare_run(config: PPOConfig, prompts: list[str], out_dir: str | Path, resu
         raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
     if resume:
         check_inputs(read_inputs(out_dir), run_inputs(config, prompts), allow_changed_inputs, f"the run in {out_dir}")
-        config = keep_saved_precision(config, out_dir)
+        config = ckpt.keep_saved_precision(config, out_dir)
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     check_bare_prompts(tokenizer, prompts, config.chat_template)  # every prompt, before step 1 (not at step 300)
     torch.manual_seed(config.seed)
     return config, policy, tokenizer
-
-
-def keep_saved_precision(config: PPOConfig, out_dir: str | Path) -> PPOConfig:
-    """A resumed run keeps the precision it started with (its config.json), whatever 'auto' would pick on the
-    machine it resumes on; an explicit --mixed-precision is left for check_resumable to compare."""
-    saved = Path(out_dir) / "config.json"
-    if config.mixed_precision != "auto" or not saved.exists():
-        return config
-    try:
-        precision = json.loads(saved.read_text(encoding="utf-8")).get("mixed_precision", "no")
-    except (ValueError, AttributeError):
-        return config  # an unreadable config.json: the checkpoint's own copy of the config decides
-    return dataclasses.replace(config, mixed_precision=precision)
 
 
 def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path,

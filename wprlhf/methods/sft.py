@@ -24,15 +24,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
-from .core import linear_schedule, logprobs_from_logits, masked_sum
-from .distributed import (check_finite, check_mixed_precision, device_of, is_main_process, make_accelerator, reduce_sum,
-                          resolve_device, resolve_mixed_precision)  # fmt: skip
-from .errors import UserError, check_numbers
-from .files import INPUTS_FILE, atomic_writer, input_fingerprints, write_json_atomic
-from .generation import GenerationConfig, chat_ids, generate, text_ids, uses_chat_template
-from .metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics, smooth
-from .models import count_parameters, load_policy
+from .. import checkpoint as ckpt
+from ..core import linear_schedule, logprobs_from_logits, masked_sum
+from ..distributed import (
+    check_finite,
+    check_mixed_precision,
+    device_of,
+    is_main_process,
+    make_accelerator,
+    reduce_sum,
+    resolve_device,  # fmt: skip
+    resolve_mixed_precision,
+)
+from ..errors import UserError, check_numbers
+from ..files import INPUTS_FILE, atomic_writer, input_fingerprints, write_json_atomic
+from ..generation import GenerationConfig, chat_ids, generate, text_ids, uses_chat_template
+from ..metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics, smooth
+from ..models import count_parameters, load_policy
 
 EXAMPLE_DATA = "../shared/data/writing_prompts"
 
@@ -63,7 +71,7 @@ class SFTConfig:
     where it has one, exactly as `wprlhf ppo` and `wprlhf sample` encode prompts; otherwise (or False) the text
     is prompt + "\\n\\n" + story + EOS."""
     task: str = ""
-    """Learn a review task's format instead of stories (`wprlhf.tasks.sft_stories`): 'sentiment-control' (control
+    """Learn a review task's format instead of stories (`wprlhf.pipelines.sentiment.sft_stories`): 'sentiment-control' (control
     prefix + opening -> the labelled review's continuation) or 'positive-reviews'. `data` then names labelled
     reviews (a 'text,label' file or a directory such as ../shared/data/imdb), and the text is plain: prompt and
     continuation joined with nothing between, as `wprlhf ppo --task` continues an opening (chat_template is
@@ -430,7 +438,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     """Fine-tune config.policy on config.data's stories; write the run into out_dir and return eval.json's dict.
 
     stories: the examples to learn from (`data.Response`s: prompt, response, rank) instead of reading config.data.
-    A task's examples come this way (`wprlhf sft --task` passes `tasks.sft_stories(task, data)`): SFT trains on
+    A task's examples come this way (`wprlhf sft --task` passes `sentiment.sft_stories(task, data)`): SFT trains on
     whatever it is given and knows no task but by name, so it sits below the tasks (docs/architecture.md).
 
     out_dir gets config.json, inputs.json (`files.input_fingerprints` of the policy, the data and the stories given),
@@ -439,7 +447,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     """
     from tqdm.auto import tqdm
 
-    from .data import load_responses, split_by_prompt
+    from ..data import load_responses, split_by_prompt
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -536,7 +544,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     last_val = before["val_loss"]
     bar = tqdm(total=total_steps, desc="sft", unit="step", disable=not progress)
     for epoch in range(config.epochs):
-        # The order is a pure function of (seed, epoch), as ppo_trainer.prompt_batch's.
+        # The order is a pure function of (seed, epoch), as onpolicy.prompt_batch's.
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train_rows))
         for first in range(0, len(order), config.batch_size):
             t0 = time.perf_counter()

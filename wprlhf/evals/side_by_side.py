@@ -6,8 +6,8 @@ writes one). Every side is measured the same way, each number with a 95 % CI tha
 (`core.bootstrap_ci`):
 
 - `judge`: a judge reward model's mean score and its win rate against the baseline side (ties count 1/2, the one
-  tie rule `reward_model.choice_credit`);
-- `story`: the share of responses that are stories (`labelers.story_verdict`, a stated rule);
+  tie rule `core.choice_credit`);
+- `story`: the share of responses that are stories (`judges.story_verdict`, a stated rule);
 - `relevance`: MiniLM cosine of prompt and response (beside the human stories' own, when given: an assistant that
   restates the prompt scores high on relevance alone);
 - `distinct_1`, `distinct_2` (over chunks of 10 responses: `chunked_ci`), `repetition` (a 4-gram said twice),
@@ -31,26 +31,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import evaluation
-from .core import bootstrap_ci, masked_sum, pad_sequences
-from .data import prompt_key
-from .errors import UserError, check_numbers
-from .evaluation import distinct_n, repetition_rate, scored_win_rate
-from .files import iter_jsonl, write_json_atomic, write_text_atomic
-from .forwards import policy_forward, sampling_floor
-from .generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
-from .labelers import story_verdict
-from .models import stop_token_ids
-from .signatures import RewardFn
-from .text import has_meta
+from ..core import bootstrap_ci, masked_sum, pad_sequences
+from ..data import prompt_key
+from ..errors import UserError, check_numbers
+from ..files import iter_jsonl, write_json_atomic, write_text_atomic
+from ..forwards import policy_forward, sampling_floor
+from ..generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
+from ..models import stop_token_ids
+from ..rewards.judges import story_verdict
+from ..signatures import RewardFn
+from ..text import has_meta
+from . import measures
+from .measures import distinct_n, repetition_rate, scored_win_rate
 
 # ==========================================================================================================
 # numbers of one side
 
 
 def mean_ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
-    """`evaluation.mean_ci` with prompts grouped by `data.prompt_key`, so reposts of one prompt resample together."""
-    return evaluation.mean_ci([float(v) for v in values], [prompt_key(p) for p in prompts])
+    """`measures.mean_ci` with prompts grouped by `data.prompt_key`, so reposts of one prompt resample together."""
+    return measures.mean_ci([float(v) for v in values], [prompt_key(p) for p in prompts])
 
 
 def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chunk: int = 10) -> dict:
@@ -64,7 +64,7 @@ def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chu
     if len(pieces) > 1 and len(pieces[-1]) < chunk:
         pieces = pieces[:-1]  # a short last chunk would read as more diverse
     values = [stat(p) for p in pieces]
-    return evaluation.mean_ci(values, list(range(len(values))))
+    return measures.mean_ci(values, list(range(len(values))))
 
 
 def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[float] | None = None,
@@ -96,7 +96,7 @@ def response_logprobs(model, tokenizer, prompts: list[str], responses: Sequence[
 
     min_response_length: the sampler forbade end-of-turn before this many tokens, so those positions are scored
     under the distribution it sampled from (stop tokens masked, the rest renormalised: `forwards.sampling_floor`, as
-    PPO and `evaluation.sample_with_kl` score them); the difference of two models' sums is then the KL estimate k1
+    PPO and `measures.sample_with_kl` score them); the difference of two models' sums is then the KL estimate k1
     of what each would sample. responses: the sampled token ids (`generation.generate(ids=...)`: a response that
     stopped ends with its stop token, whose term the KL needs), or text, tokenized again: text has lost the stop
     token, and the same tokenizer gives back its other tokens except at rare merges.
@@ -207,7 +207,7 @@ def queue_blind(db: str | Path, prompts: list[str], a: tuple[str, list[str]], b:
     database. The side names are stored as the comparison's metadata, server-side; the page receives only the
     prompt and the two texts. The order comes from the operating system's randomness (`SystemRandom`), so no seed
     in the source predicts it. Returns the number queued (a prompt whose two responses are equal is left out)."""
-    from .labeling.store import LabelingError, Store
+    from ..labeling.store import LabelingError, Store
 
     if a[0] == b[0]:
         raise UserError(f"both sides are named {a[0]!r}; blind pairs need two different policies")
@@ -233,7 +233,7 @@ def blind_results(db: str | Path) -> dict:
     answer; None when no comparison has two)."""
     import itertools
 
-    from .labeling.store import Store
+    from ..labeling.store import Store
 
     if not Path(db).is_file():
         raise UserError(f"--blind-results {db}: no such database; queue pairs first with wprlhf eval ... --blind-db {db}")
@@ -356,9 +356,9 @@ def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
     """(responses, (model, tokenizer), ids, finished) of a model sampled on the prompts: ids, each response's sampled
     tokens with its stop token where it stopped, are what its KL is measured on (`response_logprobs`); finished,
     whether it stopped before the cap."""
-    from .distributed import resolve_device
-    from .generation import generate, generation_config
-    from .models import load_policy
+    from ..distributed import resolve_device
+    from ..generation import generate, generation_config
+    from ..models import load_policy
 
     model, tokenizer = load_policy(spec, seed=config.seed)
     check_bare_prompts(tokenizer, prompts)  # every prompt, before any sampling
@@ -375,11 +375,11 @@ def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
 def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
     """`wprlhf eval`: sample (or read) both sides on the prompts, judge them, write out (JSON) beside a Markdown
     table (out with .md) and the pairs (out's stem + -pairs.jsonl), and queue blind pairs in blind_db when given."""
-    from .data import load_prompts
-    from .generation import instruction_head
-    from .labelers import Relevance
-    from .models import load_policy
-    from .rewards import load_reward
+    from ..data import load_prompts
+    from ..generation import instruction_head
+    from ..models import load_policy
+    from ..rewards.judges import Relevance
+    from ..rewards.spec import load_reward
 
     if not config.policy:
         raise UserError("wprlhf eval needs --policy (a model or a responses JSONL file)")

@@ -33,21 +33,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
-from .core import linear_schedule, masked_sum, pad_sequences
-from .data import Comparison, load_comparisons, split_by_prompt
-from .distributed import (autocast_dtype, check_finite, check_launch_environment, check_mixed_precision, device_of,
-                          is_main_process, make_accelerator, reduce_sum, resolve_device,
-                          resolve_mixed_precision)  # fmt: skip
-from .errors import UserError, check_numbers
-from .files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
-from .forwards import policy_forward
-from .generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
-from .metrics import DPO_METRIC_NAMES, MetricsLogger
-from .models import (add_lora, count_parameters, load_policy, make_optimizer, make_reference, merged_copy,
-                     position_limit, stop_token_ids)  # fmt: skip
-from .ppo_trainer import keep_saved_precision
-from .reward_model import choice_credit
+from .. import checkpoint as ckpt
+from ..checkpoint import keep_saved_precision
+from ..core import choice_credit, linear_schedule, masked_sum, pad_sequences
+from ..data import Comparison, load_comparisons, split_by_prompt
+from ..distributed import (
+    autocast_dtype,
+    check_finite,
+    check_launch_environment,
+    check_mixed_precision,
+    device_of,
+    is_main_process,
+    make_accelerator,
+    reduce_sum,
+    resolve_device,
+    resolve_mixed_precision,  # fmt: skip
+)
+from ..errors import UserError, check_numbers
+from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
+from ..forwards import policy_forward
+from ..generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
+from ..metrics import DPO_METRIC_NAMES, MetricsLogger
+from ..models import (
+    add_lora,
+    count_parameters,
+    load_policy,
+    make_optimizer,
+    make_reference,
+    merged_copy,
+    position_limit,  # fmt: skip
+    stop_token_ids,
+)
 
 
 @dataclass
@@ -193,7 +209,7 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 def pair_credit(margin: torch.Tensor) -> torch.Tensor:
     """Each pair's share of `accuracy`: 1 where the chosen response's implicit reward is the higher (margin > 0),
     1/2 on an exact tie (margin 0: every pair while the policy equals the reference), 0 otherwise. The one tie rule
-    of every accuracy in wprlhf (`reward_model.choice_credit`, with the rejected response's reward as 0).
+    of every accuracy in wprlhf (`core.choice_credit`, with the rejected response's reward as 0).
 
     margin (n,) -> (n,) float32, no grad.
     """

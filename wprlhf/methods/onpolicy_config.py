@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .distributed import check_mixed_precision
-from .errors import UserError, check_numbers
-from .generation import GenerationConfig, generation_config
-
+from .. import checkpoint as ckpt
+from ..distributed import check_mixed_precision
+from ..errors import UserError, check_numbers
+from ..generation import GenerationConfig, generation_config
 
 # The least temperature PPO, RLOO and GRPO train at: their log-probs are those of softmax(logits / temperature).
 MIN_TEMPERATURE = 0.05
@@ -29,12 +28,12 @@ class PPOConfig:
     policy: str = "smollm2"
     """Policy to start from: 'smollm2' (embedded), 'tiny' (random, tests), a local directory or a hub id."""
     reward: str = "vowels"
-    """Reward SPEC (`rewards.load_reward`): a built-in ('vowels', 'length', 'sentiment', 'relevance'), 'rm:DIR',
+    """Reward SPEC (`spec.load_reward`): a built-in ('vowels', 'length', 'sentiment', 'relevance'), 'rm:DIR',
     'module:function', 'path/to/file.py:function', or a weighted sum such as '0.7*sentiment+0.3*relevance'."""
     prompts: str = ""
     """Prompt file: .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field. Empty = built-in prompts."""
     task: str = ""
-    """A named task that brings its prompts, reward and judge (`wprlhf.tasks`): 'positive-reviews' or
+    """A named task that brings its prompts, reward and judge (`wprlhf.pipelines.sentiment`): 'positive-reviews' or
     'sentiment-control'. It replaces `reward`; `prompts` then names reviews to take openings from (a directory
     such as ../shared/data/imdb, a text,label CSV or a .txt of openings; empty = the shipped openings). Read by
     `wprlhf ppo`; `train()` takes prompts and reward_fn as arguments."""

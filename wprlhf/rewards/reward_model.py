@@ -33,14 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import bootstrap_ci, linear_schedule
-from .data import Comparison, load_comparisons, prompt_key, split_by_prompt
-from .distributed import (check_finite, check_mixed_precision, device_of, make_accelerator, reduce_sum, resolve_device,
-                          resolve_mixed_precision)  # fmt: skip
-from .errors import UserError, check_numbers, warn_if_degenerate
-from .files import write_json_atomic
-from .metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
-from .models import freeze_lower_layers, load_reward_backbone, position_limit
+from ..core import bootstrap_ci, choice_credit, linear_schedule
+from ..data import Comparison, load_comparisons, prompt_key, split_by_prompt
+from ..distributed import (
+    check_finite,
+    check_mixed_precision,
+    device_of,
+    make_accelerator,
+    reduce_sum,
+    resolve_device,
+    resolve_mixed_precision,  # fmt: skip
+)
+from ..errors import UserError, check_numbers, warn_if_degenerate
+from ..files import write_json_atomic
+from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
+from ..models import freeze_lower_layers, load_reward_backbone, position_limit
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -115,30 +122,6 @@ class RewardConfig:
         if self.normalize_samples < 2:
             raise UserError(f"normalize_samples must be >= 2 (a std needs two scores), got {self.normalize_samples}")
         check_numbers(self, non_negative=("lr", "weight_decay", "warmup_ratio", "val_fraction"))
-
-
-# ==========================================================================================================
-# the one rule for equal scores
-
-
-def choice_credit(scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """How right a scorer is about each labeler's choice: 1 when the best response alone has the top score, 1/(m+1)
-    when it shares the top score with m others, 0 otherwise. The mean is the accuracy.
-
-    This is the one tie rule of every accuracy in wprlhf (reward-model training, validation, eval, baselines, the
-    classifier, judge win rates): it is the expected accuracy of breaking the tie at random, so a scorer that
-    cannot tell the responses apart (identical texts, a constant score) gets chance, 1/k, and not the 1 or 0
-    that argmax's first-index rule gives depending on where the best response happens to sit.
-
-    scores (N, K) float; best (N,) int64; valid (N, K) bool or None (all valid), False on padding slots.
-    Returns (N,) float32 in [0, 1], on the scores' device, without grad. A NaN score is never the top one.
-    """
-    scores = scores.detach()
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
-    top = scores.masked_fill(~valid | scores.isnan(), -math.inf).max(-1, keepdim=True).values  # (N, 1)
-    at_top = (scores == top) & valid  # (N, K)
-    best_at_top = at_top.gather(1, best[:, None].to(scores.device)).squeeze(1)
-    return best_at_top.float() / at_top.sum(-1).clamp(min=1).float()
 
 
 def accuracy_ci(credit: Sequence[float], groups: Sequence) -> tuple[float, list[float]]:
@@ -562,7 +545,7 @@ def resolve_comparisons(source: str, keep_meta: bool) -> list[Comparison]:
         for name in ("comparisons_train.csv.gz", "comparisons_train.csv", "comparisons.jsonl"):
             if (path / name).exists():
                 return load_comparisons(path / name, keep_meta=keep_meta)
-        from .data import karma_pairs, load_responses
+        from ..data import karma_pairs, load_responses
 
         return karma_pairs(load_responses(path, keep_meta=keep_meta))
     return load_comparisons(source, keep_meta=keep_meta)
@@ -769,7 +752,7 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
     train_source = train_data or trained.get("data")
 
     if best_of:
-        from .data import load_responses
+        from ..data import load_responses
 
         responses = load_responses(data, keep_meta=keep_meta)
         if not responses:

@@ -25,21 +25,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
-from .distributed import check_mixed_precision, resolve_device
-from .errors import UserError, check_numbers
-from .files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
-from .metrics import read_metrics
-from .evaluation import sample_with_kl, text_stats, win_rate
-from .generation import generate_k, generation_config, write_samples
-from .labelers import SimulatedLabeler, agreement
-from .models import load_policy, make_reference
-from .ppo import train as ppo_train
-from .ppo_config import PPOConfig
-from .reward_model import RewardConfig, reward_fn_from_model
-from .reward_model import train as rm_train
-from .rewards import load_reward
+from .. import checkpoint as ckpt
+from ..data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
+from ..distributed import check_mixed_precision, resolve_device
+from ..errors import UserError, check_numbers
+from ..evals.measures import sample_with_kl, text_stats, win_rate
+from ..files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
+from ..generation import generate_k, generation_config, write_samples
+from ..methods.onpolicy_config import PPOConfig
+from ..methods.ppo import train as ppo_train
+from ..metrics import read_metrics
+from ..models import load_policy, make_reference
+from ..rewards.judges import SimulatedLabeler, agreement
+from ..rewards.reward_model import RewardConfig, reward_fn_from_model
+from ..rewards.reward_model import train as rm_train
+from ..rewards.spec import load_reward
 
 STATE_FILE = "loop_state.json"
 LOOP_METRICS = ("round", "labels", "agreement", "rm_accuracy", "score_mean", "kl", "kl_coef", "eval_kl",
@@ -61,7 +61,7 @@ class LoopConfig:
     rounds: int = 3
     """Rounds of sample -> label -> reward model -> PPO."""
     labeler: str = "sim:sentiment"
-    """Who compares: 'sim:SPEC' (see wprlhf.rewards: sentiment, relevance, rm:DIR, weighted sums) or 'web'
+    """Who compares: 'sim:SPEC' (see wprlhf.rewards.spec: sentiment, relevance, rm:DIR, weighted sums) or 'web'
     (the labeling page: responses are queued in --db and the loop waits for --web-labels labels a round)."""
     judge: str = ""
     """The true score used for win rates; empty = the simulated labeler's own score without noise. A web
@@ -103,7 +103,7 @@ class LoopConfig:
     """PPO learning rate (policy and value model)."""
     kl_target: float = 6.0
     """Adaptive-KL target, nats per response."""
-    ppo_config: str = ""
+    onpolicy_config: str = ""
     """YAML/JSON file of further PPOConfig settings (batch size, lr, KL target, ...); the loop sets policy,
     steps, response lengths, temperature and seed itself."""
     db: str = ""
@@ -200,7 +200,7 @@ def _read_samples(path: Path) -> tuple[list[str], list[list[str]]]:
 def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Comparison]:
     """Queue a round's samples on the labeling page and wait until enough of them are labelled; returns the
     labels given to this round's comparisons (exported from the database as comparisons JSONL)."""
-    from .labeling.store import LabelingError, Store, read_samples
+    from ..labeling.store import LabelingError, Store, read_samples
 
     try:
         store = Store(config.db)
@@ -257,7 +257,7 @@ def _load_state(out_dir: Path) -> dict:
 
 
 # Inputs whose content a resume compares (`files.fingerprint`): a changed file or model is refused.
-INPUTS = ("policy", "prompts", "labeler", "judge", "reward_model", "ppo_config")
+INPUTS = ("policy", "prompts", "labeler", "judge", "reward_model", "onpolicy_config")
 
 
 def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
@@ -296,7 +296,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
     if config.labeler != "web":
         labeler = SimulatedLabeler(judge, name=config.labeler, temperature=config.labeler_temperature,
                                    labelers=config.labelers, seed=config.seed)  # fmt: skip
-    ppo_overrides = ckpt.read_config_file(config.ppo_config) if config.ppo_config else {}
+    ppo_overrides = ckpt.read_config_file(config.onpolicy_config) if config.onpolicy_config else {}
     round_ppo_config(config, ppo_overrides, rounds_done=1)  # a bad PPO setting fails now, not after hours of sampling
     eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
 

@@ -4,7 +4,7 @@
 term or a weighted sum of terms (`0.7*sentiment+0.3*relevance`, `length+0.5*rm:runs/rm`); a term is
 - a built-in: `vowels`, `length` (toys with a known optimum), `sentiment` (VADER compound, -1..1), `relevance`
   (cosine of MiniLM embeddings of prompt and response, -1..1), `story` (1 for a story by the rule of
-  `labelers.story_verdict`, else 0; the judges live in `labelers.py`) or `repetition` (the share of a response's
+  `judges.story_verdict`, else 0; the judges live in `rewards/judges.py`) or `repetition` (the share of a response's
   word 4-grams that repeat an earlier one, 0..1: a loop's cost, weighted below zero, `...+-2*repetition`);
 - `rm:DIR`, a reward model trained by `wprlhf rm train`;
 - `module:function` or `path/to/file.py:function`, the user's own code.
@@ -18,10 +18,10 @@ import importlib
 import importlib.util
 from pathlib import Path
 
-from .errors import UserError
-from .labelers import Relevance, sentiment, story
-from .signatures import RewardFn
-from .text import repeated_share
+from ..errors import UserError
+from ..signatures import RewardFn
+from ..text import repeated_share
+from .judges import Relevance, sentiment, story
 
 
 def vowels(prompts: list[str], responses: list[str]) -> list[float]:

@@ -13,7 +13,7 @@ The pipeline (issue 18), one resumable phase after another, in one run directory
     ppo        (rl 'ppo') PPO from the SFT policy against the task's reward, KL-penalised to the SFT policy, on
                train prompts
     best_of    n samples of the SFT policy per eval prompt, scored by the reward model (best-of-4, best-of-16)
-    eval       every policy on the eval prompts by every judge (`policy_eval.judge_sides`): eval/report.json,
+    eval       every policy on the eval prompts by every judge (`side_by_side.judge_sides`): eval/report.json,
                eval/table.md, eval/samples.md, eval/over_optimisation.png, eval/blind.db (final vs start, blind)
 
 What each part is for: SFT, the reward model and PPO see only train prompts; the judge reward model only judge
@@ -32,19 +32,28 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-
-import numpy as np
 from pathlib import Path
 from typing import TYPE_CHECKING
-from .data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
-                   write_comparisons)
-from .distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
-from .errors import UserError, check_numbers
-from .files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
-from .text import clean_prompt
+
+import numpy as np
+
+from ..data import (
+    Response,
+    is_hub_id,
+    karma_pairs,
+    load_prompts,
+    load_responses,
+    prompt_key,
+    read_rows,
+    write_comparisons,
+)
+from ..distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
+from ..errors import UserError, check_numbers
+from ..files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
+from ..text import clean_prompt
 
 if TYPE_CHECKING:
-    from .best_of import Pool
+    from ..methods.best_of import Pool
 
 STATE_FILE = "stories_state.json"
 PHASES = ("split", "rm", "judge", "sft", "dpo", "ppo", "best_of", "eval")
@@ -138,7 +147,7 @@ class StoriesConfig:
     kl_target: float = 4.0
     """Adaptive-KL target, nats per response, KL to the SFT policy."""
     reward_extra: str = ""
-    """A reward SPEC (`rewards.py`) added to the reward model's score in PPO and in best-of-n's choice, '' = none.
+    """A reward SPEC (`rewards/spec.py`) added to the reward model's score in PPO and in best-of-n's choice, '' = none.
     E.g. '3.6*relevance+1.2*story': prompt relevance and the story rule, each weighted to about one standard
     deviation of the reward model's scores per standard deviation of its own. A karma reward model does not ask
     for the prompt to be followed; a reader does (docs/results.md). Relevance and the story rule are then trained on, so
@@ -228,7 +237,7 @@ QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=
 def query(config: StoriesConfig, prompt: str) -> str:
     """What the policy reads for `prompt`: config.instruction, a blank line, the prompt (the bare prompt when the
     instruction is '')."""
-    from .generation import instruction_head
+    from ..generation import instruction_head
 
     return instruction_head(config.instruction) + prompt
 
@@ -236,7 +245,7 @@ def query(config: StoriesConfig, prompt: str) -> str:
 def on_prompts(config: StoriesConfig, reward_fn):
     """reward_fn, callable on the policy's queries: it reads the bare prompts behind them (`query` inverted), so
     reward models and judges score (prompt, response) as they were trained to, whatever the policy was told."""
-    from .generation import instruction_head
+    from ..generation import instruction_head
 
     head = instruction_head(config.instruction)
     if not head:
@@ -251,8 +260,8 @@ def on_prompts(config: StoriesConfig, reward_fn):
 def task_reward(config: StoriesConfig, rm_dir: str):
     """What PPO maximises and best-of-n chooses by: the reward model's score of (bare prompt, response), plus
     config.reward_extra's terms when it names any; callable on the policy's queries (`on_prompts`)."""
-    from .reward_model import reward_fn_from_model
-    from .rewards import load_reward
+    from ..rewards.reward_model import reward_fn_from_model
+    from ..rewards.spec import load_reward
 
     karma = reward_fn_from_model(rm_dir)
     if not config.reward_extra.strip():
@@ -269,7 +278,7 @@ def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
     a step in 2 minibatches x 2 epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
     `steps` replaces config.ppo_steps (benchmarks/bench_stories.py times a few)."""
-    from .ppo_config import PPOConfig
+    from ..methods.onpolicy_config import PPOConfig
 
     return PPOConfig(policy=policy, reward="stories: the reward model", steps=steps or config.ppo_steps,
                      batch_size=config.batch_size, num_minibatches=2, ppo_epochs=2,
@@ -442,7 +451,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     if until and until not in PHASES:
         raise UserError(f"--until {until!r}: choose one of {', '.join(PHASES)}")
     if config.reward_extra.strip():  # a bad SPEC fails now, not after an hour of SFT and reward models
-        from .rewards import load_reward
+        from ..rewards.spec import load_reward
 
         load_reward(config.reward_extra, "reward_extra")
     state_path = out_dir / STATE_FILE
@@ -515,8 +524,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
                                                config.judge_val_fraction)):  # fmt: skip
         if not wanted(phase):
             continue
-        from .reward_model import RewardConfig
-        from .reward_model import train as rm_train
+        from ..rewards.reward_model import RewardConfig
+        from ..rewards.reward_model import train as rm_train
 
         rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model, max_examples=examples,
                                  val_fraction=val,
@@ -528,8 +537,8 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish(phase, **{f"{phase}_dir": str(path)})
 
     if config.sft and wanted("sft"):
-        from .sft import SFTConfig
-        from .sft import train as sft_train
+        from ..methods.sft import SFTConfig
+        from ..methods.sft import train as sft_train
 
         stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
         if config.sft_best_of:
@@ -553,9 +562,9 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
     if wanted("dpo") and config.rl == "dpo":
-        from .data import Comparison
-        from .dpo import DPOConfig
-        from .dpo import train as dpo_train
+        from ..data import Comparison
+        from ..methods.dpo import DPOConfig
+        from ..methods.dpo import train as dpo_train
 
         dpo_dir = out_dir / "dpo"
         prompts = pool_prompts(config, train_prompts)
@@ -575,13 +584,13 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("dpo")
 
     if wanted("ppo") and config.rl == "ppo":
-        from .ppo import train as ppo_train
-        from .reward_model import reward_fn_from_model
+        from ..methods.ppo import train as ppo_train
+        from ..rewards.reward_model import reward_fn_from_model
 
-        ppo_config = ppo_settings(config, start_of_rl)
+        onpolicy_config = ppo_settings(config, start_of_rl)
         ppo_dir = out_dir / "ppo"
         resume_ppo = (ppo_dir / "metrics.csv").exists()
-        ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
+        ppo_train(onpolicy_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
                   ppo_dir, resume=resume_ppo, allow_changed_inputs=allow_changed_inputs,
                   judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
         finish("ppo")
@@ -628,9 +637,9 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
     before the phase, from `wprlhf sample -k n --prompts split/pool_queries.jsonl` (its prompts are the queries, and
     it has no scores), is scored and used instead of sampling here: sampling is most of the phase on a CPU, and a
     GPU does it in seconds (docs/stories.md). Anything else at `path` is sampled again, with a note."""
-    from .best_of import Pool, sample_pool
-    from .generation import generation_config
-    from .models import load_policy
+    from ..generation import generation_config
+    from ..methods.best_of import Pool, sample_pool
+    from ..models import load_policy
 
     lines = [row for _, row in iter_jsonl(path)] if path.exists() else []
     queries = [query(config, p) for p in prompts]
@@ -671,7 +680,7 @@ def _accumulation(batch_size: int) -> int:
 
 def _openings(tokenizer, stories: list[str], n_tokens: int) -> list[str]:
     """The first n_tokens tokens of each human story, as text: the human side at the policies' length."""
-    from .generation import text_ids
+    from ..generation import text_ids
 
     return [tokenizer.decode(ids[:n_tokens]).strip() for ids in text_ids(tokenizer, stories)]
 
@@ -683,12 +692,12 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     Sides: start (the start policy's samples), sft (fresh samples of the SFT policy, drawn apart from the best-of-n
     pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), dpo or ppo (the
     last step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
-    from .best_of import Pool, kl_bound
-    from .generation import generate, generation_config
-    from .labelers import Relevance
-    from .models import load_policy
-    from .policy_eval import judge_sides, mean_ci, response_logprobs, table_markdown, without_verdicts
-    from .reward_model import reward_fn_from_model
+    from ..evals.side_by_side import judge_sides, mean_ci, response_logprobs, table_markdown, without_verdicts
+    from ..generation import generate, generation_config
+    from ..methods.best_of import Pool, kl_bound
+    from ..models import load_policy
+    from ..rewards.judges import Relevance
+    from ..rewards.reward_model import reward_fn_from_model
 
     eval_dir = out_dir / "eval"
     rows = [row for _, row in iter_jsonl(out_dir / "split" / "eval_stories.jsonl")]
@@ -799,8 +808,8 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
 def _requeue_blind(db: Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]]) -> None:
     """Queue the blind pairs of this evaluation. A database from an earlier evaluation is replaced while nobody
     has labelled it; one with labels is kept (people's work is never deleted) with a note."""
-    from .labeling.store import Store
-    from .policy_eval import queue_blind
+    from ..evals.side_by_side import queue_blind
+    from ..labeling.store import Store
 
     if db.exists():
         if Store(db).labels():
@@ -849,7 +858,7 @@ def _plot_over_optimisation(metrics: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import read_metrics
+    from ..metrics import read_metrics
 
     rows = read_metrics(metrics)
     steps = [r["step"] for r in rows]
