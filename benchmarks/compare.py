@@ -300,6 +300,10 @@ RATES_NOTE = (
 )
 
 
+COLUMNS_NOTE = ("Columns: `CPU util` is a run's CPU seconds (user + system) over its wall seconds in the timed PPO "
+                "loop (2.00 keeps both cores busy throughout), and `load avg before` the 1-minute load average when "
+                "the run started. In the phase tables, `gc_collect` is trl's own `gc.collect()` calls (twice an "
+                "update) and `other` is the wall time no phase timer holds.")
 WHY_NOTE = ("Why a target can be missed on a CPU (a decoding step profiled op by op, bf16 on a CPU without AVX-512 "
             "BF16): docs/performance.md.")
 
@@ -366,7 +370,7 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
             v = next((r["versions"] for r in records if r["side"] == side), None)
             if v:
                 out.append(f"- {side} side: " + ", ".join(f"{k} {x}" for k, x in v.items() if x))
-        out.append("")
+        out += ["", COLUMNS_NOTE, ""]
     for line in failures:
         out += [f"> ⚠️ **A run failed:** {line}", ""]
     for config in args.configs:
@@ -378,7 +382,7 @@ def results_md(args, command: str, records: list[dict], failures: list[str], lab
                     "are not like for like.** " + "; ".join(mismatches), ""]  # fmt: skip
         out += speed_table(config, by_label, labels) + [""]
         if args.best and "wprlhf bf16" not in labels:
-            out += ["No `wprlhf bf16` row: this wprlhf's PPOConfig has no mixed-precision option (issue #8).", ""]
+            out += ["No `wprlhf bf16` row: this wprlhf's PPOConfig has no mixed-precision option.", ""]
         out += [f"### {config}: work per run (forwards, backwards, tokens; fp32 rows)", ""] + lines + [""]
         phases = phase_table(by_label, labels)
         if phases:

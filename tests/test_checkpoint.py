@@ -3,6 +3,8 @@ to the checkpoint before with a warning, deletes nothing, and when none is usabl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -216,3 +218,36 @@ def test_save_keeps_two_and_is_not_stopped_by_leftovers(saved, tiny, tokenizer):
     save(10)
     assert (root / "latest").read_text() == "step-000010"
     assert [p.name for p in ckpt.find_checkpoints(saved)[0]] == ["step-000010", "step-000008"]
+
+
+def test_a_killed_build_leaves_nothing_and_a_live_one_keeps_its_folder(tmp_path):
+    """`files.building_beside`: a process killed (SIGKILL) mid-build leaves a folder the next build removes; another
+    process's live build keeps its folder; a finished build is renamed into place and leaves no lock behind."""
+    import signal
+    import subprocess
+    import sys
+
+    from wprlhf.files import building_beside
+
+    target = tmp_path / "rm-abc"
+    code = ("import sys, time\nfrom wprlhf.files import building_beside\n"
+            f"with building_beside({str(target)!r}) as tmp:\n"
+            "    (tmp / 'half.bin').write_bytes(b'x')\n    print(tmp, flush=True)\n    time.sleep(60)\n")  # fmt: skip
+    builders = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        folders = [Path(b.stdout.readline().strip()) for b in builders]
+        assert all((f / "half.bin").exists() for f in folders)
+        builders[0].send_signal(signal.SIGKILL)
+        builders[0].wait()
+        with building_beside(target) as tmp:
+            assert not folders[0].exists() and not Path(f"{folders[0]}.lock").exists()  # the killed one's is gone
+            assert (folders[1] / "half.bin").exists()  # the live one's stays
+            (tmp / "model.bin").write_bytes(b"m")
+            tmp.rename(target)
+        assert (target / "model.bin").exists()
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted(["rm-abc", folders[1].name, f"{folders[1].name}.lock"]), left
+    finally:
+        for b in builders:
+            b.kill()
+            b.wait()

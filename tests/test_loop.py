@@ -38,7 +38,9 @@ def test_one_resolver_reads_reward_judge_and_labeler_specs(tmp_path):
     from wprlhf.rewards.spec import length, vowels
 
     texts = ["I love it, a lovely long day.", "I hate it."]
-    assert load_reward("vowels") is vowels and load_reward("sim:sentiment", what="judge") is sentiment
+    assert load_reward("vowels")(["p"] * 2, texts) == vowels(["p"] * 2, texts)
+    assert load_reward("sim:sentiment", what="judge")(["p"] * 2, texts) == sentiment(["p"] * 2, texts)
+    assert load_reward("sim:sentiment").spec == "sentiment" and load_reward(" length+vowels ").spec == "length+vowels"
     mixed = load_reward("length+0.5*sentiment")(["p"] * 2, texts)
     assert mixed == pytest.approx([a + 0.5 * b for a, b in zip(length(["p"] * 2, texts), sentiment(["p"] * 2, texts))])
     user = tmp_path / "my+reward*v2.py"  # a whole SPEC's path may hold the sum's '+' and '*'

@@ -28,6 +28,10 @@ def test_the_python_quick_start_runs(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "dragons" / "policy").config.num_hidden_layers == 2
+    import json
+
+    recorded = json.loads((tmp_path / "dragons" / "config.json").read_text())["reward"]
+    assert recorded == "python:README.md.reward_fn" or recorded.endswith(".reward_fn"), recorded
 
 
 def test_every_public_name_the_docs_use_exists():

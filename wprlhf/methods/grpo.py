@@ -133,5 +133,6 @@ def train(config: GRPOConfig, prompts: list[str], reward_fn: RewardFn, out_dir: 
           tokenizer=None, resume: bool = False, progress: bool = True, judge_fn: RewardFn | None = None,
           allow_changed_inputs: bool = False) -> Trainer:  # fmt: skip
     """Run `config.steps` GRPO steps into out_dir: the files `ppo.train` writes, without value/."""
-    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer, allow_changed_inputs)
+    config, policy, tokenizer = prepare_run(config, prompts, reward_fn, out_dir, resume, policy, tokenizer,
+                                            allow_changed_inputs)
     return run(GRPOTrainer(config, policy, tokenizer), step, prompts, reward_fn, out_dir, resume, progress, judge_fn)

@@ -68,7 +68,7 @@ from ..models import (
     merged_copy,
     stop_token_ids,
 )
-from ..signatures import RewardFn
+from ..signatures import RewardFn, reward_name
 from .onpolicy_config import PPOConfig, check_resumable
 
 NON_FINITE_FIX = ("Check that reward_fn returns scores of a sensible scale, then rerun with a lower --lr, --max-grad-norm 1, "
@@ -648,11 +648,15 @@ def run_inputs(config: PPOConfig, prompts: list[str]) -> dict[str, dict]:
     return input_fingerprints(specs, {"prompt_list": prompts})
 
 
-def prepare_run(config: PPOConfig, prompts: list[str], out_dir: str | Path, resume: bool, policy: nn.Module | None,
-                tokenizer, allow_changed_inputs: bool = False) -> tuple[PPOConfig, nn.Module, object]:  # fmt: skip
-    """What every algorithm's train() does before building its trainer: refuse an empty prompt set, refuse a resume
-    whose inputs changed since the run started (unless allow_changed_inputs), keep a resumed run's precision, load
-    the policy (config.policy) unless one is given, seed torch. (config, policy, tokenizer)."""
+def prepare_run(config: PPOConfig, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path, resume: bool,
+                policy: nn.Module | None, tokenizer, allow_changed_inputs: bool = False,
+                ) -> tuple[PPOConfig, nn.Module, object]:  # fmt: skip
+    """What every algorithm's train() does before building its trainer: name the reward config.json records
+    (`signatures.reward_name`), refuse an empty prompt set, refuse a resume whose inputs changed since the run
+    started (unless allow_changed_inputs), keep a resumed run's precision, load the policy (config.policy) unless
+    one is given, seed torch. (config, policy, tokenizer)."""
+    named = config.reward if config.reward != type(config).__dataclass_fields__["reward"].default else None
+    config = dataclasses.replace(config, reward=reward_name(reward_fn, named))
     if not prompts:
         raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
     if resume:

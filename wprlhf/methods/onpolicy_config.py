@@ -29,7 +29,8 @@ class PPOConfig:
     """Policy to start from: 'smollm2' (embedded), 'tiny' (random, tests), a local directory or a hub id."""
     reward: str = "vowels"
     """Reward SPEC (`spec.load_reward`): a built-in ('vowels', 'length', 'sentiment', 'relevance'), 'rm:DIR',
-    'module:function', 'path/to/file.py:function', or a weighted sum such as '0.7*sentiment+0.3*relevance'."""
+    'module:function', 'path/to/file.py:function', or a weighted sum such as '0.7*sentiment+0.3*relevance'. Read
+    by `wprlhf ppo`; `train()` takes a reward_fn, and config.json records its SPEC or Python name."""
     prompts: str = ""
     """Prompt file: .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field. Empty = built-in prompts."""
     task: str = ""

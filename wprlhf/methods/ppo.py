@@ -188,5 +188,6 @@ def train(
     resume=True continues from the newest checkpoint; it refuses inputs (the prompts, a reward file or model, the
     policy) that changed since the run started, as inputs.json fingerprinted them, unless allow_changed_inputs.
     """
-    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer, allow_changed_inputs)
+    config, policy, tokenizer = prepare_run(config, prompts, reward_fn, out_dir, resume, policy, tokenizer,
+                                            allow_changed_inputs)
     return run(PPOTrainer(config, policy, tokenizer), step, prompts, reward_fn, out_dir, resume, progress, judge_fn)

@@ -104,5 +104,6 @@ def train(config: RLOOConfig, prompts: list[str], reward_fn: RewardFn, out_dir: 
           allow_changed_inputs: bool = False) -> Trainer:  # fmt: skip
     """Run `config.steps` RLOO steps into out_dir: the files `ppo.train` writes (metrics.csv, tb/, samples.jsonl,
     checkpoints/, policy/ in Hugging Face format), without value/."""
-    config, policy, tokenizer = prepare_run(config, prompts, out_dir, resume, policy, tokenizer, allow_changed_inputs)
+    config, policy, tokenizer = prepare_run(config, prompts, reward_fn, out_dir, resume, policy, tokenizer,
+                                            allow_changed_inputs)
     return run(RLOOTrainer(config, policy, tokenizer), step, prompts, reward_fn, out_dir, resume, progress, judge_fn)

@@ -28,8 +28,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +47,7 @@ from ..data import (
 )
 from ..distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
 from ..errors import UserError, check_numbers
-from ..files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
+from ..files import building_beside, check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
 from ..text import clean_prompt
 
 if TYPE_CHECKING:
@@ -381,19 +379,12 @@ def _cached(config: StoriesConfig, out_dir: Path, phase: str, key: str, marker: 
     if (target / marker).exists():
         print(f"{phase}: reusing {target} (cached: the same training text and settings)", flush=True)
         return _link(out_dir / phase, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with building_beside(target) as tmp:  # and a killed run's half-trained folders go
         train(tmp)
         if not (tmp / marker).exists():
             raise UserError(f"{phase}: the training wrote no {marker}; see the messages above")
-        if target.exists():  # a copy left by an older version, or a run that finished first: keep the finished one
-            shutil.rmtree(tmp)
-            return _link(out_dir / phase, target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not target.exists():  # else a copy left by an older version, or a run that finished first: keep it
+            tmp.rename(target)
     return _link(out_dir / phase, target)
 
 

@@ -118,8 +118,8 @@ def _weighted_term(part: str, spec: str, what: str) -> tuple[float, str]:
 def load_reward(spec: str, what: str = "reward") -> RewardFn:
     """Resolve SPEC (see the module docstring) to one reward_fn; `what` names it in errors ('reward', 'judge').
 
-    A lone term of weight 1 is returned as it is (`load_reward("vowels") is vowels`); a sum is a new function
-    that adds its terms' weighted scores.
+    The function returned carries `.spec` (the SPEC as given, less `sim:`), which a run records in config.json; it
+    calls the lone term of weight 1 as it is, or adds its terms' weighted scores.
     """
     spec = spec.strip().removeprefix("sim:").strip()
     if not spec:
@@ -131,13 +131,18 @@ def load_reward(spec: str, what: str = "reward") -> RewardFn:
         weight, name = _weighted_term(part.strip(), spec, what)
         terms.append((weight, _term(name, spec, what)))
     if len(terms) == 1 and terms[0][0] == 1.0:
-        return terms[0][1]
+        term = terms[0][1]
 
-    def weighted(prompts: list[str], responses: list[str]) -> list[float]:
-        total = [0.0] * len(responses)
-        for w, fn in terms:
-            for i, s in enumerate(fn(prompts, responses)):
-                total[i] += w * float(s)
-        return total
+        def reward_fn(prompts: list[str], responses: list[str]) -> list[float]:
+            return term(prompts, responses)
+    else:
 
-    return weighted
+        def reward_fn(prompts: list[str], responses: list[str]) -> list[float]:
+            total = [0.0] * len(responses)
+            for w, fn in terms:
+                for i, s in enumerate(fn(prompts, responses)):
+                    total[i] += w * float(s)
+            return total
+
+    reward_fn.spec = spec
+    return reward_fn
