@@ -19,7 +19,6 @@ policy with its adapters off (one copy of the weights).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -37,33 +36,16 @@ from .. import checkpoint as ckpt
 from ..checkpoint import keep_saved_precision
 from ..core import choice_credit, linear_schedule, masked_sum, pad_sequences
 from ..data import Comparison, load_comparisons, split_by_prompt
-from ..distributed import (
-    autocast_dtype,
-    check_finite,
-    check_launch_environment,
-    check_mixed_precision,
-    device_of,
-    is_main_process,
-    make_accelerator,
-    reduce_sum,
-    resolve_device,
-    resolve_mixed_precision,  # fmt: skip
-)
+from ..distributed import (autocast_dtype, check_launch_environment, check_mixed_precision, device_of,
+                           is_main_process, reduce_sum)
+from ..engine import Engine, prepare_precision
 from ..errors import UserError, check_numbers
 from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from ..forwards import policy_forward
 from ..generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
 from ..metrics import DPO_METRIC_NAMES, MetricsLogger
-from ..models import (
-    add_lora,
-    count_parameters,
-    load_policy,
-    make_optimizer,
-    make_reference,
-    merged_copy,
-    position_limit,  # fmt: skip
-    stop_token_ids,
-)
+from ..models import (add_lora, count_parameters, load_policy, make_reference, merged_copy, position_limit,
+                      stop_token_ids)
 
 
 @dataclass
@@ -245,9 +227,11 @@ class ResponseLogprobs(nn.Module):
 class DPO:
     """The models and optimizer of a DPO run; `batch_loss` is one micro-batch's loss and stats."""
 
-    def __init__(self, config: DPOConfig, policy: nn.Module, tokenizer, total_steps: int):
+    def __init__(self, config: DPOConfig, policy: nn.Module, tokenizer, total_steps: int, accelerator=None):
+        if accelerator is None:  # else train() made it, from the config it resolved
+            config, accelerator = prepare_precision(config)
         self.config, self.tokenizer = config, tokenizer
-        self.accelerator = make_accelerator(resolve_device(config.device), config.mixed_precision)
+        self.accelerator = accelerator
         self.device = device_of(self.accelerator)
         self.policy = policy.to(self.device)
         limit = position_limit(self.policy)
@@ -262,12 +246,14 @@ class DPO:
             self.policy = add_lora(self.policy, config.lora_r, config.lora_alpha)
         self.policy.eval()  # dropout off, as everywhere in wprlhf: the log-ratios are then deterministic
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = make_optimizer("adamw", [{"params": params, "lr": config.lr}], 1e-8, config.weight_decay,
-                                   self.device)  # fmt: skip
         warmup = round(config.warmup * total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
-        self.model, self.optimizer = self.accelerator.prepare(ResponseLogprobs(self.policy), optimizer)
-        self.params, self.step = params, 0
+        schedule = lambda s: linear_schedule(s, total_steps, warmup)  # noqa: E731
+        self.engine = Engine(accelerator, ResponseLogprobs(self.policy), {"grad_norm": (params, config.lr)},
+                             weight_decay=config.weight_decay, schedule=schedule, max_grad_norm=config.max_grad_norm,
+                             what="DPO update",
+                             fix="lower --lr or --beta, or use --mixed-precision no")  # fmt: skip
+        self.model = self.engine.model
+        self.step = 0
         # The frozen reference gives a pair the same log-probs every epoch: each pair's are computed once, the first
         # time a batch holds it, and read from here after (a quarter of a step's work in every later epoch).
         self.ref_logprobs: dict[tuple[str, int], tuple[float, float]] = {}
@@ -295,8 +281,8 @@ class DPO:
         return losses, stats
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "config": dataclasses.asdict(self.config)}  # fmt: skip
+        return {"step": self.step, **self.engine.state_dict(), "torch_rng": torch.get_rng_state(),
+                "config": dataclasses.asdict(self.config)}  # fmt: skip
 
     def check_state(self, state: dict) -> None:
         if missing := [k for k in ("step", "optimizer", "scheduler", "config") if k not in state]:
@@ -370,8 +356,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     if resume:
         check_inputs(read_inputs(out_dir), inputs, allow_changed_inputs, f"the DPO run in {out_dir}")
         config = keep_saved_precision(config, out_dir)
-    device = resolve_device(config.device)
-    config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
+    config, accelerator = prepare_precision(config)
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     check_bare_prompts(tokenizer, [p.prompt for p in pairs], config.chat_template)  # before any file is written
@@ -385,14 +370,13 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_pairs)} training pairs are fewer than the {world} processes; give more comparisons")
     total = steps_per_epoch * config.epochs
-    dpo = DPO(config, policy, tokenizer, total)
+    dpo = DPO(config, policy, tokenizer, total, accelerator)
     acc, main = dpo.accelerator, is_main_process()
     if resume:
         found = ckpt.resume_checkpoint(out_dir, {"policy": dpo.policy}, None, dpo.check_state,
                                        "start the run again without --resume", ckpt.print_warning if main else None)  # fmt: skip
         state = ckpt.apply_checkpoint(found, {"policy": dpo.policy})
-        dpo.optimizer.load_state_dict(state["optimizer"])
-        dpo.scheduler.load_state_dict(state["scheduler"])
+        dpo.engine.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         dpo.step = state["step"]
     logger = None
@@ -415,31 +399,19 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         local = rows[rank::world]  # this process's pairs; DDP sums the gradients
         micro = max(1, math.ceil(len(local) / config.gradient_accumulation_steps))
         sums = {"loss": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
-        for i, start in enumerate(range(0, len(local), micro)):
-            last = start + micro >= len(local)
-            with acc.no_sync(dpo.model) if not last else contextlib.nullcontext():
-                chunk = local[start : start + micro]
-                losses, stats = dpo.batch_loss([train_pairs[j] for j in chunk], [("train", int(j)) for j in chunk])
-                # The loss of the whole step's pairs is their mean: each micro-batch adds its share of the sum.
-                acc.backward(losses.sum() / len(rows) * world)
+        for chunk in dpo.engine.micro_batches(local, micro):
+            losses, stats = dpo.batch_loss([train_pairs[j] for j in chunk], [("train", int(j)) for j in chunk])
+            # The loss of the whole step's pairs is their mean: each micro-batch adds its share of the sum.
+            dpo.engine.backward(losses.sum() / len(rows))
             sums["loss"] += float(losses.detach().sum())
             sums["accuracy"] += float(pair_credit(stats["margin"]).sum())
             for k in ("chosen_reward", "rejected_reward", "margin"):
                 sums[k] += float(stats[k].sum())
         sums = {k: v / len(rows) for k, v in reduce_sum(acc, sums).items()}
-        norm = acc.clip_grad_norm_(dpo.params, config.max_grad_norm or math.inf)  # None under DeepSpeed
-        checked = {"loss": sums["loss"]}
-        if norm is not None:
-            sums["grad_norm"] = float(norm)
-            if config.mixed_precision != "fp16":  # an infinite norm under fp16 is the loss scaler's to skip
-                checked["grad_norm"] = float(norm)
-        check_finite(acc, step + 1, "DPO update", "lower --lr or --beta, or use --mixed-precision no", **checked)
-        dpo.optimizer.step()
-        dpo.optimizer.zero_grad(set_to_none=True)
-        dpo.scheduler.step()
+        sums |= dpo.engine.step(step + 1, schedule=True, loss=sums["loss"])
         dpo.step = step + 1
         row = {"pairs": epoch * len(train_pairs) + min((within + 1) * config.batch_size, len(train_pairs)), **sums,
-               "lr": dpo.scheduler.get_last_lr()[0], "elapsed_s": time.perf_counter() - started}  # fmt: skip
+               "lr": dpo.engine.lr, "elapsed_s": time.perf_counter() - started}  # fmt: skip
         if val_pairs and (dpo.step % config.eval_every == 0 or dpo.step == total):
             row |= evaluate(dpo, val_pairs, config.batch_size)
         if main:

@@ -8,7 +8,6 @@ final export to OUT/policy, which `wprlhf ppo --policy OUT/policy` and plain `fr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -26,16 +25,8 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..core import linear_schedule, logprobs_from_logits, masked_sum
-from ..distributed import (
-    check_finite,
-    check_mixed_precision,
-    device_of,
-    is_main_process,
-    make_accelerator,
-    reduce_sum,
-    resolve_device,  # fmt: skip
-    resolve_mixed_precision,
-)
+from ..distributed import check_mixed_precision, device_of, is_main_process, reduce_sum
+from ..engine import Engine, prepare_precision
 from ..errors import UserError, check_numbers
 from ..files import INPUTS_FILE, atomic_writer, input_fingerprints, write_json_atomic
 from ..generation import GenerationConfig, chat_ids, generate, text_ids, uses_chat_template
@@ -71,7 +62,7 @@ class SFTConfig:
     where it has one, exactly as `wprlhf ppo` and `wprlhf sample` encode prompts; otherwise (or False) the text
     is prompt + "\\n\\n" + story + EOS."""
     task: str = ""
-    """Learn a review task's format instead of stories (`wprlhf.pipelines.sentiment.sft_stories`): 'sentiment-control' (control
+    """Learn a review task's format instead of stories (`sentiment.sft_stories`): 'sentiment-control' (control
     prefix + opening -> the labelled review's continuation) or 'positive-reviews'. `data` then names labelled
     reviews (a 'text,label' file or a directory such as ../shared/data/imdb), and the text is plain: prompt and
     continuation joined with nothing between, as `wprlhf ppo --task` continues an opening (chat_template is
@@ -481,9 +472,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
 
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
-    device = resolve_device(config.device)
-    config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
-    acc = make_accelerator(device, config.mixed_precision)
+    config, acc = prepare_precision(config)
     device, main = device_of(acc), is_main_process()
     policy.to(device)
     # Dropout off, as everywhere in wprlhf (models._configure); then the held-out loss is deterministic too.
@@ -501,10 +490,11 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup * total_steps)
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup_steps))
-    trained, optimizer = acc.prepare(policy, optimizer)  # DDP under `accelerate launch`; `policy` stays the bare one
+    # DDP under `accelerate launch`: engine.model is the wrapped policy, `policy` stays the bare one.
+    engine = Engine(acc, policy, {"grad_norm": (list(policy.parameters()), config.lr)},
+                    weight_decay=config.weight_decay, schedule=lambda s: linear_schedule(s, total_steps, warmup_steps),
+                    max_grad_norm=config.max_grad_norm, what="SFT",
+                    fix="Try a lower --lr or --max-grad-norm 1, and check the data for empty or garbled stories.")
     progress = progress and main
 
     acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
@@ -556,27 +546,14 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
                 continue  # a last step too small to give every process a row
             local_rows = step_rows[acc.process_index :: acc.num_processes]
             nll_sum, n_processed = 0.0, 0
-            starts = range(0, len(local_rows), config.micro_batch_size)
-            for i, micro in enumerate(starts):
-                batch = collate(local_rows[micro : micro + config.micro_batch_size], pad)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                # Gradients are all-reduced once per step, after its last micro-batch.
-                with contextlib.nullcontext() if i == len(starts) - 1 else acc.no_sync(trained):
-                    loss, micro_nll, _ = sft_loss(trained, batch, max(n_tokens, 1))
-                    acc.backward(loss * acc.num_processes)  # DDP averages over processes; the loss is a share of the sum
+            for rows in engine.micro_batches(local_rows, config.micro_batch_size):
+                batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
+                loss, micro_nll, _ = sft_loss(engine.model, batch, max(n_tokens, 1))
+                engine.backward(loss)  # a share of the step's mean over its response tokens
                 nll_sum += micro_nll
                 n_processed += int(batch["attention_mask"].sum())
             nll_sum, n_processed = reduce_sum(acc, {"nll": nll_sum, "n": n_processed}).values()
-            stats = {"lr": scheduler.get_last_lr()[0]}
-            # max_norm inf measures the norm without clipping: the guard below needs it either way.
-            norm = acc.clip_grad_norm_(policy.parameters(), config.max_grad_norm or math.inf)
-            if norm is not None:  # None under DeepSpeed, whose engine clips by its own config
-                stats["grad_norm"] = float(norm)
-            check_finite(acc, step + 1, "SFT", "Try a lower --lr or --max-grad-norm 1, and check the data for "
-                         "empty or garbled stories.", loss=nll_sum, **{k: stats[k] for k in ("grad_norm",) if k in stats})
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats = {"lr": engine.lr, **engine.step(step + 1, schedule=True, loss=nll_sum)}
             step += 1
             examples_seen += sum(len(row) for row in step_rows)
             tokens_seen += n_tokens
