@@ -46,6 +46,8 @@ class Engine:
     "value_grad_norm": (value_params, 1e-5)}; each group's gradient is clipped to max_grad_norm on its own (as
     OpenRLHF's actor and critic: clipped together, a value model's larger gradient would shrink the policy's step),
     and its norm before clipping is reported under its name. A group without parameters is left out.
+    clip_together: one norm over every group's parameters, under the first group's name (a value head on the
+    policy's own network: its loss reaches the policy's weights, so the two are one network to clip).
     schedule(optimizer_step) -> factor of the learning rate (torch's LambdaLR); stepped by `step(schedule=True)` or
     by the caller (`scheduler.step()`, once per PPO step of several optimizer steps).
     what / fix: the guard's words when a number is not finite ("DPO update", "lower --lr ...").
@@ -54,9 +56,11 @@ class Engine:
 
     def __init__(self, accelerator, module: nn.Module, groups: dict[str, tuple[Sequence[nn.Parameter], float]], *,
                  weight_decay: float, schedule: Callable[[int], float], max_grad_norm: float | None, what: str,
-                 fix: str, optimizer: str = "adamw", eps: float = 1e-8):  # fmt: skip
+                 fix: str, optimizer: str = "adamw", eps: float = 1e-8, clip_together: bool = False):  # fmt: skip
         self.accelerator = accelerator
         self.groups = {name: list(params) for name, (params, _) in groups.items() if len(params)}
+        if clip_together:
+            self.groups = {next(iter(groups)): [p for params in self.groups.values() for p in params]}
         param_groups = [{"params": list(params), "lr": lr} for params, lr in groups.values() if len(params)]
         built = make_optimizer(optimizer, param_groups, eps, weight_decay, device_of(accelerator))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(built, schedule)

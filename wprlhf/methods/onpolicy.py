@@ -14,7 +14,6 @@ and minibatches, trains on its slice of each minibatch, and DDP sums the gradien
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
@@ -29,45 +28,16 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..core import kl_k1, kl_k3, masked_mean, masked_sum
-from ..distributed import (
-    autocast_dtype,
-    check_divisible,
-    check_finite,
-    device_of,
-    gather_padded,
-    is_main_process,
-    make_accelerator,  # fmt: skip
-    reduce_sum,
-    resolve_device,
-    resolve_mixed_precision,
-    shard,
-)
+from ..distributed import autocast_dtype, check_divisible, device_of, gather_padded, is_main_process, reduce_sum, shard
+from ..engine import Engine, prepare_precision
 from ..errors import UserError
 from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
 from ..forwards import policy_forward, sampling_floor, value_forward
-from ..generation import (
-    Generation,
-    check_bare_prompts,
-    decode_responses,
-    encode_prompts,
-    fit_positions,
-    prompt_room,
-    sample,
-)
+from ..generation import (Generation, check_bare_prompts, decode_responses, encode_prompts, fit_positions, prompt_room,
+                          sample)
 from ..metrics import MetricsLogger
-from ..models import (
-    ValueHead,
-    add_lora,
-    checkpointing,
-    count_parameters,
-    enable_gradient_checkpointing,
-    load_policy,
-    make_optimizer,
-    make_reference,
-    make_value_model,
-    merged_copy,
-    stop_token_ids,
-)
+from ..models import (ValueHead, add_lora, checkpointing, count_parameters, enable_gradient_checkpointing, load_policy,
+                      make_reference, make_value_model, merged_copy, stop_token_ids)
 from ..signatures import RewardFn, reward_name
 from .onpolicy_config import PPOConfig, check_resumable
 
@@ -169,16 +139,14 @@ class Trainer:
 
     def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None,
                  with_value: bool = True, learn: Callable | None = None):  # fmt: skip
-        device = resolve_device(config.device)
         # 'auto' becomes what this device runs fastest; trainer.config (and so config.json) holds the choice.
-        config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
+        config, self.accelerator = prepare_precision(config)
         self.config = config
         self.tokenizer = tokenizer
         self.kl_ctl = kl_ctl
         self.learn = learn
         """The algorithm's `learn(trainer, rollout) -> stats`: its update on a scored rollout (`step_batch`)."""
         self.method = type(config).__name__.removesuffix("Config")  # 'PPO', 'RLOO', 'GRPO': for messages
-        self.accelerator = make_accelerator(device, config.mixed_precision)
         self.device = device_of(self.accelerator)
         self.local_batch_size = check_divisible(config.batch_size, "batch_size", self.accelerator)
         check_divisible(config.minibatch_size, "minibatch size (batch_size / num_minibatches)", self.accelerator)
@@ -206,24 +174,20 @@ class Trainer:
                 if model is not None:
                     enable_gradient_checkpointing(model)
         policy_params = [p for p in self.policy.parameters() if p.requires_grad]
-        groups = [{"params": policy_params, "lr": config.lr}]
-        if value_params:
-            groups.append({"params": value_params, "lr": config.value_lr or config.lr})
-        optimizer = make_optimizer(config.optimizer, groups, config.adam_eps, config.weight_decay, self.device)
         self.floor = sampling_floor(config.min_response_length, config.stop_at_eos, stop_token_ids(tokenizer))
         """policy_forward's keywords for the distribution sampled from (`forwards.sampling_floor`): every log-prob of
         a rollout, of the reference and of the update under min_response_length's masked stop tokens."""
         decay = (lambda step: max(0.0, 1 - step / config.steps)) if config.lr_schedule == "linear" else (lambda step: 1.0)
-        # Stepped once per PPO step on every process: not handed to accelerate, which would step it once per process.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-        self.model, self.optimizer = self.accelerator.prepare(
-            PolicyAndValue(self.policy, self.value_model, self.value_head, self.floor), optimizer
-        )
-        # Each trained network's gradient is clipped on its own (as OpenRLHF's actor and critic): clipped together,
-        # a separate value model's gradients, when the larger, would shrink the policy's step. A shared value head
-        # is part of the policy's network (its loss reaches the policy's weights), so they are clipped together.
-        apart = {"grad_norm": policy_params, "value_grad_norm": value_params}
-        self.clip_groups = apart if self.value_model is not None else {"grad_norm": policy_params + value_params}
+        # Each trained network's gradient is clipped on its own (`Engine`); a shared value head is part of the
+        # policy's network (its loss reaches the policy's weights), so the two are clipped together. The schedule is
+        # stepped once per PPO step (`end_step`), after its several optimizer steps.
+        self.engine = Engine(self.accelerator, PolicyAndValue(self.policy, self.value_model, self.value_head, self.floor),
+                             {"grad_norm": (policy_params, config.lr),
+                              "value_grad_norm": (value_params, config.value_lr or config.lr)},
+                             weight_decay=config.weight_decay, schedule=decay, max_grad_norm=config.max_grad_norm,
+                             what=f"{self.method} update", fix=NON_FINITE_FIX, optimizer=config.optimizer,
+                             eps=config.adam_eps, clip_together=self.value_model is None)  # fmt: skip
+        self.model, self.optimizer, self.scheduler = self.engine.model, self.engine.optimizer, self.engine.scheduler
         # One process and a separate value model: the policy's micro-batches run and the policy takes its step
         # before the value model runs, so the two models' activations and gradients are never held at once (the
         # updates are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
@@ -390,54 +354,29 @@ class Trainer:
         local = rows[rank::world]
         if not self.separate_backwards:
             stats = self._accumulate(rollout, local, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
-            return self._step(stats, self.clip_groups)
+            return self._step(stats)
         stats = self._accumulate(rollout, local, n_tokens, policy_objective, None, vf_coef, with_entropy)
-        stats = self._step(stats, {"grad_norm": self.clip_groups["grad_norm"]})
+        stats = self._step(stats, ["grad_norm"])
         value_stats = self._accumulate(rollout, local, n_tokens, None, value_objective, vf_coef, False)
-        return {**stats, **self._step(value_stats, {"value_grad_norm": self.clip_groups["value_grad_norm"]})}
+        return {**stats, **self._step(value_stats, ["value_grad_norm"])}
 
     def _accumulate(self, rollout, local, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
         """Forwards and backwards of this process's rows `local` of a minibatch, in gradient_accumulation_steps
         micro-batches; their stats, summed over micro-batches and processes."""
-        c, acc = self.config, self.accelerator
-        micro_size = max(1, len(local) // c.gradient_accumulation_steps)
-        starts = range(0, len(local), micro_size)
+        micro_size = max(1, len(local) // self.config.gradient_accumulation_steps)
         stats: dict[str, float] = {}
-        for i, start in enumerate(starts):
-            idx = local[start : start + micro_size]
-            # Gradients are all-reduced once per minibatch, after its last micro-batch.
-            sync = contextlib.nullcontext() if i == len(starts) - 1 else acc.no_sync(self.model)
-            # checkpointing: a no-op unless gradient_checkpointing is on.
-            with sync, checkpointing(self.model):
+        for idx in self.engine.micro_batches(local, micro_size):
+            with checkpointing(self.model):  # a no-op unless gradient_checkpointing is on
                 micro = self._backward(rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
             for k, v in micro.items():
                 stats[k] = stats.get(k, 0.0) + v
-        return reduce_sum(acc, stats)
+        return reduce_sum(self.accelerator, stats)
 
-    def _step(self, stats: dict[str, float], groups: dict[str, list[nn.Parameter]]) -> dict[str, float]:
-        """Clip each group of parameters that holds gradients to max_grad_norm, stop on a non-finite loss or norm
-        (`check_finite`), step the optimizer (parameters without a gradient stay as they are) and free the
-        gradients. Returns stats with each group's norm before clipping under its key."""
-        acc, max_norm = self.accelerator, self.config.max_grad_norm or math.inf
-        if acc.distributed_type == "DEEPSPEED":
-            # DeepSpeed's engine clips the joint norm by its own config (gradient_clipping); accelerate reads it back.
-            norm = acc.clip_grad_norm_([p for params in groups.values() for p in params], max_norm)
-            if norm is not None:
-                stats["grad_norm"] = float(norm)
-        else:
-            for i, (key, params) in enumerate(groups.items()):
-                # accelerate unscales fp16 gradients (all the optimizer's) on its first call; the rest are plain.
-                clip = acc.clip_grad_norm_ if i == 0 else torch.nn.utils.clip_grad_norm_
-                # max_norm inf measures the norm without clipping: the guard below needs it either way.
-                stats[key] = float(clip(params, max_norm))
-        self.check_finite(stats)
-        self.optimizer.step()
-        # A caller's own autocast block around the step would otherwise keep serving bf16 casts of the old weights.
-        torch.clear_autocast_cache()
-        # Freed, not zeroed: kept gradient buffers raised peak RSS of the smollm2 benchmark by ~650 MiB
-        # (they sit beside the next rollout's activations) for no measurable speed-up.
-        self.optimizer.zero_grad(set_to_none=True)
-        return stats
+    def _step(self, stats: dict[str, float], groups: list[str] | None = None) -> dict[str, float]:
+        """The engine's step over the networks `groups` (default all), stopping on a non-finite loss or norm;
+        returns stats with each network's gradient norm before clipping."""
+        losses = {k: stats[k] for k in ("policy_loss", "value_loss") if k in stats}
+        return {**stats, **self.engine.step(self.step_count + 1, groups, **losses)}
 
     def _backward(self, rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
         """Forward and backward of one micro-batch for the objectives given (either may be None); its stats,
@@ -462,8 +401,7 @@ class Trainer:
         pg_loss, pg_stats = policy_objective(new_logprobs, idx, n_tokens) if policy_objective else (None, {})
         vf_loss, vf_stats = value_objective(values, idx, n_tokens) if value_objective else (None, {})
         loss = (0.0 if pg_loss is None else pg_loss) + (0.0 if vf_loss is None else vf_coef * vf_loss)
-        # DDP averages gradients over processes; each loss is a share of the global sum, so scale back.
-        acc.backward(loss * acc.num_processes)
+        self.engine.backward(loss)  # a share of the minibatch's loss
         share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
         micro = {**({} if pg_loss is None else {"policy_loss": pg_loss.item()}),
                  **({} if vf_loss is None else {"value_loss": vf_loss.item()}),
@@ -471,16 +409,6 @@ class Trainer:
         if entropy is not None:
             micro["entropy"] = float(masked_mean(entropy, mask)) * share
         return micro
-
-    def check_finite(self, stats: dict[str, float]) -> None:
-        """Stop before an optimizer step whose losses or gradient norm are NaN/inf (every process agrees).
-
-        Under fp16 an infinite gradient norm is the loss scaler's business: it skips that step and lowers its scale.
-        """
-        keys = ["policy_loss", "value_loss"] + ([] if self.config.mixed_precision == "fp16" else
-                                                 ["grad_norm", "value_grad_norm"])
-        check_finite(self.accelerator, self.step_count + 1, f"{self.method} update", NON_FINITE_FIX,
-                     **{k: stats[k] for k in keys if k in stats})  # fmt: skip
 
     def finish_step(self, rollout: Rollout, rlhf_rewards: torch.Tensor | None = None) -> torch.Tensor:
         """After a step's update: the KL per response to the controller, the schedule and counters (`end_step`), and

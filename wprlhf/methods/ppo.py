@@ -18,32 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import (
-    clip_around,
-    compute_rewards,
-    explained_variance,
-    gae,
-    masked_mean,
-    masked_sum,
-    masked_whiten,  # fmt: skip
-    normalize_scores,
-    pad_sequences,
-    policy_loss,
-)
+from ..core import (clip_around, compute_rewards, explained_variance, gae, masked_mean, masked_sum, masked_whiten,
+                    normalize_scores, pad_sequences, policy_loss)
 from ..errors import UserError
 from ..models import position_limit
 from ..signatures import RewardFn
 from .kl_control import AdaptiveKLController, FixedKLController, kl_controller  # noqa: F401  (tests import them here)
-from .onpolicy import (
-    Rollout,
-    Samples,
-    Trainer,
-    check_scores,
-    prepare_run,
-    rollout_stats,
-    run,
-    update_epochs,  # fmt: skip
-)
+from .onpolicy import Rollout, Samples, Trainer, check_scores, prepare_run, rollout_stats, run, update_epochs
 from .onpolicy_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.methods.ppo import PPOConfig, train`)
 
 # ==========================================================================================================

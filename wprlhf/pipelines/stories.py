@@ -35,16 +35,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..data import (
-    Response,
-    is_hub_id,
-    karma_pairs,
-    load_prompts,
-    load_responses,
-    prompt_key,
-    read_rows,
-    write_comparisons,
-)
+from ..data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
+                    write_comparisons)
 from ..distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
 from ..errors import UserError, check_numbers
 from ..files import building_beside, check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic

@@ -35,15 +35,8 @@ from torch import nn
 
 from ..core import bootstrap_ci, choice_credit, linear_schedule
 from ..data import Comparison, load_comparisons, prompt_key, split_by_prompt
-from ..distributed import (
-    check_finite,
-    check_mixed_precision,
-    device_of,
-    make_accelerator,
-    reduce_sum,
-    resolve_device,
-    resolve_mixed_precision,  # fmt: skip
-)
+from ..distributed import check_mixed_precision, device_of, reduce_sum, resolve_device
+from ..engine import Engine, prepare_precision
 from ..errors import UserError, check_numbers, warn_if_degenerate
 from ..files import write_json_atomic
 from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
@@ -421,10 +414,9 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(config.device)
-    precision = resolve_mixed_precision(config.mixed_precision, device)
+    config, acc = prepare_precision(config)
+    precision = config.mixed_precision
     saved = {**saved, "mixed_precision": precision}  # what ran, not 'auto'
-    acc = make_accelerator(device, precision)
     device, main = device_of(acc), acc.is_main_process
     model, tokenizer = load_reward_backbone(config.model, num_labels=label.num_labels, seed=config.seed)
     limit = position_limit(model)
@@ -439,9 +431,11 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     total_steps = math.ceil(len(train_set) / config.batch_size) * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, warmup))
-    trained, optimizer = acc.prepare(model, optimizer)  # DDP under `accelerate launch`; `model` stays the bare one
+    # DDP under `accelerate launch`: engine.model is the wrapped model, `model` stays the bare one.
+    engine = Engine(acc, model, {"grad_norm": (params, config.lr)}, weight_decay=config.weight_decay,
+                    schedule=lambda s: linear_schedule(s, total_steps, warmup), max_grad_norm=1.0,
+                    what=f"{name.replace(' ', '-')} training",
+                    fix="Try a lower --lr, and check the training data for empty or garbled texts.")  # fmt: skip
     logger = None
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -452,7 +446,7 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
               f"{total_steps} steps on {device}{processes}, mixed precision {precision}", flush=True)  # fmt: skip
 
     def forward(texts: list) -> torch.Tensor:
-        return head_outputs(trained, encode(tokenizer, texts, config.max_length))
+        return head_outputs(engine.model, encode(tokenizer, texts, config.max_length))
 
     torch.manual_seed(config.seed)  # dropout masks
     step, seen, started = 0, 0, time.perf_counter()
@@ -465,21 +459,14 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
             model.train(dropout)
             local = batch[acc.process_index :: acc.num_processes]
             loss, credit = label.batch_loss(forward, local)
-            # The local mean as a share of the global batch's mean; DDP averages over processes, hence * processes.
-            acc.backward(loss * len(local) / len(batch) * acc.num_processes)
-            grad_norm = acc.clip_grad_norm_(params, 1.0)
-            check_finite(acc, step + 1, f"{name.replace(' ', '-')} training", "Try a lower --lr, and check the "
-                         "training data for empty or garbled texts.", loss=loss,
-                         **({} if grad_norm is None else {"grad_norm": grad_norm}))  # fmt: skip
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.backward(loss * len(local) / len(batch))  # the local mean as a share of the global batch's mean
+            engine.step(step + 1, schedule=True, loss=loss)
             step += 1
             seen += len(batch)
             # credit has one entry per example with a right answer (labelled ties have none)
             stats = reduce_sum(acc, {"loss": loss.item() * len(local) / len(batch), "credit": float(credit.sum()),
                                      "counted": len(credit)})  # fmt: skip
-            row = {"examples": seen, "loss": stats["loss"], "lr": schedule.get_last_lr()[0],
+            row = {"examples": seen, "loss": stats["loss"], "lr": engine.lr,
                    "elapsed_s": time.perf_counter() - started}  # fmt: skip
             if stats["counted"]:
                 row["accuracy"] = stats["credit"] / stats["counted"]
