@@ -73,7 +73,7 @@ def test_configs_need_a_group(config_cls):
         config_cls(samples_per_prompt=1)
     with pytest.raises(UserError, match="not divisible by samples_per_prompt"):
         config_cls(batch_size=6, samples_per_prompt=4)
-    with pytest.raises(UserError, match="does not read --vf-coef, --lam"):  # no value model: refused, not ignored
+    with pytest.raises(TypeError, match="vf_coef"):  # no value model: no such setting, not one ignored
         config_cls(vf_coef=0.5, lam=0.9)
 
 

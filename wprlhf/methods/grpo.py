@@ -34,13 +34,13 @@ from ..errors import UserError
 from ..signatures import RewardFn
 from .kl_control import kl_controller
 from .onpolicy import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
-from .onpolicy_config import VALUE_SETTINGS, PPOConfig, check_group_method
+from .onpolicy_config import OnPolicyConfig, check_group
 
 
 @dataclass
-class GRPOConfig(PPOConfig):
-    """PPOConfig's fields, with GRPO's defaults. There is no value model, the group standardises the scores and
-    the KL term is k3 by definition: the value-model settings, score_norm and kl_estimator are refused if changed."""
+class GRPOConfig(OnPolicyConfig):
+    """Everything `wprlhf grpo` needs: the on-policy settings with GRPO's defaults. There is no value model, the
+    group standardises the scores, and the KL to the reference is a k3 loss term, not a penalty in the reward."""
 
     samples_per_prompt: int = 4
     """k responses per prompt (>= 2): the group whose mean and std standardise each score (the paper's G = 64)."""
@@ -57,7 +57,7 @@ class GRPOConfig(PPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group_method(self, "GRPO", VALUE_SETTINGS + ("score_norm", "kl_estimator"))
+        check_group(self, "GRPO")
         if not self.eps > 0:
             raise UserError(f"eps must be > 0, got {self.eps}; set --eps")
 

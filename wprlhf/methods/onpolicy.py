@@ -39,7 +39,7 @@ from ..metrics import MetricsLogger
 from ..models import (ValueHead, add_lora, checkpointing, count_parameters, enable_gradient_checkpointing, load_policy,
                       make_reference, make_value_model, merged_copy, stop_token_ids)
 from ..signatures import RewardFn, reward_name
-from .onpolicy_config import PPOConfig, check_resumable
+from .onpolicy_config import OnPolicyConfig, check_resumable
 
 NON_FINITE_FIX = ("Check that reward_fn returns scores of a sensible scale, then rerun with a lower --lr, --max-grad-norm 1, "
                   "--score-clip 5 or --mixed-precision no: with --resume and the same --out where OUT/checkpoints "
@@ -137,8 +137,8 @@ class Trainer:
     as DPO and the CLI do): a policy in train mode would give other log-probs than its frozen copy, the reference,
     and than itself in the next forward (KL of 0.1-0.2 nats at step 0, ratios off 1 on fixed tokens)."""
 
-    def __init__(self, config: PPOConfig, policy: nn.Module, tokenizer, kl_ctl, value_model: nn.Module | None = None,
-                 with_value: bool = True, learn: Callable | None = None):  # fmt: skip
+    def __init__(self, config: OnPolicyConfig, policy: nn.Module, tokenizer, kl_ctl,
+                 value_model: nn.Module | None = None, with_value: bool = True, learn: Callable | None = None):
         # 'auto' becomes what this device runs fastest; trainer.config (and so config.json) holds the choice.
         config, self.accelerator = prepare_precision(config)
         self.config = config
@@ -181,10 +181,11 @@ class Trainer:
         # Each trained network's gradient is clipped on its own (`Engine`); a shared value head is part of the
         # policy's network (its loss reaches the policy's weights), so the two are clipped together. The schedule is
         # stepped once per PPO step (`end_step`), after its several optimizer steps.
+        groups = {"grad_norm": (policy_params, config.lr)}
+        if value_params:  # PPO's value model or head (only PPOConfig has value_lr)
+            groups["value_grad_norm"] = (value_params, config.value_lr or config.lr)
         self.engine = Engine(self.accelerator, PolicyAndValue(self.policy, self.value_model, self.value_head, self.floor),
-                             {"grad_norm": (policy_params, config.lr),
-                              "value_grad_norm": (value_params, config.value_lr or config.lr)},
-                             weight_decay=config.weight_decay, schedule=decay, max_grad_norm=config.max_grad_norm,
+                             groups, weight_decay=config.weight_decay, schedule=decay, max_grad_norm=config.max_grad_norm,
                              what=f"{self.method} update", fix=NON_FINITE_FIX, optimizer=config.optimizer,
                              eps=config.adam_eps, clip_together=self.value_model is None)  # fmt: skip
         self.model, self.optimizer, self.scheduler = self.engine.model, self.engine.optimizer, self.engine.scheduler
@@ -569,16 +570,16 @@ def prompt_batch(prompts: list[str], step: int, batch_size: int, seed: int) -> l
     return batch
 
 
-def run_inputs(config: PPOConfig, prompts: list[str]) -> dict[str, dict]:
+def run_inputs(config: OnPolicyConfig, prompts: list[str]) -> dict[str, dict]:
     """The fingerprints (`files.input_fingerprints`) of what a run trains on: the policy, reward, prompts file and
     classifier its config names, and the prompts train() was handed (which the Python API may pass without a file)."""
     specs = {name: getattr(config, name) for name in ("policy", "reward", "prompts", "classifier")}
     return input_fingerprints(specs, {"prompt_list": prompts})
 
 
-def prepare_run(config: PPOConfig, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path, resume: bool,
+def prepare_run(config: OnPolicyConfig, prompts: list[str], reward_fn: RewardFn, out_dir: str | Path, resume: bool,
                 policy: nn.Module | None, tokenizer, allow_changed_inputs: bool = False,
-                ) -> tuple[PPOConfig, nn.Module, object]:  # fmt: skip
+                ) -> tuple[OnPolicyConfig, nn.Module, object]:  # fmt: skip
     """What every algorithm's train() does before building its trainer: name the reward config.json records
     (`signatures.reward_name`), refuse an empty prompt set, refuse a resume whose inputs changed since the run
     started (unless allow_changed_inputs), keep a resumed run's precision, load the policy (config.policy) unless

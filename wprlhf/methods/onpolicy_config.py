@@ -1,5 +1,6 @@
-"""`PPOConfig`: every setting of a PPO run with its default and meaning, the paper's presets, and the rules for
-reading a config (file + flags) and for resuming a run with it.
+"""The configs of the on-policy methods, each setting with its default and meaning: `OnPolicyConfig` (what PPO, RLOO
+and GRPO share), `KLPenaltyConfig` (the KL as a per-token penalty in the reward: PPO, RLOO), `PPOConfig` (plus the
+value model and GAE); the paper's presets, and the rules for reading a config (file + flags) and for resuming.
 
 The defaults are sized for a laptop CPU; `PRESETS["ziegler2019"]` holds the settings of Ziegler et al. 2019.
 """
@@ -21,8 +22,10 @@ MIN_TEMPERATURE = 0.05
 
 
 @dataclass
-class PPOConfig:
-    """Everything `wprlhf ppo` needs. Defaults are sized for a laptop CPU; `ziegler2019` holds the paper's."""
+class OnPolicyConfig:
+    """What every on-policy method (PPO, RLOO, GRPO) reads: the run, the rollout, the optimizer, the policy-ratio
+    clip, the KL controller, memory and plumbing. Defaults are sized for a laptop CPU. Each method's config extends
+    it with the settings only it reads, so none holds a setting it would ignore."""
 
     # --- what to train, on what, for how long
     policy: str = "smollm2"
@@ -84,8 +87,6 @@ class PPOConfig:
     # --- optimisation
     lr: float = 1.41e-5
     """AdamW learning rate of the policy."""
-    value_lr: float | None = None
-    """Learning rate of the value model (None = lr)."""
     weight_decay: float = 0.0
     """AdamW weight decay of the policy and the value model (0 = none, as trl's PPO)."""
     adam_eps: float = 1e-8
@@ -98,22 +99,11 @@ class PPOConfig:
     critic); with a shared value head the policy and head are one network, clipped together. Under DeepSpeed its
     own config's gradient_clipping (the joint norm) applies instead. None = off."""
 
-    # --- PPO
-    gamma: float = 1.0
-    """Discount; 1 because an episode is one response."""
-    lam: float = 0.95
-    """GAE lambda."""
+    # --- the update
     cliprange: float = 0.2
     """Policy ratio clip, PPO's epsilon."""
-    cliprange_value: float = 0.2
-    """Value clip around the rollout's values."""
-    vf_coef: float = 0.1
-    """Weight of the value loss."""
     target_approxkl: float | None = None
     """Stop the epochs of a step early once a minibatch's approx-KL to the rollout policy exceeds this."""
-    shared_value_head: bool = False
-    """False: the value model is a separate network initialised from the policy (Stiennon et al. 2020); True: a
-    scalar head on the policy's last hidden states (one backbone for both, as in Ziegler et al. 2019)."""
 
     # --- rewards and KL
     kl_coef: float = 0.2
@@ -124,16 +114,6 @@ class PPOConfig:
     """Target KL per response, nats."""
     kl_horizon: int = 512
     """Episodes over which kl_coef moves by up to a factor e^0.2; small enough to move within a short CPU run."""
-    kl_estimator: str = "k1"
-    """Per-token KL in the reward's penalty: 'k1' (log pi - log ref, Ziegler et al.'s), the only one accepted. 'k3'
-    (r - 1 - log r, r = ref / pi) is refused: a reward's gradient is the score function's, and that of E_pi[k3] is
-    grad KL(pi||ref) - grad KL(ref||pi), which has no pull back to the reference (a one-token bandit with score 0
-    collapses onto one token under k3 and returns to the reference under k1). k3 is logged as `kl_k3` either way;
-    GRPO uses it as a loss term, where its gradient does pull back (grpo.py)."""
-    whiten_rewards: bool = False
-    """Scale per-token rewards to unit variance over the batch (keeping their mean)."""
-    score_norm: str = "none"
-    """'none' or 'batch' (standardise scores within each batch before adding them)."""
     score_clip: float | None = None
     """Clip scores to [-score_clip, score_clip] after normalisation; None = off."""
 
@@ -165,9 +145,8 @@ class PPOConfig:
     """Log samples to samples.jsonl every this many steps (and at step 1)."""
 
     def __post_init__(self):
-        check_numbers(self, non_negative=("lr", "value_lr", "weight_decay", "adam_eps", "cliprange", "cliprange_value",
-                                          "vf_coef", "kl_coef", "score_clip", "max_grad_norm", "gamma", "lam",
-                                          "missing_eos_penalty"))  # fmt: skip
+        check_numbers(self, non_negative=("lr", "weight_decay", "adam_eps", "cliprange", "kl_coef", "score_clip",
+                                          "max_grad_norm", "missing_eos_penalty"))  # fmt: skip
         # Ranges first: the divisibility checks below divide by these sizes.
         at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
                         max_prompt_length=1, response_length=1, samples_per_prompt=1, min_response_length=0, top_k=0,
@@ -206,19 +185,7 @@ class PPOConfig:
             raise UserError(f"--missing-eos-penalty {self.missing_eos_penalty} penalises responses cut at the cap, but "
                             "in fixed-length mode (--no-stop-at-eos, or --min-response-length equal to "
                             "--response-length) every response is cut there by design; drop the penalty")  # fmt: skip
-        choices = dict(lr_schedule=("constant", "linear"), kl_estimator=("k1", "k3"), score_norm=("none", "batch"),
-                       optimizer=("adamw", "adamw8bit"))  # fmt: skip
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.kl_estimator == "k3":
-            raise UserError("kl_estimator 'k3' cannot be the KL penalty in the reward: the score-function gradient of "
-                            "E[k3] is grad KL(pi||ref) - grad KL(ref||pi), with no pull back to the reference; use "
-                            "--kl-estimator k1 (the default; k3 is logged as kl_k3 either way)")  # fmt: skip
-        if self.score_norm == "batch" and self.batch_size < 2:
-            # The standard deviation of one score is undefined (NaN), and would reach every weight.
-            raise UserError(f"score_norm 'batch' standardises scores over the batch and needs batch_size >= 2, got "
-                            f"{self.batch_size}; raise --batch-size or use --score-norm none")  # fmt: skip
+        check_choices(self, lr_schedule=("constant", "linear"), optimizer=("adamw", "adamw8bit"))
 
     @property
     def minibatch_size(self) -> int:
@@ -233,20 +200,72 @@ class PPOConfig:
         return generation_config(self)
 
 
-# Settings of PPO's value model and GAE: RLOO and GRPO have neither, and refuse them rather than ignore them.
-VALUE_SETTINGS = ("vf_coef", "value_lr", "cliprange_value", "gamma", "lam", "shared_value_head", "whiten_rewards")
+@dataclass
+class KLPenaltyConfig(OnPolicyConfig):
+    """OnPolicyConfig plus how scores and the KL to the reference become per-token rewards (Ziegler et al. 2019):
+    PPO's and RLOO's. (GRPO standardises scores within a group and adds the KL as a loss term instead.)"""
+
+    kl_estimator: str = "k1"
+    """Per-token KL in the reward's penalty: 'k1' (log pi - log ref, Ziegler et al.'s), the only one accepted. 'k3'
+    (r - 1 - log r, r = ref / pi) is refused: a reward's gradient is the score function's, and that of E_pi[k3] is
+    grad KL(pi||ref) - grad KL(ref||pi), which has no pull back to the reference (a one-token bandit with score 0
+    collapses onto one token under k3 and returns to the reference under k1). k3 is logged as `kl_k3` either way;
+    GRPO uses it as a loss term, where its gradient does pull back (grpo.py)."""
+    score_norm: str = "none"
+    """'none' or 'batch' (standardise scores within each batch before adding them)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choices(self, kl_estimator=("k1", "k3"), score_norm=("none", "batch"))
+        if self.kl_estimator == "k3":
+            raise UserError("kl_estimator 'k3' cannot be the KL penalty in the reward: the score-function gradient of "
+                            "E[k3] is grad KL(pi||ref) - grad KL(ref||pi), with no pull back to the reference; use "
+                            "--kl-estimator k1 (the default; k3 is logged as kl_k3 either way)")  # fmt: skip
+        if self.score_norm == "batch" and self.batch_size < 2:
+            # The standard deviation of one score is undefined (NaN), and would reach every weight.
+            raise UserError(f"score_norm 'batch' standardises scores over the batch and needs batch_size >= 2, got "
+                            f"{self.batch_size}; raise --batch-size or use --score-norm none")  # fmt: skip
 
 
-def check_group_method(config: PPOConfig, method: str, unused: tuple[str, ...] = VALUE_SETTINGS) -> None:
-    """UserError unless `config` of RLOO or GRPO (`method`) has k >= 2 responses a prompt, and leaves every setting
-    the method does not read (`unused`) at PPO's default: a changed one would be silently ignored."""
+@dataclass
+class PPOConfig(KLPenaltyConfig):
+    """Everything `wprlhf ppo` needs: KLPenaltyConfig plus PPO's value model and GAE (Stiennon et al. 2020's
+    separate value network by default). `ziegler2019` holds the paper's settings."""
+
+    value_lr: float | None = None
+    """Learning rate of the value model (None = lr)."""
+    gamma: float = 1.0
+    """Discount; 1 because an episode is one response."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    shared_value_head: bool = False
+    """False: the value model is a separate network initialised from the policy (Stiennon et al. 2020); True: a
+    scalar head on the policy's last hidden states (one backbone for both, as in Ziegler et al. 2019)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance over the batch (keeping their mean)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_numbers(self, non_negative=("value_lr", "cliprange_value", "vf_coef", "gamma", "lam"))
+
+
+def check_choices(config, **choices: tuple[str, ...]) -> None:
+    """UserError unless each named setting of `config` is one of its allowed values."""
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise UserError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}; set "
+                            f"--{name.replace('_', '-')}")  # fmt: skip
+
+
+def check_group(config: OnPolicyConfig, method: str) -> None:
+    """UserError unless `config` of RLOO or GRPO (`method`) has k >= 2 responses a prompt."""
     if config.samples_per_prompt < 2:
         raise UserError(f"{method} needs samples_per_prompt >= 2 (it compares a prompt's responses with each other), "
                         f"got {config.samples_per_prompt}; set --samples-per-prompt 2 or more")  # fmt: skip
-    defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
-    if changed := [name for name in unused if getattr(config, name) != defaults[name]]:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise UserError(f"{method} does not read {flags} (it has no value model or GAE); drop them")
 
 
 PRESETS = {
@@ -272,7 +291,7 @@ def upgrade(values: dict) -> dict:
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "log_samples", "sample_every", "device"}
 
 
-def check_resumable(saved: dict, config: PPOConfig) -> None:
+def check_resumable(saved: dict, config: OnPolicyConfig) -> None:
     """UserError unless `config` differs from the checkpoint's saved config only in RESUMABLE_CHANGES."""
     current, saved = dataclasses.asdict(config), upgrade(saved)
     # A field added since the checkpoint was written is missing from it; it ran with that field's default.
@@ -284,7 +303,7 @@ def check_resumable(saved: dict, config: PPOConfig) -> None:
                         "start a new run in another --out directory")  # fmt: skip
 
 
-def load_config(path: str | Path | None, overrides: dict, preset: str | None = None, config_cls=PPOConfig) -> PPOConfig:
+def load_config(path: str | Path | None, overrides: dict, preset: str | None = None, config_cls=PPOConfig) -> OnPolicyConfig:
     """config_cls (PPOConfig, RLOOConfig, GRPOConfig) from a preset, then a YAML/JSON file, then explicit
     overrides; unknown keys are errors."""
     if preset and preset not in PRESETS:
@@ -292,5 +311,5 @@ def load_config(path: str | Path | None, overrides: dict, preset: str | None = N
     return ckpt.load_config(config_cls, path, overrides, PRESETS.get(preset or ""), upgrade)
 
 
-def dump_config(config: PPOConfig) -> str:
+def dump_config(config: OnPolicyConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=2)

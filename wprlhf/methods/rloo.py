@@ -27,13 +27,13 @@ from ..core import compute_rewards, masked_sum, normalize_scores, policy_loss
 from ..signatures import RewardFn
 from .kl_control import kl_controller
 from .onpolicy import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
-from .onpolicy_config import PPOConfig, check_group_method
+from .onpolicy_config import KLPenaltyConfig, check_group
 
 
 @dataclass
-class RLOOConfig(PPOConfig):
-    """PPOConfig's fields, with RLOO's defaults. There is no value model: the value-model settings (vf_coef,
-    value_lr, cliprange_value, gamma, lam, shared_value_head, whiten_rewards) are refused if changed."""
+class RLOOConfig(KLPenaltyConfig):
+    """Everything `wprlhf rloo` needs: the on-policy settings and the KL penalty in the reward, with RLOO's
+    defaults. There is no value model: a response's baseline is its group's other returns."""
 
     samples_per_prompt: int = 4
     """k responses per prompt (>= 2): each one's baseline is the mean return of the other k - 1."""
@@ -48,7 +48,7 @@ class RLOOConfig(PPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_group_method(self, "RLOO")
+        check_group(self, "RLOO")
 
 
 # ==========================================================================================================
