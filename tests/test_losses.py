@@ -10,6 +10,7 @@ import math
 import torch
 
 from tests.helpers import close, mask_of, t
+from wprlhf.core import token_kl
 from wprlhf.methods.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -47,7 +48,8 @@ def test_compute_rewards_k1():
     beta 0.1. Row 1: k1 = [0.5, -1, 0] -> [-0.05, 0.1, 0 + 10]. Row 2 ends at t=1: k1 = [1, 0, (6 masked)]
     -> [-0.1, 0 + 20, 0].
     """
-    rewards, kl = compute_rewards(SCORES, LOGPROBS, REF_LOGPROBS, RESPONSE_MASK, kl_coef=0.1)
+    kl = token_kl(LOGPROBS, REF_LOGPROBS, RESPONSE_MASK)
+    rewards = compute_rewards(SCORES, kl, RESPONSE_MASK, kl_coef=0.1)
     close(kl, [[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]])
     close(rewards, [[-0.05, 0.1, 10.0], [-0.1, 20.0, 0.0]])
     assert rewards[1, 2] == 0 and kl[1, 2] == 0  # exactly zero on the pad, not just small
@@ -58,17 +60,20 @@ def test_compute_rewards_k1():
 def test_compute_rewards_k3():
     """k3 = e^d - 1 - d with d = ref - logp. Row 1: d = [-0.5, 1, 0] -> [e^-0.5 - 0.5, e - 2, 0]
     = [0.1065307, 0.7182818, 0]; row 2: d = [-1, 0] -> [e^-1 = 0.3678794, 0], pad 0."""
-    rewards, kl = compute_rewards(SCORES, LOGPROBS, REF_LOGPROBS, RESPONSE_MASK, kl_coef=0.1, kl_estimator="k3")
+    kl = token_kl(LOGPROBS, REF_LOGPROBS, RESPONSE_MASK, "k3")
+    rewards = compute_rewards(SCORES, kl, RESPONSE_MASK, kl_coef=0.1)
     close(kl, [[0.1065307, 0.7182818, 0.0], [0.3678794, 0.0, 0.0]])
     close(rewards, [[-0.01065307, -0.07182818, 10.0], [-0.03678794, 20.0, 0.0]])
     assert rewards[1, 2] == 0
 
 
 def test_compute_rewards_does_not_modify_inputs():
-    """The score is added in place into `rewards`; that must be a new tensor, never the caller's logprobs."""
-    lp, ref = LOGPROBS.clone(), REF_LOGPROBS.clone()
-    compute_rewards(SCORES, lp, ref, RESPONSE_MASK, kl_coef=0.0)
-    assert torch.equal(lp, LOGPROBS) and torch.equal(ref, REF_LOGPROBS)
+    """The score is added in place into `rewards`; that must be a new tensor, never the caller's KL."""
+    kl = token_kl(LOGPROBS, REF_LOGPROBS, RESPONSE_MASK)
+    before = kl.clone()
+    for kl_coef in (0.0, 1.0):  # kl_coef 1: -1 * kl is still a new tensor
+        compute_rewards(SCORES, kl, RESPONSE_MASK, kl_coef=kl_coef)
+        assert torch.equal(kl, before)
 
 
 # ----------------------------------------------------------------------------------------------------------

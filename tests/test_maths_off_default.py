@@ -77,7 +77,6 @@ def _sampled_logprobs(model, queries, query_mask, responses, response_mask, stop
 def _ppo_kls(policy, reference, tokenizer, queries, query_mask, gen, min_response_length: int):
     """PPO's per-response `kl` (what finish_step hands the controller and the samples log) and the logged mean, on
     given samples: the rollout forwards as `Trainer.rollout` runs them in fp32 (the sampler's log-probs passed)."""
-    from wprlhf.methods.onpolicy import rollout_stats
     from wprlhf.methods.ppo import PPOConfig, PPOTrainer
 
     n, Tr = gen.responses.shape
@@ -89,8 +88,8 @@ def _ppo_kls(policy, reference, tokenizer, queries, query_mask, gen, min_respons
                                       gen.logprobs)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the schedule steps with no optimizer step before it
-        per_response = trainer.finish_step(rollout)
-    return per_response, rollout_stats(trainer, rollout, trainer.kl_ctl.value)["kl"]
+        logged = trainer.finish_step(rollout)["kl"]
+    return torch.tensor(trainer.last_episodes["kl"]), logged
 
 
 def _eval_kl(monkeypatch, tmp_path, policy, reference, tokenizer, prompts, config: GenerationConfig, eval_seed):

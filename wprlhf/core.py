@@ -156,26 +156,29 @@ def normalize_scores(scores: torch.Tensor, mode: str = "none", clip: float | Non
     return scores
 
 
-def compute_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    response_mask: torch.Tensor,
-    kl_coef: float,
-    kl_estimator: str = "k1",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token reward: a KL penalty on each response token, plus the scalar score on the last one.
+def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
+             estimator: str = "k1") -> torch.Tensor:  # fmt: skip
+    """The per-token KL of sampled responses to the reference, exactly 0 on padding: 'k1' (Ziegler et al.'s) or 'k3'.
 
-    scores (B,); logprobs, ref_logprobs (B, Tr); response_mask (B, Tr) bool, True on real tokens.
-    Returns rewards (B, Tr), exactly zero where response_mask is False, and the per-token KL (B, Tr).
-    kl_estimator 'k3' is computed here, but PPOConfig refuses it for a reward (see its kl_estimator field).
+    logprobs, ref_logprobs (B, Tr); response_mask (B, Tr) bool, True on real tokens. Returns (B, Tr); summed over
+    a response's tokens it is the KL per response, in nats."""
+    kl = kl_k1(logprobs, ref_logprobs) if estimator == "k1" else kl_k3(logprobs, ref_logprobs)
+    return torch.where(response_mask, kl, torch.zeros_like(kl))
+
+
+def compute_rewards(scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor,
+                    kl_coef: float) -> torch.Tensor:  # fmt: skip
+    """Per-token reward (Ziegler et al. 2019, eq. 2): a KL penalty on each response token, plus the scalar score on
+    the last one.
+
+    scores (B,); kl (B, Tr) per-token KL, 0 on padding (`token_kl`; k1 for a reward: PPOConfig refuses k3, see its
+    kl_estimator field); response_mask (B, Tr) bool, True on real tokens.
+    Returns rewards (B, Tr), exactly zero where response_mask is False.
     """
-    kl = kl_k1(logprobs, ref_logprobs) if kl_estimator == "k1" else kl_k3(logprobs, ref_logprobs)
-    kl = torch.where(response_mask, kl, torch.zeros_like(kl))
     rewards = -kl_coef * kl
     last = last_true_index(response_mask)  # (B,)
     rewards[torch.arange(len(scores)), last] += scores
-    return rewards, kl
+    return rewards
 
 
 def policy_loss(

@@ -33,7 +33,7 @@ from ..core import kl_k3, masked_mean, masked_sum, normalize_scores, policy_loss
 from ..errors import UserError
 from ..signatures import RewardFn
 from .kl_control import kl_controller
-from .onpolicy import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
+from .onpolicy import Rollout, Samples, Trainer, prepare_run, run, update_epochs
 from .onpolicy_config import OnPolicyConfig, check_group
 
 
@@ -112,8 +112,7 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
                          mask[rows], c.cliprange, kl_coef, c.minibatch_size)  # fmt: skip
 
     update_stats = update_epochs(trainer, rollout, policy_objective)  # its policy_loss includes the KL term
-    trainer.finish_step(rollout)  # rlhf reward: score - kl_coef * KL, what the loss trades
-    return rollout_stats(trainer, rollout, kl_coef) | update_stats
+    return trainer.finish_step(rollout) | update_stats  # rlhf reward: score - kl_coef * KL, what the loss trades
 
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:

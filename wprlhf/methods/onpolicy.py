@@ -15,6 +15,7 @@ and minibatches, trains on its slice of each minibatch, and DDP sums the gradien
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..core import kl_k1, kl_k3, masked_mean, masked_sum
+from ..core import masked_mean, token_kl
 from ..distributed import autocast_dtype, check_divisible, device_of, gather_padded, is_main_process, reduce_sum, shard
 from ..engine import Engine, prepare_precision
 from ..errors import UserError
@@ -85,6 +86,13 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.queries.shape[0]
+
+    @functools.cached_property
+    def kl(self) -> torch.Tensor:
+        """(B, Tr) k1 = logprobs - ref_logprobs on each response token, 0 on padding: the one KL of a step, read by
+        the reward's penalty, the KL controller, the metrics and the samples log. Summed over a response's tokens it
+        is its KL in nats, what Ziegler et al.'s controller (eq. 2) measures and `wprlhf eval` reports as `kl`."""
+        return token_kl(self.logprobs, self.ref_logprobs, self.response_mask)
 
 
 def check_scores(scores, n: int, source: str) -> torch.Tensor:
@@ -184,10 +192,10 @@ class Trainer:
         groups = {"grad_norm": (policy_params, config.lr)}
         if value_params:  # PPO's value model or head (only PPOConfig has value_lr)
             groups["value_grad_norm"] = (value_params, config.value_lr or config.lr)
-        self.engine = Engine(self.accelerator, PolicyAndValue(self.policy, self.value_model, self.value_head, self.floor),
-                             groups, weight_decay=config.weight_decay, schedule=decay, max_grad_norm=config.max_grad_norm,
-                             what=f"{self.method} update", fix=NON_FINITE_FIX, optimizer=config.optimizer,
-                             eps=config.adam_eps, clip_together=self.value_model is None)  # fmt: skip
+        networks = PolicyAndValue(self.policy, self.value_model, self.value_head, self.floor)
+        self.engine = Engine(self.accelerator, networks, groups, weight_decay=config.weight_decay, schedule=decay,
+                             max_grad_norm=config.max_grad_norm, what=f"{self.method} update", fix=NON_FINITE_FIX,
+                             optimizer=config.optimizer, eps=config.adam_eps, clip_together=self.value_model is None)
         self.model, self.optimizer, self.scheduler = self.engine.model, self.engine.optimizer, self.engine.scheduler
         # One process and a separate value model: the policy's micro-batches run and the policy takes its step
         # before the value model runs, so the two models' activations and gradients are never held at once (the
@@ -411,18 +419,18 @@ class Trainer:
             micro["entropy"] = float(masked_mean(entropy, mask)) * share
         return micro
 
-    def finish_step(self, rollout: Rollout, rlhf_rewards: torch.Tensor | None = None) -> torch.Tensor:
-        """After a step's update: the KL per response to the controller, the schedule and counters (`end_step`), and
-        the per-episode numbers of the samples log. rlhf_rewards (B,): what the method maximises per response (None:
-        score - kl_coef * KL). Returns the KL per response (B,), k1 summed over its tokens, in nats: what Ziegler
-        et al.'s controller (eq. 2) measures."""
-        kl = masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), rollout.response_mask, dim=1)  # (B,)
+    def finish_step(self, rollout: Rollout, rlhf_rewards: torch.Tensor | None = None) -> dict[str, float]:
+        """After a step's update: the KL per response (`Rollout.kl` summed) to the controller, the schedule and
+        counters (`end_step`), and the per-episode numbers of the samples log. rlhf_rewards (B,): what the method
+        maximises per response (None: score - kl_coef * KL). Returns the step's `rollout_stats`, with the kl_coef
+        the step used (the controller's value before this update)."""
+        kl_coef, kl = self.kl_ctl.value, rollout.kl.sum(1)  # (B,)
         if rlhf_rewards is None:
-            rlhf_rewards = rollout.scores - self.kl_ctl.value * kl
+            rlhf_rewards = rollout.scores - kl_coef * kl
         self.kl_ctl.update(float(kl.mean()), len(rollout))
         self.end_step(len(rollout))
         self.last_episodes = {"kl": kl.tolist(), "rlhf_reward": rlhf_rewards.tolist()}
-        return kl
+        return rollout_stats(self, rollout, kl_coef, rlhf_rewards)
 
     def end_step(self, n_episodes: int) -> None:
         """Book-keeping once a step's update is done: the learning-rate schedule and the counters."""
@@ -532,18 +540,19 @@ def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
     return {**out, "ppo_minibatches": len(rows)}
 
 
-def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float) -> dict[str, float]:
+def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float,
+                  rlhf_rewards: torch.Tensor) -> dict[str, float]:  # fmt: skip
     """Metrics of a rollout every method logs (names in metrics.py): scores as reward_fn gave them, KL to the
-    reference per response (k1 and k3), the step's kl_coef, the rlhf reward (`finish_step`'s), response length,
-    learning rate. `kl` is k1 summed over a response's tokens under the distribution sampled from (`Rollout`), the
-    KL that `measures.sample_with_kl` and `wprlhf eval` report under that name."""
+    reference per response (`Rollout.kl` summed; and k3, logged only), the step's kl_coef, the mean rlhf reward
+    (rlhf_rewards (B,)), response length, learning rate. `kl` is k1 summed over a response's tokens under the
+    distribution sampled from (`Rollout`), the KL that `measures.sample_with_kl` and `wprlhf eval` report."""
     mask, B = rollout.response_mask, len(rollout)
     return {
         "score_mean": float(rollout.scores.mean()),
         "score_std": float(rollout.scores.std()) if B > 1 else 0.0,
-        "rlhf_reward_mean": float(np.mean(trainer.last_episodes["rlhf_reward"])),
-        "kl": float(masked_sum(kl_k1(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
-        "kl_k3": float(masked_sum(kl_k3(rollout.logprobs, rollout.ref_logprobs), mask, dim=1).mean()),
+        "rlhf_reward_mean": float(np.mean(rlhf_rewards.tolist())),  # in float64, as the samples log reads them
+        "kl": float(rollout.kl.sum(1).mean()),
+        "kl_k3": float(token_kl(rollout.logprobs, rollout.ref_logprobs, mask, "k3").sum(1).mean()),
         "kl_coef": kl_coef,
         "response_length": float(mask.sum(1).float().mean()),
         "lr": trainer.optimizer.param_groups[0]["lr"],

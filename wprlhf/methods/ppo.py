@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models import position_limit
 from ..signatures import RewardFn
 from .kl_control import AdaptiveKLController, FixedKLController, kl_controller  # noqa: F401  (tests import them here)
-from .onpolicy import Rollout, Samples, Trainer, check_scores, prepare_run, rollout_stats, run, update_epochs
+from .onpolicy import Rollout, Samples, Trainer, check_scores, prepare_run, run, update_epochs
 from .onpolicy_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.methods.ppo import PPOConfig, train`)
 
 # ==========================================================================================================
@@ -84,20 +84,19 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
     c, kl_coef = trainer.config, trainer.kl_ctl.value
     with torch.no_grad():
         scores = normalize_scores(rollout.scores, c.score_norm, c.score_clip)
-        rewards, _ = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef,
-                                     c.kl_estimator)  # fmt: skip
+        rewards = compute_rewards(scores, rollout.kl, rollout.response_mask, kl_coef)
         if c.whiten_rewards:
             rewards = masked_whiten(rewards, rollout.response_mask, shift_mean=False)
         advantages, returns = compute_advantages(rewards, rollout.values, rollout.response_mask, c.gamma, c.lam)
     update_stats = update(trainer, rollout, advantages, returns)
-    trainer.finish_step(rollout, masked_sum(rewards, rollout.response_mask, dim=1))  # score - kl_coef * KL, (B,)
-    return step_stats(trainer, rollout, returns, kl_coef) | update_stats
+    rlhf_rewards = masked_sum(rewards, rollout.response_mask, dim=1)  # (B,) score - kl_coef * KL
+    return trainer.finish_step(rollout, rlhf_rewards) | value_stats(rollout, returns) | update_stats
 
 
-def step_stats(trainer, rollout: Rollout, returns, kl_coef: float) -> dict[str, float]:
-    """The step's metrics (names in metrics.py): `rollout_stats`, and the value model's fit."""
+def value_stats(rollout: Rollout, returns: torch.Tensor) -> dict[str, float]:
+    """The value model's fit to the step's returns (B, Tr) (names in metrics.py)."""
     mask = rollout.response_mask
-    return rollout_stats(trainer, rollout, kl_coef) | {
+    return {
         "explained_variance": float(explained_variance(rollout.values, returns, mask)),
         "value_mean": float(masked_mean(rollout.values, mask)),
         "return_mean": float(masked_mean(returns, mask)),

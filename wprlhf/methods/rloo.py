@@ -26,7 +26,7 @@ from torch import nn
 from ..core import compute_rewards, masked_sum, normalize_scores, policy_loss
 from ..signatures import RewardFn
 from .kl_control import kl_controller
-from .onpolicy import Rollout, Samples, Trainer, prepare_run, rollout_stats, run, update_epochs
+from .onpolicy import Rollout, Samples, Trainer, prepare_run, run, update_epochs
 from .onpolicy_config import KLPenaltyConfig, check_group
 
 
@@ -72,7 +72,7 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
     mask = rollout.response_mask
     with torch.no_grad():
         scores = normalize_scores(rollout.scores, c.score_norm, c.score_clip)
-        rewards, _ = compute_rewards(scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef, c.kl_estimator)
+        rewards = compute_rewards(scores, rollout.kl, mask, kl_coef)
         returns = masked_sum(rewards, mask, dim=1)  # (B,) score - kl_coef * KL
         advantages = rloo_advantages(returns, c.samples_per_prompt)  # (B,)
         token_advantages = advantages[:, None].expand_as(rewards)  # (B, Tr): one action, the whole response
@@ -82,8 +82,7 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
                            n_tokens)  # fmt: skip
 
     update_stats = update_epochs(trainer, rollout, policy_objective)
-    trainer.finish_step(rollout, returns)
-    return rollout_stats(trainer, rollout, kl_coef) | update_stats
+    return trainer.finish_step(rollout, returns) | update_stats
 
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:
