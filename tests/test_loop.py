@@ -126,7 +126,7 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
     out = tmp_path / "loop"
-    config = _config(onpolicy_config=str(ppo_file), min_response_length=6)  # fixed-length responses in every phase
+    config = _config(ppo_config=str(ppo_file), min_response_length=6)  # fixed-length responses in every phase
     rows = run(config, out)
     assert [r["round"] for r in rows] == [1, 2]
     assert [r["labels"] for r in rows] == [4, 8]  # labels accumulate: round 2's model sees both rounds
@@ -273,7 +273,7 @@ def test_loop_runs_on_a_policy_that_writes_only_empty_responses(silent_policy, t
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"batch_size": 4, "num_minibatches": 1, "ppo_epochs": 1, "log_samples": 0}))
     out = tmp_path / "loop"
-    config = _config(policy=str(silent_policy), rounds=1, ppo_steps=1, response_length=4, onpolicy_config=str(ppo_file))
+    config = _config(policy=str(silent_policy), rounds=1, ppo_steps=1, response_length=4, ppo_config=str(ppo_file))
     rows = run(config, out)
     samples = [json.loads(line) for line in (out / "round-1" / "responses.jsonl").open()]
     assert samples and all(r == "" for s in samples for r in s["responses"])
@@ -292,5 +292,5 @@ def test_loop_checks_every_size_and_its_ppo_settings_before_sampling(tmp_path):
     ppo_file = tmp_path / "ppo.json"
     ppo_file.write_text(json.dumps({"num_minibatches": 0}))
     with pytest.raises(UserError, match="num_minibatches must be >= 1, got 0; set --num-minibatches"):
-        run(_config(onpolicy_config=str(ppo_file)), tmp_path / "loop")
+        run(_config(ppo_config=str(ppo_file)), tmp_path / "loop")
     assert not (tmp_path / "loop" / "start_responses.jsonl").exists()

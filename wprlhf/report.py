@@ -49,7 +49,7 @@ class Run:
     pairs_round: int | None = None
     samples: list[dict] = field(default_factory=list)  # ppo samples.jsonl (plain PPO runs)
     loop_config: dict = field(default_factory=dict)
-    onpolicy_config: dict = field(default_factory=dict)
+    ppo_config: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # loop_state.json
     notes: list[str] = field(default_factory=list)  # optional files missing or unreadable
 
@@ -101,7 +101,7 @@ def load_run(run_dir: str | Path) -> Run:
         notes.append("judge scores during PPO: this run logged no judge_mean (plain PPO runs have no hidden judge), "
                      "so the over-optimisation view shows the proxy reward and KL only")  # fmt: skip
     run = Run(path=root, kind="loop" if loop else "ppo", steps=steps, notes=notes)
-    run.onpolicy_config = _read_json(ppo_dir / "config.json", notes, root) or {}
+    run.ppo_config = _read_json(ppo_dir / "config.json", notes, root) or {}
     if not loop:
         run.samples = _read_jsonl(ppo_dir / "samples.jsonl", notes, root)
         return run
@@ -618,13 +618,13 @@ def render_html(run: Run, figures: list[tuple[str, bytes, str, str]]) -> str:
         body.append("<h2>Before and after: held-out prompts</h2>" + _pairs_section(run))
     elif run.samples:
         body.append("<h2>Samples</h2>" + _samples_section(run))
-    if run.loop_config or run.onpolicy_config:
+    if run.loop_config or run.ppo_config:
         configs = []
         if run.loop_config:
             configs.append("<div><h3>loop_config.json</h3>" + _config_table(run.loop_config) + "</div>")
-        if run.onpolicy_config:
+        if run.ppo_config:
             where = "ppo/config.json" if run.kind == "loop" else "config.json"
-            configs.append(f"<div><h3>{esc(where)}</h3>" + _config_table(run.onpolicy_config) + "</div>")
+            configs.append(f"<div><h3>{esc(where)}</h3>" + _config_table(run.ppo_config) + "</div>")
         body.append('<h2>Configuration</h2><div class="cols">' + "".join(configs) + "</div>")
     timings = _timings_section(run)
     if timings:

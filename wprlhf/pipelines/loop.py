@@ -103,7 +103,7 @@ class LoopConfig:
     """PPO learning rate (policy and value model)."""
     kl_target: float = 6.0
     """Adaptive-KL target, nats per response."""
-    onpolicy_config: str = ""
+    ppo_config: str = ""
     """YAML/JSON file of further PPOConfig settings (batch size, lr, KL target, ...); the loop sets policy,
     steps, response lengths, temperature and seed itself."""
     db: str = ""
@@ -257,7 +257,7 @@ def _load_state(out_dir: Path) -> dict:
 
 
 # Inputs whose content a resume compares (`files.fingerprint`): a changed file or model is refused.
-INPUTS = ("policy", "prompts", "labeler", "judge", "reward_model", "onpolicy_config")
+INPUTS = ("policy", "prompts", "labeler", "judge", "reward_model", "ppo_config")
 
 
 def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
@@ -296,7 +296,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
     if config.labeler != "web":
         labeler = SimulatedLabeler(judge, name=config.labeler, temperature=config.labeler_temperature,
                                    labelers=config.labelers, seed=config.seed)  # fmt: skip
-    ppo_overrides = ckpt.read_config_file(config.onpolicy_config) if config.onpolicy_config else {}
+    ppo_overrides = ckpt.read_config_file(config.ppo_config) if config.ppo_config else {}
     round_ppo_config(config, ppo_overrides, rounds_done=1)  # a bad PPO setting fails now, not after hours of sampling
     eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
 

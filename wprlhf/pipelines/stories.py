@@ -570,10 +570,10 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         from ..methods.ppo import train as ppo_train
         from ..rewards.reward_model import reward_fn_from_model
 
-        onpolicy_config = ppo_settings(config, start_of_rl)
+        ppo_config = ppo_settings(config, start_of_rl)
         ppo_dir = out_dir / "ppo"
         resume_ppo = (ppo_dir / "metrics.csv").exists()
-        ppo_train(onpolicy_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
+        ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
                   ppo_dir, resume=resume_ppo, allow_changed_inputs=allow_changed_inputs,
                   judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
         finish("ppo")
