@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,17 @@ import numpy as np
 from ..data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
 from ..distributed import check_mixed_precision, resolve_device
 from ..errors import UserError, check_numbers
-from ..files import check_inputs, input_fingerprints, write_json_atomic, write_text_atomic
+from ..evals.side_by_side import judge_sides, response_logprobs, table_markdown, without_verdicts
+from ..files import write_json_atomic, write_text_atomic
+from ..generation import generate, generate_k, generation_config
+from ..methods.best_of import kl_bound, sample_pool
+from ..methods.dpo import pairs_from
+from ..models import load_policy
+from ..rewards.judges import Relevance, SimulatedLabeler
+from ..rewards.reward_model import RewardConfig, reward_fn_from_model
+from ..rewards.reward_model import train as rm_train
+from ..rewards.spec import load_reward
+from .runner import Runner
 
 STATE_FILE = "compare_state.json"
 METHODS = ("ppo", "rloo", "grpo", "dpo")
@@ -164,32 +174,11 @@ def _train_method(name: str, config: CompareConfig, out: Path, train_prompts: li
 
 def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_changed_inputs: bool = False) -> dict:
     """Run (or resume) the comparison into out_dir; returns the report. A resume whose inputs (INPUTS) changed since
-    the run started is refused unless allow_changed_inputs."""
-    from ..evals.side_by_side import judge_sides, response_logprobs, table_markdown, without_verdicts
-    from ..generation import generate, generate_k, generation_config
-    from ..methods.best_of import kl_bound, sample_pool
-    from ..methods.dpo import pairs_from
-    from ..models import load_policy
-    from ..rewards.judges import SimulatedLabeler
-    from ..rewards.reward_model import RewardConfig, reward_fn_from_model
-    from ..rewards.reward_model import train as rm_train
-    from ..rewards.spec import load_reward
-
+    the run started, or whose settings differ, is refused (unless allow_changed_inputs, for the inputs)."""
     out_dir = Path(out_dir)
-    state_path = out_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
-    if state["done"] and not resume:
-        raise UserError(f"{out_dir} holds a comparison; pass --resume to continue it or --force to start over")
-    # A field added after the run was made is missing from its stored config: it held that field's default.
-    stored = {**dataclasses.asdict(CompareConfig()), **state["config"]} if state.get("config") else None
-    if stored and stored != dataclasses.asdict(config):
-        changed = sorted(k for k, v in dataclasses.asdict(config).items() if stored.get(k) != v)
-        raise UserError(f"this run was made with other settings ({', '.join(changed)}); resume with the run's own "
-                        "settings, or start a new --out")  # fmt: skip
-    inputs = input_fingerprints({name: getattr(config, name) for name in INPUTS})
-    check_inputs(state.get("inputs"), inputs, allow_changed_inputs, f"the comparison in {out_dir}")
-    state["config"], state["inputs"] = dataclasses.asdict(config), inputs
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = [f.name for f in dataclasses.fields(CompareConfig)]  # every phase depends on every setting
+    runner = Runner(out_dir, STATE_FILE, "comparison", config, INPUTS, resume, allow_changed_inputs,
+                    depends=lambda phase: fields)  # fmt: skip
     judge = load_reward(config.judge, what="judge")  # a bad SPEC fails before any work
     # A reward model trained already (rm:DIR) is used as it is; it too must load before any work.
     needs_rm = any(m != "dpo" for m in config.method_list)
@@ -198,90 +187,110 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
         given_rm = load_reward(config.reward_model, what="reward model")
     relevance = None
     if config.relevance:  # loaded now: a failure after the evaluation's sampling would lose it
-        from ..rewards.judges import Relevance
-
         relevance = Relevance()
         relevance.embed(["a sentence"])
-    device = resolve_device(config.device)
-    gen = generation_config(None, response_length=config.response_length,
-                            min_response_length=config.response_length, temperature=config.temperature)  # fmt: skip
-
-    def finish(phase: str, started: float) -> None:
-        state["done"].append(phase)
-        state["timings_s"][phase] = time.perf_counter() - started
-        write_json_atomic(state_path, state)
-        print(f"== {phase} done in {state['timings_s'][phase] / 60:.1f} min", flush=True)
 
     prompts_dir = out_dir / "prompts"
-    if "split" not in state["done"]:
-        started = time.perf_counter()
-        prompts = list(dict.fromkeys(load_prompts(config.prompts)))
-        if config.eval_file:
-            eval_prompts = list(dict.fromkeys(load_prompts(config.eval_file)))[: config.eval_prompts]
-            eval_keys = {prompt_key(p) for p in eval_prompts}
-            train_prompts = [p for p in prompts if prompt_key(p) not in eval_keys]
-        else:
-            train_prompts, eval_prompts = split_by_prompt(prompts, min(0.5, config.eval_prompts / len(prompts)),
-                                                          seed=42)  # fmt: skip
-        if config.eval_file and len(train_prompts) < 2:
-            raise UserError(f"--prompts has {len(train_prompts)} prompts that are not in --eval-file "
-                            f"{config.eval_file}; give --prompts the train prompts")  # fmt: skip
-        if len(train_prompts) < 2 or not eval_prompts:
-            raise UserError(f"{len(prompts)} distinct prompts are too few to hold out {config.eval_prompts} for the "
-                            "judge and train on the rest; give --prompts more prompts or lower --eval-prompts")  # fmt: skip
-        write_text_atomic(prompts_dir / "train.txt", "".join(p + "\n" for p in train_prompts))
-        write_text_atomic(prompts_dir / "eval.txt", "".join(p + "\n" for p in eval_prompts))
-        finish("split", started)
+    if runner.wanted("split"):
+        split_prompts(config, prompts_dir)
+        runner.finish("split")
     train_prompts, eval_prompts = load_prompts(prompts_dir / "train.txt"), load_prompts(prompts_dir / "eval.txt")
-
-    if "labels" not in state["done"]:
-        started = time.perf_counter()
-        if config.comparisons:
-            # Only train prompts' comparisons: the eval prompts are the judge's, and no method may learn on them.
-            train_keys = {prompt_key(p) for p in train_prompts}
-            comparisons = [c for c in load_comparisons(config.comparisons) if prompt_key(c.prompt) in train_keys]
-            if not comparisons:
-                raise UserError(f"{config.comparisons}: no comparison is of a train prompt (--prompts, less the "
-                                f"{len(eval_prompts)} held out); give --prompts the prompts the comparisons are of")  # fmt: skip
-        else:
-            policy, tokenizer = load_policy(config.policy, seed=config.seed)
-            policy.to(device)
-            labelled = train_prompts[: config.n_comparisons]
-            responses = generate_k(policy, tokenizer, labelled, 2, gen, seed=config.seed + 10_000, progress=True)
-            labeler = SimulatedLabeler(load_reward(config.labeler, what="labeler"), name=f"sim:{config.labeler}",
-                                       temperature=config.labeler_temperature, seed=config.seed)  # fmt: skip
-            comparisons = labeler.label(labelled, responses)
+    if runner.wanted("labels"):
+        runner.restart_clock()
+        comparisons = label(config, train_prompts, eval_prompts)
         if not pairs_from(comparisons):
             raise UserError(f"all {len(comparisons)} comparisons are ties: no preference to learn from; lower "
                             "--labeler-temperature or label again")  # fmt: skip
         write_comparisons(out_dir / "comparisons.jsonl", comparisons)
-        finish("labels", started)
+        runner.finish("labels")
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
 
     reward_fn = given_rm  # None when no method needs a reward model, or when it is trained below
     if needs_rm and given_rm is None:
-        if "rm" not in state["done"]:
-            started = time.perf_counter()
+        if runner.wanted("rm"):
+            runner.restart_clock()
             rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model,
                                   val_fraction=0.1, keep_meta=True, seed=config.seed, device=config.device,
                                   mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
-            finish("rm", started)
+            runner.finish("rm")
         reward_fn = reward_fn_from_model(out_dir / "rm")
 
     for name in config.method_list:
-        if name.startswith("best-of-") or name in state["done"]:
+        if name.startswith("best-of-") or not runner.wanted(name):
             continue
-        started = time.perf_counter()
+        runner.restart_clock()
         run_dir = out_dir / name
         if run_dir.exists():  # a method killed half-way starts again: its budget is counted from zero
-            import shutil
-
             shutil.rmtree(run_dir)
         _train_method(name, config, run_dir, train_prompts, comparisons, reward_fn)
-        finish(name, started)
+        runner.finish(name)
 
-    # ---- evaluation: every method against the start policy, by the judge
-    started = time.perf_counter()
+    runner.restart_clock()
+    report = evaluate(config, out_dir, eval_prompts, reward_fn, judge, relevance)
+    timings = runner.state["timings_s"]
+    report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
+                  comparisons=len(comparisons), budget=config.budget, timings_s=timings,
+                  reward_model_minutes=timings.get("rm", 0.0) / 60, response_length=config.response_length)  # fmt: skip
+    timings["eval"] = runner.seconds()
+    # Training time of each method; the reward model's (shared by PPO, RLOO, GRPO and best-of-n) is said apart.
+    extra = {name: {"train minutes": f"{timings.get(name, 0.0) / 60:.1f}"} for name in report["sides"]}
+    write_json_atomic(out_dir / "report.json", without_verdicts(report))
+    write_text_atomic(out_dir / "table.md", table_markdown(report, extra))
+    _plot(report, out_dir / "judge_vs_kl.png")
+    runner.save()
+    return report
+
+
+def split_prompts(config: CompareConfig, prompts_dir: Path) -> None:
+    """The split phase: --prompts less the eval prompts (--eval-file's, or a held-out share) -> train.txt, eval.txt."""
+    prompts = list(dict.fromkeys(load_prompts(config.prompts)))
+    if config.eval_file:
+        eval_prompts = list(dict.fromkeys(load_prompts(config.eval_file)))[: config.eval_prompts]
+        eval_keys = {prompt_key(p) for p in eval_prompts}
+        train_prompts = [p for p in prompts if prompt_key(p) not in eval_keys]
+    else:
+        train_prompts, eval_prompts = split_by_prompt(prompts, min(0.5, config.eval_prompts / len(prompts)),
+                                                      seed=42)  # fmt: skip
+    if config.eval_file and len(train_prompts) < 2:
+        raise UserError(f"--prompts has {len(train_prompts)} prompts that are not in --eval-file "
+                        f"{config.eval_file}; give --prompts the train prompts")  # fmt: skip
+    if len(train_prompts) < 2 or not eval_prompts:
+        raise UserError(f"{len(prompts)} distinct prompts are too few to hold out {config.eval_prompts} for the "
+                        "judge and train on the rest; give --prompts more prompts or lower --eval-prompts")  # fmt: skip
+    write_text_atomic(prompts_dir / "train.txt", "".join(p + "\n" for p in train_prompts))
+    write_text_atomic(prompts_dir / "eval.txt", "".join(p + "\n" for p in eval_prompts))
+
+
+def label(config: CompareConfig, train_prompts: list[str], eval_prompts: list[str]) -> list:
+    """The labels phase: the train prompts' comparisons of --comparisons, or pairs of the start policy's samples
+    labelled by the simulated --labeler."""
+    if config.comparisons:
+        # Only train prompts' comparisons: the eval prompts are the judge's, and no method may learn on them.
+        train_keys = {prompt_key(p) for p in train_prompts}
+        comparisons = [c for c in load_comparisons(config.comparisons) if prompt_key(c.prompt) in train_keys]
+        if not comparisons:
+            raise UserError(f"{config.comparisons}: no comparison is of a train prompt (--prompts, less the "
+                            f"{len(eval_prompts)} held out); give --prompts the prompts the comparisons are of")  # fmt: skip
+        return comparisons
+    policy, tokenizer = load_policy(config.policy, seed=config.seed)
+    policy.to(resolve_device(config.device))
+    labelled = train_prompts[: config.n_comparisons]
+    responses = generate_k(policy, tokenizer, labelled, 2, _generation(config), seed=config.seed + 10_000,
+                           progress=True)  # fmt: skip
+    labeler = SimulatedLabeler(load_reward(config.labeler, what="labeler"), name=f"sim:{config.labeler}",
+                               temperature=config.labeler_temperature, seed=config.seed)  # fmt: skip
+    return labeler.label(labelled, responses)
+
+
+def _generation(config: CompareConfig):
+    """Every side's sampling: fixed-length responses, so no method wins by length."""
+    return generation_config(None, response_length=config.response_length, min_response_length=config.response_length,
+                             temperature=config.temperature)  # fmt: skip
+
+
+def evaluate(config: CompareConfig, out_dir: Path, eval_prompts: list[str], reward_fn, judge, relevance) -> dict:
+    """Every method against the start policy on the eval prompts, by the judge: samples.jsonl and the report."""
+    device, gen = resolve_device(config.device), _generation(config)
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
     sides = {"start": generate(start, tokenizer, eval_prompts, gen, seed=config.seed + 30_000, progress=True)}
@@ -303,23 +312,11 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
         sides[name] = generate(model, tokenizer, eval_prompts, gen, seed=config.seed + 40_000, progress=True)
         kls[name] = (logprobs(model, sides[name]) - logprobs(start, sides[name])).tolist()
         del model
-    report = judge_sides(eval_prompts, sides, judge, "start", relevance=relevance, kls=kls)
-    report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
-                  comparisons=len(comparisons), budget=config.budget, timings_s=state["timings_s"],
-                  reward_model_minutes=state["timings_s"].get("rm", 0.0) / 60,
-                  response_length=config.response_length)  # fmt: skip
-    state["timings_s"]["eval"] = time.perf_counter() - started
-    # Training time of each method; the reward model's (shared by PPO, RLOO, GRPO and best-of-n) is said apart.
-    extra = {name: {"train minutes": f"{state['timings_s'].get(name, 0.0) / 60:.1f}"} for name in sides}
-    write_json_atomic(out_dir / "report.json", without_verdicts(report))
     # Every side's response to each eval prompt, to read (and to hand a blind reader as shuffled pairs).
     write_text_atomic(out_dir / "samples.jsonl", "".join(
         json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}}) + "\n"
         for i, p in enumerate(eval_prompts)))  # fmt: skip
-    write_text_atomic(out_dir / "table.md", table_markdown(report, extra))
-    _plot(report, out_dir / "judge_vs_kl.png")
-    write_json_atomic(state_path, state)
-    return report
+    return judge_sides(eval_prompts, sides, judge, "start", relevance=relevance, kls=kls)
 
 
 def _plot(report: dict, path: Path) -> None:

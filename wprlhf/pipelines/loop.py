@@ -30,7 +30,7 @@ from ..data import Comparison, builtin_prompts, load_comparisons, load_prompts, 
 from ..distributed import check_mixed_precision, resolve_device
 from ..errors import UserError, check_numbers
 from ..evals.measures import sample_with_kl, text_stats, win_rate
-from ..files import check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
+from ..files import iter_jsonl, write_json_atomic, write_text_atomic
 from ..generation import generate_k, generation_config, write_samples
 from ..methods.onpolicy_config import PPOConfig
 from ..methods.ppo import train as ppo_train
@@ -40,6 +40,7 @@ from ..rewards.judges import SimulatedLabeler, agreement
 from ..rewards.reward_model import RewardConfig, reward_fn_from_model
 from ..rewards.reward_model import train as rm_train
 from ..rewards.spec import load_reward
+from .runner import Runner
 
 STATE_FILE = "loop_state.json"
 LOOP_METRICS = ("round", "labels", "agreement", "rm_accuracy", "score_mean", "kl", "kl_coef", "eval_kl",
@@ -246,16 +247,6 @@ def load_prompt_source(source: str) -> list[str]:
     return list(dict.fromkeys(r.prompt for r in responses))
 
 
-def _load_state(out_dir: Path) -> dict:
-    path = out_dir / STATE_FILE
-    if not path.exists():
-        return {"done": []}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is corrupt ({err}); delete the run directory or restore the file") from err
-
-
 # Inputs whose content a resume compares (`files.fingerprint`): a changed file or model is refused.
 INPUTS = ("policy", "prompts", "labeler", "judge", "reward_model", "ppo_config")
 
@@ -265,26 +256,9 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
     """Run (or resume) the loop; returns one row of loop metrics per round. A resume whose inputs (INPUTS) changed
     since the loop started is refused unless allow_changed_inputs."""
     out_dir = Path(out_dir)
-    state = _load_state(out_dir)
-    if state["done"] and not resume:
-        raise UserError(f"{out_dir} holds a loop run; pass --resume to continue it or --force to start over")
-    inputs = input_fingerprints({name: getattr(config, name) for name in INPUTS})
-    check_inputs(state.get("inputs"), inputs, allow_changed_inputs, f"the loop in {out_dir}")
-    state["inputs"] = inputs
-    out_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out_dir, STATE_FILE, "loop run", config, INPUTS, resume, allow_changed_inputs, quiet=True)
+    wanted, finish = runner.wanted, runner.finish
     write_json_atomic(out_dir / "loop_config.json", dataclasses.asdict(config))
-    started = time.perf_counter() - state.get("elapsed_s", 0.0)
-
-    phase_started = time.perf_counter()
-
-    def finish(phase: str) -> None:
-        nonlocal phase_started
-        now = time.perf_counter()
-        state["done"].append(phase)
-        state.setdefault("timings_s", {})[phase] = now - phase_started
-        state["elapsed_s"] = now - started
-        write_json_atomic(out_dir / STATE_FILE, state)
-        phase_started = now
 
     prompts = load_prompt_source(config.prompts)
     if len(prompts) <= config.eval_prompts:
@@ -300,7 +274,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
     round_ppo_config(config, ppo_overrides, rounds_done=1)  # a bad PPO setting fails now, not after hours of sampling
     eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
 
-    if "start" not in state["done"]:
+    if wanted("start"):
         write_text_atomic(out_dir / "eval_prompts.txt", "\n".join(eval_prompts) + "\n")
         start = sample_responses(config.policy, eval_prompts, eval_k, config, seed=config.seed + 10_000)
         write_samples(out_dir / "start_responses.jsonl", eval_prompts, start, config.policy)
@@ -313,14 +287,14 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
         round_dir.mkdir(exist_ok=True)
         current = config.policy if r == 1 else str(out_dir / "ppo" / "policy")
 
-        if f"{r}:sample" not in state["done"]:
+        if wanted(f"{r}:sample"):
             offset = ((r - 1) * config.prompts_per_round) % len(train_prompts)
             chosen = [train_prompts[(offset + i) % len(train_prompts)] for i in range(config.prompts_per_round)]
             responses = sample_responses(current, chosen, config.k, config, seed=config.seed + r)
             write_samples(round_dir / "responses.jsonl", chosen, responses, current)
             finish(f"{r}:sample")
 
-        if f"{r}:label" not in state["done"]:
+        if wanted(f"{r}:label"):
             asked = questions(*_read_samples(_written(round_dir / "responses.jsonl", "samples.jsonl")), config.questions)
             write_samples(round_dir / "questions.jsonl", *asked, current)
             if labeler is None:
@@ -330,7 +304,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
             write_comparisons(round_dir / "labels.jsonl", labels)
             finish(f"{r}:label")
 
-        if f"{r}:rm" not in state["done"]:
+        if wanted(f"{r}:rm"):
             all_labels = [c for i in range(1, r + 1) for c in load_comparisons(out_dir / f"round-{i}" / "labels.jsonl")]
             write_comparisons(round_dir / "all_labels.jsonl", all_labels)
             rm_config = RewardConfig(data=str(round_dir / "all_labels.jsonl"), model=config.reward_model,
@@ -340,7 +314,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
             rm_train(rm_config, round_dir / "rm")
             finish(f"{r}:rm")
 
-        if f"{r}:ppo" not in state["done"]:
+        if wanted(f"{r}:ppo"):
             round_ppo = round_ppo_config(config, ppo_overrides, rounds_done=r)
             # One PPO run across rounds: each round resumes it with the new reward model, so the optimizer,
             # the KL controller and the reference (the start policy) carry over. A PPO run killed before its first
@@ -356,9 +330,9 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
                 raise ckpt.NoUsableCheckpoint(err.root, err.problems, restart) from None
             finish(f"{r}:ppo")
 
-        if f"{r}:eval" not in state["done"]:
+        if wanted(f"{r}:eval"):
             row = evaluate_round(config, out_dir, round_dir, r, eval_prompts, start_responses, judge, eval_k)
-            row["elapsed_s"] = time.perf_counter() - started
+            row["elapsed_s"] = runner.elapsed()
             rows = [x for x in rows if x["round"] != r] + [row]
             _write_loop_metrics(out_dir, rows)
             print(f"round {r}: {row['labels']} labels, RM accuracy {row['rm_accuracy']:.3f}, KL {row['eval_kl']:.2f}, "

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,8 +38,9 @@ from ..data import (Response, is_hub_id, karma_pairs, load_prompts, load_respons
                     write_comparisons)
 from ..distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
 from ..errors import UserError, check_numbers
-from ..files import building_beside, check_inputs, input_fingerprints, iter_jsonl, write_json_atomic, write_text_atomic
+from ..files import building_beside, iter_jsonl, write_json_atomic, write_text_atomic
 from ..text import clean_prompt
+from .runner import Runner
 
 if TYPE_CHECKING:
     from ..methods.best_of import Pool
@@ -406,22 +406,6 @@ PHASE_SETTINGS = {
 }
 
 
-def _check_resume(config: StoriesConfig, state: dict, started: tuple[str, ...] = ()) -> None:
-    """Refuse a resume whose settings differ from the run's where a finished phase, or one `started` (PPO with
-    checkpoints on disk, which a resume continues), depends on them."""
-    saved = state.get("config")
-    if not saved:
-        return
-    # A run saved before an option existed ran with its default.
-    was = {name: saved.get(name, field.default) for name, field in StoriesConfig.__dataclass_fields__.items()}
-    changed = sorted({name for phase in [*state["done"], *started] for name in PHASE_SETTINGS.get(phase, ())
-                      if was[name] != getattr(config, name)})  # fmt: skip
-    if changed:
-        then = ", ".join(f"--{n.replace('_', '-')} {was[n]!r} (now {getattr(config, n)!r})" for n in changed)
-        raise UserError(f"this run was made with {then}: its finished phases depend on them. Resume with the "
-                        "run's own settings, or start a new --out")  # fmt: skip
-
-
 # Inputs whose content a resume compares (`files.fingerprint`): a changed data set or model is refused.
 INPUTS = ("data", "policy", "reward_model", "reward_extra")
 
@@ -431,39 +415,15 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     """Run (or resume) the pipeline into out_dir; returns the evaluation report (or {} when stopped early). A resume
     whose inputs (INPUTS) changed since the run started is refused unless allow_changed_inputs."""
     out_dir = Path(out_dir)
-    if until and until not in PHASES:
-        raise UserError(f"--until {until!r}: choose one of {', '.join(PHASES)}")
     if config.reward_extra.strip():  # a bad SPEC fails now, not after an hour of SFT and reward models
         from ..rewards.spec import load_reward
 
         load_reward(config.reward_extra, "reward_extra")
-    state_path = out_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"done": [], "timings_s": {}}
-    if state["done"] and not resume:
-        raise UserError(f"{out_dir} holds a stories run; pass --resume to continue it or --force to start over")
-    _check_resume(config, state, ("ppo",) if (out_dir / "ppo" / "metrics.csv").exists() else ())
-    inputs = input_fingerprints({name: getattr(config, name) for name in INPUTS})
-    check_inputs(state.get("inputs"), inputs, allow_changed_inputs, f"the stories run in {out_dir}")
-    state["config"], state["inputs"] = dataclasses.asdict(config), inputs
-    out_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out_dir, STATE_FILE, "stories run", config, INPUTS, resume, allow_changed_inputs,
+                    depends=lambda phase: PHASE_SETTINGS.get(phase, ()), phases=PHASES, until=until,
+                    started=("ppo",) if (out_dir / "ppo" / "metrics.csv").exists() else ())  # fmt: skip
+    state, finish, wanted = runner.state, runner.finish, runner.wanted
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
-    if state["done"]:  # say what a resumed run skips
-        print(f"== resuming {out_dir}: phases finished before ({', '.join(state['done'])}) are kept; an unfinished "
-              "one starts over", flush=True)  # fmt: skip
-    clock = time.perf_counter()
-
-    def finish(phase: str, **facts) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        state["done"].append(phase)
-        state["timings_s"][phase] = now - clock
-        state.update(facts)
-        write_json_atomic(state_path, state)
-        print(f"== {phase} done in {(now - clock) / 60:.1f} min", flush=True)
-        clock = now
-
-    def wanted(phase: str) -> bool:
-        return phase not in state["done"] and (not until or PHASES.index(phase) <= PHASES.index(until))
 
     if not Path(config.data).exists() and not is_hub_id(config.data):
         raise UserError(f"no writing-prompts data at {config.data}: pass --data DIR (a folder holding "
