@@ -49,10 +49,11 @@ def field_docs(config_cls) -> dict[str, str]:
 
 def first_sentence(text: str) -> str:
     """The text up to its first full stop that ends a sentence (one followed by a space and a capital or an
-    opening bracket), as a flag's help shows it; `wprlhf X -h` is a summary, the docstring the whole story."""
+    opening bracket), as a flag's help shows it; `wprlhf X -h` is a summary, the docstring the whole story. A
+    semicolon does not end it: "False: a separate network; True: a head" keeps both halves."""
     import re
 
-    return re.split(r"(?<=[.;])\s+(?=[A-Z(])", text, maxsplit=1)[0]
+    return re.split(r"(?<=\.)\s+(?=[A-Z('])", text, maxsplit=1)[0]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
@@ -682,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(loop, LoopConfig)
     loop.set_defaults(func=cmd_loop)
 
-    sto = sub.add_parser("stories", help="RLHF on r/WritingPrompts: split, SFT, reward models, PPO, best-of-n, judges",
+    sto = sub.add_parser("stories", help=("the main job: RLHF on r/WritingPrompts (split, reward models, DPO or "
+                                          "PPO, best-of-n, judges)"),
                          description="Writing-prompts RLHF from karma comparisons, judged on held-out prompts by a judge "
                          "reward model, a story rule, relevance and diversity. Phases: " + ", ".join(PHASES) + ".")  # fmt: skip
     sto.add_argument("--quick", action="store_true", help="tiny sizes everywhere: a few minutes, to try the pipeline")

@@ -625,7 +625,8 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
                                             restart, warn=ckpt.print_warning if main else None))  # fmt: skip
         start = trainer.step_count
     elif (out_dir / "metrics.csv").exists():
-        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out (from "
+                        "Python: train(..., resume=True), or another out_dir)")  # fmt: skip
     acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
     logger = None
     if main:

@@ -31,11 +31,12 @@ class OnPolicyConfig:
     policy: str = "smollm2"
     """Policy to start from: 'smollm2' (embedded), 'tiny' (random, tests), a local directory or a hub id."""
     reward: str = "vowels"
-    """Reward SPEC (`spec.load_reward`): a built-in ('vowels', 'length', 'sentiment', 'relevance'), 'rm:DIR',
+    """Reward SPEC (`spec.load_reward`; the default 'vowels', a mock reward, only tries the machinery): a built-in
+    ('vowels', 'length', 'sentiment', 'relevance'), 'rm:DIR',
     'module:function', 'path/to/file.py:function', or a weighted sum such as '0.7*sentiment+0.3*relevance'. Read
     by `wprlhf ppo`; `train()` takes a reward_fn, and config.json records its SPEC or Python name."""
     prompts: str = ""
-    """Prompt file: .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field. Empty = built-in prompts."""
+    """Prompt file (empty = the built-in prompts): .txt (one a line), .jsonl / .csv / .csv.gz with a 'prompt' field."""
     task: str = ""
     """A named task that brings its prompts, reward and judge (`wprlhf.pipelines.sentiment`): 'positive-reviews' or
     'sentiment-control'. It replaces `reward`; `prompts` then names reviews to take openings from (a directory
@@ -206,7 +207,7 @@ class KLPenaltyConfig(OnPolicyConfig):
     PPO's and RLOO's. (GRPO standardises scores within a group and adds the KL as a loss term instead.)"""
 
     kl_estimator: str = "k1"
-    """Per-token KL in the reward's penalty: 'k1' (log pi - log ref, Ziegler et al.'s), the only one accepted. 'k3'
+    """Per-token KL in the reward's penalty: 'k1' (log pi - log ref, Ziegler et al.'s; the only one accepted). 'k3'
     (r - 1 - log r, r = ref / pi) is refused: a reward's gradient is the score function's, and that of E_pi[k3] is
     grad KL(pi||ref) - grad KL(ref||pi), which has no pull back to the reference (a one-token bandit with score 0
     collapses onto one token under k3 and returns to the reference under k1). k3 is logged as `kl_k3` either way;
