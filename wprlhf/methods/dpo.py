@@ -319,20 +319,28 @@ def evaluate(dpo: DPO, pairs: Sequence[Pair], batch_size: int) -> dict[str, floa
     return {k: v / len(pairs) for k, v in totals.items()}
 
 
-def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparison] | None = None, policy=None,
-          tokenizer=None, resume: bool = False, progress: bool = True,
-          allow_changed_inputs: bool = False) -> dict:  # fmt: skip
-    """Fine-tune config.policy on config.data's preferences (or `comparisons`); returns the last step's metrics.
+def update(dpo: DPO, train_pairs: Sequence[Pair], rows: np.ndarray, step: int) -> dict[str, float]:
+    """One optimizer step on the training pairs `rows` (global indices): this process's share of them in
+    gradient_accumulation_steps micro-batches, the loss of the whole step's pairs their mean. Returns the step's
+    mean loss, accuracy, implicit rewards and margin, and the gradient norm."""
+    acc = dpo.accelerator
+    local = rows[acc.process_index :: acc.num_processes]  # this process's pairs; DDP sums the gradients
+    micro = max(1, math.ceil(len(local) / dpo.config.gradient_accumulation_steps))
+    sums = {"loss": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
+    for chunk in dpo.engine.micro_batches(local, micro):
+        losses, stats = dpo.batch_loss([train_pairs[j] for j in chunk], [("train", int(j)) for j in chunk])
+        dpo.engine.backward(losses.sum() / len(rows))  # each micro-batch adds its share of the step's mean
+        sums["loss"] += float(losses.detach().sum())
+        sums["accuracy"] += float(pair_credit(stats["margin"]).sum())
+        for k in ("chosen_reward", "rejected_reward", "margin"):
+            sums[k] += float(stats[k].sum())
+    sums = {k: v / len(rows) for k, v in reduce_sum(acc, sums).items()}
+    return sums | dpo.engine.step(step + 1, schedule=True, loss=sums["loss"])
 
-    out_dir gets config.json, metrics.csv (a row per optimizer step; held-out loss, accuracy and margin every
-    eval_every), tb/, checkpoints/ (resumable with resume=True) and policy/ (Hugging Face format, with tokenizer),
-    and inputs.json: the fingerprints of the policy, the data file and the pairs, which a resume compares (one that
-    changed is refused unless allow_changed_inputs).
-    UserError for a missing or empty comparisons file, no pair left after skipping ties, or a run already in out_dir.
-    """
-    from tqdm.auto import tqdm
 
-    out_dir = Path(out_dir)
+def read_pairs(config: DPOConfig, comparisons: Sequence[Comparison] | None) -> tuple[list, list, list]:
+    """(every pair, training pairs, held-out pairs) of `comparisons`, or of config.data read: ties skipped, split by
+    prompt, at most max_pairs trained on. UserError for no data, no pair, or no training pair left."""
     if comparisons is None:
         if not config.data:
             raise UserError("dpo needs --data: a comparisons JSONL (e.g. `wprlhf label export`'s) or a pair CSV")
@@ -347,6 +355,24 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     if not train_pairs:
         raise UserError(f"no training pairs after holding out {config.val_fraction:.0%} of the prompts; lower "
                         "--val-fraction or give more comparisons")  # fmt: skip
+    return pairs, train_pairs, val_pairs
+
+
+def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparison] | None = None, policy=None,
+          tokenizer=None, resume: bool = False, progress: bool = True,
+          allow_changed_inputs: bool = False) -> dict:  # fmt: skip
+    """Fine-tune config.policy on config.data's preferences (or `comparisons`); returns the last step's metrics.
+
+    out_dir gets config.json, metrics.csv (a row per optimizer step; held-out loss, accuracy and margin every
+    eval_every), tb/, checkpoints/ (resumable with resume=True) and policy/ (Hugging Face format, with tokenizer),
+    and inputs.json: the fingerprints of the policy, the data file and the pairs, which a resume compares (one that
+    changed is refused unless allow_changed_inputs).
+    UserError for a missing or empty comparisons file, no pair left after skipping ties, or a run already in out_dir.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    pairs, train_pairs, val_pairs = read_pairs(config, comparisons)
     if resume and not (out_dir / "checkpoints").exists():
         raise UserError(f"{out_dir} has no checkpoint to resume; rerun without --resume")
     if not resume and (out_dir / "metrics.csv").exists():
@@ -390,25 +416,12 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
             tqdm.write(f"dpo: {len(train_pairs)} pairs ({len(val_pairs)} held out), {total} steps, policy "
                        f"{config.policy} ({count_parameters(dpo.policy) / 1e6:.1f} M parameters), mixed precision "
                        f"{config.mixed_precision}")  # fmt: skip
-    rank = acc.process_index
     started, row = time.perf_counter(), {}
     for step in tqdm(range(dpo.step, total), desc="dpo", unit="step", disable=not (progress and main),
                      initial=dpo.step, total=total):  # fmt: skip
         epoch, within = divmod(step, steps_per_epoch)
         rows = step_pairs(epoch_order(len(train_pairs), epoch, config.seed), within, config.batch_size)
-        local = rows[rank::world]  # this process's pairs; DDP sums the gradients
-        micro = max(1, math.ceil(len(local) / config.gradient_accumulation_steps))
-        sums = {"loss": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
-        for chunk in dpo.engine.micro_batches(local, micro):
-            losses, stats = dpo.batch_loss([train_pairs[j] for j in chunk], [("train", int(j)) for j in chunk])
-            # The loss of the whole step's pairs is their mean: each micro-batch adds its share of the sum.
-            dpo.engine.backward(losses.sum() / len(rows))
-            sums["loss"] += float(losses.detach().sum())
-            sums["accuracy"] += float(pair_credit(stats["margin"]).sum())
-            for k in ("chosen_reward", "rejected_reward", "margin"):
-                sums[k] += float(stats[k].sum())
-        sums = {k: v / len(rows) for k, v in reduce_sum(acc, sums).items()}
-        sums |= dpo.engine.step(step + 1, schedule=True, loss=sums["loss"])
+        sums = update(dpo, train_pairs, rows, step)
         dpo.step = step + 1
         row = {"pairs": epoch * len(train_pairs) + min((within + 1) * config.batch_size, len(train_pairs)), **sums,
                "lr": dpo.engine.lr, "elapsed_s": time.perf_counter() - started}  # fmt: skip

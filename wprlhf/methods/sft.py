@@ -438,38 +438,11 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     """
     from tqdm.auto import tqdm
 
-    from ..data import load_responses, split_by_prompt
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if config.task and stories is None:
-        raise UserError(f"sft task {config.task!r}: pass its examples, train(config, out_dir, "
-                        f"stories=tasks.sft_stories({config.task!r}, data)), as `wprlhf sft --task` does")  # fmt: skip
-    if not config.data and not config.task:
-        raise UserError(f"sft needs --data: a responses file, a directory or a hub id, e.g. --data {EXAMPLE_DATA}")
     if (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; choose another --out or pass --force to overwrite it")
-    separator = "\n\n"
-    if config.task:  # a task's prompts are openings that PPO continues as plain text: SFT formats them so too
-        config, separator = dataclasses.replace(config, chat_template=False), ""
-
-    # --- data: split by prompt first, so the held-out prompts do not depend on the filters or the subset
-    if stories is not None:
-        responses = list(stories)
-    else:
-        responses = load_responses(config.data, keep_meta=config.keep_meta)
-    if not responses:
-        raise UserError(f"{config.data} holds no stories; it needs rows with prompt_id, prompt, response_id, response")
-    train_stories, val_stories = split_by_prompt(responses, config.val_fraction, seed=42)
-    train_stories = _subset(
-        select_stories(train_stories, config.top_ranked_only, config.data), config.max_examples, config.seed
-    )
-    val_stories = _subset(select_stories(val_stories, config.top_ranked_only, config.data), config.max_val_examples, 42)
-    if not train_stories or not val_stories:
-        raise UserError(f"{config.data}: {len(train_stories)} training and {len(val_stories)} held-out stories after "
-                        f"the split by prompt (val_fraction {config.val_fraction}) and top_ranked_only "
-                        f"{config.top_ranked_only}; both need at least one story")  # fmt: skip
-
+    config, separator, responses, train_stories, val_stories = read_stories(config, stories)
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     config, acc = prepare_precision(config)
@@ -486,10 +459,8 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     train_examples, val_examples = encode(train_stories), encode(val_stories)
     train_rows = pack(train_examples, config.max_length) if config.packing else [[e] for e in train_examples]
     val_rows = [[e] for e in val_examples]
-    steps_per_epoch = math.ceil(len(train_rows) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(len(train_rows) / config.batch_size) * config.epochs
     warmup_steps = round(config.warmup * total_steps)
-
     # DDP under `accelerate launch`: engine.model is the wrapped policy, `policy` stays the bare one.
     engine = Engine(acc, policy, {"grad_norm": (list(policy.parameters()), config.lr)},
                     weight_decay=config.weight_decay, schedule=lambda s: linear_schedule(s, total_steps, warmup_steps),
@@ -509,7 +480,6 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
         inputs = input_fingerprints({"policy": config.policy, "data": config.data}, given)
         write_json_atomic(out_dir / INPUTS_FILE, inputs)
     logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
-    pad = tokenizer.pad_token_id
     if progress:
         tqdm.write(f"sft {config.policy} ({count_parameters(policy) / 1e6:.1f} M parameters, {device}, mixed precision "
                    f"{config.mixed_precision}): "
@@ -517,21 +487,75 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
                    f"{len(train_rows)} rows, {len(val_examples)} held-out stories, {total_steps} steps")  # fmt: skip
 
     # --- before: the untuned model's held-out loss is the baseline to beat
-    sample_prompts = [s.prompt for s in val_stories[: config.n_samples]]
-    references = [s.response for s in val_stories[: config.n_samples]]
-    before = evaluate(policy, val_rows, pad, config.micro_batch_size, device)
+    shown = val_stories[: config.n_samples]
+    samples = ([s.prompt for s in shown], [s.response for s in shown])  # held-out prompts and their human stories
+    before = evaluate(policy, val_rows, tokenizer.pad_token_id, config.micro_batch_size, device)
     if main:
         logger.log(0, {"examples": 0, "tokens": 0, "val_loss": before["val_loss"],
                        "elapsed_s": time.perf_counter() - started})  # fmt: skip
-        write_samples(
-            out_dir / "samples.jsonl", policy, tokenizer, sample_prompts, references, config, 0, "before", progress
-        )
+        write_samples(out_dir / "samples.jsonl", policy, tokenizer, *samples, config, 0, "before", progress)
     if progress:
         tqdm.write(f"held-out loss before training: {before['val_loss']:.4f} nats per response token")
 
-    # --- the training loop
+    step, last_val = train_steps(engine, policy, config, train_rows, val_rows, tokenizer.pad_token_id, logger,
+                                 started, before["val_loss"], total_steps, progress)  # fmt: skip
+
+    # --- after: samples, the model, the numbers, the plot (the main process's job)
+    acc.wait_for_everyone()
+    result = {"val_loss_before": before["val_loss"], "val_loss_after": last_val,
+              "val_loss_margin": before["val_loss"] - last_val, **sizes, "policy": config.policy,
+              "data": config.data, "wall_s": time.perf_counter() - started}  # fmt: skip
+    if main:
+        write_samples(out_dir / "samples.jsonl", policy, tokenizer, *samples, config, step, "after", progress)
+        logger.close()
+        ckpt.export_models(out_dir, {"policy": policy}, tokenizer)
+        # The settings travel with the model, as reward_model.py's train_config.json does.
+        write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
+        write_json_atomic(out_dir / "eval.json", result)
+        title = (f"SFT of {Path(config.policy).name} on {len(train_examples)} stories: held-out loss "
+                 f"{before['val_loss']:.3f} -> {last_val:.3f} ({len(val_examples)} stories)")  # fmt: skip
+        plot_losses(read_metrics(out_dir / "metrics.csv"), out_dir / "loss.png", title)
+    return result
+
+
+def read_stories(config: SFTConfig, stories: Sequence | None) -> tuple:
+    """(config, separator, every story, training stories, held-out stories): `stories` given, or config.data read;
+    split by prompt first, so the held-out prompts do not depend on the filters or the subset. A task's prompts are
+    openings that PPO continues as plain text, so SFT formats them so too (no chat template, no separator)."""
+    from ..data import load_responses, split_by_prompt
+
+    if config.task and stories is None:
+        raise UserError(f"sft task {config.task!r}: pass its examples, train(config, out_dir, "
+                        f"stories=tasks.sft_stories({config.task!r}, data)), as `wprlhf sft --task` does")  # fmt: skip
+    if not config.data and not config.task:
+        raise UserError(f"sft needs --data: a responses file, a directory or a hub id, e.g. --data {EXAMPLE_DATA}")
+    separator = "\n\n"
+    if config.task:
+        config, separator = dataclasses.replace(config, chat_template=False), ""
+    responses = list(stories) if stories is not None else load_responses(config.data, keep_meta=config.keep_meta)
+    if not responses:
+        raise UserError(f"{config.data} holds no stories; it needs rows with prompt_id, prompt, response_id, response")
+    train_stories, val_stories = split_by_prompt(responses, config.val_fraction, seed=42)
+    train_stories = _subset(
+        select_stories(train_stories, config.top_ranked_only, config.data), config.max_examples, config.seed
+    )
+    val_stories = _subset(select_stories(val_stories, config.top_ranked_only, config.data), config.max_val_examples, 42)
+    if not train_stories or not val_stories:
+        raise UserError(f"{config.data}: {len(train_stories)} training and {len(val_stories)} held-out stories after "
+                        f"the split by prompt (val_fraction {config.val_fraction}) and top_ranked_only "
+                        f"{config.top_ranked_only}; both need at least one story")  # fmt: skip
+    return config, separator, responses, train_stories, val_stories
+
+
+def train_steps(engine: Engine, policy: nn.Module, config: SFTConfig, train_rows: list, val_rows: list, pad: int,
+                logger, started: float, last_val: float, total_steps: int, progress: bool) -> tuple[int, float]:  # fmt: skip
+    """The training loop: epochs of optimizer steps over train_rows (each step's loss the mean over all its response
+    tokens, however it is cut into micro-batches and processes), the held-out loss of the bare `policy` every
+    eval_every steps, a metrics row a step. Returns (steps taken, the last held-out loss)."""
+    from tqdm.auto import tqdm
+
+    acc, device = engine.accelerator, device_of(engine.accelerator)
     step, examples_seen, tokens_seen = 0, 0, 0
-    last_val = before["val_loss"]
     bar = tqdm(total=total_steps, desc="sft", unit="step", disable=not progress)
     for epoch in range(config.epochs):
         # The order is a pure function of (seed, epoch), as onpolicy.prompt_batch's.
@@ -539,12 +563,10 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
         for first in range(0, len(order), config.batch_size):
             t0 = time.perf_counter()
             step_rows = [train_rows[i] for i in order[first : first + config.batch_size]]
-            # The step's loss is the mean over all its response tokens, however it is cut into micro-batches and
-            # processes: each process trains on its slice of the step's rows.
             n_tokens = sum(len(e.response_ids) for row in step_rows for e in row)
             if len(step_rows) < acc.num_processes:
                 continue  # a last step too small to give every process a row
-            local_rows = step_rows[acc.process_index :: acc.num_processes]
+            local_rows = step_rows[acc.process_index :: acc.num_processes]  # this process's slice of the step
             nll_sum, n_processed = 0.0, 0
             for rows in engine.micro_batches(local_rows, config.micro_batch_size):
                 batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
@@ -563,27 +585,9 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
                 last_val = evaluate(policy, val_rows, pad, config.micro_batch_size, device)["val_loss"]
                 stats["val_loss"] = last_val
             stats["elapsed_s"] = time.perf_counter() - started
-            if main:
+            if logger is not None:
                 logger.log(step, stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{last_val:.3f}")
     bar.close()
-
-    # --- after: samples, the model, the numbers, the plot (the main process's job)
-    acc.wait_for_everyone()
-    result = {"val_loss_before": before["val_loss"], "val_loss_after": last_val,
-              "val_loss_margin": before["val_loss"] - last_val, **sizes, "policy": config.policy,
-              "data": config.data, "wall_s": time.perf_counter() - started}  # fmt: skip
-    if not main:
-        return result
-    write_samples(out_dir / "samples.jsonl", policy, tokenizer, sample_prompts, references, config, step, "after",
-                  progress)  # fmt: skip
-    logger.close()
-    ckpt.export_models(out_dir, {"policy": policy}, tokenizer)
-    # The settings travel with the model, as reward_model.py's train_config.json does.
-    write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
-    write_json_atomic(out_dir / "eval.json", result)
-    title = (f"SFT of {Path(config.policy).name} on {len(train_examples)} stories: held-out loss "
-             f"{before['val_loss']:.3f} -> {last_val:.3f} ({len(val_examples)} stories)")  # fmt: skip
-    plot_losses(read_metrics(out_dir / "metrics.csv"), out_dir / "loss.png", title)
-    return result
+    return step, last_val
