@@ -438,104 +438,32 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     precision = resolve_mixed_precision(config.mixed_precision, resolve_device(config.device))
 
     if wanted("split"):
-        split = split_prompts(responses, config)
-        for part in ("train", "judge", "eval"):
-            write_text_atomic(split_dir / f"{part}_prompts.txt", "".join(p + "\n" for p in split[part]))
-        write_text_atomic(split_dir / "eval_stories.jsonl", "".join(
-            json.dumps({"prompt": p, "response": s, "source": src}) + "\n"
-            for p, s, src in zip(split["eval"], split["eval_stories"], split["eval_source"])))  # fmt: skip
-        by_part = {part: {prompt_key(p) for p in split[part]} for part in ("train", "judge")}
-        for part, name in (("train", "rm_comparisons.jsonl"), ("judge", "judge_comparisons.jsonl")):
-            pairs = karma_pairs([r for r in responses if prompt_key(r.prompt) in by_part[part]])
-            write_comparisons(split_dir / name, pairs)
-        counts = {part: len(split[part]) for part in ("train", "judge", "eval")}
-        counts["eval_from_fan"] = split["eval_source"].count("fan")
-        write_json_atomic(split_dir / "split.json", {**counts, "data": config.data, "seed": config.split_seed})
-        print(f"split: {counts['train']} train, {counts['judge']} judge, {counts['eval']} eval prompts "
-              f"({counts['eval_from_fan']} of them Fan et al.'s)", flush=True)  # fmt: skip
+        write_split(config, responses, split_dir)
         finish("split")
     train_prompts = load_prompts(split_dir / "train_prompts.txt")
-    train_keys = {prompt_key(p) for p in train_prompts}
     if (config.sft and config.sft_best_of) or config.rl == "dpo":
         # The queries of the policy's own-sample pools (distillation's, DPO's), for a pool drawn elsewhere (own_pool).
         write_text_atomic(split_dir / "pool_queries.jsonl", "".join(
             json.dumps({"prompt": query(config, p)}) + "\n" for p in pool_prompts(config, train_prompts)))  # fmt: skip
-
 
     for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
                                               ("judge", "judge_comparisons.jsonl", config.judge_examples,
                                                config.judge_val_fraction)):  # fmt: skip
         if not wanted(phase):
             continue
-        from ..rewards.reward_model import RewardConfig
-        from ..rewards.reward_model import train as rm_train
-
-        rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model, max_examples=examples,
-                                 val_fraction=val,
-                                 keep_meta=False, seed=config.seed, device=config.device,
-                                 mixed_precision=precision)  # fmt: skip
-        text = (split_dir / comparisons).read_text(encoding="utf-8")
-        key = _key(text, dataclasses.asdict(rm_config) | {"data": ""})
-        path = _cached(config, out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
+        path = train_reward_model(config, out_dir, phase, comparisons, examples, val, precision)
         finish(phase, **{f"{phase}_dir": str(path)})
 
     if config.sft and wanted("sft"):
-        from ..methods.sft import SFTConfig
-        from ..methods.sft import train as sft_train
-
-        stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
-        if config.sft_best_of:
-            prompts = pool_prompts(config, train_prompts)
-            print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, "
-                  "the task's reward keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
-            pool = own_pool(config, config.policy, prompts, config.sft_best_of, state["rm_dir"],
-                            split_dir / "sft_best_of.jsonl", seed=config.seed + 60_000)  # fmt: skip
-            stories = [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
-                       for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft_best_of)[0]))]  # fmt: skip
-        stories = [dataclasses.replace(r, prompt=query(config, r.prompt)) for r in stories]
-        sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
-                               max_examples=config.sft_examples, max_length=config.sft_max_length,
-                               epochs=config.sft_epochs, batch_size=config.sft_batch_size,
-                               gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
-                               eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
-                               device=config.device, mixed_precision=precision)  # fmt: skip
-        key = _key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
-        path = _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
-        finish("sft", sft_dir=str(path))
+        finish("sft", sft_dir=str(train_sft(config, out_dir, state, responses, train_prompts, precision)))
     start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
 
     if wanted("dpo") and config.rl == "dpo":
-        from ..data import Comparison
-        from ..methods.dpo import DPOConfig
-        from ..methods.dpo import train as dpo_train
-
-        dpo_dir = out_dir / "dpo"
-        prompts = pool_prompts(config, train_prompts)
-        print(f"dpo: {config.dpo_samples} samples of {start_of_rl} for each of {len(prompts)} train prompts; the "
-              "task's reward's best and worst make a pair", flush=True)  # fmt: skip
-        pool = own_pool(config, start_of_rl, prompts, config.dpo_samples, state["rm_dir"], dpo_dir / "pool.jsonl",
-                        seed=config.seed + 70_000)  # fmt: skip
-        best, worst = pool.scores.argmax(1), pool.scores.argmin(1)
-        pairs = [Comparison(prompt=query(config, p), responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
-                 for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
-                 if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
-        dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo_beta, lr=config.dpo_lr, epochs=config.dpo_epochs,
-                               batch_size=8, max_prompt_length=256, max_response_length=config.response_length + 16,
-                               eval_every=12, seed=config.seed, device=config.device, mixed_precision=precision)  # fmt: skip
-        dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists(),
-                  allow_changed_inputs=allow_changed_inputs)  # fmt: skip
+        train_dpo(config, out_dir, state, train_prompts, start_of_rl, precision, allow_changed_inputs)
         finish("dpo")
 
     if wanted("ppo") and config.rl == "ppo":
-        from ..methods.ppo import train as ppo_train
-        from ..rewards.reward_model import reward_fn_from_model
-
-        ppo_config = ppo_settings(config, start_of_rl)
-        ppo_dir = out_dir / "ppo"
-        resume_ppo = (ppo_dir / "metrics.csv").exists()
-        ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
-                  ppo_dir, resume=resume_ppo, allow_changed_inputs=allow_changed_inputs,
-                  judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
+        train_ppo(config, out_dir, state, train_prompts, start_of_rl, allow_changed_inputs)
         finish("ppo")
 
     if wanted("best_of"):
@@ -548,6 +476,113 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("eval")
         return report
     return {}
+
+
+def write_split(config: StoriesConfig, responses: list, split_dir: Path) -> None:
+    """The split phase: one prompt-level split into train, judge and eval prompts (`split_prompts`), the eval
+    prompts' human stories, and the karma comparisons of the train prompts (the task's reward model) and of the
+    judge prompts (the judge's)."""
+    split = split_prompts(responses, config)
+    for part in ("train", "judge", "eval"):
+        write_text_atomic(split_dir / f"{part}_prompts.txt", "".join(p + "\n" for p in split[part]))
+    write_text_atomic(split_dir / "eval_stories.jsonl", "".join(
+        json.dumps({"prompt": p, "response": s, "source": src}) + "\n"
+        for p, s, src in zip(split["eval"], split["eval_stories"], split["eval_source"])))  # fmt: skip
+    by_part = {part: {prompt_key(p) for p in split[part]} for part in ("train", "judge")}
+    for part, name in (("train", "rm_comparisons.jsonl"), ("judge", "judge_comparisons.jsonl")):
+        pairs = karma_pairs([r for r in responses if prompt_key(r.prompt) in by_part[part]])
+        write_comparisons(split_dir / name, pairs)
+    counts = {part: len(split[part]) for part in ("train", "judge", "eval")}
+    counts["eval_from_fan"] = split["eval_source"].count("fan")
+    write_json_atomic(split_dir / "split.json", {**counts, "data": config.data, "seed": config.split_seed})
+    print(f"split: {counts['train']} train, {counts['judge']} judge, {counts['eval']} eval prompts "
+          f"({counts['eval_from_fan']} of them Fan et al.'s)", flush=True)  # fmt: skip
+
+
+def train_reward_model(config: StoriesConfig, out_dir: Path, phase: str, comparisons: str, examples: int, val: float,
+                       precision: str) -> Path:  # fmt: skip
+    """The rm or judge phase: a reward model on split/`comparisons` (the train prompts' karma pairs, or the judge
+    prompts'), from the cache when one was trained on the same text and settings. Returns its directory."""
+    from ..rewards.reward_model import RewardConfig
+    from ..rewards.reward_model import train as rm_train
+
+    split_dir = out_dir / "split"
+    rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model, max_examples=examples,
+                             val_fraction=val,
+                             keep_meta=False, seed=config.seed, device=config.device,
+                             mixed_precision=precision)  # fmt: skip
+    text = (split_dir / comparisons).read_text(encoding="utf-8")
+    key = _key(text, dataclasses.asdict(rm_config) | {"data": ""})
+    return _cached(config, out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
+
+
+def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list, train_prompts: list[str],
+              precision: str) -> Path:  # fmt: skip
+    """The sft phase: SFT on the train prompts' top stories (or, with sft_best_of, the start policy's best-of-n
+    samples by the task's reward), from the cache when trained before on the same text. Returns its directory."""
+    from ..methods.sft import SFTConfig
+    from ..methods.sft import train as sft_train
+
+    split_dir = out_dir / "split"
+    train_keys = {prompt_key(p) for p in train_prompts}
+    stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
+    if config.sft_best_of:
+        prompts = pool_prompts(config, train_prompts)
+        print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, "
+              "the task's reward keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
+        pool = own_pool(config, config.policy, prompts, config.sft_best_of, state["rm_dir"],
+                        split_dir / "sft_best_of.jsonl", seed=config.seed + 60_000)  # fmt: skip
+        stories = [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
+                   for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft_best_of)[0]))]  # fmt: skip
+    stories = [dataclasses.replace(r, prompt=query(config, r.prompt)) for r in stories]
+    sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
+                           max_examples=config.sft_examples, max_length=config.sft_max_length,
+                           epochs=config.sft_epochs, batch_size=config.sft_batch_size,
+                           gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
+                           eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
+                           device=config.device, mixed_precision=precision)  # fmt: skip
+    key = _key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
+    return _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
+
+
+def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: list[str], start_of_rl: str,
+              precision: str, allow_changed_inputs: bool) -> None:  # fmt: skip
+    """The dpo phase: dpo_samples of the start policy's own samples a train prompt, scored by the task's reward;
+    each prompt's best and worst make a pair, and DPO learns from the pairs (resuming its checkpoints)."""
+    from ..data import Comparison
+    from ..methods.dpo import DPOConfig
+    from ..methods.dpo import train as dpo_train
+
+    dpo_dir = out_dir / "dpo"
+    prompts = pool_prompts(config, train_prompts)
+    print(f"dpo: {config.dpo_samples} samples of {start_of_rl} for each of {len(prompts)} train prompts; the "
+          "task's reward's best and worst make a pair", flush=True)  # fmt: skip
+    pool = own_pool(config, start_of_rl, prompts, config.dpo_samples, state["rm_dir"], dpo_dir / "pool.jsonl",
+                    seed=config.seed + 70_000)  # fmt: skip
+    best, worst = pool.scores.argmax(1), pool.scores.argmin(1)
+    pairs = [Comparison(prompt=query(config, p), responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
+             for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
+             if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
+    dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo_beta, lr=config.dpo_lr, epochs=config.dpo_epochs,
+                           batch_size=8, max_prompt_length=256, max_response_length=config.response_length + 16,
+                           eval_every=12, seed=config.seed, device=config.device, mixed_precision=precision)  # fmt: skip
+    dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists(),
+              allow_changed_inputs=allow_changed_inputs)  # fmt: skip
+
+
+def train_ppo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: list[str], start_of_rl: str,
+              allow_changed_inputs: bool) -> None:  # fmt: skip
+    """The ppo phase: PPO on the train prompts against the task's reward, the judge logged beside it (never
+    trained on); a killed PPO resumes from its checkpoints."""
+    from ..methods.ppo import train as ppo_train
+    from ..rewards.reward_model import reward_fn_from_model
+
+    ppo_config = ppo_settings(config, start_of_rl)
+    ppo_dir = out_dir / "ppo"
+    resume_ppo = (ppo_dir / "metrics.csv").exists()
+    ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
+              ppo_dir, resume=resume_ppo, allow_changed_inputs=allow_changed_inputs,
+              judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
 
 
 def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
@@ -635,14 +670,13 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     Sides: start (the start policy's samples), sft (fresh samples of the SFT policy, drawn apart from the best-of-n
     pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), dpo or ppo (the
     last step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
-    from ..evals.side_by_side import judge_sides, mean_ci, response_logprobs, table_markdown, without_verdicts
+    from ..evals.side_by_side import judge_sides, response_logprobs
     from ..generation import generate, generation_config
-    from ..methods.best_of import Pool, kl_bound
+    from ..methods.best_of import Pool
     from ..models import load_policy
     from ..rewards.judges import Relevance
     from ..rewards.reward_model import reward_fn_from_model
 
-    eval_dir = out_dir / "eval"
     rows = [row for _, row in iter_jsonl(out_dir / "split" / "eval_stories.jsonl")]
     prompts = [r["prompt"] for r in rows]
     lines = [row for _, row in iter_jsonl(out_dir / "best_of" / "pool.jsonl")]
@@ -687,27 +721,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
             rl[name].to(device)
             sides[name] = draw(rl[name], name, config.seed + 40_000)
 
-    # KL to the start policy (nats per response): k1 on the sampled text, log pi(y) - log start(y), both with
-    # end-of-turn forbidden where the sampler forbade it.
-    print("eval: KL of every side to the start policy", flush=True)
-    # Without SFT a best-of-n side is the start policy's own samples: its KL is the closed form, nothing to measure.
-    measured_sides = [name for name in sides if name != "start" and (sft is not None or name in rl)]
-    start_lp = {name: logprobs(start, name) for name in measured_sides}
-    kls, kl_to_sft = {"start": [0.0] * len(prompts)}, {}
-    rl_lp = {name: logprobs(sft, name) for name in sides if name != "start"} if sft is not None else {}
-    if sft is not None:
-        kls["sft"] = (rl_lp["sft"] - start_lp["sft"]).tolist()
-    for n in config.best_of_ns:
-        # KL(best-of-n || start) = KL(best-of-n || pool policy) + E_best-of-n[log pool - log start]: the first
-        # term has the closed form log n - (n-1)/n, the second is measured on the chosen samples (0 without SFT).
-        name = f"best-of-{n}"
-        measured = rl_lp[name] - start_lp[name] if sft is not None else np.zeros(len(prompts))
-        kls[name] = (measured + kl_bound(n)).tolist()
-    for name, model in rl.items():
-        own = logprobs(model, name)
-        kls[name] = (own - start_lp[name]).tolist()
-        if sft is not None:
-            kl_to_sft[name] = (own - rl_lp[name]).tolist()
+    kls, kl_to_sft = side_kls(config, sides, logprobs, start, sft, rl, len(prompts))
     del start, rl, sft
 
     human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
@@ -715,6 +729,21 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     print("eval: judges", flush=True)
     pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft else []
     report = judge_sides(prompts, sides, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
+    add_run_facts(report, out_dir, state, prompts, sides, human, kl_to_sft, {} if gen.fixed_length else cut)
+    report["response_length"] = config.response_length
+
+    write_eval(config, out_dir, report, prompts, sides, human)
+    return report
+
+
+def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], sides: dict[str, list[str]],
+                  human: list[str], kl_to_sft: dict, finished: dict[str, list[bool]]) -> None:  # fmt: skip
+    """Add to the judges' report what the run knows: each side's (and the human openings') task reward with a CI,
+    KL to the SFT policy, the share of responses cut unfinished (`finished`: per sampled side, whether each
+    stopped; {} for fixed-length responses), the reward models' held-out accuracy, the split and the timings."""
+    from ..evals.side_by_side import mean_ci
+    from ..rewards.reward_model import reward_fn_from_model
+
     reward = reward_fn_from_model(state["rm_dir"])
     for name, texts in list(sides.items()) + [("human", human)]:
         scores = np.asarray(reward(prompts, texts), dtype=np.float64)
@@ -723,16 +752,22 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         (report["human"] if name == "human" else report["sides"][name])["reward"] = mean_ci(scores, prompts)
     for name, values in kl_to_sft.items():
         report["sides"][name]["kl_to_sft"] = mean_ci(values, prompts)
-    if not gen.fixed_length:  # the share of each sampled side's responses cut at response_length with no stop
-        for name, done in cut.items():
-            report["sides"][name]["truncated_share"] = mean_ci([0.0 if d else 1.0 for d in done], prompts)
+    for name, done in finished.items():  # the share of each sampled side's responses cut at the cap with no stop
+        report["sides"][name]["truncated_share"] = mean_ci([0.0 if d else 1.0 for d in done], prompts)
     report["judge_heldout"] = json.loads((Path(state["judge_dir"]) / "eval-heldout.json").read_text())
     report["rm_heldout"] = json.loads((Path(state["rm_dir"]) / "eval-heldout.json").read_text())
     report["split"] = json.loads((out_dir / "split" / "split.json").read_text())
     report["timings_s"] = state.get("timings_s", {})
-    report["response_length"] = config.response_length
     report["selection_rule"] = "PPO and DPO: the last step (fixed before any judging)"
 
+
+def write_eval(config: StoriesConfig, out_dir: Path, report: dict, prompts: list[str], sides: dict[str, list[str]],
+               human: list[str]) -> None:  # fmt: skip
+    """The evaluation's files in out_dir/eval: report.json, table.md, pairs.jsonl, samples.md, blind.db (the final
+    policy against the start one, for people) and over_optimisation.png."""
+    from ..evals.side_by_side import table_markdown, without_verdicts
+
+    eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(eval_dir / "report.json", without_verdicts(report))
     write_text_atomic(eval_dir / "table.md", _summary(report) + "\n" + table_markdown(report))
@@ -745,7 +780,35 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]), ("start", sides["start"]))
     _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
     print(_summary(report), flush=True)
-    return report
+
+
+def side_kls(config: StoriesConfig, sides: dict, logprobs, start, sft, rl: dict,
+             n_prompts: int) -> tuple[dict, dict]:  # fmt: skip
+    """KL of every side to the start policy, and of the RL sides to the SFT policy, in nats per response: k1 on the
+    sampled text, log pi(y) - log start(y), both with end-of-turn forbidden where the sampler forbade it.
+    logprobs(model, side) -> (n_prompts,) summed log-probs; sft None without an SFT phase; rl: the RL policies."""
+    from ..methods.best_of import kl_bound
+
+    print("eval: KL of every side to the start policy", flush=True)
+    # Without SFT a best-of-n side is the start policy's own samples: its KL is the closed form, nothing to measure.
+    measured_sides = [name for name in sides if name != "start" and (sft is not None or name in rl)]
+    start_lp = {name: logprobs(start, name) for name in measured_sides}
+    kls, kl_to_sft = {"start": [0.0] * n_prompts}, {}
+    rl_lp = {name: logprobs(sft, name) for name in sides if name != "start"} if sft is not None else {}
+    if sft is not None:
+        kls["sft"] = (rl_lp["sft"] - start_lp["sft"]).tolist()
+    for n in config.best_of_ns:
+        # KL(best-of-n || start) = KL(best-of-n || pool policy) + E_best-of-n[log pool - log start]: the first
+        # term has the closed form log n - (n-1)/n, the second is measured on the chosen samples (0 without SFT).
+        name = f"best-of-{n}"
+        measured = rl_lp[name] - start_lp[name] if sft is not None else np.zeros(n_prompts)
+        kls[name] = (measured + kl_bound(n)).tolist()
+    for name, model in rl.items():
+        own = logprobs(model, name)
+        kls[name] = (own - start_lp[name]).tolist()
+        if sft is not None:
+            kl_to_sft[name] = (own - rl_lp[name]).tolist()
+    return kls, kl_to_sft
 
 
 def _requeue_blind(db: Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]]) -> None:
