@@ -280,6 +280,14 @@ class DPO:
         losses, stats = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.config.beta, self.config.loss)
         return losses, stats
 
+    def save(self, out_dir: Path) -> None:
+        """A resumable checkpoint of this step, written by the main process once every process has finished it."""
+        self.accelerator.wait_for_everyone()
+        if is_main_process():
+            ckpt.save_checkpoint(ckpt.checkpoint_path(out_dir, self.step), {"policy": self.policy}, self.tokenizer,
+                                 self.state_dict())  # fmt: skip
+        self.accelerator.wait_for_everyone()
+
     def state_dict(self) -> dict:
         return {"step": self.step, **self.engine.state_dict(), "torch_rng": torch.get_rng_state(),
                 "config": dataclasses.asdict(self.config)}  # fmt: skip
@@ -430,11 +438,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         if main:
             logger.log(dpo.step, row)
         if dpo.step % config.checkpoint_every == 0 or dpo.step == total:
-            acc.wait_for_everyone()
-            if main:
-                ckpt.save_checkpoint(ckpt.checkpoint_path(out_dir, dpo.step), {"policy": dpo.policy}, tokenizer,
-                                     dpo.state_dict())  # fmt: skip
-            acc.wait_for_everyone()
+            dpo.save(out_dir)
     if main:
         logger.close()
         ckpt.export_models(out_dir, {"policy": merged_copy(dpo.policy)}, tokenizer)

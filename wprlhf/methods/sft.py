@@ -443,8 +443,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     if (out_dir / "metrics.csv").exists():
         raise UserError(f"{out_dir} already holds a run; choose another --out or pass --force to overwrite it")
     config, separator, responses, train_stories, val_stories = read_stories(config, stories)
-    if policy is None:
-        policy, tokenizer = load_policy(config.policy, seed=config.seed)
+    policy, tokenizer = (policy, tokenizer) if policy is not None else load_policy(config.policy, seed=config.seed)
     config, acc = prepare_precision(config)
     device, main = device_of(acc), is_main_process()
     policy.to(device)
@@ -452,11 +451,9 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     policy.eval()
     torch.manual_seed(config.seed)
 
-    def encode(stories):
-        return encode_examples(tokenizer, [s.prompt for s in stories], [s.response for s in stories],
-                               config.max_length, config.chat_template, separator)  # fmt: skip
-
-    train_examples, val_examples = encode(train_stories), encode(val_stories)
+    train_examples, val_examples = (encode_examples(tokenizer, [s.prompt for s in part], [s.response for s in part],
+                                                    config.max_length, config.chat_template, separator)
+                                    for part in (train_stories, val_stories))  # fmt: skip
     train_rows = pack(train_examples, config.max_length) if config.packing else [[e] for e in train_examples]
     val_rows = [[e] for e in val_examples]
     total_steps = math.ceil(len(train_rows) / config.batch_size) * config.epochs
@@ -475,16 +472,13 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
              "n_val_tokens": sum(len(e.response_ids) for e in val_examples), "steps": total_steps}  # fmt: skip
     if main:
         write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
-        # What the run trained on, as files.fingerprint reads it: SFT does not resume, but the record travels.
-        given = {"stories": [(s.prompt, s.response, s.rank) for s in responses]} if stories is not None else {}
-        inputs = input_fingerprints({"policy": config.policy, "data": config.data}, given)
-        write_json_atomic(out_dir / INPUTS_FILE, inputs)
+        write_inputs(config, out_dir, responses if stories is not None else None)
     logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
     if progress:
         tqdm.write(f"sft {config.policy} ({count_parameters(policy) / 1e6:.1f} M parameters, {device}, mixed precision "
-                   f"{config.mixed_precision}): "
-                   f"{len(train_examples)} training stories ({sizes['n_train_tokens']} response tokens) in "
-                   f"{len(train_rows)} rows, {len(val_examples)} held-out stories, {total_steps} steps")  # fmt: skip
+                   f"{config.mixed_precision}): {len(train_examples)} training stories ({sizes['n_train_tokens']} "
+                   f"response tokens) in {len(train_rows)} rows, {len(val_examples)} held-out stories, "
+                   f"{total_steps} steps")  # fmt: skip
 
     # --- before: the untuned model's held-out loss is the baseline to beat
     shown = val_stories[: config.n_samples]
@@ -508,14 +502,28 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     if main:
         write_samples(out_dir / "samples.jsonl", policy, tokenizer, *samples, config, step, "after", progress)
         logger.close()
-        ckpt.export_models(out_dir, {"policy": policy}, tokenizer)
-        # The settings travel with the model, as reward_model.py's train_config.json does.
-        write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
-        write_json_atomic(out_dir / "eval.json", result)
-        title = (f"SFT of {Path(config.policy).name} on {len(train_examples)} stories: held-out loss "
-                 f"{before['val_loss']:.3f} -> {last_val:.3f} ({len(val_examples)} stories)")  # fmt: skip
-        plot_losses(read_metrics(out_dir / "metrics.csv"), out_dir / "loss.png", title)
+        export(config, out_dir, policy, tokenizer, result)
     return result
+
+
+def write_inputs(config: SFTConfig, out_dir: Path, given: Sequence | None) -> None:
+    """inputs.json: what the run trained on, as files.fingerprint reads it (the policy, the data, and the stories
+    `given` in memory). SFT does not resume, but the record travels with the run."""
+    lists = {"stories": [(s.prompt, s.response, s.rank) for s in given]} if given is not None else {}
+    write_json_atomic(out_dir / INPUTS_FILE, input_fingerprints({"policy": config.policy, "data": config.data}, lists))
+
+
+def export(config: SFTConfig, out_dir: Path, policy: nn.Module, tokenizer, result: dict) -> None:
+    """The trained policy in Hugging Face format (its settings beside it, as a reward model's train_config.json),
+    eval.json and the plot of the losses."""
+    ckpt.export_models(out_dir, {"policy": policy}, tokenizer)
+    sizes = {k: v for k, v in result.items() if k.startswith("n_") or k == "steps"}
+    write_json_atomic(out_dir / "policy" / "sft_config.json", {**dataclasses.asdict(config), **sizes})
+    write_json_atomic(out_dir / "eval.json", result)
+    title = (f"SFT of {Path(config.policy).name} on {result['n_train_examples']} stories: held-out loss "
+             f"{result['val_loss_before']:.3f} -> {result['val_loss_after']:.3f} ({result['n_val_examples']} "
+             "stories)")  # fmt: skip
+    plot_losses(read_metrics(out_dir / "metrics.csv"), out_dir / "loss.png", title)
 
 
 def read_stories(config: SFTConfig, stories: Sequence | None) -> tuple:

@@ -316,18 +316,7 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
 
         if wanted(f"{r}:ppo"):
             round_ppo = round_ppo_config(config, ppo_overrides, rounds_done=r)
-            # One PPO run across rounds: each round resumes it with the new reward model, so the optimizer,
-            # the KL controller and the reference (the start policy) carry over. A PPO run killed before its first
-            # checkpoint resumes too: it fails with the way out below, not with "already holds a run".
-            ppo_dir = out_dir / "ppo"
-            resume_ppo = (ppo_dir / "metrics.csv").exists() or ckpt.latest_checkpoint(ppo_dir) is not None
-            try:
-                ppo_train(round_ppo, train_prompts, reward_fn_from_model(round_dir / "rm"), ppo_dir,
-                          resume=resume_ppo, judge_fn=judge, allow_changed_inputs=allow_changed_inputs)  # fmt: skip
-            except ckpt.NoUsableCheckpoint as err:  # its advice names `wprlhf ppo` flags; this is the loop's
-                restart = (f"move {ppo_dir} aside (e.g. to {ppo_dir}.broken) and rerun with --resume "
-                           "(its PPO starts again from the start policy)")  # fmt: skip
-                raise ckpt.NoUsableCheckpoint(err.root, err.problems, restart) from None
+            ppo_round(round_ppo, out_dir / "ppo", train_prompts, round_dir / "rm", judge, allow_changed_inputs)
             finish(f"{r}:ppo")
 
         if wanted(f"{r}:eval"):
@@ -339,6 +328,21 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
                   f"win rate {row['win_rate']:.3f} [{row['win_rate_lo']:.3f}, {row['win_rate_hi']:.3f}]", flush=True)  # fmt: skip
             finish(f"{r}:eval")
     return rows
+
+
+def ppo_round(config: PPOConfig, ppo_dir: Path, train_prompts: list[str], rm_dir: Path, judge,
+              allow_changed_inputs: bool) -> None:  # fmt: skip
+    """A round's PPO against its reward model. One PPO run across rounds: each round resumes it with the new reward
+    model, so the optimizer, the KL controller and the reference (the start policy) carry over. A PPO run killed
+    before its first checkpoint resumes too: it fails with the way out below, not with "already holds a run"."""
+    resume = (ppo_dir / "metrics.csv").exists() or ckpt.latest_checkpoint(ppo_dir) is not None
+    try:
+        ppo_train(config, train_prompts, reward_fn_from_model(rm_dir), ppo_dir, resume=resume, judge_fn=judge,
+                  allow_changed_inputs=allow_changed_inputs)  # fmt: skip
+    except ckpt.NoUsableCheckpoint as err:  # its advice names `wprlhf ppo` flags; this is the loop's
+        restart = (f"move {ppo_dir} aside (e.g. to {ppo_dir}.broken) and rerun with --resume "
+                   "(its PPO starts again from the start policy)")  # fmt: skip
+        raise ckpt.NoUsableCheckpoint(err.root, err.problems, restart) from None
 
 
 def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, eval_prompts: list[str],

@@ -393,6 +393,27 @@ def reward_fn_from_model(path: str | Path, max_length: int | None = None, batch_
 # training
 
 
+def fresh_head(config, num_labels: int, head_config: dict) -> tuple[nn.Module, object]:
+    """(model, tokenizer): config.model's backbone with a fresh head of num_labels outputs, head_config set on its
+    config, its lower freeze_layers layers frozen. UserError when max_length exceeds its positions."""
+    model, tokenizer = load_reward_backbone(config.model, num_labels=num_labels, seed=config.seed)
+    limit = position_limit(model)
+    if limit is not None and config.max_length > limit:  # past a learned position table: an IndexError mid-batch
+        raise UserError(f"--max-length {config.max_length} exceeds the {limit} positions of {config.model}; set "
+                        f"--max-length {limit} or less")  # fmt: skip
+    for key, value in head_config.items():
+        setattr(model.config, key, value)
+    freeze_lower_layers(model, config.freeze_layers)
+    return model, tokenizer
+
+
+def batch_stats(acc, loss: torch.Tensor, credit: torch.Tensor, share: float) -> dict[str, float]:
+    """A step's loss (this process's, as its `share` of the global batch) and accuracy, over every process. credit
+    has one entry per example with a right answer (labelled ties have none): no accuracy when none has."""
+    stats = reduce_sum(acc, {"loss": loss.item() * share, "credit": float(credit.sum()), "counted": len(credit)})
+    return {"loss": stats["loss"], **({"accuracy": stats["credit"] / stats["counted"]} if stats["counted"] else {})}
+
+
 def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng: random.Random, *, name: str,
         encode: Callable, validate: Callable, saved: dict, head_config: dict, dropout: bool,
         each_epoch: Callable[[random.Random], list] | None = None, progress: bool = True):  # fmt: skip
@@ -418,14 +439,7 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     precision = config.mixed_precision
     saved = {**saved, "mixed_precision": precision}  # what ran, not 'auto'
     device, main = device_of(acc), acc.is_main_process
-    model, tokenizer = load_reward_backbone(config.model, num_labels=label.num_labels, seed=config.seed)
-    limit = position_limit(model)
-    if limit is not None and config.max_length > limit:  # past a learned position table: an IndexError mid-batch
-        raise UserError(f"--max-length {config.max_length} exceeds the {limit} positions of {config.model}; set "
-                        f"--max-length {limit} or less")  # fmt: skip
-    for key, value in head_config.items():
-        setattr(model.config, key, value)
-    freeze_lower_layers(model, config.freeze_layers)
+    model, tokenizer = fresh_head(config, label.num_labels, head_config)
     model.to(device)
 
     total_steps = math.ceil(len(train_set) / config.batch_size) * config.epochs
@@ -463,13 +477,8 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
             engine.step(step + 1, schedule=True, loss=loss)
             step += 1
             seen += len(batch)
-            # credit has one entry per example with a right answer (labelled ties have none)
-            stats = reduce_sum(acc, {"loss": loss.item() * len(local) / len(batch), "credit": float(credit.sum()),
-                                     "counted": len(credit)})  # fmt: skip
-            row = {"examples": seen, "loss": stats["loss"], "lr": engine.lr,
+            row = {"examples": seen, **batch_stats(acc, loss, credit, len(local) / len(batch)), "lr": engine.lr,
                    "elapsed_s": time.perf_counter() - started}  # fmt: skip
-            if stats["counted"]:
-                row["accuracy"] = stats["credit"] / stats["counted"]
             if val_set and (step % config.eval_every == 0 or step == total_steps):
                 result = validate(model, tokenizer)
                 row.update({f"val_{k}": result[k] for k in ("loss", "accuracy") if k in result})
