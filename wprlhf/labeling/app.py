@@ -265,17 +265,9 @@ async def _json_object(request: Request, required: set[str], optional: set[str] 
 # ---------------------------------------------------------------------------------------------- the app
 
 
-def create_app(db_path: str | Path, token: str | None = None, labels_per_comparison: int | None = None,
-               max_body: int = MAX_BODY, instructions: str | None = None, hosts=LOOPBACK_NAMES):  # fmt: skip
-    """The web app over the store at `db_path` (created if absent).
-
-    token: required on every /api/ request when set (`resolve_token` decides for a host); labels_per_comparison:
-    how many labelers answer each comparison (None keeps the value stored in the file; 1 for a new one);
-    instructions: guidelines text the page shows before the first item; hosts: the Host names answered
-    (`allowed_hosts` for a bind address; by default the loopback names).
-    """
-    store = Store(db_path, labels_per_comparison)
-    app = FastAPI(title="wprlhf labeling", docs_url=None, redoc_url=None, openapi_url=None)
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON {"error": what is wrong and what to do}: the store's (with their status), unknown pages
+    and methods, malformed requests, and anything else (500, its traceback in the server's log)."""
 
     @app.exception_handler(LabelingError)
     async def labeling_error(request, err: LabelingError):
@@ -296,6 +288,20 @@ def create_app(db_path: str | Path, token: str | None = None, labels_per_compari
         # still logged with its traceback by the server; the page gets JSON it can show instead of a bare 500
         return _error(500, f"the labeling server failed ({type(err).__name__}); its log has the details")
 
+
+def create_app(db_path: str | Path, token: str | None = None, labels_per_comparison: int | None = None,
+               max_body: int = MAX_BODY, instructions: str | None = None, hosts=LOOPBACK_NAMES):  # fmt: skip
+    """The web app over the store at `db_path` (created if absent).
+
+    token: required on every /api/ request when set (`resolve_token` decides for a host); labels_per_comparison:
+    how many labelers answer each comparison (None keeps the value stored in the file; 1 for a new one);
+    instructions: guidelines text the page shows before the first item; hosts: the Host names answered
+    (`allowed_hosts` for a bind address; by default the loopback names).
+    """
+    store = Store(db_path, labels_per_comparison)
+    app = FastAPI(title="wprlhf labeling", docs_url=None, redoc_url=None, openapi_url=None)
+
+    _add_error_handlers(app)
     async def call(function, *args):
         return await run_in_threadpool(function, *args)  # SQLite waits on locks: keep it off the event loop
 
