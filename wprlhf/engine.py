@@ -19,12 +19,31 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .distributed import check_finite, device_of, make_accelerator, resolve_device, resolve_mixed_precision
+from .distributed import (check_finite, check_mixed_precision, device_of, make_accelerator, resolve_device,
+                          resolve_mixed_precision)
 from .models import make_optimizer
+
+
+@dataclass
+class Hardware:
+    """Where a run trains and in what precision: the settings every training config extends (SFT, the reward
+    model, the classifier)."""
+
+    device: str = "auto"
+    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX;
+    else fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the
+    training forwards; weights and AdamW stay fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on
+    AVX2-only CPUs it is several times slower."""
+
+    def __post_init__(self):
+        check_mixed_precision(self.mixed_precision)
 
 
 def prepare_precision(config):

@@ -25,8 +25,8 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from ..core import linear_schedule, logprobs_from_logits, masked_sum
-from ..distributed import check_mixed_precision, device_of, is_main_process, reduce_sum
-from ..engine import Engine, prepare_precision
+from ..distributed import device_of, is_main_process, reduce_sum
+from ..engine import Engine, Hardware, prepare_precision
 from ..errors import UserError, check_numbers
 from ..files import INPUTS_FILE, atomic_writer, input_fingerprints, write_json_atomic
 from ..generation import GenerationConfig, chat_ids, generate, text_ids, uses_chat_template
@@ -37,7 +37,7 @@ EXAMPLE_DATA = "../shared/data/writing_prompts"
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Hardware):
     """Everything `wprlhf sft` needs. Defaults fit a 2-core laptop CPU: under 30 minutes on smollm2."""
 
     # --- what to train, on what
@@ -111,15 +111,9 @@ class SFTConfig:
     # --- run plumbing
     seed: int = 0
     """Seeds the training subset, the order of batches, sampling and `tiny`'s init (not the held-out set)."""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    mixed_precision: str = "auto"
-    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
-    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
-    fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):
-        check_mixed_precision(self.mixed_precision)
+        super().__post_init__()
         check_numbers(self, non_negative=("lr", "weight_decay", "warmup", "max_grad_norm", "val_fraction"))
         # Ranges first: the divisibility check below divides by gradient_accumulation_steps.
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "eval_every", "sample_tokens"):

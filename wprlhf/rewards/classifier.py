@@ -28,7 +28,7 @@ from torch import nn
 
 from ..core import choice_credit
 from ..data import read_rows
-from ..distributed import check_mixed_precision
+from ..engine import Hardware
 from ..errors import UserError, check_numbers, warn_if_degenerate
 from ..files import write_json_atomic
 from .reward_model import BinaryRating, accuracy_ci, fit, load, outputs, save
@@ -43,7 +43,7 @@ ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(Hardware):
     """`wprlhf classifier train`: what to learn from, which encoder, how long."""
 
     data: str = ""
@@ -76,15 +76,9 @@ class ClassifierConfig:
     accurate."""
     seed: int = 0
     """Seeds the head's init, the sample, the validation split and the batch order."""
-    device: str = "auto"
-    """'auto' (cuda if available), 'cpu' or 'cuda'."""
-    mixed_precision: str = "auto"
-    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
-    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
-    fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):
-        check_mixed_precision(self.mixed_precision)
+        super().__post_init__()
         if self.max_length < 8:
             raise UserError(f"max_length {self.max_length} is too short to hold a text; use >= 8")
         for name in ("epochs", "batch_size", "eval_every"):

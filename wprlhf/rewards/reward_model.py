@@ -35,8 +35,8 @@ from torch import nn
 
 from ..core import bootstrap_ci, choice_credit, linear_schedule
 from ..data import Comparison, load_comparisons, prompt_key, split_by_prompt
-from ..distributed import check_mixed_precision, device_of, reduce_sum, resolve_device
-from ..engine import Engine, prepare_precision
+from ..distributed import device_of, reduce_sum, resolve_device
+from ..engine import Engine, Hardware, prepare_precision
 from ..errors import UserError, check_numbers, warn_if_degenerate
 from ..files import write_json_atomic
 from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
@@ -50,7 +50,7 @@ pair), in order: (n,) rewards or (n, 2) logits."""
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(Hardware):
     """`wprlhf rm train`: what to learn from, which backbone, how long. The defaults are the CPU recipe that beat
     TF-IDF on karma pairs (docs/data.md: 6,000 pairs read in 80-word windows of 128 tokens, ~8 minutes on 2 cores)."""
 
@@ -97,15 +97,9 @@ class RewardConfig:
     each costs one forward per window)."""
     seed: int = 0
     """Seeds the fresh head's init, the train/held-out split by prompt, the subset drawn and the batch order."""
-    device: str = "auto"
-    """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    mixed_precision: str = "auto"
-    """'auto' (bf16 where the device runs it faster than fp32: a GPU with bf16, a CPU with AVX-512 BF16 or AMX; else
-    fp32; the choice is printed and saved), 'no' (fp32), 'bf16' or 'fp16': autocast (accelerate's) for the training forwards; weights and AdamW stay
-    fp32. bf16 pays on a GPU and on CPUs with AVX-512 BF16 or AMX; on AVX2-only CPUs it is several times slower."""
 
     def __post_init__(self):
-        check_mixed_precision(self.mixed_precision)
+        super().__post_init__()
         if self.max_length < 16:
             raise UserError(f"max_length {self.max_length} is too short for a prompt and a response; use >= 16")
         for name in ("batch_size", "epochs", "eval_every"):  # eval_every 0 would divide by zero mid-training
