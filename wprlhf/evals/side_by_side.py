@@ -48,7 +48,7 @@ from .measures import distinct_n, repetition_rate, scored_win_rate
 # numbers of one side
 
 
-def mean_ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
+def prompt_ci(values: Sequence[float], prompts: Sequence[str]) -> dict:
     """`measures.mean_ci` with prompts grouped by `data.prompt_key`, so reposts of one prompt resample together."""
     return measures.mean_ci([float(v) for v in values], [prompt_key(p) for p in prompts])
 
@@ -72,15 +72,15 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
     """Every per-side number with its CI over prompts: story, relevance, distinct_1/2, repetition, meta, words,
     judge (mean score), kl; plus 'verdicts', the story rule's verdict on each response."""
     verdicts = [story_verdict(p, r) for p, r in zip(prompts, responses)]
-    out = {"n": len(responses), "story": mean_ci([v == "story" for v in verdicts], prompts),
+    out = {"n": len(responses), "story": prompt_ci([v == "story" for v in verdicts], prompts),
            "distinct_1": chunked_ci(responses, lambda t: distinct_n(t, 1)),
            "distinct_2": chunked_ci(responses, lambda t: distinct_n(t, 2)),
-           "repetition": mean_ci([repetition_rate([r]) for r in responses], prompts),
-           "meta": mean_ci([has_meta(r) for r in responses], prompts),
-           "words": mean_ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip
+           "repetition": prompt_ci([repetition_rate([r]) for r in responses], prompts),
+           "meta": prompt_ci([has_meta(r) for r in responses], prompts),
+           "words": prompt_ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip
     for name, values in (("judge", judge_scores), ("relevance", relevance), ("kl", kl)):
         if values is not None:
-            out[name] = mean_ci([float(v) for v in values], prompts)
+            out[name] = prompt_ci([float(v) for v in values], prompts)
     return out
 
 
@@ -430,7 +430,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
                   instruction=heads["policy"], against_instruction=heads["against"])
     if config.min_response_length < config.response_length:  # not fixed-length: how many ran into the cap unfinished
         for side, done in finished.items():
-            report["sides"][side]["truncated_share"] = mean_ci([0.0 if d else 1.0 for d in done], prompts)
+            report["sides"][side]["truncated_share"] = prompt_ci([0.0 if d else 1.0 for d in done], prompts)
     if blind_db:
         # One model under two instructions is two systems: the blind store must tell its sides apart.
         names = (config.policy, config.against) if config.policy != config.against else tuple(

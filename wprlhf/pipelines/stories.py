@@ -124,10 +124,18 @@ class StoriesConfig:
     """Learning rate of the DPO phase."""
     dpo_epochs: int = 2
     """Passes of the DPO phase over its pairs."""
+    dpo_batch_size: int = 8
+    """Pairs per optimizer step of the DPO phase."""
+    dpo_max_prompt_length: int = 256
+    """Prompt tokens DPO reads (the instruction included); a longer prompt keeps its end."""
     ppo_steps: int = 40
     """Steps of the PPO phase (rl ppo)."""
     batch_size: int = 16
     """PPO episodes per step."""
+    ppo_minibatches: int = 2
+    """Optimizer steps per PPO epoch; each sees batch_size / ppo_minibatches episodes."""
+    ppo_epochs: int = 2
+    """Passes of the PPO phase over each rollout batch."""
     lr: float = 1e-5
     """Learning rate of the PPO phase (policy and value model)."""
     kl_coef: float = 0.2
@@ -172,7 +180,8 @@ class StoriesConfig:
                                           "judge_val_fraction"))  # fmt: skip
         for name, low in dict(eval_prompts=1, response_length=1, sft_max_length=32, sft_epochs=1, sft_batch_size=1,
                               ppo_steps=1, batch_size=2, eval_batch_size=1, pool_batch_size=1, rm_examples=0,
-                              judge_examples=0, sft_examples=0, dpo_samples=2, dpo_epochs=1).items():  # fmt: skip
+                              judge_examples=0, sft_examples=0, dpo_samples=2, dpo_epochs=1, dpo_batch_size=1,
+                              dpo_max_prompt_length=8, ppo_minibatches=1, ppo_epochs=1).items():  # fmt: skip
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; "
                                 f"set --{name.replace('_', '-')} to {low} or more")  # fmt: skip
@@ -180,9 +189,9 @@ class StoriesConfig:
             raise UserError(f"rl must be one of {', '.join(RL_METHODS)}, got {self.rl!r}")
         if self.rl == "none" and not self.sft:
             raise UserError("--rl none with --no-sft trains nothing; choose --rl ppo or dpo, or an SFT phase")
-        if self.batch_size % 2:
-            raise UserError(f"batch_size {self.batch_size} must be even (PPO takes 2 minibatches a step); set "
-                            "--batch-size to an even number")  # fmt: skip
+        if self.batch_size % self.ppo_minibatches:
+            raise UserError(f"batch_size {self.batch_size} is not divisible by ppo_minibatches {self.ppo_minibatches}; "
+                            f"pick a multiple of {self.ppo_minibatches}")  # fmt: skip
         for name in ("temperature", "sft_lr", "lr", "kl_target", "dpo_beta", "dpo_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}; set --{name.replace('_', '-')}")
@@ -266,12 +275,12 @@ def task_reward(config: StoriesConfig, rm_dir: str):
 
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
-    a step in 2 minibatches x 2 epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
+    a step in ppo_minibatches minibatches x ppo_epochs epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
     `steps` replaces config.ppo_steps (benchmarks/bench_stories.py times a few)."""
     from ..methods.onpolicy_config import PPOConfig
 
     return PPOConfig(policy=policy, reward="stories: the reward model", steps=steps or config.ppo_steps,
-                     batch_size=config.batch_size, num_minibatches=2, ppo_epochs=2,
+                     batch_size=config.batch_size, num_minibatches=config.ppo_minibatches, ppo_epochs=config.ppo_epochs,
                      response_length=config.response_length, min_response_length=config.min_response_length,
                      temperature=config.temperature, lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
                      score_clip=config.score_clip, checkpoint_every=5, sample_every=5, seed=config.seed,
@@ -398,10 +407,11 @@ PHASE_SETTINGS = {
             "seed", "instruction", "reward_extra"),
     "rm": ("reward_model", "rm_examples", "seed"),
     "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
-    "dpo": ("rl", "dpo_samples", "dpo_beta", "dpo_lr", "dpo_epochs", "sft_examples", "response_length", "fixed_length",
+    "dpo": ("rl", "dpo_samples", "dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_prompt_length",
+            "sft_examples", "response_length", "fixed_length",
             "temperature", "instruction", "reward_extra", "seed"),
-    "ppo": ("rl", "response_length", "fixed_length", "temperature", "batch_size", "lr", "kl_coef", "kl_target", "score_clip",
-            "instruction", "reward_extra"),
+    "ppo": ("rl", "response_length", "fixed_length", "temperature", "batch_size", "ppo_minibatches", "ppo_epochs", "lr",
+            "kl_coef", "kl_target", "score_clip", "instruction", "reward_extra"),
     "best_of": ("best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
 }
 
@@ -564,7 +574,8 @@ def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
              for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
              if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
     dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo_beta, lr=config.dpo_lr, epochs=config.dpo_epochs,
-                           batch_size=8, max_prompt_length=256, max_response_length=config.response_length + 16,
+                           batch_size=config.dpo_batch_size, max_prompt_length=config.dpo_max_prompt_length,
+                           max_response_length=config.response_length + 16,
                            eval_every=12, seed=config.seed, device=config.device, mixed_precision=precision)  # fmt: skip
     dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists(),
               allow_changed_inputs=allow_changed_inputs)  # fmt: skip
@@ -741,7 +752,7 @@ def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], 
     """Add to the judges' report what the run knows: each side's (and the human openings') task reward with a CI,
     KL to the SFT policy, the share of responses cut unfinished (`finished`: per sampled side, whether each
     stopped; {} for fixed-length responses), the reward models' held-out accuracy, the split and the timings."""
-    from ..evals.side_by_side import mean_ci
+    from ..evals.side_by_side import prompt_ci
     from ..rewards.reward_model import reward_fn_from_model
 
     reward = reward_fn_from_model(state["rm_dir"])
@@ -749,11 +760,11 @@ def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], 
         scores = np.asarray(reward(prompts, texts), dtype=np.float64)
         if not np.isfinite(scores).all():
             raise UserError(f"the reward model {state['rm_dir']} gave non-finite scores to side {name!r}; retrain it")
-        (report["human"] if name == "human" else report["sides"][name])["reward"] = mean_ci(scores, prompts)
+        (report["human"] if name == "human" else report["sides"][name])["reward"] = prompt_ci(scores, prompts)
     for name, values in kl_to_sft.items():
-        report["sides"][name]["kl_to_sft"] = mean_ci(values, prompts)
+        report["sides"][name]["kl_to_sft"] = prompt_ci(values, prompts)
     for name, done in finished.items():  # the share of each sampled side's responses cut at the cap with no stop
-        report["sides"][name]["truncated_share"] = mean_ci([0.0 if d else 1.0 for d in done], prompts)
+        report["sides"][name]["truncated_share"] = prompt_ci([0.0 if d else 1.0 for d in done], prompts)
     report["judge_heldout"] = json.loads((Path(state["judge_dir"]) / "eval-heldout.json").read_text())
     report["rm_heldout"] = json.loads((Path(state["rm_dir"]) / "eval-heldout.json").read_text())
     report["split"] = json.loads((out_dir / "split" / "split.json").read_text())
