@@ -259,3 +259,12 @@ def test_every_flag_of_every_subcommand_has_help(capsys):
     assert not bare, bare
     assert pages > 20
     assert "RLOO, GRPO and DPO" in build_parser().format_help()
+
+
+def test_python_dash_m_wprlhf_is_the_command():
+    """`python -m wprlhf` runs the same command as `wprlhf` (for an environment whose scripts are not on PATH)."""
+    done = subprocess.run([sys.executable, "-m", "wprlhf", "-h"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "the main job: RLHF on r/WritingPrompts" in done.stdout, done.stderr[-500:]
+    bad = subprocess.run([sys.executable, "-m", "wprlhf", "no-such-command"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
