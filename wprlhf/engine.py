@@ -52,9 +52,14 @@ def prepare_precision(config):
     config: any run config with `device` and `mixed_precision`. The resolved config is what config.json records,
     so a resumed run keeps the precision it started with (`checkpoint.keep_saved_precision`). The one place a run's
     precision is chosen."""
-    device = resolve_device(config.device)
-    config = dataclasses.replace(config, mixed_precision=resolve_mixed_precision(config.mixed_precision, device))
-    return config, make_accelerator(device, config.mixed_precision)
+    config = dataclasses.replace(config, mixed_precision=run_precision(config))
+    return config, make_accelerator(resolve_device(config.device), config.mixed_precision)
+
+
+def run_precision(config) -> str:
+    """The precision a run with config.device and config.mixed_precision trains in: 'auto' resolved to what that
+    device runs fastest ('no', 'bf16'), any other value as it is (`distributed.resolve_mixed_precision`)."""
+    return resolve_mixed_precision(config.mixed_precision, resolve_device(config.device))
 
 
 class Engine:

@@ -36,7 +36,8 @@ import numpy as np
 
 from ..data import (Response, is_hub_id, karma_pairs, load_prompts, load_responses, prompt_key, read_rows,
                     write_comparisons)
-from ..distributed import autocast_dtype, check_mixed_precision, resolve_device, resolve_mixed_precision
+from ..distributed import autocast_dtype, check_mixed_precision, resolve_device
+from ..engine import run_precision
 from ..errors import UserError, check_numbers
 from ..files import building_beside, iter_jsonl, write_json_atomic, write_text_atomic
 from ..text import clean_prompt
@@ -445,7 +446,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     split_dir = out_dir / "split"
     # The precision each training runs in, resolved here so a cached model's key names the one it was trained in
     # ('auto' is bf16 on one CPU and fp32 on another).
-    precision = resolve_mixed_precision(config.mixed_precision, resolve_device(config.device))
+    precision = run_precision(config)
 
     if wanted("split"):
         write_split(config, responses, split_dir)
@@ -610,9 +611,8 @@ def pool_autocast(config: StoriesConfig):
     where the CPU has AVX-512 BF16 (docs/results.md). Evaluation's own samples stay fp32."""
     import torch
 
-    device = resolve_device(config.device)
-    dtype = autocast_dtype(resolve_mixed_precision(config.mixed_precision, device))
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+    dtype = autocast_dtype(run_precision(config))
+    return torch.autocast(resolve_device(config.device).type, dtype=dtype) if dtype is not None else None
 
 
 def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_dir: str, path: Path,
