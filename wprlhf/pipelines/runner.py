@@ -1,5 +1,5 @@
 """The one pipeline runner: a run folder whose state file lists the phases finished, what each took and what it
-left, so a killed run resumes after its last finished phase.
+left, so a killed run resumes after its last finished phase; and the cache of trained models runs share.
 
 `stories`, `compare` and `loop` each open their folder with `Runner(...)`, ask `runner.wanted(phase)` before a
 phase and call `runner.finish(phase, **facts)` after it. The rules of a resume live here, once: a folder that holds
@@ -11,13 +11,15 @@ depends on them is refused, naming each setting.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import UserError
-from ..files import check_inputs, input_fingerprints, write_json_atomic
+from ..files import building_beside, check_inputs, input_fingerprints, write_json_atomic
 
 
 class Runner:
@@ -120,3 +122,52 @@ def check_settings(config, saved: dict | None, phases: Iterable[str], depends: C
         then = ", ".join(f"--{n.replace('_', '-')} {was[n]!r} (now {getattr(config, n)!r})" for n in changed)
         raise UserError(f"this run was made with {then}: its finished phases depend on them. Resume with the run's own "
                         "settings, or start a new --out")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model cache: a trained model reused by any run whose training text and settings are the same
+
+
+def cache_root(cache_dir: str) -> Path | None:
+    """The folder of cached models: cache_dir, or $WPRLHF_CACHE/stories, or ~/.cache/wprlhf/stories; None for
+    'none' (no cache: each run trains its own)."""
+    if cache_dir == "none":
+        return None
+    if cache_dir:
+        return Path(cache_dir)
+    base = os.environ.get("WPRLHF_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "wprlhf") / "stories"
+
+
+def model_key(*parts) -> str:
+    """A short hash of what a cached model was trained on: the text it read and every setting."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_cached(root: Path | None, out_dir: Path, phase: str, key: str, marker: str, train) -> Path:
+    """Run `train(dir)` into the cache `root` (or into out_dir/phase when root is None) unless a finished copy with
+    this key exists; returns the directory, linked as out_dir/phase. Training goes to a temporary folder renamed
+    into place when it is done (`marker`, a file the training writes last, is checked), so a killed training or a
+    second run of the same key never leaves or deletes a half-written model (`files.building_beside`)."""
+    target = (root / f"{phase}-{key}") if root is not None else out_dir / phase
+    if (target / marker).exists():
+        print(f"{phase}: reusing {target} (cached: the same training text and settings)", flush=True)
+        return _link(out_dir / phase, target)
+    with building_beside(target) as tmp:  # and a killed run's half-trained folders go
+        train(tmp)
+        if not (tmp / marker).exists():
+            raise UserError(f"{phase}: the training wrote no {marker}; see the messages above")
+        if not target.exists():  # else a copy left by an older version, or a run that finished first: keep it
+            tmp.rename(target)
+    return _link(out_dir / phase, target)
+
+
+def _link(name: Path, target: Path) -> Path:
+    """RUN/sft, RUN/rm, RUN/judge: a link to the cached model, so commands can name it by the run
+    (`--judge rm:RUN/judge`); returns target."""
+    if name != target:
+        if name.is_symlink():
+            name.unlink()
+        if not name.exists():
+            name.symlink_to(target.resolve(), target_is_directory=True)
+    return target

@@ -25,7 +25,6 @@ data, the split and their settings, and reused by later runs with the same key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from ..data import (Response, is_hub_id, karma_pairs, load_prompts, load_respons
 from ..distributed import autocast_dtype, check_mixed_precision, resolve_device
 from ..engine import run_precision
 from ..errors import UserError, check_numbers
-from ..files import building_beside, iter_jsonl, write_json_atomic, write_text_atomic
+from ..files import iter_jsonl, write_json_atomic, write_text_atomic
 from ..text import clean_prompt
-from .runner import Runner
+from .runner import Runner, build_cached, cache_root, model_key
 
 if TYPE_CHECKING:
     from ..methods.best_of import Pool
@@ -355,52 +354,6 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
 # phases
 
 
-def _cache_root(config: StoriesConfig) -> Path | None:
-    import os
-
-    if config.cache_dir == "none":
-        return None
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    base = os.environ.get("WPRLHF_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "wprlhf") / "stories"
-
-
-def _key(*parts) -> str:
-    """A short hash of what a cached model was trained on: the text it read and every setting."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _cached(config: StoriesConfig, out_dir: Path, phase: str, key: str, marker: str, train) -> Path:
-    """Run `train(dir)` into the cache (or the run directory when caching is off) unless a finished copy with
-    this key exists; returns the directory. Training goes to a temporary folder renamed into place when it is
-    done (`marker`, a file the training writes last, is checked), so a killed training or a second run of the
-    same key never leaves or deletes a half-written model."""
-    root = _cache_root(config)
-    target = (root / f"{phase}-{key}") if root is not None else out_dir / phase
-    if (target / marker).exists():
-        print(f"{phase}: reusing {target} (cached: the same training text and settings)", flush=True)
-        return _link(out_dir / phase, target)
-    with building_beside(target) as tmp:  # and a killed run's half-trained folders go
-        train(tmp)
-        if not (tmp / marker).exists():
-            raise UserError(f"{phase}: the training wrote no {marker}; see the messages above")
-        if not target.exists():  # else a copy left by an older version, or a run that finished first: keep it
-            tmp.rename(target)
-    return _link(out_dir / phase, target)
-
-
-def _link(name: Path, target: Path) -> Path:
-    """RUN/sft, RUN/rm, RUN/judge: a link to the cached model, so commands can name it by the run
-    (`--judge rm:RUN/judge`); returns target."""
-    if name != target:
-        if name.is_symlink():
-            name.unlink()
-        if not name.exists():
-            name.symlink_to(target.resolve(), target_is_directory=True)
-    return target
-
-
 # Settings each phase's output depends on: a resume that changes one of a finished phase is refused.
 PHASE_SETTINGS = {
     "split": ("data", "eval_prompts", "judge_fraction", "split_seed"),
@@ -523,8 +476,8 @@ def train_reward_model(config: StoriesConfig, out_dir: Path, phase: str, compari
                              keep_meta=False, seed=config.seed, device=config.device,
                              mixed_precision=precision)  # fmt: skip
     text = (split_dir / comparisons).read_text(encoding="utf-8")
-    key = _key(text, dataclasses.asdict(rm_config) | {"data": ""})
-    return _cached(config, out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
+    key = model_key(text, dataclasses.asdict(rm_config) | {"data": ""})
+    return build_cached(cache_root(config.cache_dir), out_dir, phase, key, "eval-heldout.json", lambda d: rm_train(rm_config, d))
 
 
 def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list, train_prompts: list[str],
@@ -552,8 +505,8 @@ def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list
                            gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
                            eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
                            device=config.device, mixed_precision=precision)  # fmt: skip
-    key = _key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
-    return _cached(config, out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
+    key = model_key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
+    return build_cached(cache_root(config.cache_dir), out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
 
 
 def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: list[str], start_of_rl: str,
