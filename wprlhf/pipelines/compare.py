@@ -293,12 +293,17 @@ def evaluate(config: CompareConfig, out_dir: Path, eval_prompts: list[str], rewa
     device, gen = resolve_device(config.device), _generation(config)
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
-    sides = {"start": generate(start, tokenizer, eval_prompts, gen, seed=config.seed + 30_000, progress=True)}
-    kls: dict[str, list[float]] = {"start": [0.0] * len(eval_prompts)}
+    ids: dict[str, list[list[int]]] = {}  # per sampled side: its token ids, what its KL is measured on
 
-    def logprobs(model, texts):
-        return response_logprobs(model, tokenizer, eval_prompts, texts, config.temperature,
+    def draw(model, name, seed):
+        return generate(model, tokenizer, eval_prompts, gen, seed=seed, progress=True, ids=ids.setdefault(name, []))
+
+    def logprobs(model, name):  # summed over the sampled ids, as stories and `wprlhf eval` measure a side's KL
+        return response_logprobs(model, tokenizer, eval_prompts, ids[name], config.temperature,
                                  min_response_length=config.response_length, progress=False)  # fmt: skip
+
+    sides = {"start": draw(start, "start", config.seed + 30_000)}
+    kls: dict[str, list[float]] = {"start": [0.0] * len(eval_prompts)}
 
     ns = [int(m[8:]) for m in config.method_list if m.startswith("best-of-")]
     if ns:
@@ -309,8 +314,8 @@ def evaluate(config: CompareConfig, out_dir: Path, eval_prompts: list[str], rewa
     for name in (m for m in config.method_list if m in METHODS):
         model, _ = load_policy(str(out_dir / name / "policy"))
         model.to(device)
-        sides[name] = generate(model, tokenizer, eval_prompts, gen, seed=config.seed + 40_000, progress=True)
-        kls[name] = (logprobs(model, sides[name]) - logprobs(start, sides[name])).tolist()
+        sides[name] = draw(model, name, config.seed + 40_000)
+        kls[name] = (logprobs(model, name) - logprobs(start, name)).tolist()
         del model
     # Every side's response to each eval prompt, to read (and to hand a blind reader as shuffled pairs).
     write_text_atomic(out_dir / "samples.jsonl", "".join(
