@@ -54,7 +54,7 @@ class Runner:
             print(f"== resuming {self.out_dir}: phases finished before ({', '.join(self.done)}) are kept; an "
                   "unfinished one starts over", flush=True)  # fmt: skip
         self.clock = time.perf_counter()
-        self.started = self.clock - self.state.get("elapsed_s", 0.0)  # a resumed run's clock goes on from its total
+        self.origin = self.clock - self.state.get("elapsed_s", 0.0)  # a resumed run's clock goes on from its total
 
     def _read(self) -> dict:
         if not self.path.exists():
@@ -85,7 +85,7 @@ class Runner:
 
     def elapsed(self) -> float:
         """Seconds the run has taken so far, over every session that resumed it."""
-        return time.perf_counter() - self.started
+        return time.perf_counter() - self.origin
 
     def seconds(self) -> float:
         """Seconds since the last phase finished (or the clock was restarted)."""
