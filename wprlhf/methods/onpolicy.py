@@ -593,7 +593,7 @@ def prepare_run(config: OnPolicyConfig, prompts: list[str], reward_fn: RewardFn,
     (`signatures.reward_name`), refuse an empty prompt set, refuse a resume whose inputs changed since the run
     started (unless allow_changed_inputs), keep a resumed run's precision, load the policy (config.policy) unless
     one is given, seed torch. (config, policy, tokenizer)."""
-    named = config.reward if config.reward != type(config).__dataclass_fields__["reward"].default else None
+    named = config.reward if config.reward != OnPolicyConfig.reward else None  # the CLI's default names nothing
     config = dataclasses.replace(config, reward=reward_name(reward_fn, named))
     if not prompts:
         raise UserError("the prompt set is empty: give --prompts a file with at least one prompt")
