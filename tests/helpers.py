@@ -153,3 +153,70 @@ def fixed_rollout_gap_rise(trainer, prompts: list[str], reward_fn, updates: int)
     for _ in range(updates):
         trainer.step_batch(q, qm, r, rm, scores)
     return gap() - before
+
+
+TIMES = ("time", "elapsed", "per_s", "seconds", "timings")
+
+
+def run_numbers(run) -> dict[str, float]:
+    """Every number a stories run wrote that does not measure time: its eval/report.json leaves and each training
+    phase's metrics.csv cells, keyed by where they stand ('eval/sides/ppo/kl/mean', 'ppo/metrics/3/loss')."""
+    import json
+    import math
+    from pathlib import Path
+
+    from wprlhf.metrics import read_metrics
+
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value) -> None:
+        if any(word in prefix.rsplit("/", 1)[-1] for word in TIMES):
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(f"{prefix}/{i}", item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[prefix] = float(value)
+
+    run = Path(run)
+    walk("eval", json.loads((run / "eval" / "report.json").read_text()))
+    for phase in ("ppo", "dpo"):
+        if (run / phase / "metrics.csv").is_file():
+            for row in read_metrics(run / phase / "metrics.csv"):
+                walk(f"{phase}/metrics/{int(row['step'])}", {k: v for k, v in row.items() if k != "step"})
+    return out
+
+
+def same_numbers(name: str, numbers: dict[str, float], rel: float = 1e-6) -> None:
+    """The numbers of a pipeline run on tiny models are those it wrote before a refactor (tests/golden/NAME.json,
+    one entry per CPU kernel set, thread count and test seed: kernels round differently, so sampling differs).
+
+    WPRLHF_WRITE_GOLDEN=1 records this machine's entry (do it at the commit before a change, then run the change);
+    without an entry for this machine it warns and checks nothing, and says so."""
+    import json
+    import os
+    import warnings
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    key = f"{torch.backends.cpu.get_cpu_capability()}|threads={torch.get_num_threads()}|seed={SEED_OFFSET}"
+    path = Path(__file__).parent / "golden" / f"{name}.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    if os.environ.get("WPRLHF_WRITE_GOLDEN") == "1":
+        stored[key] = numbers
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(stored, indent=0, sort_keys=True) + "\n")
+        return
+    if key not in stored:
+        warnings.warn(f"{path.name} has no numbers for {key}; the same-numbers check did not run here (record them "
+                      "with WPRLHF_WRITE_GOLDEN=1 at the commit before a change)", stacklevel=2)
+        return
+    expected = stored[key]
+    assert sorted(numbers) == sorted(expected), sorted(set(numbers) ^ set(expected))[:20]
+    wrong = {k: (numbers[k], expected[k]) for k in expected if numbers[k] != pytest.approx(expected[k], rel=rel, abs=1e-9)}
+    assert not wrong, f"{len(wrong)} of {len(expected)} numbers changed, e.g. {dict(list(wrong.items())[:8])}"

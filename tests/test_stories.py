@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from tests.helpers import learned, seed
+from tests.helpers import learned, run_numbers, same_numbers, seed
 from wprlhf.cli import main
 from wprlhf.data import prompt_key
 from wprlhf.methods.best_of import Pool, kl_bound
@@ -169,6 +169,10 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert dpo_report["sides"]["dpo"]["kl"]["lo"] <= dpo_report["sides"]["dpo"]["kl"]["mean"]
     queued = Store(dpo_run / "eval" / "blind.db").comparisons()
     assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("dpo", "start")}
+
+    # The numbers all three runs wrote are those they wrote before the last refactor (on this CPU's kernels).
+    same_numbers("stories_tiny", {f"{name}/{key}": value for name, run in (("ppo", out), ("expert", tmp_path / "expert"),
+                                  ("dpo", dpo_run)) for key, value in run_numbers(run).items()})  # fmt: skip
 
 
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
