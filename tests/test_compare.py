@@ -12,6 +12,7 @@ from wprlhf.data import load_comparisons, load_prompts
 from wprlhf.errors import UserError
 from wprlhf.metrics import read_metrics
 from wprlhf.pipelines.compare import CompareConfig, run
+from tests.helpers import json_numbers, same_numbers
 
 pytestmark = pytest.mark.learning  # every method takes optimizer steps
 
@@ -47,6 +48,8 @@ def test_every_method_on_the_same_preferences_and_budget(tmp_path):
     assert table.count("\n") == 2 + 7 and "train minutes" in table
     assert (out / "judge_vs_kl.png").stat().st_size > 1000
     assert json.loads((out / "report.json").read_text())["budget"] == 16
+    same_numbers("compare_tiny", json_numbers({"report": json.loads((out / "report.json").read_text()),
+                                               **{m: read_metrics(out / m / "metrics.csv") for m in ("ppo", "rloo", "grpo", "dpo")}}))
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == held_out and all(set(s) == {"prompt", *report["sides"]} for s in samples)
     # A finished run is not overwritten, and a resume with other settings is refused.

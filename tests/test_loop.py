@@ -17,6 +17,7 @@ from wprlhf.metrics import read_metrics
 from wprlhf.pipelines.loop import STATE_FILE, LoopConfig, run
 from wprlhf.rewards.judges import SimulatedLabeler, agreement, sentiment
 from wprlhf.rewards.spec import load_reward
+from tests.helpers import json_numbers, same_numbers
 
 
 def test_sentiment_orders_obvious_texts():
@@ -152,6 +153,8 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     held_out = (out / "eval_prompts.txt").read_text().split("\n")[:2]
     trained = {json.loads(line)["prompt"] for r in (1, 2) for line in (out / f"round-{r}" / "responses.jsonl").open()}
     assert not trained & set(held_out)
+    same_numbers("loop_tiny", json_numbers({"ppo": ppo_rows, **{f"round-{r}": json.loads((out / f"round-{r}" / "eval.json")
+                                           .read_text()) for r in (1, 2)}}))  # fmt: skip
 
     with pytest.raises(UserError, match="--resume"):
         run(config, out)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.helpers import save_tiny_classifier
+from tests.helpers import json_numbers, same_numbers, save_tiny_classifier
 from wprlhf.cli import main
 from wprlhf.errors import UserError
 from wprlhf.evals.measures import sample_with_kl
@@ -138,6 +138,7 @@ def test_task_eval_positive_reviews_writes_beside_the_run(run_dir, capsys):
     sample = result["samples"][0]
     assert {"opening", "start", "trained", "kl", "reward_start", "reward_trained", "positive_prob_start",
             "positive_prob_trained", "vader_start", "vader_trained"} <= sample.keys()  # fmt: skip
+    same_numbers("task_eval_positive", json_numbers(result))
     out = capsys.readouterr().out
     assert "positive-reviews" in out and "KL to start" in out and "P(positive)" in out
 
@@ -171,6 +172,7 @@ def test_task_eval_sentiment_control(tmp_path, classifier_dir, capsys):
     assert [s["control"] for s in result["samples"][:3]] == list(CONTROLS) and len(result["samples"]) == 15
     assert "[neutral]" in capsys.readouterr().out
     assert "signed by control" in summary(result)
+    same_numbers("task_eval_control", json_numbers(result))
 
 
 @pytest.mark.parametrize("argv, message", [
