@@ -155,7 +155,7 @@ def fixed_rollout_gap_rise(trainer, prompts: list[str], reward_fn, updates: int)
     return gap() - before
 
 
-TIMES = ("time", "elapsed", "per_s", "seconds", "timings")
+TIMES = ("time", "elapsed", "per_s", "seconds", "timings", "minutes")
 
 
 def json_numbers(value, prefix: str = "") -> dict[str, float]:
