@@ -11,7 +11,8 @@ import torch
 
 from wprlhf.data import load_comparisons
 from wprlhf.errors import UserError
-from wprlhf.evals.measures import distinct_n, repetition_rate, sample_with_kl, win_rate
+from wprlhf.evals.measures import distinct_n, repetition_rate, scored_win_rate
+from wprlhf.evals.sides import sample_side, side_kl
 from wprlhf.generation import GenerationConfig, generation_config
 from wprlhf.metrics import read_metrics
 from wprlhf.pipelines.loop import STATE_FILE, LoopConfig, run
@@ -92,8 +93,7 @@ def test_labelers_disagree_on_close_calls_only():
 
 
 def test_win_rate_counts_ties_as_half():
-    judge = lambda prompts, responses: [len(r) for r in responses]  # noqa: E731
-    result = win_rate(judge, ["a", "b", "c", "d"], ["xx", "x", "xxx", "x"], ["x", "x", "x", "xx"])
+    result = scored_win_rate([2, 1, 3, 1], [1, 1, 1, 2], ["a", "b", "c", "d"])
     assert result["win_rate"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
     assert result["win_rate_lo"] <= result["win_rate"] <= result["win_rate_hi"]
 
@@ -109,11 +109,12 @@ def test_kl_of_a_policy_to_itself_is_zero_and_to_another_positive(tiny, tokenize
 
     config = GenerationConfig(max_new_tokens=6, temperature=1.0)
     prompts = ["Write about a cat.", "A storm comes."]
-    _, same = sample_with_kl(tiny, make_reference(tiny), tokenizer, prompts, config, seed=1)
+    side = sample_side("tiny", tiny, tokenizer, prompts, config, seed=1)
+    same = side_kl(side, tiny, make_reference(tiny), tokenizer, prompts, config)
     assert same == pytest.approx([0.0, 0.0], abs=1e-4)
     other, _ = load_policy("tiny", seed=5)
-    texts, kls = sample_with_kl(tiny, make_reference(other), tokenizer, prompts, config, seed=1)
-    assert len(texts) == 2 and sum(kls) / 2 > 0.1
+    kls = side_kl(side, tiny, make_reference(other), tokenizer, prompts, config)
+    assert len(side.texts) == 2 and sum(kls) / 2 > 0.1
 
 
 def _config(**overrides):
@@ -147,7 +148,7 @@ def test_loop_runs_rounds_and_resumes(tmp_path):
     assert all(-1 <= r["judge_mean"] <= 1 for r in ppo_rows)  # VADER compound, logged beside the RM reward
     pairs = [json.loads(line) for line in (out / "round-2" / "eval_pairs.jsonl").open()]
     assert len(pairs) == 4 and {"start", "new", "judge_start", "judge_new", "reward_new", "kl"} <= set(pairs[0])
-    assert json.loads((out / "round-2" / "eval.json").read_text())["new"]["distinct_2"] > 0
+    assert json.loads((out / "round-2" / "eval.json").read_text())["sides"]["new"]["distinct_2"]["mean"] > 0
     state = json.loads((out / STATE_FILE).read_text())
     assert set(state["timings_s"]) == set(state["done"])
     held_out = (out / "eval_prompts.txt").read_text().split("\n")[:2]

@@ -3,7 +3,7 @@
 Each test holds one defect the defaults never met: k3 as a reward, a train-mode policy, the eval KL without its
 end-of-turn term, DPO's cached reference under prompt clipping, re-normalising a bias-free reward head, and one
 meaning each for DPO's `accuracy` (a tie counts 1/2) and for `kl` under a floor on response length (the KL of the
-distribution the sampler drew from, the same in PPO's metrics, `measures.sample_with_kl` and `wprlhf eval`).
+distribution the sampler drew from, the same in PPO's metrics, `sides.side_kl` and `wprlhf eval`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _stop_prone_pair(tokenizer, boost: float = 0.92, noise: float = 0.0):
 
 
 def _sample_ids(policy, tokenizer, prompts, config: GenerationConfig, sample_seed: int):
-    """The samples `generation.generate` (and `measures.sample_with_kl`) draw with this seed, one batch: queries,
+    """The samples `generation.generate` (and `sides.side_kl`) draw with this seed, one batch: queries,
     query_mask and the Generation."""
     queries, query_mask = encode_prompts(tokenizer, prompts)
     queries, query_mask = fit_positions(policy, queries, query_mask, config.max_new_tokens)
@@ -108,6 +108,16 @@ def _eval_kl(monkeypatch, tmp_path, policy, reference, tokenizer, prompts, confi
     report = run_eval(eval_config, tmp_path / "e.json")
     pairs = [json.loads(line) for line in (tmp_path / "e-pairs.jsonl").read_text().splitlines()]
     return report["sides"]["policy"]["kl"]["mean"], [p["policy"] for p in pairs]
+
+
+def _side_kl(policy, reference, tokenizer, config: GenerationConfig, sample_seed):
+    """(texts, per-response KL) of a side of `policy` sampled on PROMPTS in one batch, as every evaluation
+    measures it (`sides.sample_side`, `sides.side_kl`)."""
+    from wprlhf.evals.sides import sample_side, side_kl
+
+    side = sample_side("p", policy, tokenizer, PROMPTS, config, sample_seed, batch_size=len(PROMPTS), progress=False)
+    return side.texts, side_kl(side, policy, reference, tokenizer, PROMPTS, config, batch_size=len(PROMPTS),
+                               progress=False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,10 +320,8 @@ def test_dpo_accuracy_counts_an_exact_tie_as_one_half(tmp_path, tokenizer):
 
 def test_the_three_kls_agree_on_the_same_samples(tokenizer, tmp_path, monkeypatch):
     """One model pair, one set of samples drawn with a floor of 3 tokens (stop tokens masked before it): PPO's
-    per-response `kl` and its logged mean, `measures.sample_with_kl` and `wprlhf eval` all give the KL of the
+    per-response `kl` and its logged mean, `sides.side_kl` and `wprlhf eval` all give the KL of the
     distribution the sampler drew from, as a slow full forward computes it."""
-    from wprlhf.evals.measures import sample_with_kl
-
     policy, reference = _stop_prone_pair(tokenizer, noise=0.02)
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=3, temperature=T)
     s = seed(2)
@@ -321,7 +329,7 @@ def test_the_three_kls_agree_on_the_same_samples(tokenizer, tmp_path, monkeypatc
     stops = stop_token_ids(tokenizer)
     expected = (_sampled_logprobs(policy, queries, query_mask, gen.responses, gen.response_mask, stops, 3)
                 - _sampled_logprobs(reference, queries, query_mask, gen.responses, gen.response_mask, stops, 3))
-    texts, kls = sample_with_kl(policy, reference, tokenizer, PROMPTS, config, seed=s, batch_size=len(PROMPTS))
+    texts, kls = _side_kl(policy, reference, tokenizer, config, s)
     assert texts == decode_responses(tokenizer, gen.responses, gen.response_mask)
     torch.testing.assert_close(torch.tensor(kls), expected, atol=1e-4, rtol=0)
     per_response, logged = _ppo_kls(policy, reference, tokenizer, queries, query_mask, gen, 3)
@@ -335,15 +343,13 @@ def test_kl_under_a_floor_on_response_length_is_not_negative(tokenizer, tmp_path
     """Fixed-length responses (min = max = 8) from a policy that differs from its reference only in the stop token's
     logit: the distributions sampled from, stop tokens masked, are the same, so the KL is 0. Full-vocabulary
     log-probs would give sum_t log(1 - pi(stop)) - log(1 - ref(stop)), about -2.7 nats per response."""
-    from wprlhf.evals.measures import sample_with_kl
-
     policy, reference = _stop_prone_pair(tokenizer)
     config = GenerationConfig(max_new_tokens=8, min_new_tokens=8, temperature=T)
     s = seed(3)
     queries, query_mask, gen = _sample_ids(policy, tokenizer, PROMPTS, config, sample_seed=s)
-    _, kls = sample_with_kl(policy, reference, tokenizer, PROMPTS, config, seed=s, batch_size=len(PROMPTS))
+    _, kls = _side_kl(policy, reference, tokenizer, config, s)
     per_response, logged = _ppo_kls(policy, reference, tokenizer, queries, query_mask, gen, 8)
     eval_mean, _ = _eval_kl(monkeypatch, tmp_path, policy, reference, tokenizer, PROMPTS, config, s)
-    for name, values in (("sample_with_kl", kls), ("ppo per response", per_response.tolist()),
+    for name, values in (("side_kl", kls), ("ppo per response", per_response.tolist()),
                          ("ppo logged", [logged]), ("wprlhf eval", [eval_mean])):  # fmt: skip
         assert all(abs(v) < 1e-4 for v in values), (name, values)

@@ -463,18 +463,19 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
 def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(tmp_path, monkeypatch):
     """`wprlhf eval --instruction`: the sampled policies and their KL read instruction + prompt, the judges, the
     pairs file and the blind queue the bare prompt."""
-    from wprlhf.evals import side_by_side
+    from wprlhf.evals import side_by_side, sides
 
     alpha, beta = _tiny_policy(tmp_path / "alpha-policy", 1), _tiny_policy(tmp_path / "beta-policy", 2)
     prompts = tmp_path / "eval_prompts.txt"
     prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
     read = {"sampled": [], "scored": [], "judged": []}
 
-    def spy(name, what, at):  # record the prompts argument (at position `at`) of side_by_side.name, then call it
-        real = getattr(side_by_side, name)
-        monkeypatch.setattr(side_by_side, name, lambda *a, **k: read[what].extend(a[at]) or real(*a, **k))
+    def spy(module, name, what, at):  # record the prompts argument (at position `at`) of module.name, then call it
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: read[what].extend(a[at]) or real(*a, **k))
 
-    spy("_sample_side", "sampled", 1), spy("response_logprobs", "scored", 2), spy("judge_sides", "judged", 0)
+    spy(side_by_side, "_sample_side", "sampled", 2), spy(sides, "response_logprobs", "scored", 2)
+    spy(side_by_side, "judge_sides", "judged", 0)
     assert main(["eval", "--policy", str(alpha), "--against", str(beta), "--prompts", str(prompts), "--judge", "length",
                  "--response-length", "6", "--instruction", "Tell a story.", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
     asked = ["Tell a story.\n\n[WP] a lighthouse", "Tell a story.\n\n[WP] a key"]
@@ -488,16 +489,16 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     """`--against-instruction ''`: one model asked two ways is two systems. --policy reads the instruction, --against
     (the same model) the bare prompt, and the KL reference reads what --against read; the blind queue names the
     two sides apart."""
-    from wprlhf.evals import side_by_side
+    from wprlhf.evals import side_by_side, sides
     from wprlhf.labeling.store import Store
 
     alpha = _tiny_policy(tmp_path / "alpha-policy", 1)
     prompts = tmp_path / "eval_prompts.txt"
     prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
     read = {"sampled": [], "scored": []}
-    for name, what, at in (("_sample_side", "sampled", 1), ("response_logprobs", "scored", 2)):
-        real = getattr(side_by_side, name)
-        monkeypatch.setattr(side_by_side, name,
+    for module, name, what, at in ((side_by_side, "_sample_side", "sampled", 2), (sides, "response_logprobs", "scored", 2)):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
                             lambda *a, _r=real, _w=what, _at=at, **k: read[_w].extend(a[_at]) or _r(*a, **k))
     db = tmp_path / "blind.db"
     assert main(["eval", "--policy", str(alpha), "--against", str(alpha), "--prompts", str(prompts),
@@ -509,8 +510,8 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     report = json.loads((tmp_path / "e.json").read_text())
     assert (report["instruction"], report["against_instruction"]) == ("Tell a story.", "")
     assert report["sides"]["policy"]["kl"]["mean"] != 0.0  # the same weights, two contexts: not the same system
-    sides = {n for c in Store(db).comparisons() for n in c["metadata"]["blind_sides"]}
-    assert sides == {f"{alpha} [policy: Tell a story.]", f"{alpha} [against: bare prompt]"}
+    named = {n for c in Store(db).comparisons() for n in c["metadata"]["blind_sides"]}
+    assert named == {f"{alpha} [policy: Tell a story.]", f"{alpha} [against: bare prompt]"}
 
 
 def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs():

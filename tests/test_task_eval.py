@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from tests.helpers import json_numbers, same_numbers, save_tiny_classifier
 from wprlhf.cli import main
 from wprlhf.errors import UserError
-from wprlhf.evals.measures import sample_with_kl
+from wprlhf.evals.sides import sample_side, side_kl, side_logprobs
 from wprlhf.generation import GenerationConfig, generate
 from wprlhf.pipelines.sentiment import CONTROLS, builtin_openings, evaluate_task, heldout_openings, opening, summary
 
@@ -95,13 +96,17 @@ def test_heldout_openings_come_from_the_test_file_less_training_openings(tmp_pat
         heldout_openings(folder, 0)
 
 
-def test_sample_with_kl_feeds_plain_text_when_asked(tokenizer, tiny):
+def test_a_side_feeds_plain_text_when_asked(tokenizer, tiny):
     prompts = ["The film opens on a beach", "I wanted to like it"]
     config = GenerationConfig(max_new_tokens=5, temperature=1.0)
-    plain, kls = sample_with_kl(tiny, None, tokenizer, prompts, config, seed=3, chat_template=False)
-    assert plain == generate(tiny, tokenizer, prompts, config, seed=3, chat_template=False) and kls == [0.0, 0.0]
-    templated, _ = sample_with_kl(tiny, None, tokenizer, prompts, config, seed=3)
-    assert templated == generate(tiny, tokenizer, prompts, config, seed=3, chat_template=True) != plain
+    plain = sample_side("tiny", tiny, tokenizer, prompts, config, seed=3, chat_template=False)
+    assert plain.texts == generate(tiny, tokenizer, prompts, config, seed=3, chat_template=False)
+    assert side_kl(plain, tiny, tiny, tokenizer, prompts, config, chat_template=False) == [0.0, 0.0]
+    # Read as plain text, the sampled ids have other log-probs than under the chat template.
+    lp = [side_logprobs(plain, tiny, tokenizer, prompts, config, chat_template=c) for c in (False, True)]
+    assert not np.allclose(lp[0], lp[1])
+    templated = sample_side("tiny", tiny, tokenizer, prompts, config, seed=3)
+    assert templated.texts == generate(tiny, tokenizer, prompts, config, seed=3, chat_template=True) != plain.texts
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

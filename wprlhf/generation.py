@@ -100,7 +100,7 @@ class Generation:
     logprobs (B, Tr) float32: log-prob of each sampled token under softmax(logits / temperature) over the full
       vocabulary (what PPO's training forward computes; top-k/top-p truncation is not reflected), 0 on pads.
       Under min_new_tokens they are not those of the distribution sampled from (stop tokens masked): PPO and
-      `measures.sample_with_kl` then recompute them with `forwards.sampling_floor`;
+      evaluation (`sides.response_logprobs`) then recompute them with `forwards.sampling_floor`;
     finished (B,) bool: the row ended with a stop token or stop string (False = cut at max_new_tokens).
     """
 

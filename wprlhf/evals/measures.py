@@ -12,10 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..core import bootstrap_ci, choice_credit, masked_sum
-from ..forwards import policy_forward, sampling_floor
-from ..generation import GenerationConfig, decode_responses, encode_prompts, fit_positions, sample
-from ..models import stop_token_ids
+from ..core import bootstrap_ci, choice_credit
 from ..signatures import RewardFn
 from ..text import meta_share, repeated_share, word_ngrams
 
@@ -82,40 +79,3 @@ def scored_win_rate(new_scores: Sequence[float], start_scores: Sequence[float], 
     wins = choice_credit(pairs, torch.ones(len(pairs), dtype=torch.long)).tolist()
     lo, hi = bootstrap_ci(wins, groups)
     return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins)}
-
-
-@torch.no_grad()
-def sample_with_kl(policy, reference, tokenizer, prompts: list[str], config: GenerationConfig, seed: int = 0,
-                   batch_size: int = 16, progress: bool = False, chat_template: bool = True,
-                   ) -> tuple[list[str], list[float]]:  # fmt: skip
-    """Sample one response per prompt from `policy` and the KL of each to `reference`, in nats per response.
-
-    KL is the k1 estimate sum_t log pi(y_t) - log ref(y_t) over the response's tokens (its stop token included),
-    both at the sampling temperature and under the distribution sampled from: with config.min_new_tokens > 0 the
-    stop tokens are masked while t < min_new_tokens and the rest renormalised (`forwards.sampling_floor`), so the
-    estimate is of a true KL, >= 0 in expectation. PPO's logged `kl` and `wprlhf eval`'s are the same quantity.
-    `reference` = None gives zeros. chat_template False feeds the prompts as plain text to be continued (the
-    review tasks), as PPO fed them.
-    """
-    from tqdm.auto import tqdm
-
-    floor = sampling_floor(config.min_new_tokens, config.stop_at_eos, stop_token_ids(tokenizer))
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    texts, kls = [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
-        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], None, chat_template)
-        # The KL's forwards below must read the same (clipped) prompts the sampler did.
-        queries, query_mask = fit_positions(policy, queries.to(device), query_mask.to(device), config.max_new_tokens)
-        gen = sample(policy, queries, query_mask, config, stop_token_ids(tokenizer), tokenizer.pad_token_id,
-                     generator, tokenizer)  # fmt: skip
-        texts += decode_responses(tokenizer, gen.responses, gen.response_mask)
-        if reference is None:
-            kls += [0.0] * len(gen.responses)
-            continue
-        batch = (queries, query_mask, gen.responses, gen.response_mask)
-        ref_logprobs, _, _ = policy_forward(reference, *batch, config.temperature, **floor)
-        # The sampler's log-probs are over the full vocabulary: under a floor the policy's are taken as the reference's.
-        logprobs = policy_forward(policy, *batch, config.temperature, **floor)[0] if floor else gen.logprobs
-        kls += masked_sum(logprobs - ref_logprobs, gen.response_mask, dim=1).tolist()
-    return texts, kls

@@ -29,20 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..core import bootstrap_ci, masked_sum, pad_sequences
+from ..core import bootstrap_ci
 from ..data import prompt_key
 from ..errors import UserError, check_numbers
 from ..files import iter_jsonl, write_json_atomic, write_text_atomic
-from ..forwards import policy_forward, sampling_floor
-from ..generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
-from ..models import stop_token_ids
+from ..generation import check_bare_prompts
 from ..rewards.judges import story_verdict
 from ..signatures import RewardFn
 from ..text import has_meta
 from . import measures
 from .measures import distinct_n, repetition_rate, scored_win_rate
+from .sides import Side, sample_side, side_kl
 
 # ==========================================================================================================
 # numbers of one side
@@ -70,7 +68,8 @@ def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chu
 def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[float] | None = None,
              relevance: Sequence[float] | None = None, kl: Sequence[float] | None = None) -> dict:  # fmt: skip
     """Every per-side number with its CI over prompts: story, relevance, distinct_1/2, repetition, meta, words,
-    judge (mean score), kl; plus 'verdicts', the story rule's verdict on each response."""
+    judge (mean score), kl; plus, per response, 'verdicts' (the story rule's) and 'judge_scores' (with a judge):
+    those go beside each response in a pairs file, not into a report (`without_verdicts`)."""
     verdicts = [story_verdict(p, r) for p, r in zip(prompts, responses)]
     out = {"n": len(responses), "story": prompt_ci([v == "story" for v in verdicts], prompts),
            "distinct_1": chunked_ci(responses, lambda t: distinct_n(t, 1)),
@@ -81,42 +80,9 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
     for name, values in (("judge", judge_scores), ("relevance", relevance), ("kl", kl)):
         if values is not None:
             out[name] = prompt_ci([float(v) for v in values], prompts)
+    if judge_scores is not None:
+        out["judge_scores"] = [float(v) for v in judge_scores]
     return out
-
-
-# ==========================================================================================================
-# KL of text to a reference
-
-
-@torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: Sequence[str] | Sequence[Sequence[int]],
-                      temperature: float, batch_size: int = 16, chat_template: bool = True,
-                      min_response_length: int = 0, progress: bool = True) -> np.ndarray:  # fmt: skip
-    """Sum over each response's tokens of log p(token | prompt, earlier tokens) at `temperature` -> (N,) nats.
-
-    min_response_length: the sampler forbade end-of-turn before this many tokens, so those positions are scored
-    under the distribution it sampled from (stop tokens masked, the rest renormalised: `forwards.sampling_floor`, as
-    PPO and `measures.sample_with_kl` score them); the difference of two models' sums is then the KL estimate k1
-    of what each would sample. responses: the sampled token ids (`generation.generate(ids=...)`: a response that
-    stopped ends with its stop token, whose term the KL needs), or text, tokenized again: text has lost the stop
-    token, and the same tokenizer gives back its other tokens except at rare merges.
-    """
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    floor = sampling_floor(min_response_length, True, stop_token_ids(tokenizer))
-    out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="log-probs", unit="batch", disable=not progress):
-        chunk = slice(start, start + batch_size)
-        ids = [torch.tensor((text_ids(tokenizer, [r])[0] if isinstance(r, str) else list(r)) or [tokenizer.pad_token_id],
-                            dtype=torch.long) for r in responses[chunk]]  # fmt: skip
-        tokens, response_mask = (x.to(device) for x in pad_sequences(ids, tokenizer.pad_token_id, side="right"))
-        queries, query_mask = encode_prompts(tokenizer, prompts[chunk], None, chat_template)
-        queries, query_mask = fit_positions(model, queries, query_mask, tokens.shape[1])
-        logprobs = policy_forward(model, queries.to(device), query_mask.to(device), tokens, response_mask, temperature,
-                                  **floor)[0]  # (B, Tr)
-        out += masked_sum(logprobs, response_mask, dim=1).tolist()
-    return np.asarray(out)
 
 
 # ==========================================================================================================
@@ -352,24 +318,19 @@ def read_side(spec: str) -> dict[str, str]:
     return rows
 
 
-def _sample_side(spec: str, prompts: list[str], config: EvalConfig):
-    """(responses, (model, tokenizer), ids, finished) of a model sampled on the prompts: ids, each response's sampled
-    tokens with its stop token where it stopped, are what its KL is measured on (`response_logprobs`); finished,
-    whether it stopped before the cap."""
+def _sample_side(name: str, spec: str, queries: list[str], config: EvalConfig):
+    """(side, model, tokenizer): a model loaded from `spec` and sampled on the queries (`sides.sample_side`)."""
     from ..distributed import resolve_device
-    from ..generation import generate, generation_config
+    from ..generation import generation_config
     from ..models import load_policy
 
     model, tokenizer = load_policy(spec, seed=config.seed)
-    check_bare_prompts(tokenizer, prompts)  # every prompt, before any sampling
+    check_bare_prompts(tokenizer, queries)  # every prompt, before any sampling
     model.to(resolve_device(config.device))
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
     gen.greedy = config.greedy
-    ids, finished = [], []
-    texts = generate(model, tokenizer, prompts, gen, batch_size=config.batch_size, seed=config.seed, progress=True,
-                     finished=finished, ids=ids)  # fmt: skip
-    return texts, (model, tokenizer), ids, finished
+    return sample_side(name, model, tokenizer, queries, gen, config.seed, config.batch_size), model, tokenizer, gen
 
 
 def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
@@ -400,37 +361,35 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
              "against": config.instruction if config.against_instruction is None else config.against_instruction}
     queries = {side: [instruction_head(head) + p for p in prompts] for side, head in heads.items()}
     specs = {"policy": config.policy, "against": config.against}
-    texts, models, ids, finished = {}, {}, {}, {}
-    for side, spec in specs.items():
+    sides, models = {}, {}
+    for name, spec in specs.items():
         if spec in files:
             missing = [p for p in prompts if p not in files[spec]]
             if missing:
                 raise UserError(f"{spec} has no response to {len(missing)} of the {len(prompts)} prompts, e.g. "
                                 f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
-            texts[side] = [files[spec][p] for p in prompts]
+            sides[name] = Side(name, [files[spec][p] for p in prompts])
         else:
-            texts[side], models[side], ids[side], finished[side] = _sample_side(spec, queries[side], config)
-    new, old = texts["policy"], texts["against"]
+            sides[name], *models[name] = _sample_side(name, spec, queries[name], config)
+    new, old = sides["policy"].texts, sides["against"].texts
     kls = {}
     reference = config.reference or (config.against if "against" in models else "")
     if reference and "policy" in models:
-        model, tokenizer = models["policy"]
+        model, tokenizer, gen = models["policy"]
         if "against" in models and reference == config.against:
             ref_model = models["against"][0]
         else:
             ref_model = load_policy(reference)[0]
         ref_model.to(next(model.parameters()).device)
-        # The sampled ids, not the text: a response that stopped keeps its stop token's term.
-        lp = [response_logprobs(m, tokenizer, q, ids["policy"], config.temperature, config.batch_size,
-                                min_response_length=config.min_response_length)
-              for m, q in ((model, queries["policy"]), (ref_model, queries["against"]))]  # fmt: skip
-        kls["policy"] = (lp[0] - lp[1]).tolist()
+        kls["policy"] = side_kl(sides["policy"], model, ref_model, tokenizer, queries["policy"], gen,
+                                queries["against"], config.batch_size)  # fmt: skip
     report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
     report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference,
                   instruction=heads["policy"], against_instruction=heads["against"])
     if config.min_response_length < config.response_length:  # not fixed-length: how many ran into the cap unfinished
-        for side, done in finished.items():
-            report["sides"][side]["truncated_share"] = prompt_ci([0.0 if d else 1.0 for d in done], prompts)
+        for name in models:
+            report["sides"][name]["truncated_share"] = prompt_ci([0.0 if d else 1.0 for d in sides[name].finished],
+                                                                 prompts)  # fmt: skip
     if blind_db:
         # One model under two instructions is two systems: the blind store must tell its sides apart.
         names = (config.policy, config.against) if config.policy != config.against else tuple(
@@ -445,9 +404,10 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
 
 
 def without_verdicts(report: dict) -> dict:
-    """The report without the per-response verdict lists (those go beside each response in the pairs file)."""
+    """The report without the per-response lists, verdicts and judge scores (those go beside each response in the
+    pairs file)."""
     def strip(d):
-        return {k: v for k, v in d.items() if k != "verdicts"}
+        return {k: v for k, v in d.items() if k not in ("verdicts", "judge_scores")}
 
     out = dict(report, sides={k: strip(v) for k, v in report["sides"].items()})
     if report.get("human"):

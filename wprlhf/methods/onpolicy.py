@@ -545,7 +545,7 @@ def rollout_stats(trainer: Trainer, rollout: Rollout, kl_coef: float,
     """Metrics of a rollout every method logs (names in metrics.py): scores as reward_fn gave them, KL to the
     reference per response (`Rollout.kl` summed; and k3, logged only), the step's kl_coef, the mean rlhf reward
     (rlhf_rewards (B,)), response length, learning rate. `kl` is k1 summed over a response's tokens under the
-    distribution sampled from (`Rollout`), the KL that `measures.sample_with_kl` and `wprlhf eval` report."""
+    distribution sampled from (`Rollout`), the KL every evaluation reports (`sides.side_kl`)."""
     mask, B = rollout.response_mask, len(rollout)
     return {
         "score_mean": float(rollout.scores.mean()),

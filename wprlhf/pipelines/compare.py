@@ -32,9 +32,10 @@ import numpy as np
 from ..data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
 from ..distributed import check_mixed_precision, resolve_device
 from ..errors import UserError, check_numbers
-from ..evals.side_by_side import judge_sides, response_logprobs, table_markdown, without_verdicts
+from ..evals.side_by_side import judge_sides, table_markdown, without_verdicts
+from ..evals.sides import Side, sample_side, side_kl
 from ..files import write_json_atomic, write_text_atomic
-from ..generation import generate, generate_k, generation_config
+from ..generation import generate_k, generation_config
 from ..methods.best_of import kl_bound, sample_pool
 from ..methods.dpo import pairs_from
 from ..models import load_policy
@@ -293,35 +294,28 @@ def evaluate(config: CompareConfig, out_dir: Path, eval_prompts: list[str], rewa
     device, gen = resolve_device(config.device), _generation(config)
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
-    ids: dict[str, list[list[int]]] = {}  # per sampled side: its token ids, what its KL is measured on
-
-    def draw(model, name, seed):
-        return generate(model, tokenizer, eval_prompts, gen, seed=seed, progress=True, ids=ids.setdefault(name, []))
-
-    def logprobs(model, name):  # summed over the sampled ids, as stories and `wprlhf eval` measure a side's KL
-        return response_logprobs(model, tokenizer, eval_prompts, ids[name], config.temperature,
-                                 min_response_length=config.response_length, progress=False)  # fmt: skip
-
-    sides = {"start": draw(start, "start", config.seed + 30_000)}
+    sides = {"start": sample_side("start", start, tokenizer, eval_prompts, gen, config.seed + 30_000)}
     kls: dict[str, list[float]] = {"start": [0.0] * len(eval_prompts)}
 
     ns = [int(m[8:]) for m in config.method_list if m.startswith("best-of-")]
     if ns:
         pool = sample_pool(start, tokenizer, eval_prompts, max(ns), reward_fn, gen, seed=config.seed + 20_000)
         for n in ns:
-            sides[f"best-of-{n}"] = pool.best(n)[0]
+            sides[f"best-of-{n}"] = Side(f"best-of-{n}", pool.best(n)[0])
             kls[f"best-of-{n}"] = [kl_bound(n)] * len(eval_prompts)
     for name in (m for m in config.method_list if m in METHODS):
         model, _ = load_policy(str(out_dir / name / "policy"))
         model.to(device)
-        sides[name] = draw(model, name, config.seed + 40_000)
-        kls[name] = (logprobs(model, name) - logprobs(start, name)).tolist()
+        sides[name] = sample_side(name, model, tokenizer, eval_prompts, gen, config.seed + 40_000)
+        # On the sampled ids, as stories and `wprlhf eval` measure a side's KL.
+        kls[name] = side_kl(sides[name], model, start, tokenizer, eval_prompts, gen, progress=False)
         del model
+    texts = {name: side.texts for name, side in sides.items()}
     # Every side's response to each eval prompt, to read (and to hand a blind reader as shuffled pairs).
     write_text_atomic(out_dir / "samples.jsonl", "".join(
-        json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}}) + "\n"
+        json.dumps({"prompt": p, **{name: responses[i] for name, responses in texts.items()}}) + "\n"
         for i, p in enumerate(eval_prompts)))  # fmt: skip
-    return judge_sides(eval_prompts, sides, judge, "start", relevance=relevance, kls=kls)
+    return judge_sides(eval_prompts, texts, judge, "start", relevance=relevance, kls=kls)
 
 
 def _plot(report: dict, path: Path) -> None:

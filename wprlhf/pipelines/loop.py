@@ -29,7 +29,8 @@ from .. import checkpoint as ckpt
 from ..data import Comparison, builtin_prompts, load_comparisons, load_prompts, load_responses, write_comparisons
 from ..distributed import check_mixed_precision, resolve_device
 from ..errors import UserError, check_numbers
-from ..evals.measures import sample_with_kl, text_stats, win_rate
+from ..evals.side_by_side import judge_sides, without_verdicts
+from ..evals.sides import sample_side, side_kl
 from ..files import iter_jsonl, write_json_atomic, write_text_atomic
 from ..generation import generate_k, generation_config, write_samples
 from ..methods.onpolicy_config import PPOConfig
@@ -355,29 +356,31 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
     reference = make_reference(reference.to(policy.device))
     flat_prompts = [p for p in eval_prompts for _ in range(eval_k)]
     start = [t for rs in start_responses for t in rs]
-    new, kls = sample_with_kl(policy, reference, tokenizer, flat_prompts, generation_config(config),
-                              seed=config.seed + 10_000, progress=True)  # fmt: skip
+    gen = generation_config(config)
+    new = sample_side("new", policy, tokenizer, flat_prompts, gen, seed=config.seed + 10_000)
+    kls = side_kl(new, policy, reference, tokenizer, flat_prompts, gen, progress=False)
     del policy, reference
-    result = win_rate(judge, flat_prompts, new, start)
+    report = judge_sides(flat_prompts, {"start": start, "new": new.texts}, judge, "start", kls={"new": kls})
+    win, sides = report["win_rates"]["new vs start"], report["sides"]
     reward_fn = reward_fn_from_model(round_dir / "rm")
-    rewards_new, rewards_start = reward_fn(flat_prompts, new), reward_fn(flat_prompts, start)
-    new_stats, start_stats = text_stats(flat_prompts, new), text_stats(flat_prompts, start)
+    rewards_new, rewards_start = reward_fn(flat_prompts, new.texts), reward_fn(flat_prompts, start)
     ppo_rows = read_metrics(out_dir / "ppo" / "metrics.csv")
     labels = list(load_comparisons(round_dir / "all_labels.jsonl"))
     rm_eval = json.loads((round_dir / "rm" / "eval-heldout.json").read_text())
     row = {"round": r, "labels": len(labels), "agreement": agreement(labels),
            "rm_accuracy": rm_eval.get("accuracy", float("nan")), "score_mean": ppo_rows[-1]["score_mean"],
            "kl": ppo_rows[-1]["kl"], "kl_coef": ppo_rows[-1]["kl_coef"], "eval_kl": sum(kls) / len(kls),
-           "distinct_2": new_stats["distinct_2"], "start_distinct_2": start_stats["distinct_2"],
-           **{k: result[k] for k in ("judge_new", "judge_start", "win_rate", "win_rate_lo", "win_rate_hi")}}  # fmt: skip
+           "distinct_2": sides["new"]["distinct_2"]["mean"], "start_distinct_2": sides["start"]["distinct_2"]["mean"],
+           "judge_new": sides["new"]["judge"]["mean"], "judge_start": sides["start"]["judge"]["mean"],
+           **{k: win[k] for k in ("win_rate", "win_rate_lo", "win_rate_hi")}}  # fmt: skip
     pairs = [{"prompt": p, "start": a, "new": b, "judge_start": ja, "judge_new": jb, "reward_start": ra,
               "reward_new": rb, "kl": kl}
-             for p, a, b, ja, jb, ra, rb, kl in zip(flat_prompts, start, new, result["judge_start_scores"],
-                                                    result["judge_new_scores"], rewards_start, rewards_new, kls)]  # fmt: skip
+             for p, a, b, ja, jb, ra, rb, kl in zip(flat_prompts, start, new.texts, sides["start"]["judge_scores"],
+                                                    sides["new"]["judge_scores"], rewards_start, rewards_new, kls)]  # fmt: skip
     write_text_atomic(round_dir / "eval_pairs.jsonl", "".join(json.dumps(x) + "\n" for x in pairs))
     # agreement is NaN with one labeler (no pair of labels to compare), rm_accuracy when no label has a winner
-    write_json_atomic(round_dir / "eval.json", {**row, "n": result["n"], "judge": config.judge or config.labeler,
-                                                "new": new_stats, "start": start_stats}, allow_nan=True)  # fmt: skip
+    write_json_atomic(round_dir / "eval.json", {**row, "n": win["n"], "judge": config.judge or config.labeler,
+                                                **without_verdicts(report)}, allow_nan=True)  # fmt: skip
     return row
 
 

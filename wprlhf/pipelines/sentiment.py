@@ -29,7 +29,8 @@ import torch
 from ..data import Response, read_rows
 from ..distributed import resolve_device
 from ..errors import UserError
-from ..evals.measures import mean_ci, paired_means, sample_with_kl, text_stats
+from ..evals.measures import mean_ci, paired_means, text_stats
+from ..evals.sides import sample_side, side_kl
 from ..generation import GenerationConfig, generation_config
 from ..models import load_policy
 from ..rewards.classifier import TEST_FILES, TRAIN_FILES, clean_text, join_review, load_labelled, log_odds_reward
@@ -338,10 +339,11 @@ def _sample_both(policy: str, start: str, prompts: list[str], gen: GenerationCon
     run_on = resolve_device(device)
     trained_model.to(run_on)
     start_model.to(run_on)
-    common = {"seed": seed, "batch_size": batch_size, "progress": progress, "chat_template": chat_template}
-    trained, kls = sample_with_kl(trained_model, start_model, tokenizer, prompts, gen, **common)
-    start_texts, _ = sample_with_kl(start_model, None, start_tokenizer, prompts, gen, **common)
-    return {"start": start_texts, "trained": trained}, kls
+    common = {"batch_size": batch_size, "progress": progress, "chat_template": chat_template}
+    trained = sample_side("trained", trained_model, tokenizer, prompts, gen, seed, **common)
+    kls = side_kl(trained, trained_model, start_model, tokenizer, prompts, gen, **common)
+    start_side = sample_side("start", start_model, start_tokenizer, prompts, gen, seed, **common)
+    return {"start": start_side.texts, "trained": trained.texts}, kls
 
 
 def _by_control(scores: dict, controls: Sequence[str], kls: list[float], openings: list[str]) -> dict:

@@ -634,8 +634,9 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     Sides: start (the start policy's samples), sft (fresh samples of the SFT policy, drawn apart from the best-of-n
     pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), dpo or ppo (the
     last step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
-    from ..evals.side_by_side import judge_sides, response_logprobs
-    from ..generation import generate, generation_config
+    from ..evals.side_by_side import judge_sides
+    from ..evals.sides import Side, sample_side, side_logprobs
+    from ..generation import generation_config
     from ..methods.best_of import Pool
     from ..models import load_policy
     from ..rewards.judges import Relevance
@@ -651,52 +652,42 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     device = resolve_device(config.device)
     gen = generation_config(None, response_length=config.response_length,
                             min_response_length=config.min_response_length, temperature=config.temperature)
-    T, bs, min_len = config.temperature, config.eval_batch_size, config.min_response_length
-
     queries = [query(config, p) for p in prompts]  # what the policies read; the judges read `prompts`
 
+    def draw(name, spec, seed):  # a policy's side, sampled on the eval queries; the model stays for its KL
+        models[name] = load_policy(spec)[0].to(device)
+        return sample_side(name, models[name], tokenizer, queries, gen, seed, config.eval_batch_size)
+
     def logprobs(model, side):  # a sampled side by its token ids (its stop tokens' terms kept); best-of-n by its text
-        responses = sampled.get(side) or sides[side]
-        return response_logprobs(model, tokenizer, queries, responses, T, bs, min_response_length=min_len)
+        return side_logprobs(sides[side], model, tokenizer, queries, gen, config.eval_batch_size)
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
-    start.to(device)
-    cut: dict[str, list[bool]] = {}  # per sampled side: which responses ended with a stop token (truncated_share)
-    sampled: dict[str, list[list[int]]] = {}  # per sampled side: its token ids, stop included (the KL's last term)
-
-    def draw(model, name, seed):
-        return generate(model, tokenizer, queries, gen, batch_size=bs, seed=seed, progress=True,
-                        finished=cut.setdefault(name, []), ids=sampled.setdefault(name, []))  # fmt: skip
-
-    sides = {"start": draw(start, "start", config.seed + 30_000)}
-    rl_start = state_sft_policy(state) if config.sft else None
-    base = "sft" if config.sft else "start"
-    sft = None
+    models = {"start": start.to(device)}  # the sampled sides' policies
+    sides = {"start": sample_side("start", start, tokenizer, queries, gen, config.seed + 30_000, config.eval_batch_size)}
     if config.sft:
-        sft, _ = load_policy(rl_start)
-        sft.to(device)
-        sides["sft"] = draw(sft, "sft", config.seed + 50_000)
+        sides["sft"] = draw("sft", state_sft_policy(state), config.seed + 50_000)
     for n in config.best_of_ns:
-        sides[f"best-of-{n}"] = pool.best(n)[0]
-    rl = {}  # the RL policies: 'dpo', 'ppo'
-    for name in ("dpo", "ppo"):
+        sides[f"best-of-{n}"] = Side(f"best-of-{n}", pool.best(n)[0])
+    for name in ("dpo", "ppo"):  # the RL policies
         if (out_dir / name / "policy").exists():
-            rl[name], _ = load_policy(str(out_dir / name / "policy"))
-            rl[name].to(device)
-            sides[name] = draw(rl[name], name, config.seed + 40_000)
+            sides[name] = draw(name, str(out_dir / name / "policy"), config.seed + 40_000)
 
-    kls, kl_to_sft = side_kls(config, sides, logprobs, start, sft, rl, len(prompts))
-    del start, rl, sft
+    kls, kl_to_sft = side_kls(config, sides, logprobs, models, len(prompts))
+    models.clear()  # free the policies before the judges load
+    del start
 
+    texts = {name: side.texts for name, side in sides.items()}
     human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
     judge = reward_fn_from_model(state["judge_dir"])
     print("eval: judges", flush=True)
+    base = "sft" if config.sft else "start"
     pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft else []
-    report = judge_sides(prompts, sides, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
-    add_run_facts(report, out_dir, state, prompts, sides, human, kl_to_sft, {} if gen.fixed_length else cut)
+    report = judge_sides(prompts, texts, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
+    cut = {} if gen.fixed_length else {name: side.finished for name, side in sides.items() if side.finished is not None}
+    add_run_facts(report, out_dir, state, prompts, texts, human, kl_to_sft, cut)
     report["response_length"] = config.response_length
 
-    write_eval(config, out_dir, report, prompts, sides, human)
+    write_eval(config, out_dir, report, prompts, texts, human)
     return report
 
 
@@ -746,14 +737,16 @@ def write_eval(config: StoriesConfig, out_dir: Path, report: dict, prompts: list
     print(_summary(report), flush=True)
 
 
-def side_kls(config: StoriesConfig, sides: dict, logprobs, start, sft, rl: dict,
-             n_prompts: int) -> tuple[dict, dict]:  # fmt: skip
+def side_kls(config: StoriesConfig, sides: dict, logprobs, models: dict, n_prompts: int) -> tuple[dict, dict]:
     """KL of every side to the start policy, and of the RL sides to the SFT policy, in nats per response: k1 on the
     sampled text, log pi(y) - log start(y), both with end-of-turn forbidden where the sampler forbade it.
-    logprobs(model, side) -> (n_prompts,) summed log-probs; sft None without an SFT phase; rl: the RL policies."""
+    logprobs(model, side) -> (n_prompts,) summed log-probs; models: the sampled sides' policies ('start', 'sft'
+    where there is an SFT phase, and the RL ones)."""
     from ..methods.best_of import kl_bound
 
     print("eval: KL of every side to the start policy", flush=True)
+    start, sft = models["start"], models.get("sft")
+    rl = {name: model for name, model in models.items() if name in ("dpo", "ppo")}
     # Without SFT a best-of-n side is the start policy's own samples: its KL is the closed form, nothing to measure.
     measured_sides = [name for name in sides if name != "start" and (sft is not None or name in rl)]
     start_lp = {name: logprobs(start, name) for name in measured_sides}
