@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -120,7 +121,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     printed = capsys.readouterr().out
     assert "done in" not in printed and "== resuming" in printed and "(split, rm, judge, sft, ppo" in printed
     assert main(["stories", "--out", str(out), *flags, "--resume", "--judge-fraction", "0.3"]) == 2
-    assert "--judge-fraction 0.2" in capsys.readouterr().err
+    assert "--split-judge-fraction 0.2" in capsys.readouterr().err
     # A second run on the same data and settings reuses the cached SFT policy and both reward models.
     assert main(["stories", "--out", str(tmp_path / "again"), *flags, "--until", "sft"]) == 0
     said = capsys.readouterr().out
@@ -178,9 +179,9 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 def test_stories_refuses_bad_settings_before_any_work(wp_data, tmp_path, capsys):
     for flags, words in ((["--best-of", "1,x"], "comma-separated"), (["--judge-fraction", "0.7"], "judge_fraction"),
                          (["--eval-prompts", "0"], "eval_prompts"), (["--lr", "nan"], "lr"),
-                         (["--sft-data", "best-of-1"], "sft_data"), (["--reward-extra", "2*nosuch"], "nosuch"),
+                         (["--sft-data", "best-of-1"], "sft.data"), (["--reward-extra", "2*nosuch"], "nosuch"),
                          (["--rl", "none", "--no-sft"], "trains nothing"), (["--rl", "rloo"], "rl must be"),
-                         (["--dpo-beta", "0"], "dpo_beta")):  # fmt: skip
+                         (["--dpo-beta", "0"], "dpo.beta")):  # fmt: skip
         assert main(["stories", "--out", str(tmp_path / "r"), "--data", str(wp_data), *flags]) == 2
         assert words in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
@@ -386,7 +387,7 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
     def check(config, done):
         check_settings(config, saved, done, lambda phase: PHASE_SETTINGS.get(phase, ()))
 
-    saved = {k: v for k, v in StoriesConfig().__dict__.items() if k != "instruction"}
+    saved = {k: v for k, v in dataclasses.asdict(StoriesConfig()).items() if k != "instruction"}
     check(StoriesConfig(), ["split", "sft", "ppo"])  # no error
     with pytest.raises(UserError, match="--instruction '' \\(now 'Write.'\\)"):
         check(StoriesConfig(instruction="Write."), ["split", "sft", "ppo"])
@@ -394,6 +395,12 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
     check(StoriesConfig(instruction="Write."), ["split"])
     with pytest.raises(UserError, match="--instruction"):
         check(StoriesConfig(instruction="Write."), ["split", "ppo"])  # `started` counts as finished
+    # A run saved by an earlier version holds flat keys; each is read where it lives now (StoriesConfig.RENAMED).
+    saved = {"sft_lr": 1e-4, "batch_size": 16, "sft": True, "instruction": ""}
+    check(StoriesConfig(), ["split", "sft", "ppo"])
+    saved = {"batch_size": 8, "sft": False}
+    with pytest.raises(UserError, match="--ppo-batch-size 8 \\(now 16\\), --sft-enabled False \\(now True\\)"):
+        check(StoriesConfig(), ["sft", "ppo"])
 
 
 def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path, monkeypatch):
@@ -454,7 +461,7 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
     monkeypatch.setattr(wprlhf.methods.best_of, "generate_k", fake_generate_k)
     monkeypatch.setattr(stories, "task_reward", lambda config, rm_dir: reward)
     config = stories.StoriesConfig(policy="tiny", device="cpu", mixed_precision=precision, response_length=4,
-                                   pool_batch_size=5, eval_batch_size=7)  # fmt: skip
+                                   pool_batch_size=5, eval=stories.EvalSettings(batch_size=7))  # fmt: skip
     pool = stories.own_pool(config, "tiny", ["[WP] a door"], 3, "rm", tmp_path / "pool.jsonl", seed=0)
     assert pool.best(3)[0] == ["story 2"]
     assert seen == {"sampled": sampled_in, "scored": False, "batch_size": 5}
@@ -514,18 +521,27 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     assert named == {f"{alpha} [policy: Tell a story.]", f"{alpha} [against: bare prompt]"}
 
 
-def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs():
+def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs(tmp_path):
     """examples/stories.yaml (the headline's recipe) loads into StoriesConfig, its reward SPEC resolves, and
     `make demo` passes it to `wprlhf stories`."""
     from pathlib import Path
 
     from wprlhf.checkpoint import load_config
+    from wprlhf.errors import UserError
     from wprlhf.pipelines.stories import StoriesConfig
     from wprlhf.rewards.spec import load_reward
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(StoriesConfig, root / "examples" / "stories.yaml", {})
-    assert (config.sft, config.rl, config.instruction != "") == (False, "dpo", True)
+    assert (config.sft.enabled, config.rl, config.instruction != "", config.dpo.samples) == (False, "dpo", True, 16)
+    # A config file of an earlier version, flat keys, means the same.
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("sft: false\nrl: dpo\ndpo_samples: 12\nbatch_size: 8\nppo:\n  steps: 3\n")
+    old = load_config(StoriesConfig, flat, {"ppo": {"lr": 2e-5}})
+    assert (old.sft.enabled, old.dpo.samples, old.ppo.batch_size, old.ppo.steps, old.ppo.lr) == (False, 12, 8, 3, 2e-5)
+    flat.write_text("ppo: 3\n")
+    with pytest.raises(UserError, match="ppo is a section of settings"):
+        load_config(StoriesConfig, flat, {})
     scores = load_reward(config.reward_extra, "reward_extra")(["[WP] p"], ["and so on and so on and so on"])
     assert len(scores) == 1 and math.isfinite(scores[0])
     assert "--config examples/stories.yaml" in (root / "Makefile").read_text()

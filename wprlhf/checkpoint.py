@@ -68,16 +68,81 @@ def read_config_file(path: str | Path) -> dict:
 
 def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None = None, upgrade=None):
     """A config dataclass from `base` (e.g. a preset), then a YAML/JSON file, then explicit overrides (None = not
-    given). `upgrade(dict) -> dict` translates a file's keys of earlier versions. Unknown keys are errors that list
-    the known ones."""
-    values = dict(base or {})
+    given), each a mapping of its fields in which a section (a field that is itself a config dataclass, e.g.
+    StoriesConfig.ppo) is a mapping of its own. `upgrade(dict) -> dict` translates a file's keys of earlier versions,
+    as does the class's RENAMED table (old flat key -> 'section.field'). Unknown keys are errors that list the known
+    ones."""
+    values = upgrade_keys(cls, dict(base or {}))
     if path:
-        values.update(upgrade(read_config_file(path)) if upgrade else read_config_file(path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(cls)}
-    if unknown := sorted(set(values) - known):
-        raise UserError(f"unknown {cls.__name__} keys {unknown}; rename or remove them (known keys: {sorted(known)})")
-    return cls(**values)
+        values = merge_settings(values, upgrade_keys(cls, upgrade(read_config_file(path)) if upgrade
+                                                     else read_config_file(path)))  # fmt: skip
+    return build_config(cls, merge_settings(values, upgrade_keys(cls, _given(overrides))))
+
+
+def _given(overrides: dict) -> dict:
+    """The overrides actually given: None means a flag not typed, at any depth."""
+    return {k: _given(v) if isinstance(v, dict) else v for k, v in overrides.items() if v is not None}
+
+
+def upgrade_keys(cls, values: dict) -> dict:
+    """`values` with the keys of cls.RENAMED (flat keys of earlier versions, e.g. 'sft_lr') moved to where they
+    live now ('sft.lr'); a key given both ways keeps the new one."""
+    renamed = getattr(cls, "RENAMED", {})
+    out: dict = {}
+    for key, value in values.items():
+        if key not in renamed or isinstance(value, dict):  # 'sft: {lr: ...}' is the section, 'sft: false' the old flag
+            out = merge_settings(out, {key: value})
+            continue
+        *sections, name = renamed[key].split(".")
+        moved: dict = {name: value}
+        for section in reversed(sections):
+            moved = {section: moved}
+        out = merge_settings(moved, out)
+    return out
+
+
+def merge_settings(base: dict, more: dict) -> dict:
+    """`base` updated by `more`, sections (nested mappings) merged key by key rather than replaced."""
+    out = dict(base)
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(cls, values: dict, where: str = ""):
+    """A config dataclass from a mapping of its fields; a section field takes a mapping of its own fields (a YAML
+    block such as `ppo: {steps: 40}`). UserError naming unknown keys, with the known ones."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    if unknown := sorted(set(values) - set(known)):
+        raise UserError(f"unknown {cls.__name__} keys {[where + k for k in unknown]}; rename or remove them (known "
+                        f"keys: {[where + k for k in known]})")  # fmt: skip
+    kwargs = {}
+    for name, value in values.items():
+        section = hints[name]
+        if dataclasses.is_dataclass(section) and not isinstance(value, section):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}{name} is a section of settings, not a value; write it as a mapping, e.g. "
+                                f"`{name}: {{{dataclasses.fields(section)[0].name}: ...}}`, or give --{name}-... flags")  # fmt: skip
+            value = build_config(section, value, f"{where}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def flat_settings(values: dict, prefix: str = "") -> dict:
+    """A config's asdict with its sections flattened: {'ppo': {'lr': 1e-5}} -> {'ppo.lr': 1e-5}."""
+    out: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- finding

@@ -56,23 +56,33 @@ def first_sentence(text: str) -> str:
     return re.split(r"(?<=\.)\s+(?=[A-Z('])", text, maxsplit=1)[0]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = (), prefix: str = "",
+                     renamed: dict[str, str] | None = None) -> None:  # fmt: skip
     """One flag per dataclass field, its help the first sentence of the field's docstring; defaults are None so
-    that only flags the user typed override a file."""
+    that only flags the user typed override a file. A section (a field that is itself a config dataclass, e.g.
+    StoriesConfig.ppo) gets a group of its own, flags --SECTION-FIELD (dest 'section.field'); the flat flags of
+    earlier versions (config_cls.RENAMED) stay as aliases."""
     hints, docs = typing.get_type_hints(config_cls), field_docs(config_cls)
-    group = parser.add_argument_group(f"{config_cls.__name__} settings (each also a key of a --config file)")
+    renamed = getattr(config_cls, "RENAMED", {}) if renamed is None else renamed
+    aliases = {new: "--" + old.replace("_", "-") for old, new in renamed.items()}
+    title = (f"{prefix[:-1]}: {first_sentence(' '.join((config_cls.__doc__ or '').split()))}" if prefix
+             else f"{config_cls.__name__} settings (each also a key of a --config file)")  # fmt: skip
+    group = parser.add_argument_group(title)
     for field in dataclasses.fields(config_cls):
+        hint, path = hints[field.name], prefix + field.name
         if field.name in skip:
             continue
-        flag = "--" + field.name.replace("_", "-")
-        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            add_config_flags(parser, hint, prefix=path + ".", renamed=renamed)
+            continue
+        flag = "--" + path.replace(".", "-").replace("_", "-")
+        names = [flag] + ([aliases[path]] if aliases.get(path, flag) != flag else [])
         default = repr(field.default) if isinstance(field.default, str) else field.default
         # argparse formats help with %: a literal percent sign in a docstring must be doubled
         about = first_sentence(docs.get(field.name, "")).replace("%", "%%")
         help_text = f"{about} (default {default})".strip() if about else f"(default {default})"
         if hint is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)  # fmt: skip
+            group.add_argument(*names, dest=path, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         args = typing.get_args(hint)
         optional = isinstance(hint, types.UnionType) and type(None) in args
@@ -81,7 +91,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[st
             parse = _optional_number(kind) if optional else kind
         else:
             parse = str
-        group.add_argument(flag, dest=field.name, type=parse, default=None, help=help_text)
+        group.add_argument(*names, dest=path, type=parse, default=None, help=help_text, metavar=field.name.upper())
 
 
 ALLOW_CHANGED_HELP = ("with --resume: continue even though an input (the prompts or data file, a reward file or "
@@ -99,8 +109,17 @@ def add_run_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     add_config_flags(parser, config_cls)
 
 
-def _overrides(args: argparse.Namespace, config_cls) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if getattr(args, f.name, None) is not None}
+def _overrides(args: argparse.Namespace, config_cls, prefix: str = "") -> dict:
+    """The config fields given as flags, sections as mappings of their own ({'ppo': {'lr': 1e-5}})."""
+    hints, out = typing.get_type_hints(config_cls), {}
+    for field in dataclasses.fields(config_cls):
+        path = prefix + field.name
+        if dataclasses.is_dataclass(hints[field.name]):
+            if given := _overrides(args, hints[field.name], path + "."):
+                out[field.name] = given
+        elif getattr(args, path, None) is not None:
+            out[field.name] = getattr(args, path)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- subcommands

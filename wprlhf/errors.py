@@ -34,8 +34,10 @@ def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
     import dataclasses
     import math
 
+    section = getattr(config, "SECTION", "")  # a section of a larger config: its flags are --SECTION-...
     for field in dataclasses.fields(config):
-        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        value, flag = getattr(config, field.name), "--" + f"{section}_{field.name}".strip("_").replace("_", "-")
+        name = f"{section}.{field.name}" if section else field.name
         declared = str(field.type)  # 'float', 'int | None', ... (annotations are strings in wprlhf)
         if declared.split(" | ")[0] in ("float", "int") and not (value is None and "None" in declared):
             # A config file can hold any JSON/YAML value: "abc", true or [1] for a number would fail later, deep
@@ -43,9 +45,9 @@ def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
             wanted = (int, float) if declared.startswith("float") else (int,)
             if isinstance(value, bool) or not isinstance(value, wanted):
                 kind = "a number" if declared.startswith("float") else "a whole number"
-                raise UserError(f"{field.name} must be {kind}, got {value!r}; set {flag} (or {field.name} in the "
+                raise UserError(f"{name} must be {kind}, got {value!r}; set {flag} (or {name} in the "
                                 "config file) to one")  # fmt: skip
         if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{field.name} must be a finite number, got {value}; set {flag} to a finite number")
+            raise UserError(f"{name} must be a finite number, got {value}; set {flag} to a finite number")
         if field.name in non_negative and value is not None and value < 0:
-            raise UserError(f"{field.name} must be >= 0, got {value}; set {flag} to 0 or more")
+            raise UserError(f"{name} must be >= 0, got {value}; set {flag} to 0 or more")

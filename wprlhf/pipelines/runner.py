@@ -112,14 +112,20 @@ class Runner:
 
 def check_settings(config, saved: dict | None, phases: Iterable[str], depends: Callable[[str], Iterable[str]]) -> None:
     """UserError naming each setting of `config` that differs from the run's `saved` config where one of `phases`
-    depends on it. A field added since the run was made is missing from `saved`: the run held its default."""
+    depends on it (a section's name, e.g. 'sft', stands for each of its settings). A field added since the run was
+    made is missing from `saved`: the run held its default; a flat key of an earlier version is read where it lives
+    now (the config class's RENAMED)."""
+    from ..checkpoint import flat_settings, upgrade_keys
+
     if not saved:
         return
-    defaults = dataclasses.asdict(type(config)())
-    was = {name: saved.get(name, defaults[name]) for name in defaults}
-    changed = sorted({name for phase in phases for name in depends(phase) if was[name] != getattr(config, name)})
+    defaults = flat_settings(dataclasses.asdict(type(config)()))
+    was = defaults | {k: v for k, v in flat_settings(upgrade_keys(type(config), saved)).items() if k in defaults}
+    now = flat_settings(dataclasses.asdict(config))
+    wanted = {name for phase in phases for name in depends(phase)}
+    changed = sorted(n for n in defaults if was[n] != now[n] and any(n == w or n.startswith(w + ".") for w in wanted))
     if changed:
-        then = ", ".join(f"--{n.replace('_', '-')} {was[n]!r} (now {getattr(config, n)!r})" for n in changed)
+        then = ", ".join(f"--{n.replace('.', '-').replace('_', '-')} {was[n]!r} (now {now[n]!r})" for n in changed)
         raise UserError(f"this run was made with {then}: its finished phases depend on them. Resume with the run's own "
                         "settings, or start a new --out")  # fmt: skip
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -51,9 +51,230 @@ RL_METHODS = ("ppo", "dpo", "none")
 DATA = "../shared/data/writing_prompts"
 
 
+def _at_least(config, lows: dict[str, int | float]) -> None:
+    """UserError for each field of `config` below its low bound, naming its flag (--SECTION-FIELD)."""
+    for name, low in lows.items():
+        if getattr(config, name) < low:
+            flag = "--" + f"{getattr(config, 'SECTION', '')}_{name}".strip("_").replace("_", "-")
+            raise UserError(f"{flag[2:].replace('-', '_')} must be >= {low}, got {getattr(config, name)}; set {flag} "
+                            f"to {low} or more")  # fmt: skip
+
+
+@dataclass
+class SplitSettings:
+    """The split: one prompt-level split of the data into train, judge and eval prompts."""
+
+    SECTION: ClassVar[str] = "split"
+    eval_prompts: int = 100
+    """Eval prompts (prompt groups). Taken from the data first, at most a quarter of its groups; the rest from
+    Fan et al.'s prompts (fan_prompts.csv beside the data), detokenised, none of which is a data prompt."""
+    judge_fraction: float = 0.2
+    """Share of the data's prompt groups whose karma comparisons train the judge reward model."""
+    seed: int = 42
+    """Seeds the shuffle of prompt groups into parts."""
+
+    def __post_init__(self):
+        check_numbers(self)
+        _at_least(self, {"eval_prompts": 1})
+        if not 0 < self.judge_fraction < 0.5:
+            raise UserError(f"split.judge_fraction must lie in (0, 0.5), got {self.judge_fraction}")
+
+
+@dataclass
+class SFTSettings:
+    """The SFT phase (`methods/sft.py`): fine-tune the start policy on stories before RL."""
+
+    SECTION: ClassVar[str] = "sft"
+    enabled: bool = True
+    """Fine-tune before RL. SmolLM2-Instruct answers a prompt as an assistant; SFT teaches it to answer as a writer
+    (docs/results.md: story share before and after)."""
+    data: str = "human"
+    """What SFT imitates: 'human', each train prompt's top-voted story; or 'best-of-N' (e.g. 'best-of-8'), the start
+    policy's best of N samples by the task's reward (the reward model, plus reward_extra's terms; best-of-n
+    distillation, one round of expert iteration): text the start policy itself writes, so the fine-tuned policy
+    stays near it in KL."""
+    examples: int = 384
+    """Train prompts to fine-tune on, one example each (0 = all); also the prompts of DPO's pairs, one pair each."""
+    max_length: int = 160
+    """Tokens of chat template + prompt + story opening per SFT example: the opening is what PPO continues."""
+    lr: float = 1e-4
+    """Learning rate of the SFT phase."""
+    epochs: int = 1
+    """Passes of the SFT phase over its examples."""
+    batch_size: int = 16
+    """SFT examples per optimizer step."""
+    eval_every: int = 8
+    """Optimizer steps between the SFT phase's held-out loss and samples."""
+    samples: int = 2
+    """Held-out prompts the SFT phase samples a response to at each evaluation, for the log."""
+
+    def __post_init__(self):
+        check_numbers(self, non_negative=("lr",))
+        _at_least(self, {"examples": 0, "max_length": 32, "epochs": 1, "batch_size": 1, "eval_every": 1, "samples": 0})
+        if not self.lr > 0:
+            raise UserError(f"sft.lr must be > 0, got {self.lr}; set --sft-lr")
+        self.best_of  # parses, or names the problem
+
+    @property
+    def best_of(self) -> int:
+        """N of data 'best-of-N'; 0 for 'human'."""
+        if self.data == "human":
+            return 0
+        n = self.data[len("best-of-"):]
+        if not self.data.startswith("best-of-") or not n.isdigit() or int(n) < 2:
+            raise UserError(f"sft.data must be 'human' or 'best-of-N' with N >= 2 (e.g. best-of-8), got {self.data!r}")
+        return int(n)
+
+
+@dataclass
+class RewardSettings:
+    """A reward model trained on karma comparisons (`rewards/reward_model.py`): the task's (rm) or the judge's."""
+
+    SECTION: ClassVar[str] = "rm"
+    examples: int = 6000
+    """Karma comparisons (of train prompts) the reward model trains on; `rm train`'s recipe otherwise."""
+    val_fraction: float = 0.05
+    """Share of its prompts held out of its training to state its accuracy."""
+
+    def __post_init__(self):
+        check_numbers(self)
+        _at_least(self, {"examples": 0})
+        if not 0 < self.val_fraction < 0.5:
+            raise UserError(f"{self.SECTION}.val_fraction must lie in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class JudgeSettings(RewardSettings):
+    """The judge reward model: trained on the judge prompts' karma comparisons, never on anything a policy trains on."""
+
+    SECTION: ClassVar[str] = "judge"
+    examples: int = 6000
+    """Karma comparisons (of judge prompts) the judge reward model trains on."""
+    val_fraction: float = 0.15
+    """Share of judge prompts held out of the judge's training to state its accuracy."""
+
+
+@dataclass
+class DPOSettings:
+    """The DPO phase (`methods/dpo.py`, --rl dpo): pairs of the RL start policy's own samples."""
+
+    SECTION: ClassVar[str] = "dpo"
+    samples: int = 16
+    """DPO's pairs: for each of sft.examples train prompts, the best and the worst of this many samples of the RL
+    start policy by the task's reward: one round of Dong et al. 2024's iterative DPO ("RLHF Workflow: From Reward
+    Modeling to Online RLHF", best-of-n against worst-of-n by a reward model; DPO is Rafailov et al. 2023)."""
+    beta: float = 0.1
+    """DPO's β: the strength of the implicit KL penalty to the RL start policy (eq. 7)."""
+    lr: float = 5e-6
+    """Learning rate of the DPO phase."""
+    epochs: int = 2
+    """Passes of the DPO phase over its pairs."""
+    batch_size: int = 8
+    """Pairs per optimizer step of the DPO phase."""
+    max_prompt_length: int = 256
+    """Prompt tokens DPO reads (the instruction included); a longer prompt keeps its end."""
+    response_slack: int = 16
+    """Response tokens DPO reads beyond response_length: a sampled response's text, tokenized again, can take a few
+    more tokens than were sampled."""
+    eval_every: int = 12
+    """Optimizer steps between the DPO phase's held-out accuracy checks."""
+
+    def __post_init__(self):
+        check_numbers(self)
+        _at_least(self, {"samples": 2, "epochs": 1, "batch_size": 1, "max_prompt_length": 8, "response_slack": 0,
+                         "eval_every": 1})  # fmt: skip
+        for name in ("beta", "lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"dpo.{name} must be > 0, got {getattr(self, name)}; set --dpo-{name}")
+
+
+@dataclass
+class PPOSettings:
+    """The PPO phase (`methods/ppo.py`, --rl ppo): online against the task's reward, adaptive KL to the RL start."""
+
+    SECTION: ClassVar[str] = "ppo"
+    steps: int = 40
+    """Steps of the PPO phase."""
+    batch_size: int = 16
+    """PPO episodes per step."""
+    minibatches: int = 2
+    """Optimizer steps per PPO epoch; each sees batch_size / minibatches episodes."""
+    epochs: int = 2
+    """Passes of the PPO phase over each rollout batch."""
+    lr: float = 1e-5
+    """Learning rate of the PPO phase (policy and value model)."""
+    kl_coef: float = 0.2
+    """Initial KL penalty β (adaptive towards kl_target). A first run with β 0.05, target 8 and lr 2e-5 found the
+    reward model's weakness within 15 steps: repeated lines of dialogue ("Oh, I'm here!" x 6), which both reward
+    models score 2-3 standard deviations above the human stories, at KL 7-10 nats (docs/results.md)."""
+    kl_target: float = 4.0
+    """Adaptive-KL target, nats per response, KL to the SFT policy."""
+    score_clip: float | None = None
+    """Clip the reward model's scores to [-score_clip, score_clip] (None = off). The reward model is normalised on
+    human stories (mean 0, std 1); PPO's gamed samples score 3-6, far outside what it saw, so a clip near 1.5 stops
+    paying for going there. Not yet measured (docs/results.md)."""
+    checkpoint_every: int = 5
+    """PPO steps between checkpoints (a killed phase resumes from the last)."""
+    sample_every: int = 5
+    """PPO steps between the samples written to ppo/samples.jsonl."""
+
+    def __post_init__(self):
+        check_numbers(self, non_negative=("kl_coef",))
+        _at_least(self, {"steps": 1, "batch_size": 2, "minibatches": 1, "epochs": 1, "checkpoint_every": 1,
+                         "sample_every": 1})  # fmt: skip
+        if self.batch_size % self.minibatches:
+            raise UserError(f"ppo.batch_size {self.batch_size} is not divisible by ppo.minibatches {self.minibatches}; "
+                            f"pick a multiple of {self.minibatches}")  # fmt: skip
+        for name in ("lr", "kl_target"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"ppo.{name} must be > 0, got {getattr(self, name)}; set --ppo-{name.replace('_', '-')}")
+
+
+@dataclass
+class EvalSettings:
+    """The best-of-n baselines and the evaluation: every side on the eval prompts by every judge."""
+
+    SECTION: ClassVar[str] = "eval"
+    best_of: str = "4,16"
+    """Best-of-n baselines from the RL start policy, with the reward model choosing; one pool of the largest n."""
+    batch_size: int = 32
+    """Prompts per sampling batch in evaluation (its samples are the same for the same batch size and seed)."""
+
+    def __post_init__(self):
+        _at_least(self, {"batch_size": 1})
+        self.best_of_ns  # parses, or names the problem
+
+    @property
+    def best_of_ns(self) -> list[int]:
+        try:
+            ns = sorted({int(x) for x in self.best_of.split(",") if x.strip()})
+        except ValueError:
+            raise UserError(f"eval.best_of must be comma-separated integers such as '4,16', got {self.best_of!r}") from None
+        if not ns or ns[0] < 2:
+            raise UserError(f"eval.best_of needs integers >= 2 (e.g. '4,16'), got {self.best_of!r}")
+        return ns
+
+
 @dataclass
 class StoriesConfig:
-    """`wprlhf stories`. Defaults: docs/results.md's long run on 2 CPU cores (about 60 minutes from cached models)."""
+    """`wprlhf stories`. Defaults: docs/results.md's long run on 2 CPU cores (about 60 minutes from cached models).
+
+    Each phase's settings are a section (`sft`, `rm`, `judge`, `dpo`, `ppo`, `eval`, and `split`): a block of a
+    --config file (`ppo: {steps: 40}`) and flags --SECTION-FIELD (`--ppo-steps 40`)."""
+
+    # Flat keys and flags of earlier versions -> where they live now: old config files, old runs' saved settings
+    # and old flags (kept as aliases) still mean what they meant.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "eval_prompts": "split.eval_prompts", "judge_fraction": "split.judge_fraction", "split_seed": "split.seed",
+        "sft": "sft.enabled", "sft_data": "sft.data", "sft_examples": "sft.examples", "sft_max_length": "sft.max_length",
+        "sft_lr": "sft.lr", "sft_epochs": "sft.epochs", "sft_batch_size": "sft.batch_size",
+        "rm_examples": "rm.examples", "judge_examples": "judge.examples", "judge_val_fraction": "judge.val_fraction",
+        "dpo_samples": "dpo.samples", "dpo_beta": "dpo.beta", "dpo_lr": "dpo.lr", "dpo_epochs": "dpo.epochs",
+        "dpo_batch_size": "dpo.batch_size", "dpo_max_prompt_length": "dpo.max_prompt_length",
+        "ppo_steps": "ppo.steps", "batch_size": "ppo.batch_size", "ppo_minibatches": "ppo.minibatches",
+        "ppo_epochs": "ppo.epochs", "lr": "ppo.lr", "kl_coef": "ppo.kl_coef", "kl_target": "ppo.kl_target",
+        "score_clip": "ppo.score_clip", "best_of": "eval.best_of", "eval_batch_size": "eval.batch_size",
+    }  # fmt: skip
 
     data: str = DATA
     """Karma-scored stories: a directory holding prompt_responses.csv.gz (and optionally fan_prompts.csv), a
@@ -62,13 +283,12 @@ class StoriesConfig:
     policy: str = "smollm2"
     """The start policy ('smollm2' is SmolLM2-135M-Instruct as shipped): SFT starts from it, and every KL in the
     report is measured to it."""
-    eval_prompts: int = 100
-    """Eval prompts (prompt groups). Taken from the data first, at most a quarter of its groups; the rest from
-    Fan et al.'s prompts (fan_prompts.csv beside the data), detokenised, none of which is a data prompt."""
-    judge_fraction: float = 0.2
-    """Share of the data's prompt groups whose karma comparisons train the judge reward model."""
-    split_seed: int = 42
-    """Seeds the shuffle of prompt groups into parts."""
+    reward_model: str = "minilm"
+    """Backbone of the reward model and of the judge: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (tests), a
+    directory or a hub id."""
+    rl: str = "ppo"
+    """The RL phase after SFT: 'ppo' (online, against the task's reward), 'dpo' (offline, on pairs of the SFT
+    policy's own samples ranked by the task's reward) or 'none' (the SFT policy is the final one)."""
     response_length: int = 64
     """Tokens of every response, in PPO, best-of-n and evaluation alike (~48 words: a story's opening). With
     fixed_length, responses never stop early, so length cannot be what wins."""
@@ -81,93 +301,28 @@ class StoriesConfig:
     and its KL alike); '' = the bare prompt. Reward models, judges and relevance read the bare prompt. SmolLM2 as
     shipped answers a bare prompt as an assistant (docs/results.md: story share 44 %); told to write a story's opening
     it mostly does, so the start policy is a writer before any training and RL need not pay KL for the register."""
-    # --- SFT
-    sft: bool = True
-    """Fine-tune on top-voted stories before PPO. SmolLM2-Instruct answers a prompt as an assistant; SFT teaches
-    it to answer as a writer (docs/results.md: story share before and after)."""
-    sft_data: str = "human"
-    """What SFT imitates: 'human', each train prompt's top-voted story; or 'best-of-N' (e.g. 'best-of-8'), the start
-    policy's best of N samples by the task's reward (the reward model, plus reward_extra's terms; best-of-n
-    distillation, one round of expert iteration): text the
-    start policy itself writes, so the fine-tuned policy stays near it in KL."""
-    sft_examples: int = 384
-    """Train prompts to fine-tune on, one example each (0 = all); also the prompts of DPO's pairs, one pair each."""
-    sft_max_length: int = 160
-    """Tokens of chat template + prompt + story opening per SFT example: the opening is what PPO continues."""
-    sft_lr: float = 1e-4
-    """Learning rate of the SFT phase."""
-    sft_epochs: int = 1
-    """Passes of the SFT phase over its examples."""
-    sft_batch_size: int = 16
-    """SFT examples per optimizer step."""
-    # --- reward models
-    reward_model: str = "minilm"
-    """Backbone of the reward model and of the judge: 'minilm' (embedded all-MiniLM-L6-v2), 'tiny' (tests), a
-    directory or a hub id."""
-    rm_examples: int = 6000
-    """Karma comparisons (of train prompts) the reward model trains on; `rm train`'s recipe otherwise."""
-    judge_examples: int = 6000
-    """Karma comparisons (of judge prompts) the judge reward model trains on."""
-    judge_val_fraction: float = 0.15
-    """Share of judge prompts held out of the judge's training to state its accuracy."""
-    # --- RL
-    rl: str = "ppo"
-    """The RL phase after SFT: 'ppo' (online, against the task's reward), 'dpo' (offline, on pairs of the SFT
-    policy's own samples ranked by the task's reward) or 'none' (the SFT policy is the final one)."""
-    dpo_samples: int = 16
-    """DPO's pairs: for each of sft_examples train prompts, the best and the worst of this many samples of the RL
-    start policy by the task's reward: one round of Dong et al. 2024's iterative DPO ("RLHF Workflow: From Reward
-    Modeling to Online RLHF", best-of-n against worst-of-n by a reward model; DPO is Rafailov et al. 2023)."""
-    dpo_beta: float = 0.1
-    """DPO's β: the strength of the implicit KL penalty to the RL start policy (eq. 7)."""
-    dpo_lr: float = 5e-6
-    """Learning rate of the DPO phase."""
-    dpo_epochs: int = 2
-    """Passes of the DPO phase over its pairs."""
-    dpo_batch_size: int = 8
-    """Pairs per optimizer step of the DPO phase."""
-    dpo_max_prompt_length: int = 256
-    """Prompt tokens DPO reads (the instruction included); a longer prompt keeps its end."""
-    ppo_steps: int = 40
-    """Steps of the PPO phase (rl ppo)."""
-    batch_size: int = 16
-    """PPO episodes per step."""
-    ppo_minibatches: int = 2
-    """Optimizer steps per PPO epoch; each sees batch_size / ppo_minibatches episodes."""
-    ppo_epochs: int = 2
-    """Passes of the PPO phase over each rollout batch."""
-    lr: float = 1e-5
-    """Learning rate of the PPO phase (policy and value model)."""
-    kl_coef: float = 0.2
-    """Initial KL penalty β (adaptive towards kl_target). A first run with β 0.05, target 8 and lr 2e-5 found the
-    reward model's weakness within 15 steps: repeated lines of dialogue ("Oh, I'm here!" x 6), which both reward
-    models score 2-3 standard deviations above the human stories, at KL 7-10 nats (docs/results.md)."""
-    kl_target: float = 4.0
-    """Adaptive-KL target, nats per response, KL to the SFT policy."""
     reward_extra: str = ""
     """A reward SPEC (`rewards/spec.py`) added to the reward model's score in PPO and in best-of-n's choice, '' = none.
     E.g. '3.6*relevance+1.2*story': prompt relevance and the story rule, each weighted to about one standard
     deviation of the reward model's scores per standard deviation of its own. A karma reward model does not ask
     for the prompt to be followed; a reader does (docs/results.md). Relevance and the story rule are then trained on, so
     as judges they are no longer independent: the judge reward model and blind readers still are."""
-    score_clip: float | None = None
-    """Clip the reward model's scores to [-score_clip, score_clip] in PPO (None = off). The reward model is
-    normalised on human stories (mean 0, std 1); PPO's gamed samples score 3-6, far outside what it saw, so a clip
-    near 1.5 stops paying for going there. Not yet measured (docs/results.md)."""
-    # --- best-of-n and evaluation
-    best_of: str = "4,16"
-    """Best-of-n baselines from the SFT policy, with the reward model choosing; one pool of the largest n."""
-    eval_batch_size: int = 32
-    """Prompts per sampling batch in evaluation (its samples are the same for the same batch size and seed)."""
     pool_batch_size: int = 64
     """Rows per sampling batch of the own-sample and best-of-n pools (64 rows = 4 prompts x 16 samples). On a 2-core
     AVX-512 BF16 CPU in bf16, 64 rows sampled 3.87 responses/s against 3.18 at 32 (128: 3.85), measured before each
     prompt's forward was shared by its samples: the weight matmuls run better on more rows."""
+    split: SplitSettings = field(default_factory=SplitSettings)
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    rm: RewardSettings = field(default_factory=RewardSettings)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     cache_dir: str = ""
     """Where the SFT policy and the reward models are cached across runs ('' = $WPRLHF_CACHE/stories, else
     ~/.cache/wprlhf/stories; 'none' = train them inside the run directory every time)."""
     seed: int = 0
-    """Seeds every phase: the samples, the models' initialisation and the training order (the split has split_seed)."""
+    """Seeds every phase: the samples, the models' initialisation and the training order (the split has split.seed)."""
     device: str = "auto"
     """'auto' (a GPU where there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     mixed_precision: str = "auto"
@@ -176,51 +331,14 @@ class StoriesConfig:
 
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
-        check_numbers(self, non_negative=("judge_fraction", "temperature", "sft_lr", "lr", "kl_coef", "kl_target",
-                                          "judge_val_fraction"))  # fmt: skip
-        for name, low in dict(eval_prompts=1, response_length=1, sft_max_length=32, sft_epochs=1, sft_batch_size=1,
-                              ppo_steps=1, batch_size=2, eval_batch_size=1, pool_batch_size=1, rm_examples=0,
-                              judge_examples=0, sft_examples=0, dpo_samples=2, dpo_epochs=1, dpo_batch_size=1,
-                              dpo_max_prompt_length=8, ppo_minibatches=1, ppo_epochs=1).items():  # fmt: skip
-            if getattr(self, name) < low:
-                raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; "
-                                f"set --{name.replace('_', '-')} to {low} or more")  # fmt: skip
+        check_numbers(self, non_negative=("temperature",))
+        _at_least(self, {"response_length": 1, "pool_batch_size": 1})
         if self.rl not in RL_METHODS:
             raise UserError(f"rl must be one of {', '.join(RL_METHODS)}, got {self.rl!r}")
-        if self.rl == "none" and not self.sft:
+        if self.rl == "none" and not self.sft.enabled:
             raise UserError("--rl none with --no-sft trains nothing; choose --rl ppo or dpo, or an SFT phase")
-        if self.batch_size % self.ppo_minibatches:
-            raise UserError(f"batch_size {self.batch_size} is not divisible by ppo_minibatches {self.ppo_minibatches}; "
-                            f"pick a multiple of {self.ppo_minibatches}")  # fmt: skip
-        for name in ("temperature", "sft_lr", "lr", "kl_target", "dpo_beta", "dpo_lr"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}; set --{name.replace('_', '-')}")
-        if not 0 < self.judge_fraction < 0.5:
-            raise UserError(f"judge_fraction must lie in (0, 0.5), got {self.judge_fraction}")
-        if not 0 < self.judge_val_fraction < 0.5:
-            raise UserError(f"judge_val_fraction must lie in (0, 0.5), got {self.judge_val_fraction}")
-        self.best_of_ns  # parses, or names the problem
-        self.sft_best_of  # parses, or names the problem
-
-    @property
-    def best_of_ns(self) -> list[int]:
-        try:
-            ns = sorted({int(x) for x in self.best_of.split(",") if x.strip()})
-        except ValueError:
-            raise UserError(f"best_of must be comma-separated integers such as '4,16', got {self.best_of!r}") from None
-        if not ns or ns[0] < 2:
-            raise UserError(f"best_of needs integers >= 2 (e.g. '4,16'), got {self.best_of!r}")
-        return ns
-
-    @property
-    def sft_best_of(self) -> int:
-        """N of sft_data 'best-of-N'; 0 for 'human'."""
-        if self.sft_data == "human":
-            return 0
-        n = self.sft_data[len("best-of-"):]
-        if not self.sft_data.startswith("best-of-") or not n.isdigit() or int(n) < 2:
-            raise UserError(f"sft_data must be 'human' or 'best-of-N' with N >= 2 (e.g. best-of-8), got {self.sft_data!r}")
-        return int(n)
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature}; set --temperature")
 
     @property
     def min_response_length(self) -> int:
@@ -228,9 +346,9 @@ class StoriesConfig:
 
 
 # A run in minutes on 2 cores, for the test and for trying the command: tiny sizes everywhere.
-QUICK = dict(eval_prompts=8, sft_examples=16, sft_max_length=96, sft_batch_size=8, rm_examples=64, judge_examples=64,
-             ppo_steps=2, batch_size=4, best_of="2,4", response_length=24, eval_batch_size=8,
-             pool_batch_size=8)  # fmt: skip
+QUICK = {"response_length": 24, "pool_batch_size": 8, "split": {"eval_prompts": 8},
+         "sft": {"examples": 16, "max_length": 96, "batch_size": 8}, "rm": {"examples": 64}, "judge": {"examples": 64},
+         "ppo": {"steps": 2, "batch_size": 4}, "eval": {"best_of": "2,4", "batch_size": 8}}  # fmt: skip
 
 
 def query(config: StoriesConfig, prompt: str) -> str:
@@ -276,14 +394,15 @@ def task_reward(config: StoriesConfig, rm_dir: str):
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
     a step in ppo_minibatches minibatches x ppo_epochs epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
-    `steps` replaces config.ppo_steps (benchmarks/bench_stories.py times a few)."""
+    `steps` replaces config.ppo.steps (benchmarks/bench_stories.py times a few)."""
     from ..methods.onpolicy_config import PPOConfig
 
-    return PPOConfig(policy=policy, reward="stories: the reward model", steps=steps or config.ppo_steps,
-                     batch_size=config.batch_size, num_minibatches=config.ppo_minibatches, ppo_epochs=config.ppo_epochs,
+    return PPOConfig(policy=policy, reward="stories: the reward model", steps=steps or config.ppo.steps,
+                     batch_size=config.ppo.batch_size, num_minibatches=config.ppo.minibatches, ppo_epochs=config.ppo.epochs,
                      response_length=config.response_length, min_response_length=config.min_response_length,
-                     temperature=config.temperature, lr=config.lr, kl_coef=config.kl_coef, kl_target=config.kl_target,
-                     score_clip=config.score_clip, checkpoint_every=5, sample_every=5, seed=config.seed,
+                     temperature=config.temperature, lr=config.ppo.lr, kl_coef=config.ppo.kl_coef, kl_target=config.ppo.kl_target,
+                     score_clip=config.ppo.score_clip, checkpoint_every=config.ppo.checkpoint_every,
+                     sample_every=config.ppo.sample_every, seed=config.seed,
                      device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
 
 
@@ -312,9 +431,9 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
     for r in responses:
         groups.setdefault(prompt_key(r.prompt), []).append(r)
     order = sorted(groups, key=lambda k: min((r.prompt_id or r.prompt) for r in groups[k]))
-    random.Random(config.split_seed).shuffle(order)
-    n_eval = min(config.eval_prompts, len(order) // 4)
-    n_judge = max(1, round(config.judge_fraction * len(order)))
+    random.Random(config.split.seed).shuffle(order)
+    n_eval = min(config.split.eval_prompts, len(order) // 4)
+    n_judge = max(1, round(config.split.judge_fraction * len(order)))
     if n_eval < 1 or len(order) - n_eval - n_judge < 1:
         raise UserError(f"{config.data} has {len(order)} distinct prompts: too few for train, judge and eval parts "
                         "(eval takes at most a quarter); it needs at least 4, and many more for a result")  # fmt: skip
@@ -335,7 +454,7 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
     split["eval_source"] = ["data"] * len(split["eval"])
     taken, n_groups = set(groups), len(parts["eval"])
     for prompt, story in _fan_prompts(config.data):
-        if n_groups >= config.eval_prompts:
+        if n_groups >= config.split.eval_prompts:
             break
         if prompt_key(prompt) in taken:
             continue
@@ -344,8 +463,8 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
         split["eval"].append(prompt)
         split["eval_stories"].append(story)
         split["eval_source"].append("fan")
-    if len(split["eval"]) < config.eval_prompts:
-        print(f"note: {len(split['eval'])} eval prompts, fewer than --eval-prompts {config.eval_prompts}: the data "
+    if len(split["eval"]) < config.split.eval_prompts:
+        print(f"note: {len(split['eval'])} eval prompts, fewer than --eval-prompts {config.split.eval_prompts}: the data "
               "has no more to spare", flush=True)  # fmt: skip
     return split
 
@@ -355,18 +474,16 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
 
 
 # Settings each phase's output depends on: a resume that changes one of a finished phase is refused.
-PHASE_SETTINGS = {
-    "split": ("data", "eval_prompts", "judge_fraction", "split_seed"),
-    "sft": ("policy", "sft", "sft_data", "sft_examples", "sft_max_length", "sft_lr", "sft_epochs", "sft_batch_size",
-            "seed", "instruction", "reward_extra"),
-    "rm": ("reward_model", "rm_examples", "seed"),
-    "judge": ("reward_model", "judge_examples", "judge_val_fraction", "seed"),
-    "dpo": ("rl", "dpo_samples", "dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_prompt_length",
-            "sft_examples", "response_length", "fixed_length",
-            "temperature", "instruction", "reward_extra", "seed"),
-    "ppo": ("rl", "response_length", "fixed_length", "temperature", "batch_size", "ppo_minibatches", "ppo_epochs", "lr",
-            "kl_coef", "kl_target", "score_clip", "instruction", "reward_extra"),
-    "best_of": ("best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
+PHASE_SETTINGS = {  # a section's name stands for all its settings
+    "split": ("data", "split"),
+    "sft": ("policy", "sft", "seed", "instruction", "reward_extra"),
+    "rm": ("reward_model", "rm", "seed"),
+    "judge": ("reward_model", "judge", "seed"),
+    "dpo": ("rl", "dpo", "sft.examples", "response_length", "fixed_length", "temperature", "instruction", "reward_extra",
+            "seed"),
+    "ppo": ("rl", "response_length", "fixed_length", "temperature", "ppo.batch_size", "ppo.minibatches", "ppo.epochs",
+            "ppo.lr", "ppo.kl_coef", "ppo.kl_target", "ppo.score_clip", "instruction", "reward_extra"),
+    "best_of": ("eval.best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
 }
 
 
@@ -405,22 +522,20 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         write_split(config, responses, split_dir)
         finish("split")
     train_prompts = load_prompts(split_dir / "train_prompts.txt")
-    if (config.sft and config.sft_best_of) or config.rl == "dpo":
+    if (config.sft.enabled and config.sft.best_of) or config.rl == "dpo":
         # The queries of the policy's own-sample pools (distillation's, DPO's), for a pool drawn elsewhere (own_pool).
         write_text_atomic(split_dir / "pool_queries.jsonl", "".join(
             json.dumps({"prompt": query(config, p)}) + "\n" for p in pool_prompts(config, train_prompts)))  # fmt: skip
 
-    for phase, comparisons, examples, val in (("rm", "rm_comparisons.jsonl", config.rm_examples, 0.05),
-                                              ("judge", "judge_comparisons.jsonl", config.judge_examples,
-                                               config.judge_val_fraction)):  # fmt: skip
+    for phase, settings in (("rm", config.rm), ("judge", config.judge)):
         if not wanted(phase):
             continue
-        path = train_reward_model(config, out_dir, phase, comparisons, examples, val, precision)
+        path = train_reward_model(config, out_dir, phase, f"{phase}_comparisons.jsonl", settings, precision)
         finish(phase, **{f"{phase}_dir": str(path)})
 
-    if config.sft and wanted("sft"):
+    if config.sft.enabled and wanted("sft"):
         finish("sft", sft_dir=str(train_sft(config, out_dir, state, responses, train_prompts, precision)))
-    start_of_rl = state_sft_policy(state) if config.sft and "sft_dir" in state else config.policy
+    start_of_rl = state_sft_policy(state) if config.sft.enabled and "sft_dir" in state else config.policy
 
     if wanted("dpo") and config.rl == "dpo":
         train_dpo(config, out_dir, state, train_prompts, start_of_rl, precision, allow_changed_inputs)
@@ -431,7 +546,7 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("ppo")
 
     if wanted("best_of"):
-        own_pool(config, start_of_rl, load_prompts(split_dir / "eval_prompts.txt"), max(config.best_of_ns),
+        own_pool(config, start_of_rl, load_prompts(split_dir / "eval_prompts.txt"), max(config.eval.best_of_ns),
                  state["rm_dir"], out_dir / "best_of" / "pool.jsonl", seed=config.seed + 20_000)  # fmt: skip
         finish("best_of")
 
@@ -458,22 +573,22 @@ def write_split(config: StoriesConfig, responses: list, split_dir: Path) -> None
         write_comparisons(split_dir / name, pairs)
     counts = {part: len(split[part]) for part in ("train", "judge", "eval")}
     counts["eval_from_fan"] = split["eval_source"].count("fan")
-    write_json_atomic(split_dir / "split.json", {**counts, "data": config.data, "seed": config.split_seed})
+    write_json_atomic(split_dir / "split.json", {**counts, "data": config.data, "seed": config.split.seed})
     print(f"split: {counts['train']} train, {counts['judge']} judge, {counts['eval']} eval prompts "
           f"({counts['eval_from_fan']} of them Fan et al.'s)", flush=True)  # fmt: skip
 
 
-def train_reward_model(config: StoriesConfig, out_dir: Path, phase: str, comparisons: str, examples: int, val: float,
+def train_reward_model(config: StoriesConfig, out_dir: Path, phase: str, comparisons: str, settings: RewardSettings,
                        precision: str) -> Path:  # fmt: skip
     """The rm or judge phase: a reward model on split/`comparisons` (the train prompts' karma pairs, or the judge
-    prompts'), from the cache when one was trained on the same text and settings. Returns its directory."""
+    prompts') with its section's settings, from the cache when one was trained on the same text and settings.
+    Returns its directory."""
     from ..rewards.reward_model import RewardConfig
     from ..rewards.reward_model import train as rm_train
 
     split_dir = out_dir / "split"
-    rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model, max_examples=examples,
-                             val_fraction=val,
-                             keep_meta=False, seed=config.seed, device=config.device,
+    rm_config = RewardConfig(data=str(split_dir / comparisons), model=config.reward_model,
+                             max_examples=settings.examples, val_fraction=settings.val_fraction, keep_meta=False, seed=config.seed, device=config.device,
                              mixed_precision=precision)  # fmt: skip
     text = (split_dir / comparisons).read_text(encoding="utf-8")
     key = model_key(text, dataclasses.asdict(rm_config) | {"data": ""})
@@ -490,20 +605,21 @@ def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list
     split_dir = out_dir / "split"
     train_keys = {prompt_key(p) for p in train_prompts}
     stories = [r for r in responses if prompt_key(r.prompt) in train_keys]
-    if config.sft_best_of:
+    if config.sft.best_of:
         prompts = pool_prompts(config, train_prompts)
-        print(f"sft: {config.sft_best_of} samples of the start policy for each of {len(prompts)} train prompts, "
+        print(f"sft: {config.sft.best_of} samples of the start policy for each of {len(prompts)} train prompts, "
               "the task's reward keeps the best (best-of-n distillation)", flush=True)  # fmt: skip
-        pool = own_pool(config, config.policy, prompts, config.sft_best_of, state["rm_dir"],
+        pool = own_pool(config, config.policy, prompts, config.sft.best_of, state["rm_dir"],
                         split_dir / "sft_best_of.jsonl", seed=config.seed + 60_000)  # fmt: skip
         stories = [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
-                   for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft_best_of)[0]))]  # fmt: skip
+                   for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft.best_of)[0]))]  # fmt: skip
     stories = [dataclasses.replace(r, prompt=query(config, r.prompt)) for r in stories]
     sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
-                           max_examples=config.sft_examples, max_length=config.sft_max_length,
-                           epochs=config.sft_epochs, batch_size=config.sft_batch_size,
-                           gradient_accumulation_steps=_accumulation(config.sft_batch_size), lr=config.sft_lr,
-                           eval_every=8, n_samples=2, sample_tokens=config.response_length, seed=config.seed,
+                           max_examples=config.sft.examples, max_length=config.sft.max_length,
+                           epochs=config.sft.epochs, batch_size=config.sft.batch_size,
+                           gradient_accumulation_steps=_accumulation(config.sft.batch_size), lr=config.sft.lr,
+                           eval_every=config.sft.eval_every, n_samples=config.sft.samples,
+                           sample_tokens=config.response_length, seed=config.seed,
                            device=config.device, mixed_precision=precision)  # fmt: skip
     key = model_key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
     return build_cached(cache_root(config.cache_dir), out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
@@ -519,18 +635,19 @@ def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
 
     dpo_dir = out_dir / "dpo"
     prompts = pool_prompts(config, train_prompts)
-    print(f"dpo: {config.dpo_samples} samples of {start_of_rl} for each of {len(prompts)} train prompts; the "
+    print(f"dpo: {config.dpo.samples} samples of {start_of_rl} for each of {len(prompts)} train prompts; the "
           "task's reward's best and worst make a pair", flush=True)  # fmt: skip
-    pool = own_pool(config, start_of_rl, prompts, config.dpo_samples, state["rm_dir"], dpo_dir / "pool.jsonl",
+    pool = own_pool(config, start_of_rl, prompts, config.dpo.samples, state["rm_dir"], dpo_dir / "pool.jsonl",
                     seed=config.seed + 70_000)  # fmt: skip
     best, worst = pool.scores.argmax(1), pool.scores.argmin(1)
     pairs = [Comparison(prompt=query(config, p), responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
              for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
              if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
-    dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo_beta, lr=config.dpo_lr, epochs=config.dpo_epochs,
-                           batch_size=config.dpo_batch_size, max_prompt_length=config.dpo_max_prompt_length,
-                           max_response_length=config.response_length + 16,
-                           eval_every=12, seed=config.seed, device=config.device, mixed_precision=precision)  # fmt: skip
+    dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo.beta, lr=config.dpo.lr, epochs=config.dpo.epochs,
+                           batch_size=config.dpo.batch_size, max_prompt_length=config.dpo.max_prompt_length,
+                           max_response_length=config.response_length + config.dpo.response_slack,
+                           eval_every=config.dpo.eval_every, seed=config.seed, device=config.device,
+                           mixed_precision=precision)  # fmt: skip
     dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists(),
               allow_changed_inputs=allow_changed_inputs)  # fmt: skip
 
@@ -553,8 +670,8 @@ def train_ppo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
 def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
     """The train prompts of the own-sample pools (best-of-n distillation's, DPO's): sft_examples of them, a choice
     seeded by config.seed."""
-    if config.sft_examples and len(train_prompts) > config.sft_examples:
-        return random.Random(config.seed).sample(train_prompts, config.sft_examples)
+    if config.sft.examples and len(train_prompts) > config.sft.examples:
+        return random.Random(config.seed).sample(train_prompts, config.sft.examples)
     return list(train_prompts)
 
 
@@ -656,17 +773,17 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
 
     def draw(name, spec, seed):  # a policy's side, sampled on the eval queries; the model stays for its KL
         models[name] = load_policy(spec)[0].to(device)
-        return sample_side(name, models[name], tokenizer, queries, gen, seed, config.eval_batch_size)
+        return sample_side(name, models[name], tokenizer, queries, gen, seed, config.eval.batch_size)
 
     def logprobs(model, side):  # a sampled side by its token ids (its stop tokens' terms kept); best-of-n by its text
-        return side_logprobs(sides[side], model, tokenizer, queries, gen, config.eval_batch_size)
+        return side_logprobs(sides[side], model, tokenizer, queries, gen, config.eval.batch_size)
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     models = {"start": start.to(device)}  # the sampled sides' policies
-    sides = {"start": sample_side("start", start, tokenizer, queries, gen, config.seed + 30_000, config.eval_batch_size)}
-    if config.sft:
+    sides = {"start": sample_side("start", start, tokenizer, queries, gen, config.seed + 30_000, config.eval.batch_size)}
+    if config.sft.enabled:
         sides["sft"] = draw("sft", state_sft_policy(state), config.seed + 50_000)
-    for n in config.best_of_ns:
+    for n in config.eval.best_of_ns:
         sides[f"best-of-{n}"] = Side(f"best-of-{n}", pool.best(n)[0])
     for name in ("dpo", "ppo"):  # the RL policies
         if (out_dir / name / "policy").exists():
@@ -680,8 +797,8 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
     judge = reward_fn_from_model(state["judge_dir"])
     print("eval: judges", flush=True)
-    base = "sft" if config.sft else "start"
-    pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft else []
+    base = "sft" if config.sft.enabled else "start"
+    pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft.enabled else []
     report = judge_sides(prompts, texts, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
     cut = {} if gen.fixed_length else {name: side.finished for name, side in sides.items() if side.finished is not None}
     add_run_facts(report, out_dir, state, prompts, texts, human, kl_to_sft, cut)
@@ -731,7 +848,7 @@ def write_eval(config: StoriesConfig, out_dir: Path, report: dict, prompts: list
                  for i, p in enumerate(prompts)]  # fmt: skip
     write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(out_lines) + "\n")
     write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, human, n=6))
-    final = next(name for name in ("ppo", "dpo", "sft", f"best-of-{max(config.best_of_ns)}") if name in sides)
+    final = next(name for name in ("ppo", "dpo", "sft", f"best-of-{max(config.eval.best_of_ns)}") if name in sides)
     _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]), ("start", sides["start"]))
     _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
     print(_summary(report), flush=True)
@@ -754,7 +871,7 @@ def side_kls(config: StoriesConfig, sides: dict, logprobs, models: dict, n_promp
     rl_lp = {name: logprobs(sft, name) for name in sides if name != "start"} if sft is not None else {}
     if sft is not None:
         kls["sft"] = (rl_lp["sft"] - start_lp["sft"]).tolist()
-    for n in config.best_of_ns:
+    for n in config.eval.best_of_ns:
         # KL(best-of-n || start) = KL(best-of-n || pool policy) + E_best-of-n[log pool - log start]: the first
         # term has the closed form log n - (n-1)/n, the second is measured on the chosen samples (0 without SFT).
         name = f"best-of-{n}"
