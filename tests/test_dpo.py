@@ -169,5 +169,5 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(UserError, match="loss must be"):
         DPOConfig(loss="hinge")
     (tmp_path / "c").mkdir()
-    with pytest.raises(UserError, match="no checkpoint to resume"):
+    with pytest.raises(UserError, match="holds no checkpoint"):
         train(DPOConfig(policy="tiny"), tmp_path / "c", comparisons=TOY, resume=True, progress=False)

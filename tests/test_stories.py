@@ -148,7 +148,9 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     expert_state = json.loads((tmp_path / "expert" / "stories_state.json").read_text())
     assert expert_state["sft_dir"] != state["sft_dir"] and (Path(expert_state["sft_dir"]) / "policy").is_dir()
     sft_samples = [json.loads(line)["prompt"] for line in _lines(Path(expert_state["sft_dir"]) / "samples.jsonl")]
-    assert sft_samples and all(p.startswith("Tell a story.\n\n[WP] prompt number") for p in sft_samples)
+    assert sft_samples and all(p.startswith("[WP] prompt number") for p in sft_samples)
+    assert json.loads((Path(expert_state["sft_dir"]) / "policy" / "sft_config.json").read_text())["instruction"] == (
+        "Tell a story.")
     from transformers import AutoModelForCausalLM  # the SFT policy loads outside wprlhf
 
     AutoModelForCausalLM.from_pretrained(json.loads((out / "stories_state.json").read_text())["sft_dir"] + "/policy")
@@ -362,21 +364,33 @@ def test_blind_results_of_a_missing_or_empty_database_say_what_to_do(tmp_path, c
     assert "no labels" in capsys.readouterr().err
 
 
-def test_the_instruction_reaches_the_policy_and_never_the_reward_models():
-    from wprlhf.pipelines.stories import StoriesConfig, on_prompts, query
+def test_the_instruction_travels_with_generation_and_never_reaches_the_reward(tokenizer, tmp_path, monkeypatch):
+    """The text a policy reads is token for token the instruction, a blank line and the prompt, wherever prompts are
+    tokenized (sampling, PPO, DPO, evaluation: `encode_prompts`; SFT: `chat_ids`); a reward function is given the
+    bare prompts."""
+    from wprlhf.generation import chat_ids, encode_prompts, instructed
+    from wprlhf.methods import onpolicy
+    from wprlhf.methods.onpolicy_config import PPOConfig
+    from wprlhf.methods.ppo import train
 
-    seen = []
+    prompts, told = ["[WP] A door", "[WP] A key"], "Write a story."
+    glued = ["Write a story.\n\n[WP] A door", "Write a story.\n\n[WP] A key"]
+    assert instructed(prompts, told) == glued and instructed(prompts, "") == prompts
+    for a, b in zip(encode_prompts(tokenizer, prompts, instruction=told), encode_prompts(tokenizer, glued)):
+        assert torch.equal(a, b)
+    assert chat_ids(tokenizer, prompts, ["x", "y"], told) == chat_ids(tokenizer, glued, ["x", "y"])
+    encoded, scored = [], []
+    real = onpolicy.encode_prompts
+    monkeypatch.setattr(onpolicy, "encode_prompts", lambda tok, p, *a: encoded.append(a[-1]) or real(tok, p, *a))
 
-    def reward(prompts, responses):
-        seen.extend(prompts)
+    def reward(given, responses):
+        scored.extend(given)
         return [0.0] * len(responses)
 
-    told = StoriesConfig(instruction="Write a story.")
-    assert query(told, "[WP] A door") == "Write a story.\n\n[WP] A door"
-    on_prompts(told, reward)([query(told, "[WP] A door"), "[WP] bare"], ["x", "y"])
-    assert seen == ["[WP] A door", "[WP] bare"]
-    bare = StoriesConfig()
-    assert query(bare, "[WP] A door") == "[WP] A door" and on_prompts(bare, reward) is reward
+    train(PPOConfig(policy="tiny", instruction=told, steps=1, batch_size=2, num_minibatches=1, ppo_epochs=1,
+                    response_length=4, device="cpu", mixed_precision="no", log_samples=0), prompts, reward,
+          tmp_path / "ppo")  # fmt: skip
+    assert encoded == [told] and sorted(scored) == sorted(prompts)
 
 
 def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path):
@@ -405,15 +419,15 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
 
 def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path, monkeypatch):
     """`wprlhf sample -k N` over the queries (e.g. on a GPU) gives distillation or DPO its pool: read, scored on the
-    queries, rewritten with bare prompts and scores; a pool of the wrong size is sampled again."""
+    bare prompts, rewritten with bare prompts and scores; a pool of the wrong size is sampled again."""
     import wprlhf.models
-    from wprlhf.generation import write_samples
+    from wprlhf.generation import instructed, write_samples
     from wprlhf.pipelines import stories
 
     config = stories.StoriesConfig(instruction="Tell a story.")
     prompts = ["[WP] a door", "[WP] a key"]
     path = tmp_path / "pool.jsonl"
-    write_samples(path, [stories.query(config, p) for p in prompts], [["x", "good good", "good"], ["good", "y", "z"]],
+    write_samples(path, instructed(prompts, config.instruction), [["x", "good good", "good"], ["good", "y", "z"]],
                   "smollm2")  # fmt: skip
     seen = []
 
@@ -429,7 +443,7 @@ def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path
     monkeypatch.setattr(wprlhf.models, "load_policy", no_sampling)
     pool = stories.own_pool(config, "smollm2", prompts, 3, "rm", path, seed=0)
     assert pool.best(3)[0] == ["good good", "good"] and pool.scores.tolist() == [[0, 2, 1], [1, 0, 0]]
-    assert seen == [stories.query(config, p) for p in prompts for _ in range(3)]
+    assert seen == [p for p in prompts for _ in range(3)]
     rows = [json.loads(line) for line in _lines(path)]
     assert [r["prompt"] for r in rows] == prompts and [r["scores"] for r in rows] == [[0, 2, 1], [1, 0, 0]]
     seen.clear()
@@ -471,17 +485,19 @@ def test_eval_with_an_instruction_asks_the_policies_and_judges_the_bare_prompt(t
     """`wprlhf eval --instruction`: the sampled policies and their KL read instruction + prompt, the judges, the
     pairs file and the blind queue the bare prompt."""
     from wprlhf.evals import side_by_side, sides
+    from wprlhf.generation import instructed
 
     alpha, beta = _tiny_policy(tmp_path / "alpha-policy", 1), _tiny_policy(tmp_path / "beta-policy", 2)
     prompts = tmp_path / "eval_prompts.txt"
     prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
     read = {"sampled": [], "scored": [], "judged": []}
 
-    def spy(module, name, what, at):  # record the prompts argument (at position `at`) of module.name, then call it
+    def spy(module, name, what, at, told=None):  # record what module.name is asked to read, then call it
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, **k: read[what].extend(a[at]) or real(*a, **k))
+        monkeypatch.setattr(module, name, lambda *a, **k: read[what].extend(
+            instructed(a[at], a[told]) if told else a[at]) or real(*a, **k))  # fmt: skip
 
-    spy(side_by_side, "_sample_side", "sampled", 2), spy(sides, "response_logprobs", "scored", 2)
+    spy(side_by_side, "_sample_side", "sampled", 2, 4), spy(sides, "response_logprobs", "scored", 2, 9)
     spy(side_by_side, "judge_sides", "judged", 0)
     assert main(["eval", "--policy", str(alpha), "--against", str(beta), "--prompts", str(prompts), "--judge", "length",
                  "--response-length", "6", "--instruction", "Tell a story.", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
@@ -497,16 +513,17 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
     (the same model) the bare prompt, and the KL reference reads what --against read; the blind queue names the
     two sides apart."""
     from wprlhf.evals import side_by_side, sides
+    from wprlhf.generation import instructed
     from wprlhf.labeling.store import Store
 
     alpha = _tiny_policy(tmp_path / "alpha-policy", 1)
     prompts = tmp_path / "eval_prompts.txt"
     prompts.write_text("[WP] a lighthouse\n[WP] a key\n")
     read = {"sampled": [], "scored": []}
-    for module, name, what, at in ((side_by_side, "_sample_side", "sampled", 2), (sides, "response_logprobs", "scored", 2)):
+    for module, name, what, told in ((side_by_side, "_sample_side", "sampled", 4), (sides, "response_logprobs", "scored", 9)):
         real = getattr(module, name)
-        monkeypatch.setattr(module, name,
-                            lambda *a, _r=real, _w=what, _at=at, **k: read[_w].extend(a[_at]) or _r(*a, **k))
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _w=what, _t=told, **k: read[_w].extend(
+            instructed(a[2], a[_t])) or _r(*a, **k))  # fmt: skip
     db = tmp_path / "blind.db"
     assert main(["eval", "--policy", str(alpha), "--against", str(alpha), "--prompts", str(prompts),
                  "--response-length", "6", "--instruction", "Tell a story.", "--against-instruction", "",

@@ -158,3 +158,101 @@ class Engine:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+class RunFiles:
+    """The files of one training run in out_dir, written the same way by every trainer (PPO, RLOO, GRPO, DPO, SFT,
+    the reward model and the classifier): the settings file, inputs.json, metrics.csv + tb/ (`MetricsLogger`, the
+    main process only), checkpoints/ with the resume rules, and the progress bar over the steps.
+
+        run = RunFiles(out_dir, resume, resumable=True)      # refuses a run already there, or a resume of nothing
+        state = run.restore({"policy": policy}, check_state, restart="...")    # on resume: the newest readable one
+        run.open({"config.json": settings, INPUTS_FILE: inputs}, names=..., start=step, announce="...")
+        for step in run.steps(start, total, "dpo", progress):
+            ...; run.log(step + 1, row)
+            if run.checkpoint_due(step + 1, every, total): save(...)
+        run.close()
+
+    resumable: the run keeps checkpoints (PPO, RLOO, GRPO, DPO); the others refuse a folder that holds a run, to be
+    cleared with --force. held_ok: the folder is the caller's to reuse (a reward model retrained by a pipeline
+    phase that a kill interrupted), so one that holds a run is started over. A run that is not resumed starts in
+    an empty metrics file.
+    """
+
+    def __init__(self, out_dir, resume: bool = False, resumable: bool = True, held_ok: bool = False):
+        from pathlib import Path
+
+        from .errors import UserError
+
+        self.out_dir, self.resume, self.logger = Path(out_dir), resume, None
+        if resume and not resumable:
+            raise UserError("this training does not resume; rerun it without --resume")
+        if resume and not (self.out_dir / "checkpoints").exists():  # before any model is loaded
+            from .checkpoint import NoUsableCheckpoint
+
+            raise NoUsableCheckpoint(self.out_dir / "checkpoints", [], self.restart)
+        if not resume and not held_ok and (self.out_dir / "metrics.csv").exists():
+            again = "use --resume to continue it" if resumable else "pass --force to overwrite it"
+            raise UserError(f"{self.out_dir} already holds a run; {again} or choose another --out (from Python: "
+                            "another out_dir)")  # fmt: skip
+
+    @property
+    def restart(self) -> str:
+        """What to do instead of a resume that finds no usable checkpoint."""
+        if (self.out_dir / "metrics.csv").exists():
+            return "start a new run: rerun without --resume and with --out set to a new directory"
+        return "start the run: rerun without --resume"
+
+    def restore(self, models: dict, check_state, value_head=None) -> dict:
+        """On resume: the newest checkpoint that reads back whole (past an unreadable one it falls back, saying what
+        was wrong), applied to `models` (and value_head); returns its trainer state. {} when not resuming."""
+        from . import checkpoint as ckpt
+        from .distributed import is_main_process
+
+        if not self.resume:
+            return {}
+        found = ckpt.resume_checkpoint(self.out_dir, models, value_head, check_state, self.restart,
+                                       ckpt.print_warning if is_main_process() else None)  # fmt: skip
+        return ckpt.apply_checkpoint(found, models, value_head)
+
+    def open(self, files: dict[str, dict], names: Sequence[str] | None = None, start: int = 0,
+             announce: str = "") -> None:  # fmt: skip
+        """On the main process: create out_dir, write each of `files` ({name: JSON}: the settings, the inputs a
+        resume compares) atomically, open the metrics (a resumed run's rows after `start` are dropped: they are
+        redone) and print `announce` on a fresh run."""
+        from tqdm.auto import tqdm
+
+        from .distributed import is_main_process
+        from .files import write_json_atomic
+        from .metrics import MetricsLogger
+
+        if not is_main_process():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, values in files.items():
+            write_json_atomic(self.out_dir / name, values)
+        kwargs = {"names": tuple(names)} if names is not None else {}
+        self.logger = MetricsLogger(self.out_dir, resume_step=start if self.resume else None, **kwargs)
+        if announce and not self.resume:
+            tqdm.write(announce)
+
+    def steps(self, start: int, total: int, desc: str, progress: bool = True):
+        """The steps start..total-1 under a progress bar (the main process's, when progress)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(range(start, total), desc=desc, unit="step", disable=not (progress and self.logger is not None),
+                    initial=start, total=total)  # fmt: skip
+
+    def log(self, step: int, row: dict) -> None:
+        """One metrics row (the main process writes it; the others have no logger)."""
+        if self.logger is not None:
+            self.logger.log(step, row)
+
+    @staticmethod
+    def checkpoint_due(step: int, every: int, total: int) -> bool:
+        """Whether a checkpoint is written after `step` (1-based): every `every` steps and at the last."""
+        return step % every == 0 or step == total
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()

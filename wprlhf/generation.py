@@ -46,6 +46,9 @@ class GenerationConfig:
     greedy: bool = False
     """Argmax instead of sampling (evaluation, tests). The temperature then only scales the logged log-probs; a
     temperature of 0 is read as 1 there."""
+    instruction: str = ""
+    """What the policy reads before each prompt, with a blank line ('' = the bare prompt): it joins the prompt where
+    the prompt is tokenized (`encode_prompts`), so rewards and judges, which are given the prompts, read them bare."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -71,12 +74,13 @@ class GenerationConfig:
 
 # PPO's names for the sampling settings (PPOConfig, LoopConfig, `wprlhf task-eval`) -> GenerationConfig's
 SAMPLING_FIELDS = {"response_length": "max_new_tokens", "min_response_length": "min_new_tokens",
-                   "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "stop_at_eos": "stop_at_eos"}
+                   "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "stop_at_eos": "stop_at_eos",
+                   "instruction": "instruction"}  # fmt: skip
 
 
 def generation_config(config=None, **settings) -> GenerationConfig:
     """The GenerationConfig of a run's config, in PPO's names (`SAMPLING_FIELDS`): response_length,
-    min_response_length, temperature, top_k, top_p, stop_at_eos, taken from `config` (a PPOConfig, a LoopConfig)
+    min_response_length, temperature, top_k, top_p, stop_at_eos, instruction, taken from `config` (a PPOConfig, a LoopConfig)
     where it has them and from keyword `settings`, which win; what neither gives keeps GenerationConfig's default.
 
     >>> g = generation_config(response_length=24, min_response_length=8)
@@ -112,9 +116,15 @@ class Generation:
 
 def instruction_head(instruction: str) -> str:
     """What a query starts with when the task asks for something in words: the instruction and a blank line ('' for
-    no instruction). The one place the form is written: `wprlhf stories --instruction` and `wprlhf eval
-    --instruction` put it before each prompt, and reward models read the prompt without it."""
+    no instruction). The one place the form is written: `encode_prompts` and `chat_ids` put it before each prompt
+    they tokenize; reward models and judges read the prompt without it."""
     return f"{instruction}\n\n" if instruction else ""
+
+
+def instructed(prompts: list[str], instruction: str) -> list[str]:
+    """The text the policy reads for each prompt: `instruction_head(instruction) + prompt`."""
+    head = instruction_head(instruction)
+    return [head + p for p in prompts]
 
 
 def uses_chat_template(tokenizer, chat_template: bool = True) -> bool:
@@ -181,14 +191,17 @@ def check_bare_prompts(tokenizer, prompts: list[str], chat_template: bool = True
                             "exactly as written, markup included")  # fmt: skip
 
 
-def chat_ids(tokenizer, prompts: list[str], responses: list[str] | None = None) -> list[list[int]] | tuple:
+def chat_ids(tokenizer, prompts: list[str], responses: list[str] | None = None,
+             instruction: str = "") -> list[list[int]] | tuple:  # fmt: skip
     """Token ids of [user: prompt] in the chat template with the assistant's turn opened (responses None), or
     (prompt_ids, completion_ids) of [user: prompt, assistant: response]: the completion is the response's tokens
-    and the template's end of turn (trailing whitespace dropped), what SFT and DPO train on.
+    and the template's end of turn (trailing whitespace dropped), what SFT and DPO train on. The user's turn is
+    `instructed(prompts, instruction)`.
 
     The template's pieces and the data's text are tokenised apart (`text_ids`), so special ids appear only where
     the template puts them. Prompts already in the template are refused (`check_bare_prompts`).
     """
+    prompts = instructed(prompts, instruction)
     check_bare_prompts(tokenizer, prompts)
     markup = lambda piece: tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []  # noqa: E731
     if responses is None:
@@ -208,9 +221,11 @@ def chat_ids(tokenizer, prompts: list[str], responses: list[str] | None = None) 
 
 
 def encode_prompts(
-    tokenizer, prompts: list[str], max_prompt_length: int | None = None, chat_template: bool = True
+    tokenizer, prompts: list[str], max_prompt_length: int | None = None, chat_template: bool = True,
+    instruction: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> left-padded queries (B, Tq) and query_mask (B, Tq) bool.
+    """Prompts -> left-padded queries (B, Tq) and query_mask (B, Tq) bool, each prompt read after the instruction
+    (`instructed`; '' = the bare prompt).
 
     Uses the tokenizer's chat template when it has one and chat_template is True (`chat_ids`: the prompt's text
     stays text; a prompt already in the template is refused). Long prompts keep their last max_prompt_length tokens (the end
@@ -220,7 +235,7 @@ def encode_prompts(
         raise UserError("no prompts to encode: the prompt set is empty")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise UserError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    prompts = list(prompts)
+    prompts = instructed(prompts, instruction)
     use_template = uses_chat_template(tokenizer, chat_template)
     # Without the template the prompt is the whole input, markup included if the user wrote some, read as the
     # tokenizer reads text (its usual leading tokens added); with it, the prompt's text stays text (`chat_ids`).
@@ -483,7 +498,8 @@ def generate(
     per_batch = batch_size // num_samples
     texts = []
     for start in tqdm(range(0, len(prompts), per_batch), desc="sampling", disable=not progress, unit="batch"):
-        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + per_batch], max_prompt_length, chat_template)
+        queries, query_mask = encode_prompts(tokenizer, prompts[start : start + per_batch], max_prompt_length,
+                                             chat_template, config.instruction)  # fmt: skip
         queries, query_mask = fit_positions(model, queries, query_mask, config.max_new_tokens)
         gen = sample(
             model, queries.to(device), query_mask.to(device), config, stop_token_ids(tokenizer),

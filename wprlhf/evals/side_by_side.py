@@ -318,26 +318,27 @@ def read_side(spec: str) -> dict[str, str]:
     return rows
 
 
-def _sample_side(name: str, spec: str, queries: list[str], config: EvalConfig):
-    """(side, model, tokenizer): a model loaded from `spec` and sampled on the queries (`sides.sample_side`)."""
+def _sample_side(name: str, spec: str, prompts: list[str], config: EvalConfig, instruction: str):
+    """(side, model, tokenizer, gen): a model loaded from `spec` and sampled on the prompts, each read after
+    `instruction` (`sides.sample_side`)."""
     from ..distributed import resolve_device
     from ..generation import generation_config
     from ..models import load_policy
 
     model, tokenizer = load_policy(spec, seed=config.seed)
-    check_bare_prompts(tokenizer, queries)  # every prompt, before any sampling
+    check_bare_prompts(tokenizer, prompts)  # every prompt, before any sampling
     model.to(resolve_device(config.device))
     gen = generation_config(None, response_length=config.response_length,
-                            min_response_length=config.min_response_length, temperature=config.temperature)  # fmt: skip
+                            min_response_length=config.min_response_length, temperature=config.temperature,
+                            instruction=instruction)  # fmt: skip
     gen.greedy = config.greedy
-    return sample_side(name, model, tokenizer, queries, gen, config.seed, config.batch_size), model, tokenizer, gen
+    return sample_side(name, model, tokenizer, prompts, gen, config.seed, config.batch_size), model, tokenizer, gen
 
 
 def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -> dict:
     """`wprlhf eval`: sample (or read) both sides on the prompts, judge them, write out (JSON) beside a Markdown
     table (out with .md) and the pairs (out's stem + -pairs.jsonl), and queue blind pairs in blind_db when given."""
     from ..data import load_prompts
-    from ..generation import instruction_head
     from ..models import load_policy
     from ..rewards.judges import Relevance
     from ..rewards.spec import load_reward
@@ -359,7 +360,6 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
     # What each side's policy reads (the KL reference reads --against's); judges read the bare prompts.
     heads = {"policy": config.instruction,
              "against": config.instruction if config.against_instruction is None else config.against_instruction}
-    queries = {side: [instruction_head(head) + p for p in prompts] for side, head in heads.items()}
     specs = {"policy": config.policy, "against": config.against}
     sides, models = {}, {}
     for name, spec in specs.items():
@@ -370,7 +370,7 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
                                 f"{missing[0][:80]!r}; sample it on the same --prompts")  # fmt: skip
             sides[name] = Side(name, [files[spec][p] for p in prompts])
         else:
-            sides[name], *models[name] = _sample_side(name, spec, queries[name], config)
+            sides[name], *models[name] = _sample_side(name, spec, prompts, config, heads[name])
     new, old = sides["policy"].texts, sides["against"].texts
     kls = {}
     reference = config.reference or (config.against if "against" in models else "")
@@ -381,8 +381,8 @@ def run_eval(config: EvalConfig, out: str | Path, blind_db: str | None = None) -
         else:
             ref_model = load_policy(reference)[0]
         ref_model.to(next(model.parameters()).device)
-        kls["policy"] = side_kl(sides["policy"], model, ref_model, tokenizer, queries["policy"], gen,
-                                queries["against"], config.batch_size)  # fmt: skip
+        kls["policy"] = side_kl(sides["policy"], model, ref_model, tokenizer, prompts, gen, heads["against"],
+                                config.batch_size)  # fmt: skip
     report = judge_sides(prompts, {"policy": new, "against": old}, judge, "against", relevance=Relevance(), kls=kls)
     report.update(policy=config.policy, against=config.against, judge=config.judge, reference=reference,
                   instruction=heads["policy"], against_instruction=heads["against"])

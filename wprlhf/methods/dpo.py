@@ -38,12 +38,12 @@ from ..core import choice_credit, linear_schedule, masked_sum, pad_sequences
 from ..data import Comparison, load_comparisons, split_by_prompt
 from ..distributed import (autocast_dtype, check_launch_environment, check_mixed_precision, device_of,
                            is_main_process, reduce_sum)
-from ..engine import Engine, prepare_precision
+from ..engine import Engine, RunFiles, prepare_precision
 from ..errors import UserError, check_numbers
-from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
+from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs
 from ..forwards import policy_forward
 from ..generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
-from ..metrics import DPO_METRIC_NAMES, MetricsLogger
+from ..metrics import DPO_METRIC_NAMES
 from ..models import (add_lora, count_parameters, load_policy, make_reference, merged_copy, position_limit,
                       stop_token_ids)
 
@@ -87,6 +87,9 @@ class DPOConfig:
     """Keep Reddit meta lines (edits, thanks, links) in the responses; off, as `rm train` reads them."""
     chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template where it has one, as PPO samples them."""
+    instruction: str = ""
+    """Put before each prompt, with a blank line, in what the policy reads ('' = the bare prompt), as the pairs'
+    responses were sampled (`generation.instructed`)."""
     lora_r: int = 0
     """LoRA rank (0 = train all weights). With LoRA the reference is the policy with its adapters off."""
     lora_alpha: float = 16.0
@@ -161,7 +164,8 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair], config: DPOConfig, model: nn.
     ids = [(row + stop)[: config.max_response_length] for row in text_ids(tokenizer, texts)]
     responses, response_mask = pad_sequences([torch.tensor(x, dtype=torch.long) for x in ids], tokenizer.pad_token_id)
     prompts = [p.prompt for p in pairs] * 2
-    queries, query_mask = encode_prompts(tokenizer, prompts, config.max_prompt_length, config.chat_template)
+    queries, query_mask = encode_prompts(tokenizer, prompts, config.max_prompt_length, config.chat_template,
+                                         config.instruction)  # fmt: skip
     queries, query_mask = fit_positions(model, queries, query_mask, config.max_response_length)
     return queries, query_mask, responses, response_mask
 
@@ -377,14 +381,10 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     changed is refused unless allow_changed_inputs).
     UserError for a missing or empty comparisons file, no pair left after skipping ties, or a run already in out_dir.
     """
-    from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     pairs, train_pairs, val_pairs = read_pairs(config, comparisons)
-    if resume and not (out_dir / "checkpoints").exists():
-        raise UserError(f"{out_dir} has no checkpoint to resume; rerun without --resume")
-    if not resume and (out_dir / "metrics.csv").exists():
-        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out")
+    files = RunFiles(out_dir, resume)
     inputs = input_fingerprints({"policy": config.policy, "data": config.data},
                                 {"pairs": [(p.prompt, p.chosen, p.rejected) for p in pairs]})  # fmt: skip
     if resume:
@@ -405,28 +405,17 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
         raise UserError(f"{len(train_pairs)} training pairs are fewer than the {world} processes; give more comparisons")
     total = steps_per_epoch * config.epochs
     dpo = DPO(config, policy, tokenizer, total, accelerator)
-    acc, main = dpo.accelerator, is_main_process()
     if resume:
-        found = ckpt.resume_checkpoint(out_dir, {"policy": dpo.policy}, None, dpo.check_state,
-                                       "start the run again without --resume", ckpt.print_warning if main else None)  # fmt: skip
-        state = ckpt.apply_checkpoint(found, {"policy": dpo.policy})
+        state = files.restore({"policy": dpo.policy}, dpo.check_state)
         dpo.engine.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         dpo.step = state["step"]
-    logger = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "config.json", dataclasses.asdict(config) | {
-            "train_pairs": len(train_pairs), "val_pairs": len(val_pairs)})  # fmt: skip
-        write_json_atomic(out_dir / INPUTS_FILE, inputs)
-        logger = MetricsLogger(out_dir, resume_step=dpo.step if resume else None, names=DPO_METRIC_NAMES)
-        if not resume:
-            tqdm.write(f"dpo: {len(train_pairs)} pairs ({len(val_pairs)} held out), {total} steps, policy "
-                       f"{config.policy} ({count_parameters(dpo.policy) / 1e6:.1f} M parameters), mixed precision "
-                       f"{config.mixed_precision}")  # fmt: skip
+    config_record = dataclasses.asdict(config) | {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs)}
+    files.open({"config.json": config_record, INPUTS_FILE: inputs}, DPO_METRIC_NAMES, dpo.step,
+               f"dpo: {len(train_pairs)} pairs ({len(val_pairs)} held out), {total} steps, policy {config.policy} "
+               f"({count_parameters(dpo.policy) / 1e6:.1f} M parameters), mixed precision {config.mixed_precision}")
     started, row = time.perf_counter(), {}
-    for step in tqdm(range(dpo.step, total), desc="dpo", unit="step", disable=not (progress and main),
-                     initial=dpo.step, total=total):  # fmt: skip
+    for step in files.steps(dpo.step, total, "dpo", progress):
         epoch, within = divmod(step, steps_per_epoch)
         rows = step_pairs(epoch_order(len(train_pairs), epoch, config.seed), within, config.batch_size)
         sums = update(dpo, train_pairs, rows, step)
@@ -435,13 +424,12 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
                "lr": dpo.engine.lr, "elapsed_s": time.perf_counter() - started}  # fmt: skip
         if val_pairs and (dpo.step % config.eval_every == 0 or dpo.step == total):
             row |= evaluate(dpo, val_pairs, config.batch_size)
-        if main:
-            logger.log(dpo.step, row)
-        if dpo.step % config.checkpoint_every == 0 or dpo.step == total:
+        files.log(dpo.step, row)
+        if files.checkpoint_due(dpo.step, config.checkpoint_every, total):
             dpo.save(out_dir)
-    if main:
-        logger.close()
+    files.close()
+    if is_main_process():
         ckpt.export_models(out_dir, {"policy": merged_copy(dpo.policy)}, tokenizer)
-    acc.wait_for_everyone()
+    dpo.accelerator.wait_for_everyone()
     return row
 

@@ -30,13 +30,12 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..core import masked_mean, token_kl
 from ..distributed import autocast_dtype, check_divisible, device_of, gather_padded, is_main_process, reduce_sum, shard
-from ..engine import Engine, prepare_precision
+from ..engine import Engine, RunFiles, prepare_precision
 from ..errors import UserError
-from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs, write_json_atomic
+from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs
 from ..forwards import policy_forward, sampling_floor, value_forward
 from ..generation import (Generation, check_bare_prompts, decode_responses, encode_prompts, fit_positions, prompt_room,
                           sample)
-from ..metrics import MetricsLogger
 from ..models import (ValueHead, add_lora, checkpointing, count_parameters, enable_gradient_checkpointing, load_policy,
                       make_reference, make_value_model, merged_copy, stop_token_ids)
 from ..signatures import RewardFn, reward_name
@@ -220,7 +219,7 @@ class Trainer:
         """One response per prompt from the current policy (this process's prompts): text, as generation.generate
         gives, with the tensors PPO needs (generation.sample's)."""
         c, started = self.config, time.perf_counter()
-        queries, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, c.chat_template)
+        queries, query_mask = encode_prompts(self.tokenizer, prompts, c.max_prompt_length, c.chat_template, c.instruction)
         # The clipped queries are kept: PPO's forwards must read the prompts the responses were sampled from.
         queries, query_mask = fit_positions(self.policy, queries, query_mask, c.response_length)
         queries, query_mask = queries.to(self.device), query_mask.to(self.device)
@@ -611,35 +610,20 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
         resume: bool = False, progress: bool = True, judge_fn: RewardFn | None = None) -> Trainer:  # fmt: skip
     """Run `config.steps` steps of `step_fn(trainer, prompts, reward_fn) -> (stats, Samples)`; write metrics,
     samples, checkpoints and the final models into out_dir (see `ppo.train`)."""
-    from tqdm.auto import tqdm
 
     config, out_dir = trainer.config, Path(out_dir)
     acc = trainer.accelerator
     main = is_main_process()  # the one process that logs and writes files
-    start = 0
+    files = RunFiles(out_dir, resume)
     if resume:
-        # The newest checkpoint that reads back whole: past an unreadable one it falls back, saying what was wrong.
-        restart = ("start a new run: rerun without --resume and with --out set to a new directory"
-                   if (out_dir / "metrics.csv").exists() else "start the run: rerun without --resume")  # fmt: skip
-        trainer.load(ckpt.resume_checkpoint(out_dir, trainer.models(), trainer.value_head, trainer.check_state,
-                                            restart, warn=ckpt.print_warning if main else None))  # fmt: skip
-        start = trainer.step_count
-    elif (out_dir / "metrics.csv").exists():
-        raise UserError(f"{out_dir} already holds a run; use --resume to continue it or choose another --out (from "
-                        "Python: train(..., resume=True), or another out_dir)")  # fmt: skip
+        trainer.load_state_dict(files.restore(trainer.models(), trainer.check_state, trainer.value_head))
+    start = trainer.step_count
     acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
-    logger = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "config.json", dataclasses.asdict(config))
-        write_json_atomic(out_dir / INPUTS_FILE, run_inputs(config, prompts))  # what a resume compares (prepare_run)
-        logger = MetricsLogger(out_dir, resume_step=start if resume else None)
-        if not resume:
-            tqdm.write(f"policy {config.policy}: {count_parameters(trainer.policy) / 1e6:.1f} M parameters on "
-                       f"{trainer.device}, mixed precision {config.mixed_precision}"
-                       + (f", {acc.num_processes} processes" if acc.num_processes > 1 else ""))  # fmt: skip
-    bar = tqdm(range(start, config.steps), desc=trainer.method.lower(), unit="step", disable=not (progress and main), initial=start,
-               total=config.steps)  # fmt: skip
+    processes = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
+    files.open({"config.json": dataclasses.asdict(config), INPUTS_FILE: run_inputs(config, prompts)}, start=start,
+               announce=f"policy {config.policy}: {count_parameters(trainer.policy) / 1e6:.1f} M parameters on "
+                        f"{trainer.device}, mixed precision {config.mixed_precision}{processes}")  # fmt: skip
+    bar = files.steps(start, config.steps, trainer.method.lower(), progress)
     for step in bar:
         # k = samples_per_prompt responses to each of batch_size / k prompts, a prompt's k side by side (RLOO's and
         # GRPO's groups); shards are contiguous, so the gathered global batch keeps the groups.
@@ -657,17 +641,16 @@ def run(trainer: Trainer, step_fn: Callable, prompts: list[str], reward_fn: Rewa
         if judge_fn is not None:
             judged = torch.tensor([float(s) for s in judge_fn(samples.prompts, samples.texts)], device=trainer.device)
             stats["judge_mean"] = float(gather_padded(acc, judged, 0.0).mean())
+        files.log(step + 1, {"episodes": trainer.episodes, **stats})
         if main:
-            logger.log(step + 1, {"episodes": trainer.episodes, **stats})
             bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", kl_coef=f"{stats['kl_coef']:.3f}")
             if config.log_samples and ((step + 1) % config.sample_every == 0 or step == 0):
                 n = min(config.log_samples, len(samples.texts))
-                logger.log_samples(step + 1, samples.prompts[:n], samples.texts[:n], samples.scores[:n].tolist(),
-                                   trainer.last_episodes["kl"][:n], trainer.last_episodes["rlhf_reward"][:n], echo=progress,
-                                   finished=samples.generation.finished[:n].tolist())  # fmt: skip
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                files.logger.log_samples(step + 1, samples.prompts[:n], samples.texts[:n], samples.scores[:n].tolist(),
+                                         trainer.last_episodes["kl"][:n], trainer.last_episodes["rlhf_reward"][:n],
+                                         echo=progress, finished=samples.generation.finished[:n].tolist())  # fmt: skip
+        if files.checkpoint_due(step + 1, config.checkpoint_every, config.steps):
             trainer.save(ckpt.checkpoint_path(out_dir, step + 1))
-    if main:
-        logger.close()
+    files.close()
     trainer.export(out_dir)
     return trainer

@@ -84,6 +84,9 @@ class OnPolicyConfig:
     or min_response_length = response_length), where every response reaches the cap by design."""
     chat_template: bool = True
     """Wrap prompts in the tokenizer's chat template where it has one (instruct models)."""
+    instruction: str = ""
+    """Put before each prompt, with a blank line, in what the policy reads ('' = the bare prompt); the reward
+    function is given the bare prompt (`generation.instructed`)."""
 
     # --- optimisation
     lr: float = 1.41e-5

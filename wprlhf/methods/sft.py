@@ -26,11 +26,11 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..core import linear_schedule, logprobs_from_logits, masked_sum
 from ..distributed import device_of, is_main_process, reduce_sum
-from ..engine import Engine, Hardware, prepare_precision
+from ..engine import Engine, Hardware, RunFiles, prepare_precision
 from ..errors import UserError, check_numbers
 from ..files import INPUTS_FILE, atomic_writer, input_fingerprints, write_json_atomic
-from ..generation import GenerationConfig, chat_ids, generate, text_ids, uses_chat_template
-from ..metrics import SFT_METRIC_NAMES, MetricsLogger, read_metrics, smooth
+from ..generation import GenerationConfig, chat_ids, generate, instructed, text_ids, uses_chat_template
+from ..metrics import SFT_METRIC_NAMES, read_metrics, smooth
 from ..models import count_parameters, load_policy
 
 EXAMPLE_DATA = "../shared/data/writing_prompts"
@@ -61,6 +61,9 @@ class SFTConfig(Hardware):
     """Format as a user turn (the prompt) and an assistant turn (the story) with the tokenizer's chat template
     where it has one, exactly as `wprlhf ppo` and `wprlhf sample` encode prompts; otherwise (or False) the text
     is prompt + "\\n\\n" + story + EOS."""
+    instruction: str = ""
+    """Put before each prompt, with a blank line, in what the policy reads ('' = the bare prompt), in training and
+    in its samples alike (`generation.instructed`)."""
     task: str = ""
     """Learn a review task's format instead of stories (`sentiment.sft_stories`): 'sentiment-control' (control
     prefix + opening -> the labelled review's continuation) or 'positive-reviews'. `data` then names labelled
@@ -171,8 +174,9 @@ class Example:
 
 
 def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int,
-                    chat_template: bool = True, separator: str = "\n\n") -> list[Example]:  # fmt: skip
-    """(prompt, story) texts -> Examples of at most max_length tokens, the story cut at its end first.
+                    chat_template: bool = True, separator: str = "\n\n", instruction: str = "") -> list[Example]:  # fmt: skip
+    """(prompt, story) texts -> Examples of at most max_length tokens, the story cut at its end first; each prompt
+    read after the instruction (`generation.instructed`).
 
     Chat models: the prompt is the template of [user: prompt] with the assistant's turn opened, the ids
     generation.encode_prompts samples from; the completion is the story and the template's end-of-turn marker
@@ -186,9 +190,10 @@ def encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str],
     if not prompts:
         return []
     if uses_chat_template(tokenizer, chat_template):
-        prompt_ids, completion_ids = chat_ids(tokenizer, list(prompts), list(responses))
+        prompt_ids, completion_ids = chat_ids(tokenizer, list(prompts), list(responses), instruction)
     else:  # the tokenizer's usual leading tokens (BOS) before the prompt; the story's text, then EOS
-        prompt_ids = tokenizer([p + separator for p in prompts], add_special_tokens=True)["input_ids"]
+        prompt_ids = tokenizer([p + separator for p in instructed(list(prompts), instruction)],
+                               add_special_tokens=True)["input_ids"]  # fmt: skip
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         completion_ids = [ids + eos for ids in text_ids(tokenizer, list(responses))]
     examples = []
@@ -347,7 +352,8 @@ def write_samples(path: Path, model: nn.Module, tokenizer, prompts: list[str], r
         return
     lines = []
     for decoding in ("greedy", "sampled"):
-        generation = GenerationConfig(max_new_tokens=config.sample_tokens, greedy=decoding == "greedy")
+        generation = GenerationConfig(max_new_tokens=config.sample_tokens, greedy=decoding == "greedy",
+                                      instruction=config.instruction)  # fmt: skip
         done: list[bool] = []  # False: cut at sample_tokens with no end-of-turn
         texts = generate(model, tokenizer, prompts, generation, seed=config.seed, chat_template=config.chat_template,
                          finished=done)  # fmt: skip
@@ -434,8 +440,7 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if (out_dir / "metrics.csv").exists():
-        raise UserError(f"{out_dir} already holds a run; choose another --out or pass --force to overwrite it")
+    files = RunFiles(out_dir, resumable=False)
     config, separator, responses, train_stories, val_stories = read_stories(config, stories)
     policy, tokenizer = (policy, tokenizer) if policy is not None else load_policy(config.policy, seed=config.seed)
     config, acc = prepare_precision(config)
@@ -446,7 +451,8 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     torch.manual_seed(config.seed)
 
     train_examples, val_examples = (encode_examples(tokenizer, [s.prompt for s in part], [s.response for s in part],
-                                                    config.max_length, config.chat_template, separator)
+                                                    config.max_length, config.chat_template, separator,
+                                                    config.instruction)
                                     for part in (train_stories, val_stories))  # fmt: skip
     train_rows = pack(train_examples, config.max_length) if config.packing else [[e] for e in train_examples]
     val_rows = [[e] for e in val_examples]
@@ -460,14 +466,11 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     progress = progress and main
 
     acc.wait_for_everyone()  # every process has looked at out_dir before the main one writes into it
-    out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"n_train_examples": len(train_examples), "n_train_rows": len(train_rows),
              "n_train_tokens": sum(len(e.response_ids) for e in train_examples), "n_val_examples": len(val_examples),
              "n_val_tokens": sum(len(e.response_ids) for e in val_examples), "steps": total_steps}  # fmt: skip
-    if main:
-        write_json_atomic(out_dir / "config.json", {**dataclasses.asdict(config), **sizes})
-        write_inputs(config, out_dir, responses if stories is not None else None)
-    logger = MetricsLogger(out_dir, names=SFT_METRIC_NAMES) if main else None
+    files.open({"config.json": {**dataclasses.asdict(config), **sizes},
+                INPUTS_FILE: run_inputs(config, responses if stories is not None else None)}, SFT_METRIC_NAMES)
     if progress:
         tqdm.write(f"sft {config.policy} ({count_parameters(policy) / 1e6:.1f} M parameters, {device}, mixed precision "
                    f"{config.mixed_precision}): {len(train_examples)} training stories ({sizes['n_train_tokens']} "
@@ -479,13 +482,13 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
     samples = ([s.prompt for s in shown], [s.response for s in shown])  # held-out prompts and their human stories
     before = evaluate(policy, val_rows, tokenizer.pad_token_id, config.micro_batch_size, device)
     if main:
-        logger.log(0, {"examples": 0, "tokens": 0, "val_loss": before["val_loss"],
+        files.log(0, {"examples": 0, "tokens": 0, "val_loss": before["val_loss"],
                        "elapsed_s": time.perf_counter() - started})  # fmt: skip
         write_samples(out_dir / "samples.jsonl", policy, tokenizer, *samples, config, 0, "before", progress)
     if progress:
         tqdm.write(f"held-out loss before training: {before['val_loss']:.4f} nats per response token")
 
-    step, last_val = train_steps(engine, policy, config, train_rows, val_rows, tokenizer.pad_token_id, logger,
+    step, last_val = train_steps(engine, policy, config, train_rows, val_rows, tokenizer.pad_token_id, files,
                                  started, before["val_loss"], total_steps, progress)  # fmt: skip
 
     # --- after: samples, the model, the numbers, the plot (the main process's job)
@@ -495,16 +498,16 @@ def train(config: SFTConfig, out_dir: str | Path, policy: nn.Module | None = Non
               "data": config.data, "wall_s": time.perf_counter() - started}  # fmt: skip
     if main:
         write_samples(out_dir / "samples.jsonl", policy, tokenizer, *samples, config, step, "after", progress)
-        logger.close()
+        files.close()
         export(config, out_dir, policy, tokenizer, result)
     return result
 
 
-def write_inputs(config: SFTConfig, out_dir: Path, given: Sequence | None) -> None:
+def run_inputs(config: SFTConfig, given: Sequence | None) -> dict:
     """inputs.json: what the run trained on, as files.fingerprint reads it (the policy, the data, and the stories
     `given` in memory). SFT does not resume, but the record travels with the run."""
     lists = {"stories": [(s.prompt, s.response, s.rank) for s in given]} if given is not None else {}
-    write_json_atomic(out_dir / INPUTS_FILE, input_fingerprints({"policy": config.policy, "data": config.data}, lists))
+    return input_fingerprints({"policy": config.policy, "data": config.data}, lists)
 
 
 def export(config: SFTConfig, out_dir: Path, policy: nn.Module, tokenizer, result: dict) -> None:
@@ -550,7 +553,8 @@ def read_stories(config: SFTConfig, stories: Sequence | None) -> tuple:
 
 
 def train_steps(engine: Engine, policy: nn.Module, config: SFTConfig, train_rows: list, val_rows: list, pad: int,
-                logger, started: float, last_val: float, total_steps: int, progress: bool) -> tuple[int, float]:  # fmt: skip
+                files: RunFiles, started: float, last_val: float, total_steps: int,
+                progress: bool) -> tuple[int, float]:  # fmt: skip
     """The training loop: epochs of optimizer steps over train_rows (each step's loss the mean over all its response
     tokens, however it is cut into micro-batches and processes), the held-out loss of the bare `policy` every
     eval_every steps, a metrics row a step. Returns (steps taken, the last held-out loss)."""
@@ -587,8 +591,7 @@ def train_steps(engine: Engine, policy: nn.Module, config: SFTConfig, train_rows
                 last_val = evaluate(policy, val_rows, pad, config.micro_batch_size, device)["val_loss"]
                 stats["val_loss"] = last_val
             stats["elapsed_s"] = time.perf_counter() - started
-            if logger is not None:
-                logger.log(step, stats)
+            files.log(step, stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", val=f"{last_val:.3f}")
     bar.close()

@@ -351,44 +351,22 @@ QUICK = {"response_length": 24, "pool_batch_size": 8, "split": {"eval_prompts": 
          "ppo": {"steps": 2, "batch_size": 4}, "eval": {"best_of": "2,4", "batch_size": 8}}  # fmt: skip
 
 
-def query(config: StoriesConfig, prompt: str) -> str:
-    """What the policy reads for `prompt`: config.instruction, a blank line, the prompt (the bare prompt when the
-    instruction is '')."""
-    from ..generation import instruction_head
-
-    return instruction_head(config.instruction) + prompt
-
-
-def on_prompts(config: StoriesConfig, reward_fn):
-    """reward_fn, callable on the policy's queries: it reads the bare prompts behind them (`query` inverted), so
-    reward models and judges score (prompt, response) as they were trained to, whatever the policy was told."""
-    from ..generation import instruction_head
-
-    head = instruction_head(config.instruction)
-    if not head:
-        return reward_fn
-
-    def on_queries(queries: list[str], responses: list[str]) -> list[float]:
-        return reward_fn([q[len(head):] if q.startswith(head) else q for q in queries], responses)
-
-    return on_queries
-
-
 def task_reward(config: StoriesConfig, rm_dir: str):
-    """What PPO maximises and best-of-n chooses by: the reward model's score of (bare prompt, response), plus
-    config.reward_extra's terms when it names any; callable on the policy's queries (`on_prompts`)."""
+    """What PPO maximises and best-of-n chooses by: the reward model's score of (prompt, response), plus
+    config.reward_extra's terms when it names any. It reads the bare prompt: the instruction is the policy's alone
+    (it travels in the generation and training configs, `generation.instructed`)."""
     from ..rewards.reward_model import reward_fn_from_model
     from ..rewards.spec import load_reward
 
     karma = reward_fn_from_model(rm_dir)
     if not config.reward_extra.strip():
-        return on_prompts(config, karma)
+        return karma
     extra = load_reward(config.reward_extra, "reward_extra")
 
     def total(prompts: list[str], responses: list[str]) -> list[float]:
         return [a + b for a, b in zip(karma(prompts, responses), extra(prompts, responses), strict=True)]
 
-    return on_prompts(config, total)
+    return total
 
 
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
@@ -397,7 +375,8 @@ def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     `steps` replaces config.ppo.steps (benchmarks/bench_stories.py times a few)."""
     from ..methods.onpolicy_config import PPOConfig
 
-    return PPOConfig(policy=policy, reward="stories: the reward model", steps=steps or config.ppo.steps,
+    return PPOConfig(policy=policy, reward="stories: the reward model", instruction=config.instruction,
+                     steps=steps or config.ppo.steps,
                      batch_size=config.ppo.batch_size, num_minibatches=config.ppo.minibatches, ppo_epochs=config.ppo.epochs,
                      response_length=config.response_length, min_response_length=config.min_response_length,
                      temperature=config.temperature, lr=config.ppo.lr, kl_coef=config.ppo.kl_coef, kl_target=config.ppo.kl_target,
@@ -523,9 +502,11 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("split")
     train_prompts = load_prompts(split_dir / "train_prompts.txt")
     if (config.sft.enabled and config.sft.best_of) or config.rl == "dpo":
+        from ..generation import instructed
+
         # The queries of the policy's own-sample pools (distillation's, DPO's), for a pool drawn elsewhere (own_pool).
         write_text_atomic(split_dir / "pool_queries.jsonl", "".join(
-            json.dumps({"prompt": query(config, p)}) + "\n" for p in pool_prompts(config, train_prompts)))  # fmt: skip
+            json.dumps({"prompt": q}) + "\n" for q in instructed(pool_prompts(config, train_prompts), config.instruction)))  # fmt: skip
 
     for phase, settings in (("rm", config.rm), ("judge", config.judge)):
         if not wanted(phase):
@@ -613,8 +594,8 @@ def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list
                         split_dir / "sft_best_of.jsonl", seed=config.seed + 60_000)  # fmt: skip
         stories = [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
                    for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft.best_of)[0]))]  # fmt: skip
-    stories = [dataclasses.replace(r, prompt=query(config, r.prompt)) for r in stories]
     sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
+                           instruction=config.instruction,
                            max_examples=config.sft.examples, max_length=config.sft.max_length,
                            epochs=config.sft.epochs, batch_size=config.sft.batch_size,
                            gradient_accumulation_steps=_accumulation(config.sft.batch_size), lr=config.sft.lr,
@@ -640,10 +621,10 @@ def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
     pool = own_pool(config, start_of_rl, prompts, config.dpo.samples, state["rm_dir"], dpo_dir / "pool.jsonl",
                     seed=config.seed + 70_000)  # fmt: skip
     best, worst = pool.scores.argmax(1), pool.scores.argmin(1)
-    pairs = [Comparison(prompt=query(config, p), responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
+    pairs = [Comparison(prompt=p, responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
              for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
              if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
-    dpo_config = DPOConfig(policy=start_of_rl, beta=config.dpo.beta, lr=config.dpo.lr, epochs=config.dpo.epochs,
+    dpo_config = DPOConfig(policy=start_of_rl, instruction=config.instruction, beta=config.dpo.beta, lr=config.dpo.lr, epochs=config.dpo.epochs,
                            batch_size=config.dpo.batch_size, max_prompt_length=config.dpo.max_prompt_length,
                            max_response_length=config.response_length + config.dpo.response_slack,
                            eval_every=config.dpo.eval_every, seed=config.seed, device=config.device,
@@ -662,9 +643,17 @@ def train_ppo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
     ppo_config = ppo_settings(config, start_of_rl)
     ppo_dir = out_dir / "ppo"
     resume_ppo = (ppo_dir / "metrics.csv").exists()
-    ppo_train(ppo_config, [query(config, p) for p in train_prompts], task_reward(config, state["rm_dir"]),
-              ppo_dir, resume=resume_ppo, allow_changed_inputs=allow_changed_inputs,
-              judge_fn=on_prompts(config, reward_fn_from_model(state["judge_dir"])))  # fmt: skip
+    ppo_train(ppo_config, train_prompts, task_reward(config, state["rm_dir"]), ppo_dir, resume=resume_ppo,
+              allow_changed_inputs=allow_changed_inputs, judge_fn=reward_fn_from_model(state["judge_dir"]))  # fmt: skip
+
+
+def sampling(config: StoriesConfig):
+    """The GenerationConfig of the pools and of evaluation: response_length tokens (exactly, with fixed_length) at
+    the run's temperature, each prompt read after the instruction."""
+    from ..generation import generation_config
+
+    return generation_config(None, response_length=config.response_length, instruction=config.instruction,
+                             min_response_length=config.min_response_length, temperature=config.temperature)
 
 
 def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
@@ -687,7 +676,7 @@ def pool_autocast(config: StoriesConfig):
 
 def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_dir: str, path: Path,
              seed: int) -> Pool:  # fmt: skip
-    """n samples of `policy` for each prompt (asked with `query`), scored by the task's reward: the pool that
+    """n samples of `policy` for each prompt (asked after the instruction), scored by the task's reward: the pool that
     best-of-n distillation takes the best of, DPO the best and the worst, and the best-of-n baselines their picks
     (on the eval prompts).
 
@@ -696,19 +685,19 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
     before the phase, from `wprlhf sample -k n --prompts split/pool_queries.jsonl` (its prompts are the queries, and
     it has no scores), is scored and used instead of sampling here: sampling is most of the phase on a CPU, and a
     GPU does it in seconds (docs/stories.md). Anything else at `path` is sampled again, with a note."""
-    from ..generation import generation_config
+    from ..generation import instructed
     from ..methods.best_of import Pool, sample_pool
     from ..models import load_policy
 
     lines = [row for _, row in iter_jsonl(path)] if path.exists() else []
-    queries = [query(config, p) for p in prompts]
+    queries = instructed(prompts, config.instruction)  # the prompts of a pool sampled elsewhere
     usable = [r["prompt"] for r in lines] in (prompts, queries) and all(len(r["responses"]) == n for r in lines)
     if usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]:
         return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
     if usable:
         print(f"scoring the {len(lines)} x {n} samples of {path}", flush=True)
         responses = [r["responses"] for r in lines]
-        scores = np.asarray(task_reward(config, rm_dir)([q for q in queries for _ in range(n)],
+        scores = np.asarray(task_reward(config, rm_dir)([p for p in prompts for _ in range(n)],
                                                         [r for rs in responses for r in rs]), dtype=np.float64)  # fmt: skip
         if scores.shape != (len(prompts) * n,) or not np.isfinite(scores).all():
             raise UserError(f"the task's reward gave {scores.size} scores ({int((~np.isfinite(scores)).sum())} not "
@@ -719,11 +708,8 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
             print(f"note: {path} does not hold {n} samples for each of these prompts; sampling again", flush=True)
         model, tokenizer = load_policy(policy, seed=config.seed)
         model.to(resolve_device(config.device))
-        gen = generation_config(None, response_length=config.response_length,
-                                min_response_length=config.min_response_length, temperature=config.temperature)
-        pool = sample_pool(model, tokenizer, queries, n, task_reward(config, rm_dir), gen, seed=seed,
+        pool = sample_pool(model, tokenizer, prompts, n, task_reward(config, rm_dir), sampling(config), seed=seed,
                            batch_size=config.pool_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
-        pool = Pool(prompts, pool.responses, pool.scores, pool.finished)
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in pool.rows()))
     return pool
 
@@ -753,7 +739,6 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     last step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
     from ..evals.side_by_side import judge_sides
     from ..evals.sides import Side, sample_side, side_logprobs
-    from ..generation import generation_config
     from ..methods.best_of import Pool
     from ..models import load_policy
     from ..rewards.judges import Relevance
@@ -766,21 +751,18 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
         raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
                         "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
     pool = Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
-    device = resolve_device(config.device)
-    gen = generation_config(None, response_length=config.response_length,
-                            min_response_length=config.min_response_length, temperature=config.temperature)
-    queries = [query(config, p) for p in prompts]  # what the policies read; the judges read `prompts`
+    device, gen = resolve_device(config.device), sampling(config)
 
     def draw(name, spec, seed):  # a policy's side, sampled on the eval queries; the model stays for its KL
         models[name] = load_policy(spec)[0].to(device)
-        return sample_side(name, models[name], tokenizer, queries, gen, seed, config.eval.batch_size)
+        return sample_side(name, models[name], tokenizer, prompts, gen, seed, config.eval.batch_size)
 
     def logprobs(model, side):  # a sampled side by its token ids (its stop tokens' terms kept); best-of-n by its text
-        return side_logprobs(sides[side], model, tokenizer, queries, gen, config.eval.batch_size)
+        return side_logprobs(sides[side], model, tokenizer, prompts, gen, config.eval.batch_size)
 
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     models = {"start": start.to(device)}  # the sampled sides' policies
-    sides = {"start": sample_side("start", start, tokenizer, queries, gen, config.seed + 30_000, config.eval.batch_size)}
+    sides = {"start": sample_side("start", start, tokenizer, prompts, gen, config.seed + 30_000, config.eval.batch_size)}
     if config.sft.enabled:
         sides["sft"] = draw("sft", state_sft_policy(state), config.seed + 50_000)
     for n in config.eval.best_of_ns:

@@ -36,10 +36,10 @@ from torch import nn
 from ..core import bootstrap_ci, choice_credit, linear_schedule
 from ..data import Comparison, load_comparisons, prompt_key, split_by_prompt
 from ..distributed import device_of, reduce_sum, resolve_device
-from ..engine import Engine, Hardware, prepare_precision
+from ..engine import Engine, Hardware, RunFiles, prepare_precision
 from ..errors import UserError, check_numbers, warn_if_degenerate
 from ..files import write_json_atomic
-from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES, MetricsLogger
+from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES
 from ..models import freeze_lower_layers, load_reward_backbone, position_limit
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -444,14 +444,11 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
                     schedule=lambda s: linear_schedule(s, total_steps, warmup), max_grad_norm=1.0,
                     what=f"{name.replace(' ', '-')} training",
                     fix="Try a lower --lr, and check the training data for empty or garbled texts.")  # fmt: skip
-    logger = None
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / TRAIN_CONFIG_FILE, saved)
-        logger = MetricsLogger(out_dir, names=label.metric_names)
-        processes = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
-        print(f"{name} {config.model}: {len(train_set)} training / {len(val_set)} validation {label.unit}, "
-              f"{total_steps} steps on {device}{processes}, mixed precision {precision}", flush=True)  # fmt: skip
+    processes = f", {acc.num_processes} processes" if acc.num_processes > 1 else ""
+    files = RunFiles(out_dir, resumable=False, held_ok=True)  # the command or the pipeline phase owns the folder
+    files.open({TRAIN_CONFIG_FILE: saved}, label.metric_names,
+               announce=f"{name} {config.model}: {len(train_set)} training / {len(val_set)} validation {label.unit}, "
+                        f"{total_steps} steps on {device}{processes}, mixed precision {precision}")  # fmt: skip
 
     def forward(texts: list) -> torch.Tensor:
         return head_outputs(engine.model, encode(tokenizer, texts, config.max_length))
@@ -476,15 +473,13 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
             if val_set and (step % config.eval_every == 0 or step == total_steps):
                 result = validate(model, tokenizer)
                 row.update({f"val_{k}": result[k] for k in ("loss", "accuracy") if k in result})
-            if main:
-                logger.log(step, row)
+            files.log(step, row)
             bar.update(1)
             # The last held-out accuracy measured (every eval_every steps), not a 'nan' on the steps between.
             last_val = row.get("val_accuracy", last_val)
             bar.set_postfix(loss=f"{row['loss']:.3f}", **({} if last_val is None else {"val_acc": f"{last_val:.3f}"}))
     bar.close()
-    if main:
-        logger.close()
+    files.close()
     model.eval()
     acc.wait_for_everyone()
     return (model, tokenizer) if main else None
