@@ -33,7 +33,7 @@ from ..core import kl_k3, masked_mean, masked_sum, normalize_scores, policy_loss
 from ..errors import UserError
 from ..signatures import RewardFn
 from .kl_control import kl_controller
-from .onpolicy import Rollout, Samples, Trainer, prepare_run, run, update_epochs
+from .onpolicy import Rollout, Samples, Trainer, prepare_run, run
 from .onpolicy_config import OnPolicyConfig, check_group
 
 
@@ -106,13 +106,17 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
         scores = normalize_scores(rollout.scores, "none", c.score_clip)  # the group standardises them below
         advantages = grpo_advantages(scores, c.samples_per_prompt, c.eps)  # (B,)
 
-    def policy_objective(new_logprobs, rows, n_tokens):
-        # Responses, not tokens, are GRPO's unit: divide by the minibatch's response count.
-        return grpo_loss(new_logprobs, rollout.logprobs[rows], rollout.ref_logprobs[rows], advantages[rows],
-                         mask[rows], c.cliprange, kl_coef, c.minibatch_size)  # fmt: skip
-
-    update_stats = update_epochs(trainer, rollout, policy_objective)  # its policy_loss includes the KL term
-    return trainer.finish_step(rollout) | update_stats  # rlhf reward: score - kl_coef * KL, what the loss trades
+    for epoch, rows in trainer.schedule():  # epochs of minibatches, the loss handed over micro-batch by micro-batch
+        for micro in trainer.micro_batches(rollout, rows):
+            new_logprobs, _, entropy = trainer.train_forward(rollout, micro, with_entropy=epoch == 0)
+            i = micro.idx
+            # Responses, not tokens, are GRPO's unit: divide by the minibatch's response count. Its policy_loss
+            # includes the KL term.
+            loss = grpo_loss(new_logprobs, rollout.logprobs[i], rollout.ref_logprobs[i], advantages[i], mask[i],
+                             c.cliprange, kl_coef, c.minibatch_size)  # fmt: skip
+            trainer.backward(micro, {"policy_loss": loss}, entropy)
+        trainer.optimizer_step()
+    return trainer.finish_step(rollout) | trainer.update_stats()  # rlhf reward: score - kl_coef * KL, what the loss trades
 
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:

@@ -19,7 +19,7 @@ import functools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,21 @@ from .onpolicy_config import OnPolicyConfig, check_resumable
 NON_FINITE_FIX = ("Check that reward_fn returns scores of a sensible scale, then rerun with a lower --lr, --max-grad-norm 1, "
                   "--score-clip 5 or --mixed-precision no: with --resume and the same --out where OUT/checkpoints "
                   "holds a checkpoint (a changed setting needs a new --out), else into a new --out.")  # fmt: skip
+NORMS = {"policy": "grad_norm", "value": "value_grad_norm"}  # each network's gradient norm, as metrics name it
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of this process's slice of a minibatch (`Trainer.micro_batches`).
+
+    idx (b,): its rows of the rollout; mask (b, Tr) bool: their response tokens; n_tokens (): the whole
+    minibatch's response tokens over every process, which each micro-batch's loss is divided by, so that the
+    micro-batches add up to the minibatch's loss; share: its own tokens / n_tokens (the weight of its stats)."""
+
+    idx: torch.Tensor
+    mask: torch.Tensor
+    n_tokens: torch.Tensor
+    share: float
 
 
 @dataclass
@@ -200,6 +215,8 @@ class Trainer:
         # before the value model runs, so the two models' activations and gradients are never held at once (the
         # updates are the same). A DDP- or DeepSpeed-wrapped module needs one forward and one backward instead.
         self.separate_backwards = self.value_model is not None and self.accelerator.distributed_type == "NO"
+        self._pending: dict[str, float] = {}  # the current backward pass's stats, summed over its micro-batches
+        self._minibatches: list[dict[str, float]] = []  # the stats of each minibatch of the current update
         # Sampling noise differs between processes; the minibatch order must not (all train on one global batch).
         rank = self.accelerator.process_index
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed + 100_003 * rank)
@@ -343,80 +360,85 @@ class Trainer:
         order = torch.randperm(c.batch_size, generator=self.shuffle_generator).to(self.device)
         return [order[start : start + c.minibatch_size] for start in range(0, c.batch_size, c.minibatch_size)]
 
-    def optimize(self, rollout: Rollout, rows: torch.Tensor, policy_objective: Callable,
-                 value_objective: Callable | None, vf_coef: float, with_entropy: bool) -> dict[str, float]:  # fmt: skip
-        """One update on the minibatch `rows` (global indices) of `rollout`, minimising
-        policy_objective + vf_coef * value_objective (None: no value model, the policy's loss alone).
+    def schedule(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(epoch, rows) of each minibatch of a step's update: ppo_epochs fresh shuffles of the global batch, each
+        cut into num_minibatches (`minibatches`). Stops early once a minibatch's approx-KL to the rollout policy
+        exceeds target_approxkl: the policy moved too far, the samples are stale. `update_stats` afterwards."""
+        target, self._minibatches = self.config.target_approxkl, []
+        for epoch in range(self.config.ppo_epochs):
+            for rows in self.minibatches():
+                self._minibatches.append({})
+                yield epoch, rows
+                if target is not None and self._minibatches[-1]["approxkl"] > target:
+                    return
 
-        policy_objective(new_logprobs, rows, n_tokens) and value_objective(values, rows, n_tokens) each return
-        (loss, stats): loss summed over the rows' response tokens and divided by n_tokens, the whole minibatch's
-        token count, so this process's slice of the minibatch, cut into gradient_accumulation_steps micro-batches,
-        adds up to the loss of the whole minibatch. Each network's gradient is clipped to max_grad_norm on its own
-        (`clip_groups`). With `separate_backwards` the policy's micro-batches run and the policy steps, then the value
-        model's do; otherwise one forward and one backward per micro-batch train both, and one optimizer step. The
-        two losses share no parameters, so the updates are the same. Returns the minibatch's stats, summed over
-        processes, with each network's gradient norm before clipping.
-        """
+    def update_stats(self) -> dict[str, float]:
+        """Each statistic's mean over the update's minibatches (entropy: the first epoch's), and their count."""
+        return mean_stats(self._minibatches)
+
+    def passes(self, with_value: bool = True) -> list[tuple[str, ...]]:
+        """The networks each backward pass over a minibatch trains: ('policy', 'value') in one pass, or, with
+        `separate_backwards`, the policy's pass and step before the value model's, so the two models' activations
+        and gradients are never held at once (the updates are the same: the losses share no parameters).
+        with_value False: the policy alone (RLOO, GRPO)."""
+        if not with_value or self.value_model is None and self.value_head is None:
+            return [("policy",)]
+        return [("policy",), ("value",)] if self.separate_backwards else [("policy", "value")]
+
+    def micro_batches(self, rollout: Rollout, rows: torch.Tensor) -> Iterator[MicroBatch]:
+        """This process's slice of the minibatch `rows` (global indices) in gradient_accumulation_steps micro-batches,
+        each under the engine's no_sync but the last (gradients are all-reduced once a minibatch) and with the
+        policy's checkpointed layers recomputing in the backward (`models.checkpointing`)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         n_tokens = rollout.response_mask[rows].sum().clamp(min=1)
         local = rows[rank::world]
-        if not self.separate_backwards:
-            stats = self._accumulate(rollout, local, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
-            return self._step(stats)
-        stats = self._accumulate(rollout, local, n_tokens, policy_objective, None, vf_coef, with_entropy)
-        stats = self._step(stats, ["grad_norm"])
-        value_stats = self._accumulate(rollout, local, n_tokens, None, value_objective, vf_coef, False)
-        return {**stats, **self._step(value_stats, ["value_grad_norm"])}
-
-    def _accumulate(self, rollout, local, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
-        """Forwards and backwards of this process's rows `local` of a minibatch, in gradient_accumulation_steps
-        micro-batches; their stats, summed over micro-batches and processes."""
-        micro_size = max(1, len(local) // self.config.gradient_accumulation_steps)
-        stats: dict[str, float] = {}
-        for idx in self.engine.micro_batches(local, micro_size):
+        for idx in self.engine.micro_batches(local, max(1, len(local) // self.config.gradient_accumulation_steps)):
+            mask = rollout.response_mask[idx]
             with checkpointing(self.model):  # a no-op unless gradient_checkpointing is on
-                micro = self._backward(rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy)
-            for k, v in micro.items():
-                stats[k] = stats.get(k, 0.0) + v
-        return reduce_sum(self.accelerator, stats)
+                yield MicroBatch(idx, mask, n_tokens, float(mask.sum() / n_tokens))
 
-    def _step(self, stats: dict[str, float], groups: list[str] | None = None) -> dict[str, float]:
-        """The engine's step over the networks `groups` (default all), stopping on a non-finite loss or norm;
-        returns stats with each network's gradient norm before clipping."""
-        losses = {k: stats[k] for k in ("policy_loss", "value_loss") if k in stats}
-        return {**stats, **self.engine.step(self.step_count + 1, groups, **losses)}
-
-    def _backward(self, rollout, idx, n_tokens, policy_objective, value_objective, vf_coef, with_entropy) -> dict:
-        """Forward and backward of one micro-batch for the objectives given (either may be None); its stats,
-        weighted by its share of the minibatch's tokens."""
+    def train_forward(self, rollout: Rollout, micro: MicroBatch, networks: tuple[str, ...] = ("policy",),
+                      with_entropy: bool = False):  # fmt: skip
+        """The forwards of a micro-batch's rows with gradients: (logprobs (b, Tr) or None, values (b, Tr) or None,
+        entropy (b, Tr) or None) for the `networks` asked. Entropy is a statistic, not a loss term: asked for on
+        the first epoch only (it costs several passes over the (b, Tr, V) logits)."""
         c, acc = self.config, self.accelerator
-        mask = rollout.response_mask[idx]
-        batch = (rollout.queries[idx], rollout.query_mask[idx], rollout.responses[idx], mask)
-        # Entropy is a statistic, not a loss term: the caller asks for it on the first epoch only (it costs several
-        # passes over the (b, Tr, V) logits).
-        # The bare models' forwards need the autocast that accelerate gives only the prepared module's forward: without
-        # it, --mixed-precision never reached a one-process run's training matmuls (a no-op in fp32).
-        entropy = None
+        batch = (rollout.queries[micro.idx], rollout.query_mask[micro.idx], rollout.responses[micro.idx], micro.mask)
+        # The bare models' forwards need the autocast that accelerate gives only the prepared module's forward:
+        # without it, --mixed-precision never reached a one-process run's training matmuls (a no-op in fp32).
         if not self.separate_backwards:
-            new_logprobs, values, entropy = self.model(*batch, c.temperature, with_entropy=with_entropy)
-        elif policy_objective is not None:
-            with acc.autocast():
+            return self.model(*batch, c.temperature, with_entropy=with_entropy)
+        with acc.autocast():
+            if networks == ("policy",):
                 new_logprobs, _, entropy = policy_forward(self.policy, *batch, c.temperature, with_entropy=with_entropy,
                                                           **self.floor)  # fmt: skip
-        else:
-            with acc.autocast():
-                values = value_forward(self.value_model, *batch)
-        pg_loss, pg_stats = policy_objective(new_logprobs, idx, n_tokens) if policy_objective else (None, {})
-        vf_loss, vf_stats = value_objective(values, idx, n_tokens) if value_objective else (None, {})
-        loss = (0.0 if pg_loss is None else pg_loss) + (0.0 if vf_loss is None else vf_coef * vf_loss)
+                return new_logprobs, None, entropy
+            return None, value_forward(self.value_model, *batch), None
+
+    def backward(self, micro: MicroBatch, losses: dict[str, tuple[torch.Tensor, dict]],
+                 entropy: torch.Tensor | None = None, vf_coef: float = 1.0) -> None:  # fmt: skip
+        """Backward of a micro-batch's losses, {'policy_loss': (loss, stats), 'value_loss': (loss, stats)}: each
+        summed over the micro-batch's response tokens and divided by the minibatch's (`MicroBatch.n_tokens`), so
+        the micro-batches of every process add up to the minibatch's loss; the value loss weighs vf_coef (PPO,
+        eq. 9). Their stats are kept, weighted by the micro-batch's share of the minibatch's tokens."""
+        loss = sum(value * (vf_coef if name == "value_loss" else 1.0) for name, (value, _) in losses.items())
         self.engine.backward(loss)  # a share of the minibatch's loss
-        share = float(mask.sum() / n_tokens)  # weight of this micro-batch in the minibatch means
-        micro = {**({} if pg_loss is None else {"policy_loss": pg_loss.item()}),
-                 **({} if vf_loss is None else {"value_loss": vf_loss.item()}),
-                 **{k: float(v) * share for k, v in {**pg_stats, **vf_stats}.items()}}  # fmt: skip
+        pending = self._pending
+        for name, (value, stats) in losses.items():
+            pending[name] = pending.get(name, 0.0) + value.item()
+            for k, v in stats.items():
+                pending[k] = pending.get(k, 0.0) + float(v) * micro.share
         if entropy is not None:
-            micro["entropy"] = float(masked_mean(entropy, mask)) * share
-        return micro
+            pending["entropy"] = pending.get("entropy", 0.0) + float(masked_mean(entropy, micro.mask)) * micro.share
+
+    def optimizer_step(self, networks: tuple[str, ...] = ("policy",)) -> None:
+        """The engine's step over `networks` after their pass's backwards, stopping on a non-finite loss or
+        gradient norm; the pass's stats, summed over processes, with each network's gradient norm before clipping,
+        join the minibatch's."""
+        stats, self._pending = reduce_sum(self.accelerator, self._pending), {}
+        groups = None if len(networks) > 1 or not self.separate_backwards else [NORMS[networks[0]]]
+        losses = {k: stats[k] for k in ("policy_loss", "value_loss") if k in stats}
+        self._minibatches[-1].update(stats, **self.engine.step(self.step_count + 1, groups, **losses))
 
     def finish_step(self, rollout: Rollout, rlhf_rewards: torch.Tensor | None = None) -> dict[str, float]:
         """After a step's update: the KL per response (`Rollout.kl` summed) to the controller, the schedule and
@@ -515,21 +537,6 @@ class Trainer:
 
 # ==========================================================================================================
 # What every on-policy method's update shares: epochs over minibatches, and the rollout's statistics
-
-
-def update_epochs(trainer: Trainer, rollout: Rollout, policy_objective: Callable,
-                  value_objective: Callable | None = None, vf_coef: float = 0.0) -> dict[str, float]:  # fmt: skip
-    """ppo_epochs passes over the rollout, each num_minibatches `Trainer.optimize` steps on the objectives; stops
-    early once a minibatch's approx-KL to the rollout policy exceeds target_approxkl. Mean stats (`mean_stats`)."""
-    c = trainer.config
-    stats = []
-    for epoch in range(c.ppo_epochs):
-        for rows in trainer.minibatches():
-            # Entropy is read on the first epoch only: it is a statistic, and costly over the vocabulary.
-            stats.append(trainer.optimize(rollout, rows, policy_objective, value_objective, vf_coef, epoch == 0))
-            if c.target_approxkl is not None and stats[-1]["approxkl"] > c.target_approxkl:
-                return mean_stats(stats)  # the policy moved too far from the rollout policy: the samples are stale
-    return mean_stats(stats)
 
 
 def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:

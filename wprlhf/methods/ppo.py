@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models import position_limit
 from ..signatures import RewardFn
 from .kl_control import AdaptiveKLController, FixedKLController, kl_controller  # noqa: F401  (tests import them here)
-from .onpolicy import Rollout, Samples, Trainer, check_scores, prepare_run, run, update_epochs
+from .onpolicy import Rollout, Samples, Trainer, check_scores, prepare_run, run
 from .onpolicy_config import PPOConfig  # noqa: F401  (also imported from here: `from wprlhf.methods.ppo import PPOConfig, train`)
 
 # ==========================================================================================================
@@ -64,19 +64,27 @@ def value_loss(
 
 
 def update(trainer: Trainer, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-    """ppo_epochs passes over the rollout, each num_minibatches minibatch updates on policy_loss + vf_coef *
-    value_loss (PPO, eq. 9); stops early once a minibatch's approx-KL exceeds target_approxkl. Mean stats."""
+    """ppo_epochs passes over the rollout in num_minibatches minibatches, each an optimizer step on policy_loss +
+    vf_coef * value_loss (PPO, eq. 9) handed to the engine micro-batch by micro-batch; `Trainer.schedule` stops
+    early once a minibatch's approx-KL exceeds target_approxkl. Mean stats over the minibatches.
+
+    advantages, returns (B, Tr): the rollout's, from `compute_advantages`."""
     c = trainer.config
-
-    def policy_objective(new_logprobs, rows, n_tokens):
-        mask = rollout.response_mask[rows]
-        return policy_loss(new_logprobs, rollout.logprobs[rows], advantages[rows], mask, c.cliprange, n_tokens)
-
-    def value_objective(new_values, rows, n_tokens):
-        mask = rollout.response_mask[rows]
-        return value_loss(new_values, rollout.values[rows], returns[rows], mask, c.cliprange_value, n_tokens)
-
-    return update_epochs(trainer, rollout, policy_objective, value_objective, c.vf_coef)
+    for epoch, rows in trainer.schedule():
+        for networks in trainer.passes():  # policy and value model at once, or one after the other
+            for micro in trainer.micro_batches(rollout, rows):
+                new_logprobs, new_values, entropy = trainer.train_forward(rollout, micro, networks, epoch == 0)
+                i, mask, n = micro.idx, micro.mask, micro.n_tokens
+                losses = {}
+                if "policy" in networks:
+                    losses["policy_loss"] = policy_loss(new_logprobs, rollout.logprobs[i], advantages[i], mask,
+                                                        c.cliprange, n)  # fmt: skip
+                if "value" in networks:
+                    losses["value_loss"] = value_loss(new_values, rollout.values[i], returns[i], mask,
+                                                      c.cliprange_value, n)  # fmt: skip
+                trainer.backward(micro, losses, entropy, c.vf_coef)
+            trainer.optimizer_step(networks)
+    return trainer.update_stats()
 
 
 def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:

@@ -26,7 +26,7 @@ from torch import nn
 from ..core import compute_rewards, masked_sum, normalize_scores, policy_loss
 from ..signatures import RewardFn
 from .kl_control import kl_controller
-from .onpolicy import Rollout, Samples, Trainer, prepare_run, run, update_epochs
+from .onpolicy import Rollout, Samples, Trainer, prepare_run, run
 from .onpolicy_config import KLPenaltyConfig, check_group
 
 
@@ -77,12 +77,15 @@ def learn(trainer: Trainer, rollout: Rollout) -> dict[str, float]:
         advantages = rloo_advantages(returns, c.samples_per_prompt)  # (B,)
         token_advantages = advantages[:, None].expand_as(rewards)  # (B, Tr): one action, the whole response
 
-    def policy_objective(new_logprobs, rows, n_tokens):
-        return policy_loss(new_logprobs, rollout.logprobs[rows], token_advantages[rows], mask[rows], c.cliprange,
-                           n_tokens)  # fmt: skip
-
-    update_stats = update_epochs(trainer, rollout, policy_objective)
-    return trainer.finish_step(rollout, returns) | update_stats
+    for epoch, rows in trainer.schedule():  # epochs of minibatches, the loss handed over micro-batch by micro-batch
+        for micro in trainer.micro_batches(rollout, rows):
+            new_logprobs, _, entropy = trainer.train_forward(rollout, micro, with_entropy=epoch == 0)
+            i = micro.idx
+            loss = policy_loss(new_logprobs, rollout.logprobs[i], token_advantages[i], micro.mask, c.cliprange,
+                               micro.n_tokens)  # fmt: skip
+            trainer.backward(micro, {"policy_loss": loss}, entropy)
+        trainer.optimizer_step()
+    return trainer.finish_step(rollout, returns) | trainer.update_stats()
 
 
 def step(trainer: Trainer, prompts: list[str], reward_fn: RewardFn) -> tuple[dict[str, float], Samples]:
