@@ -326,17 +326,9 @@ def _rows_copyable(cache) -> bool:
 # bytes of fp32 weights. Autocast keeps no such cache in inference mode (torch 2.13; older versions did): there every
 # step would cast every weight again.
 @torch.no_grad()
-def sample(
-    model: nn.Module,
-    queries: torch.Tensor,
-    query_mask: torch.Tensor,
-    config: GenerationConfig,
-    stop_token_ids: list[int],
-    pad_token_id: int,
-    generator: torch.Generator | None = None,
-    tokenizer=None,
-    num_samples: int = 1,
-) -> Generation:
+def sample(model: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor, config: GenerationConfig,
+           stop_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None = None, tokenizer=None,
+           num_samples: int = 1) -> Generation:  # fmt: skip
     """Sample responses with a KV cache: one forward over the queries, then one single-token forward per step.
 
     queries (B, Tq) int64, left-padded; query_mask (B, Tq) bool. `generator` seeds the sampling noise.
@@ -350,15 +342,7 @@ def sample(
     """
     from transformers import DynamicCache
 
-    room = prompt_room(model, config.max_new_tokens)
-    longest = int(query_mask.sum(1).max())
-    if room is not None and longest > room:
-        # Not clipped here: the caller's later forwards (PPO's log-probs, KL) must see the queries sampling saw.
-        raise UserError(f"a prompt of {longest} tokens plus {config.max_new_tokens} response tokens exceeds the "
-                        f"model's {room + config.max_new_tokens} positions; clip the queries with "
-                        "generation.fit_positions or lower --max-prompt-length")  # fmt: skip
-    if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+    _check_room(model, query_mask, config, num_samples)
     B = queries.shape[0] * num_samples
     device = queries.device
     stops = torch.tensor(stop_token_ids or [-1], device=device)
@@ -392,14 +376,7 @@ def sample(
         # inverse-CDF sampling would return the last id over and over. Noted on the device (no sync per step) and
         # refused below, before any token leaves this function.
         nonfinite |= ~torch.isfinite(logits.amax(-1)).all()
-        allowed = logits  # what we choose from; log-probs stay those of the full distribution (see Generation)
-        if config.stop_at_eos and t < config.min_new_tokens:
-            allowed = logits.clone()
-            allowed[:, stops[stops >= 0]] = -math.inf
-        if config.greedy:
-            tokens = allowed.argmax(-1)
-        else:
-            tokens = _sample(_filter_logits(allowed, config.top_k, config.top_p), generator)
+        tokens = _next_tokens(logits, config, t, stops, generator)
         alive = ~finished
         responses[:, t] = torch.where(alive, tokens, pad_token_id)
         logprobs[:, t] = torch.where(alive, logprobs_from_logits(logits, tokens), 0.0)
@@ -423,16 +400,45 @@ def sample(
         raise UserError(f"the policy's next-token distribution was not finite (NaN logits, or logits / temperature "
                         f"overflowing at temperature {config.temperature}); use --greedy for the most likely token, a "
                         "temperature of 0.1 or more, or check the model's weights")  # fmt: skip
-    generation = Generation(responses, response_mask, logprobs, finished)
-    if config.stop_strings and config.stop_at_eos:
-        if tokenizer is None:
-            raise ValueError("stop_strings need the tokenizer passed to sample()")
-        generation = _cut_at_stop_strings(generation, config.stop_strings, tokenizer, pad_token_id)
-    return generation
+    return _cut_at_stop_strings(Generation(responses, response_mask, logprobs, finished), config, tokenizer,
+                                pad_token_id)  # fmt: skip
 
 
-def _cut_at_stop_strings(gen: Generation, stop_strings, tokenizer, pad_token_id: int) -> Generation:
-    """End each row after the first token whose decoded prefix contains a stop string (binary search)."""
+def _check_room(model: nn.Module, query_mask: torch.Tensor, config: GenerationConfig, num_samples: int) -> None:
+    """UserError, before any forward, for a prompt that leaves no room for max_new_tokens in the model's positions
+    (not clipped here: the caller's later forwards, PPO's log-probs and the KL, must see the queries sampling saw)."""
+    room = prompt_room(model, config.max_new_tokens)
+    longest = int(query_mask.sum(1).max())
+    if room is not None and longest > room:
+        raise UserError(f"a prompt of {longest} tokens plus {config.max_new_tokens} response tokens exceeds the "
+                        f"model's {room + config.max_new_tokens} positions; clip the queries with "
+                        "generation.fit_positions or lower --max-prompt-length")  # fmt: skip
+    if num_samples < 1:
+        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def _next_tokens(logits: torch.Tensor, config: GenerationConfig, t: int, stops: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+    """The tokens (B,) chosen at step t from logits (B, V) already divided by the temperature: stop tokens are
+    forbidden before min_new_tokens, then the argmax (greedy) or a draw after top-k / top-p. Only the choice is
+    restricted: the log-probs stay those of the full distribution (see Generation)."""
+    allowed = logits
+    if config.stop_at_eos and t < config.min_new_tokens:
+        allowed = logits.clone()
+        allowed[:, stops[stops >= 0]] = -math.inf
+    if config.greedy:
+        return allowed.argmax(-1)
+    return _sample(_filter_logits(allowed, config.top_k, config.top_p), generator)
+
+
+def _cut_at_stop_strings(gen: Generation, config: GenerationConfig, tokenizer, pad_token_id: int) -> Generation:
+    """End each row after the first token whose decoded prefix contains one of config.stop_strings (binary search);
+    `gen` as it is without stop strings or in fixed-length mode (stop_at_eos False)."""
+    stop_strings = config.stop_strings
+    if not stop_strings or not config.stop_at_eos:
+        return gen
+    if tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer passed to sample()")
     responses, mask, logprobs, finished = (x.clone() for x in (gen.responses, gen.response_mask, gen.logprobs, gen.finished))
     for i in range(responses.shape[0]):
         n = int(mask[i].sum())
