@@ -79,6 +79,8 @@ class CompareConfig:
     """Reward SPEC of the judge (noiseless): a built-in, or rm:DIR of a judge reward model."""
     relevance: bool = False
     """Also report prompt relevance (MiniLM cosine of prompt and response), a judge of the writing-prompts task."""
+    rm_val_fraction: float = 0.1
+    """Share of the comparisons held out of the reward model's training, to state its accuracy."""
     reward_model: str = "minilm"
     """Backbone of the reward model trained on the comparisons ('tiny' in tests); or rm:DIR, a reward model already
     trained on exactly these comparisons, used as it is (e.g. `wprlhf stories`' RUN/rm, whose comparisons are its
@@ -198,11 +200,7 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
     train_prompts, eval_prompts = load_prompts(prompts_dir / "train.txt"), load_prompts(prompts_dir / "eval.txt")
     if runner.wanted("labels"):
         runner.restart_clock()
-        comparisons = label(config, train_prompts, eval_prompts)
-        if not pairs_from(comparisons):
-            raise UserError(f"all {len(comparisons)} comparisons are ties: no preference to learn from; lower "
-                            "--labeler-temperature or label again")  # fmt: skip
-        write_comparisons(out_dir / "comparisons.jsonl", comparisons)
+        write_comparisons(out_dir / "comparisons.jsonl", label(config, train_prompts, eval_prompts))
         runner.finish("labels")
     comparisons = load_comparisons(out_dir / "comparisons.jsonl", keep_meta=True)
 
@@ -211,8 +209,8 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
         if runner.wanted("rm"):
             runner.restart_clock()
             rm_train(RewardConfig(data=str(out_dir / "comparisons.jsonl"), model=config.reward_model,
-                                  val_fraction=0.1, keep_meta=True, seed=config.seed, device=config.device,
-                                  mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
+                                  val_fraction=config.rm_val_fraction, keep_meta=True, seed=config.seed,
+                                  device=config.device, mixed_precision=config.mixed_precision), out_dir / "rm")  # fmt: skip
             runner.finish("rm")
         reward_fn = reward_fn_from_model(out_dir / "rm")
 
@@ -227,10 +225,16 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
         runner.finish(name)
 
     runner.restart_clock()
-    report = evaluate(config, out_dir, eval_prompts, reward_fn, judge, relevance)
+    return write_report(config, out_dir, runner, evaluate(config, out_dir, eval_prompts, reward_fn, judge, relevance),
+                        len(comparisons))  # fmt: skip
+
+
+def write_report(config: CompareConfig, out_dir: Path, runner: Runner, report: dict, n_comparisons: int) -> dict:
+    """The evaluation's report with the run's facts (judge, labeler, budget, timings) as report.json, table.md (a
+    column of each method's training minutes) and judge_vs_kl.png; the runner's state saved with the eval time."""
     timings = runner.state["timings_s"]
     report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
-                  comparisons=len(comparisons), budget=config.budget, timings_s=timings,
+                  comparisons=n_comparisons, budget=config.budget, timings_s=timings,
                   reward_model_minutes=timings.get("rm", 0.0) / 60, response_length=config.response_length)  # fmt: skip
     timings["eval"] = runner.seconds()
     # Training time of each method; the reward model's (shared by PPO, RLOO, GRPO and best-of-n) is said apart.
@@ -264,7 +268,15 @@ def split_prompts(config: CompareConfig, prompts_dir: Path) -> None:
 
 def label(config: CompareConfig, train_prompts: list[str], eval_prompts: list[str]) -> list:
     """The labels phase: the train prompts' comparisons of --comparisons, or pairs of the start policy's samples
-    labelled by the simulated --labeler."""
+    labelled by the simulated --labeler. UserError when no comparison has a winner."""
+    comparisons = _train_comparisons(config, train_prompts, eval_prompts)
+    if not pairs_from(comparisons):
+        raise UserError(f"all {len(comparisons)} comparisons are ties: no preference to learn from; lower "
+                        "--labeler-temperature or label again")  # fmt: skip
+    return comparisons
+
+
+def _train_comparisons(config: CompareConfig, train_prompts: list[str], eval_prompts: list[str]) -> list:
     if config.comparisons:
         # Only train prompts' comparisons: the eval prompts are the judge's, and no method may learn on them.
         train_keys = {prompt_key(p) for p in train_prompts}

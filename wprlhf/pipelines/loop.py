@@ -97,6 +97,13 @@ class LoopConfig:
     """Learning rate of each round's reward model."""
     rm_max_length: int = 256
     """Tokens of prompt and response the reward model reads."""
+    rm_batch_size: int = 8
+    """Comparisons per optimizer step of each round's reward model."""
+    rm_val_fraction: float = 0.2
+    """Share of each round's labels held out of its reward model's training, to state its accuracy."""
+    eval_samples: int = 2
+    """Responses per held-out prompt in each round's evaluation: two halve the noise of the win rate at little
+    cost."""
     ppo_steps: int = 8
     """PPO steps per round."""
     batch_size: int = 8
@@ -128,8 +135,8 @@ class LoopConfig:
         check_numbers(self, non_negative=("lr", "rm_lr", "labeler_temperature", "poll_s"))
         # Every size is checked here, before the first phase: a bad one must not surface after an hour of sampling.
         at_least = dict(rounds=1, k=2, prompts_per_round=1, ppo_steps=1, response_length=1, eval_prompts=1,
-                        labelers=1, rm_epochs=1, rm_max_length=16, batch_size=1, web_labels=0,
-                        min_response_length=0)  # fmt: skip
+                        labelers=1, rm_epochs=1, rm_max_length=16, rm_batch_size=1, batch_size=1, web_labels=0,
+                        min_response_length=0, eval_samples=1)  # fmt: skip
         for name, low in at_least.items():
             value, flag = getattr(self, name), "--" + name.replace("_", "-")
             if value < low:
@@ -142,6 +149,8 @@ class LoopConfig:
         if not self.labeler_temperature >= 0:
             raise UserError(f"labeler_temperature must be >= 0, got {self.labeler_temperature}; set "
                             "--labeler-temperature to 0 (noiseless) or more")  # fmt: skip
+        if not 0 < self.rm_val_fraction < 1:
+            raise UserError(f"rm_val_fraction must lie in (0, 1), got {self.rm_val_fraction}; set --rm-val-fraction")
         if self.min_response_length > self.response_length:
             raise UserError(f"min_response_length {self.min_response_length} must lie in [0, response_length]; "
                             "lower --min-response-length")  # fmt: skip
@@ -273,11 +282,10 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
                                    labelers=config.labelers, seed=config.seed)  # fmt: skip
     ppo_overrides = ckpt.read_config_file(config.ppo_config) if config.ppo_config else {}
     round_ppo_config(config, ppo_overrides, rounds_done=1)  # a bad PPO setting fails now, not after hours of sampling
-    eval_k = 2  # two samples per held-out prompt halve the noise of the win rate at little cost
 
     if wanted("start"):
         write_text_atomic(out_dir / "eval_prompts.txt", "\n".join(eval_prompts) + "\n")
-        start = sample_responses(config.policy, eval_prompts, eval_k, config, seed=config.seed + 10_000)
+        start = sample_responses(config.policy, eval_prompts, config.eval_samples, config, seed=config.seed + 10_000)
         write_samples(out_dir / "start_responses.jsonl", eval_prompts, start, config.policy)
         finish("start")
     _, start_responses = _read_samples(_written(out_dir / "start_responses.jsonl", "start_samples.jsonl"))
@@ -287,41 +295,21 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
         round_dir = out_dir / f"round-{r}"
         round_dir.mkdir(exist_ok=True)
         current = config.policy if r == 1 else str(out_dir / "ppo" / "policy")
-
         if wanted(f"{r}:sample"):
-            offset = ((r - 1) * config.prompts_per_round) % len(train_prompts)
-            chosen = [train_prompts[(offset + i) % len(train_prompts)] for i in range(config.prompts_per_round)]
-            responses = sample_responses(current, chosen, config.k, config, seed=config.seed + r)
-            write_samples(round_dir / "responses.jsonl", chosen, responses, current)
+            sample_round(config, round_dir, r, train_prompts, current)
             finish(f"{r}:sample")
-
         if wanted(f"{r}:label"):
-            asked = questions(*_read_samples(_written(round_dir / "responses.jsonl", "samples.jsonl")), config.questions)
-            write_samples(round_dir / "questions.jsonl", *asked, current)
-            if labeler is None:
-                labels = web_labels(config, round_dir / "questions.jsonl", round_dir)
-            else:
-                labels = labeler.label(*asked)
-            write_comparisons(round_dir / "labels.jsonl", labels)
+            label_round(config, round_dir, current, labeler)
             finish(f"{r}:label")
-
         if wanted(f"{r}:rm"):
-            all_labels = [c for i in range(1, r + 1) for c in load_comparisons(out_dir / f"round-{i}" / "labels.jsonl")]
-            write_comparisons(round_dir / "all_labels.jsonl", all_labels)
-            rm_config = RewardConfig(data=str(round_dir / "all_labels.jsonl"), model=config.reward_model,
-                                     epochs=config.rm_epochs, lr=config.rm_lr, max_length=config.rm_max_length,
-                                     max_examples=0, batch_size=8, val_fraction=0.2, eval_every=10**9, seed=config.seed,
-                                     keep_meta=True, device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
-            rm_train(rm_config, round_dir / "rm")
+            train_round_rm(config, out_dir, round_dir, r)
             finish(f"{r}:rm")
-
         if wanted(f"{r}:ppo"):
             round_ppo = round_ppo_config(config, ppo_overrides, rounds_done=r)
             ppo_round(round_ppo, out_dir / "ppo", train_prompts, round_dir / "rm", judge, allow_changed_inputs)
             finish(f"{r}:ppo")
-
         if wanted(f"{r}:eval"):
-            row = evaluate_round(config, out_dir, round_dir, r, eval_prompts, start_responses, judge, eval_k)
+            row = evaluate_round(config, out_dir, round_dir, r, eval_prompts, start_responses, judge)
             row["elapsed_s"] = runner.elapsed()
             rows = [x for x in rows if x["round"] != r] + [row]
             _write_loop_metrics(out_dir, rows)
@@ -329,6 +317,37 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
                   f"win rate {row['win_rate']:.3f} [{row['win_rate_lo']:.3f}, {row['win_rate_hi']:.3f}]", flush=True)  # fmt: skip
             finish(f"{r}:eval")
     return rows
+
+
+def sample_round(config: LoopConfig, round_dir: Path, r: int, train_prompts: list[str], current: str) -> None:
+    """Round r's samples: k responses of the current policy to each of prompts_per_round train prompts, taken in
+    turn from where the last round stopped; round_dir/responses.jsonl."""
+    offset = ((r - 1) * config.prompts_per_round) % len(train_prompts)
+    chosen = [train_prompts[(offset + i) % len(train_prompts)] for i in range(config.prompts_per_round)]
+    responses = sample_responses(current, chosen, config.k, config, seed=config.seed + r)
+    write_samples(round_dir / "responses.jsonl", chosen, responses, current)
+
+
+def label_round(config: LoopConfig, round_dir: Path, current: str, labeler) -> None:
+    """Round r's labels: the questions asked of its samples (questions.jsonl), answered by the simulated labelers or
+    by people on the labeling page (labeler None: 'web'); round_dir/labels.jsonl."""
+    asked = questions(*_read_samples(_written(round_dir / "responses.jsonl", "samples.jsonl")), config.questions)
+    write_samples(round_dir / "questions.jsonl", *asked, current)
+    labels = web_labels(config, round_dir / "questions.jsonl", round_dir) if labeler is None else labeler.label(*asked)
+    write_comparisons(round_dir / "labels.jsonl", labels)
+
+
+def train_round_rm(config: LoopConfig, out_dir: Path, round_dir: Path, r: int) -> None:
+    """Round r's reward model, from the backbone again, on every label of rounds 1..r (all_labels.jsonl), every one
+    of them (max_examples 0, whatever `rm train`'s subsampling default); round_dir/rm."""
+    all_labels = [c for i in range(1, r + 1) for c in load_comparisons(out_dir / f"round-{i}" / "labels.jsonl")]
+    write_comparisons(round_dir / "all_labels.jsonl", all_labels)
+    rm_config = RewardConfig(data=str(round_dir / "all_labels.jsonl"), model=config.reward_model, epochs=config.rm_epochs,
+                             lr=config.rm_lr, max_length=config.rm_max_length, max_examples=0,
+                             batch_size=config.rm_batch_size, val_fraction=config.rm_val_fraction, eval_every=10**9,
+                             seed=config.seed, keep_meta=True, device=config.device,
+                             mixed_precision=config.mixed_precision)  # fmt: skip
+    rm_train(rm_config, round_dir / "rm")
 
 
 def ppo_round(config: PPOConfig, ppo_dir: Path, train_prompts: list[str], rm_dir: Path, judge,
@@ -347,14 +366,14 @@ def ppo_round(config: PPOConfig, ppo_dir: Path, train_prompts: list[str], rm_dir
 
 
 def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, eval_prompts: list[str],
-                   start_responses: list[list[str]], judge, eval_k: int) -> dict:
+                   start_responses: list[list[str]], judge) -> dict:
     """The policy after round r against the start policy on held-out prompts; writes round_dir/eval.json and
     eval_pairs.jsonl (each prompt's start and new response side by side, with judge and reward-model scores)."""
     policy, tokenizer = load_policy(str(out_dir / "ppo" / "policy"))
     policy.to(resolve_device(config.device))
     reference, _ = load_policy(config.policy, seed=config.seed)
     reference = make_reference(reference.to(policy.device))
-    flat_prompts = [p for p in eval_prompts for _ in range(eval_k)]
+    flat_prompts = [p for p in eval_prompts for _ in range(config.eval_samples)]
     start = [t for rs in start_responses for t in rs]
     gen = generation_config(config)
     new = sample_side("new", policy, tokenizer, flat_prompts, gen, seed=config.seed + 10_000)

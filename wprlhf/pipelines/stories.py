@@ -734,18 +734,38 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     """Every side on the eval prompts by every judge; writes eval/report.json, table.md, samples.md, pairs.jsonl,
     over_optimisation.png, and blind.db (the final policy against the start one, for people).
 
-    Sides: start (the start policy's samples), sft (fresh samples of the SFT policy, drawn apart from the best-of-n
-    pool, so best-of-n never meets its own sample), best-of-n (the pool's best by the reward model), dpo or ppo (the
-    last step's policy), and the human openings (each eval prompt's top-voted story cut to the same tokens)."""
+    Sides (`eval_sides`): start, sft, best-of-n, dpo or ppo, and the human openings (each eval prompt's top-voted
+    story cut to the same tokens)."""
     from ..evals.side_by_side import judge_sides
-    from ..evals.sides import Side, sample_side, side_logprobs
-    from ..methods.best_of import Pool
-    from ..models import load_policy
     from ..rewards.judges import Relevance
     from ..rewards.reward_model import reward_fn_from_model
 
     rows = [row for _, row in iter_jsonl(out_dir / "split" / "eval_stories.jsonl")]
     prompts = [r["prompt"] for r in rows]
+    sides, kls, kl_to_sft, tokenizer = eval_sides(config, out_dir, state, prompts)
+    texts = {name: side.texts for name, side in sides.items()}
+    human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
+    judge = reward_fn_from_model(state["judge_dir"])
+    print("eval: judges", flush=True)
+    base = "sft" if config.sft.enabled else "start"
+    pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft.enabled else []
+    report = judge_sides(prompts, texts, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
+    cut = {name: side.finished for name, side in sides.items() if side.finished is not None}
+    add_run_facts(report, out_dir, state, prompts, texts, human, kl_to_sft, {} if config.fixed_length else cut)
+    report["response_length"] = config.response_length
+    write_eval(config, out_dir, report, prompts, texts, human)
+    return report
+
+
+def eval_sides(config: StoriesConfig, out_dir: Path, state: dict, prompts: list[str]) -> tuple:
+    """(sides, KL of each to the start policy, KL of the RL sides to the SFT policy, the tokenizer) on the eval
+    prompts. start: the start policy's samples; sft: fresh samples of the SFT policy, drawn apart from the
+    best-of-n pool, so best-of-n never meets its own sample; best-of-n: the pool's best by the reward model; dpo or
+    ppo: the last step's policy. Sampled sides keep their token ids, which their KL is measured on."""
+    from ..evals.sides import Side, sample_side, side_logprobs
+    from ..methods.best_of import Pool
+    from ..models import load_policy
+
     lines = [row for _, row in iter_jsonl(out_dir / "best_of" / "pool.jsonl")]
     if [r["prompt"] for r in lines] != prompts:
         raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
@@ -770,24 +790,8 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     for name in ("dpo", "ppo"):  # the RL policies
         if (out_dir / name / "policy").exists():
             sides[name] = draw(name, str(out_dir / name / "policy"), config.seed + 40_000)
-
     kls, kl_to_sft = side_kls(config, sides, logprobs, models, len(prompts))
-    models.clear()  # free the policies before the judges load
-    del start
-
-    texts = {name: side.texts for name, side in sides.items()}
-    human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
-    judge = reward_fn_from_model(state["judge_dir"])
-    print("eval: judges", flush=True)
-    base = "sft" if config.sft.enabled else "start"
-    pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft.enabled else []
-    report = judge_sides(prompts, texts, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
-    cut = {} if gen.fixed_length else {name: side.finished for name, side in sides.items() if side.finished is not None}
-    add_run_facts(report, out_dir, state, prompts, texts, human, kl_to_sft, cut)
-    report["response_length"] = config.response_length
-
-    write_eval(config, out_dir, report, prompts, texts, human)
-    return report
+    return sides, kls, kl_to_sft, tokenizer
 
 
 def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], sides: dict[str, list[str]],
