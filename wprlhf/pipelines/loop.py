@@ -369,16 +369,9 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
                    start_responses: list[list[str]], judge) -> dict:
     """The policy after round r against the start policy on held-out prompts; writes round_dir/eval.json and
     eval_pairs.jsonl (each prompt's start and new response side by side, with judge and reward-model scores)."""
-    policy, tokenizer = load_policy(str(out_dir / "ppo" / "policy"))
-    policy.to(resolve_device(config.device))
-    reference, _ = load_policy(config.policy, seed=config.seed)
-    reference = make_reference(reference.to(policy.device))
     flat_prompts = [p for p in eval_prompts for _ in range(config.eval_samples)]
     start = [t for rs in start_responses for t in rs]
-    gen = generation_config(config)
-    new = sample_side("new", policy, tokenizer, flat_prompts, gen, seed=config.seed + 10_000)
-    kls = side_kl(new, policy, reference, tokenizer, flat_prompts, gen, progress=False)
-    del policy, reference
+    new, kls = _sample_new(config, out_dir, flat_prompts)
     report = judge_sides(flat_prompts, {"start": start, "new": new.texts}, judge, "start", kls={"new": kls})
     win, sides = report["win_rates"]["new vs start"], report["sides"]
     reward_fn = reward_fn_from_model(round_dir / "rm")
@@ -401,6 +394,17 @@ def evaluate_round(config: LoopConfig, out_dir: Path, round_dir: Path, r: int, e
     write_json_atomic(round_dir / "eval.json", {**row, "n": win["n"], "judge": config.judge or config.labeler,
                                                 **without_verdicts(report)}, allow_nan=True)  # fmt: skip
     return row
+
+
+def _sample_new(config: LoopConfig, out_dir: Path, prompts: list[str]) -> tuple:
+    """(the side of the PPO policy as it is now, sampled on `prompts`; each response's KL to the start policy)."""
+    policy, tokenizer = load_policy(str(out_dir / "ppo" / "policy"))
+    policy.to(resolve_device(config.device))
+    reference, _ = load_policy(config.policy, seed=config.seed)
+    reference = make_reference(reference.to(policy.device))
+    gen = generation_config(config)
+    new = sample_side("new", policy, tokenizer, prompts, gen, seed=config.seed + 10_000)
+    return new, side_kl(new, policy, reference, tokenizer, prompts, gen, progress=False)
 
 
 def _written(path: Path, old_name: str) -> Path:

@@ -431,7 +431,13 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
             top[r.prompt] = r
     split["eval_stories"] = [top[p].response for p in split["eval"]]
     split["eval_source"] = ["data"] * len(split["eval"])
-    taken, n_groups = set(groups), len(parts["eval"])
+    _top_up_from_fan(split, config, set(groups), len(parts["eval"]))
+    return split
+
+
+def _top_up_from_fan(split: dict, config: StoriesConfig, taken: set[str], n_groups: int) -> None:
+    """Eval prompts from Fan et al.'s (with their stories) until split.eval_prompts groups, each one whose key is no
+    data prompt's; a note when the data has too few to spare. `taken`: the data's prompt keys."""
     for prompt, story in _fan_prompts(config.data):
         if n_groups >= config.split.eval_prompts:
             break
@@ -443,9 +449,8 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
         split["eval_stories"].append(story)
         split["eval_source"].append("fan")
     if len(split["eval"]) < config.split.eval_prompts:
-        print(f"note: {len(split['eval'])} eval prompts, fewer than --eval-prompts {config.split.eval_prompts}: the data "
-              "has no more to spare", flush=True)  # fmt: skip
-    return split
+        print(f"note: {len(split['eval'])} eval prompts, fewer than --split-eval-prompts {config.split.eval_prompts}: "
+              "the data has no more to spare", flush=True)  # fmt: skip
 
 
 # ==========================================================================================================
@@ -696,13 +701,7 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
         return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
     if usable:
         print(f"scoring the {len(lines)} x {n} samples of {path}", flush=True)
-        responses = [r["responses"] for r in lines]
-        scores = np.asarray(task_reward(config, rm_dir)([p for p in prompts for _ in range(n)],
-                                                        [r for rs in responses for r in rs]), dtype=np.float64)  # fmt: skip
-        if scores.shape != (len(prompts) * n,) or not np.isfinite(scores).all():
-            raise UserError(f"the task's reward gave {scores.size} scores ({int((~np.isfinite(scores)).sum())} not "
-                            f"finite) to the {len(prompts) * n} samples of {path}; check --reward-extra")  # fmt: skip
-        pool = Pool(prompts, responses, scores.reshape(len(prompts), n))
+        pool = _scored_pool(config, rm_dir, prompts, [r["responses"] for r in lines], path)
     else:
         if lines:
             print(f"note: {path} does not hold {n} samples for each of these prompts; sampling again", flush=True)
@@ -712,6 +711,20 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
                            batch_size=config.pool_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in pool.rows()))
     return pool
+
+
+def _scored_pool(config: StoriesConfig, rm_dir: str, prompts: list[str], responses: list[list[str]], path: Path) -> Pool:
+    """The pool of `responses` (n a prompt, sampled elsewhere and read from `path`) scored by the task's reward;
+    UserError for a score missing or not finite."""
+    from ..methods.best_of import Pool
+
+    n = len(responses[0])
+    scores = np.asarray(task_reward(config, rm_dir)([p for p in prompts for _ in range(n)],
+                                                    [r for rs in responses for r in rs]), dtype=np.float64)  # fmt: skip
+    if scores.shape != (len(prompts) * n,) or not np.isfinite(scores).all():
+        raise UserError(f"the task's reward gave {scores.size} scores ({int((~np.isfinite(scores)).sum())} not "
+                        f"finite) to the {len(prompts) * n} samples of {path}; check --reward-extra")  # fmt: skip
+    return Pool(prompts, responses, scores.reshape(len(prompts), n))
 
 
 def _accumulation(batch_size: int) -> int:
@@ -757,21 +770,26 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     return report
 
 
+def _best_of_pool(out_dir: Path, prompts: list[str]) -> Pool:
+    """The best_of phase's pool of the eval prompts (best_of/pool.jsonl), which must answer `prompts` in order."""
+    from ..methods.best_of import Pool
+
+    lines = [row for _, row in iter_jsonl(out_dir / "best_of" / "pool.jsonl")]
+    if [r["prompt"] for r in lines] != prompts:
+        raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
+                        "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
+    return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
+
+
 def eval_sides(config: StoriesConfig, out_dir: Path, state: dict, prompts: list[str]) -> tuple:
     """(sides, KL of each to the start policy, KL of the RL sides to the SFT policy, the tokenizer) on the eval
     prompts. start: the start policy's samples; sft: fresh samples of the SFT policy, drawn apart from the
     best-of-n pool, so best-of-n never meets its own sample; best-of-n: the pool's best by the reward model; dpo or
     ppo: the last step's policy. Sampled sides keep their token ids, which their KL is measured on."""
     from ..evals.sides import Side, sample_side, side_logprobs
-    from ..methods.best_of import Pool
     from ..models import load_policy
 
-    lines = [row for _, row in iter_jsonl(out_dir / "best_of" / "pool.jsonl")]
-    if [r["prompt"] for r in lines] != prompts:
-        raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
-                        "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
-    pool = Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
-    device, gen = resolve_device(config.device), sampling(config)
+    pool, device, gen = _best_of_pool(out_dir, prompts), resolve_device(config.device), sampling(config)
 
     def draw(name, spec, seed):  # a policy's side, sampled on the eval queries; the model stays for its KL
         models[name] = load_policy(spec)[0].to(device)
