@@ -44,18 +44,18 @@ STEP_FOLDER = re.compile(r"step-(\d+)")  # a complete checkpoint's name; NAME.tm
 
 def read_config_file(path: str | Path) -> dict:
     """A YAML or JSON mapping of config keys, with a clear error for a missing or malformed file."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"config file {path} does not exist; give the path of an existing YAML or JSON file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    import yaml
 
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as err:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist or is not a file; give the path of a YAML or JSON file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text ({err.reason}); is it the right file?") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError, yaml.YAMLError) as err:
         raise UserError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}; "
                         "fix the place the error names")  # fmt: skip
     if data is None:
@@ -63,7 +63,18 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}; "
                         "write one `key: value` per line")  # fmt: skip
+    _check_keys(data, path)
     return data
+
+
+def _check_keys(data: dict, path: Path, where: str = "") -> None:
+    """UserError for a key that is not a name (`1: 2`, `null:`), at any depth of sections."""
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise UserError(f"config file {path}: key {where}{key!r} is not a setting's name; keys are names such as "
+                            "`steps` (see the command's -h)")  # fmt: skip
+        if isinstance(value, dict):
+            _check_keys(value, path, f"{where}{key}.")
 
 
 def load_config(cls, path: str | Path | None, overrides: dict, base: dict | None = None, upgrade=None):

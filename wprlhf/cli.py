@@ -50,10 +50,11 @@ def field_docs(config_cls) -> dict[str, str]:
 def first_sentence(text: str) -> str:
     """The text up to its first full stop that ends a sentence (one followed by a space and a capital or an
     opening bracket), as a flag's help shows it; `wprlhf X -h` is a summary, the docstring the whole story. A
-    semicolon does not end it: "False: a separate network; True: a head" keeps both halves."""
+    semicolon does not end it: "False: a separate network; True: a head" keeps both halves, nor does an
+    abbreviation: "(e.g. 'best-of-8')" stays whole."""
     import re
 
-    return re.split(r"(?<=\.)\s+(?=[A-Z('])", text, maxsplit=1)[0]
+    return re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=\.)\s+(?=[A-Z('])", text, maxsplit=1)[0]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ...] = (), prefix: str = "",
@@ -103,7 +104,8 @@ def add_run_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     config field."""
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--config", help=f"YAML or JSON file of {config_cls.__name__} fields (flags override it)")
-    parser.add_argument("--resume", action="store_true", help="continue after the last finished phase")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out where it stopped (its last finished phase or checkpoint)")
     parser.add_argument("--allow-changed-inputs", action="store_true", help=ALLOW_CHANGED_HELP)
     parser.add_argument("--force", action="store_true", help="delete a run already in --out and start over")
     add_config_flags(parser, config_cls)

@@ -192,7 +192,12 @@ class RunFiles:
 
             raise NoUsableCheckpoint(self.out_dir / "checkpoints", [], self.restart)
         if not resume and not held_ok and (self.out_dir / "metrics.csv").exists():
-            again = "use --resume to continue it" if resumable else "pass --force to overwrite it"
+            if resumable and (self.out_dir / "checkpoints").exists():
+                again = "use --resume to continue it, --force to start it over,"
+            elif resumable:
+                again = "it stopped before its first checkpoint, so nothing resumes: pass --force to start it over"
+            else:
+                again = "pass --force to overwrite it"
             raise UserError(f"{self.out_dir} already holds a run; {again} or choose another --out (from Python: "
                             "another out_dir)")  # fmt: skip
 
@@ -200,7 +205,8 @@ class RunFiles:
     def restart(self) -> str:
         """What to do instead of a resume that finds no usable checkpoint."""
         if (self.out_dir / "metrics.csv").exists():
-            return "start a new run: rerun without --resume and with --out set to a new directory"
+            return ("start a new run: rerun without --resume and with --out set to a new directory (or with --force, "
+                    "which deletes this one)")  # fmt: skip
         return "start the run: rerun without --resume"
 
     def restore(self, models: dict, check_state, value_head=None) -> dict:

@@ -118,7 +118,7 @@ def instruction_head(instruction: str) -> str:
     """What a query starts with when the task asks for something in words: the instruction and a blank line ('' for
     no instruction). The one place the form is written: `encode_prompts` and `chat_ids` put it before each prompt
     they tokenize; reward models and judges read the prompt without it."""
-    return f"{instruction}\n\n" if instruction else ""
+    return f"{instruction}\n\n" if instruction.strip() else ""  # white space alone asks for nothing
 
 
 def instructed(prompts: list[str], instruction: str) -> list[str]:
@@ -189,6 +189,16 @@ def check_bare_prompts(tokenizer, prompts: list[str], chat_template: bool = True
             raise UserError(f"prompt {i} already holds the chat template's markup ({names}): {prompt[:80]!r}; pass "
                             "the bare prompt (the template is applied here), or --no-chat-template to send prompts "
                             "exactly as written, markup included")  # fmt: skip
+
+
+def check_instruction(tokenizer, instruction: str, chat_template: bool = True) -> None:
+    """Refuse an instruction written in the chat template's markup (`check_bare_prompts`' rule), naming
+    --instruction: runs check it before any work, not when the first prompt is tokenized an hour later."""
+    try:
+        check_bare_prompts(tokenizer, [instruction], chat_template)
+    except UserError:
+        raise UserError(f"--instruction holds the chat template's markup: {instruction[:80]!r}; give it as plain text "
+                        "(the template is applied around instruction and prompt here)") from None
 
 
 def chat_ids(tokenizer, prompts: list[str], responses: list[str] | None = None,

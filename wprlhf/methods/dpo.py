@@ -42,7 +42,7 @@ from ..engine import Engine, RunFiles, prepare_precision
 from ..errors import UserError, check_numbers
 from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs
 from ..forwards import policy_forward
-from ..generation import check_bare_prompts, encode_prompts, fit_positions, text_ids
+from ..generation import check_bare_prompts, check_instruction, encode_prompts, fit_positions, text_ids
 from ..metrics import DPO_METRIC_NAMES
 from ..models import (add_lora, count_parameters, load_policy, make_reference, merged_copy, position_limit,
                       stop_token_ids)
@@ -394,6 +394,7 @@ def train(config: DPOConfig, out_dir: str | Path, comparisons: Sequence[Comparis
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     check_bare_prompts(tokenizer, [p.prompt for p in pairs], config.chat_template)  # before any file is written
+    check_instruction(tokenizer, config.instruction, config.chat_template)
     torch.manual_seed(config.seed)
     world = check_launch_environment()  # processes under `accelerate launch` / torchrun
     if config.batch_size % world:

@@ -34,7 +34,8 @@ from ..engine import Engine, RunFiles, prepare_precision
 from ..errors import UserError
 from ..files import INPUTS_FILE, check_inputs, input_fingerprints, read_inputs
 from ..forwards import policy_forward, sampling_floor, value_forward
-from ..generation import (Generation, check_bare_prompts, decode_responses, encode_prompts, fit_positions, prompt_room,
+from ..generation import (Generation, check_bare_prompts, check_instruction, decode_responses, encode_prompts,
+                          fit_positions, prompt_room,
                           sample)
 from ..models import (ValueHead, add_lora, checkpointing, count_parameters, enable_gradient_checkpointing, load_policy,
                       make_reference, make_value_model, merged_copy, stop_token_ids)
@@ -609,6 +610,7 @@ def prepare_run(config: OnPolicyConfig, prompts: list[str], reward_fn: RewardFn,
     if policy is None:
         policy, tokenizer = load_policy(config.policy, seed=config.seed)
     check_bare_prompts(tokenizer, prompts, config.chat_template)  # every prompt, before step 1 (not at step 300)
+    check_instruction(tokenizer, config.instruction, config.chat_template)
     torch.manual_seed(config.seed)
     return config, policy, tokenizer
 

@@ -151,6 +151,9 @@ class OnPolicyConfig:
     def __post_init__(self):
         check_numbers(self, non_negative=("lr", "weight_decay", "adam_eps", "cliprange", "kl_coef", "score_clip",
                                           "max_grad_norm", "missing_eos_penalty"))  # fmt: skip
+        if self.score_clip == 0:
+            raise UserError("score_clip 0 would clip every score to 0 and train on nothing; set --score-clip above 0 "
+                            "(5 is usual) or none to switch it off")  # fmt: skip
         # Ranges first: the divisibility checks below divide by these sizes.
         at_least = dict(steps=1, batch_size=1, num_minibatches=1, gradient_accumulation_steps=1, ppo_epochs=1,
                         max_prompt_length=1, response_length=1, samples_per_prompt=1, min_response_length=0, top_k=0,

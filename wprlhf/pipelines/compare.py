@@ -112,6 +112,9 @@ class CompareConfig:
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
         check_numbers(self, non_negative=("labeler_temperature", "lr", "dpo_lr", "dpo_beta", "kl_coef", "temperature"))
+        if not 0 <= self.rm_val_fraction < 1:
+            raise UserError(f"rm_val_fraction must lie in [0, 1), got {self.rm_val_fraction}: the rest is what the "
+                            "reward model trains on; set --rm-val-fraction (0.1 is usual)")  # fmt: skip
         for name, low in dict(eval_prompts=1, n_comparisons=2, budget=1, response_length=1, batch_size=4).items():
             if getattr(self, name) < low:
                 raise UserError(f"{name} must be >= {low}, got {getattr(self, name)}; set --{name.replace('_', '-')}")

@@ -44,6 +44,9 @@ from ..rewards.spec import load_reward
 from .runner import Runner
 
 STATE_FILE = "loop_state.json"
+# The settings a resumed loop may change: more rounds, and how it waits for people and where it runs. Every
+# other one shaped the phases already done, and a change is refused, naming it.
+RESUMABLE = ("rounds", "poll_s", "web_labels", "db", "device")
 LOOP_METRICS = ("round", "labels", "agreement", "rm_accuracy", "score_mean", "kl", "kl_coef", "eval_kl",
                 "judge_new", "judge_start", "win_rate", "win_rate_lo", "win_rate_hi", "distinct_2", "start_distinct_2",
                 "elapsed_s")  # fmt: skip
@@ -164,6 +167,9 @@ class LoopConfig:
             raise UserError("labeler 'web' needs --db, the labeling page's database")
 
 
+RESUMED_AS_IS = tuple(f.name for f in dataclasses.fields(LoopConfig) if f.name not in RESUMABLE)
+
+
 # `wprlhf demo`: the whole pipeline offline on the embedded models (two rounds of the loop). Sizes are set for
 # 2 CPU cores: the default run takes about 25 minutes, --quick about 4. Responses of 64 tokens (~45 words) are
 # the opening of a story: long enough to set a tone, short enough to sample hundreds on a CPU.
@@ -266,7 +272,8 @@ def run(config: LoopConfig, out_dir: str | Path, resume: bool = False,
     """Run (or resume) the loop; returns one row of loop metrics per round. A resume whose inputs (INPUTS) changed
     since the loop started is refused unless allow_changed_inputs."""
     out_dir = Path(out_dir)
-    runner = Runner(out_dir, STATE_FILE, "loop run", config, INPUTS, resume, allow_changed_inputs, quiet=True)
+    runner = Runner(out_dir, STATE_FILE, "loop run", config, INPUTS, resume, allow_changed_inputs, quiet=True,
+                    depends=lambda phase: RESUMED_AS_IS)  # fmt: skip
     wanted, finish = runner.wanted, runner.finish
     write_json_atomic(out_dir / "loop_config.json", dataclasses.asdict(config))
 

@@ -55,9 +55,10 @@ def _at_least(config, lows: dict[str, int | float]) -> None:
     """UserError for each field of `config` below its low bound, naming its flag (--SECTION-FIELD)."""
     for name, low in lows.items():
         if getattr(config, name) < low:
-            flag = "--" + f"{getattr(config, 'SECTION', '')}_{name}".strip("_").replace("_", "-")
-            raise UserError(f"{flag[2:].replace('-', '_')} must be >= {low}, got {getattr(config, name)}; set {flag} "
-                            f"to {low} or more")  # fmt: skip
+            section = getattr(config, "SECTION", "")
+            flag = "--" + f"{section}_{name}".strip("_").replace("_", "-")
+            raise UserError(f"{f'{section}.' if section else ''}{name} must be >= {low}, got {getattr(config, name)}; "
+                            f"set {flag} to {low} or more")  # fmt: skip
 
 
 @dataclass
@@ -241,6 +242,7 @@ class EvalSettings:
     """Prompts per sampling batch in evaluation (its samples are the same for the same batch size and seed)."""
 
     def __post_init__(self):
+        check_numbers(self)
         _at_least(self, {"batch_size": 1})
         self.best_of_ns  # parses, or names the problem
 
@@ -369,6 +371,47 @@ def task_reward(config: StoriesConfig, rm_dir: str):
     return total
 
 
+def sft_settings(config: StoriesConfig, data: str | Path, precision: str):
+    """The SFTConfig of the task's SFT phase: config.sft's settings, from the start policy, on `data`'s prompts."""
+    from ..methods.sft import SFTConfig
+
+    return SFTConfig(policy=config.policy, data=str(data), top_ranked_only=1, instruction=config.instruction,
+                     max_examples=config.sft.examples, max_length=config.sft.max_length, epochs=config.sft.epochs,
+                     batch_size=config.sft.batch_size, gradient_accumulation_steps=_accumulation(config.sft.batch_size),
+                     lr=config.sft.lr, eval_every=config.sft.eval_every, n_samples=config.sft.samples,
+                     sample_tokens=config.response_length, seed=config.seed, device=config.device,
+                     mixed_precision=precision)  # fmt: skip
+
+
+def dpo_settings(config: StoriesConfig, policy: str, precision: str):
+    """The DPOConfig of the task's DPO phase: config.dpo's settings, from `policy` (the RL start policy)."""
+    from ..methods.dpo import DPOConfig
+
+    return DPOConfig(policy=policy, instruction=config.instruction, beta=config.dpo.beta, lr=config.dpo.lr,
+                     epochs=config.dpo.epochs, batch_size=config.dpo.batch_size,
+                     max_prompt_length=config.dpo.max_prompt_length,
+                     max_response_length=config.response_length + config.dpo.response_slack,
+                     eval_every=config.dpo.eval_every, seed=config.seed, device=config.device,
+                     mixed_precision=precision)  # fmt: skip
+
+
+def check_phase_settings(config: StoriesConfig) -> None:
+    """Build each phase's own config now, so a setting one of them refuses (PPO's score_clip, its temperature floor,
+    an instruction in the chat template's markup) fails before any work, not after an hour of SFT."""
+    from ..generation import check_instruction
+    from ..models import load_tokenizer
+
+    precision = run_precision(config)
+    if config.sft.enabled:
+        sft_settings(config, config.data, precision)
+    if config.rl == "dpo":
+        dpo_settings(config, config.policy, precision)
+    if config.rl == "ppo":
+        ppo_settings(config, config.policy)
+    if config.instruction:
+        check_instruction(load_tokenizer(config.policy), config.instruction)
+
+
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
     a step in ppo_minibatches minibatches x ppo_epochs epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
@@ -465,9 +508,11 @@ PHASE_SETTINGS = {  # a section's name stands for all its settings
     "judge": ("reward_model", "judge", "seed"),
     "dpo": ("rl", "dpo", "sft.examples", "response_length", "fixed_length", "temperature", "instruction", "reward_extra",
             "seed"),
+    # ppo.steps may grow on a resume: a PPO phase stopped at its step count continues to the new one
     "ppo": ("rl", "response_length", "fixed_length", "temperature", "ppo.batch_size", "ppo.minibatches", "ppo.epochs",
             "ppo.lr", "ppo.kl_coef", "ppo.kl_target", "ppo.score_clip", "instruction", "reward_extra"),
     "best_of": ("eval.best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
+    "eval": ("eval", "response_length", "fixed_length", "temperature", "instruction", "seed"),
 }
 
 
@@ -480,13 +525,14 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
     """Run (or resume) the pipeline into out_dir; returns the evaluation report (or {} when stopped early). A resume
     whose inputs (INPUTS) changed since the run started is refused unless allow_changed_inputs."""
     out_dir = Path(out_dir)
+    check_phase_settings(config)
     if config.reward_extra.strip():  # a bad SPEC fails now, not after an hour of SFT and reward models
         from ..rewards.spec import load_reward
 
         load_reward(config.reward_extra, "reward_extra")
     runner = Runner(out_dir, STATE_FILE, "stories run", config, INPUTS, resume, allow_changed_inputs,
                     depends=lambda phase: PHASE_SETTINGS.get(phase, ()), phases=PHASES, until=until,
-                    started=("ppo",) if (out_dir / "ppo" / "metrics.csv").exists() else ())  # fmt: skip
+                    started=("ppo",) if (out_dir / "ppo" / "checkpoints").exists() else ())  # fmt: skip
     state, finish, wanted = runner.state, runner.finish, runner.wanted
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
 
@@ -585,7 +631,6 @@ def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list
               precision: str) -> Path:  # fmt: skip
     """The sft phase: SFT on the train prompts' top stories (or, with sft_best_of, the start policy's best-of-n
     samples by the task's reward), from the cache when trained before on the same text. Returns its directory."""
-    from ..methods.sft import SFTConfig
     from ..methods.sft import train as sft_train
 
     split_dir = out_dir / "split"
@@ -599,14 +644,7 @@ def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list
                         split_dir / "sft_best_of.jsonl", seed=config.seed + 60_000)  # fmt: skip
         stories = [Response(prompt_id=str(i), prompt=p, response_id=f"best-{i}", response=text, rank=0)
                    for i, (p, text) in enumerate(zip(prompts, pool.best(config.sft.best_of)[0]))]  # fmt: skip
-    sft_config = SFTConfig(policy=config.policy, data=str(split_dir / "train_prompts.txt"), top_ranked_only=1,
-                           instruction=config.instruction,
-                           max_examples=config.sft.examples, max_length=config.sft.max_length,
-                           epochs=config.sft.epochs, batch_size=config.sft.batch_size,
-                           gradient_accumulation_steps=_accumulation(config.sft.batch_size), lr=config.sft.lr,
-                           eval_every=config.sft.eval_every, n_samples=config.sft.samples,
-                           sample_tokens=config.response_length, seed=config.seed,
-                           device=config.device, mixed_precision=precision)  # fmt: skip
+    sft_config = sft_settings(config, split_dir / "train_prompts.txt", precision)
     key = model_key([(r.prompt, r.response, r.rank) for r in stories], dataclasses.asdict(sft_config) | {"data": ""})
     return build_cached(cache_root(config.cache_dir), out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
 
@@ -616,7 +654,6 @@ def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
     """The dpo phase: dpo_samples of the start policy's own samples a train prompt, scored by the task's reward;
     each prompt's best and worst make a pair, and DPO learns from the pairs (resuming its checkpoints)."""
     from ..data import Comparison
-    from ..methods.dpo import DPOConfig
     from ..methods.dpo import train as dpo_train
 
     dpo_dir = out_dir / "dpo"
@@ -629,12 +666,8 @@ def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
     pairs = [Comparison(prompt=p, responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
              for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
              if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
-    dpo_config = DPOConfig(policy=start_of_rl, instruction=config.instruction, beta=config.dpo.beta, lr=config.dpo.lr, epochs=config.dpo.epochs,
-                           batch_size=config.dpo.batch_size, max_prompt_length=config.dpo.max_prompt_length,
-                           max_response_length=config.response_length + config.dpo.response_slack,
-                           eval_every=config.dpo.eval_every, seed=config.seed, device=config.device,
-                           mixed_precision=precision)  # fmt: skip
-    dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=(dpo_dir / "checkpoints").exists(),
+    dpo_config = dpo_settings(config, start_of_rl, precision)
+    dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=_continue_or_start_over(dpo_dir),
               allow_changed_inputs=allow_changed_inputs)  # fmt: skip
 
 
@@ -647,8 +680,8 @@ def train_ppo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: 
 
     ppo_config = ppo_settings(config, start_of_rl)
     ppo_dir = out_dir / "ppo"
-    resume_ppo = (ppo_dir / "metrics.csv").exists()
-    ppo_train(ppo_config, train_prompts, task_reward(config, state["rm_dir"]), ppo_dir, resume=resume_ppo,
+    ppo_train(ppo_config, train_prompts, task_reward(config, state["rm_dir"]), ppo_dir,
+              resume=_continue_or_start_over(ppo_dir),
               allow_changed_inputs=allow_changed_inputs, judge_fn=reward_fn_from_model(state["judge_dir"]))  # fmt: skip
 
 
@@ -659,6 +692,22 @@ def sampling(config: StoriesConfig):
 
     return generation_config(None, response_length=config.response_length, instruction=config.instruction,
                              min_response_length=config.min_response_length, temperature=config.temperature)
+
+
+def _continue_or_start_over(phase_dir: Path) -> bool:
+    """Whether an RL phase continues from its checkpoints (True) or starts (False). A phase stopped before its first
+    checkpoint has nothing to continue from: the metrics and samples of those steps go (its own-sample pool stays),
+    so the phase starts over, as any unfinished phase does."""
+    import shutil
+
+    if (phase_dir / "checkpoints").exists():
+        return True
+    if (phase_dir / "metrics.csv").exists():
+        print(f"note: {phase_dir} stopped before its first checkpoint; the phase's training starts over", flush=True)
+        for name in ("metrics.csv", "samples.jsonl"):
+            (phase_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(phase_dir / "tb", ignore_errors=True)
+    return False
 
 
 def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
@@ -696,7 +745,9 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
 
     lines = [row for _, row in iter_jsonl(path)] if path.exists() else []
     queries = instructed(prompts, config.instruction)  # the prompts of a pool sampled elsewhere
-    usable = [r["prompt"] for r in lines] in (prompts, queries) and all(len(r["responses"]) == n for r in lines)
+    # A pool of bare prompts was asked with the instruction its rows name (none: the bare prompt).
+    asked = all(r.get("instruction", "") == config.instruction for r in lines) or [r["prompt"] for r in lines] == queries
+    usable = asked and [r["prompt"] for r in lines] in (prompts, queries) and all(len(r["responses"]) == n for r in lines)
     if usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]:
         return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
     if usable:
@@ -704,12 +755,13 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
         pool = _scored_pool(config, rm_dir, prompts, [r["responses"] for r in lines], path)
     else:
         if lines:
-            print(f"note: {path} does not hold {n} samples for each of these prompts; sampling again", flush=True)
+            print(f"note: {path} does not hold {n} samples for each of these prompts, asked this way; sampling again",
+                  flush=True)  # fmt: skip
         model, tokenizer = load_policy(policy, seed=config.seed)
         model.to(resolve_device(config.device))
         pool = sample_pool(model, tokenizer, prompts, n, task_reward(config, rm_dir), sampling(config), seed=seed,
                            batch_size=config.pool_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in pool.rows()))
+    write_text_atomic(path, "".join(json.dumps({**row, "instruction": config.instruction}) + "\n" for row in pool.rows()))
     return pool
 
 

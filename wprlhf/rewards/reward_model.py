@@ -109,6 +109,9 @@ class RewardConfig(Hardware):
         if self.normalize_samples < 2:
             raise UserError(f"normalize_samples must be >= 2 (a std needs two scores), got {self.normalize_samples}")
         check_numbers(self, non_negative=("lr", "weight_decay", "warmup_ratio", "val_fraction"))
+        if not self.val_fraction < 1:
+            raise UserError(f"val_fraction must lie in [0, 1), got {self.val_fraction}: the rest is what the reward "
+                            "model trains on; set --val-fraction below 1 (0.05 is usual)")  # fmt: skip
 
 
 def accuracy_ci(credit: Sequence[float], groups: Sequence) -> tuple[float, list[float]]:
@@ -545,6 +548,9 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     _require_decided(comparisons, config.data, 0)  # none, or only ties: nothing to learn which is better from
     rng = random.Random(config.seed)
     train_set, val_set = split_by_prompt(comparisons, config.val_fraction, seed=config.seed)
+    if not train_set:
+        raise UserError(f"val_fraction {config.val_fraction} holds out every one of the {len(comparisons)} "
+                        "comparisons' prompts: none is left to train on; lower --val-fraction or give more data")  # fmt: skip
     if config.max_examples and len(train_set) > config.max_examples:
         train_set = rng.sample(train_set, config.max_examples)
     val_set = val_set[:500]  # enough for a curve; keeps each validation pass short
