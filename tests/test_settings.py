@@ -42,6 +42,7 @@ def test_a_config_file_that_is_no_text_file_is_a_clear_error(tmp_path):
     ("reward_extra: 5", "reward_extra must be text"),
     ("ppo: {lr: 1e-5}", "write 1.0e-5"),
     ("ppo: {steps: 0}", "ppo.steps must be >= 1"),
+    ("batch_size: 8\nppo: {batch_size: 4}", "name one setting twice"),
 ])  # fmt: skip
 def test_stories_sections_refuse_values_of_the_wrong_kind(tmp_path, body, words):
     from wprlhf.pipelines.stories import StoriesConfig
@@ -50,6 +51,15 @@ def test_stories_sections_refuse_values_of_the_wrong_kind(tmp_path, body, words)
     path.write_text(body + "\n")
     with pytest.raises(UserError, match=words):
         load_config(StoriesConfig, path, {})
+
+
+def test_an_old_and_a_new_name_of_one_setting_with_one_value_is_fine(tmp_path):
+    from wprlhf.pipelines.stories import StoriesConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 8\nppo: {batch_size: 8, steps: 3}\n")
+    config = load_config(StoriesConfig, path, {"ppo": {"batch_size": 4}})  # a flag overrides the file
+    assert (config.ppo.batch_size, config.ppo.steps) == (4, 3)
 
 
 def test_stories_refuses_what_a_phase_would_refuse_before_any_work(tmp_path):

@@ -97,7 +97,7 @@ def _given(overrides: dict) -> dict:
 
 def upgrade_keys(cls, values: dict) -> dict:
     """`values` with the keys of cls.RENAMED (flat keys of earlier versions, e.g. 'sft_lr') moved to where they
-    live now ('sft.lr'); a key given both ways keeps the new one."""
+    live now ('sft.lr'). UserError for a setting given both ways with two values (which one was meant?)."""
     renamed = getattr(cls, "RENAMED", {})
     out: dict = {}
     for key, value in values.items():
@@ -105,6 +105,12 @@ def upgrade_keys(cls, values: dict) -> dict:
             out = merge_settings(out, {key: value})
             continue
         *sections, name = renamed[key].split(".")
+        given = values
+        for section in sections:
+            given = given.get(section) if isinstance(given, dict) else None
+        if isinstance(given, dict) and name in given and given[name] != value:
+            raise UserError(f"{key}: {value!r} and {renamed[key]}: {given[name]!r} name one setting twice ({key} is "
+                            f"its name of earlier versions); keep {renamed[key]} only")  # fmt: skip
         moved: dict = {name: value}
         for section in reversed(sections):
             moved = {section: moved}
