@@ -20,12 +20,17 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .distributed import (check_finite, check_mixed_precision, device_of, make_accelerator, resolve_device,
-                          resolve_mixed_precision)
+from . import checkpoint as ckpt
+from .distributed import (check_finite, check_mixed_precision, device_of, is_main_process, make_accelerator,
+                          resolve_device, resolve_mixed_precision)
+from .errors import UserError
+from .files import write_json_atomic
+from .metrics import MetricsLogger
 from .models import make_optimizer
 
 
@@ -180,17 +185,11 @@ class RunFiles:
     """
 
     def __init__(self, out_dir, resume: bool = False, resumable: bool = True, held_ok: bool = False):
-        from pathlib import Path
-
-        from .errors import UserError
-
         self.out_dir, self.resume, self.logger = Path(out_dir), resume, None
         if resume and not resumable:
             raise UserError("this training does not resume; rerun it without --resume")
         if resume and not (self.out_dir / "checkpoints").exists():  # before any model is loaded
-            from .checkpoint import NoUsableCheckpoint
-
-            raise NoUsableCheckpoint(self.out_dir / "checkpoints", [], self.restart)
+            raise ckpt.NoUsableCheckpoint(self.out_dir / "checkpoints", [], self.restart)
         if not resume and not held_ok and (self.out_dir / "metrics.csv").exists():
             if resumable and (self.out_dir / "checkpoints").exists():
                 again = "use --resume to continue it, --force to start it over,"
@@ -212,9 +211,6 @@ class RunFiles:
     def restore(self, models: dict, check_state, value_head=None) -> dict:
         """On resume: the newest checkpoint that reads back whole (past an unreadable one it falls back, saying what
         was wrong), applied to `models` (and value_head); returns its trainer state. {} when not resuming."""
-        from . import checkpoint as ckpt
-        from .distributed import is_main_process
-
         if not self.resume:
             return {}
         found = ckpt.resume_checkpoint(self.out_dir, models, value_head, check_state, self.restart,
@@ -227,10 +223,6 @@ class RunFiles:
         resume compares) atomically, open the metrics (a resumed run's rows after `start` are dropped: they are
         redone) and print `announce` on a fresh run."""
         from tqdm.auto import tqdm
-
-        from .distributed import is_main_process
-        from .files import write_json_atomic
-        from .metrics import MetricsLogger
 
         if not is_main_process():
             return

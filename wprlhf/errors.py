@@ -64,3 +64,14 @@ def check_numbers(config, non_negative: tuple[str, ...] = ()) -> None:
             raise UserError(f"{name} must be a finite number, got {value}; set {flag} to a finite number")
         if field.name in non_negative and value is not None and value < 0:
             raise UserError(f"{name} must be >= 0, got {value}; set {flag} to 0 or more")
+
+
+def check_at_least(config, lows: dict[str, int | float]) -> None:
+    """UserError for the first field of `config` below its low bound ({field: bound}), naming its flag: --FIELD, or
+    --SECTION-FIELD for a section of a larger config (its SECTION, as `check_numbers` names them)."""
+    section = getattr(config, "SECTION", "")
+    for name, low in lows.items():
+        if getattr(config, name) < low:
+            flag = "--" + f"{section}_{name}".strip("_").replace("_", "-")
+            raise UserError(f"{f'{section}.' if section else ''}{name} must be >= {low}, got {getattr(config, name)}; "
+                            f"set {flag} to {low} or more")  # fmt: skip

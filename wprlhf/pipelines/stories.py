@@ -37,7 +37,7 @@ from ..data import (Response, is_hub_id, karma_pairs, load_prompts, load_respons
                     write_comparisons)
 from ..distributed import autocast_dtype, check_mixed_precision, resolve_device
 from ..engine import run_precision
-from ..errors import UserError, check_numbers
+from ..errors import UserError, check_at_least, check_numbers
 from ..files import iter_jsonl, write_json_atomic, write_text_atomic
 from ..text import clean_prompt
 from .runner import Runner, build_cached, cache_root, model_key
@@ -49,16 +49,6 @@ STATE_FILE = "stories_state.json"
 PHASES = ("split", "rm", "judge", "sft", "dpo", "ppo", "best_of", "eval")
 RL_METHODS = ("ppo", "dpo", "none")
 DATA = "../shared/data/writing_prompts"
-
-
-def _at_least(config, lows: dict[str, int | float]) -> None:
-    """UserError for each field of `config` below its low bound, naming its flag (--SECTION-FIELD)."""
-    for name, low in lows.items():
-        if getattr(config, name) < low:
-            section = getattr(config, "SECTION", "")
-            flag = "--" + f"{section}_{name}".strip("_").replace("_", "-")
-            raise UserError(f"{f'{section}.' if section else ''}{name} must be >= {low}, got {getattr(config, name)}; "
-                            f"set {flag} to {low} or more")  # fmt: skip
 
 
 @dataclass
@@ -76,7 +66,7 @@ class SplitSettings:
 
     def __post_init__(self):
         check_numbers(self)
-        _at_least(self, {"eval_prompts": 1})
+        check_at_least(self, {"eval_prompts": 1})
         if not 0 < self.judge_fraction < 0.5:
             raise UserError(f"split.judge_fraction must lie in (0, 0.5), got {self.judge_fraction}")
 
@@ -111,7 +101,8 @@ class SFTSettings:
 
     def __post_init__(self):
         check_numbers(self, non_negative=("lr",))
-        _at_least(self, {"examples": 0, "max_length": 32, "epochs": 1, "batch_size": 1, "eval_every": 1, "samples": 0})
+        check_at_least(self, {"examples": 0, "max_length": 32, "epochs": 1, "batch_size": 1, "eval_every": 1,
+                              "samples": 0})
         if not self.lr > 0:
             raise UserError(f"sft.lr must be > 0, got {self.lr}; set --sft-lr")
         self.best_of  # parses, or names the problem
@@ -139,7 +130,7 @@ class RewardSettings:
 
     def __post_init__(self):
         check_numbers(self)
-        _at_least(self, {"examples": 0})
+        check_at_least(self, {"examples": 0})
         if not 0 < self.val_fraction < 0.5:
             raise UserError(f"{self.SECTION}.val_fraction must lie in (0, 0.5), got {self.val_fraction}")
 
@@ -182,7 +173,7 @@ class DPOSettings:
 
     def __post_init__(self):
         check_numbers(self)
-        _at_least(self, {"samples": 2, "epochs": 1, "batch_size": 1, "max_prompt_length": 8, "response_slack": 0,
+        check_at_least(self, {"samples": 2, "epochs": 1, "batch_size": 1, "max_prompt_length": 8, "response_slack": 0,
                          "eval_every": 1})  # fmt: skip
         for name in ("beta", "lr"):
             if not getattr(self, name) > 0:
@@ -221,7 +212,7 @@ class PPOSettings:
 
     def __post_init__(self):
         check_numbers(self, non_negative=("kl_coef",))
-        _at_least(self, {"steps": 1, "batch_size": 2, "minibatches": 1, "epochs": 1, "checkpoint_every": 1,
+        check_at_least(self, {"steps": 1, "batch_size": 2, "minibatches": 1, "epochs": 1, "checkpoint_every": 1,
                          "sample_every": 1})  # fmt: skip
         if self.batch_size % self.minibatches:
             raise UserError(f"ppo.batch_size {self.batch_size} is not divisible by ppo.minibatches {self.minibatches}; "
@@ -243,7 +234,7 @@ class EvalSettings:
 
     def __post_init__(self):
         check_numbers(self)
-        _at_least(self, {"batch_size": 1})
+        check_at_least(self, {"batch_size": 1})
         self.best_of_ns  # parses, or names the problem
 
     @property
@@ -334,7 +325,7 @@ class StoriesConfig:
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
         check_numbers(self, non_negative=("temperature",))
-        _at_least(self, {"response_length": 1, "pool_batch_size": 1})
+        check_at_least(self, {"response_length": 1, "pool_batch_size": 1})
         if self.rl not in RL_METHODS:
             raise UserError(f"rl must be one of {', '.join(RL_METHODS)}, got {self.rl!r}")
         if self.rl == "none" and not self.sft.enabled:
