@@ -58,7 +58,7 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     out, cache = tmp_path / "run", tmp_path / "cache"
     flags = ["--data", str(wp_data), "--quick", "--policy", "tiny", "--reward-model", "tiny", "--cache-dir", str(cache),
              "--eval-prompts", "8", "--ppo-steps", "3", "--sft-examples", "8", "--response-length", "12",
-             "--eval-batch-size", "8", "--score-clip", "1.5", "--reward-extra", "0.5*story+relevance",
+             "--eval-batch-size", "8", "--score-clip", "1.5", "--reward-extra", "0.5*story+relevance", "--fixed-length",
              "--seed", str(seed(0))]  # fmt: skip
     code = main(["stories", "--out", str(out), *flags])
     assert code == 0, capsys.readouterr().err[-2000:]
@@ -97,23 +97,28 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 
     # Every judge of every side in the report, with CIs; best-of-n and PPO judged against the start and SFT.
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert set(report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "ppo"}
+    assert set(report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "ppo", "human-top", "human-least"}
     for name, side in report["sides"].items():
-        for judge in ("judge", "story", "relevance", "distinct_1", "distinct_2", "repetition", "meta", "kl", "reward"):
+        for judge in ("judge", "story", "relevance", "distinct_1", "distinct_2", "repetition", "meta", "reward",
+                      *(("kl",) if not name.startswith("human") else ())):
             assert side[judge]["lo"] <= side[judge]["mean"] <= side[judge]["hi"], (name, judge, side[judge])
-    assert set(report["win_rates"]) >= {"ppo vs start", "best-of-4 vs start", "ppo vs sft", "best-of-4 vs sft"}
-    assert 0 <= report["judge_prefers_human"]["win_rate"] <= 1 and "relevance" in report["human"]
+    assert set(report["win_rates"]) >= {"ppo vs start", "best-of-4 vs start", "ppo vs sft", "best-of-4 vs sft",
+                                        "ppo vs human-top", "ppo vs best-of-4"}
+    assert 0 <= report["win_rates"]["human-top vs start"]["win_rate"] <= 1 and "relevance" in report["sides"]["human-top"]
+    for key, win in report["win_rates"].items():  # the length-controlled rate and its CI beside every raw one
+        assert win["lc_win_rate_lo"] <= win["lc_win_rate"] <= win["lc_win_rate_hi"], (key, win)
     assert report["sides"]["start"]["kl"]["mean"] == 0
     learned("|KL best-of-4 - KL sft| (nats)",
             abs(report["sides"]["best-of-4"]["kl"]["mean"] - report["sides"]["sft"]["kl"]["mean"]), 50, upper=True)
     assert "ppo" in (out / "eval" / "table.md").read_text() and (out / "eval" / "over_optimisation.png").stat().st_size
     # Before/after samples on the same prompts, and the final policy queued blind against the start.
     pairs = [json.loads(line) for line in _lines(out / "eval" / "pairs.jsonl")]
-    assert [p["prompt"] for p in pairs] == parts["eval"] and all({"start", "ppo", "human"} <= set(p) for p in pairs)
+    assert [p["prompt"] for p in pairs] == parts["eval"] and all({"start", "ppo", "human-top"} <= set(p) for p in pairs)
     from wprlhf.labeling.store import Store
 
     queued = Store(out / "eval" / "blind.db").comparisons()
-    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("ppo", "start")}
+    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {
+        ("ppo", "start"), ("best-of-4", "ppo"), ("human-top", "ppo"), ("human-least", "ppo")}
 
     # Resuming a finished run does nothing again; resuming with a setting a finished phase used is refused.
     capsys.readouterr()
@@ -135,9 +140,9 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
                  "Tell a story.", "--rl", "none"]) == 0  # fmt: skip
     assert not (tmp_path / "expert" / "ppo").exists()
     expert_report = json.loads((tmp_path / "expert" / "eval" / "report.json").read_text())
-    assert set(expert_report["sides"]) == {"start", "sft", "best-of-2", "best-of-4"}
+    assert set(expert_report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "human-top", "human-least"}
     queued = Store(tmp_path / "expert" / "eval" / "blind.db").comparisons()
-    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("sft", "start")}
+    assert ("sft", "start") in {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued}
     assert json.loads((tmp_path / "expert" / "stories_state.json").read_text())["done"] == [
         "split", "rm", "judge", "sft", "best_of", "eval"]
     pool = [json.loads(line) for line in _lines(tmp_path / "expert" / "split" / "sft_best_of.jsonl")]
@@ -168,10 +173,10 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert list(csv.DictReader(open(dpo_run / "dpo" / "metrics.csv")))  # it trained
     AutoModelForCausalLM.from_pretrained(dpo_run / "dpo" / "policy")
     dpo_report = json.loads((dpo_run / "eval" / "report.json").read_text())
-    assert set(dpo_report["sides"]) == {"start", "dpo", "best-of-2", "best-of-4"}
+    assert set(dpo_report["sides"]) == {"start", "dpo", "best-of-2", "best-of-4", "human-top", "human-least"}
     assert dpo_report["sides"]["dpo"]["kl"]["lo"] <= dpo_report["sides"]["dpo"]["kl"]["mean"]
     queued = Store(dpo_run / "eval" / "blind.db").comparisons()
-    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {("dpo", "start")}
+    assert ("dpo", "start") in {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued}
 
     # The numbers all three runs wrote are those they wrote before the last refactor (on this CPU's kernels).
     same_numbers("stories_tiny", {f"{name}/{key}": value for name, run in (("ppo", out), ("expert", tmp_path / "expert"),

@@ -463,7 +463,7 @@ def cmd_stories(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
-    from .evals.side_by_side import EvalConfig, blind_results, run_eval
+    from .evals.side_by_side import EvalConfig, blind_results, run_eval, win_text
     from .files import write_json_atomic
 
     if args.blind_results:
@@ -474,7 +474,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{pair}: {entry['labels']} labels (a tie counts 1/2 to each side)")
             for name, side in entry.items():
                 if name != "labels":
-                    print(f"  {name} wins {side['win_rate']:.1%} [{side['win_rate_lo']:.1%}, {side['win_rate_hi']:.1%}]")
+                    print(f"  {name} wins {win_text(side)}")
         agreement = result["agreement"]
         said = "n/a (no comparison has two labels)" if agreement is None else f"{agreement:.1%}"
         print(f"agreement between labelers: {said} over {result['agreement_pairs']} pairs of labels")
@@ -483,7 +483,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     out = args.out or "eval.json"
     report = run_eval(config, out, blind_db=args.blind_db)
     for key, win in report["win_rates"].items():
-        print(f"judge win rate {key}: {win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]")
+        print(f"judge win rate {key}: {win_text(win)}")
     print(f"wrote {out} and {Path(out).with_suffix('.md')}", file=sys.stderr)
     if args.blind_db:
         print(f"queued {report['blind_queued']} blind pairs in {args.blind_db}: serve them with `wprlhf label serve "

@@ -59,23 +59,69 @@ def paired_means(start: Sequence[float], trained: Sequence[float], groups: Seque
             "diff": mean_ci([b - a for a, b in zip(start, trained)], groups)}  # fmt: skip
 
 
-def win_rate(judge: RewardFn, prompts: list[str], new: list[str], start: list[str]) -> dict:
-    """Judge's preference of `new` over `start` responses to the same prompts: wins count 1, ties 1/2 (the one tie
-    rule, `core.choice_credit`, with `new` as the choice to be right about).
-
-    Returns win_rate with win_rate_lo/hi (95% CI resampling prompts), n, and both sides' mean judge scores.
-    """
-    new_scores = [float(s) for s in judge(prompts, new)]
-    start_scores = [float(s) for s in judge(prompts, start)]
-    return {**scored_win_rate(new_scores, start_scores, prompts),
-            "judge_new": float(np.mean(new_scores)), "judge_start": float(np.mean(start_scores)),
-            "judge_new_scores": new_scores, "judge_start_scores": start_scores}  # fmt: skip
-
-
 def scored_win_rate(new_scores: Sequence[float], start_scores: Sequence[float], groups: Sequence[str]) -> dict:
-    """win_rate, win_rate_lo/hi (95% CI resampling `groups`, i.e. prompts) and n from scores already computed:
-    a higher new score wins 1, an equal one 1/2 (`core.choice_credit`)."""
+    """win_rate, win_rate_lo/hi (95% CI resampling `groups`, i.e. prompts), n and each pair's credit (`credits`)
+    from scores already computed: a higher new score wins 1, an equal one 1/2 (`core.choice_credit`)."""
     pairs = torch.tensor([list(start_scores), list(new_scores)], dtype=torch.float64).T  # (N, 2): start, new
     wins = choice_credit(pairs, torch.ones(len(pairs), dtype=torch.long)).tolist()
     lo, hi = bootstrap_ci(wins, groups)
-    return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins)}
+    return {"win_rate": float(np.mean(wins)), "win_rate_lo": lo, "win_rate_hi": hi, "n": len(wins), "credits": wins}
+
+
+def lc_win_rate(credits: Sequence[float], new_lengths: Sequence[float], old_lengths: Sequence[float],
+                groups: Sequence[str], n_boot: int = 400, seed: int = 0) -> dict:
+    """Length-controlled win rate (Dubois et al. 2024, AlpacaEval 2 LC, eq. 1 reduced to one pair of policies): a
+    logistic model of the judge's preference on the length difference, P(new wins) = sigmoid(theta_0 + theta_1 *
+    tanh(delta / std(delta))), delta = new length - old length, read at delta = 0: sigmoid(theta_0).
+
+    credits (N,): 1 a win of `new`, 0 a loss, 1/2 a tie (fitted as half a win and half a loss); lengths (N,) in
+    words. Returns lc_win_rate with lc_win_rate_lo/hi (95 % CI, refitting on prompts resampled by `groups`) and
+    length_coef (theta_1: > 0, the judge prefers the longer response). Where every delta is 0 (fixed-length
+    responses) the model has the intercept alone and LC equals the raw win rate."""
+    from sklearn.linear_model import LogisticRegression
+
+    credit = np.asarray(credits, dtype=np.float64)
+    delta = np.asarray(new_lengths, dtype=np.float64) - np.asarray(old_lengths, dtype=np.float64)
+    if not len(credit) or len(delta) != len(credit) or not np.isfinite(credit).all() or not np.isfinite(delta).all():
+        raise ValueError(f"lc_win_rate needs one finite credit and length difference per pair, got {len(credit)} "
+                         f"credits and {len(delta)} differences")  # fmt: skip
+    scale = delta.std()
+
+    def fit(rows: np.ndarray) -> tuple[float, float]:
+        c = credit[rows]
+        x = np.tanh(delta[rows] / scale)[:, None] if scale > 0 else np.zeros((len(rows), 1))
+        if c.min() == c.max():  # one class only: the intercept is unbounded, and the rate is that class's
+            return float(c[0]), 0.0
+        # Each pair twice, as a win weighted by its credit and a loss weighted by the rest (ties count 1/2 each).
+        X, y, w = np.vstack([x, x]), np.r_[np.ones(len(c)), np.zeros(len(c))], np.r_[c, 1 - c]
+        model = LogisticRegression(C=1e6, fit_intercept=True).fit(X, y, sample_weight=w)  # C large: unpenalised
+        return float(1 / (1 + np.exp(-model.intercept_[0]))), float(model.coef_[0, 0]) if scale > 0 else 0.0
+
+    rate, coef = fit(np.arange(len(credit)))
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    members = list(by_group.values())
+    rng = np.random.default_rng(seed)
+    boots = [fit(np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))]))[0]
+             for _ in range(n_boot)]  # fmt: skip
+    return {"lc_win_rate": rate, "lc_win_rate_lo": float(np.percentile(boots, 2.5)),
+            "lc_win_rate_hi": float(np.percentile(boots, 97.5)), "length_coef": coef}  # fmt: skip
+
+
+def cut_words(texts: Sequence[str], words: int) -> list[str]:
+    """Each text's first `words` words: distinct-n at equal length, so a side does not look more diverse for
+    being shorter (distinct-n falls as a text grows)."""
+    return [" ".join(t.split()[:words]) for t in texts]
+
+
+def pairwise_distance(embeddings: torch.Tensor) -> float:
+    """Mean cosine distance, 1 - cos, over every two of k unit-length embeddings (k, H) of one prompt's samples:
+    the semantic spread of a policy's answers to one prompt (Lanchantin et al. 2025, DivPO's diversity measure);
+    0 for identical samples. Needs k >= 2."""
+    k = embeddings.shape[0]
+    if k < 2:
+        raise ValueError(f"pairwise distance needs at least 2 samples of a prompt, got {k}")
+    sims = embeddings @ embeddings.T  # (k, k)
+    off = ~torch.eye(k, dtype=torch.bool)
+    return float((1 - sims[off]).mean())

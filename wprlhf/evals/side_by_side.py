@@ -39,7 +39,7 @@ from ..rewards.judges import story_verdict
 from ..signatures import RewardFn
 from ..text import has_meta
 from . import measures
-from .measures import distinct_n, repetition_rate, scored_win_rate
+from .measures import cut_words, distinct_n, lc_win_rate, repetition_rate, scored_win_rate
 from .sides import Side, sample_side, side_kl
 
 # ==========================================================================================================
@@ -66,10 +66,13 @@ def chunked_ci(texts: Sequence[str], stat: Callable[[Sequence[str]], float], chu
 
 
 def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[float] | None = None,
-             relevance: Sequence[float] | None = None, kl: Sequence[float] | None = None) -> dict:  # fmt: skip
+             relevance: Sequence[float] | None = None, kl: Sequence[float] | None = None,
+             equal_words: int = 0) -> dict:  # fmt: skip
     """Every per-side number with its CI over prompts: story, relevance, distinct_1/2, repetition, meta, words,
-    judge (mean score), kl; plus, per response, 'verdicts' (the story rule's) and 'judge_scores' (with a judge):
-    those go beside each response in a pairs file, not into a report (`without_verdicts`)."""
+    judge (mean score), kl; with equal_words, distinct_2_eq: distinct-2 of every response cut to its first
+    equal_words words (`measures.cut_words`), which a side cannot raise by stopping sooner. Plus, per response,
+    'verdicts' (the story rule's) and 'judge_scores' (with a judge): those go beside each response in a pairs file,
+    not into a report (`without_verdicts`)."""
     verdicts = [story_verdict(p, r) for p, r in zip(prompts, responses)]
     out = {"n": len(responses), "story": prompt_ci([v == "story" for v in verdicts], prompts),
            "distinct_1": chunked_ci(responses, lambda t: distinct_n(t, 1)),
@@ -77,6 +80,8 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
            "repetition": prompt_ci([repetition_rate([r]) for r in responses], prompts),
            "meta": prompt_ci([has_meta(r) for r in responses], prompts),
            "words": prompt_ci([len(r.split()) for r in responses], prompts), "verdicts": verdicts}  # fmt: skip
+    if equal_words:
+        out["distinct_2_eq"] = chunked_ci(cut_words(responses, equal_words), lambda t: distinct_n(t, 2))
     for name, values in (("judge", judge_scores), ("relevance", relevance), ("kl", kl)):
         if values is not None:
             out[name] = prompt_ci([float(v) for v in values], prompts)
@@ -91,13 +96,15 @@ def describe(prompts: list[str], responses: list[str], judge_scores: Sequence[fl
 
 def judge_sides(prompts: list[str], sides: dict[str, list[str]], judge: RewardFn | None, baseline: str,
                 relevance: RewardFn | None = None, kls: dict[str, Sequence[float]] | None = None,
-                human: list[str] | None = None, pairs: Sequence[tuple[str, str]] = ()) -> dict:  # fmt: skip
+                human: list[str] | None = None, pairs: Sequence[tuple[str, str]] = (),
+                equal_words: int = 0) -> dict:  # fmt: skip
     """The report of several sides on the same prompts: {'sides': {name: describe(...)}, 'win_rates': {'A vs B':
     win_rate}, 'human': describe(human) and 'judge_prefers_human': the judge's win rate of the human stories over
     the baseline side's responses (is the judge fit to judge this kind of text?)}.
 
     sides: name -> one response per prompt, in prompt order. Win rates are every side against `baseline` and
-    each (A, B) of `pairs`. kls: name -> per-response KL (nats) where known.
+    each (A, B) of `pairs`, each with its length-controlled rate. kls: name -> per-response KL (nats) where known.
+    equal_words: see `describe`.
     """
     if baseline not in sides:
         raise UserError(f"baseline side {baseline!r} is not among the sides {sorted(sides)}")
@@ -114,30 +121,37 @@ def judge_sides(prompts: list[str], sides: dict[str, list[str]], judge: RewardFn
     rel = {name: relevance(prompts, texts) for name, texts in scored.items()} if relevance else {}
     report = {"prompts": len(prompts), "baseline": baseline, "sides": {}, "win_rates": {}}
     for name, texts in scored.items():
-        described = describe(prompts, texts, judge_scores.get(name), rel.get(name), kls.get(name))
+        described = describe(prompts, texts, judge_scores.get(name), rel.get(name), kls.get(name), equal_words)
         if name == "human":
             report["human"] = described
         else:
             report["sides"][name] = described
     if judge:
         for a, b in [(name, baseline) for name in sides if name != baseline] + list(pairs):
-            result = _win(prompts, judge_scores[a], judge_scores[b])
-            report["win_rates"][f"{a} vs {b}"] = result
+            report["win_rates"][f"{a} vs {b}"] = _win(prompts, judge_scores[a], judge_scores[b], scored[a], scored[b])
         if human is not None:
-            report["judge_prefers_human"] = _win(prompts, judge_scores["human"], judge_scores[baseline])
+            report["judge_prefers_human"] = _win(prompts, judge_scores["human"], judge_scores[baseline],
+                                                 scored["human"], scored[baseline])  # fmt: skip
     return report
 
 
-def _win(prompts: list[str], new: Sequence[float], old: Sequence[float]) -> dict:
-    """The win rate of `new` over `old` scores (the judge is called once per side), reposts resampled together."""
-    return scored_win_rate(new, old, [prompt_key(p) for p in prompts])
+def _win(prompts: list[str], new: Sequence[float], old: Sequence[float], new_texts: Sequence[str],
+         old_texts: Sequence[str]) -> dict:  # fmt: skip
+    """The win rate of `new` over `old` scores (the judge is called once per side), reposts resampled together,
+    beside its length-controlled rate (`measures.lc_win_rate`, lengths in words)."""
+    groups = [prompt_key(p) for p in prompts]
+    raw = scored_win_rate(new, old, groups)
+    words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731
+    return {**raw, **lc_win_rate(raw.pop("credits"), words(new_texts), words(old_texts), groups)}
 
 
 ROWS = (("judge", "judge score", "{:+.2f}"), ("story", "stories", "{:.0%}"), ("relevance", "relevance", "{:.3f}"),
-        ("distinct_2", "distinct-2", "{:.3f}"), ("distinct_1", "distinct-1", "{:.3f}"),
+        ("distinct_2", "distinct-2", "{:.3f}"), ("distinct_2_eq", "distinct-2, equal length", "{:.3f}"),
+        ("spread", "spread of k answers", "{:.3f}"), ("distinct_1", "distinct-1", "{:.3f}"),
         ("repetition", "repetition", "{:.0%}"), ("meta", "meta lines", "{:.0%}"), ("kl", "KL (nats)", "{:.1f}"),
         ("kl_to_sft", "KL to SFT (nats)", "{:.1f}"), ("reward", "training reward", "{:+.2f}"),
-        ("words", "words", "{:.0f}"))  # fmt: skip
+        ("words", "words", "{:.0f}"), ("truncated_share", "cut at the cap", "{:.0%}"),
+        ("kl_per_token", "KL per token", "{:.3f}"))  # fmt: skip
 
 
 def _cell(stat: dict | None, fmt: str) -> str:
@@ -146,19 +160,32 @@ def _cell(stat: dict | None, fmt: str) -> str:
     return f"{fmt.format(stat['mean'])} [{fmt.format(stat['lo'])}, {fmt.format(stat['hi'])}]"
 
 
+def _rate(win: dict | None, key: str) -> str:
+    if not win or key not in win:
+        return "-"
+    return f"{win[key]:.1%} [{win[key + '_lo']:.1%}, {win[key + '_hi']:.1%}]"
+
+
+def win_text(win: dict) -> str:
+    """A win rate for people: '62.0% [53.0%, 71.0%], length-controlled 60.1% [51.2%, 69.0%]'."""
+    lc = f", length-controlled {_rate(win, 'lc_win_rate')}" if "lc_win_rate" in win else ""
+    return _rate(win, "win_rate") + lc
+
+
 def table_markdown(report: dict, extra: dict[str, dict[str, str]] | None = None) -> str:
     """The report as a Markdown table: a row per side, a column per judge, 95 % CIs in brackets. extra: side ->
     {column: text}, columns appended after the judges' (e.g. training time)."""
     names = list(report["sides"]) + (["human"] if report.get("human") else [])
     extra = extra or {}
     added = list(dict.fromkeys(k for cells in extra.values() for k in cells))
-    columns = [f"judge win rate vs {report['baseline']}"] + [label for _, label, _ in ROWS] + added
+    rows = [row for row in ROWS if any(row[0] in side for side in list(report["sides"].values()) + [report.get("human") or {}])]
+    columns = [f"judge win rate vs {report['baseline']}", "length-controlled"] + [label for _, label, _ in rows] + added
     lines = ["| side | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names:
         stats = report["sides"].get(name) or report.get("human")
         win = report["win_rates"].get(f"{name} vs {report['baseline']}")
-        cells = [f"{win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]" if win else "-"]
-        cells += [_cell(stats.get(key), fmt) for key, _, fmt in ROWS]
+        cells = [_rate(win, "win_rate"), _rate(win, "lc_win_rate")]
+        cells += [_cell(stats.get(key), fmt) for key, _, fmt in rows]
         cells += [extra.get(name, {}).get(k, "-") for k in added]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -194,7 +221,8 @@ def queue_blind(db: str | Path, prompts: list[str], a: tuple[str, list[str]], b:
 
 def blind_results(db: str | Path) -> dict:
     """People's labels of the blind pairs in a database, per pair of policies: each side's win rate over the other
-    (a pick counts 1, a tie 1/2, a skip nothing) with a 95 % CI resampling prompts, the labels, and the agreement
+    (a pick counts 1, a tie 1/2, a skip nothing) with a 95 % CI resampling prompts, its length-controlled rate
+    (`measures.lc_win_rate`) and mean words, the labels, and the agreement
     between labelers on those comparisons (over every two labels of one comparison, the share that are the same
     answer; None when no comparison has two)."""
     import itertools
@@ -204,18 +232,20 @@ def blind_results(db: str | Path) -> dict:
     if not Path(db).is_file():
         raise UserError(f"--blind-results {db}: no such database; queue pairs first with wprlhf eval ... --blind-db {db}")
     store = Store(db)
-    blind = {c["id"]: (c["prompt"], c["metadata"]["blind_sides"]) for c in store.comparisons()
+    blind = {c["id"]: (c["prompt"], c["metadata"]["blind_sides"], [len(r.split()) for r in c["responses"]])
+             for c in store.comparisons()
              if isinstance(c["metadata"].get("blind_sides"), list) and len(c["metadata"]["blind_sides"]) == 2}
     by_pair: dict[tuple[str, str], dict] = {}
     answers: dict[int, list] = {}
     for label in store.labels():
         if label["comparison_id"] not in blind or label["kind"] == "skip":
             continue
-        prompt, sides = blind[label["comparison_id"]]
-        pair = by_pair.setdefault(tuple(sorted(sides)), {"credit": {}, "prompts": []})
+        prompt, sides, words = blind[label["comparison_id"]]
+        pair = by_pair.setdefault(tuple(sorted(sides)), {"credit": {}, "prompts": [], "words": {}})
         pair["prompts"].append(prompt_key(prompt))
         for i, name in enumerate(sides):
             pair["credit"].setdefault(name, []).append(0.5 if label["kind"] == "tie" else float(label["best"] == i))
+            pair["words"].setdefault(name, []).append(words[i])
         answers.setdefault(label["comparison_id"], []).append(
             "tie" if label["kind"] == "tie" else sides[label["best"]])  # the answer as the side picked
     if not by_pair:
@@ -225,9 +255,12 @@ def blind_results(db: str | Path) -> dict:
            "agreement": float(np.mean(agree)) if agree else None, "agreement_pairs": len(agree)}  # fmt: skip
     for (a, b), pair in by_pair.items():
         entry = {"labels": len(pair["prompts"])}
-        for name in (a, b):
+        for name, other in ((a, b), (b, a)):
             lo, hi = bootstrap_ci(pair["credit"][name], pair["prompts"])
-            entry[name] = {"win_rate": float(np.mean(pair["credit"][name])), "win_rate_lo": lo, "win_rate_hi": hi}
+            entry[name] = {"win_rate": float(np.mean(pair["credit"][name])), "win_rate_lo": lo, "win_rate_hi": hi,
+                           **lc_win_rate(pair["credit"][name], pair["words"][name], pair["words"][other],
+                                         pair["prompts"]),
+                           "words": float(np.mean(pair["words"][name]))}  # fmt: skip
         out["pairs"][f"{a} vs {b}"] = entry
     return out
 

@@ -55,20 +55,27 @@ class Pool:
     def best(self, m: int) -> tuple[list[str], list[float]]:
         """Best-of-m for m <= n: each prompt's highest-scoring response among its first m samples (the first one
         of equal scores), and that score."""
+        picks = self.picks(m)
+        return ([rs[i] for rs, i in zip(self.responses, picks)],
+                [float(self.scores[p, i]) for p, i in enumerate(picks)])  # fmt: skip
+
+    def picks(self, m: int, by: np.ndarray | None = None) -> np.ndarray:
+        """(P,) index of each prompt's pick among its first m samples: the highest score, or the highest value of
+        `by` (P, n) where given (e.g. words: a policy rewarded for length alone); the first of equals."""
         n = self.scores.shape[1]
         if not 1 <= m <= n:
             raise UserError(f"best-of-{m} needs 1 <= m <= {n}, the samples per prompt in the pool")
-        picks = self.scores[:, :m].argmax(1)  # (P,)
-        return ([rs[i] for rs, i in zip(self.responses, picks)],
-                [float(self.scores[p, i]) for p, i in enumerate(picks)])  # fmt: skip
+        return (self.scores if by is None else by)[:, :m].argmax(1)
 
 
 def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: RewardFn, config: GenerationConfig,
                 seed: int = 0, batch_size: int = 16, progress: bool = True, sampling_context=None,
-                **kwargs) -> Pool:  # fmt: skip
+                missing_eos_penalty: float = 0.0, **kwargs) -> Pool:  # fmt: skip
     """Sample n responses to each prompt and score them all with reward_fn; the scores must be finite. Other
     keyword arguments go to `generation.generate` (max_prompt_length, chat_template). sampling_context (e.g. a
-    `torch.autocast`) is entered for the sampling only: the reward scores outside it, as it was trained."""
+    `torch.autocast`) is entered for the sampling only: the reward scores outside it, as it was trained.
+    missing_eos_penalty: subtracted from the score of each response cut at the cap (trl's name), so best-of-n
+    prefers a finished response; nothing is cut in fixed-length sampling."""
     if n < 1:
         raise UserError(f"--best-of must be >= 1, got {n}")
     if not prompts:
@@ -85,6 +92,8 @@ def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: Reward
     if not np.isfinite(scores).all():
         raise UserError(f"the reward gave {int((~np.isfinite(scores)).sum())} non-finite scores (NaN or inf) for "
                         f"{len(flat)} responses; best-of-n needs finite scores: check the reward")  # fmt: skip
+    if not config.fixed_length:
+        scores = scores - missing_eos_penalty * (1.0 - np.asarray(done, dtype=np.float64))
     finished = None if config.fixed_length else [done[i * n : (i + 1) * n] for i in range(len(prompts))]
     return Pool(prompts, responses, scores.reshape(len(prompts), n), finished)
 

@@ -46,8 +46,9 @@ if TYPE_CHECKING:
     from ..methods.best_of import Pool
 
 STATE_FILE = "stories_state.json"
-PHASES = ("split", "rm", "judge", "sft", "dpo", "ppo", "best_of", "eval")
+PHASES = ("split", "rm", "judge", "sft", "dpo", "ppo", "best_of", "eval")  # with --rounds N, dpo-r2 .. after dpo
 RL_METHODS = ("ppo", "dpo", "none")
+PAIR_RULES = ("best-worst", "divpo")
 DATA = "../shared/data/writing_prompts"
 
 
@@ -170,11 +171,23 @@ class DPOSettings:
     more tokens than were sampled."""
     eval_every: int = 12
     """Optimizer steps between the DPO phase's held-out accuracy checks."""
+    pairs: str = "best-worst"
+    """How a prompt's samples make its pair: 'best-worst' (the task reward's best against its worst) or 'divpo'
+    (Lanchantin et al. 2025, "Diverse Preference Optimization", sec. 3: chosen = the most diverse sample whose
+    reward is in the top divpo_quantile of the prompt's samples, rejected = the least diverse of the rest;
+    diversity = mean MiniLM embedding distance to the prompt's other samples)."""
+    divpo_quantile: float = 0.5
+    """DivPO's quality threshold: the share of a prompt's samples, best first by the task's reward, that may be
+    chosen."""
 
     def __post_init__(self):
         check_numbers(self)
         check_at_least(self, {"samples": 2, "epochs": 1, "batch_size": 1, "max_prompt_length": 8, "response_slack": 0,
                          "eval_every": 1})  # fmt: skip
+        if self.pairs not in PAIR_RULES:
+            raise UserError(f"dpo.pairs must be one of {', '.join(PAIR_RULES)}, got {self.pairs!r}")
+        if not 0 < self.divpo_quantile < 1:
+            raise UserError(f"dpo.divpo_quantile must lie in (0, 1), got {self.divpo_quantile}")
         for name in ("beta", "lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"dpo.{name} must be > 0, got {getattr(self, name)}; set --dpo-{name}")
@@ -231,10 +244,18 @@ class EvalSettings:
     """Best-of-n baselines from the RL start policy, with the reward model choosing; one pool of the largest n."""
     batch_size: int = 32
     """Prompts per sampling batch in evaluation (its samples are the same for the same batch size and seed)."""
+    diversity_prompts: int = 50
+    """Eval prompts on which each policy draws diversity_samples more responses, for the spread of its answers to
+    one prompt (mean pairwise MiniLM embedding distance); 0 = not measured."""
+    diversity_samples: int = 4
+    """Responses per prompt for that spread (k)."""
+    equal_words: int = 100
+    """distinct-n at equal length: every side's responses cut to their first equal_words words, so a side does not
+    look more diverse for stopping sooner."""
 
     def __post_init__(self):
         check_numbers(self)
-        check_at_least(self, {"batch_size": 1})
+        check_at_least(self, {"batch_size": 1, "diversity_prompts": 0, "diversity_samples": 2, "equal_words": 1})
         self.best_of_ns  # parses, or names the problem
 
     @property
@@ -282,11 +303,21 @@ class StoriesConfig:
     rl: str = "ppo"
     """The RL phase after SFT: 'ppo' (online, against the task's reward), 'dpo' (offline, on pairs of the SFT
     policy's own samples ranked by the task's reward) or 'none' (the SFT policy is the final one)."""
-    response_length: int = 64
-    """Tokens of every response, in PPO, best-of-n and evaluation alike (~48 words: a story's opening). With
-    fixed_length, responses never stop early, so length cannot be what wins."""
-    fixed_length: bool = True
-    """Forbid end-of-turn before response_length tokens (min = max new tokens)."""
+    response_length: int = 320
+    """The cap on every response's tokens, in the pools, PPO, best-of-n and evaluation alike (320 tokens ~ 240
+    words). The policy ends its story itself (end-of-turn); one that reaches the cap is cut: not a whole story, so
+    it is penalised (missing_eos_penalty) and counted (the report's truncated share)."""
+    fixed_length: bool = False
+    """Forbid end-of-turn before response_length tokens, so every response has exactly that many (the openings of
+    the first results: length cannot decide a comparison)."""
+    missing_eos_penalty: float = 2.0
+    """Subtracted from the task's reward of a response cut at the cap (trl's name), wherever that reward ranks or
+    trains: the DPO pools' pairs, best-of-n's choice, PPO. In the reward model's units (1 = the spread of its
+    scores on human stories). 0 = cut responses are only counted."""
+    rounds: int = 1
+    """Rounds of iterative DPO (Xiong et al. 2024; Dong et al. 2024): round r + 1 samples its pool from round r's
+    policy, on train prompts of its own, and trains from it with it as the reference (dpo-r2/, dpo-r3/, ...). Each
+    round is a phase (resumable, timed) and every round's policy is evaluated. --rl dpo only."""
     temperature: float = 0.7
     """Sampling temperature of every phase (pools, PPO, best-of-n, evaluation)."""
     instruction: str = ""
@@ -324,7 +355,7 @@ class StoriesConfig:
 
     def __post_init__(self):
         check_mixed_precision(self.mixed_precision)
-        check_numbers(self, non_negative=("temperature",))
+        check_numbers(self, non_negative=("temperature", "missing_eos_penalty"))
         check_at_least(self, {"response_length": 1, "pool_batch_size": 1})
         if self.rl not in RL_METHODS:
             raise UserError(f"rl must be one of {', '.join(RL_METHODS)}, got {self.rl!r}")
@@ -332,6 +363,16 @@ class StoriesConfig:
             raise UserError("--rl none with --no-sft trains nothing; choose --rl ppo or dpo, or an SFT phase")
         if not self.temperature > 0:
             raise UserError(f"temperature must be > 0, got {self.temperature}; set --temperature")
+        check_at_least(self, {"rounds": 1})
+        if self.rounds > 1 and self.rl != "dpo":
+            raise UserError(f"--rounds {self.rounds} is iterative DPO: it needs --rl dpo (got --rl {self.rl})")
+
+    @property
+    def rl_phases(self) -> list[str]:
+        """The RL phases in order: 'dpo', then 'dpo-r2' .. one per round; 'ppo'; none for --rl none."""
+        if self.rl == "dpo":
+            return ["dpo"] + [f"dpo-r{r}" for r in range(2, self.rounds + 1)]
+        return ["ppo"] if self.rl == "ppo" else []
 
     @property
     def min_response_length(self) -> int:
@@ -405,7 +446,8 @@ def check_phase_settings(config: StoriesConfig) -> None:
 
 def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
     """The PPOConfig of the task's PPO phase, from `policy` (the SFT policy's directory in a run): batch_size episodes
-    a step in ppo_minibatches minibatches x ppo_epochs epochs, responses of exactly response_length tokens (with fixed_length), adaptive KL.
+    a step in ppo.minibatches minibatches x ppo.epochs epochs, responses of at most response_length tokens (exactly,
+    with fixed_length; a cut one loses missing_eos_penalty), adaptive KL.
     `steps` replaces config.ppo.steps (benchmarks/bench_stories.py times a few)."""
     from ..methods.onpolicy_config import PPOConfig
 
@@ -415,6 +457,7 @@ def ppo_settings(config: StoriesConfig, policy: str, steps: int | None = None):
                      response_length=config.response_length, min_response_length=config.min_response_length,
                      temperature=config.temperature, lr=config.ppo.lr, kl_coef=config.ppo.kl_coef, kl_target=config.ppo.kl_target,
                      score_clip=config.ppo.score_clip, checkpoint_every=config.ppo.checkpoint_every,
+                     missing_eos_penalty=0.0 if config.fixed_length else config.missing_eos_penalty,
                      sample_every=config.ppo.sample_every, seed=config.seed,
                      device=config.device, mixed_precision=config.mixed_precision)  # fmt: skip
 
@@ -433,7 +476,8 @@ def _fan_prompts(data: str) -> list[tuple[str, str]]:
 
 
 def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
-    """{'train', 'judge', 'eval'}: prompt lists, and 'eval_stories', a human story for each eval prompt.
+    """{'train', 'judge', 'eval'}: prompt lists; 'eval_stories', a human story for each eval prompt; 'eval_least',
+    its least-voted story (None where the prompt has one ranked story, or comes from Fan et al.).
 
     Groups of prompts with one `prompt_key` (reposts) fall on one side. Groups are ordered by their smallest
     prompt_id, shuffled with random.Random(split_seed); the first go to eval (at most a quarter of the groups),
@@ -460,10 +504,14 @@ def split_prompts(responses: list[Response], config: StoriesConfig) -> dict:
         return r.rank if r.rank is not None else 10**9
 
     top: dict[str, Response] = {}  # each eval prompt's top-karma story
+    least: dict[str, Response] = {}  # and its least-voted ranked one (the lowest place of its thread)
     for r in (r for k in parts["eval"] for r in groups[k]):
         if r.prompt not in top or rank(r) < rank(top[r.prompt]):
             top[r.prompt] = r
+        if r.rank is not None and (r.prompt not in least or r.rank > least[r.prompt].rank):
+            least[r.prompt] = r
     split["eval_stories"] = [top[p].response for p in split["eval"]]
+    split["eval_least"] = [least[p].response if p in least and least[p] is not top[p] else None for p in split["eval"]]
     split["eval_source"] = ["data"] * len(split["eval"])
     _top_up_from_fan(split, config, set(groups), len(parts["eval"]))
     return split
@@ -481,6 +529,7 @@ def _top_up_from_fan(split: dict, config: StoriesConfig, taken: set[str], n_grou
         n_groups += 1
         split["eval"].append(prompt)
         split["eval_stories"].append(story)
+        split["eval_least"].append(None)  # Fan et al. give one story a prompt
         split["eval_source"].append("fan")
     if len(split["eval"]) < config.split.eval_prompts:
         print(f"note: {len(split['eval'])} eval prompts, fewer than --split-eval-prompts {config.split.eval_prompts}: "
@@ -498,11 +547,13 @@ PHASE_SETTINGS = {  # a section's name stands for all its settings
     "rm": ("reward_model", "rm", "seed"),
     "judge": ("reward_model", "judge", "seed"),
     "dpo": ("rl", "dpo", "sft.examples", "response_length", "fixed_length", "temperature", "instruction", "reward_extra",
-            "seed"),
+            "missing_eos_penalty", "seed"),
     # ppo.steps may grow on a resume: a PPO phase stopped at its step count continues to the new one
     "ppo": ("rl", "response_length", "fixed_length", "temperature", "ppo.batch_size", "ppo.minibatches", "ppo.epochs",
-            "ppo.lr", "ppo.kl_coef", "ppo.kl_target", "ppo.score_clip", "instruction", "reward_extra"),
-    "best_of": ("eval.best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra"),
+            "ppo.lr", "ppo.kl_coef", "ppo.kl_target", "ppo.score_clip", "instruction", "reward_extra",
+            "missing_eos_penalty"),
+    "best_of": ("eval.best_of", "response_length", "fixed_length", "temperature", "instruction", "reward_extra",
+                "missing_eos_penalty"),
     "eval": ("eval", "response_length", "fixed_length", "temperature", "instruction", "seed"),
 }
 
@@ -521,10 +572,14 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         from ..rewards.spec import load_reward
 
         load_reward(config.reward_extra, "reward_extra")
+    phases = ("split", "rm", "judge", "sft", *(config.rl_phases if config.rl == "dpo" else ["dpo"]), "ppo", "best_of",
+              "eval")  # fmt: skip
     runner = Runner(out_dir, STATE_FILE, "stories run", config, INPUTS, resume, allow_changed_inputs,
-                    depends=lambda phase: PHASE_SETTINGS.get(phase, ()), phases=PHASES, until=until,
+                    depends=lambda phase: PHASE_SETTINGS.get(phase.split("-r")[0], ()), phases=phases, until=until,
                     started=("ppo",) if (out_dir / "ppo" / "checkpoints").exists() else ())  # fmt: skip
     state, finish, wanted = runner.state, runner.finish, runner.wanted
+    if "eval" in runner.done and any(p not in runner.done for p in config.rl_phases):  # --rounds grew on a resume
+        runner.done.remove("eval")
     write_json_atomic(out_dir / "stories_config.json", dataclasses.asdict(config))
 
     if not Path(config.data).exists() and not is_hub_id(config.data):
@@ -560,9 +615,12 @@ def run(config: StoriesConfig, out_dir: str | Path, resume: bool = False, until:
         finish("sft", sft_dir=str(train_sft(config, out_dir, state, responses, train_prompts, precision)))
     start_of_rl = state_sft_policy(state) if config.sft.enabled and "sft_dir" in state else config.policy
 
-    if wanted("dpo") and config.rl == "dpo":
-        train_dpo(config, out_dir, state, train_prompts, start_of_rl, precision, allow_changed_inputs)
-        finish("dpo")
+    for round_, phase in enumerate(config.rl_phases if config.rl == "dpo" else [], start=1):
+        if wanted(phase):
+            policy = start_of_rl if round_ == 1 else str(out_dir / config.rl_phases[round_ - 2] / "policy")
+            train_dpo(config, out_dir, phase, round_, train_prompts, policy, state["rm_dir"], precision,
+                      allow_changed_inputs)  # fmt: skip
+            finish(phase)
 
     if wanted("ppo") and config.rl == "ppo":
         train_ppo(config, out_dir, state, train_prompts, start_of_rl, allow_changed_inputs)
@@ -588,8 +646,8 @@ def write_split(config: StoriesConfig, responses: list, split_dir: Path) -> None
     for part in ("train", "judge", "eval"):
         write_text_atomic(split_dir / f"{part}_prompts.txt", "".join(p + "\n" for p in split[part]))
     write_text_atomic(split_dir / "eval_stories.jsonl", "".join(
-        json.dumps({"prompt": p, "response": s, "source": src}) + "\n"
-        for p, s, src in zip(split["eval"], split["eval_stories"], split["eval_source"])))  # fmt: skip
+        json.dumps({"prompt": p, "response": s, "least": least, "source": src}) + "\n"
+        for p, s, least, src in zip(split["eval"], split["eval_stories"], split["eval_least"], split["eval_source"])))  # fmt: skip
     by_part = {part: {prompt_key(p) for p in split[part]} for part in ("train", "judge")}
     for part, name in (("train", "rm_comparisons.jsonl"), ("judge", "judge_comparisons.jsonl")):
         pairs = karma_pairs([r for r in responses if prompt_key(r.prompt) in by_part[part]])
@@ -640,26 +698,84 @@ def train_sft(config: StoriesConfig, out_dir: Path, state: dict, responses: list
     return build_cached(cache_root(config.cache_dir), out_dir, "sft", key, "eval.json", lambda d: sft_train(sft_config, d, stories=stories))
 
 
-def train_dpo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: list[str], start_of_rl: str,
-              precision: str, allow_changed_inputs: bool) -> None:  # fmt: skip
-    """The dpo phase: dpo_samples of the start policy's own samples a train prompt, scored by the task's reward;
-    each prompt's best and worst make a pair, and DPO learns from the pairs (resuming its checkpoints)."""
-    from ..data import Comparison
+def train_dpo(config: StoriesConfig, out_dir: Path, phase: str, round_: int, train_prompts: list[str], policy: str,
+              rm_dir: str, precision: str, allow_changed_inputs: bool) -> None:  # fmt: skip
+    """A DPO round (phase 'dpo', 'dpo-r2', ...): dpo.samples of `policy`'s own samples for each of its train
+    prompts, scored by the task's reward; each prompt's pair by dpo.pairs (`dpo_pairs`); DPO from `policy`, which
+    is also its reference (resuming its checkpoints). Round 1's policy is the RL start, round r's is round r-1's."""
     from ..methods.dpo import train as dpo_train
 
-    dpo_dir = out_dir / "dpo"
-    prompts = pool_prompts(config, train_prompts)
-    print(f"dpo: {config.dpo.samples} samples of {start_of_rl} for each of {len(prompts)} train prompts; the "
-          "task's reward's best and worst make a pair", flush=True)  # fmt: skip
-    pool = own_pool(config, start_of_rl, prompts, config.dpo.samples, state["rm_dir"], dpo_dir / "pool.jsonl",
-                    seed=config.seed + 70_000)  # fmt: skip
-    best, worst = pool.scores.argmax(1), pool.scores.argmin(1)
-    pairs = [Comparison(prompt=p, responses=[rs[b], rs[w]], best=0, prompt_id=str(i))
-             for i, (p, rs, b, w) in enumerate(zip(prompts, pool.responses, best, worst))
-             if pool.scores[i, b] > pool.scores[i, w]]  # fmt: skip
-    dpo_config = dpo_settings(config, start_of_rl, precision)
-    dpo_train(dpo_config, dpo_dir, comparisons=pairs, resume=_continue_or_start_over(dpo_dir),
-              allow_changed_inputs=allow_changed_inputs)  # fmt: skip
+    dpo_dir = out_dir / phase
+    prompts = pool_prompts(config, train_prompts, round_)
+    print(f"{phase}: {config.dpo.samples} samples of {policy} for each of {len(prompts)} train prompts; pairs by "
+          f"{config.dpo.pairs}", flush=True)  # fmt: skip
+    pool = own_pool(config, policy, prompts, config.dpo.samples, rm_dir, dpo_dir / "pool.jsonl",
+                    seed=config.seed + 70_000 * round_)  # fmt: skip
+    pairs = dpo_pairs(config, pool)
+    write_json_atomic(dpo_dir / "pool_stats.json", pool_stats(pool, pairs))
+    dpo_train(dpo_settings(config, policy, precision), dpo_dir, comparisons=pairs,
+              resume=_continue_or_start_over(dpo_dir), allow_changed_inputs=allow_changed_inputs)  # fmt: skip
+
+
+def dpo_pairs(config: StoriesConfig, pool: Pool) -> list:
+    """One pair per prompt of the pool (chosen first), by config.dpo.pairs; a prompt whose chosen response does not
+    outscore its rejected one gives none.
+
+    best-worst: the task reward's best and worst. divpo (Lanchantin et al. 2025, Algorithm 1): the samples are split
+    by reward into the top divpo_quantile (at least one) and the rest; chosen = the most diverse of the top,
+    rejected = the least diverse of the rest, diversity being a sample's mean embedding distance to the prompt's
+    other samples (`measures.pairwise_distance`'s cosine distance, MiniLM)."""
+    from ..data import Comparison
+
+    if config.dpo.pairs == "best-worst":
+        picks = list(zip(pool.scores.argmax(1), pool.scores.argmin(1)))
+    else:
+        picks = _divpo_picks(pool, config.dpo.divpo_quantile)
+    return [Comparison(prompt=p, responses=[rs[c], rs[r]], best=0, prompt_id=str(i))
+            for i, (p, rs, (c, r)) in enumerate(zip(pool.prompts, pool.responses, picks))
+            if pool.scores[i, c] > pool.scores[i, r]]  # fmt: skip
+
+
+def _divpo_picks(pool: Pool, quantile: float) -> list[tuple[int, int]]:
+    """(chosen, rejected) sample indices per prompt by DivPO's rule (`dpo_pairs`)."""
+    import torch
+
+    from ..rewards.judges import Relevance
+
+    n = pool.scores.shape[1]
+    top = max(1, min(n - 1, round(quantile * n)))  # both sets non-empty
+    vectors = Relevance().embed([r for rs in pool.responses for r in rs]).reshape(len(pool.prompts), n, -1)
+    picks = []
+    for scores, v in zip(pool.scores, vectors):
+        spread = (1 - v @ v.T).sum(1) / (n - 1)  # (n,) mean distance to the other samples
+        order = np.argsort(-scores, kind="stable")
+        good, bad = order[:top], order[top:]
+        picks.append((int(good[torch.argmax(spread[good])]), int(bad[torch.argmin(spread[bad])])))
+    return picks
+
+
+def pool_stats(pool: Pool, pairs: list) -> dict:
+    """A pool's lengths and cut share, and its pairs' (pool_stats.json beside each DPO round's pool)."""
+    words = np.asarray([[len(r.split()) for r in rs] for rs in pool.responses], dtype=np.float64)
+    out = {"prompts": len(pool.prompts), "samples": int(words.size), "pairs": len(pairs),
+           "words": length_summary(words.ravel()),
+           "chosen_words": length_summary([len(c.responses[0].split()) for c in pairs]),
+           "rejected_words": length_summary([len(c.responses[1].split()) for c in pairs])}  # fmt: skip
+    if pool.finished is not None:
+        out["cut_share"] = float(1 - np.mean(pool.finished))
+        chosen = {(c.prompt, c.responses[0]) for c in pairs}
+        done = {(p, r): f for p, rs, fs in zip(pool.prompts, pool.responses, pool.finished) for r, f in zip(rs, fs)}
+        out["chosen_cut_share"] = float(np.mean([not done[k] for k in chosen])) if chosen else 0.0
+    return out
+
+
+def length_summary(lengths) -> dict:
+    """Mean and the 10th, 50th and 90th percentiles of lengths (words or tokens)."""
+    x = np.asarray(lengths, dtype=np.float64)
+    if not x.size:
+        return {}
+    p10, p50, p90 = np.percentile(x, [10, 50, 90])
+    return {"mean": float(x.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90)}
 
 
 def train_ppo(config: StoriesConfig, out_dir: Path, state: dict, train_prompts: list[str], start_of_rl: str,
@@ -701,12 +817,22 @@ def _continue_or_start_over(phase_dir: Path) -> bool:
     return False
 
 
-def pool_prompts(config: StoriesConfig, train_prompts: list[str]) -> list[str]:
-    """The train prompts of the own-sample pools (best-of-n distillation's, DPO's): sft_examples of them, a choice
-    seeded by config.seed."""
-    if config.sft.examples and len(train_prompts) > config.sft.examples:
-        return random.Random(config.seed).sample(train_prompts, config.sft.examples)
-    return list(train_prompts)
+def pool_prompts(config: StoriesConfig, train_prompts: list[str], round_: int = 1) -> list[str]:
+    """The train prompts of the own-sample pools (best-of-n distillation's, DPO's): sft.examples of them, a choice
+    seeded by config.seed. Round r of iterative DPO takes the next sft.examples of the same shuffle (fresh prompts
+    while there are enough; it wraps round where there are not)."""
+    n = config.sft.examples
+    if not n or len(train_prompts) <= n:
+        return list(train_prompts)
+    first = random.Random(config.seed).sample(train_prompts, n)
+    if round_ == 1:
+        return first
+    taken = set(first)
+    rest = [p for p in train_prompts if p not in taken]
+    random.Random(config.seed + 1).shuffle(rest)
+    order = first + rest
+    start = (n * (round_ - 1)) % len(order)
+    return (order + order)[start : start + n]
 
 
 def pool_autocast(config: StoriesConfig):
@@ -725,7 +851,9 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
     best-of-n distillation takes the best of, DPO the best and the worst, and the best-of-n baselines their picks
     (on the eval prompts).
 
-    The pool is written to `path` ({"prompt", "responses", "scores"} a line, bare prompts) and read back from it
+    The scores are the task's reward less missing_eos_penalty for each response cut at the cap.
+
+    The pool is written to `path` ({"prompt", "responses", "scores", "finished"} a line, bare prompts) and read back from it
     when it answers these prompts with n samples each, so a resumed run does not sample again. A pool put there
     before the phase, from `wprlhf sample -k n --prompts split/pool_queries.jsonl` (its prompts are the queries, and
     it has no scores), is scored and used instead of sampling here: sampling is most of the phase on a CPU, and a
@@ -740,7 +868,9 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
     asked = all(r.get("instruction", "") == config.instruction for r in lines) or [r["prompt"] for r in lines] == queries
     usable = asked and [r["prompt"] for r in lines] in (prompts, queries) and all(len(r["responses"]) == n for r in lines)
     if usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]:
-        return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
+        finished = [r["finished"] for r in lines] if all("finished" in r for r in lines) else None
+        return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64),
+                    finished)  # fmt: skip
     if usable:
         print(f"scoring the {len(lines)} x {n} samples of {path}", flush=True)
         pool = _scored_pool(config, rm_dir, prompts, [r["responses"] for r in lines], path)
@@ -751,7 +881,8 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
         model, tokenizer = load_policy(policy, seed=config.seed)
         model.to(resolve_device(config.device))
         pool = sample_pool(model, tokenizer, prompts, n, task_reward(config, rm_dir), sampling(config), seed=seed,
-                           batch_size=config.pool_batch_size, sampling_context=pool_autocast(config))  # fmt: skip
+                           batch_size=config.pool_batch_size, sampling_context=pool_autocast(config),
+                           missing_eos_penalty=config.missing_eos_penalty)  # fmt: skip
     write_text_atomic(path, "".join(json.dumps({**row, "instruction": config.instruction}) + "\n" for row in pool.rows()))
     return pool
 
@@ -779,38 +910,74 @@ def _accumulation(batch_size: int) -> int:
 # evaluation
 
 
-def _openings(tokenizer, stories: list[str], n_tokens: int) -> list[str]:
-    """The first n_tokens tokens of each human story, as text: the human side at the policies' length."""
-    from ..generation import text_ids
-
-    return [tokenizer.decode(ids[:n_tokens]).strip() for ids in text_ids(tokenizer, stories)]
+def cut_to(texts: list[str], words: list[int]) -> list[str]:
+    """Each human story cut to the words of the policy's response it is compared with: at the last sentence end
+    within the last third of that count (so it reads finished where it can), else at the count."""
+    out = []
+    for text, n in zip(texts, words):
+        cut = text.split()[: max(n, 1)]
+        ends = [i for i, w in enumerate(cut) if w.endswith((".", "!", "?", '."', '!"', '?"', "'"))]
+        keep = ends[-1] + 1 if ends and ends[-1] + 1 >= len(cut) * 2 / 3 else len(cut)
+        out.append(" ".join(cut[:keep]))
+    return out
 
 
 def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     """Every side on the eval prompts by every judge; writes eval/report.json, table.md, samples.md, pairs.jsonl,
-    over_optimisation.png, and blind.db (the final policy against the start one, for people).
+    over_optimisation.png, and blind.db (for people: the final policy against the start, the largest best-of-n and
+    both human stories).
 
-    Sides (`eval_sides`): start, sft, best-of-n, dpo or ppo, and the human openings (each eval prompt's top-voted
-    story cut to the same tokens)."""
-    from ..evals.side_by_side import judge_sides
+    Sides (`eval_sides`): start, sft, best-of-n, longest-of-n (where lengths vary: the length-only baseline), every
+    RL phase's policy (each DPO round), and two human sides: each eval prompt's top-voted ('human-top') and
+    least-voted ('human-least', data prompts with two ranked stories) story, cut to the final policy's length on
+    that prompt (`cut_to`). Win rates: every side against the start, and the final policy against each other
+    side; each with its length-controlled rate."""
+    from ..evals.side_by_side import judge_sides, prompt_ci
     from ..rewards.judges import Relevance
     from ..rewards.reward_model import reward_fn_from_model
 
     rows = [row for _, row in iter_jsonl(out_dir / "split" / "eval_stories.jsonl")]
     prompts = [r["prompt"] for r in rows]
-    sides, kls, kl_to_sft, tokenizer = eval_sides(config, out_dir, state, prompts)
+    sides, kls, kl_to_sft, spreads = eval_sides(config, out_dir, state, prompts)
     texts = {name: side.texts for name, side in sides.items()}
-    human = _openings(tokenizer, [r["response"] for r in rows], config.response_length)
+    final = final_side(config, texts)
+    words = [len(t.split()) for t in texts[final]]
+    texts["human-top"] = cut_to([r["response"] for r in rows], words)
+    least = [i for i, r in enumerate(rows) if r.get("least")]  # the prompts that have a least-voted story
     judge = reward_fn_from_model(state["judge_dir"])
     print("eval: judges", flush=True)
-    base = "sft" if config.sft.enabled else "start"
-    pairs = [(name, base) for name in sides if name not in ("start", base)] if config.sft.enabled else []
-    report = judge_sides(prompts, texts, judge, "start", relevance=Relevance(), kls=kls, human=human, pairs=pairs)
+    pairs = [(final, name) for name in texts if name not in (final, "start")]
+    if config.sft.enabled:
+        pairs += [(name, "sft") for name in sides if name not in ("start", "sft", final)]
+    report = judge_sides(prompts, texts, judge, "start", relevance=Relevance(), kls=kls, pairs=pairs,
+                         equal_words=config.eval.equal_words)  # fmt: skip
+    if least:  # on the prompts that have one: the final policy against the least-voted human story
+        human_least = cut_to([rows[i]["least"] for i in least], [words[i] for i in least])
+        vs_least = judge_sides([prompts[i] for i in least], {final: [texts[final][i] for i in least],
+                               "human-least": human_least}, judge, "human-least", relevance=Relevance(),
+                               equal_words=config.eval.equal_words)  # fmt: skip
+        report["sides"]["human-least"] = vs_least["sides"]["human-least"]
+        report["win_rates"][f"{final} vs human-least"] = vs_least["win_rates"][f"{final} vs human-least"]
+        by_prompt = dict(zip(least, human_least))
+        texts["human-least"] = [by_prompt.get(i) for i in range(len(prompts))]  # None: no such story
+    for name, spread in spreads.items():
+        report["sides"][name]["spread"] = spread
+    for name, side in sides.items():  # KL per response token, where the sampled tokens are known
+        if side.ids is not None and name in kls:
+            report["sides"][name]["kl_per_token"] = prompt_ci(
+                [kl / max(len(ids), 1) for kl, ids in zip(kls[name], side.ids)], prompts)
     cut = {name: side.finished for name, side in sides.items() if side.finished is not None}
-    add_run_facts(report, out_dir, state, prompts, texts, human, kl_to_sft, {} if config.fixed_length else cut)
-    report["response_length"] = config.response_length
-    write_eval(config, out_dir, report, prompts, texts, human)
+    add_run_facts(report, out_dir, state, prompts, texts, kl_to_sft, {} if config.fixed_length else cut)
+    report.update(response_length=config.response_length, fixed_length=config.fixed_length, final=final)
+    write_eval(config, out_dir, report, prompts, texts, final)
     return report
+
+
+def final_side(config: StoriesConfig, sides: dict) -> str:
+    """The side the run's result is about: the last RL phase's policy (the last DPO round, or PPO), else the SFT
+    policy, else the largest best-of-n."""
+    return next(name for name in (*reversed(config.rl_phases), "sft", f"best-of-{max(config.eval.best_of_ns)}")
+                if name in sides)  # fmt: skip
 
 
 def _best_of_pool(out_dir: Path, prompts: list[str]) -> Pool:
@@ -821,14 +988,20 @@ def _best_of_pool(out_dir: Path, prompts: list[str]) -> Pool:
     if [r["prompt"] for r in lines] != prompts:
         raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
                         "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
-    return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64))
+    finished = [r["finished"] for r in lines] if all("finished" in r for r in lines) else None
+    return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64),
+                finished)  # fmt: skip
 
 
 def eval_sides(config: StoriesConfig, out_dir: Path, state: dict, prompts: list[str]) -> tuple:
-    """(sides, KL of each to the start policy, KL of the RL sides to the SFT policy, the tokenizer) on the eval
-    prompts. start: the start policy's samples; sft: fresh samples of the SFT policy, drawn apart from the
-    best-of-n pool, so best-of-n never meets its own sample; best-of-n: the pool's best by the reward model; dpo or
-    ppo: the last step's policy. Sampled sides keep their token ids, which their KL is measured on."""
+    """(sides, KL of each to the start policy, KL of the RL sides to the SFT policy, spreads) on the eval prompts.
+
+    start: the start policy's samples; sft: fresh samples of the SFT policy, drawn apart from the best-of-n pool,
+    so best-of-n never meets its own sample; best-of-n: the pool's best by the task's reward; longest-of-n (where
+    lengths vary): the pool's longest response, a policy rewarded for length alone (Singhal et al. 2023), the
+    baseline a real improvement must beat; every RL phase's last-step policy. Sampled sides keep their token ids,
+    which their KL is measured on. spreads: side -> the mean pairwise embedding distance of its
+    eval.diversity_samples answers to each of the first eval.diversity_prompts prompts (`side_spreads`)."""
     from ..evals.sides import Side, sample_side, side_logprobs
     from ..models import load_policy
 
@@ -846,29 +1019,74 @@ def eval_sides(config: StoriesConfig, out_dir: Path, state: dict, prompts: list[
     sides = {"start": sample_side("start", start, tokenizer, prompts, gen, config.seed + 30_000, config.eval.batch_size)}
     if config.sft.enabled:
         sides["sft"] = draw("sft", state_sft_policy(state), config.seed + 50_000)
-    for n in config.eval.best_of_ns:
-        sides[f"best-of-{n}"] = Side(f"best-of-{n}", pool.best(n)[0])
-    for name in ("dpo", "ppo"):  # the RL policies
+    words = np.asarray([[len(r.split()) for r in rs] for rs in pool.responses], dtype=np.float64)  # (P, n)
+    pool_sides = [(f"best-of-{n}", n, None) for n in config.eval.best_of_ns]
+    if not config.fixed_length:
+        pool_sides.append((f"longest-of-{max(config.eval.best_of_ns)}", max(config.eval.best_of_ns), words))
+    for name, n, by in pool_sides:
+        picks = pool.picks(n, by)
+        done = [pool.finished[p][i] for p, i in enumerate(picks)] if pool.finished is not None else None
+        sides[name] = Side(name, [rs[i] for rs, i in zip(pool.responses, picks)], finished=done)
+    for name in config.rl_phases:  # the RL policies, each DPO round's
         if (out_dir / name / "policy").exists():
             sides[name] = draw(name, str(out_dir / name / "policy"), config.seed + 40_000)
     kls, kl_to_sft = side_kls(config, sides, logprobs, models, len(prompts))
-    return sides, kls, kl_to_sft, tokenizer
+    return sides, kls, kl_to_sft, side_spreads(config, models, tokenizer, prompts, pool, gen)
 
 
-def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], sides: dict[str, list[str]],
-                  human: list[str], kl_to_sft: dict, finished: dict[str, list[bool]]) -> None:  # fmt: skip
-    """Add to the judges' report what the run knows: each side's (and the human openings') task reward with a CI,
-    KL to the SFT policy, the share of responses cut unfinished (`finished`: per sampled side, whether each
-    stopped; {} for fixed-length responses), the reward models' held-out accuracy, the split and the timings."""
+def side_spreads(config: StoriesConfig, models: dict, tokenizer, prompts: list[str], pool: Pool, gen) -> dict:
+    """side -> the mean pairwise cosine distance of MiniLM embeddings (`measures.pairwise_distance`) of k =
+    eval.diversity_samples answers to each of the first eval.diversity_prompts eval prompts, with a CI over
+    prompts: a diversity that does not reward stopping sooner. Each sampled policy draws its k answers here; the
+    policy the best-of-n pool came from takes the pool's first k, and best-of-m (m * k <= the pool's n) the best of
+    k disjoint groups of m."""
+    from ..evals.measures import pairwise_distance
+    from ..evals.side_by_side import prompt_ci
+    from ..generation import generate_k
+    from ..rewards.judges import Relevance
+
+    m, k = min(config.eval.diversity_prompts, len(prompts)), config.eval.diversity_samples
+    if not m:
+        return {}
+    groups: dict[str, list[list[str]]] = {}
+    n = pool.scores.shape[1]
+    pooled = "sft" if config.sft.enabled else "start"  # the policy the pool sampled
+    if n >= k:
+        groups[pooled] = [rs[:k] for rs in pool.responses[:m]]
+    for best in config.eval.best_of_ns:
+        if best * k <= n:
+            groups[f"best-of-{best}"] = [[rs[g * best + int(np.argmax(sc[g * best : (g + 1) * best]))] for g in range(k)]
+                                         for rs, sc in zip(pool.responses[:m], pool.scores[:m])]  # fmt: skip
+    for name, model in models.items():
+        if name not in groups:
+            print(f"eval: {k} answers of {name} to {m} prompts, for their spread", flush=True)
+            groups[name] = generate_k(model, tokenizer, prompts[:m], k, gen, seed=config.seed + 60_000,
+                                      batch_size=config.eval.batch_size)  # fmt: skip
+    encoder = Relevance()
+    out = {}
+    for name, answers in groups.items():
+        vectors = encoder.embed([a for group in answers for a in group]).reshape(m, k, -1)
+        out[name] = prompt_ci([pairwise_distance(v) for v in vectors], prompts[:m])
+    return out
+
+
+def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], sides: dict[str, list],
+                  kl_to_sft: dict, finished: dict[str, list[bool]]) -> None:  # fmt: skip
+    """Add to the judges' report what the run knows: each side's task reward with a CI (on the prompts where the
+    side has a response: None = none), its length distribution in words, KL to the SFT policy, the share of
+    responses cut unfinished (`finished`: per side, whether each stopped; {} for fixed-length responses), the
+    reward models' held-out accuracy, the split and the timings."""
     from ..evals.side_by_side import prompt_ci
     from ..rewards.reward_model import reward_fn_from_model
 
     reward = reward_fn_from_model(state["rm_dir"])
-    for name, texts in list(sides.items()) + [("human", human)]:
-        scores = np.asarray(reward(prompts, texts), dtype=np.float64)
+    for name, texts in sides.items():
+        kept = [i for i, t in enumerate(texts) if t is not None]
+        scores = np.asarray(reward([prompts[i] for i in kept], [texts[i] for i in kept]), dtype=np.float64)
         if not np.isfinite(scores).all():
             raise UserError(f"the reward model {state['rm_dir']} gave non-finite scores to side {name!r}; retrain it")
-        (report["human"] if name == "human" else report["sides"][name])["reward"] = prompt_ci(scores, prompts)
+        report["sides"][name]["reward"] = prompt_ci(scores, [prompts[i] for i in kept])
+        report["sides"][name]["length_words"] = length_summary([len(texts[i].split()) for i in kept])
     for name, values in kl_to_sft.items():
         report["sides"][name]["kl_to_sft"] = prompt_ci(values, prompts)
     for name, done in finished.items():  # the share of each sampled side's responses cut at the cap with no stop
@@ -880,23 +1098,25 @@ def add_run_facts(report: dict, out_dir: Path, state: dict, prompts: list[str], 
     report["selection_rule"] = "PPO and DPO: the last step (fixed before any judging)"
 
 
-def write_eval(config: StoriesConfig, out_dir: Path, report: dict, prompts: list[str], sides: dict[str, list[str]],
-               human: list[str]) -> None:  # fmt: skip
-    """The evaluation's files in out_dir/eval: report.json, table.md, pairs.jsonl, samples.md, blind.db (the final
-    policy against the start one, for people) and over_optimisation.png."""
+def write_eval(config: StoriesConfig, out_dir: Path, report: dict, prompts: list[str], sides: dict[str, list],
+               final: str) -> None:  # fmt: skip
+    """The evaluation's files in out_dir/eval: report.json, table.md, pairs.jsonl, samples.md, blind.db (for people:
+    the final policy against the start, the largest best-of-n and the human stories) and over_optimisation.png."""
     from ..evals.side_by_side import table_markdown, without_verdicts
 
     eval_dir = out_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(eval_dir / "report.json", without_verdicts(report))
     write_text_atomic(eval_dir / "table.md", _summary(report) + "\n" + table_markdown(report))
-    out_lines = [json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()}, "human": human[i],
-                             "verdicts": {name: report["sides"][name]["verdicts"][i] for name in sides}})
+    out_lines = [json.dumps({"prompt": p, **{name: texts[i] for name, texts in sides.items()},
+                             "verdicts": {name: side["verdicts"][i] for name, side in report["sides"].items()
+                                          if len(side["verdicts"]) == len(prompts)}})
                  for i, p in enumerate(prompts)]  # fmt: skip
     write_text_atomic(eval_dir / "pairs.jsonl", "\n".join(out_lines) + "\n")
-    write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, human, n=6))
-    final = next(name for name in ("ppo", "dpo", "sft", f"best-of-{max(config.eval.best_of_ns)}") if name in sides)
-    _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]), ("start", sides["start"]))
+    write_text_atomic(eval_dir / "samples.md", _samples_markdown(prompts, sides, n=6))
+    others = ["start", f"best-of-{max(config.eval.best_of_ns)}", "human-top", "human-least"]
+    _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]),
+                   {name: sides[name] for name in others if name in sides and name != final})  # fmt: skip
     _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
     print(_summary(report), flush=True)
 
@@ -910,7 +1130,7 @@ def side_kls(config: StoriesConfig, sides: dict, logprobs, models: dict, n_promp
 
     print("eval: KL of every side to the start policy", flush=True)
     start, sft = models["start"], models.get("sft")
-    rl = {name: model for name, model in models.items() if name in ("dpo", "ppo")}
+    rl = {name: model for name, model in models.items() if name in config.rl_phases}
     # Without SFT a best-of-n side is the start policy's own samples: its KL is the closed form, nothing to measure.
     measured_sides = [name for name in sides if name != "start" and (sft is not None or name in rl)]
     start_lp = {name: logprobs(start, name) for name in measured_sides}
@@ -918,10 +1138,11 @@ def side_kls(config: StoriesConfig, sides: dict, logprobs, models: dict, n_promp
     rl_lp = {name: logprobs(sft, name) for name in sides if name != "start"} if sft is not None else {}
     if sft is not None:
         kls["sft"] = (rl_lp["sft"] - start_lp["sft"]).tolist()
-    for n in config.eval.best_of_ns:
+    for name in (name for name in sides if name.startswith(("best-of-", "longest-of-"))):
         # KL(best-of-n || start) = KL(best-of-n || pool policy) + E_best-of-n[log pool - log start]: the first
-        # term has the closed form log n - (n-1)/n, the second is measured on the chosen samples (0 without SFT).
-        name = f"best-of-{n}"
+        # term has the closed form log n - (n-1)/n (any reward without ties, length too), the second is measured
+        # on the chosen samples (0 without SFT).
+        n = int(name.rsplit("-", 1)[1])
         measured = rl_lp[name] - start_lp[name] if sft is not None else np.zeros(n_prompts)
         kls[name] = (measured + kl_bound(n)).tolist()
     for name, model in rl.items():
@@ -932,9 +1153,11 @@ def side_kls(config: StoriesConfig, sides: dict, logprobs, models: dict, n_promp
     return kls, kl_to_sft
 
 
-def _requeue_blind(db: Path, prompts: list[str], a: tuple[str, list[str]], b: tuple[str, list[str]]) -> None:
-    """Queue the blind pairs of this evaluation. A database from an earlier evaluation is replaced while nobody
-    has labelled it; one with labels is kept (people's work is never deleted) with a note."""
+def _requeue_blind(db: Path, prompts: list[str], final: tuple[str, list[str]], others: dict[str, list]) -> None:
+    """Queue the blind pairs of this evaluation: the final side against each of `others` (name -> texts, None
+    where a side has no response to a prompt), one database for all, the pair of sides stored with each
+    comparison. A database from an earlier evaluation is replaced while nobody has labelled it; one with labels is
+    kept (people's work is never deleted) with a note."""
     from ..evals.side_by_side import queue_blind
     from ..labeling.store import Store
 
@@ -945,7 +1168,10 @@ def _requeue_blind(db: Path, prompts: list[str], a: tuple[str, list[str]], b: tu
             return
         for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
-    queue_blind(db, prompts, a, b)
+    for name, texts in others.items():
+        kept = [i for i, t in enumerate(texts) if t is not None]
+        queue_blind(db, [prompts[i] for i in kept], (final[0], [final[1][i] for i in kept]),
+                    (name, [texts[i] for i in kept]))  # fmt: skip
 
 
 def state_sft_policy(state: dict) -> str:
@@ -954,24 +1180,29 @@ def state_sft_policy(state: dict) -> str:
 
 
 def _summary(report: dict) -> str:
-    j, h = report["judge_heldout"], report.get("judge_prefers_human")
-    lines = [f"Eval prompts: {report['prompts']} (none trained on); responses of {report['response_length']} tokens.",
+    from ..evals.side_by_side import win_text
+
+    j, h = report["judge_heldout"], report["win_rates"].get("human-top vs start")
+    length = (f"responses of {report['response_length']} tokens" if report.get("fixed_length", True) else
+              f"whole responses, cut at {report['response_length']} tokens")  # fmt: skip
+    lines = [f"Eval prompts: {report['prompts']} (none trained on); {length}; final policy: {report.get('final')}.",
              f"Judge reward model (judge prompts only): held-out accuracy {j.get('accuracy', float('nan')):.1%} "
              f"(n {j.get('n', 0)})."]  # fmt: skip
     if h:
-        lines.append(f"The judge prefers the human openings to the start policy's on {h['win_rate']:.1%} "
-                     f"[{h['win_rate_lo']:.1%}, {h['win_rate_hi']:.1%}] of eval prompts.")
+        lines.append(f"The judge prefers the top-voted human stories (cut to the final policy's length) to the start "
+                     f"policy's responses on {win_text(h)} of eval prompts.")
     for key, win in report["win_rates"].items():
-        lines.append(f"- judge win rate {key}: {win['win_rate']:.1%} [{win['win_rate_lo']:.1%}, {win['win_rate_hi']:.1%}]")
+        lines.append(f"- judge win rate {key}: {win_text(win)}")
     return "\n".join(lines) + "\n"
 
 
-def _samples_markdown(prompts: list[str], sides: dict[str, list[str]], human: list[str], n: int) -> str:
-    out = ["# Before and after, on the same eval prompts\n"]
+def _samples_markdown(prompts: list[str], sides: dict[str, list], n: int) -> str:
+    out = ["# Before and after, on the same eval prompts (human stories cut to the final policy's length)\n"]
     for i, prompt in enumerate(prompts[:n]):
         out.append(f"## {prompt}\n")
-        for name, texts in list(sides.items()) + [("human (top-voted opening)", human)]:
-            out.append(f"**{name}**: {' '.join(texts[i].split())}\n")
+        for name, texts in sides.items():
+            if texts[i] is not None:
+                out.append(f"**{name}**: {' '.join(texts[i].split())}\n")
     return "\n".join(out)
 
 
