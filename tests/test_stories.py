@@ -471,6 +471,7 @@ def test_pools_are_sampled_under_the_runs_precision_and_scored_outside_it(tmp_pa
     def fake_generate_k(model, tokenizer, prompts, k, config, **kwargs):
         seen["sampled"] = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         seen["batch_size"] = kwargs["batch_size"]
+        kwargs["finished"].extend([True] * (k * len(prompts)))  # every story ended itself
         return [[f"story {i}" for i in range(k)] for _ in prompts]
 
     def reward(queries, responses):
@@ -567,3 +568,113 @@ def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs(t
     scores = load_reward(config.reward_extra, "reward_extra")(["[WP] p"], ["and so on and so on and so on"])
     assert len(scores) == 1 and math.isfinite(scores[0])
     assert "--config examples/stories.yaml" in (root / "Makefile").read_text()
+
+
+@pytest.mark.learning
+def test_whole_stories_with_two_rounds_of_dpo_on_tiny_models(wp_data, tmp_path, capsys):
+    """Whole responses (end-of-turn allowed, cut at the cap), two rounds of iterative DPO with DivPO pairs, then a
+    third round added on a resume: what every phase writes about lengths, cut shares, length control and rounds."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from wprlhf.labeling.store import Store
+
+    out = tmp_path / "run"
+    flags = ["--data", str(wp_data), "--quick", "--policy", "tiny", "--reward-model", "tiny", "--cache-dir",
+             str(tmp_path / "cache"), "--eval-prompts", "8", "--sft-examples", "6", "--response-length", "16",
+             "--no-sft", "--rl", "dpo", "--dpo-samples", "4", "--dpo-pairs", "divpo", "--eval-best-of", "2,4",
+             "--eval-diversity-prompts", "4", "--eval-diversity-samples", "2", "--eval-equal-words", "5",
+             "--missing-eos-penalty", "3", "--seed", str(seed(0))]  # fmt: skip
+    assert main(["stories", "--out", str(out), *flags, "--rounds", "2"]) == 0, capsys.readouterr().err[-2000:]
+    state = json.loads((out / "stories_state.json").read_text())
+    assert state["done"] == ["split", "rm", "judge", "dpo", "dpo-r2", "best_of", "eval"]
+    assert {"dpo", "dpo-r2"} <= set(state["timings_s"])  # each round timed
+
+    # Each round's pool: its own train prompts, the cut ones penalised, and its lengths and cut share stated.
+    pools = {r: [json.loads(line) for line in _lines(out / r / "pool.jsonl")] for r in ("dpo", "dpo-r2")}
+    assert not {row["prompt"] for row in pools["dpo"]} & {row["prompt"] for row in pools["dpo-r2"]}
+    for name, rows in pools.items():
+        stats = json.loads((out / name / "pool_stats.json").read_text())
+        cut = [not f for row in rows for f in row["finished"]]
+        assert stats["cut_share"] == pytest.approx(np.mean(cut)) and stats["samples"] == len(cut) == 24
+        assert stats["words"]["p10"] <= stats["words"]["p50"] <= stats["words"]["p90"] <= 16
+        assert 0 < stats["pairs"] <= 6
+    assert json.loads((out / "dpo-r2" / "config.json").read_text())["policy"] == str(out / "dpo" / "policy")
+    AutoModelForCausalLM.from_pretrained(out / "dpo-r2" / "policy")
+
+    # The report: every round's policy, the length-only baseline, both human stories, LC beside every win rate.
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["final"] == "dpo-r2" and report["fixed_length"] is False
+    assert {"start", "dpo", "dpo-r2", "best-of-4", "longest-of-4", "human-top", "human-least"} <= set(report["sides"])
+    assert {"dpo-r2 vs start", "dpo vs start", "dpo-r2 vs dpo", "dpo-r2 vs best-of-4", "dpo-r2 vs longest-of-4",
+            "dpo-r2 vs human-top", "dpo-r2 vs human-least"} <= set(report["win_rates"])  # fmt: skip
+    for key, win in report["win_rates"].items():
+        assert 0 <= win["lc_win_rate_lo"] <= win["lc_win_rate"] <= win["lc_win_rate_hi"] <= 1, (key, win)
+        assert math.isfinite(win["length_coef"])
+    pairs = [json.loads(line) for line in _lines(out / "eval" / "pairs.jsonl")]
+    for name in ("start", "dpo", "dpo-r2"):  # the cut share is what the sampled ids say
+        side = report["sides"][name]
+        assert 0 <= side["truncated_share"]["mean"] <= 1 and side["kl_per_token"]["lo"] <= side["kl_per_token"]["hi"]
+        assert side["spread"]["lo"] <= side["spread"]["mean"] <= side["spread"]["hi"]
+        assert side["length_words"]["p50"] <= 16 and "distinct_2_eq" in side
+    longest = [max(row["responses"], key=lambda r: len(r.split())) for row in
+               (json.loads(line) for line in _lines(out / "best_of" / "pool.jsonl"))]  # fmt: skip
+    assert [len(p["longest-of-4"].split()) for p in pairs] == [len(t.split()) for t in longest]
+    human = [p["human-top"] for p in pairs]  # cut to the final policy's words, never longer
+    assert all(len(h.split()) <= max(len(p["dpo-r2"].split()), 1) for h, p in zip(human, pairs))
+    queued = Store(out / "eval" / "blind.db").comparisons()
+    assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {
+        ("dpo-r2", "start"), ("best-of-4", "dpo-r2"), ("dpo-r2", "human-top"), ("dpo-r2", "human-least")}
+    assert "dpo-r2 vs dpo" in (out / "eval" / "table.md").read_text()
+
+    # A third round on a resume: only it and the evaluation run again.
+    capsys.readouterr()
+    assert main(["stories", "--out", str(out), *flags, "--rounds", "3", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "== dpo-r3 done" in printed and "== eval done" in printed and "== dpo-r2 done" not in printed
+    assert json.loads((out / "eval" / "report.json").read_text())["final"] == "dpo-r3"
+
+
+def test_length_controlled_win_rate_removes_a_judge_that_only_counts_words():
+    """A judge that sees nothing but length (it picks the longer response with probability sigmoid(3 tanh(delta /
+    std))), the new side longer in 80 % of 400 pairs: the raw win rate is about 70 %, the length-controlled one
+    near 50 %; with equal lengths LC is the raw rate."""
+    import numpy as np
+
+    from wprlhf.evals.measures import lc_win_rate
+
+    rng = np.random.default_rng(0)
+    old = rng.integers(100, 200, 400).astype(float)
+    sign = np.where(np.arange(400) < 320, 1, -1)
+    new = old + sign * rng.integers(5, 60, 400)
+    delta = new - old
+    credits = (rng.random(400) < 1 / (1 + np.exp(-3 * np.tanh(delta / delta.std())))).astype(float)
+    lc = lc_win_rate(credits, new, old, [str(i) for i in range(400)])
+    assert credits.mean() > 0.65 and abs(lc["lc_win_rate"] - 0.5) < 0.12 and lc["length_coef"] > 1, lc  # seeds 0-5: 0.48-0.60
+    assert lc["lc_win_rate_lo"] <= lc["lc_win_rate"] <= lc["lc_win_rate_hi"]
+    same = lc_win_rate([1, 0, 1, 0.5, 1, 1], [50] * 6, [50] * 6, list("abcdef"))
+    assert same["lc_win_rate"] == pytest.approx(4.5 / 6, abs=1e-3) and same["length_coef"] == 0
+
+
+def test_divpo_pairs_take_the_most_diverse_good_sample_and_the_least_diverse_bad_one(monkeypatch):
+    """Scores 3, 2, 1, 0 split at the median into {0, 1} and {2, 3}; sample 1 lies far from the others and samples
+    2 and 3 near each other, 3 nearer the rest: chosen 1, rejected 3. best-worst takes 0 and 3."""
+    import numpy as np
+
+    from wprlhf.pipelines import stories
+    from wprlhf.rewards.judges import Relevance
+
+    vectors = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2, 0], [0, 0, 1.0], [1.0, 0.6, 0], [1.0, 0.4, 0]]), dim=-1)
+    monkeypatch.setattr(Relevance, "embed", lambda self, texts: vectors.repeat(len(texts) // 4, 1))
+    pool = Pool(["p"], [["a", "b", "c", "d"]], np.array([[3.0, 2.0, 1.0, 0.0]]))
+    config = stories.StoriesConfig(rl="dpo", dpo=stories.DPOSettings(pairs="divpo"))
+    assert [c.responses for c in stories.dpo_pairs(config, pool)] == [["b", "d"]]
+    assert [c.responses for c in stories.dpo_pairs(stories.StoriesConfig(rl="dpo"), pool)] == [["a", "d"]]
+
+
+def test_human_stories_are_cut_to_the_policys_words_at_a_sentence_end_where_one_is_near():
+    from wprlhf.pipelines.stories import cut_to
+
+    story = "One two three. Four five six seven eight. Nine ten."
+    assert cut_to([story, story, story], [8, 5, 2]) == ["One two three. Four five six seven eight.", "One two three. Four five",
+                                                         "One two"]  # fmt: skip

@@ -94,7 +94,9 @@ def lc_win_rate(credits: Sequence[float], new_lengths: Sequence[float], old_leng
             return float(c[0]), 0.0
         # Each pair twice, as a win weighted by its credit and a loss weighted by the rest (ties count 1/2 each).
         X, y, w = np.vstack([x, x]), np.r_[np.ones(len(c)), np.zeros(len(c))], np.r_[c, 1 - c]
-        model = LogisticRegression(C=1e6, fit_intercept=True).fit(X, y, sample_weight=w)  # C large: unpenalised
+        # sklearn's default L2 (C = 1) on the length coefficient alone (lbfgs leaves the intercept free): where the
+        # longer side always wins, an unpenalised fit runs off to infinity and its reading at delta 0 means nothing.
+        model = LogisticRegression(C=1.0).fit(X, y, sample_weight=w)
         return float(1 / (1 + np.exp(-model.intercept_[0]))), float(model.coef_[0, 0]) if scale > 0 else 0.0
 
     rate, coef = fit(np.arange(len(credit)))

@@ -141,8 +141,9 @@ def _win(prompts: list[str], new: Sequence[float], old: Sequence[float], new_tex
     beside its length-controlled rate (`measures.lc_win_rate`, lengths in words)."""
     groups = [prompt_key(p) for p in prompts]
     raw = scored_win_rate(new, old, groups)
+    credits = raw.pop("credits")
     words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731
-    return {**raw, **lc_win_rate(raw.pop("credits"), words(new_texts), words(old_texts), groups)}
+    return {**raw, **lc_win_rate(credits, words(new_texts), words(old_texts), groups)}
 
 
 ROWS = (("judge", "judge score", "{:+.2f}"), ("story", "stories", "{:.0%}"), ("relevance", "relevance", "{:.3f}"),

@@ -92,7 +92,7 @@ def sample_pool(policy, tokenizer, prompts: list[str], n: int, reward_fn: Reward
     if not np.isfinite(scores).all():
         raise UserError(f"the reward gave {int((~np.isfinite(scores)).sum())} non-finite scores (NaN or inf) for "
                         f"{len(flat)} responses; best-of-n needs finite scores: check the reward")  # fmt: skip
-    if not config.fixed_length:
+    if missing_eos_penalty and not config.fixed_length:
         scores = scores - missing_eos_penalty * (1.0 - np.asarray(done, dtype=np.float64))
     finished = None if config.fixed_length else [done[i * n : (i + 1) * n] for i in range(len(prompts))]
     return Pool(prompts, responses, scores.reshape(len(prompts), n), finished)
