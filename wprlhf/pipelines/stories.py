@@ -9,12 +9,17 @@ The pipeline (issue 18), one resumable phase after another, in one run directory
     sft        supervised fine-tuning of the start policy on the top-voted story of each train prompt, or
                (sft_data 'best-of-N') on the start policy's best of N samples by the reward model
     dpo        (rl 'dpo') DPO from the SFT policy on pairs of its own samples: for each train prompt, the best and
-               the worst of N by the task's reward
+               the worst of N by the task's reward (or DivPO's pair); with --rounds N, dpo-r2 .. dpo-rN after it,
+               each from the round before (iterative DPO)
     ppo        (rl 'ppo') PPO from the SFT policy against the task's reward, KL-penalised to the SFT policy, on
                train prompts
     best_of    n samples of the SFT policy per eval prompt, scored by the reward model (best-of-4, best-of-16)
-    eval       every policy on the eval prompts by every judge (`side_by_side.judge_sides`): eval/report.json,
-               eval/table.md, eval/samples.md, eval/over_optimisation.png, eval/blind.db (final vs start, blind)
+    eval       every policy on the eval prompts by every judge (`side_by_side.judge_sides`), each win rate beside
+               its length-controlled one: eval/report.json, eval/table.md, eval/samples.md,
+               eval/over_optimisation.png, eval/blind.db (final vs start, best-of-n and both human stories, blind)
+
+Responses are whole stories: each ends at the policy's end-of-turn or is cut at response_length tokens, and a cut
+one is counted and penalised (missing_eos_penalty); fixed_length gives every side exactly response_length tokens.
 
 What each part is for: SFT, the reward model and PPO see only train prompts; the judge reward model only judge
 prompts; evaluation only eval prompts. `stories_state.json` lists the finished phases, so a killed run resumes
@@ -271,7 +276,8 @@ class EvalSettings:
 
 @dataclass
 class StoriesConfig:
-    """`wprlhf stories`. Defaults: docs/results.md's long run on 2 CPU cores (about 60 minutes from cached models).
+    """`wprlhf stories`. Defaults: whole stories (docs/stories.md); examples/stories.yaml is the measured recipe of
+    docs/results.md (64-token openings, about 50 minutes on 2 CPU cores from cached models).
 
     Each phase's settings are a section (`sft`, `rm`, `judge`, `dpo`, `ppo`, `eval`, and `split`): a block of a
     --config file (`ppo: {steps: 40}`) and flags --SECTION-FIELD (`--ppo-steps 40`)."""
