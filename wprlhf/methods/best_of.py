@@ -52,6 +52,14 @@ class Pool:
             row["finished"] = [bool(x) for x in done]
         return out
 
+    @classmethod
+    def from_rows(cls, prompts: list[str], rows: list[dict]) -> Pool:
+        """The pool of a pool file's lines (`rows`' inverse), answering `prompts` (the lines' own prompts may be
+        the instructed queries); finished is kept where every line has it."""
+        finished = [r["finished"] for r in rows] if all("finished" in r for r in rows) else None
+        return cls(prompts, [r["responses"] for r in rows], np.asarray([r["scores"] for r in rows], dtype=np.float64),
+                   finished)  # fmt: skip
+
     def best(self, m: int) -> tuple[list[str], list[float]]:
         """Best-of-m for m <= n: each prompt's highest-scoring response among its first m samples (the first one
         of equal scores), and that score."""

@@ -874,9 +874,7 @@ def own_pool(config: StoriesConfig, policy: str, prompts: list[str], n: int, rm_
     asked = all(r.get("instruction", "") == config.instruction for r in lines) or [r["prompt"] for r in lines] == queries
     usable = asked and [r["prompt"] for r in lines] in (prompts, queries) and all(len(r["responses"]) == n for r in lines)
     if usable and all("scores" in r for r in lines) and lines[0]["prompt"] == prompts[0]:
-        finished = [r["finished"] for r in lines] if all("finished" in r for r in lines) else None
-        return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64),
-                    finished)  # fmt: skip
+        return Pool.from_rows(prompts, lines)
     if usable:
         print(f"scoring the {len(lines)} x {n} samples of {path}", flush=True)
         pool = _scored_pool(config, rm_dir, prompts, [r["responses"] for r in lines], path)
@@ -994,9 +992,7 @@ def _best_of_pool(out_dir: Path, prompts: list[str]) -> Pool:
     if [r["prompt"] for r in lines] != prompts:
         raise UserError(f"{out_dir}/best_of/pool.jsonl does not match split/eval_prompts.txt; rerun from best_of "
                         "(delete 'best_of' and 'eval' from stories_state.json)")  # fmt: skip
-    finished = [r["finished"] for r in lines] if all("finished" in r for r in lines) else None
-    return Pool(prompts, [r["responses"] for r in lines], np.asarray([r["scores"] for r in lines], dtype=np.float64),
-                finished)  # fmt: skip
+    return Pool.from_rows(prompts, lines)
 
 
 def eval_sides(config: StoriesConfig, out_dir: Path, state: dict, prompts: list[str]) -> tuple:
