@@ -6,6 +6,7 @@ test_labeling_browser.py."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
 import subprocess
@@ -82,7 +83,7 @@ def clock(monkeypatch) -> Clock:
 
 @pytest.fixture()
 def store(tmp_path):
-    s = Store(tmp_path / "labels.db")
+    s = Store(tmp_path / "labels.db", min_read_seconds=0)  # reading time has its own tests
     s.add(samples(3))
     return s
 
@@ -93,6 +94,7 @@ def serve(tmp_path):
     servers = []
 
     def start(**kwargs):
+        kwargs.setdefault("min_read_seconds", 0)  # reading time has its own tests; these answer at once
         app = create_app(tmp_path / "labels.db", **kwargs)
         server = BackgroundServer(app)
         url = server.__enter__()
@@ -251,22 +253,27 @@ def test_agreement_counts_pairs_of_labels_on_one_comparison(tmp_path):
 
 
 def test_an_old_database_opens_and_is_migrated(tmp_path):
-    """A file written before sessions existed: its labels survive, it gains the session columns, and both old
-    and new code paths work on it."""
+    """A file written before sessions existed: its labels survive, it gains the session columns, its labels table
+    becomes AUTOINCREMENT (ids kept), its comparisons are keyed by response set (one pair held in both orders, as
+    the old blind queueing could leave it, stays as two), and both old and new code paths work on it."""
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
         db.executescript(OLD_SCHEMA)
         db.execute("INSERT INTO comparisons VALUES (1, 'P', '[\"a\", \"b\"]', '{}', 'k1', 0)")
         db.execute("INSERT INTO comparisons VALUES (2, 'Q', '[\"c\", \"d\"]', '{}', 'k2', 0)")
+        db.execute("INSERT INTO comparisons VALUES (3, 'Q', '[\"d\", \"c\"]', '{}', 'k3', 0)")
         db.execute("INSERT INTO labels VALUES (1, 1, 'ann', 'best', 1, 0)")
         db.execute("INSERT INTO assignments VALUES (2, 'bob', 0)")  # a stale reservation of the old kind
-    store = Store(path)
+    store = Store(path, min_read_seconds=0)
     Store(path)  # opening twice migrates once
     with sqlite3.connect(path) as db:
         for table in ("labels", "assignments"):
             assert "session" in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        assert "AUTOINCREMENT" in db.execute("SELECT sql FROM sqlite_master WHERE name = 'labels'").fetchone()[0]
     assert store.labels() == [{"id": 1, "comparison_id": 1, "labeler": "ann", "kind": "best", "best": 1,
-                               "session": None}]  # fmt: skip
+                               "session": None, "created_at": 0, "shown_at": None}]  # fmt: skip
+    assert store.add([("P", ["b", "a"], {}), ("Q", ["c", "d"], {})]) == (0, 2)  # already there, in any order
+    assert [c["id"] for c in store.comparisons()] == [1, 2, 3]
     bob = store.open_session("bob")
     assert store.next_for("bob", bob)["id"] == 2
     store.label(2, "bob", "tie", session=bob)
@@ -275,6 +282,7 @@ def test_an_old_database_opens_and_is_migrated(tmp_path):
     with pytest.raises(LabelingError, match="holds no labels yet"):  # nothing left to export: an error, no file
         store.export(tmp_path / "c.jsonl")
     assert not (tmp_path / "c.jsonl").exists()
+    assert store.label(1, "ann", 0) == 3  # ids 1 and 2 were given and undone: never again
 
 
 def test_export_is_read_by_load_comparisons(tmp_path, store):
@@ -287,7 +295,10 @@ def test_export_is_read_by_load_comparisons(tmp_path, store):
     assert store.export(out) == 3
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0] == {"prompt": "Prompt 0: a dragon opens a bakery.", "responses": ["Story 0.0", "Story 0.1"],
-                        "best": 1, "labeler": "ann", "tie": False, "prompt_id": ""}  # fmt: skip
+                        "best": 1, "labeler": "ann", "tie": False, "prompt_id": "", "comparison_id": 1,
+                        "label_id": 1, "session": None, "shown_at": None,
+                        "created_at": lines[0]["created_at"]}  # fmt: skip
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[0]["created_at"])
     loaded = load_comparisons(out)
     assert [(c.best, c.labeler, c.tie, c.prompt_id, len(c.responses)) for c in loaded] == [
         (1, "ann", False, "", 2), (0, "ann", True, "", 2), (2, "bob", False, "7", 3)]  # fmt: skip
@@ -459,7 +470,7 @@ def test_api_round_trip_and_stats(serve):
         assert undone["comparison"]["id"] == cid and undone["stats"]["mine"] == 0
         assert client.post("/api/release", json={"session": session}).json() == {"released": 1}
         stats = client.get("/api/stats").json()
-        assert (stats["done"], stats["queued"], stats["agreement"]) == (0, 2, None)
+        assert (stats["done"], stats["queued"]) == (0, 2) and "agreement" not in stats  # the lead's, not theirs
         mine = client.get("/api/stats", params={"session": session}).json()
         assert (mine["mine"], mine["left_for_me"], mine["held_by_others"]) == (0, 2, 0)
         assert client.get("/api/instructions").json() == {"instructions": None}
@@ -470,6 +481,7 @@ def test_undo_over_the_api_needs_the_session_not_the_name(serve):
     store.add(samples(1))
     with httpx.Client(base_url=url, timeout=10) as client:
         ann, mallory = open_session(client, "ann"), open_session(client, "ann")  # mallory types ann's name
+        client.post("/api/next", json={"session": ann}).raise_for_status()
         client.post("/api/label", json={"session": ann, "comparison_id": 1, "choice": 0}).raise_for_status()
         assert client.post("/api/undo", json={"session": mallory}).json()["comparison"] is None
         answer = client.post("/api/undo", json={"labeler": "ann"})
@@ -500,7 +512,7 @@ def test_loopback_needs_no_token_anything_else_gets_one(host, loopback):
     assert is_loopback(host) is loopback
     token = resolve_token(host, None)
     assert (token is None) if loopback else len(token) >= 24
-    assert resolve_token(host, "my-own-token") == "my-own-token"
+    assert resolve_token(host, "my-own-long-token") == "my-own-long-token"
     assert len(resolve_token(host, None, proxied=True)) >= 24  # behind a proxy's public name: always a token
 
 
@@ -520,11 +532,12 @@ def test_serve_beyond_loopback_prints_a_url_per_address_and_requires_the_token(t
     with BackgroundServer(ran["app"]) as url, httpx.Client(base_url=url, timeout=10) as client:
         assert client.get("/api/stats").status_code == 401
         assert client.get("/api/stats", headers={"Authorization": "Bearer " + token}).status_code == 200
-    with pytest.raises(LabelingError, match="at least 8"):
+    with pytest.raises(LabelingError, match="at least 16"):
         resolve_token("0.0.0.0", "short")
 
 
-def test_token_auth(serve):
+def test_token_auth(serve, monkeypatch):
+    monkeypatch.setattr(labeling_app, "FREE_GUESSES", 100)  # which requests are refused; the back-off has its test
     url, store = serve(token="s3cret-token-123")
     store.add(samples(1))
     auth = {"Authorization": "Bearer s3cret-token-123"}
@@ -549,6 +562,7 @@ def test_bad_requests_get_4xx_with_a_clear_message(serve):
     store.label(2, "bob", 0)  # comparison 2 is full (1 label per comparison)
     with httpx.Client(base_url=url, timeout=10) as client:
         ann, bob = open_session(client, "ann"), open_session(client, "bob")
+        assert client.post("/api/next", json={"session": bob}).json()["comparison"]["id"] == 1
         client.post("/api/label", json={"session": bob, "comparison_id": 1, "choice": "skip"}).raise_for_status()
         cases = [  # (method, path, body: dict | bytes | None, status, words in the error)
             ("POST", "/api/label", {"session": ann, "comparison_id": 999, "choice": 0}, 404, "999 does not exist"),
@@ -639,6 +653,7 @@ def test_origin_when_sent_must_be_the_pages_own(serve):
     store.add(samples(1))
     with httpx.Client(base_url=url, timeout=10) as client:
         session = open_session(client, "ann")
+        client.post("/api/next", json={"session": session}).raise_for_status()
         label = {"session": session, "comparison_id": 1, "choice": 0}
         for origin in ("http://evil.example", f"http://127.0.0.1:{urlparse(url).port + 1}", "null",
                        f"http://localhost:{urlparse(url).port}"):  # localhost is not the origin of a 127.0.0.1 page
@@ -664,6 +679,7 @@ def test_state_changes_only_by_post_with_json(serve):
         assert store.labels() == []
         assert client.get("/api/next", params={"session": session}).status_code == 405
         assert leases(store) == []  # reserving is a state change: a GET reserves nothing
+        client.post("/api/next", json={"session": session}).raise_for_status()
         ok = client.post("/api/label", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
         assert ok.status_code == 200
 

@@ -382,7 +382,7 @@ def _labeling(command):
     def run(args: argparse.Namespace) -> None:
         from .labeling.store import LabelingError
 
-        if command is not cmd_label_serve and command is not cmd_label_add and not Path(args.db).is_file():
+        if command not in (cmd_label_serve, cmd_label_add, cmd_label_invite) and not Path(args.db).is_file():
             raise UserError(f"--db {args.db} does not exist; queue comparisons with `wprlhf label add --db FILE ...`")
         try:
             command(args)
@@ -396,7 +396,25 @@ def cmd_label_serve(args: argparse.Namespace) -> None:
     from .labeling.app import serve
 
     serve(args.db, args.host, args.port, args.token, args.labels_per_comparison, instructions=args.instructions,
-          extra_hosts=args.allowed_host)  # fmt: skip
+          extra_hosts=args.allowed_host, token_file=args.token_file)  # fmt: skip
+
+
+def cmd_label_invite(args: argparse.Namespace) -> None:
+    from .labeling.store import Store
+
+    secret = Store(args.db).invite(args.name, "lead" if args.lead else "labeler")
+    base = args.url.rstrip("/")
+    print(f"{base}/lead?token={secret}" if args.lead else f"{base}/?token={secret}")  # stdout: a script can take it
+    print(f"that is {args.name!r}'s {'lead view' if args.lead else 'labeling link'} (inviting again replaces it); "
+          f"send it privately. Revoke it with `wprlhf label revoke --db {args.db} {args.name!r}`", file=sys.stderr)
+
+
+def cmd_label_revoke(args: argparse.Namespace) -> None:
+    from .labeling.store import Store
+
+    if not Store(args.db).revoke(args.name):
+        raise UserError(f"{args.name!r} has no live invite in {args.db}; `wprlhf label status --db {args.db}` lists them")
+    print(f"revoked {args.name!r}'s link: its pages stop at their next request; their labels stay", file=sys.stderr)
 
 
 def cmd_label_add(args: argparse.Namespace) -> None:
@@ -418,15 +436,25 @@ def cmd_label_export(args: argparse.Namespace) -> None:
 def cmd_label_status(args: argparse.Namespace) -> None:
     from .labeling.store import Store
 
-    stats = Store(args.db).stats()
+    store = Store(args.db)
+    stats, kappa, invites = store.stats(), store.lead_report()["agreement"], store.invites()
     if args.json:
-        print(json.dumps(stats, indent=2))
+        print(json.dumps({**stats, "kappa": kappa, "invites": invites}, indent=2))
         return
     agreement = "n/a (no comparison has 2 labels yet)" if stats["agreement"] is None else \
         f"{stats['agreement']:.3f} over {stats['agreement_pairs']} pairs of labels"  # fmt: skip
     print(f"comparisons {stats['comparisons']}: done {stats['done']}, queued {stats['queued']} "
           f"({stats['labels_per_comparison']} label(s) each)\nlabels {stats['labels']}, skips {stats['skips']}\n"
           f"agreement {agreement}")  # fmt: skip
+    number = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    if kappa["overall"]["items"]:
+        print(f"Fleiss' kappa {number(kappa['overall']['kappa'])} over {kappa['overall']['items']} comparisons")
+    for pair in kappa["pairs"]:
+        print(f"  {pair['a']} & {pair['b']}: raw {number(pair['raw'])} ({pair['agree']} of {pair['items']}), "
+              f"Cohen's kappa {number(pair['kappa'])}")  # fmt: skip
+    if invites:
+        print("invites: " + ", ".join(f"{i['name']} ({i['role']}{', revoked' if i['revoked_at'] else ''})"
+                                      for i in invites))  # fmt: skip
 
 
 def cmd_loop(args: argparse.Namespace) -> None:
@@ -737,7 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
     las.add_argument("--db", required=True, help="the SQLite labels file (created if absent)")
     las.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     las.add_argument("--port", type=int, default=8765, help="the port the page listens on (default 8765)")
-    las.add_argument("--token", help="access token to require (default: none on loopback, a random one otherwise)")
+    las.add_argument("--token", help="shared access token to require (default: none on loopback or with invites, a "
+                                      "random one otherwise); at least 16 characters, 10 different. Shown by `ps`: "
+                                      "prefer --token-file or the WPRLHF_LABEL_TOKEN variable")  # fmt: skip
+    las.add_argument("--token-file", metavar="FILE", help="read the shared token from this file's first line")
     las.add_argument("--labels-per-comparison", type=int, help="labelers per comparison (default: the file's, 1)")
     las.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                      help="another host name the page is opened by, e.g. a TLS proxy's public name (repeatable; "
@@ -753,6 +784,16 @@ def build_parser() -> argparse.ArgumentParser:
     lae.add_argument("--db", required=True, help="the SQLite labels file to export from")
     lae.add_argument("--out", required=True, help="output JSONL, one line per label")
     lae.set_defaults(func=_labeling(cmd_label_export))
+    lai = lab_sub.add_parser("invite", help="print a labeler's own link (their name comes from it), or the lead's")
+    lai.add_argument("--db", required=True, help="the SQLite labels file (created if absent)")
+    lai.add_argument("name", help="the labeler's name (compared case- and width-blind)")
+    lai.add_argument("--lead", action="store_true", help="a link to the lead's view (/lead) instead")
+    lai.add_argument("--url", default="http://127.0.0.1:8765/", help="the page's address as labelers open it")
+    lai.set_defaults(func=_labeling(cmd_label_invite))
+    lar = lab_sub.add_parser("revoke", help="stop an invite link; the labels given through it stay")
+    lar.add_argument("--db", required=True, help="the SQLite labels file")
+    lar.add_argument("name", help="whose link to stop")
+    lar.set_defaults(func=_labeling(cmd_label_revoke))
     lat = lab_sub.add_parser("status", help="print done / queued comparisons and labeler agreement")
     lat.add_argument("--db", required=True, help="the SQLite labels file to report on")
     lat.add_argument("--json", action="store_true", help="print the numbers as JSON")

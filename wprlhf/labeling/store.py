@@ -11,6 +11,15 @@ page's label by typing its name. While a page shows a comparison it holds a shor
 LEASE_SECONDS, one per session): the page renews it while visible and releases it when hidden, so a labeler who
 walks away, or a script that opens many sessions, blocks the queue for a minute at most. Code that labels without
 a page (tests, scripts) passes no session and is known by name alone.
+
+A page answer is taken only for the comparison leased to that page, and only once it has been on screen for
+`min_read_seconds` (MIN_READ_SECONDS, 2 s): a key held down cannot label items nobody read. A labeler's pages
+together hold at most MAX_LEASES_PER_LABELER leases and MAX_SESSIONS_PER_LABELER live sessions, and a session with
+no request but heartbeats for SESSION_IDLE_SECONDS expires. Names are compared in one form (NFKC, case-folded).
+
+People get their own invite links (`invite`, `revoke`): the link's secret names them, so their undo follows them
+from page to page, and a lead's link opens the lead's view (`lead_report`, `adjudicate`). Label and adjudication
+ids are AUTOINCREMENT: an undone label's id is never given again, so an export's ids always mean one answer.
 """
 
 from __future__ import annotations
@@ -25,14 +34,26 @@ import string
 import tempfile
 import threading
 import time
+import unicodedata
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
+
+from .agreement import agreement_report
 
 MAX_RESPONSES = 4  # the page has keys 1-4
 MAX_NAME = 64
 MAX_ID = 2**63 - 1  # SQLite's largest integer: a bigger id raises OverflowError inside sqlite3 instead of not matching
 LEASE_SECONDS = 60  # a page renews its lease every 20 s while visible; a closed or hidden page frees it within this
 SESSION_CHARS = frozenset(string.ascii_letters + string.digits + "-_")  # what secrets.token_urlsafe makes
+MIN_READ_SECONDS = 2.0  # an answer is taken once its comparison has been on that page's screen this long
+MAX_LEASES_PER_LABELER = 3  # a person's tabs and devices together; a 4th lease drops their oldest
+MAX_SESSIONS_PER_LABELER = 20  # live sessions per person; opening a 21st expires their least recently used
+SESSION_IDLE_SECONDS = 30 * 60  # no next/label/undo for this long (heartbeats don't count): the session expires
+# ZWNJ and ZWJ are part of how Persian, Hindi and other scripts spell names; every other invisible format
+# character (bidi overrides among them) could make two names that look alike, and is refused.
+NAME_JOINERS = frozenset("\u200c\u200d")
+ROLES = ("labeler", "lead")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comparisons (
@@ -43,29 +64,57 @@ CREATE TABLE IF NOT EXISTS comparisons (
     content_key TEXT NOT NULL UNIQUE, -- hash of prompt + responses: adding a file twice queues nothing twice
     added_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS labels (
-    id INTEGER PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS labels ({labels});
+CREATE TABLE IF NOT EXISTS assignments (  -- leases: comparison_id is on `session`'s screen until expires_at
+    comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
+    labeler TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    session TEXT,
+    shown_at REAL,                    -- when this session's lease began: the answer's reading time counts from it
+    PRIMARY KEY (comparison_id, labeler)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, labeler TEXT NOT NULL, created_at REAL NOT NULL,
+    last_seen REAL,                   -- the last next/label/undo; NULL in older files (created_at counts)
+    invited INTEGER NOT NULL DEFAULT 0  -- opened with an invite link: the name is the person's, not typed
+);
+CREATE TABLE IF NOT EXISTS invites (
+    name TEXT PRIMARY KEY,            -- the canonical name (check_labeler): one link per person
+    secret_hash TEXT NOT NULL UNIQUE, -- sha256 of the link's secret: a copy of this file opens no page
+    role TEXT NOT NULL CHECK (role IN ('labeler', 'lead')),
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS adjudications (  -- the lead's answer to a disagreement, kept beside the labels
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    comparison_id INTEGER NOT NULL UNIQUE REFERENCES comparisons(id),
+    lead TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('best', 'tie')),
+    best INTEGER,
+    label_ids TEXT NOT NULL,          -- JSON list: the labels it settles
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# AUTOINCREMENT: an undone label's id is never given to a later one (plain INTEGER PRIMARY KEY reuses the largest).
+LABELS = """
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
     labeler TEXT NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ('best', 'tie', 'skip')),
     best INTEGER,                     -- the index picked when kind = 'best', else NULL
     created_at REAL NOT NULL,
     session TEXT,                     -- the page session that gave it; NULL from scripts and older files
+    shown_at REAL,                    -- when that page was shown the comparison; NULL from scripts and older files
     UNIQUE (comparison_id, labeler)
-);
-CREATE TABLE IF NOT EXISTS assignments (  -- leases: comparison_id is on `session`'s screen until expires_at
-    comparison_id INTEGER NOT NULL REFERENCES comparisons(id),
-    labeler TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    session TEXT,
-    PRIMARY KEY (comparison_id, labeler)
-);
-CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, labeler TEXT NOT NULL, created_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+SCHEMA = SCHEMA.replace("{labels}", LABELS)
+LABEL_COLUMNS = "id, comparison_id, labeler, kind, best, created_at, session, shown_at"
 
 # Columns added since the first release: a file written before them gets them when it is opened.
-MIGRATIONS = [("labels", "session", "TEXT"), ("assignments", "session", "TEXT")]
+MIGRATIONS = [("labels", "session", "TEXT"), ("labels", "shown_at", "REAL"), ("assignments", "session", "TEXT"),
+              ("assignments", "shown_at", "REAL"), ("sessions", "last_seen", "REAL"),
+              ("sessions", "invited", "INTEGER NOT NULL DEFAULT 0")]  # fmt: skip
 INDEXES = """
 CREATE INDEX IF NOT EXISTS labels_by_session ON labels (session, id);
 CREATE INDEX IF NOT EXISTS assignments_by_session ON assignments (session);
@@ -100,19 +149,50 @@ class UnknownSession(LabelingError):
 
 
 class StaleComparison(LabelingError):
-    """The comparison may not take this label any more: this labeler answered it, or it has enough labels."""
+    """The comparison may not take this label any more: this labeler answered it, it has enough labels, or it is
+    not (or no longer) on the screen of the page that sent the answer."""
 
     status = 409
 
 
+class TooSoon(LabelingError):
+    """An answer for a comparison that has not been on screen for `min_read_seconds`."""
+
+    status = 425
+
+
+class NameTaken(LabelingError):
+    """A typed name that belongs to an invite: only that invite's link may label under it."""
+
+    status = 403
+
+
 def check_labeler(name) -> str:
-    """A labeler's name, stripped; 1..MAX_NAME printable characters."""
+    """A labeler's name in the one form names are compared in: NFKC-normalised and case-folded (so "Ann", "ANN"
+    and the full-width "Ａｎｎ" are one labeler), runs of spaces made one; 1..MAX_NAME characters, none of them a
+    control or invisible character except ZWNJ and ZWJ (NAME_JOINERS), which some scripts spell names with."""
     if not isinstance(name, str) or not name.strip():
         raise LabelingError("labeler name is missing; enter your name once on the page")
-    name = name.strip()
-    if len(name) > MAX_NAME or not name.isprintable():
-        raise LabelingError(f"labeler name must be at most {MAX_NAME} printable characters")
+    # NFKC twice around casefold: folding can leave a string that is not NFKC-normal (Unicode's identifier caseless
+    # match, UAX #31)
+    name = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", " ".join(name.split())).casefold())
+    invisible = [c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Co", "Cn", "Zl", "Zp")
+                 or (unicodedata.category(c) == "Cf" and c not in NAME_JOINERS)]  # fmt: skip
+    if len(name) > MAX_NAME or invisible:
+        raise LabelingError(f"labeler name must be at most {MAX_NAME} printable characters (no control or "
+                            "invisible characters but ZWNJ and ZWJ)")  # fmt: skip
     return name
+
+
+def content_key(prompt: str, responses: list[str]) -> str:
+    """The identity of a comparison: its prompt and the set of its responses. Order does not count, so a blind pair
+    queued again in the other order (eval --blind-db shuffles each time) is the same comparison."""
+    return hashlib.sha256(json.dumps([prompt, sorted(responses)]).encode()).hexdigest()
+
+
+def secret_hash(secret: str) -> str:
+    """The stored form of an invite's secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def check_id(value, what: str = "comparison_id") -> int:
@@ -180,19 +260,34 @@ def read_samples(path: str | Path) -> list[tuple[str, list[str], dict]]:
     return samples
 
 
+def _iso(seconds: float | None) -> str | None:
+    """A time as ISO 8601 in UTC, to the millisecond: '2026-12-07T23:38:52.123Z'."""
+    if seconds is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
+
+
+def _answer(kind: str, best: int | None) -> str | int:
+    """A stored answer as the API spells a choice: the index picked, or 'tie' / 'skip'."""
+    return best if kind == "best" else kind
+
+
 class Store:
     """The labels database at `path` (created if absent, brought up to date if older). labels_per_comparison: how
     many labelers answer each comparison; None keeps the value stored in the file (1 for a new file).
+    min_read_seconds: how long a comparison must have been on a page's screen before that page's answer is taken.
 
     Methods that act for a labeler take (labeler, session): the session a page opened, or None for code that
-    labels without a page.
+    labels without a page (no lease or reading time is asked of it).
     """
 
-    def __init__(self, path: str | Path, labels_per_comparison: int | None = None):
+    def __init__(self, path: str | Path, labels_per_comparison: int | None = None,
+                 min_read_seconds: float = MIN_READ_SECONDS):  # fmt: skip
         self.path = Path(path)
         if self.path.is_dir():
             raise LabelingError(f"--db {self.path} is a directory; name a file such as labels.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.min_read_seconds = min_read_seconds
         self._local = threading.local()  # one connection per thread: sqlite3 connections are not shared
         with self._connect() as db:
             # WAL is a property of the file: set once, every later connection gets it
@@ -210,11 +305,29 @@ class Store:
 
     @staticmethod
     def _migrate(db) -> None:
-        """Add the columns a file from an older version lacks. Inside the write lock, so two processes opening the
-        same old file cannot both add a column (the second ALTER would fail)."""
+        """Bring a file from an older version up to date: add the columns it lacks, rebuild `labels` with
+        AUTOINCREMENT (ids kept), and key comparisons by their response set. Inside the write lock, so two processes
+        opening the same old file cannot both migrate it."""
         for table, column, kind in MIGRATIONS:
             if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        labels_sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'labels'").fetchone()[0]
+        if "AUTOINCREMENT" not in labels_sql.upper():  # SQLite cannot add it to a table: copy into a new one
+            db.execute(f"CREATE TABLE labels_autoincrement ({LABELS})")
+            db.execute(f"INSERT INTO labels_autoincrement ({LABEL_COLUMNS}) SELECT {LABEL_COLUMNS} FROM labels")
+            db.execute("DROP TABLE labels")
+            db.execute("ALTER TABLE labels_autoincrement RENAME TO labels")
+        if db.execute("SELECT 1 FROM settings WHERE key = 'content_key'").fetchone() is None:
+            rows = db.execute("SELECT id, prompt, responses FROM comparisons ORDER BY id").fetchall()
+            db.execute("UPDATE comparisons SET content_key = 'migrating:' || id")  # frees every key for the new ones
+            seen = set()
+            for cid, prompt, responses in rows:
+                key = content_key(prompt, json.loads(responses))
+                # an older file may hold one pair in both orders (the fault this key fixes): both stay, apart
+                db.execute("UPDATE comparisons SET content_key = ? WHERE id = ?",
+                           (key if key not in seen else f"{key}:{cid}", cid))  # fmt: skip
+                seen.add(key)
+            db.execute("INSERT INTO settings VALUES ('content_key', 'response set')")
         for statement in filter(str.strip, INDEXES.split(";")):
             db.execute(statement)
 
@@ -263,37 +376,111 @@ class Store:
             finally:
                 db.execute("COMMIT")
 
+    # ------------------------------------------------------------------------------------------ invites
+
+    def invite(self, name: str, role: str = "labeler") -> str:
+        """A new secret for `name`'s link (a labeler's, or with role='lead' the lead's view); returns it. Inviting
+        a name again replaces its secret, so the old link stops working. Only the secret's hash is stored."""
+        name = check_labeler(name)
+        if role not in ROLES:
+            raise LabelingError(f"role {role!r} must be one of {ROLES}")
+        secret = secrets.token_urlsafe(24)
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO invites (name, secret_hash, role, created_at) VALUES (?, ?, ?, ?)",
+                       (name, secret_hash(secret), role, time.time()))  # fmt: skip
+        return secret
+
+    def revoke(self, name: str) -> bool:
+        """Stop `name`'s link: its requests are refused from now on, its sessions expire and its leases go back to
+        the queue; its labels stay. False when it had no live link."""
+        name = check_labeler(name)
+        with self._write() as db:
+            found = db.execute("UPDATE invites SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                               (time.time(), name)).rowcount  # fmt: skip
+            db.execute("UPDATE sessions SET last_seen = 0 WHERE labeler = ? AND invited = 1", (name,))
+            db.execute("DELETE FROM assignments WHERE labeler = ?", (name,))
+        return bool(found)
+
+    def identity(self, secret: str) -> tuple[str, str] | None:
+        """(role, name) of a live invite's secret, else None."""
+        with self._connect() as db:
+            row = db.execute("SELECT role, name FROM invites WHERE secret_hash = ? AND revoked_at IS NULL",
+                             (secret_hash(secret),)).fetchone()  # fmt: skip
+        return None if row is None else (row[0], row[1])
+
+    def has_invites(self) -> bool:
+        """Whether any live invite exists: then every request needs a credential, even on loopback."""
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM invites WHERE revoked_at IS NULL LIMIT 1").fetchone() is not None
+
+    def invites(self) -> list[dict]:
+        """Every invite, live or revoked: name, role, created_at, revoked_at (never the secret)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT name, role, created_at, revoked_at FROM invites ORDER BY name").fetchall()
+        return [dict(zip(("name", "role", "created_at", "revoked_at"), row)) for row in rows]
+
     # ------------------------------------------------------------------------------------------ sessions
 
-    def open_session(self, labeler: str) -> str:
-        """A new session for `labeler` (one per page load); its id is a secret the page sends with every call."""
+    def open_session(self, labeler: str, invited: bool = False) -> str:
+        """A new session for `labeler` (one per page; the page keeps it across reloads); its id is a secret the
+        page sends with every call. invited: opened through `labeler`'s invite link. A typed name that belongs to
+        an invite is refused (NameTaken). Past MAX_SESSIONS_PER_LABELER live sessions the least recently used
+        expires."""
         labeler = check_labeler(labeler)
         session = secrets.token_urlsafe(18)
+        now = time.time()
         with self._write() as db:
-            db.execute("INSERT INTO sessions (id, labeler, created_at) VALUES (?, ?, ?)",
-                       (session, labeler, time.time()))  # fmt: skip
+            if not invited and db.execute("SELECT 1 FROM invites WHERE name = ? AND revoked_at IS NULL",
+                                          (labeler,)).fetchone():  # fmt: skip
+                raise NameTaken(f"{labeler!r} labels through their own invite link; open that link, or pick "
+                                "another name")  # fmt: skip
+            db.execute("INSERT INTO sessions (id, labeler, created_at, last_seen, invited) VALUES (?, ?, ?, ?, ?)",
+                       (session, labeler, now, now, int(invited)))  # fmt: skip
+            old = db.execute("SELECT id FROM sessions WHERE labeler = ? AND COALESCE(last_seen, created_at) >= ? "
+                             "ORDER BY COALESCE(last_seen, created_at) DESC, rowid DESC LIMIT -1 OFFSET ?",
+                             (labeler, now - SESSION_IDLE_SECONDS, MAX_SESSIONS_PER_LABELER)).fetchall()  # fmt: skip
+            for (expired,) in old:
+                db.execute("UPDATE sessions SET last_seen = 0 WHERE id = ?", (expired,))
+                db.execute("DELETE FROM assignments WHERE session = ?", (expired,))
         return session
 
     def session_labeler(self, session) -> str:
-        """The labeler who opened `session`; UnknownSession if this file never issued it."""
+        """The labeler who opened `session`; UnknownSession if this file never issued it or it expired."""
         session = check_session(session)
         with self._connect() as db:
-            row = db.execute("SELECT labeler FROM sessions WHERE id = ?", (session,)).fetchone()
+            row = db.execute("SELECT labeler, COALESCE(last_seen, created_at) FROM sessions WHERE id = ?",
+                             (session,)).fetchone()  # fmt: skip
         if row is None:
             raise UnknownSession("this page's session is not known to the server (was the labels file replaced?); "
                                  "reload the page")  # fmt: skip
+        if time.time() - row[1] > SESSION_IDLE_SECONDS:
+            raise UnknownSession(f"this page's session expired ({SESSION_IDLE_SECONDS // 60} minutes without "
+                                 "labeling, or a newer page of yours replaced it); reload the page")  # fmt: skip
         return row[0]
+
+    @staticmethod
+    def _seen(db, session: str | None, now: float) -> None:
+        """Note that `session` acted (next, label, undo): a heartbeat alone does not keep a session alive."""
+        if session is not None:
+            db.execute("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, session))
 
     # ------------------------------------------------------------------------------------------ leases
 
     @staticmethod
     def _lease(db, comparison_id: int, labeler: str, session: str | None, now: float) -> None:
-        """Lease comparison_id to (labeler, session) for LEASE_SECONDS, dropping the session's other leases: one
-        page shows one comparison, so a session holds at most one and can't hoard the queue."""
+        """Lease comparison_id to (labeler, session) for LEASE_SECONDS, dropping the session's other leases (one
+        page shows one comparison) and the labeler's oldest past MAX_LEASES_PER_LABELER. shown_at stays while the
+        same session renews: the reading time counts from when the page first showed it."""
         db.execute("DELETE FROM assignments WHERE labeler = ? AND session IS ? AND comparison_id != ?",
                    (labeler, session, comparison_id))  # fmt: skip
-        db.execute("INSERT OR REPLACE INTO assignments (comparison_id, labeler, expires_at, session) "
-                   "VALUES (?, ?, ?, ?)", (comparison_id, labeler, now + LEASE_SECONDS, session))  # fmt: skip
+        db.execute("""INSERT INTO assignments (comparison_id, labeler, expires_at, session, shown_at)
+                      VALUES (?, ?, ?, ?, ?) ON CONFLICT (comparison_id, labeler) DO UPDATE SET
+                      shown_at = CASE WHEN session IS excluded.session THEN shown_at ELSE excluded.shown_at END,
+                      expires_at = excluded.expires_at, session = excluded.session""",
+                   (comparison_id, labeler, now + LEASE_SECONDS, session, now))  # fmt: skip
+        db.execute("DELETE FROM assignments WHERE labeler = ? AND rowid NOT IN (SELECT rowid FROM assignments "
+                   "WHERE labeler = ? ORDER BY expires_at DESC LIMIT ?)",
+                   (labeler, labeler, MAX_LEASES_PER_LABELER))  # fmt: skip
 
     def _params(self, labeler: str, session: str | None, now: float) -> dict:
         return {"labeler": labeler, "session": session, "now": now, "n": self.labels_per_comparison}
@@ -310,6 +497,7 @@ class Store:
         now = time.time()
         params = self._params(labeler, session, now)
         with self._write() as db:
+            self._seen(db, session, now)
             db.execute("DELETE FROM assignments WHERE expires_at < ?", (now,))
             row = db.execute(f"""SELECT c.id FROM assignments mine JOIN comparisons c ON c.id = mine.comparison_id
                                  WHERE mine.labeler = :labeler AND mine.session IS :session AND {OPEN}
@@ -350,42 +538,62 @@ class Store:
 
     def add(self, samples) -> tuple[int, int]:
         """Queue (prompt, responses, metadata) triples in one transaction: all or none. Returns (added,
-        already_queued); a comparison with the same prompt and responses is queued once."""
+        already_queued); a comparison with the same prompt and the same responses, in any order, is queued once."""
         checked = [check_sample({"prompt": p, "responses": r, **m}, f"sample {i + 1}")
                    for i, (p, r, m) in enumerate(samples)]  # fmt: skip
         added = 0
         now = time.time()
         with self._write() as db:
             for prompt, responses, metadata in checked:
-                key = hashlib.sha256(json.dumps([prompt, responses]).encode()).hexdigest()
                 cursor = db.execute("INSERT OR IGNORE INTO comparisons (prompt, responses, metadata, content_key, "
-                                    "added_at) VALUES (?, ?, ?, ?, ?)",
-                                    (prompt, json.dumps(responses), json.dumps(metadata), key, now))  # fmt: skip
+                                    "added_at) VALUES (?, ?, ?, ?, ?)", (prompt, json.dumps(responses),
+                                    json.dumps(metadata), content_key(prompt, responses), now))  # fmt: skip
                 added += cursor.rowcount
         return added, len(checked) - added
 
+    @staticmethod
+    def _choice(db, comparison_id: int, choice) -> tuple[str, int | None]:
+        """(kind, best) of a choice for comparison_id: the index of the best response, "tie" or "skip"."""
+        row = db.execute("SELECT responses FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
+        if row is None:
+            raise UnknownComparison(f"comparison {comparison_id} does not exist; reload the page")
+        k = len(json.loads(row[0]))
+        if choice in ("tie", "skip"):
+            return choice, None
+        if isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < k:
+            return "best", choice
+        raise LabelingError(f"choice {choice!r:.40} must be a response index 0..{k - 1}, 'tie' or 'skip'")
+
+    def _shown_at(self, db, comparison_id: int, labeler: str, session: str, now: float) -> float:
+        """When the page of `session` was shown comparison_id; refuses an answer from a page that does not hold
+        its lease (StaleComparison) or has shown it for less than min_read_seconds (TooSoon)."""
+        lease = db.execute("SELECT shown_at, expires_at FROM assignments WHERE comparison_id = ? AND labeler = ? "
+                           "AND session = ?", (comparison_id, labeler, session)).fetchone()  # fmt: skip
+        if lease is None or lease[1] < now:
+            raise StaleComparison(f"comparison {comparison_id} is not on this page's screen (another page holds it, "
+                                  "or it went back to the queue); load the next one")  # fmt: skip
+        shown_at = lease[0] if lease[0] is not None else now
+        if now - shown_at < self.min_read_seconds:
+            raise TooSoon(f"comparison {comparison_id} has been on screen for {now - shown_at:.1f} s; answers are "
+                          f"taken after {self.min_read_seconds:g} s, so read the stories first")  # fmt: skip
+        return shown_at
+
     def label(self, comparison_id, labeler: str, choice, session: str | None = None) -> int:
-        """Store one answer in one transaction; returns the label's id.
+        """Store one answer in one transaction; returns the label's id (never one an undone label had).
 
         choice: the index of the best response, "tie" or "skip". Raises UnknownComparison for an id not in the
-        store, StaleComparison when this labeler already answered it or it already holds enough answers (a skip is
-        always accepted once: it only takes the comparison out of this labeler's queue), LabelingError otherwise.
+        store, StaleComparison when this labeler already answered it, it already holds enough answers (a skip is
+        always accepted once: it only takes the comparison out of this labeler's queue), or, for a page session,
+        the page does not hold its lease; TooSoon when that page has shown it for less than min_read_seconds;
+        LabelingError otherwise.
         """
         labeler = check_labeler(labeler)
         session = None if session is None else check_session(session)
         comparison_id = check_id(comparison_id)
         n = self.labels_per_comparison
+        now = time.time()
         with self._write() as db:
-            row = db.execute("SELECT responses FROM comparisons WHERE id = ?", (comparison_id,)).fetchone()
-            if row is None:
-                raise UnknownComparison(f"comparison {comparison_id} does not exist; reload the page")
-            k = len(json.loads(row[0]))
-            if choice in ("tie", "skip"):
-                kind, best = choice, None
-            elif isinstance(choice, int) and not isinstance(choice, bool) and 0 <= choice < k:
-                kind, best = "best", choice
-            else:
-                raise LabelingError(f"choice {choice!r:.40} must be a response index 0..{k - 1}, 'tie' or 'skip'")
+            kind, best = self._choice(db, comparison_id, choice)
             if db.execute("SELECT 1 FROM labels WHERE comparison_id = ? AND labeler = ?",
                           (comparison_id, labeler)).fetchone():  # fmt: skip
                 raise StaleComparison(f"{labeler} already labelled comparison {comparison_id}; "
@@ -394,25 +602,56 @@ class Store:
                               (comparison_id,)).fetchone()[0]  # fmt: skip
             if kind != "skip" and done >= n:
                 raise StaleComparison(f"comparison {comparison_id} already has its {n} label(s); load the next one")
-            cursor = db.execute("INSERT INTO labels (comparison_id, labeler, kind, best, created_at, session) "
-                                "VALUES (?, ?, ?, ?, ?, ?)",
-                                (comparison_id, labeler, kind, best, time.time(), session))  # fmt: skip
+            shown_at = None if session is None else self._shown_at(db, comparison_id, labeler, session, now)
+            self._seen(db, session, now)
+            cursor = db.execute("INSERT INTO labels (comparison_id, labeler, kind, best, created_at, session, "
+                                "shown_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (comparison_id, labeler, kind, best, now, session, shown_at))  # fmt: skip
             db.execute("DELETE FROM assignments WHERE comparison_id = ? AND labeler = ?", (comparison_id, labeler))
             return cursor.lastrowid
 
     def undo(self, labeler: str, session: str | None = None) -> dict | None:
-        """Delete the latest label given by (labeler, session), never another session's, and lease that comparison
-        to them again; returns it (None if they have no label). Repeated calls walk further back."""
+        """Delete the latest label given by (labeler, session) and lease that comparison to them again; returns it
+        (None if they have no label). A session opened through an invite undoes the person's latest label from any
+        of their pages (a reload, another device); any other session only its own, never another page's under the
+        same typed name. Repeated calls walk further back."""
         labeler = check_labeler(labeler)
         session = None if session is None else check_session(session)
+        now = time.time()
         with self._write() as db:
-            row = db.execute("SELECT id, comparison_id FROM labels WHERE labeler = ? AND session IS ? "
-                             "ORDER BY id DESC LIMIT 1", (labeler, session)).fetchone()  # fmt: skip
+            invited = session is not None and db.execute("SELECT invited FROM sessions WHERE id = ?",
+                                                         (session,)).fetchone() == (1,)  # fmt: skip
+            mine = "labeler = ?" if invited else "labeler = ? AND session IS ?"
+            row = db.execute(f"SELECT id, comparison_id FROM labels WHERE {mine} ORDER BY id DESC LIMIT 1",
+                             (labeler,) if invited else (labeler, session)).fetchone()  # fmt: skip
+            self._seen(db, session, now)
             if row is None:
                 return None
             db.execute("DELETE FROM labels WHERE id = ?", (row[0],))
-            self._lease(db, row[1], labeler, session, time.time())
+            self._lease(db, row[1], labeler, session, now)
             return self._comparison(db, row[1])
+
+    def adjudicate(self, comparison_id, lead: str, choice) -> int:
+        """The lead's answer to a comparison its labelers disagree on, stored beside their labels (which stay);
+        returns its id. Deciding again replaces the lead's earlier answer. choice: a response index or "tie"."""
+        lead = check_labeler(lead)
+        comparison_id = check_id(comparison_id)
+        if choice == "skip":
+            raise LabelingError("an adjudication is a response index or 'tie'; leave the comparison to skip it")
+        with self._write() as db:
+            kind, best = self._choice(db, comparison_id, choice)
+            given = db.execute("SELECT id, kind, best FROM labels WHERE comparison_id = ? AND kind != 'skip' "
+                               "ORDER BY id", (comparison_id,)).fetchall()  # fmt: skip
+            if len({(k, b) for _, k, b in given}) < 2:
+                raise StaleComparison(f"comparison {comparison_id}'s labelers do not disagree (an undo may have "
+                                      "changed it); reload the review queue")  # fmt: skip
+            cursor = db.execute("""INSERT INTO adjudications (comparison_id, lead, kind, best, label_ids, created_at)
+                                   VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (comparison_id) DO UPDATE SET
+                                   lead = excluded.lead, kind = excluded.kind, best = excluded.best,
+                                   label_ids = excluded.label_ids, created_at = excluded.created_at RETURNING id""",
+                                (comparison_id, lead, kind, best, json.dumps([i for i, _, _ in given]),
+                                 time.time()))  # fmt: skip
+            return cursor.fetchone()[0]
 
     # ------------------------------------------------------------------------------------------ reads
 
@@ -430,11 +669,19 @@ class Store:
         return [{"id": i, "prompt": p, "responses": json.loads(r), "metadata": json.loads(m)} for i, p, r, m in rows]
 
     def labels(self) -> list[dict]:
-        """Every stored label, oldest first, as dicts (id, comparison_id, labeler, kind, best, session)."""
-        columns = ("id", "comparison_id", "labeler", "kind", "best", "session")
+        """Every stored label, oldest first, as dicts (id, comparison_id, labeler, kind, best, session,
+        created_at, shown_at)."""
+        columns = ("id", "comparison_id", "labeler", "kind", "best", "session", "created_at", "shown_at")
         with self._connect() as db:
             rows = db.execute(f"SELECT {', '.join(columns)} FROM labels ORDER BY id").fetchall()
         return [dict(zip(columns, r)) for r in rows]
+
+    def adjudications(self) -> list[dict]:
+        """Every adjudication: id, comparison_id, lead, kind, best, label_ids (the labels it settles), created_at."""
+        columns = ("id", "comparison_id", "lead", "kind", "best", "label_ids", "created_at")
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {', '.join(columns)} FROM adjudications ORDER BY id").fetchall()
+        return [{**dict(zip(columns, r)), "label_ids": json.loads(r[5])} for r in rows]
 
     def stats(self, labeler: str | None = None, session: str | None = None) -> dict:
         """Progress and agreement.
@@ -444,7 +691,7 @@ class Store:
         the share who gave the same answer (a tie agrees only with a tie); None before any such pair
         (agreement_pairs = 0). With `labeler`: mine (their answers; skips are not answers), my_skips, left_for_me
         (comparisons open to them now) and held_by_others (ones they could answer that others' pages hold: the
-        page shows "waiting" rather than "done" while there are any).
+        page shows "waiting" rather than "done" while there are any). The web app shows labelers no agreement.
         """
         n = self.labels_per_comparison
         labeler = None if labeler is None else check_labeler(labeler)
@@ -473,25 +720,72 @@ class Store:
             out.update(mine=mine, my_skips=my_skips, left_for_me=left, held_by_others=candidates - left)
         return out
 
+    def lead_report(self) -> dict:
+        """What the lead's view shows: `stats()`; per labeler their answers, skips, sessions, median seconds on
+        screen per answer and answers per hour of work; agreement per labeler pair and overall (`agreement_report`);
+        the comparisons leased now, skipped, and stuck (not done, and too few labelers left who have not answered
+        or skipped it); and the review queue: every comparison whose answers disagree, with its adjudication."""
+        now = time.time()
+        with self._read() as db:
+            labels = db.execute("SELECT id, comparison_id, labeler, kind, best, created_at, shown_at, session "
+                                "FROM labels ORDER BY id").fetchall()  # fmt: skip
+            leased = db.execute("SELECT comparison_id, labeler, expires_at FROM assignments WHERE expires_at >= ? "
+                                "ORDER BY comparison_id", (now,)).fetchall()  # fmt: skip
+            people = {name for (name,) in db.execute("SELECT labeler FROM sessions UNION SELECT name FROM invites "
+                                                     "WHERE role = 'labeler' AND revoked_at IS NULL")}  # fmt: skip
+            settled = {row[1]: row for row in db.execute("SELECT id, comparison_id, lead, kind, best, created_at "
+                                                         "FROM adjudications")}  # fmt: skip
+            prompts = dict(db.execute("SELECT id, prompt FROM comparisons"))
+        people |= {row[2] for row in labels}
+        n = self.labels_per_comparison
+        by_item: dict[int, dict[str, str | int]] = {}
+        touched: dict[int, set] = {}
+        for _, cid, name, kind, best, *_ in labels:
+            touched.setdefault(cid, set()).add(name)
+            if kind != "skip":
+                by_item.setdefault(cid, {})[name] = _answer(kind, best)
+        review = []
+        for cid, answers in sorted(by_item.items()):
+            if len(set(answers.values())) > 1:
+                adjudication = settled.get(cid)
+                review.append({"comparison_id": cid, "prompt": prompts[cid], "answers": answers,
+                               "adjudication": None if adjudication is None else {
+                                   "id": adjudication[0], "lead": adjudication[2],
+                                   "choice": _answer(adjudication[3], adjudication[4])}})  # fmt: skip
+        stuck = [cid for cid in sorted(prompts) if len(by_item.get(cid, {})) < n
+                 and n - len(by_item.get(cid, {})) > len(people - touched.get(cid, set()))]  # fmt: skip
+        skipped = Counter(cid for _, cid, _, kind, *_ in labels if kind == "skip")
+        return {"stats": self.stats(), "labelers": _labeler_rows(labels, people),
+                "agreement": agreement_report(by_item),
+                "leased": [{"comparison_id": c, "labeler": who, "seconds_left": round(t - now)} for c, who, t in leased],
+                "skipped": [{"comparison_id": c, "skips": k} for c, k in sorted(skipped.items())],
+                "stuck": stuck, "review": review}  # fmt: skip
+
     def export(self, out: str | Path) -> int:
-        """Write every answer (picks and ties; skips are not labels) as a comparisons JSONL, one line per label,
-        in the format `wprlhf.data.load_comparisons` reads. A tie has best 0 and tie true (best is arbitrary
-        there). Empty responses are written as they are (""). Atomic: written beside `out`, then moved into
-        place. Returns the number of lines."""
+        """Write every answer (picks and ties; skips are not labels) and every adjudication as a comparisons JSONL,
+        one line each, in the format `wprlhf.data.load_comparisons` reads. A tie has best 0 and tie true (best is
+        arbitrary there). Each line carries its lineage: comparison_id, label_id, labeler, session, shown_at and
+        created_at (ISO 8601, UTC); an adjudication's line has adjudicated true, label_id null, adjudication_id and
+        settles (the label ids it decides between). Empty responses are written as they are (""). Atomic: written
+        beside `out`, then moved into place. Returns the number of lines."""
         with self._connect() as db:
-            rows = db.execute("SELECT c.prompt, c.responses, c.metadata, l.labeler, l.kind, l.best FROM labels l "
-                              "JOIN comparisons c ON c.id = l.comparison_id WHERE l.kind != 'skip' "
-                              "ORDER BY l.id").fetchall()  # fmt: skip
+            rows = db.execute("SELECT c.id, c.prompt, c.responses, c.metadata, l.id, l.labeler, l.kind, l.best, "
+                              "l.session, l.shown_at, l.created_at FROM labels l JOIN comparisons c "
+                              "ON c.id = l.comparison_id WHERE l.kind != 'skip' ORDER BY l.id").fetchall()  # fmt: skip
+            settled = db.execute("SELECT c.id, c.prompt, c.responses, c.metadata, a.id, a.lead, a.kind, a.best, "
+                                 "a.label_ids, a.created_at FROM adjudications a JOIN comparisons c "
+                                 "ON c.id = a.comparison_id ORDER BY a.id").fetchall()  # fmt: skip
         if not rows:  # an empty file would only fail later, in rm train, far from its cause
             raise LabelingError(f"{self.path} holds no labels yet (skips are not labels); label some on the page "
                                 "(`wprlhf label serve`) before exporting")  # fmt: skip
         lines = []
-        for prompt, responses, metadata, labeler, kind, best in rows:
-            prompt_id = json.loads(metadata).get("prompt_id", "")
-            lines.append(json.dumps({"prompt": prompt, "responses": json.loads(responses),
-                                     "best": best if kind == "best" else 0, "labeler": labeler, "tie": kind == "tie",
-                                     "prompt_id": "" if prompt_id is None else str(prompt_id)},
-                                    ensure_ascii=False))  # fmt: skip
+        for cid, prompt, responses, metadata, label_id, labeler, kind, best, session, shown_at, created in rows:
+            lines.append(_export_line(cid, prompt, responses, metadata, labeler, kind, best, created,
+                                      label_id=label_id, session=session, shown_at=_iso(shown_at)))  # fmt: skip
+        for cid, prompt, responses, metadata, adjudication_id, lead, kind, best, label_ids, created in settled:
+            lines.append(_export_line(cid, prompt, responses, metadata, lead, kind, best, created, label_id=None,
+                                      adjudicated=True, adjudication_id=adjudication_id,
+                                      settles=json.loads(label_ids)))  # fmt: skip
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -506,3 +800,28 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
             raise
         return len(lines)
+
+
+def _export_line(cid, prompt, responses, metadata, labeler, kind, best, created, **lineage) -> str:
+    """One line of `Store.export`: the comparison as load_comparisons reads it, then where the answer came from."""
+    prompt_id = json.loads(metadata).get("prompt_id", "")
+    return json.dumps({"prompt": prompt, "responses": json.loads(responses), "best": best if kind == "best" else 0,
+                       "labeler": labeler, "tie": kind == "tie", "prompt_id": "" if prompt_id is None else str(prompt_id),
+                       "comparison_id": cid, **lineage, "created_at": _iso(created)}, ensure_ascii=False)  # fmt: skip
+
+
+def _labeler_rows(labels: list[tuple], people: set[str]) -> list[dict]:
+    """Per labeler: answers, skips, sessions, median seconds on screen per answer (from shown_at, pages only) and
+    answers per hour of work (gaps over 10 minutes between labels are breaks, not work)."""
+    rows = []
+    for name in sorted(people):
+        mine = [row for row in labels if row[2] == name]
+        answers = sum(row[3] != "skip" for row in mine)
+        on_screen = sorted(row[5] - row[6] for row in mine if row[6] is not None)
+        times = [row[5] for row in mine]
+        worked = sum(min(b - a, 600.0) for a, b in itertools.pairwise(sorted(times)))
+        rows.append({"labeler": name, "answers": answers, "skips": len(mine) - answers,
+                     "sessions": len({row[7] for row in mine if row[7]}),
+                     "median_seconds": on_screen[len(on_screen) // 2] if on_screen else None,
+                     "per_hour": round(3600 * (len(mine) - 1) / worked, 1) if worked > 0 else None})  # fmt: skip
+    return rows
