@@ -122,7 +122,7 @@ def test_desktop_token_guidelines_keyboard_and_undo(tmp_path, browser):
         ("A cat inherits a castle.", ["It naps in every room.", "It fires the dog.", "It sells the moat.",
                                       "It learns the lute."], {}),
     ])  # fmt: skip
-    app = create_app(db, token=TOKEN, instructions=GUIDELINES)
+    app = create_app(db, token=TOKEN, instructions=GUIDELINES, min_read_seconds=0)  # timing: its own test
     with BackgroundServer(app) as url:
         page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
         # a labeler who lost the ?token= part of the link gets a plain question, not an API error
@@ -206,7 +206,7 @@ def test_phone_rtl_empty_response_waiting_queue_and_hidden_tab(tmp_path, browser
         ("Say something, dragon.", ["", LONG_STORY], {}),
         ("The moon files a complaint.", ["Dear Sun, you are too bright.", "To whom it may concern: the tides."], {}),
     ])  # fmt: skip
-    with BackgroundServer(create_app(db)) as url:
+    with BackgroundServer(create_app(db, min_read_seconds=0)) as url:
         context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
         page = context.new_page()
         page.clock.install()  # the page's 10 s poll runs when the test moves time on, not after a wait

@@ -383,7 +383,7 @@ class _Guard:
         self.failures.pop(address, None)
         scope["wprlhf.identity"] = identity
         lead_path = scope["path"].startswith("/api/lead/")
-        if lead_path != (identity[0] == "lead"):
+        if lead_path != (identity[0] == "lead") and scope["path"] != "/api/me":  # /api/me: the page asks who it is
             return 403, ("the lead's view needs the lead's own link (`wprlhf label invite --lead NAME`)" if lead_path
                          else "this is the lead's link, for /lead; labelers label with their own invite links")
         return None

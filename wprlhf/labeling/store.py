@@ -735,7 +735,8 @@ class Store:
                                                      "WHERE role = 'labeler' AND revoked_at IS NULL")}  # fmt: skip
             settled = {row[1]: row for row in db.execute("SELECT id, comparison_id, lead, kind, best, created_at "
                                                          "FROM adjudications")}  # fmt: skip
-            prompts = dict(db.execute("SELECT id, prompt FROM comparisons"))
+            texts = {cid: (prompt, json.loads(responses))
+                     for cid, prompt, responses in db.execute("SELECT id, prompt, responses FROM comparisons")}
         people |= {row[2] for row in labels}
         n = self.labels_per_comparison
         by_item: dict[int, dict[str, str | int]] = {}
@@ -748,11 +749,12 @@ class Store:
         for cid, answers in sorted(by_item.items()):
             if len(set(answers.values())) > 1:
                 adjudication = settled.get(cid)
-                review.append({"comparison_id": cid, "prompt": prompts[cid], "answers": answers,
+                review.append({"comparison_id": cid, "prompt": texts[cid][0], "responses": texts[cid][1],
+                               "answers": answers,
                                "adjudication": None if adjudication is None else {
                                    "id": adjudication[0], "lead": adjudication[2],
                                    "choice": _answer(adjudication[3], adjudication[4])}})  # fmt: skip
-        stuck = [cid for cid in sorted(prompts) if len(by_item.get(cid, {})) < n
+        stuck = [cid for cid in sorted(texts) if len(by_item.get(cid, {})) < n
                  and n - len(by_item.get(cid, {})) > len(people - touched.get(cid, set()))]  # fmt: skip
         skipped = Counter(cid for _, cid, _, kind, *_ in labels if kind == "skip")
         return {"stats": self.stats(), "labelers": _labeler_rows(labels, people),

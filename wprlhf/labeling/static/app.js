@@ -3,6 +3,10 @@
 // <script> shows as text. No libraries, no network beyond this server: the page works offline.
 // Leases: the server keeps the shown comparison for this page for 60 s. The page renews it while it is visible
 // and its labeler active, and gives it back when hidden or closed, so nobody who walks away holds up the queue.
+// A held-down key labels once (auto-repeat is ignored), and no answer is sent before the item has been on screen
+// for the server's min_read_seconds (the server refuses earlier ones too). The tab keeps its session across
+// reloads, so undo still reaches the last label; with an invite link the name is the invite's and undo follows the
+// person. Labelers are never shown agreement: it would tell them whether they matched the others.
 "use strict";
 
 const HEARTBEAT_MS = 20_000; // well inside the server's 60 s lease
@@ -11,11 +15,12 @@ const IDLE_MS = 5 * 60_000; // no key, tap or scroll for this long: give the com
 const CHOSEN_MS = 350; // the chosen story stays highlighted this long before the next item replaces it
 const VIEWS = ["token-form", "name-form", "guidelines", "task", "empty", "paused"];
 const NAME_KEY = "wprlhf-labeler", TOKEN_KEY = "wprlhf-token", SEEN_KEY = "wprlhf-guidelines-seen";
+const SESSION_KEY = "wprlhf-session"; // sessionStorage: this tab's {session, labeler}, kept across reloads
 const BAD_TOKEN = "That access code was not accepted. Check the link you were given, or ask the person who sent it.";
 
 const state = {
   token: null, labeler: null, session: null, current: null, busy: false, view: null, instructions: null,
-  pollTimer: null, lastActivity: Date.now(),
+  pollTimer: null, lastActivity: Date.now(), shownAt: 0, minReadMs: 0, invited: false,
 };
 const $ = (id) => document.getElementById(id);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -51,20 +56,20 @@ function view(name) {
   for (const id of VIEWS) $(id).hidden = id !== name;
   const asking = name === "token-form" || name === "name-form";
   $("who").hidden = !state.session || asking;
+  $("actions").hidden = name !== "task";
+  $("change-name").hidden = state.invited; // the invite's name is the person's
   $("show-guidelines").hidden = !state.instructions || !state.session || asking || name === "guidelines";
   if (name !== "empty") clearTimeout(state.pollTimer);
 }
 
 function showProgress(stats) {
   if (!stats) return;
-  const agreement = stats.agreement === null ? "agreement: not yet (needs 2 labels on one comparison)"
-    : `agreement ${(100 * stats.agreement).toFixed(0)} % over ${stats.agreement_pairs} pair(s)`;
   let mine = "";
   if (stats.mine !== undefined) { // skips are not answers, so they get their own count
     mine = ` · you: ${stats.mine} answered` + (stats.my_skips ? `, ${stats.my_skips} skipped` : "") +
       `, ${stats.left_for_me} left` + (stats.held_by_others ? ` (+${stats.held_by_others} on others' screens)` : "");
   }
-  $("progress").textContent = `done ${stats.done} / queued ${stats.queued}${mine} · ${agreement}`;
+  $("progress").textContent = `done ${stats.done} / queued ${stats.queued}${mine}`;
 }
 
 // ------------------------------------------------------------------------------------------ showing an item
@@ -101,6 +106,7 @@ function show(comparison, stats) {
   state.current = comparison;
   if (!comparison) return showEmpty(stats);
   view("task");
+  state.shownAt = performance.now();
   $("prompt").textContent = comparison.prompt;
   $("responses").replaceChildren(...comparison.responses.map(responseCard));
   // On a phone the stories stack and the page scrolls: each item starts at its top, not where the last one ended.
@@ -150,6 +156,13 @@ async function run(action) {
 
 async function recover(error) {
   if (error.status === 401) return askToken(BAD_TOKEN);
+  if (error.status === 403 && state.session && /session/.test(error.message)) {
+    // expired, or replaced by a newer page of this person's: open a fresh one and carry on
+    sessionStorage.removeItem(SESSION_KEY);
+    state.session = null;
+    say("Your session had expired; continuing in a new one.");
+    return openSession(state.labeler);
+  }
   say(error.message, true);
   // 409: someone else filled this comparison or it was already answered; 404: it is gone. Move on.
   if ((error.status === 409 || error.status === 404) && state.session) {
@@ -170,6 +183,10 @@ function choose(choice) {
   if (!state.current || state.view !== "task") return;
   const comparison = state.current;
   if (typeof choice === "number" && choice >= comparison.responses.length) return;
+  if (performance.now() - state.shownAt < state.minReadMs) {
+    say(`Read the stories first: answers count after ${state.minReadMs / 1000} s on screen.`);
+    return;
+  }
   run(async () => {
     const data = await api("POST", "/api/label", withSession({ comparison_id: comparison.id, choice }));
     showProgress(data.stats);
@@ -237,6 +254,7 @@ function resume() {
 // nodes: the file can't add markup, and anything else shows as typed.
 function inline(tag, text) {
   const node = document.createElement(tag);
+  node.dir = "auto"; // Hebrew or Arabic guidelines run right to left, each paragraph by its own first letters
   text.split(/\*\*(.+?)\*\*/).forEach((part, i) => {
     if (i % 2 === 0) { node.append(part); return; }
     const strong = document.createElement("strong");
@@ -259,7 +277,10 @@ function renderGuidelines(text) {
       paragraph = list = null;
     } else if (item) {
       const tag = /\d/.test(item[1]) ? "ol" : "ul";
-      if (!list || list.tagName.toLowerCase() !== tag) blocks.push(list = document.createElement(tag));
+      if (!list || list.tagName.toLowerCase() !== tag) {
+        blocks.push(list = document.createElement(tag));
+        list.dir = "auto";
+      }
       list.append(inline("li", item[2]));
       paragraph = null;
     } else if (paragraph) {
@@ -306,37 +327,57 @@ function askName() {
   $("name-input").focus();
 }
 
-// Each page load (and each name change) gets its own session: labels, leases and undo belong to it.
+// Each tab (and each name change) gets its own session: labels, leases and undo belong to it. A reload keeps the
+// tab's session, so its leased item and its undo survive; a session the server no longer knows is replaced.
+async function openSession(name) {
+  const kept = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+  if (kept && kept.labeler === name) {
+    state.session = kept.session;
+  } else {
+    release(); // a name change: the old session's comparison goes back to the queue
+    const data = await api("POST", "/api/session", state.invited ? {} : { labeler: name });
+    state.session = data.session;
+    name = data.labeler;
+    sessionStorage.setItem(SESSION_KEY, JSON.stringify({ session: data.session, labeler: name }));
+  }
+  Object.assign(state, { labeler: name, current: null });
+  if (!state.invited) localStorage.setItem(NAME_KEY, name);
+  $("labeler-name").textContent = name;
+  say("");
+  if (state.instructions && !sessionStorage.getItem(SEEN_KEY)) showGuidelines(true);
+  else await loadNext();
+}
+
 function start(name) {
   if (document.activeElement) document.activeElement.blur(); // a hidden form field must not keep the keys
-  run(async () => {
-    release(); // a name change: the old session's comparison goes back to the queue
-    const data = await api("POST", "/api/session", { labeler: name });
-    Object.assign(state, { session: data.session, labeler: data.labeler, current: null });
-    localStorage.setItem(NAME_KEY, data.labeler);
-    $("labeler-name").textContent = data.labeler;
-    say("");
-    if (state.instructions && !sessionStorage.getItem(SEEN_KEY)) showGuidelines(true);
-    else await loadNext();
-  });
+  run(() => openSession(name));
 }
 
 async function boot() {
+  let me;
   try {
+    me = await api("GET", "/api/me");
+    if (me.role === "lead") return location.replace("/lead"); // the lead's link opens the lead's view
     state.instructions = (await api("GET", "/api/instructions")).instructions;
   } catch (error) {
     if (error.status === 401) askToken(state.token ? BAD_TOKEN : "");
     else say(error.message, true);
     return;
   }
+  state.minReadMs = 1000 * me.min_read_seconds;
+  state.invited = me.role === "labeler";
   if (state.instructions) renderGuidelines(state.instructions);
-  const saved = localStorage.getItem(NAME_KEY);
+  const saved = state.invited ? me.labeler : localStorage.getItem(NAME_KEY);
   if (saved) start(saved); else askName();
 }
 
 document.addEventListener("keydown", (event) => {
   // Keys act only on a shown comparison (or undo from the empty queue): in forms they type, over guidelines they don't.
   if (event.ctrlKey || event.metaKey || event.altKey || (state.view !== "task" && state.view !== "empty")) return;
+  if (event.repeat) { // a key held down: one answer, not one per auto-repeat
+    event.preventDefault();
+    return;
+  }
   const key = event.key.toLowerCase();
   const action = key === "u" || key === "backspace" ? undo
     : state.view !== "task" ? null
