@@ -23,13 +23,17 @@ from wprlhf.cli import main
 from wprlhf.data import load_comparisons
 from wprlhf.labeling import app as labeling_app
 from wprlhf.labeling import store as store_module
+from wprlhf.labeling.agreement import cohen_kappa, fleiss_kappa
 from wprlhf.labeling.app import (
+    TOKEN_ENV,
     BackgroundServer,
     allowed_hosts,
+    check_token,
     create_app,
     host_name,
     is_loopback,
     read_instructions,  # fmt: skip
+    read_token,
     resolve_token,
 )
 from wprlhf.labeling.store import (
@@ -39,6 +43,7 @@ from wprlhf.labeling.store import (
     Store,
     UnknownComparison,
     UnknownSession,  # fmt: skip
+    check_labeler,
     read_samples,
 )
 
@@ -758,3 +763,385 @@ def test_load_20_concurrent_labelers_50_labels_each(serve, labels_per_comparison
     pairs = n_comparisons * labels_per_comparison * (labels_per_comparison - 1) // 2
     assert (stats["done"], stats["queued"], stats["labels"], stats["agreement_pairs"]) == (n_comparisons, 0, 1000, pairs)
     print(f"1000 labels from {n_clients} concurrent clients in {elapsed:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------- a team (issue 39)
+# Each test below shows one fault a three-person labeling job hit at b8e457e, and fails on that code.
+
+
+def lease_next(client: httpx.Client, session: str) -> int:
+    """The id of the comparison /api/next leases to `session`."""
+    answer = client.post("/api/next", json={"session": session})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["comparison"]["id"]
+
+
+def raw_request(url: str, request: bytes, wait: float = 5.0) -> bytes:
+    """Send bytes on a fresh connection; what came back before the server closed it or `wait` seconds passed."""
+    parts = urlparse(url)
+    reply = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=wait) as sock:
+        sock.sendall(request)
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except (TimeoutError, ConnectionResetError):  # reset: closed before it read the request
+            pass
+    return reply
+
+
+def test_an_answer_needs_the_item_on_screen_for_min_read_seconds(serve, clock):
+    """A key held down labelled 6 items in 2.2 s. The server takes an answer only once its comparison has been on
+    that page's screen for MIN_READ_SECONDS (2 s), counted from the lease, which renewing does not restart."""
+    assert store_module.MIN_READ_SECONDS == 2.0
+    url, store = serve(min_read_seconds=store_module.MIN_READ_SECONDS)
+    store.add(samples(2))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        session = open_session(client, "ann")
+        cid = lease_next(client, session)
+        label = {"session": session, "comparison_id": cid, "choice": 0}
+        early = client.post("/api/label", json=label)
+        assert early.status_code == 425 and "read the stories first" in early.json()["error"]
+        clock.now += 1.5
+        assert client.post("/api/renew", json={"session": session, "comparison_id": cid}).json() == {"held": True}
+        assert lease_next(client, session) == cid  # a reload shows the same item; its clock keeps running
+        assert client.post("/api/label", json=label).status_code == 425
+        clock.now += 0.6
+        assert client.post("/api/label", json=label).status_code == 200
+    (given,) = store.labels()
+    assert given["created_at"] - given["shown_at"] == pytest.approx(2.1)
+
+
+def test_labelers_never_see_agreement(serve):
+    """The agreement shown after every label told the second labeler whether they matched the first. No answer a
+    labeler can ask for carries it, and the page does not print it; the lead's report does."""
+    url, store = serve(labels_per_comparison=2)
+    store.add(samples(1))
+    seen = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        for name, choice in (("ann", 0), ("bob", 1)):
+            session = open_session(client, name)
+            cid = lease_next(client, session)
+            for method, path, body in (("POST", "/api/label", {"session": session, "comparison_id": cid,
+                                                                 "choice": choice}),
+                                       ("POST", "/api/next", {"session": session}),
+                                       ("POST", "/api/undo", {"session": session}),
+                                       ("GET", f"/api/stats?session={session}", None), ("GET", "/api/stats", None)):
+                seen.append(client.request(method, path, json=body).text)
+            client.post("/api/next", json={"session": session})
+            client.post("/api/label", json={"session": session, "comparison_id": cid, "choice": choice})
+        script = client.get("/static/app.js").text
+        assert "stats.agreement" not in script and "agreement_pairs" not in script
+    assert len(seen) == 10 and not [text for text in seen if "agreement" in text]
+    assert store.lead_report()["agreement"]["overall"] == {"items": 1, "pairs": 1, "agree": 0, "raw": 0.0,
+                                                           "kappa": pytest.approx(-1.0)}  # fmt: skip
+
+
+def test_a_body_framed_twice_is_refused_before_it_is_read(serve):
+    """Content-Length: 10 with Transfer-Encoding: chunked made the server read a 100 MiB chunked body: the length
+    checked was not the framing used. Now such a request is answered 400 at once, without waiting for a body."""
+    url, _ = serve()
+    host = urlparse(url).netloc
+    reply = raw_request(url, (f"POST /api/session HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                              "Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n").encode())  # fmt: skip
+    assert reply.startswith(b"HTTP/1.1 400") and b"Transfer-Encoding" in reply
+
+
+def test_the_guard_counts_body_bytes_whatever_the_framing(tmp_path):
+    """Behind the header checks, the bytes are counted as they arrive: a body that streams past max_body (as a
+    chunked one would) is refused after max_body bytes, not read to its end."""
+    app = create_app(tmp_path / "labels.db", max_body=1000)
+    pulled = []
+
+    async def receive():
+        pulled.append(1)
+        return {"type": "http.request", "body": b"x" * 600, "more_body": True}  # never ends
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/session", "client": ("127.0.0.1", 1),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"10")]}
+    import asyncio
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and len(pulled) == 2
+    assert b"over the limit of 1000" in sent[1]["body"]
+
+
+def test_slow_or_idle_connections_are_cut_off_and_capped(serve, monkeypatch):
+    """1,100 idle connections used up the open files and locked every labeler out. Connections past
+    MAX_CONNECTIONS are closed at once, headers must arrive within HEADER_TIMEOUT and a body within BODY_TIMEOUT,
+    and a wrong token is answered before any body is read."""
+    monkeypatch.setattr(labeling_app, "MAX_CONNECTIONS", 6)
+    monkeypatch.setattr(labeling_app, "HEADER_TIMEOUT", 0.6)
+    monkeypatch.setattr(labeling_app, "BODY_TIMEOUT", 0.6)
+    url, _ = serve(token="s3cret-token-123")
+    parts = urlparse(url)
+    idle = [socket.create_connection((parts.hostname, parts.port), timeout=5) for _ in range(6)]
+    try:
+        time.sleep(0.1)
+        assert raw_request(url, b"GET", wait=2) == b""  # the 7th: closed at once, no answer
+        start = time.monotonic()
+        assert [sock.recv(10) for sock in idle] == [b""] * 6  # each closed by the header deadline
+        assert time.monotonic() - start < 3
+    finally:
+        for sock in idle:
+            sock.close()
+    head = (f"POST /api/session HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\nConnection: close\r\n")  # fmt: skip
+    start = time.monotonic()
+    assert raw_request(url, (head + "Authorization: Bearer wrong-token-abcdef\r\n\r\n").encode()).startswith(
+        b"HTTP/1.1 401")  # fmt: skip
+    assert time.monotonic() - start < 0.5  # answered without waiting for the 100 bytes
+    slow = raw_request(url, (head + "Authorization: Bearer s3cret-token-123\r\n\r\n{").encode())
+    assert slow.startswith(b"HTTP/1.1 408") and b"did not arrive within" in slow
+    assert httpx.get(url + "/api/stats", headers={"Authorization": "Bearer s3cret-token-123"}).status_code == 200
+
+
+def test_hogging_is_capped_per_person_and_idle_sessions_expire(serve, clock):
+    """28 scripted sessions held every item and renewing kept them forever. A person's pages together hold at most
+    MAX_LEASES_PER_LABELER leases and MAX_SESSIONS_PER_LABELER live sessions, and a session that only renews
+    expires after SESSION_IDLE_SECONDS (its lease then lapses). Many people behind one address are not capped."""
+    url, store = serve()
+    store.add(samples(30))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        hog = [open_session(client, "hog") for _ in range(store_module.MAX_SESSIONS_PER_LABELER + 1)]
+        for session in hog[1:]:
+            lease_next(client, session)
+        assert len([row for row in leases(store) if row[1] == "hog"]) == store_module.MAX_LEASES_PER_LABELER == 3
+        expired = client.post("/api/next", json={"session": hog[0]})  # the 21st session pushed the 1st out
+        assert expired.status_code == 403 and "expired" in expired.json()["error"]
+        team = [open_session(client, f"labeler-{i}") for i in range(25)]  # one proxy address, 25 people
+        assert len({lease_next(client, session) for session in team}) == 25
+        last = hog[-1]
+        held = [row[0] for row in leases(store) if row[2] == last][0]
+        for _ in range(store_module.SESSION_IDLE_SECONDS // (LEASE_SECONDS - 10) + 1):  # heartbeats only
+            clock.now += LEASE_SECONDS - 10
+            answer = client.post("/api/renew", json={"session": last, "comparison_id": held})
+            if answer.status_code != 200:
+                break
+        assert answer.status_code == 403 and "expired" in answer.json()["error"]
+        clock.now += LEASE_SECONDS + 1
+        assert "hog" not in {row[1] for row in (store.next_for("z") and leases(store))}
+
+
+def test_leases_are_enforced(serve, clock):
+    """Another page could label the item shown on someone else's screen. An answer is taken only from the page
+    holding that comparison's lease: not another labeler's page, not another tab of the same person."""
+    url, store = serve()
+    store.add(samples(2))
+    with httpx.Client(base_url=url, timeout=10) as client:
+        ann, ann_tab, bob = open_session(client, "ann"), open_session(client, "ann"), open_session(client, "bob")
+        shown = lease_next(client, ann)
+        for session in (bob, ann_tab):
+            answer = client.post("/api/label", json={"session": session, "comparison_id": shown, "choice": 0})
+            assert answer.status_code == 409 and "not on this page's screen" in answer.json()["error"]
+        clock.now += LEASE_SECONDS + 1  # ann's lease lapsed: bob still has to be shown it first
+        assert client.post("/api/label", json={"session": bob, "comparison_id": shown, "choice": 0}).status_code == 409
+        assert lease_next(client, bob) == shown
+        assert client.post("/api/label", json={"session": bob, "comparison_id": shown, "choice": 0}).status_code == 200
+    assert [(x["labeler"], x["session"]) for x in store.labels()] == [("bob", bob)]
+
+
+def test_names_are_one_labeler_in_any_case_or_width_and_zwnj_is_accepted():
+    """Names with a ZWNJ were refused, while 'Ann' and 'ann' were two labelers."""
+    assert check_labeler("Ann") == check_labeler(" ANN ") == check_labeler("Ａｎｎ") == check_labeler("ann") == "ann"
+    assert check_labeler("Straße") == check_labeler("STRASSE")
+    persian = "نیم\u200cفاصله"  # a Persian name written with a zero-width non-joiner
+    assert check_labeler(persian) == persian
+    for spoof in ("ann\u202e", "a\u200bnn", "ann\x00"):  # a bidi override, a zero-width space, a NUL
+        with pytest.raises(LabelingError, match="invisible"):
+            check_labeler(spoof)
+
+
+def test_name_variants_label_as_one_person(store):
+    store.label(1, "Ann", 0)
+    with pytest.raises(StaleComparison, match="ann already labelled"):
+        store.label(1, "ＡＮＮ", 1)
+    assert [x["labeler"] for x in store.labels()] == ["ann"]
+
+
+def test_tokens_must_be_strong_and_can_come_from_a_file_or_the_environment(tmp_path):
+    """'password' was accepted as --token, and --token shows in `ps`. The rule: at least 16 printable characters
+    without spaces, at least 10 of them different."""
+    for weak in ("password", "passwordpassword", "aaaaaaaaaaaaaaaaaaaa", "sixteen chars ok"):
+        with pytest.raises(LabelingError, match="at least"):
+            check_token(weak)
+    assert check_token("s3cret-token-123") == "s3cret-token-123"
+    path = tmp_path / "token"
+    path.write_text("from-a-file-token-42\n")
+    assert read_token(token_file=path, environ={}) == "from-a-file-token-42"
+    assert read_token(environ={TOKEN_ENV: "from-the-environment-7"}) == "from-the-environment-7"
+    assert read_token(environ={}) is None
+    with pytest.raises(LabelingError, match="not both"):
+        read_token("s3cret-token-123", path)
+    path.write_text("password\n")
+    with pytest.raises(LabelingError, match=r"--token-file .*token must be|at least 16"):
+        read_token(token_file=path, environ={})
+
+
+def test_cli_serve_takes_the_token_from_a_file_or_the_environment(tmp_path, monkeypatch, capsys):
+    ran = {}
+    monkeypatch.setattr(labeling_app.uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    path = tmp_path / "token"
+    path.write_text("from-a-file-token-42\n")
+    code, out, _ = run_cli(capsys, "label", "serve", "--db", tmp_path / "labels.db", "--token-file", path)
+    assert code == 0 and "?token=from-a-file-token-42" in out
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-7")
+    code, out, _ = run_cli(capsys, "label", "serve", "--db", tmp_path / "labels.db")
+    assert code == 0 and "?token=from-the-environment-7" in out
+    with BackgroundServer(ran["app"]) as url:
+        assert httpx.get(url + "/api/stats").status_code == 401
+        assert httpx.get(url + "/api/stats", headers={"Authorization": "Bearer from-the-environment-7"}).is_success
+    code, _, err = run_cli(capsys, "label", "serve", "--db", tmp_path / "labels.db", "--token", "password")
+    assert code == 2 and "at least 16" in err
+
+
+def test_wrong_guesses_back_off(serve, monkeypatch):
+    """Wrong tokens were answered 164 times a second. After FREE_GUESSES wrong ones from an address, its requests
+    are answered 429 with Retry-After, unchecked (so even the right token waits), for a time that doubles."""
+    monkeypatch.setattr(labeling_app, "MAX_BACKOFF", 0.4)  # the wait's cap, short for the test (60 s in use)
+    url, _ = serve(token="s3cret-token-123")
+    with httpx.Client(base_url=url, timeout=10) as client:
+        codes = [client.get("/api/stats", headers={"Authorization": f"Bearer guess-{i}"}).status_code
+                 for i in range(labeling_app.FREE_GUESSES + 2)]  # fmt: skip
+        assert codes == [401] * (labeling_app.FREE_GUESSES + 1) + [429]
+        refused = client.get("/api/stats", headers={"Authorization": "Bearer s3cret-token-123"})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "too many wrong access codes" in refused.json()["error"]
+        time.sleep(0.45)
+        assert client.get("/api/stats", headers={"Authorization": "Bearer s3cret-token-123"}).status_code == 200
+        assert client.get("/api/stats", headers={"Authorization": "Bearer guess-again"}).status_code == 401  # reset
+
+
+def test_blind_pairs_queued_twice_are_queued_once(tmp_path):
+    """The same `eval --blind-db` run twice added 18 duplicates out of 36: the sides are shuffled again each time,
+    and the key counted the order. A comparison is now its prompt and its set of responses."""
+    from wprlhf.evals.side_by_side import queue_blind
+
+    prompts = [f"Prompt {i}" for i in range(36)]
+    a, b = ("policy-a", [f"A story {i}" for i in range(36)]), ("policy-b", [f"B story {i}" for i in range(36)])
+    db = tmp_path / "blind.db"
+    assert queue_blind(db, prompts, a, b) == 36
+    orders = {tuple(c["metadata"]["blind_sides"]) for c in Store(db).comparisons()}
+    assert queue_blind(db, prompts, a, b) == 0 and queue_blind(db, prompts, b, a) == 0
+    assert len(Store(db).comparisons()) == 36 and len(orders) == 2  # both orders occurred, and still one each
+
+
+def invite_client(url: str, secret: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=10, headers={"Authorization": "Bearer " + secret})
+
+
+def test_invites_name_the_labeler_and_undo_follows_the_person(serve):
+    """Undo after a reload said "Nothing to undo": undo belonged to the tab. With an invite the name comes from
+    the link, and undo (to fix an earlier answer) reaches the person's labels from any page of theirs. A typed
+    name that an invite owns is refused, and a revoked link stops working."""
+    url, store = serve(token="shared-token-for-one")
+    store.add(samples(3))
+    ann_secret = store.invite("Ann")
+    with invite_client(url, ann_secret) as ann, invite_client(url, "shared-token-for-one") as shared:
+        assert ann.get("/api/me").json() == {"role": "labeler", "labeler": "ann", "min_read_seconds": 0}
+        first = ann.post("/api/session", json={}).json()
+        assert first["labeler"] == "ann"
+        for _ in range(2):
+            cid = lease_next(ann, first["session"])
+            ann.post("/api/label", json={"session": first["session"], "comparison_id": cid, "choice": 1})
+        reloaded = ann.post("/api/session", json={}).json()["session"]  # another page: a reload, a phone
+        assert ann.post("/api/undo", json={"session": reloaded}).json()["comparison"]["id"] == 2
+        assert ann.post("/api/undo", json={"session": reloaded}).json()["comparison"]["id"] == 1
+        assert lease_next(ann, reloaded) == 1  # the undone one is this page's to answer again
+        assert ann.post("/api/session", json={"labeler": "bob"}).status_code == 403  # the link's name only
+        typed = shared.post("/api/session", json={"labeler": "ANN"})
+        assert typed.status_code == 403 and "invite link" in typed.json()["error"]
+        other = open_session(shared, "cy")
+        assert ann.post("/api/next", json={"session": other}).status_code == 403  # cy's session, ann's link
+        assert store.revoke("ann") is True
+        assert ann.post("/api/next", json={"session": reloaded}).status_code == 401
+    assert store.labels() == []
+
+
+def test_the_lead_view_needs_the_leads_link_and_records_adjudications(serve):
+    url, store = serve(labels_per_comparison=2)
+    store.add(samples(2))
+    secrets_ = {name: store.invite(name) for name in ("ann", "bob")}
+    lead_secret = store.invite("Lee", role="lead")
+    for name, choice in (("ann", 0), ("bob", 1)):
+        with invite_client(url, secrets_[name]) as client:
+            session = client.post("/api/session", json={}).json()["session"]
+            for _ in range(2):
+                cid = lease_next(client, session)
+                client.post("/api/label", json={"session": session, "comparison_id": cid,
+                                                "choice": choice if cid == 1 else 0}).raise_for_status()  # fmt: skip
+            assert client.get("/api/lead/report").status_code == 403  # a labeler's link
+    with httpx.Client(base_url=url, timeout=10) as nobody:
+        assert nobody.get("/api/lead/report").status_code == 401
+    with invite_client(url, lead_secret) as lead:
+        assert lead.get("/lead").status_code == 200 and "lead.js" in lead.get("/lead").text
+        assert lead.post("/api/next", json={"session": "x"}).status_code == 403  # the lead's link does not label
+        report = lead.get("/api/lead/report").json()
+        assert [r["comparison_id"] for r in report["review"]] == [1]
+        assert report["review"][0]["answers"] == {"ann": 0, "bob": 1}
+        pair = report["agreement"]["pairs"][0]
+        assert (pair["a"], pair["b"], pair["items"], pair["agree"], pair["raw"]) == ("ann", "bob", 2, 1, 0.5)
+        assert [(r["labeler"], r["answers"], r["sessions"]) for r in report["labelers"]] == [("ann", 2, 1),
+                                                                                             ("bob", 2, 1)]  # fmt: skip
+        calm = lead.post("/api/lead/adjudicate", json={"comparison_id": 2, "choice": 0})
+        assert calm.status_code == 409 and "do not disagree" in calm.json()["error"]
+        settled = lead.post("/api/lead/adjudicate", json={"comparison_id": 1, "choice": 1})
+        assert settled.status_code == 200
+        assert lead.get("/api/lead/report").json()["review"][0]["adjudication"] == {
+            "id": settled.json()["adjudication_id"], "lead": "lee", "choice": 1}  # fmt: skip
+    assert len(store.labels()) == 4  # the originals stay beside it
+
+
+def test_agreement_maths_by_hand():
+    # Cohen: p_o = 3/4; a says 0 half the time, b a quarter: p_e = .5 * .25 + .5 * .75 = .5; kappa = .25 / .5
+    assert cohen_kappa([0, 0, 1, 1], [0, 1, 1, 1]) == {"items": 4, "agree": 3, "raw": 0.75, "kappa": 0.5}
+    assert cohen_kappa(["tie", "tie"], ["tie", "tie"])["kappa"] is None  # p_e = 1: undefined, not 0 / 0
+    # Fleiss: P_i = 1, 1/3, 1 -> P = 7/9; answers 0 and 1 four times each -> P_e = 1/2; kappa = (7/9 - 1/2) / (1/2)
+    overall = fleiss_kappa([[0, 0, 0], [0, 1, 1], [1, 1], ["skip-less single"]])
+    assert (overall["items"], overall["pairs"], overall["agree"]) == (3, 7, 5)
+    assert overall["raw"] == pytest.approx(5 / 7) and overall["kappa"] == pytest.approx(5 / 9)
+
+
+def test_export_lineage_and_ids_never_reused(tmp_path):
+    """The export had no comparison id, label id, session or time, and an undone label's id was given again."""
+    store = Store(tmp_path / "labels.db", labels_per_comparison=2, min_read_seconds=0)
+    store.add(samples(2) + [("Prompt with id", ["x", "y"], {"prompt_id": 7})])
+    ann, bob = store.open_session("ann"), store.open_session("bob")
+    ids = []
+    for name, session, choice in (("ann", ann, 0), ("bob", bob, 1), ("ann", ann, "tie")):
+        ids.append(store.label(store.next_for(name, session)["id"], name, choice, session))
+    assert store.undo("ann", ann)["id"] == 2
+    ids.append(store.label(store.next_for("ann", ann)["id"], "ann", 0, ann))
+    store.label(store.next_for("bob", bob)["id"], "bob", "skip", bob)
+    store.adjudicate(1, "lee", 1)
+    assert ids == [1, 2, 3, 4]  # the undone id 3 was not given to the next label
+    out = tmp_path / "c.jsonl"
+    assert store.export(out) == 4
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(x["comparison_id"], x["label_id"], x["labeler"], x["session"]) for x in lines[:3]] == [
+        (1, 1, "ann", ann), (1, 2, "bob", bob), (2, 4, "ann", ann)]  # fmt: skip
+    assert all(x["created_at"].endswith("Z") and x["shown_at"].endswith("Z") for x in lines[:3])
+    assert {k: lines[3][k] for k in ("comparison_id", "label_id", "labeler", "adjudicated", "settles", "best")} == {
+        "comparison_id": 1, "label_id": None, "labeler": "lee", "adjudicated": True, "settles": [1, 2], "best": 1}
+    assert [(c.best, c.labeler) for c in load_comparisons(out)] == [(0, "ann"), (1, "bob"), (0, "ann"), (1, "lee")]
+
+
+def test_cli_label_invite_revoke_and_status(tmp_path, capsys):
+    db = tmp_path / "labels.db"
+    code, out, err = run_cli(capsys, "label", "invite", "--db", db, "Ann", "--url", "https://labels.example.org/")
+    assert code == 0 and out.startswith("https://labels.example.org/?token=") and "revoke" in err
+    secret = out.strip().split("?token=")[1]
+    assert Store(db).identity(secret) == ("labeler", "ann")
+    code, out, _ = run_cli(capsys, "label", "invite", "--db", db, "Lee", "--lead")
+    assert code == 0 and out.startswith("http://127.0.0.1:8765/lead?token=")
+    code, out, _ = run_cli(capsys, "label", "status", "--db", db)
+    assert "invites: ann (labeler), lee (lead)" in out
+    assert run_cli(capsys, "label", "revoke", "--db", db, "ANN")[0] == 0
+    assert Store(db).identity(secret) is None
+    code, _, err = run_cli(capsys, "label", "revoke", "--db", db, "ann")
+    assert code == 2 and "no live invite" in err

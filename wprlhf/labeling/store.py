@@ -479,7 +479,7 @@ class Store:
                       expires_at = excluded.expires_at, session = excluded.session""",
                    (comparison_id, labeler, now + LEASE_SECONDS, session, now))  # fmt: skip
         db.execute("DELETE FROM assignments WHERE labeler = ? AND rowid NOT IN (SELECT rowid FROM assignments "
-                   "WHERE labeler = ? ORDER BY expires_at DESC LIMIT ?)",
+                   "WHERE labeler = ? ORDER BY expires_at DESC, rowid DESC LIMIT ?)",
                    (labeler, labeler, MAX_LEASES_PER_LABELER))  # fmt: skip
 
     def _params(self, labeler: str, session: str | None, now: float) -> dict:
