@@ -6,6 +6,7 @@ database shows exactly what was pressed, and nothing the hostile pages sent."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -20,6 +21,7 @@ pytest.importorskip("playwright.sync_api", reason="playwright is not installed (
 
 from playwright.sync_api import expect, sync_playwright
 
+from wprlhf.data import load_comparisons
 from wprlhf.labeling.app import BackgroundServer, create_app
 from wprlhf.labeling.store import Store
 
@@ -309,3 +311,129 @@ def test_pages_from_other_origins_or_host_names_cannot_label(tmp_path, browser):
     assert store.labels() == []
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------- a team (issue 39)
+
+HEBREW_GUIDELINES = "# איך לשפוט\n\nבחרו את הסיפור שהייתם מעדיפים לקרוא.\n\n- התעלמו משגיאות כתיב\n"
+MIN_READ = 0.5  # seconds: the server's minimum time on screen, short here (2 s in use) to keep the test quick
+
+
+def inside_viewport(page, selector: str) -> bool:
+    box, size = page.locator(selector).bounding_box(), page.viewport_size
+    return (box is not None and box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= size["width"] + 0.5
+            and box["y"] + box["height"] <= size["height"] + 0.5)  # fmt: skip
+
+
+def test_actions_and_errors_stay_in_view_at_1366x768_and_200_percent_and_rtl_guidelines(tmp_path, browser):
+    """At 1366x768 "Failed to fetch" appeared below the fold and the action row was cut off; at 200 % zoom the
+    page was hard to use; Hebrew guidelines ran left to right. 200 % zoom of a 1366x768 screen is a 683x384 CSS
+    pixel viewport drawn at scale 2."""
+    db = tmp_path / "labels.db"
+    Store(db).add([(f"A dragon opens bakery {i}. " * 12, [LONG_STORY, LONG_STORY[::-1], LONG_STORY], {})
+                   for i in range(2)])  # one for each screen: the first page's lease holds its own
+    with BackgroundServer(create_app(db, instructions=HEBREW_GUIDELINES, min_read_seconds=0)) as url:
+        for width, height, scale in ((1366, 768, 1), (683, 384, 2)):
+            context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=scale)
+            page = context.new_page()
+            page.goto(f"{url}/")
+            page.fill("#name-input", "dana")
+            page.press("#name-input", "Enter")
+            paragraphs = page.locator("#guidelines-text p, #guidelines-text li, #guidelines-text h3")
+            expect(paragraphs).to_have_count(3)
+            assert paragraphs.evaluate_all("ps => ps.map((p) => getComputedStyle(p).direction)") == ["rtl"] * 3
+            page.click("#guidelines-close")
+            expect(page.locator(".response")).to_have_count(3)
+            page.route("**/api/label", lambda route: route.abort())  # the network fails as the answer is sent
+            page.keyboard.press("2")
+            expect(page.locator("#message")).to_contain_text("Failed to fetch")
+            for selector in ("#actions", "#message", "[data-choice=tie]", "[data-choice=skip]", "#undo"):
+                assert inside_viewport(page, selector), (width, selector, page.locator(selector).bounding_box())
+            page.screenshot(path=str(tmp_path / f"layout-{width}x{height}.png"))
+            context.close()
+
+
+def answer(page, key: str) -> None:
+    """Wait out the minimum time on screen, press `key`, and wait for the next item (or the empty queue)."""
+    before = page.locator("#prompt").inner_text()
+    page.wait_for_timeout(MIN_READ * 1000 + 100)
+    page.keyboard.press(key)
+    page.wait_for_function("(before) => document.getElementById('task').hidden || "
+                           "document.getElementById('prompt').textContent !== before", arg=before)  # fmt: skip
+
+
+def test_three_labelers_with_invites_a_held_key_an_undo_after_reload_and_the_leads_view(tmp_path, browser):
+    """A labeling job as a team runs it: three invited labelers on a desktop, a phone and a dark 1920x1080
+    screen, two answers per comparison. A key held down labels once; an undo after a reload works; labelers see
+    no agreement; the lead sees kappa and settles a disagreement. The export then holds every answer exactly once
+    with its lineage, and the data loader of `rm train` and `dpo` reads it."""
+    db = tmp_path / "labels.db"
+    store = Store(db, labels_per_comparison=2)
+    store.add([(f"Prompt {i}: the moon opens a bakery.", [f"Story {i}, told first.", f"Story {i}, told second."],
+                {"prompt_id": i}) for i in range(4)])  # fmt: skip
+    links = {name: store.invite(name) for name in ("Ann", "bob", "cy")}
+    lead_link = store.invite("Lee", role="lead")
+    screens = {"bob": {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True},
+               "cy": {"viewport": {"width": 1920, "height": 1080}, "color_scheme": "dark"},
+               "ann": {"viewport": {"width": 1366, "height": 768}}}  # fmt: skip
+    keys = {"ann": "1", "bob": "2", "cy": "1"}
+    with BackgroundServer(create_app(db, min_read_seconds=MIN_READ)) as url:
+        pages = {}
+        for name, options in screens.items():
+            pages[name] = browser.new_context(**options).new_page()
+            pages[name].goto(f"{url}/?token={links[name.capitalize() if name == 'ann' else name]}")
+            expect(pages[name].locator("#labeler-name")).to_have_text(name)  # from the invite, not a text box
+            expect(pages[name].locator("#change-name")).to_be_hidden()
+            expect(pages[name].locator("#prompt")).to_contain_text("Prompt")
+        ann = pages["ann"]  # opened last: her item is on screen for less than MIN_READ
+        ann.keyboard.press("1")  # at once: nobody read it yet
+        expect(ann.locator("#message")).to_contain_text("Read the stories first")
+        ann.wait_for_timeout(MIN_READ * 1000 + 100)
+        first = ann.locator("#prompt").inner_text()
+        for _ in range(6):  # held down: one keydown, then auto-repeats
+            ann.keyboard.down("1")
+        ann.keyboard.up("1")
+        expect(ann.locator("#prompt")).not_to_have_text(first)
+        assert [x["labeler"] for x in store.labels()] == ["ann"]  # one label, not six
+
+        cy = pages["cy"]
+        answer(cy, "1")
+        undone = [x for x in store.labels() if x["labeler"] == "cy"][0]
+        cy.reload()
+        expect(cy.locator("#prompt")).to_contain_text("Prompt")
+        cy.keyboard.press("u")
+        expect(cy.locator("#message")).to_have_text("Undone: choose again.")
+        expect(cy.locator("#prompt")).to_have_text(store.comparisons()[undone["comparison_id"] - 1]["prompt"])
+        assert "cy" not in [x["labeler"] for x in store.labels()]
+
+        while any(page.locator("#task").is_visible() for page in pages.values()):
+            for name, page in pages.items():
+                if page.locator("#task").is_visible():
+                    answer(page, keys[name])
+        for page in pages.values():
+            assert "agreement" not in page.locator("body").inner_text().lower()
+            page.context.close()
+        assert store.stats()["done"] == 4
+
+        lead = browser.new_context().new_page()
+        lead.goto(f"{url}/lead?token={lead_link}")
+        expect(lead.locator("#overall")).to_contain_text("Fleiss' kappa")
+        expect(lead.locator("#pairs tbody tr")).not_to_have_count(0)
+        assert "Cohen's kappa" in lead.locator("#pairs").inner_text()
+        card = lead.locator(".review").first
+        card.locator("button[data-choice='0']").click()
+        expect(card.locator(".decided")).to_contain_text("Adjudicated by lee: story 1")
+        lead.context.close()
+
+    labels = store.labels()
+    assert len(labels) == 8 and len({x["id"] for x in labels}) == 8 and undone["id"] not in {x["id"] for x in labels}
+    out = tmp_path / "comparisons.jsonl"
+    (settled,) = store.adjudications()
+    assert store.export(out) == 9
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(x["label_id"] for x in lines[:8]) == sorted(x["id"] for x in labels)  # each answer exactly once
+    for line in lines[:8]:
+        assert line["labeler"] in keys and line["session"] and line["created_at"] and line["shown_at"]
+    assert lines[8]["adjudicated"] is True and lines[8]["adjudication_id"] == settled["id"]
+    loaded = load_comparisons(out)
+    assert len(loaded) == 9 and {c.labeler for c in loaded} == {"ann", "bob", "cy", "lee"}
