@@ -32,9 +32,15 @@ async function api(method, path, body, keepalive = false) {
   const headers = {};
   if (state.token) headers["Authorization"] = "Bearer " + state.token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, {
-    method, headers, keepalive, body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  let response;
+  try {
+    response = await fetch(path, {
+      method, headers, keepalive, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (error) { // the browser's own words ("Failed to fetch") say nothing about what to do
+    throw new Error(`Could not reach the labeling server (${error.message}); nothing was saved. ` +
+      "Check the connection and try again.");
+  }
   let data = null;
   try { data = await response.json(); } catch (e) { /* a non-JSON answer: reported by status below */ }
   if (!response.ok) {
