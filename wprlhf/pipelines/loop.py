@@ -225,7 +225,8 @@ def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Compa
         store.add([(p, r, {**m, "loop_round": round_dir.name}) for p, r, m in rows])
     except LabelingError as err:
         raise UserError(str(err)) from err
-    ours = {(p, tuple(r)) for p, r, _ in rows}
+    # order-blind, as the store keys comparisons: one queued earlier with these responses in another order is ours
+    ours = {(p, tuple(sorted(r))) for p, r, _ in rows}
     wanted = config.web_labels or len(rows)
     print(f"queued {len(rows)} comparisons in {config.db}; waiting for {wanted} labels "
           f"(serve the page with `wprlhf label serve --db {config.db}`)", flush=True)  # fmt: skip
@@ -233,7 +234,7 @@ def web_labels(config: LoopConfig, samples: Path, round_dir: Path) -> list[Compa
     while True:
         try:
             store.export(export)
-            labels = [c for c in load_comparisons(export, keep_meta=True) if (c.prompt, tuple(c.responses)) in ours]
+            labels = [c for c in load_comparisons(export, keep_meta=True) if (c.prompt, tuple(sorted(c.responses))) in ours]
         except LabelingError:  # the store holds no labels yet
             labels = []
         if len(labels) >= wanted:
