@@ -1139,8 +1139,15 @@ def test_cli_label_invite_revoke_and_status(tmp_path, capsys):
     assert Store(db).identity(secret) == ("labeler", "ann")
     code, out, _ = run_cli(capsys, "label", "invite", "--db", db, "Lee", "--lead")
     assert code == 0 and out.startswith("http://127.0.0.1:8765/lead?token=")
-    code, out, _ = run_cli(capsys, "label", "status", "--db", db)
-    assert "invites: ann (labeler), lee (lead)" in out
+    store = Store(db, labels_per_comparison=2)
+    store.add([(XSS, ["a", "b"], {})])
+    store.label(1, "ann", 0)
+    store.label(1, "bob", 1)
+    code, out, err = run_cli(capsys, "label", "status", "--db", db, "--html", tmp_path / "lead.html")
+    assert "invites: ann (labeler), lee (lead)" in out and "ann & bob: raw 0.000 (0 of 1)" in out
+    page = (tmp_path / "lead.html").read_text()
+    data = page.split('id="report-data">')[1].split("</script>")[0]  # the story's own </script> did not end it
+    assert json.loads(data)["review"][0]["prompt"] == XSS and "function render" in page
     assert run_cli(capsys, "label", "revoke", "--db", db, "ANN")[0] == 0
     assert Store(db).identity(secret) is None
     code, _, err = run_cli(capsys, "label", "revoke", "--db", db, "ann")

@@ -22,7 +22,7 @@ pytest.importorskip("playwright.sync_api", reason="playwright is not installed (
 from playwright.sync_api import expect, sync_playwright
 
 from wprlhf.data import load_comparisons
-from wprlhf.labeling.app import BackgroundServer, create_app
+from wprlhf.labeling.app import BackgroundServer, create_app, lead_html
 from wprlhf.labeling.store import Store
 
 BROWSERS = ("chromium", "chromium-browser")
@@ -423,6 +423,11 @@ def test_three_labelers_with_invites_a_held_key_an_undo_after_reload_and_the_lea
         card = lead.locator(".review").first
         card.locator("button[data-choice='0']").click()
         expect(card.locator(".decided")).to_contain_text("Adjudicated by lee: story 1")
+        (tmp_path / "lead.html").write_text(lead_html(store.lead_report()))  # `label status --html`: one file
+        lead.goto((tmp_path / "lead.html").as_uri())
+        expect(lead.locator("#overall")).to_contain_text("Fleiss' kappa")
+        expect(lead.locator(".review .decided").first).to_contain_text("Adjudicated by lee")
+        assert lead.locator(".review button").count() == 0  # read-only: adjudicate on the server
         lead.context.close()
 
     labels = store.labels()

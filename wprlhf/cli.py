@@ -438,6 +438,12 @@ def cmd_label_status(args: argparse.Namespace) -> None:
 
     store = Store(args.db)
     stats, kappa, invites = store.stats(), store.lead_report()["agreement"], store.invites()
+    if args.html:
+        from .files import write_text_atomic
+        from .labeling.app import lead_html
+
+        write_text_atomic(args.html, lead_html(store.lead_report()))
+        print(f"wrote the lead's view to {args.html} (read-only; adjudicate on the server's /lead)", file=sys.stderr)
     if args.json:
         print(json.dumps({**stats, "kappa": kappa, "invites": invites}, indent=2))
         return
@@ -797,6 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat = lab_sub.add_parser("status", help="print done / queued comparisons and labeler agreement")
     lat.add_argument("--db", required=True, help="the SQLite labels file to report on")
     lat.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    lat.add_argument("--html", metavar="FILE", help="also write the lead's view (progress and speed per labeler, "
+                                                     "kappa, stuck items, review queue) as one HTML file")  # fmt: skip
     lat.set_defaults(func=_labeling(cmd_label_status))
     return parser
 

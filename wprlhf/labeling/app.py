@@ -26,7 +26,7 @@ own name); an Origin, when sent, must be the page's own; anything that changes s
 application/json (a page on another site can send text/plain without asking, never JSON); bodies carry a
 Content-Length within MAX_BODY, no Transfer-Encoding, and arrive within BODY_TIMEOUT. With a token or invites, every
 /api/ request carries `Authorization: Bearer SECRET` (checked before any body is read, with a back-off on wrong
-guesses); the page reads it once from its link (`/?token=...`). `TimedH11Protocol` closes connections past
+guesses); the page reads it once from its link (`/?token=...`). `lead_html` writes the lead's view as one file. `TimedH11Protocol` closes connections past
 MAX_CONNECTIONS and those whose headers take over HEADER_TIMEOUT. The pages themselves hold no data.
 """
 
@@ -579,6 +579,22 @@ def _add_lead_api(app: FastAPI, store: Store) -> None:
         data = await _json_object(request, {"comparison_id", "choice"})
         lead = request.scope["wprlhf.identity"][1]
         return {"adjudication_id": await call(store.adjudicate, data["comparison_id"], lead, data["choice"])}
+
+
+def lead_html(report: dict) -> str:
+    """The lead's view as one self-contained HTML file (`wprlhf label status --html FILE`): the /lead page with its
+    style and script inline and `report` (`Store.lead_report`) embedded, read-only (adjudicate on /lead)."""
+    page = (STATIC / "lead.html").read_text(encoding="utf-8")
+    data = json.dumps(report, ensure_ascii=False).replace("<", "\\u003c")  # no "</script>" in a text ends the block
+    inline = {'<link rel="stylesheet" href="/static/style.css">': f"<style>\n{(STATIC / 'style.css').read_text()}</style>",
+              '<script src="/static/lead.js" defer></script>': (
+                  f'<script type="application/json" id="report-data">{data}</script>\n'
+                  f"<script>\n{(STATIC / 'lead.js').read_text(encoding='utf-8')}</script>")}  # fmt: skip
+    for tag, text in inline.items():
+        if tag not in page:  # lead.html changed: fail here, not with a file that silently lacks its script
+            raise RuntimeError(f"static/lead.html no longer holds {tag}; update lead_html to match")
+        page = page.replace(tag, text)
+    return page
 
 
 def create_app(db_path: str | Path, token: str | None = None, labels_per_comparison: int | None = None,

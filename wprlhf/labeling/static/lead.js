@@ -7,6 +7,7 @@ const TOKEN_KEY = "wprlhf-lead-token";
 const REFRESH_MS = 30_000;
 const $ = (id) => document.getElementById(id);
 let token = null;
+let readOnly = false; // a file written by `wprlhf label status --html`: the report is embedded, nothing is sent
 
 async function api(method, path, body) {
   const headers = { Authorization: "Bearer " + token };
@@ -49,6 +50,8 @@ function reviewCard(item) {
   const decided = Object.assign(document.createElement("p"), { className: "decided" });
   decided.textContent = item.adjudication
     ? `Adjudicated by ${item.adjudication.lead}: ${choiceText(item.adjudication.choice)}` : "Not adjudicated yet";
+  card.append(prompt, stories, given, decided);
+  if (readOnly) return card;
   const buttons = document.createElement("p");
   const choices = [...item.responses.map((_, i) => i), "tie"];
   for (const choice of choices) {
@@ -57,7 +60,7 @@ function reviewCard(item) {
     button.addEventListener("click", () => adjudicate(item.comparison_id, choice));
     buttons.append(button);
   }
-  card.append(prompt, stories, given, decided, buttons);
+  card.append(buttons);
   return card;
 }
 
@@ -105,6 +108,13 @@ async function adjudicate(comparisonId, choice) {
 }
 
 window.addEventListener("DOMContentLoaded", () => {
+  const embedded = document.getElementById("report-data");
+  if (embedded) {
+    readOnly = true;
+    $("refresh").hidden = true;
+    render(JSON.parse(embedded.textContent));
+    return;
+  }
   const params = new URLSearchParams(location.search);
   if (params.has("token")) { // like the labeling page: keep it for this tab, out of the address bar and history
     sessionStorage.setItem(TOKEN_KEY, params.get("token"));
