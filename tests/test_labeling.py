@@ -260,14 +260,15 @@ def test_agreement_counts_pairs_of_labels_on_one_comparison(tmp_path):
 def test_an_old_database_opens_and_is_migrated(tmp_path):
     """A file written before sessions existed: its labels survive, it gains the session columns, its labels table
     becomes AUTOINCREMENT (ids kept), its comparisons are keyed by response set (one pair held in both orders, as
-    the old blind queueing could leave it, stays as two), and both old and new code paths work on it."""
+    the old blind queueing could leave it, stays as two), its names are spelled as today ("Ann" -> "ann"), and both
+    old and new code paths work on it."""
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
         db.executescript(OLD_SCHEMA)
         db.execute("INSERT INTO comparisons VALUES (1, 'P', '[\"a\", \"b\"]', '{}', 'k1', 0)")
         db.execute("INSERT INTO comparisons VALUES (2, 'Q', '[\"c\", \"d\"]', '{}', 'k2', 0)")
         db.execute("INSERT INTO comparisons VALUES (3, 'Q', '[\"d\", \"c\"]', '{}', 'k3', 0)")
-        db.execute("INSERT INTO labels VALUES (1, 1, 'ann', 'best', 1, 0)")
+        db.execute("INSERT INTO labels VALUES (1, 1, 'Ann', 'best', 1, 0)")  # spelled as typed then: now "ann"
         db.execute("INSERT INTO assignments VALUES (2, 'bob', 0)")  # a stale reservation of the old kind
     store = Store(path, min_read_seconds=0)
     Store(path)  # opening twice migrates once

@@ -328,8 +328,27 @@ class Store:
                            (key if key not in seen else f"{key}:{cid}", cid))  # fmt: skip
                 seen.add(key)
             db.execute("INSERT INTO settings VALUES ('content_key', 'response set')")
+        if db.execute("SELECT 1 FROM settings WHERE key = 'names'").fetchone() is None:
+            Store._migrate_names(db)
         for statement in filter(str.strip, INDEXES.split(";")):
             db.execute(statement)
+
+    @staticmethod
+    def _migrate_names(db) -> None:
+        """Spell the names of an older file as `check_labeler` does now, so "Ann" there is the "ann" who opens the
+        page today. A label that would clash (one person labelled a comparison under two spellings) keeps its old
+        spelling: both labels stay. Leases are a minute long and simply dropped."""
+        names = {name for (name,) in db.execute("SELECT labeler FROM labels UNION SELECT labeler FROM sessions")}
+        for name in names:
+            try:
+                canonical = check_labeler(name)
+            except LabelingError:
+                continue  # a name today's rule refuses: its labels keep it, and nobody can open a page under it
+            if canonical != name:
+                db.execute("UPDATE OR IGNORE labels SET labeler = ? WHERE labeler = ?", (canonical, name))
+                db.execute("UPDATE sessions SET labeler = ? WHERE labeler = ?", (canonical, name))
+        db.execute("DELETE FROM assignments")
+        db.execute("INSERT INTO settings VALUES ('names', 'NFKC, case-folded')")
 
     @property
     def labels_per_comparison(self) -> int:
