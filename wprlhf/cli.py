@@ -437,12 +437,13 @@ def cmd_label_status(args: argparse.Namespace) -> None:
     from .labeling.store import Store
 
     store = Store(args.db)
-    stats, kappa, invites = store.stats(), store.lead_report()["agreement"], store.invites()
+    report, invites = store.lead_report(), store.invites()
+    stats, kappa = report["stats"], report["agreement"]
     if args.html:
         from .files import write_text_atomic
         from .labeling.app import lead_html
 
-        write_text_atomic(args.html, lead_html(store.lead_report()))
+        write_text_atomic(args.html, lead_html(report))
         print(f"wrote the lead's view to {args.html} (read-only; adjudicate on the server's /lead)", file=sys.stderr)
     if args.json:
         print(json.dumps({**stats, "kappa": kappa, "invites": invites}, indent=2))
@@ -452,7 +453,9 @@ def cmd_label_status(args: argparse.Namespace) -> None:
     print(f"comparisons {stats['comparisons']}: done {stats['done']}, queued {stats['queued']} "
           f"({stats['labels_per_comparison']} label(s) each)\nlabels {stats['labels']}, skips {stats['skips']}\n"
           f"agreement {agreement}")  # fmt: skip
-    number = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    def number(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
     if kappa["overall"]["items"]:
         print(f"Fleiss' kappa {number(kappa['overall']['kappa'])} over {kappa['overall']['items']} comparisons")
     for pair in kappa["pairs"]:
