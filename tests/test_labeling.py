@@ -1,7 +1,8 @@
 """Human labeling: the SQLite store (sessions, leases, migration of old files), the `wprlhf label` commands, the
 web API's answers to bad and hostile requests (ids out of range, foreign Host and Origin, non-JSON state changes),
-token auth, escaping, and a load test of 20 concurrent labelers on loopback. The browser tests are in
-test_labeling_browser.py."""
+token auth, escaping, a load test of 20 concurrent labelers on loopback, and what a labeling team hit (issue 39):
+reading time, leases, caps, framing and timeouts, tokens, names, invites, the lead's view, kappa and export
+lineage. The browser tests are in test_labeling_browser.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 not reachable from CI). A desktop labeler who lost the token, reads the guidelines, labels with the keyboard and
 undoes; a phone labeler with right-to-left text, an empty response, a queue held by someone else and a hidden tab;
 and hostile pages: one on another local port posting text/plain without CORS, one reached by DNS rebinding. The
-database shows exactly what was pressed, and nothing the hostile pages sent."""
+database shows exactly what was pressed, and nothing the hostile pages sent. Then a team (issue 39): the layout at
+1366x768 and 200 % zoom, right-to-left guidelines, and three invited labelers with a lead, through to the export."""
 
 from __future__ import annotations
 
