@@ -9,6 +9,14 @@ queries of exactly 32 tokens (no padding), 32 new tokens per row (no stop), temp
     .venv/bin/python benchmarks/bench_sampler.py --precision bf16     # as a bf16 run samples (see below)
     .venv/bin/python benchmarks/bench_sampler.py --precision bf16 --batch 64 --samples-per-prompt 16 \
         --prompt-tokens 96 --new-tokens 64 --sides wprlhf,wprlhf_repeated,hf   # a best-of-n / DPO pool's batch
+    .venv/bin/python benchmarks/bench_sampler.py --precision bf16 --batch 64 --samples-per-prompt 8 \
+        --new-tokens 320 --whole "Write a complete short story of about 150 words for this writing prompt." \
+        --sides wprlhf,wprlhf_keep_rows,hf      # a whole-story pool's batch (examples/stories-whole.yaml)
+
+--whole INSTRUCTION: whole responses, as `wprlhf stories` draws them: real prompts in the chat template after the
+instruction, each row ending at its end-of-turn or at --new-tokens. Rows end at different steps; `wprlhf` lets the
+ended rows leave the batch (`generation.DROP_FINISHED`), `wprlhf_keep_rows` keeps them stepping to the end as the
+sampler did before (and as HF `generate` does), on the same samples. tokens/s counts real tokens.
 
 --samples-per-prompt K: the batch is batch / K prompts answered K times each, as the pools of best-of-n and DPO
 are drawn. wprlhf runs each prompt's forward once and copies its KV cache (`sample(num_samples=K)`); the side
@@ -29,6 +37,7 @@ This is a measurement, never a test: nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from pathlib import Path
 
@@ -41,15 +50,17 @@ from _common import (
     fixed_queries,
     machine,
     med,
+    prompt_texts,
     peak_rss_mib,
     shown,
     versions,
 )
 
-SIDES = ("wprlhf", "wprlhf_repeated", "hf_scores", "hf", "hf_bf16_weights")
+SIDES = ("wprlhf", "wprlhf_repeated", "wprlhf_keep_rows", "hf_scores", "hf", "hf_bf16_weights")
 LABELS = {
     "wprlhf": "wprlhf `sample` (KV cache)",
     "wprlhf_repeated": "wprlhf `sample` on K copies of each prompt (no shared prefill)",
+    "wprlhf_keep_rows": "wprlhf `sample`, finished rows kept in the batch to the end (before 2026-12-07)",
     "hf_scores": "HF `generate`, output_scores=True (trl's call)",
     "hf": "HF `generate`, no scores",
     "hf_bf16_weights": "HF `generate` on a copy holding the bf16 casts, no scores",
@@ -57,36 +68,50 @@ LABELS = {
 
 
 def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperature: float, seed: int, bf16: bool,
-               k: int = 1):  # fmt: skip
-    """name -> zero-argument callable that samples the batch once and returns the response tokens (B * k, Tr) for
-    queries (B, Tq), k responses each. bf16: every side runs under bf16 autocast (wprlhf's in one block, reading
-    cached casts; see the docstring)."""
+               k: int = 1, whole: bool = False):  # fmt: skip
+    """name -> zero-argument callable that samples the batch once and returns (the response tokens (B * k, Tr),
+    the number of real response tokens) for queries (B, Tq), k responses each. bf16: every side runs under bf16
+    autocast (wprlhf's in one block, reading cached casts; see the docstring). whole: rows end at a stop token
+    (end-of-turn) or at new_tokens, and the wprlhf sides draw the same samples at every call (a fresh generator
+    seeded `seed`), so they do the same work; otherwise every row gets exactly new_tokens."""
+    import wprlhf.generation as generation
     from transformers import GenerationConfig as HFGenerationConfig
 
     from wprlhf.generation import GenerationConfig, sample
     from wprlhf.models import matmuls_in, stop_token_ids
 
-    config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, temperature=temperature)
+    config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=whole, temperature=temperature)
     stops, pad = stop_token_ids(tokenizer), tokenizer.pad_token_id
-    generator = torch.Generator().manual_seed(seed)
+    shared = torch.Generator().manual_seed(seed)
+    generator = lambda: torch.Generator().manual_seed(seed) if whole else shared  # noqa: E731
     attention_mask = query_mask.long()
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     bf16_copy = matmuls_in(model, torch.bfloat16) if bf16 else None
 
     def wprlhf_side():
         with autocast():
-            return sample(model, queries, query_mask, config, stops, pad, generator, num_samples=k).responses
+            gen = sample(model, queries, query_mask, config, stops, pad, generator(), num_samples=k)
+        return gen.responses, int(gen.response_mask.sum())
 
     def wprlhf_repeated_side():
         copies, copies_mask = queries.repeat_interleave(k, 0), query_mask.repeat_interleave(k, 0)
         with autocast():
-            return sample(model, copies, copies_mask, config, stops, pad, generator).responses
+            gen = sample(model, copies, copies_mask, config, stops, pad, generator())
+        return gen.responses, int(gen.response_mask.sum())
+
+    def wprlhf_keep_rows_side():
+        keep, generation.DROP_FINISHED = generation.DROP_FINISHED, 2.0  # a share no batch reaches: rows stay
+        try:
+            return wprlhf_side()
+        finally:
+            generation.DROP_FINISHED = keep
 
     def hf_side(scores: bool, on=model):
         # A fresh config, so nothing from the checkpoint's generation_config adds a logits processor.
         hf_config = HFGenerationConfig(
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+            min_new_tokens=0 if whole else new_tokens, eos_token_id=stops if whole else tokenizer.eos_token_id,
+            pad_token_id=pad,
             bos_token_id=tokenizer.bos_token_id, output_scores=scores, return_dict_in_generate=True,
             num_return_sequences=k,
         )  # fmt: skip
@@ -94,18 +119,35 @@ def make_sides(model, tokenizer, queries, query_mask, new_tokens: int, temperatu
         def run():
             with torch.inference_mode(), autocast():
                 out = on.generate(input_ids=queries, attention_mask=attention_mask, generation_config=hf_config)
-            if scores:
+            if scores and not whole:
                 assert len(out.scores) == new_tokens
-            return out.sequences[:, queries.shape[1] :]
+            responses = out.sequences[:, queries.shape[1] :]
+            # A row's real tokens: up to and including its first stop token (HF pads after it).
+            ended = torch.isin(responses, torch.tensor(stops))
+            real = (ended.long().cumsum(1) - ended.long()) == 0
+            return responses, int(real.sum())
 
         return run
 
     sides = {"wprlhf": wprlhf_side, "hf_scores": hf_side(True), "hf": hf_side(False)}
+    if whole:
+        sides["wprlhf_keep_rows"] = wprlhf_keep_rows_side
     if k > 1:
         sides["wprlhf_repeated"] = wprlhf_repeated_side
     if bf16:
         sides["hf_bf16_weights"] = hf_side(False, on=bf16_copy)
     return sides
+
+
+def whole_queries(tokenizer, prompts: int, instruction: str, source: str, seed: int):
+    """(queries (B, Tq) left-padded, query_mask (B, Tq), source): `prompts` real prompts in the chat template after
+    `instruction`, as the stories pipeline asks for whole stories, shuffled with `seed`."""
+    from wprlhf.generation import encode_prompts
+
+    texts, name = prompt_texts(source)
+    random.Random(seed).shuffle(texts)
+    queries, query_mask = encode_prompts(tokenizer, texts[:prompts], max_prompt_length=256, instruction=instruction)
+    return queries, query_mask, name
 
 
 def profile_sides(sides: dict, rows: int = 12) -> None:
@@ -138,6 +180,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-prompt", type=int, default=1,
                         help="K: the batch is batch/K prompts, K responses each (module docstring)")
+    parser.add_argument("--whole", default=None, metavar="INSTRUCTION",
+                        help="whole responses: the prompts in the chat template after this instruction, each row "
+                             "ending at end-of-turn or --new-tokens (module docstring); tokens/s counts real tokens")
     args = parser.parse_args()
     batch = args.batch or (8 if args.model == "smollm2" else 16)
     k = args.samples_per_prompt
@@ -153,31 +198,37 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_policy(args.model, dtype=torch.float32, seed=args.seed)
     load_s = time.perf_counter() - t0
-    queries, query_mask, source = fixed_queries(tokenizer, batch // k, args.prompt_tokens, args.prompts)
+    if args.whole is not None:
+        queries, query_mask, source = whole_queries(tokenizer, batch // k, args.whole, args.prompts, args.seed)
+    else:
+        queries, query_mask, source = fixed_queries(tokenizer, batch // k, args.prompt_tokens, args.prompts)
     sides = {name: fn for name, fn in make_sides(model, tokenizer, queries, query_mask, args.new_tokens,
-                                                 args.temperature, args.seed, args.precision == "bf16", k).items()
+                                                 args.temperature, args.seed, args.precision == "bf16", k,
+                                                 args.whole is not None).items()
              if name in sides_wanted}  # fmt: skip
     torch.manual_seed(args.seed)
 
     probe_before = cpu_probe()
     for name, fn in sides.items():  # warm-up, 1 each
-        responses = fn()
-        assert responses.shape == (batch, args.new_tokens), (name, responses.shape)  # fixed-length work
+        responses, _ = fn()
+        if args.whole is None:
+            assert responses.shape == (batch, args.new_tokens), (name, responses.shape)  # fixed-length work
     times: dict[str, list[float]] = {k: [] for k in sides}
     cpu: dict[str, list[float]] = {k: [] for k in sides}
+    real: dict[str, list[int]] = {k: [] for k in sides}
     for _ in range(args.repeats):  # interleaved: A, B, C, A, B, C, ...
         for name, fn in sides.items():
             c0, w0 = cpu_seconds(), time.perf_counter()
-            fn()
+            real[name].append(fn()[1])
             times[name].append(time.perf_counter() - w0)
             cpu[name].append(cpu_seconds() - c0)
     probe_after = cpu_probe()
     if args.profile:
         profile_sides(sides)
 
-    tokens = batch * args.new_tokens
     summary = {}
     for name in sides:
+        tokens = med(real[name])  # fixed-length work: batch x new_tokens
         paired = [h / w for h, w in zip(times[name], times["wprlhf"])]  # per round: >1 = wprlhf faster
         summary[name] = {
             "median_s": round(med(times[name]), 4), "min_s": round(min(times[name]), 4),
@@ -185,11 +236,13 @@ def main() -> None:
             "best_tokens_per_s": round(tokens / min(times[name]), 1),
             "cpu_util": round(sum(cpu[name]) / sum(times[name]), 2),
             "wprlhf_speedup_median_ratio": round(med(times[name]) / med(times["wprlhf"]), 3),
-            "wprlhf_speedup_paired": round(med(paired), 3),
+            "wprlhf_speedup_paired": round(med(paired), 3), "real_tokens_median": tokens,
         }  # fmt: skip
 
-    print(f"\n## Sampler: {args.model}, batch {batch} ({batch // k} prompts x {k}), {args.prompt_tokens} prompt + "
-          f"{args.new_tokens} new tokens, "
+    work = (f"whole responses of at most {args.new_tokens} tokens (median {summary['wprlhf']['real_tokens_median']:.0f}"
+            f" real tokens a call)" if args.whole is not None else
+            f"{args.prompt_tokens} prompt + {args.new_tokens} new tokens")  # fmt: skip
+    print(f"\n## Sampler: {args.model}, batch {batch} ({batch // k} prompts x {k}), {work}, "
           f"{args.threads} threads, {args.precision}, {args.repeats} interleaved repeats "
           f"(prompts: {source})\n")  # fmt: skip
     print("| side | median s | min–max s | tokens/s (median) | tokens/s (best) | CPU util | wprlhf ÷ side tokens/s "
@@ -205,7 +258,7 @@ def main() -> None:
     record = {
         "bench": "sampler", "model": args.model, "batch": batch, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "temperature": args.temperature, "threads": args.threads,
-        "precision": args.precision, "samples_per_prompt": k,
+        "precision": args.precision, "samples_per_prompt": k, "whole_instruction": args.whole,
         "repeats": args.repeats, "prompts": source, "times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         "summary": summary, "probe_gflops_before": probe_before, "probe_gflops_after": probe_after,
         "load_s": round(load_s, 2), "peak_rss_mib": peak_rss_mib(), "machine": machine(), "versions": versions(),

@@ -176,6 +176,46 @@ def test_copies_finish_apart_and_a_cache_that_cannot_be_copied_is_prefilled_per_
     assert _rows_copyable(DynamicCache(config=tiny.config)), "the test model's key/value layers are copied"
 
 
+def test_finished_rows_leave_the_batch_and_nothing_else_changes(tiny, tokenizer, monkeypatch):
+    """Rows that have ended leave the sampling batch (their cache too) once DROP_FINISHED of it has ended: every
+    later step runs on fewer rows, and the samples are those of a batch that keeps them (same noise per row; the
+    log-probs agree with a full forward)."""
+    import wprlhf.generation as generation
+
+    queries, query_mask = encode_prompts(tokenizer, PROMPTS)
+    k, pad, n = 4, tokenizer.pad_token_id, 12
+    free = sample(tiny, queries, query_mask, GenerationConfig(max_new_tokens=n, temperature=1.0, stop_at_eos=False),
+                  [], pad, torch.Generator().manual_seed(3), num_samples=k)  # fmt: skip
+    stops = sorted({int(free.responses[0, 2]), int(free.responses[5, 4])})  # rows 0 and 5 end early
+    config = GenerationConfig(max_new_tokens=n, temperature=1.0)
+    step_rows = []
+    hook = tiny.register_forward_pre_hook(lambda module, args, kwargs: step_rows.append(kwargs["input_ids"].shape[0]),
+                                          with_kwargs=True)  # fmt: skip
+    try:
+        runs = {}
+        for drop in (0.125, 2.0):  # 2.0: never (the batch keeps every row to the end)
+            monkeypatch.setattr(generation, "DROP_FINISHED", drop)
+            step_rows.clear()
+            runs[drop] = sample(tiny, queries, query_mask, config, stops, pad, torch.Generator().manual_seed(3),
+                                num_samples=k)  # fmt: skip
+            runs[drop].rows = list(step_rows)
+    finally:
+        hook.remove()
+    kept, dropped = runs[2.0], runs[0.125]
+    assert not kept.finished.all() and kept.finished.sum() >= 2, "some rows end early, some run to the cap"
+    assert set(kept.rows[1:]) == {len(PROMPTS) * k}
+    steps = dropped.rows[1:]  # the first forward is the prefill, one row a query
+    assert min(steps) < len(PROMPTS) * k and steps == sorted(steps, reverse=True)
+    assert min(steps) >= int((~kept.finished).sum())
+    for field in ("responses", "response_mask", "finished"):
+        assert torch.equal(getattr(dropped, field), getattr(kept, field)), field
+    torch.testing.assert_close(dropped.logprobs, kept.logprobs, atol=1e-5, rtol=0)
+    m = dropped.response_mask
+    expected = _forward_logprobs(tiny, queries.repeat_interleave(k, 0), query_mask.repeat_interleave(k, 0),
+                                 dropped.responses, m, 1.0)  # fmt: skip
+    torch.testing.assert_close(dropped.logprobs[m], expected[m], atol=1e-5, rtol=0)
+
+
 def test_generate_batches_hold_at_most_batch_size_responses(tiny, tokenizer, monkeypatch):
     """generate(num_samples=k) puts batch_size // k prompts in a batch; a k above batch_size samples a prompt's
     copies batch_size at a time, so --batch-size still caps the rows of a batch."""

@@ -23,6 +23,10 @@ from .files import write_text_atomic
 from .models import position_limit, stop_token_ids
 
 
+# The share of a sampling batch that must have finished before the finished rows leave it (`sample`).
+DROP_FINISHED = 0.125
+
+
 @dataclass
 class GenerationConfig:
     """How responses are sampled."""
@@ -309,16 +313,21 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(logits: torch.Tensor, generator: torch.Generator | None, rows: torch.Tensor | None = None,
+            total: int | None = None) -> torch.Tensor:  # fmt: skip
     """One token per row from softmax(logits). (B, V) -> (B,).
 
     Inverse-CDF sampling with one uniform draw per row: token = first index whose cumulative probability
     exceeds u. Drawing one random number per vocabulary entry (torch.multinomial's approach on CPU) costs more
     than the rest of a small model's step. float64 keeps the cumulative sum exact enough over 50k entries;
     zero-probability tokens (filtered by top-k/top-p) have flat CDF steps and can never be chosen.
+    rows (B,), total: the logits are rows `rows` of a batch of `total` (finished rows dropped, see `sample`): the
+    draw is still made for all `total` rows, so a row's noise does not depend on which others have finished.
     """
     cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)  # (B, V)
-    u = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64, device=logits.device)
+    n = logits.shape[0] if rows is None else total
+    u = torch.rand((n, 1), generator=generator, dtype=torch.float64, device=logits.device)
+    u = u if rows is None else u[rows]
     tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     return tokens.clamp(max=logits.shape[-1] - 1)
 
@@ -380,25 +389,37 @@ def sample(model: nn.Module, queries: torch.Tensor, query_mask: torch.Tensor, co
         cache.batch_repeat_interleave(num_samples)
         next_logits, next_position, attention_mask = (x.repeat_interleave(num_samples, 0)
                                                       for x in (next_logits, next_position, attention_mask))  # fmt: skip
+    rows = torch.arange(B, device=device)  # the rows still in the batch (finished ones leave it, see below)
+    compactable = _rows_copyable(cache)
     for t in range(config.max_new_tokens):
-        logits = next_logits.float() / config.temperature  # (B, V)
+        logits = next_logits.float() / config.temperature  # (b, V), b = len(rows)
         # A non-finite row (NaN logits, or logits / T past float32 at a tiny T) has no distribution to draw from:
         # inverse-CDF sampling would return the last id over and over. Noted on the device (no sync per step) and
         # refused below, before any token leaves this function.
         nonfinite |= ~torch.isfinite(logits.amax(-1)).all()
-        tokens = _next_tokens(logits, config, t, stops, generator)
-        alive = ~finished
-        responses[:, t] = torch.where(alive, tokens, pad_token_id)
-        logprobs[:, t] = torch.where(alive, logprobs_from_logits(logits, tokens), 0.0)
-        response_mask[:, t] = alive
+        tokens = _next_tokens(logits, config, t, stops, generator, rows, B)
+        alive = ~finished[rows]
+        responses[rows, t] = torch.where(alive, tokens, pad_token_id)
+        logprobs[rows, t] = torch.where(alive, logprobs_from_logits(logits, tokens), 0.0)
+        response_mask[rows, t] = alive
         if config.stop_at_eos:
-            finished = finished | (alive & torch.isin(tokens, stops))
+            finished[rows] = finished[rows] | (alive & torch.isin(tokens, stops))
             # One sync per step to skip the remaining steps once every row is done.
-            if bool(finished.all()):
+            left = int((~finished[rows]).sum())
+            if left == 0:
                 break
+            # Whole responses end at different lengths, and a batch otherwise keeps stepping its finished rows
+            # until the longest one ends. Once DROP_FINISHED of the batch has finished, those rows leave it (their
+            # KV cache too): one copy of the cache, against every later step's work on rows nobody reads.
+            if compactable and len(rows) - left >= DROP_FINISHED * len(rows):
+                keep = (~finished[rows]).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tokens, attention_mask, next_position = (x[keep] for x in (rows, tokens, attention_mask,
+                                                                                next_position))  # fmt: skip
         if t + 1 == config.max_new_tokens:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=attention_mask.dtype, device=device)], 1)
+        attention_mask = torch.cat([attention_mask, torch.ones((len(rows), 1), dtype=attention_mask.dtype,
+                                                               device=device)], 1)  # fmt: skip
         out = model(
             input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
             past_key_values=cache, use_cache=True,
@@ -428,17 +449,18 @@ def _check_room(model: nn.Module, query_mask: torch.Tensor, config: GenerationCo
 
 
 def _next_tokens(logits: torch.Tensor, config: GenerationConfig, t: int, stops: torch.Tensor,
-                 generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+                 generator: torch.Generator | None, rows: torch.Tensor | None = None,
+                 total: int | None = None) -> torch.Tensor:  # fmt: skip
     """The tokens (B,) chosen at step t from logits (B, V) already divided by the temperature: stop tokens are
-    forbidden before min_new_tokens, then the argmax (greedy) or a draw after top-k / top-p. Only the choice is
-    restricted: the log-probs stay those of the full distribution (see Generation)."""
+    forbidden before min_new_tokens, then the argmax (greedy) or a draw after top-k / top-p (rows, total: see
+    `_sample`). Only the choice is restricted: the log-probs stay those of the full distribution (see Generation)."""
     allowed = logits
     if config.stop_at_eos and t < config.min_new_tokens:
         allowed = logits.clone()
         allowed[:, stops[stops >= 0]] = -math.inf
     if config.greedy:
         return allowed.argmax(-1)
-    return _sample(_filter_logits(allowed, config.top_k, config.top_p), generator)
+    return _sample(_filter_logits(allowed, config.top_k, config.top_p), generator, rows, total)
 
 
 def _cut_at_stop_strings(gen: Generation, config: GenerationConfig, tokenizer, pad_token_id: int) -> Generation:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -715,10 +716,16 @@ def train_dpo(config: StoriesConfig, out_dir: Path, phase: str, round_: int, tra
     prompts = pool_prompts(config, train_prompts, round_)
     print(f"{phase}: {config.dpo.samples} samples of {policy} for each of {len(prompts)} train prompts; pairs by "
           f"{config.dpo.pairs}", flush=True)  # fmt: skip
+    stats_file, sampled = dpo_dir / "pool_stats.json", not (dpo_dir / "pool.jsonl").exists()
+    clock = time.perf_counter()
     pool = own_pool(config, policy, prompts, config.dpo.samples, rm_dir, dpo_dir / "pool.jsonl",
                     seed=config.seed + 70_000 * round_)  # fmt: skip
     pairs = dpo_pairs(config, pool)
-    write_json_atomic(dpo_dir / "pool_stats.json", pool_stats(pool, pairs))
+    # The pool's time apart from the round's training (benchmarks/bench_limits.py reads it); a resume that reads
+    # the pool back keeps the time it took when it was drawn.
+    before = json.loads(stats_file.read_text()) if stats_file.exists() and not sampled else {}
+    pool_s = round(time.perf_counter() - clock, 1) if sampled else before.get("pool_s")
+    write_json_atomic(stats_file, pool_stats(pool, pairs) | ({"pool_s": pool_s} if pool_s is not None else {}))
     dpo_train(dpo_settings(config, policy, precision), dpo_dir, comparisons=pairs,
               resume=_continue_or_start_over(dpo_dir), allow_changed_inputs=allow_changed_inputs)  # fmt: skip
 
