@@ -267,7 +267,7 @@ def test_blind_pairs_through_the_page_give_the_hand_counted_win_rate(tmp_path, c
     # Two people label through the HTTP API: ann picks the longer response (a tie when equal); bob agrees except on
     # the first comparison he sees, where he picks the other one.
     seen: list[str] = []
-    with BackgroundServer(create_app(db)) as url, httpx.Client(base_url=url) as client:
+    with BackgroundServer(create_app(db, min_read_seconds=0)) as url, httpx.Client(base_url=url) as client:
         seen.append(client.get("/").text)
         for labeler in ("ann", "bob"):
             session = client.post("/api/session", json={"labeler": labeler}).json()["session"]
