@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# The main job: RLHF on r/WritingPrompts (`wprlhf stories` with the README's recipe, examples/stories.yaml) when
+# The main job: RLHF on r/WritingPrompts (`wprlhf stories` with the README's whole-story recipe, examples/stories.yaml) when
 # the data is there (DATA=DIR|HUB_ID names another source), judged on held-out prompts by judges it never trained
 # on; a killed run resumes where it stopped.
 # Without the data, the offline mock task (`wprlhf demo`: a simulated sentiment labeler), and it says so.

@@ -22,6 +22,7 @@ pytest.importorskip("playwright.sync_api", reason="playwright is not installed (
 
 from playwright.sync_api import expect, sync_playwright
 
+from wprlhf.cli import main
 from wprlhf.data import load_comparisons
 from wprlhf.labeling.app import BackgroundServer, create_app, lead_html
 from wprlhf.labeling.store import Store
@@ -443,3 +444,9 @@ def test_three_labelers_with_invites_a_held_key_an_undo_after_reload_and_the_lea
     assert lines[8]["adjudicated"] is True and lines[8]["adjudication_id"] == settled["id"]
     loaded = load_comparisons(out)
     assert len(loaded) == 9 and {c.labeler for c in loaded} == {"ann", "bob", "cy", "lee"}
+    # The two commands that learn from labels read the export as it is (tiny random models: seconds).
+    assert main(["rm", "train", "--model", "tiny", "--data", str(out), "--val-fraction", "0", "--batch-size", "4",
+                 "--out", str(tmp_path / "rm")]) == 0  # fmt: skip
+    assert main(["dpo", "--policy", "tiny", "--data", str(out), "--val-fraction", "0", "--batch-size", "4",
+                 "--epochs", "1", "--out", str(tmp_path / "dpo")]) == 0  # fmt: skip
+    assert (tmp_path / "rm" / "config.json").exists() and (tmp_path / "dpo" / "policy" / "config.json").exists()

@@ -545,8 +545,9 @@ def test_eval_compares_an_instructed_system_with_the_model_asked_the_bare_prompt
 
 
 def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs(tmp_path):
-    """examples/stories.yaml (the headline's recipe) loads into StoriesConfig, its reward SPEC resolves, and
-    `make demo` passes it to `wprlhf stories`."""
+    """examples/stories.yaml (the headline's recipe: whole stories) and examples/openings.yaml (the openings
+    result's) load into StoriesConfig, their reward SPEC resolves, and `make demo` passes the first to `wprlhf
+    stories`."""
     from pathlib import Path
 
     from wprlhf.checkpoint import load_config
@@ -556,7 +557,10 @@ def test_the_readmes_recipe_file_is_a_valid_stories_config_that_make_demo_runs(t
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(StoriesConfig, root / "examples" / "stories.yaml", {})
-    assert (config.sft.enabled, config.rl, config.instruction != "", config.dpo.samples) == (False, "dpo", True, 16)
+    assert (config.sft.enabled, config.rl, config.dpo.samples, config.fixed_length) == (False, "dpo", 6, False)
+    assert "short story" in config.instruction and config.response_length == 256
+    openings = load_config(StoriesConfig, root / "examples" / "openings.yaml", {})
+    assert (openings.dpo.samples, openings.fixed_length, openings.response_length) == (16, True, 64)
     # A config file of an earlier version, flat keys, means the same.
     flat = tmp_path / "flat.yaml"
     flat.write_text("sft: false\nrl: dpo\ndpo_samples: 12\nbatch_size: 8\nppo:\n  steps: 3\n")

@@ -278,7 +278,8 @@ class EvalSettings:
 @dataclass
 class StoriesConfig:
     """`wprlhf stories`. Defaults: whole stories (docs/stories.md); examples/stories.yaml is the measured recipe of
-    docs/results.md (64-token openings, about 50 minutes on 2 CPU cores from cached models).
+    docs/results.md (whole stories, 60 minutes on 2 CPU cores from cached reward models), examples/openings.yaml
+    the first result's (64-token openings).
 
     Each phase's settings are a section (`sft`, `rm`, `judge`, `dpo`, `ppo`, `eval`, and `split`): a block of a
     --config file (`ppo: {steps: 40}`) and flags --SECTION-FIELD (`--ppo-steps 40`)."""
