@@ -74,3 +74,26 @@ def test_work_counter_counts_the_parameters_each_step_updated():
         counter.stop()
     work = counter.summary(optimizer)
     assert (work["optimizer_steps"], work["parameter_updates"], work["optimizer_params"]) == (3, 40, 20)
+
+
+def test_limits_count_smollm2s_matmul_weights_and_take_each_tokens_larger_floor(monkeypatch):
+    """benchmarks/bench_limits.py: SmolLM2-135M's matmul weights are its parameters less its norms (the tied head
+    counted as a matmul, the embedding lookup not); a sampled token costs the larger of its FLOPs and its bytes."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_limits", Path(__file__).parents[1] / "benchmarks" / "bench_limits.py")
+    limits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(limits)
+    config = SimpleNamespace(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, vocab_size=49152,
+                             num_attention_heads=9, num_key_value_heads=3)  # SmolLM2-135M's  # fmt: skip
+    shape = limits.Shape(config)
+    assert shape.weights + 30 * 2 * 576 + 576 == P  # + two RMSNorms a layer and the final one
+    assert shape.flops(0) == 2 * shape.weights and shape.kv_bytes(10, 2) == 2 * 30 * 10 * 192 * 2
+    # One prompt of 4 tokens, one response of 2: prefill compute-bound, each step the larger of its two floors.
+    flops, bandwidth, rows = 1e12, 1e9, 64
+    floor, tokens = limits.sampling_floor(shape, [4], [[2]], rows, flops, bandwidth, 2)
+    steps = [max(shape.flops(4 + t) / flops, (shape.weights * 2 / rows + shape.kv_bytes(4 + t, 2)) / bandwidth)
+             for t in range(2)]  # fmt: skip
+    assert tokens == 2 and floor == pytest.approx(shape.flops(4) * 4 / flops + sum(steps))
+    assert steps[0] == (shape.weights * 2 / rows + shape.kv_bytes(4, 2)) / bandwidth  # memory-bound at this rate
