@@ -1008,7 +1008,9 @@ def test_wrong_guesses_back_off(serve, monkeypatch):
     monkeypatch.setattr(labeling_app, "MAX_BACKOFF", 0.4)  # the wait's cap, short for the test (60 s in use)
     url, _ = serve(token="s3cret-token-123")
     with httpx.Client(base_url=url, timeout=10) as client:
-        codes = [client.get("/api/stats", headers={"Authorization": f"Bearer guess-{i}"}).status_code
+        # Each guess names another client address: X-Forwarded-For is not believed (it dodged the back-off).
+        codes = [client.get("/api/stats", headers={"Authorization": f"Bearer guess-{i}",
+                                                   "X-Forwarded-For": f"10.0.0.{i}"}).status_code
                  for i in range(labeling_app.FREE_GUESSES + 2)]  # fmt: skip
         assert codes == [401] * (labeling_app.FREE_GUESSES + 1) + [429]
         refused = client.get("/api/stats", headers={"Authorization": "Bearer s3cret-token-123"})
@@ -1133,6 +1135,22 @@ def test_export_lineage_and_ids_never_reused(tmp_path):
     assert [(c.best, c.labeler) for c in load_comparisons(out)] == [(0, "ann"), (1, "bob"), (0, "ann"), (1, "lee")]
 
 
+def test_an_undone_answer_takes_the_leads_decision_with_it(tmp_path):
+    """A lead's decision between two answers outlived an undo of one of them: the export then wrote it beside the
+    other answer (counting it twice) with `settles` naming a label that no longer existed."""
+    store = Store(tmp_path / "labels.db", labels_per_comparison=2, min_read_seconds=0)
+    store.add(samples(1))
+    sessions = {name: store.open_session(name) for name in ("ann", "bob")}
+    for name, choice in (("ann", 0), ("bob", 1)):
+        store.label(store.next_for(name, sessions[name])["id"], name, choice, sessions[name])
+    store.adjudicate(1, "lee", 1)
+    assert len(store.adjudications()) == 1
+    assert store.undo("ann", sessions["ann"])["id"] == 1
+    assert store.adjudications() == [] and store.lead_report()["review"] == []
+    assert [json.loads(line)["labeler"] for line in (lambda p: (store.export(p), p.read_text())[1])(
+        tmp_path / "c.jsonl").splitlines()] == ["bob"]  # fmt: skip
+
+
 def test_cli_label_invite_revoke_and_status(tmp_path, capsys):
     db = tmp_path / "labels.db"
     code, out, err = run_cli(capsys, "label", "invite", "--db", db, "Ann", "--url", "https://labels.example.org/")
@@ -1165,3 +1183,29 @@ def test_no_function_in_the_app_exceeds_60_lines():
     lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}  # fmt: skip
     assert lengths["create_app"] <= 60 and max(lengths.values()) <= 60, sorted(lengths.items(), key=lambda x: -x[1])[:3]
+
+
+def test_label_commands_refuse_files_that_are_not_theirs_and_outputs_that_would_destroy_the_labels(tmp_path, capsys):
+    """`label export --out DB` and `label status --html DB` overwrote the labels database and exited 0; a corrupt
+    or foreign --db gave a traceback, and another program's SQLite file gained our tables before failing."""
+    db = tmp_path / "labels.db"
+    store = Store(db, min_read_seconds=0)
+    store.add(samples(1))
+    store.label(store.next_for("ann")["id"], "ann", 0)
+    before = db.read_bytes()
+    for argv, flag in ((["export", "--out", db], "--out"), (["status", "--html", db], "--html"),
+                       (["export", "--out", tmp_path], "--out"), (["export", "--out", f"{db}-wal"], "--out")):
+        code, _, err = run_cli(capsys, "label", argv[0], "--db", db, *argv[1:])
+        assert code == 2 and flag in err, (argv, err)
+    assert db.read_bytes() == before and len(Store(db).labels()) == 1
+    garbage, foreign = tmp_path / "garbage.db", tmp_path / "other.db"
+    garbage.write_bytes(b"\x00not sqlite\xff" * 100)
+    with sqlite3.connect(foreign) as other:
+        other.execute("CREATE TABLE labels (x TEXT)")
+    foreign_bytes = foreign.read_bytes()
+    for path, says in ((garbage, "not a labels database"), (foreign, "another program's SQLite database")):
+        for command in ("status", "export", "invite"):
+            extra = {"export": ["--out", tmp_path / "c.jsonl"], "invite": ["ann"]}.get(command, [])
+            code, _, err = run_cli(capsys, "label", command, "--db", path, *extra)
+            assert code == 2 and says in err and "Traceback" not in err, (command, err)
+    assert foreign.read_bytes() == foreign_bytes  # left as it was: no tables added, no WAL

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sqlite3
 import sys
 import types
 import typing
@@ -388,6 +389,11 @@ def _labeling(command):
             command(args)
         except LabelingError as err:
             raise UserError(str(err)) from None
+        except sqlite3.Error as err:  # e.g. a disk that filled up, or a file made read-only while in use
+            raise UserError(f"--db {args.db}: SQLite could not use it ({err}); check the file and its folder") from None
+        except OSError as err:  # an output file that cannot be written
+            raise UserError(f"could not write {err.filename or 'the output'}: {err.strerror or err}; name a file in "
+                            "a folder you can write") from None  # fmt: skip
 
     return run
 
@@ -426,9 +432,23 @@ def cmd_label_add(args: argparse.Namespace) -> None:
           file=sys.stderr)  # fmt: skip
 
 
+def _check_label_output(path: str, db: str, flag: str) -> None:
+    """UserError for an output path that would destroy the labels or cannot be a file: the database itself (or
+    its -wal/-shm), a folder, a device."""
+    out = Path(path)
+    if not path or out.is_dir():
+        raise UserError(f"{flag} {path!r} is not a file name; name a file such as labels.jsonl")
+    if out.exists() and not out.is_file():
+        raise UserError(f"{flag} {path} is not a regular file (a device or a pipe); name a file")
+    if out.resolve() in {Path(db + suffix).resolve() for suffix in ("", "-wal", "-shm")}:
+        raise UserError(f"{flag} {path} is the labels database itself (--db); writing there would destroy the "
+                        "labels. Name another file")  # fmt: skip
+
+
 def cmd_label_export(args: argparse.Namespace) -> None:
     from .labeling.store import Store
 
+    _check_label_output(args.out, args.db, "--out")
     n = Store(args.db).export(args.out)
     print(f"wrote {n} labelled comparisons to {args.out} (skips left out)", file=sys.stderr)
 
@@ -436,6 +456,8 @@ def cmd_label_export(args: argparse.Namespace) -> None:
 def cmd_label_status(args: argparse.Namespace) -> None:
     from .labeling.store import Store
 
+    if args.html:
+        _check_label_output(args.html, args.db, "--html")
     store = Store(args.db)
     report, invites = store.lead_report(), store.invites()
     stats, kappa = report["stats"], report["agreement"]

@@ -270,9 +270,11 @@ class TimedH11Protocol(H11Protocol):
 
 
 def server_options() -> dict:
-    """uvicorn settings for the labeling server: the timed protocol, a short keep-alive, small header buffers."""
+    """uvicorn settings for the labeling server: the timed protocol, a short keep-alive, small header buffers, and
+    X-Forwarded-For ignored (uvicorn trusts it from loopback by default, so a client behind a local proxy could name
+    a new address with every wrong token and never meet the back-off)."""
     return {"http": TimedH11Protocol, "timeout_keep_alive": 5, "log_level": "warning",
-            "h11_max_incomplete_event_size": 16 * 1024}  # fmt: skip
+            "h11_max_incomplete_event_size": 16 * 1024, "proxy_headers": False}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the guard

@@ -287,6 +287,7 @@ class Store:
         if self.path.is_dir():
             raise LabelingError(f"--db {self.path} is a directory; name a file such as labels.db")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_file()
         self.min_read_seconds = min_read_seconds
         self._local = threading.local()  # one connection per thread: sqlite3 connections are not shared
         with self._connect() as db:
@@ -302,6 +303,29 @@ class Store:
             with self._write() as db:
                 db.execute("INSERT OR REPLACE INTO settings VALUES ('labels_per_comparison', ?)",
                            (str(labels_per_comparison),))  # fmt: skip
+
+    def _check_file(self) -> None:
+        """LabelingError, before anything is written, for a file that is not ours to open: not a regular file, not
+        SQLite, another program's SQLite database (its tables would gain ours, and it would switch to WAL), or one
+        this process may not write (every page load writes a session)."""
+        if self.path.exists() and not self.path.is_file():
+            raise LabelingError(f"--db {self.path} is not a regular file; name a file such as labels.db")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            if not os.access(self.path.parent, os.W_OK):
+                raise LabelingError(f"--db {self.path}: its folder is not writable; choose a folder you can write")
+            return
+        try:
+            with sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True) as db:
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as err:
+            raise LabelingError(f"--db {self.path} is not a labels database ({err}); name another file, or restore "
+                                "it from a backup") from None  # fmt: skip
+        if tables and "comparisons" not in tables:
+            raise LabelingError(f"--db {self.path} is another program's SQLite database (tables: "
+                                f"{', '.join(sorted(tables))}); it was left as it is. Name another file")  # fmt: skip
+        if not (os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)):
+            raise LabelingError(f"--db {self.path} is read-only (the file or its folder, where SQLite keeps its "
+                                "-wal file); make both writable, or copy the file somewhere you can write")  # fmt: skip
 
     @staticmethod
     def _migrate(db) -> None:
@@ -647,6 +671,9 @@ class Store:
             if row is None:
                 return None
             db.execute("DELETE FROM labels WHERE id = ?", (row[0],))
+            # A lead's decision between answers stands only while those answers do: once one is taken back, the
+            # comparison is open again (and back in the review queue if the answers still disagree).
+            db.execute("DELETE FROM adjudications WHERE comparison_id = ?", (row[1],))
             self._lease(db, row[1], labeler, session, now)
             return self._comparison(db, row[1])
 
