@@ -1209,3 +1209,28 @@ def test_label_commands_refuse_files_that_are_not_theirs_and_outputs_that_would_
             code, _, err = run_cli(capsys, "label", command, "--db", path, *extra)
             assert code == 2 and says in err and "Traceback" not in err, (command, err)
     assert foreign.read_bytes() == foreign_bytes  # left as it was: no tables added, no WAL
+
+
+def test_a_lead_link_never_silently_replaces_a_labelers_and_revoked_names_stay_reserved(tmp_path):
+    """Inviting a labeler as lead replaced their labeling link without a word; once revoked, anyone with the
+    shared token could type the name and add labels to that person's record."""
+    store = Store(tmp_path / "labels.db")
+    store.invite("ann")
+    with pytest.raises(LabelingError, match="labeler link"):
+        store.invite("ann", role="lead")
+    assert store.identity(store.invite("ann")) == ("labeler", "ann")  # the same role again: a fresh link
+    store.revoke("ann")
+    with pytest.raises(store_module.NameTaken):
+        store.open_session("Ann")
+    assert store.identity(store.invite("ann", role="lead")) == ("lead", "ann")  # after a revoke, a new role is fine
+
+
+def test_token_files_that_are_not_text_give_their_reason(tmp_path):
+    bom, binary = tmp_path / "bom.txt", tmp_path / "bin.txt"
+    bom.write_text("\ufeffa-long-and-random-token-9f3k2", encoding="utf-8")
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert labeling_app.read_token(token_file=bom) == "a-long-and-random-token-9f3k2"
+    with pytest.raises(LabelingError, match="cannot be read as UTF-8"):
+        labeling_app.read_token(token_file=binary)
+    with pytest.raises(LabelingError, match="not a file"):
+        labeling_app.read_token(token_file=tmp_path)

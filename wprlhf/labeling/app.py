@@ -114,8 +114,13 @@ def read_token(token: str | None = None, token_file: str | Path | None = None, e
     if token_file is not None:
         path = Path(token_file)
         if not path.is_file():
-            raise LabelingError(f"--token-file {path} does not exist; write the token on its first line")
-        lines = path.read_text(encoding="utf-8").splitlines()
+            raise LabelingError(f"--token-file {path} is not a file (missing, or a folder); write the token on the "
+                                "first line of a file")  # fmt: skip
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM some editors add is dropped
+        except (UnicodeDecodeError, OSError) as err:
+            raise LabelingError(f"--token-file {path} cannot be read as UTF-8 text ({err}); write the token as "
+                                "plain text on its first line") from None  # fmt: skip
         return check_token(lines[0].strip() if lines else "", f"--token-file {path}")
     if token is not None:
         return check_token(token)

@@ -429,6 +429,10 @@ class Store:
             raise LabelingError(f"role {role!r} must be one of {ROLES}")
         secret = secrets.token_urlsafe(24)
         with self._write() as db:
+            held = db.execute("SELECT role FROM invites WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+            if held is not None and held[0] != role:  # one name, one role: a lead's link replacing a labeler's
+                raise LabelingError(f"{name!r} holds a {held[0]} link; a {role} link would silently replace it. "
+                                    f"Invite the {role} under another name, or revoke the {held[0]} link first")
             db.execute("INSERT OR REPLACE INTO invites (name, secret_hash, role, created_at) VALUES (?, ?, ?, ?)",
                        (name, secret_hash(secret), role, time.time()))  # fmt: skip
         return secret
@@ -467,16 +471,16 @@ class Store:
     def open_session(self, labeler: str, invited: bool = False) -> str:
         """A new session for `labeler` (one per page; the page keeps it across reloads); its id is a secret the
         page sends with every call. invited: opened through `labeler`'s invite link. A typed name that belongs to
-        an invite is refused (NameTaken). Past MAX_SESSIONS_PER_LABELER live sessions the least recently used
+        an invite, live or revoked, is refused (NameTaken). Past MAX_SESSIONS_PER_LABELER live sessions the least recently used
         expires."""
         labeler = check_labeler(labeler)
         session = secrets.token_urlsafe(18)
         now = time.time()
         with self._write() as db:
-            if not invited and db.execute("SELECT 1 FROM invites WHERE name = ? AND revoked_at IS NULL",
-                                          (labeler,)).fetchone():  # fmt: skip
-                raise NameTaken(f"{labeler!r} labels through their own invite link; open that link, or pick "
-                                "another name")  # fmt: skip
+            # A revoked name stays reserved: typing it would add labels to the revoked person's record.
+            if not invited and db.execute("SELECT 1 FROM invites WHERE name = ?", (labeler,)).fetchone():
+                raise NameTaken(f"{labeler!r} labels (or labelled) through their own invite link; open that link, "
+                                "or pick another name")  # fmt: skip
             db.execute("INSERT INTO sessions (id, labeler, created_at, last_seen, invited) VALUES (?, ?, ?, ?, ?)",
                        (session, labeler, now, now, int(invited)))  # fmt: skip
             old = db.execute("SELECT id FROM sessions WHERE labeler = ? AND COALESCE(last_seen, created_at) >= ? "
