@@ -1234,3 +1234,8 @@ def test_token_files_that_are_not_text_give_their_reason(tmp_path):
         labeling_app.read_token(token_file=binary)
     with pytest.raises(LabelingError, match="not a file"):
         labeling_app.read_token(token_file=tmp_path)
+
+
+def test_serve_refuses_a_port_that_is_not_one(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "label", "serve", "--db", tmp_path / "labels.db", "--port", "99999")
+    assert code == 2 and "--port 99999" in err and "Traceback" not in err

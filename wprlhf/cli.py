@@ -401,6 +401,9 @@ def _labeling(command):
 def cmd_label_serve(args: argparse.Namespace) -> None:
     from .labeling.app import serve
 
+    if not 0 <= args.port <= 65535:  # uvicorn would fail with a traceback deep in the socket call
+        raise UserError(f"--port {args.port} is not a TCP port; choose one in 1-65535 (0: any free one)")
+
     serve(args.db, args.host, args.port, args.token, args.labels_per_comparison, instructions=args.instructions,
           extra_hosts=args.allowed_host, token_file=args.token_file)  # fmt: skip
 
