@@ -226,8 +226,8 @@ def blind_results(db: str | Path) -> dict:
     (`measures.lc_win_rate`) and mean words, the labels, and the agreement
     between labelers on those comparisons (over every two labels of one comparison, the share that are the same
     answer; None when no comparison has two)."""
-    import itertools
 
+    from ..labeling.agreement import fleiss_kappa
     from ..labeling.store import Store
 
     if not Path(db).is_file():
@@ -251,9 +251,9 @@ def blind_results(db: str | Path) -> dict:
             "tie" if label["kind"] == "tie" else sides[label["best"]])  # the answer as the side picked
     if not by_pair:
         raise UserError(f"{db} holds no labels of blind pairs yet; serve it with `wprlhf label serve --db {db}`")
-    agree = [a == b for given in answers.values() for a, b in itertools.combinations(given, 2)]
+    overall = fleiss_kappa(list(answers.values()))  # raw: equal answers over every two labels of one comparison
     out = {"pairs": {}, "labels": sum(len(g) for g in answers.values()), "comparisons": len(blind),
-           "agreement": float(np.mean(agree)) if agree else None, "agreement_pairs": len(agree)}  # fmt: skip
+           "agreement": overall["raw"], "agreement_pairs": overall["pairs"]}  # fmt: skip
     for (a, b), pair in by_pair.items():
         entry = {"labels": len(pair["prompts"])}
         for name, other in ((a, b), (b, a)):

@@ -39,7 +39,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from .agreement import agreement_report
+from .agreement import agreement_report, fleiss_kappa
 
 MAX_RESPONSES = 4  # the page has keys 1-4
 MAX_NAME = 64
@@ -757,15 +757,12 @@ class Store:
                 params = self._params(labeler, session, time.time())
                 candidates, left = db.execute(f"SELECT COUNT(*), COALESCE(SUM({OPEN}), 0) FROM comparisons c "
                                               f"WHERE {CANDIDATE}", params).fetchone()  # fmt: skip
-        done = agree = pairs = 0
-        for _, group in itertools.groupby(answers, key=lambda r: r[0]):
-            given = [(kind, best) for _, kind, best in group]
-            done += len(given) >= n
-            for a, b in itertools.combinations(given, 2):
-                pairs += 1
-                agree += a == b
+        by_item = [[_answer(kind, best) for _, kind, best in group]
+                   for _, group in itertools.groupby(answers, key=lambda r: r[0])]  # fmt: skip
+        done = sum(len(given) >= n for given in by_item)
+        overall = fleiss_kappa(by_item)  # its raw agreement: the share of equal answers over every two of an item
         out = {"comparisons": total, "done": done, "queued": total - done, "labels": len(answers), "skips": skips,
-               "labels_per_comparison": n, "agreement": agree / pairs if pairs else None, "agreement_pairs": pairs}
+               "labels_per_comparison": n, "agreement": overall["raw"], "agreement_pairs": overall["pairs"]}
         if labeler is not None:
             out.update(mine=mine, my_skips=my_skips, left_for_me=left, held_by_others=candidates - left)
         return out
