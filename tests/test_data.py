@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import sys
 import types
 
@@ -19,12 +20,14 @@ from wprlhf.data import (
     best_of_k,
     clearly_better,
     karma_pairs,
+    length_ratio,
     load_comparisons,
     load_prompts,
     load_responses,
     prompt_key,
     read_rows,
     split_by_prompt,
+    vote_strength,
     write_comparisons,
 )
 from wprlhf.errors import UserError
@@ -238,9 +241,33 @@ PAIRS = [
 def test_pair_csv_reads_as_comparisons(tmp_path):
     comparisons = load_comparisons(write_csv(tmp_path / "pairs.csv", PAIR_COLUMNS, PAIRS))
     assert comparisons == [
-        Comparison("[WP] a door", [STORY, "A short one."], 0, prompt_id="p1"),
-        Comparison("[WP] a door", ["Meh.", STORY], 1, prompt_id="p1"),  # sign-off and dangling rule removed
+        Comparison("[WP] a door", [STORY, "A short one."], 0, prompt_id="p1", strength=math.log2(120 / 7)),
+        Comparison("[WP] a door", ["Meh.", STORY], 1, prompt_id="p1", strength=math.log2(120 / 3)),  # sign-off and dangling rule removed
     ]
+
+
+def test_a_pair_strength_is_the_log_vote_ratio_or_a_column_and_must_be_positive(tmp_path):
+    assert vote_strength(40, 20) == 1.0 and vote_strength(25, 1) == pytest.approx(math.log2(25))
+    assert vote_strength(21, -3) == pytest.approx(math.log2(21)) and vote_strength(30, 20) == 1.0  # floored at 1
+    rows = [["[WP] x", "a b", "c", 0, 2.5], ["[WP] x", "a b", "c", 1, ""]]
+    loaded = load_comparisons(write_csv(tmp_path / "s.csv", ["prompt", "response_a", "response_b", "label", "strength"], rows))
+    assert [c.strength for c in loaded] == [2.5, 1.0]  # no strength and no scores: an ordinary label
+    path = write_comparisons(tmp_path / "c.jsonl", loaded)
+    assert [c.strength for c in load_comparisons(path)] == [2.5, 1.0]
+    for bad in (0, -1, float("nan"), "2"):
+        with pytest.raises(ValueError, match="strength"):
+            Comparison("[WP] x", ["a", "b"], 0, strength=bad)
+
+
+def test_length_matched_karma_pairs_keep_only_stories_of_similar_length():
+    words = lambda n: " ".join(["w"] * n)  # noqa: E731
+    responses = [Response("p1", "[WP] x", "p1_r0", words(100), 500), Response("p1", "[WP] x", "p1_r1", words(120), 10),
+                 Response("p1", "[WP] x", "p1_r2", words(200), 9), Response("p1", "[WP] x", "p1_r3", words(96), 400)]  # fmt: skip
+    every = karma_pairs(responses, max_pairs_per_prompt=None)
+    matched = karma_pairs(responses, max_pairs_per_prompt=None, max_length_ratio=1.25)
+    assert len(every) == 4 and all(length_ratio(c.responses) <= 1.25 for c in matched)
+    assert sorted(sorted(len(r.split()) for r in c.responses) for c in matched) == [[96, 120], [100, 120]]
+    assert length_ratio(["", "one two"]) == 2.0
 
 
 @pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.gz"])
@@ -311,7 +338,7 @@ def test_write_comparisons_is_atomic(tmp_path):
         write_comparisons(path, [Comparison("q", ["c", "d"], 0), bad])
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
     assert json.loads(before) == {"prompt": "p", "responses": ["a", "b"], "best": 1, "labeler": "", "tie": False,
-                                  "prompt_id": ""}  # fmt: skip
+                                  "prompt_id": "", "strength": 1.0}  # fmt: skip
 
 
 # ----- karma -> comparisons ---------------------------------------------------------------------------------------

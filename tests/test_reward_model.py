@@ -55,6 +55,22 @@ def test_pairwise_loss_is_bradley_terry():
     assert float(loss) == pytest.approx(0.813262, abs=1e-5) and credit.numel() == 0
 
 
+def test_a_comparison_of_strength_s_counts_as_s_copies_in_the_loss():
+    """Weights 3 and 1 on rows of loss log(1+e^-2) = 0.126928 and log(1+e^1) = 1.313262:
+    (3 x 0.126928 + 1.313262) / 4 = 0.423512, against the plain mean 0.720095; BestOfK weighs the same way."""
+    scores, best, weight = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]), torch.tensor([3.0, 1.0])
+    assert float(Pairwise().loss(scores, best)[0]) == pytest.approx(0.720095, abs=1e-5)
+    assert float(Pairwise().loss(scores, best, None, weight)[0]) == pytest.approx(0.423512, abs=1e-5)
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    assert float(BestOfK().loss(scores, best, valid, None, weight)[0]) == pytest.approx(0.423512, abs=1e-5)
+    # through a batch: the label type reads each comparison's strength only when weighted
+    batch = [Comparison("p", ["a", "b"], 0, strength=3.0), Comparison("p", ["c", "d"], 0)]
+    table = {("p", "a"): 2.0, ("p", "b"): 0.0, ("p", "c"): 0.0, ("p", "d"): 1.0}
+    forward = lambda texts: torch.tensor([table[t] for t in texts])  # noqa: E731
+    assert float(Pairwise(weighted=True).batch_loss(forward, batch)[0]) == pytest.approx(0.423512, abs=1e-5)
+    assert float(Pairwise().batch_loss(forward, batch)[0]) == pytest.approx(0.720095, abs=1e-5)
+
+
 def test_best_of_k_at_k_2_is_pairwise():
     """Two label types, one likelihood: softmax over two scores is Bradley-Terry, ties included."""
     torch.manual_seed(0)

@@ -273,7 +273,10 @@ class Comparison:
     """k >= 2 responses to one prompt and the index of the best; k = 2 is a pair (best 0 = A, 1 = B).
 
     labeler: who judged ("karma", a labeler name, "" = unknown); tie: the labeler saw no clear winner (best is
-    then arbitrary and losses may skip or down-weight it); prompt_id: the thread, when known.
+    then arbitrary and losses may skip or down-weight it); prompt_id: the thread, when known. strength: how
+    clearly the best one won, a finite weight > 0 that a reward model's loss may use (`RewardConfig.pair_weight`):
+    1 = an ordinary label; karma pairs carry `vote_strength` of their two scores, and a labeler's "clearly
+    better" could carry more than a "slightly better".
     """
 
     prompt: str
@@ -282,6 +285,7 @@ class Comparison:
     labeler: str = ""
     tie: bool = False
     prompt_id: str = ""
+    strength: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -297,6 +301,9 @@ class Comparison:
                              f"(0..{len(self.responses) - 1})")  # fmt: skip
         if not isinstance(self.labeler, str) or not isinstance(self.tie, bool):
             raise ValueError(f"labeler must be text and tie true/false, got {self.labeler!r} and {self.tie!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) \
+                or not math.isfinite(self.strength) or self.strength <= 0:  # fmt: skip
+            raise ValueError(f"strength {self.strength!r} must be a finite number above 0 (1 = an ordinary label)")
 
 
 RESPONSE_FILES = ("prompt_responses.csv.gz", "prompt_responses_full.csv", "prompt_responses.csv")
@@ -415,8 +422,12 @@ def _pair(row: dict, tidy) -> Comparison:
     if label not in (0, 1):
         raise ValueError(f"label {row.get('label')!r} must be 0 (response_a is better) or 1 (response_b is better)")
     responses = [tidy(_text(row.get("response_a"), "response_a")), tidy(_text(row.get("response_b"), "response_b"))]
+    strength = _number(row.get("strength"), "strength")
+    if strength is None:  # the shared karma pair files carry both scores instead
+        a, b = _number(row.get("score_a"), "score_a"), _number(row.get("score_b"), "score_b")
+        strength = 1.0 if a is None or b is None else vote_strength(max(a, b), min(a, b))
     return Comparison(_text(row.get("prompt"), "prompt"), responses, label, _text(row.get("labeler"), "labeler"),
-                      prompt_id=_id(row.get("prompt_id")))  # fmt: skip
+                      prompt_id=_id(row.get("prompt_id")), strength=strength)  # fmt: skip
 
 
 def _k_way(row: dict, tidy) -> Comparison:
@@ -426,8 +437,10 @@ def _k_way(row: dict, tidy) -> Comparison:
         raise ValueError(f"responses must be a JSON list of texts, got {type(responses).__name__}")
     responses = [tidy(_text(text, "responses")) for text in responses]
     labeler, tie = _text(row.get("labeler"), "labeler"), row.get("tie", False)
+    strength = row.get("strength", 1.0)
     return Comparison(
-        _text(row.get("prompt"), "prompt"), responses, row.get("best"), labeler, tie, _id(row.get("prompt_id"))
+        _text(row.get("prompt"), "prompt"), responses, row.get("best"), labeler, tie, _id(row.get("prompt_id")),
+        1.0 if strength is None else strength,
     )
 
 
@@ -464,6 +477,22 @@ def clearly_better(hi: float, lo: float, min_gap: float = 20, min_ratio: float =
     return hi - lo >= min_gap and max(hi, 1) / max(lo, 1) >= min_ratio
 
 
+def vote_strength(hi: float, lo: float) -> float:
+    """A karma pair's strength: log2 of its vote ratio, max(hi, 1) / max(lo, 1) (the ratio of `clearly_better`),
+    floored at 1, so a pair at the rule's 2x counts as an ordinary label and one at 64x counts 6 times as much.
+
+    >>> vote_strength(40, 20), vote_strength(640, 10), vote_strength(30, -4)
+    (1.0, 6.0, 4.906890595608519)
+    """
+    return max(1.0, math.log2(max(hi, 1) / max(lo, 1)))
+
+
+def length_ratio(texts: Sequence[str]) -> float:
+    """The longest text's words over the shortest's (an empty text counts one word): 1 = equal lengths."""
+    words = [max(1, len(t.split())) for t in texts]
+    return max(words) / min(words)
+
+
 def _by_prompt(responses: Iterable[Response]) -> list[list[Response]]:
     """Scored responses grouped by thread, threads in prompt-id order, responses in response-id order (so the
     result does not depend on the input's order)."""
@@ -481,7 +510,8 @@ def _check_scored(responses: Sequence[Response]) -> None:
 
 
 def karma_pairs(responses: Sequence[Response], min_gap: float = 20, min_ratio: float = 2.0,
-                max_pairs_per_prompt: int | None = 20, seed: int = 42) -> list[Comparison]:  # fmt: skip
+                max_pairs_per_prompt: int | None = 20, seed: int = 42,
+                max_length_ratio: float | None = None) -> list[Comparison]:  # fmt: skip
     """Pairs of responses to one prompt whose karma differs clearly (`clearly_better`), as in the shared data.
 
     Threads are taken in prompt-id order; a thread's pairs are (i, j), i < j, with its responses in response-id
@@ -490,7 +520,9 @@ def karma_pairs(responses: Sequence[Response], min_gap: float = 20, min_ratio: f
     when a second `random.Random(seed).random() < 0.5` (one draw per pair), else B, so labels are balanced and
     position tells nothing. Responses without a score are left out. With the defaults this rebuilds
     comparisons_train + comparisons_test of ../shared/data/writing_prompts exactly, pair for pair.
-    Returns Comparisons with k = 2, best 0 or 1, labeler "karma".
+    max_length_ratio: keep only pairs whose `length_ratio` is at most this (a length-debiased set: where lengths
+    are close, a longer story cannot win for being longer); applied before the per-thread cap.
+    Returns Comparisons with k = 2, best 0 or 1, labeler "karma", strength `vote_strength`.
     """
     _check_scored(responses)
     sample_rng, order_rng = random.Random(seed), random.Random(seed)
@@ -499,7 +531,8 @@ def karma_pairs(responses: Sequence[Response], min_gap: float = 20, min_ratio: f
         candidates = []
         for a, b in itertools.combinations(group, 2):
             hi, lo = (a, b) if a.score >= b.score else (b, a)
-            if clearly_better(hi.score, lo.score, min_gap, min_ratio):
+            if clearly_better(hi.score, lo.score, min_gap, min_ratio) and (
+                    max_length_ratio is None or length_ratio([hi.response, lo.response]) <= max_length_ratio):
                 candidates.append((hi, lo))
         if max_pairs_per_prompt and len(candidates) > max_pairs_per_prompt:
             keep = sample_rng.sample(range(len(candidates)), max_pairs_per_prompt)  # the same draw as on the list
@@ -507,7 +540,8 @@ def karma_pairs(responses: Sequence[Response], min_gap: float = 20, min_ratio: f
         for hi, lo in candidates:
             best = 0 if order_rng.random() < 0.5 else 1
             texts = [hi.response, lo.response] if best == 0 else [lo.response, hi.response]
-            pairs.append(Comparison(hi.prompt, texts, best, "karma", prompt_id=hi.prompt_id))
+            pairs.append(Comparison(hi.prompt, texts, best, "karma", prompt_id=hi.prompt_id,
+                                    strength=vote_strength(hi.score, lo.score)))  # fmt: skip
     return pairs
 
 

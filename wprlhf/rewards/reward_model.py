@@ -5,7 +5,8 @@ sentiment classifier, with two (negative / positive), is a rating-type reward mo
 What trains a head is a label type, as in lm-human-preferences' `label_types.py`: a small class with one
 `loss()`, and how its examples are batched and scored:
 
-- `Pairwise`: a prompt, two responses, the better one. Bradley-Terry: -log sigmoid(r_best - r_other).
+- `Pairwise`: a prompt, two responses, the better one. Bradley-Terry: -log sigmoid(r_best - r_other), each
+  comparison weighted by its `strength` when `RewardConfig.pair_weight` says so.
 - `BestOfK`: a prompt, k >= 2 responses, the best one. Cross-entropy of softmax over the k rewards
   (lm-human-preferences' best-of-4); at k = 2 it is `Pairwise`.
 - `BinaryRating`: a text and its label, 1 or 0. Two-way cross-entropy of the head's two logits.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import bootstrap_ci, choice_credit, linear_schedule
-from ..data import Comparison, load_comparisons, prompt_key, split_by_prompt
+from ..data import Comparison, length_ratio, load_comparisons, prompt_key, split_by_prompt
 from ..distributed import device_of, reduce_sum, resolve_device
 from ..engine import Engine, Hardware, RunFiles, prepare_precision
 from ..errors import UserError, check_numbers, warn_if_degenerate
@@ -43,6 +44,10 @@ from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES
 from ..models import freeze_lower_layers, load_reward_backbone, position_limit
 
 TRAIN_CONFIG_FILE = "train_config.json"
+PAIR_WEIGHTS = ("none", "strength")
+LENGTH_MATCHED_RATIO = 1.25
+"""Held-out comparisons whose longest response is at most this many times the shortest (in words) form the
+length-matched subset reported beside every accuracy: there, a longer story cannot win for being longer."""
 
 Forward = Callable[[list], torch.Tensor]
 """The head's outputs for a list of texts (whatever the task's `encode` reads: a string, or a (prompt, response)
@@ -95,11 +100,18 @@ class RewardConfig(Hardware):
     normalize_samples: int = 500
     """Responses used to normalise scores to mean 0 / std 1 (from the training data's responses; with windows,
     each costs one forward per window)."""
+    pair_weight: str = "none"
+    """'none': every comparison counts the same; 'strength': each comparison's loss is weighted by its
+    `Comparison.strength` (karma pairs: `data.vote_strength`, log2 of the vote ratio, 1 to ~12), so a pair that
+    won 640 to 10 teaches more than one that won 40 to 20. A labeling page's strengths use the same weights."""
     seed: int = 0
     """Seeds the fresh head's init, the train/held-out split by prompt, the subset drawn and the batch order."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.pair_weight not in PAIR_WEIGHTS:
+            raise UserError(f"pair_weight {self.pair_weight!r} is not one of {', '.join(PAIR_WEIGHTS)}; "
+                            "set --pair-weight none or strength")  # fmt: skip
         if self.max_length < 16:
             raise UserError(f"max_length {self.max_length} is too short for a prompt and a response; use >= 16")
         for name in ("batch_size", "epochs", "eval_every"):  # eval_every 0 would divide by zero mid-training
@@ -141,11 +153,12 @@ def _prompt_batches(comparisons: list[Comparison], batch_size: int, rng: random.
         yield [comparisons[i] for i in order[start : start + batch_size]]
 
 
-def _comparison_scores(forward: Forward, batch: list[Comparison]):
+def _comparison_scores(forward: Forward, batch: list[Comparison], weighted: bool = False):
     """Score every distinct (prompt, response) of a batch in one call of `forward`.
 
     Returns scores (B, K) float, best (B,) int64, valid (B, K) bool (False on the padding slots of comparisons
-    with fewer than K responses; they point at text 0) and tie (B,) bool, on the scores' device."""
+    with fewer than K responses; they point at text 0), tie (B,) bool and weight (B,) float (each comparison's
+    `strength` when weighted, else None), on the scores' device."""
     K = max(len(c.responses) for c in batch)
     texts: dict[tuple[str, str], int] = {}
     index = torch.zeros(len(batch), K, dtype=torch.long)
@@ -158,7 +171,13 @@ def _comparison_scores(forward: Forward, batch: list[Comparison]):
     device = flat.device
     best = torch.tensor([c.best for c in batch], device=device)
     tie = torch.tensor([c.tie for c in batch], device=device)
-    return flat[index.to(device)], best, valid.to(device), tie
+    weight = torch.tensor([c.strength for c in batch], device=device, dtype=flat.dtype) if weighted else None
+    return flat[index.to(device)], best, valid.to(device), tie, weight
+
+
+def _weighted_mean(losses: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """sum(weight * losses) / sum(weight): the mean a comparison of strength s enters s times; None = plain mean."""
+    return losses.mean() if weight is None else (weight * losses).sum() / weight.sum()
 
 
 class Pairwise:
@@ -168,25 +187,30 @@ class Pairwise:
     unit = "comparisons"
     metric_names = RM_METRIC_NAMES
 
-    def loss(self, scores: torch.Tensor, best: torch.Tensor, tie: torch.Tensor | None = None):
+    def __init__(self, weighted: bool = False):
+        self.weighted = weighted
+
+    def loss(self, scores: torch.Tensor, best: torch.Tensor, tie: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None):  # fmt: skip
         """-log sigmoid(r_best - r_other), the Bradley-Terry likelihood of the labeler's choice (Stiennon et al.
         2020, eq. 1); a tie's target is 1/2: -(log sigmoid(d) + log sigmoid(-d)) / 2.
 
-        scores (N, 2) float; best (N,) int64 in {0, 1}; tie (N,) bool or None (no ties).
+        scores (N, 2) float; best (N,) int64 in {0, 1}; tie (N,) bool or None (no ties); weight (N,) float > 0 or
+        None: the loss is sum(weight * loss_i) / sum(weight) (a comparison of weight 3 counts as three copies).
         Returns the mean loss (scalar) and the `choice_credit` (M,) of the M comparisons that are not ties.
         """
         tie = torch.zeros_like(best, dtype=torch.bool) if tie is None else tie
         margin = scores.gather(1, best[:, None]).squeeze(1) - scores.gather(1, 1 - best[:, None]).squeeze(1)  # (N,)
         target = 1 - 0.5 * tie.to(margin.dtype)  # P(best beats the other): 1, or 1/2 for a tie
-        loss = -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin)).mean()
-        return loss, choice_credit(scores, best)[~tie]
+        losses = -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin))  # (N,)
+        return _weighted_mean(losses, weight), choice_credit(scores, best)[~tie]
 
     def batches(self, comparisons: list[Comparison], batch_size: int, rng: random.Random):
         return _prompt_batches(comparisons, batch_size, rng)
 
     def batch_loss(self, forward: Forward, batch: list[Comparison]):
-        scores, best, _, tie = _comparison_scores(forward, batch)
-        return self.loss(scores, best, tie)
+        scores, best, _, tie, weight = _comparison_scores(forward, batch, self.weighted)
+        return self.loss(scores, best, tie, weight)
 
 
 class BestOfK:
@@ -196,12 +220,16 @@ class BestOfK:
     unit = "comparisons"
     metric_names = RM_METRIC_NAMES
 
-    def loss(self, scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor, tie: torch.Tensor | None = None):
+    def __init__(self, weighted: bool = False):
+        self.weighted = weighted
+
+    def loss(self, scores: torch.Tensor, best: torch.Tensor, valid: torch.Tensor, tie: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None):  # fmt: skip
         """Cross-entropy of softmax(scores) against the labeler's choice (Ziegler et al. 2019, eq. 1:
         lm-human-preferences' best-of-4 loss); a tie's target is uniform over its responses.
 
         scores (N, K) float; best (N,) int64; valid (N, K) bool, False where a comparison has fewer than K
-        responses; tie (N,) bool or None (no ties).
+        responses; tie (N,) bool or None (no ties); weight (N,) float > 0 or None, as in `Pairwise.loss`.
         Returns the mean loss (scalar) and the `choice_credit` (M,) of the M comparisons that are not ties.
         """
         tie = torch.zeros_like(best, dtype=torch.bool) if tie is None else tie
@@ -209,14 +237,14 @@ class BestOfK:
         target = F.one_hot(best, scores.shape[1]).to(logp.dtype)
         uniform = valid.to(logp.dtype) / valid.sum(-1, keepdim=True)
         target = torch.where(tie[:, None], uniform, target)
-        loss = -(target * logp.masked_fill(~valid, 0.0)).sum(-1).mean()
-        return loss, choice_credit(scores, best, valid)[~tie]
+        losses = -(target * logp.masked_fill(~valid, 0.0)).sum(-1)  # (N,)
+        return _weighted_mean(losses, weight), choice_credit(scores, best, valid)[~tie]
 
     def batches(self, comparisons: list[Comparison], batch_size: int, rng: random.Random):
         return _prompt_batches(comparisons, batch_size, rng)
 
     def batch_loss(self, forward: Forward, batch: list[Comparison]):
-        return self.loss(*_comparison_scores(forward, batch))
+        return self.loss(*_comparison_scores(forward, batch, self.weighted))
 
 
 class BinaryRating:
@@ -248,9 +276,10 @@ class BinaryRating:
 Label = Pairwise | BestOfK | BinaryRating
 
 
-def comparison_label(comparisons: Sequence[Comparison]) -> Pairwise | BestOfK:
-    """Pairwise when every comparison has two responses (karma pairs, the labeling page's pairs), else BestOfK."""
-    return Pairwise() if all(len(c.responses) == 2 for c in comparisons) else BestOfK()
+def comparison_label(comparisons: Sequence[Comparison], weighted: bool = False) -> Pairwise | BestOfK:
+    """Pairwise when every comparison has two responses (karma pairs, the labeling page's pairs), else BestOfK;
+    weighted: each comparison's loss weighted by its strength."""
+    return (Pairwise if all(len(c.responses) == 2 for c in comparisons) else BestOfK)(weighted)
 
 
 # ==========================================================================================================
@@ -562,7 +591,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
         like it was not learning)."""
         return evaluate(model, tokenizer, val_set, config.max_length)
 
-    fitted = fit(config, out_dir, comparison_label(train_set), train_set, val_set, rng, name="reward model",
+    fitted = fit(config, out_dir, comparison_label(train_set, config.pair_weight == "strength"), train_set, val_set, rng, name="reward model",
                  encode=encode, validate=validate, saved=saved, dropout=False, each_epoch=windows,
                  head_config={"reward_window_words": config.window_words}, progress=progress)  # fmt: skip
     if fitted is None:  # the other processes' copies are never saved: normalising them would be wasted work
@@ -575,7 +604,7 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
     fold_normalization(model, float(raw.mean()), float(raw.std().clamp(min=1e-6)))
     held_out = evaluate(model, tokenizer, val_set, config.max_length) if val_set else {}
     if val_set:
-        held_out["baselines"] = set_baselines(train_set, val_set, "the held-out comparisons")
+        add_baselines(held_out, train_set, val_set, "the held-out comparisons")
     return save(model, tokenizer, out_dir, held_out)
 
 
@@ -584,16 +613,18 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
 
 
 def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, progress: bool = False,
-             batch_size: int = 32) -> dict:  # fmt: skip
+             batch_size: int = 32, credits: list | None = None) -> dict:  # fmt: skip
     """A reward model's numbers on comparisons, every response read whole (`score`: the mean over its windows).
     `rm eval`, eval-heldout.json and the validation curve of `train` all come from here, so they agree.
 
     Returns accuracy (mean `choice_credit` over the comparisons with a winner: a best response that shares the
     top score with m others counts 1/(m+1)), n (those comparisons), ci95 (prompt bootstrap), loss (training's
     `Pairwise` or `BestOfK` loss, nats, labelled ties included with target 1/k; of the scores as they are, so a
-    saved model's, normalised to std 1, differs from the training curve's) and ties (labelled ties, left out of
-    accuracy). With no comparison there is only n = ties = 0; with only ties, no accuracy and ci95: the caller
-    decides whether that is an error, so no NaN ever stands in for a number.
+    saved model's, normalised to std 1, differs from the training curve's), ties (labelled ties, left out of
+    accuracy) and length_matched: accuracy, n and ci95 on the decided comparisons whose `length_ratio` is at
+    most LENGTH_MATCHED_RATIO (only n when there are none). With no comparison there is only n = ties = 0; with
+    only ties, no accuracy and ci95: the caller decides whether that is an error, so no NaN ever stands in for
+    a number. credits, when given a list, receives the credit of each decided comparison, in order.
     """
     decided = [c for c in comparisons if not c.tie]
     result: dict = {"n": len(decided), "ties": len(comparisons) - len(decided)}
@@ -609,10 +640,26 @@ def evaluate(model, tokenizer, comparisons: list[Comparison], max_length: int, p
 
     loss, credit = comparison_label(comparisons).batch_loss(whole, comparisons)
     result["loss"] = float(loss)
+    if credits is not None:
+        credits.extend(credit.tolist())
     if decided:
-        accuracy, ci95 = accuracy_ci(credit.tolist(), [c.prompt_id or prompt_key(c.prompt) for c in decided])
-        result = {"accuracy": accuracy, **result, "ci95": ci95}
+        result = {**accuracy_fields(credit.tolist(), decided), **result}
+        matched = [i for i, c in enumerate(decided) if length_ratio(c.responses) <= LENGTH_MATCHED_RATIO]
+        result["length_matched"] = accuracy_fields([float(credit[i]) for i in matched], [decided[i] for i in matched])
     return result
+
+
+def accuracy_fields(credit: Sequence[float], decided: Sequence[Comparison]) -> dict:
+    """{accuracy, n, ci95} of the credits of decided comparisons (a prompt bootstrap); only n when there are none."""
+    if not decided:
+        return {"n": 0}
+    accuracy, ci95 = accuracy_ci(credit, [group_of(c) for c in decided])
+    return {"accuracy": accuracy, "n": len(decided), "ci95": ci95}
+
+
+def group_of(comparison: Comparison) -> str:
+    """What a bootstrap resamples a comparison with: its thread id, else its prompt's key (reposts together)."""
+    return comparison.prompt_id or prompt_key(comparison.prompt)
 
 
 def _padded(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -659,27 +706,47 @@ def set_baselines(train_set: list[Comparison] | None, test_set: list[Comparison]
     return out
 
 
+def add_baselines(result: dict, train_set: list[Comparison] | None, test_set: list[Comparison], where: str) -> None:
+    """`set_baselines` into an `evaluate` result: on test_set, and on its length-matched subset beside the
+    model's own accuracy there."""
+    result["baselines"] = set_baselines(train_set, test_set, where)
+    matched = [c for c in test_set if not c.tie and length_ratio(c.responses) <= LENGTH_MATCHED_RATIO]
+    if matched and "length_matched" in result:
+        result["length_matched"]["baselines"] = set_baselines(train_set, matched, f"the length-matched part of {where}")
+
+
+def scorer_credit(score_texts: Callable[[list[str]], Sequence[float]], comparisons: list[Comparison]) -> torch.Tensor:
+    """The `choice_credit` (M,) of each of the M comparisons that are not labelled ties, by a scorer of responses:
+    score_texts(responses) -> one float a response (a baseline reads the response alone)."""
+    decided = [c for c in comparisons if not c.tie]
+    flat = torch.as_tensor(list(score_texts([r for c in decided for r in c.responses])), dtype=torch.float64)
+    scores, valid = _padded(flat.split([len(c.responses) for c in decided]))
+    return choice_credit(scores, torch.tensor([c.best for c in decided], dtype=torch.long), valid)
+
+
+def word_count(texts: list[str]) -> list[int]:
+    """The length baseline's score: a response's words (a longer response wins; equal lengths tie)."""
+    return [len(t.split()) for t in texts]
+
+
 def longer_wins(comparisons: list[Comparison]) -> float | None:
     """Baseline: the longest response (in words) is the best; equal lengths tie (`choice_credit`: a best response
     as long as m others counts 1/(m+1)). None when every comparison is a labelled tie."""
-    decided = [c for c in comparisons if not c.tie]
-    if not decided:
+    if all(c.tie for c in comparisons):
         return None
-    scores, valid = _padded([[len(r.split()) for r in c.responses] for c in decided])
-    return float(choice_credit(scores, torch.tensor([c.best for c in decided]), valid).mean())
+    return float(scorer_credit(word_count, comparisons).mean())
 
 
-def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float | None:
-    """Baseline: a linear score on each response's TF-IDF, fit by logistic regression on (best - other)
-    differences; a test comparison counts its `choice_credit` (1 when its best response alone has the top score,
-    1/(m+1) when m others share it). None when the data is too small to fit (no term in two responses)."""
+def tfidf_scorer(train_set: list[Comparison]) -> Callable[[list[str]], np.ndarray] | None:
+    """Baseline: a linear score on each response's TF-IDF (word 1-2 grams), fit by logistic regression on the
+    (best - other) differences of the training comparisons. None when the data is too small to fit (no
+    decided comparison, or no term in two responses)."""
     from scipy.sparse import vstack
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     train_set = [c for c in train_set if not c.tie]
-    test_set = [c for c in test_set if not c.tie]
-    if not train_set or not test_set:
+    if not train_set:
         return None
     vectorizer = TfidfVectorizer(min_df=2, max_features=50000, sublinear_tf=True, ngram_range=(1, 2))
     try:
@@ -692,9 +759,14 @@ def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> flo
     # Both signs of every difference, no intercept: the score must not depend on the order responses came in.
     clf = LogisticRegression(C=1.0, max_iter=2000, fit_intercept=False)
     clf.fit(vstack([x, -x]), np.concatenate([np.ones(x.shape[0]), np.zeros(x.shape[0])]))
-    flat = torch.from_numpy(clf.decision_function(vectorizer.transform([r for c in test_set for r in c.responses])))
-    scores, valid = _padded(flat.split([len(c.responses) for c in test_set]))
-    return float(choice_credit(scores, torch.tensor([c.best for c in test_set]), valid).mean())
+    return lambda texts: clf.decision_function(vectorizer.transform(texts))
+
+
+def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float | None:
+    """The TF-IDF baseline's accuracy on test_set (`tfidf_scorer` fit on train_set); a test comparison counts its
+    `choice_credit`. None when it cannot be fit or every test comparison is a labelled tie."""
+    scorer = tfidf_scorer(train_set) if any(not c.tie for c in test_set) else None
+    return None if scorer is None else float(scorer_credit(scorer, test_set).mean())
 
 
 def best_of_accuracy(model, tokenizer, responses, max_length: int, exclude_prompts: set[str], seed: int = 0) -> dict:
@@ -765,7 +837,7 @@ def run_eval(model_dir: str | Path, data: str, out: str | Path | None = None, ma
             raw = resolve_comparisons(data, keep_meta=True)[: len(test)]
             result["accuracy_raw"] = evaluate(model, tokenizer, raw, max_length)["accuracy"]
         train_set = resolve_comparisons(train_source, keep_meta=keep_meta) if train_source else None
-        result["baselines"] = set_baselines(train_set, test, data)
+        add_baselines(result, train_set, test, data)
     result.update(model=str(model_dir), data=data, max_length=max_length)
     write_json_atomic(out, result)
     return result
