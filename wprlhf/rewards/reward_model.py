@@ -715,18 +715,20 @@ def add_baselines(result: dict, train_set: list[Comparison] | None, test_set: li
         result["length_matched"]["baselines"] = set_baselines(train_set, matched, f"the length-matched part of {where}")
 
 
-def scorer_credit(score_texts: Callable[[list[str]], Sequence[float]], comparisons: list[Comparison]) -> torch.Tensor:
+def scorer_credit(score_texts: Callable[[list[tuple[str, str]]], Sequence[float]],
+                  comparisons: list[Comparison]) -> torch.Tensor:  # fmt: skip
     """The `choice_credit` (M,) of each of the M comparisons that are not labelled ties, by a scorer of responses:
-    score_texts(responses) -> one float a response (a baseline reads the response alone)."""
+    score_texts([(prompt, response), ...]) -> one float a response (a baseline reads the response alone)."""
     decided = [c for c in comparisons if not c.tie]
-    flat = torch.as_tensor(list(score_texts([r for c in decided for r in c.responses])), dtype=torch.float64)
+    flat = torch.as_tensor(list(score_texts([(c.prompt, r) for c in decided for r in c.responses])),
+                           dtype=torch.float64)  # fmt: skip
     scores, valid = _padded(flat.split([len(c.responses) for c in decided]))
     return choice_credit(scores, torch.tensor([c.best for c in decided], dtype=torch.long), valid)
 
 
-def word_count(texts: list[str]) -> list[int]:
-    """The length baseline's score: a response's words (a longer response wins; equal lengths tie)."""
-    return [len(t.split()) for t in texts]
+def word_count(pairs: list[tuple[str, str]]) -> list[int]:
+    """The length baseline's score of each (prompt, response): the response's words (longer wins; equal ties)."""
+    return [len(response.split()) for _, response in pairs]
 
 
 def longer_wins(comparisons: list[Comparison]) -> float | None:
@@ -737,7 +739,7 @@ def longer_wins(comparisons: list[Comparison]) -> float | None:
     return float(scorer_credit(word_count, comparisons).mean())
 
 
-def tfidf_scorer(train_set: list[Comparison]) -> Callable[[list[str]], np.ndarray] | None:
+def tfidf_scorer(train_set: list[Comparison]) -> Callable[[list[tuple[str, str]]], np.ndarray] | None:
     """Baseline: a linear score on each response's TF-IDF (word 1-2 grams), fit by logistic regression on the
     (best - other) differences of the training comparisons. None when the data is too small to fit (no
     decided comparison, or no term in two responses)."""
@@ -759,7 +761,7 @@ def tfidf_scorer(train_set: list[Comparison]) -> Callable[[list[str]], np.ndarra
     # Both signs of every difference, no intercept: the score must not depend on the order responses came in.
     clf = LogisticRegression(C=1.0, max_iter=2000, fit_intercept=False)
     clf.fit(vstack([x, -x]), np.concatenate([np.ones(x.shape[0]), np.zeros(x.shape[0])]))
-    return lambda texts: clf.decision_function(vectorizer.transform(texts))
+    return lambda pairs: clf.decision_function(vectorizer.transform([response for _, response in pairs]))
 
 
 def tfidf_logreg(train_set: list[Comparison], test_set: list[Comparison]) -> float | None:
