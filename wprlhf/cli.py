@@ -303,6 +303,14 @@ def cmd_rm_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, allow_nan=False))  # strict JSON, as the file run_eval wrote
 
 
+def cmd_rm_table(args: argparse.Namespace) -> None:
+    from .evals.rm_table import build
+
+    table = build(args.model, args.data, args.out)
+    print(Path(args.out, "rm_table.md").read_text())
+    print(f"wrote rm_table.json, rm_table.md and rm_table.csv ({len(table['rows'])} rows) to {args.out}", file=sys.stderr)
+
+
 def cmd_classifier_train(args: argparse.Namespace) -> None:
     from .checkpoint import load_config
     from .rewards.classifier import ClassifierConfig, train
@@ -678,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     tev.add_argument("--out", help="JSON output (default RUN/task-eval.json beside RUN/policy)")
     tev.set_defaults(func=cmd_task_eval)
 
-    rm = sub.add_parser("rm", help="reward models from comparisons: train, eval")
+    rm = sub.add_parser("rm", help="reward models from comparisons: train, eval, table")
     rm_sub = rm.add_subparsers(dest="rm_command", required=True, metavar="ACTION")
     rmt = rm_sub.add_parser("train", help="train a reward model on comparisons (Bradley-Terry / best-of-k)")
     rmt.add_argument("--out", required=True, help="output directory: the model in Hugging Face format, metrics.csv")
@@ -696,6 +704,15 @@ def build_parser() -> argparse.ArgumentParser:
     rme.add_argument("--keep-meta", action="store_true", help="evaluate on raw text (meta lines kept)")
     rme.add_argument("--train-data", help="training comparisons for the TF-IDF baseline (default: the model's)")
     rme.set_defaults(func=cmd_rm_eval)
+    rmtab = rm_sub.add_parser("table", help="reward models and baselines on the plain and the length-debiased karma "
+                              "test split, with CIs and paired bootstraps (docs/data.md's table)")  # fmt: skip
+    rmtab.add_argument("--model", action="append", default=[], help="a directory written by `wprlhf rm train`; "
+                       "repeat for more rows (the first is the one the others are compared with); none: baselines only")
+    rmtab.add_argument("--data", default="../shared/data/writing_prompts",
+                       help="the karma data's directory: comparisons_test.csv, comparisons_train.csv.gz, "
+                       "prompt_responses.csv.gz (default ../shared/data/writing_prompts)")
+    rmtab.add_argument("--out", required=True, help="directory for rm_table.json, rm_table.md, rm_table.csv")
+    rmtab.set_defaults(func=cmd_rm_table)
     clf = sub.add_parser("classifier", help="a sentiment classifier (text,label; 1 = positive): train, eval")
     clf_sub = clf.add_subparsers(dest="classifier_command", required=True, metavar="ACTION")
     clt = clf_sub.add_parser("train", help="fine-tune an encoder (default: the embedded MiniLM) on text,label rows",

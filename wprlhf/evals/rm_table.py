@@ -1,0 +1,200 @@
+"""`wprlhf rm table`: reward models and baselines on the karma test prompts, plain and length-debiased.
+
+Two test splits of the same held-out prompts (those of comparisons_test, which no shared training pair has):
+- plain: comparisons_test itself (at most 20 pairs a prompt, lengths as they come);
+- debiased: every qualifying pair of those prompts rebuilt from prompt_responses with the data README's pair rule
+  (`karma_pairs`, no per-prompt cap) and kept only where the two stories' lengths are within LENGTH_MATCHED_RATIO
+  (longest / shortest in words). The pairs already have a >= 2x vote ratio, so this is LitBench's (Fein et al.
+  2025) debiasing by length and margin; the data has no timestamps to debias by time.
+
+Every model and baseline is scored by one path (`scorer_credit`), so a row differs from another only in its scorer.
+Models are compared with TF-IDF, and with the first model given, by a paired bootstrap of the per-comparison
+difference in credit that resamples prompts (`bootstrap_ci`): two CIs that overlap can still hide a clear
+difference, and the pairs of one prompt are not independent.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ..core import bootstrap_ci
+from ..data import Comparison, karma_pairs, load_comparisons, load_responses, prompt_key
+from ..errors import UserError
+from ..files import write_json_atomic, write_text_atomic
+from ..rewards.reward_model import (LENGTH_MATCHED_RATIO, RewardConfig, accuracy_ci, group_of, load,
+                                    read_train_config, resolve_comparisons, score, scorer_credit, tfidf_scorer,
+                                    word_count)  # fmt: skip
+
+TEST_FILE = "comparisons_test.csv"
+TRAIN_FILE = "comparisons_train.csv.gz"
+LENGTH, TFIDF = "longer wins (words)", "TF-IDF logistic regression"
+
+
+def karma_test_splits(data_dir: str | Path, max_length_ratio: float = LENGTH_MATCHED_RATIO) -> dict[str, list[Comparison]]:
+    """{'plain': comparisons_test, 'debiased': all length-matched qualifying pairs of its prompts}, both with
+    Reddit meta lines cleaned (they leak karma). Raises UserError when data_dir lacks a file it needs."""
+    data_dir = Path(data_dir)
+    for name in (TEST_FILE, TRAIN_FILE):
+        if not (data_dir / name).exists():
+            raise UserError(f"{data_dir} has no {name}: rm table needs the karma data's directory "
+                            "(../shared/data/writing_prompts, or one of that layout)")  # fmt: skip
+    plain = list(load_comparisons(data_dir / TEST_FILE))
+    keys = {prompt_key(c.prompt) for c in plain}
+    responses = [r for r in load_responses(data_dir) if prompt_key(r.prompt) in keys]
+    debiased = karma_pairs(responses, max_pairs_per_prompt=None, max_length_ratio=max_length_ratio)
+    return {"plain": plain, "debiased": debiased}
+
+
+def model_command(model_dir: Path, trained: dict) -> str:
+    """The `wprlhf rm train` line that made a model: its saved settings that differ from RewardConfig's defaults."""
+    defaults = dataclasses.asdict(RewardConfig())
+    flags = []
+    for name, default in defaults.items():
+        value = trained.get(name, default)
+        if value == default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags.append(flag if value is True else f"--no-{name.replace('_', '-')}" if value is False else f"{flag} {value}")
+    return " ".join(["wprlhf rm train", *flags, "--out", model_dir.name])
+
+
+def _check_unseen(model_dir: Path, trained: dict, test_keys: set[str]) -> None:
+    """A UserError when the model trained on a test prompt (its table row would flatter it) or its training data
+    cannot be found to check."""
+    source = trained.get("data")
+    if not source or not Path(source).exists():
+        raise UserError(f"{model_dir}: its training data ({source or 'not recorded'}) cannot be read to check that "
+                        "it never saw a test prompt; run rm table where that path resolves")  # fmt: skip
+    seen = {prompt_key(c.prompt) for c in resolve_comparisons(source, keep_meta=True)}
+    overlap = seen & test_keys
+    if overlap:
+        raise UserError(f"{model_dir} trained on {len(overlap)} of the {len(test_keys)} test prompts (its data: "
+                        f"{source}), so its row would flatter it; train it on pairs of other prompts "
+                        "(comparisons_train holds none of them)")  # fmt: skip
+
+
+def _row(name: str, command: str, credits: dict[str, np.ndarray], splits: dict[str, list[Comparison]]) -> dict:
+    row: dict = {"name": name, "command": command}
+    for split, comparisons in splits.items():
+        accuracy, ci95 = accuracy_ci(credits[split], [group_of(c) for c in comparisons])
+        row[split] = {"accuracy": accuracy, "ci95": ci95, "n": len(comparisons)}
+    return row
+
+
+def _paired(a: np.ndarray, b: np.ndarray, comparisons: list[Comparison]) -> dict:
+    """Mean of a - b (credits on the same comparisons) with its prompt-bootstrap 95% CI."""
+    diff = a - b
+    lo, hi = bootstrap_ci(diff.tolist(), [group_of(c) for c in comparisons])
+    return {"diff": float(diff.mean()), "ci95": [lo, hi]}
+
+
+def build(models: list[str | Path], data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    """Score every model and baseline on both splits; write rm_table.json, rm_table.md and rm_table.csv to out_dir.
+
+    Returns {'splits': {name: {n, prompts, rule}}, 'rows': [...]}, a row per baseline (length, TF-IDF fit on
+    comparisons_train) and per model: accuracy, ci95 and n on each split, and for a model vs_tfidf and
+    vs_first (paired bootstrap of the credit difference over prompts). Raises UserError on a model that
+    trained on a test prompt, or one that is not a reward model directory.
+    """
+    splits = karma_test_splits(data_dir)
+    for name, comparisons in splits.items():
+        if not comparisons:
+            raise UserError(f"the {name} test split of {data_dir} is empty: no pair of its test prompts qualifies")
+    test_keys = {prompt_key(c.prompt) for c in splits["plain"]}
+    train = list(load_comparisons(Path(data_dir) / TRAIN_FILE))
+    baselines = {LENGTH: (word_count, "baseline: the longer story (in words) wins"),
+                 TFIDF: (tfidf_scorer(train), f"baseline: fit on {TRAIN_FILE} ({len(train)} pairs)")}
+    credits: dict[str, dict[str, np.ndarray]] = {}
+    rows = []
+    for name, (scorer, command) in baselines.items():
+        if scorer is not None:  # TF-IDF cannot be fit on a training file too small to hold a shared term
+            credits[name] = {s: scorer_credit(scorer, c).numpy() for s, c in splits.items()}
+            rows.append(_row(name, command, credits[name], splits))
+    texts = sorted({(c.prompt, r) for cs in splits.values() for c in cs for r in c.responses})
+    index = {t: i for i, t in enumerate(texts)}
+    for model_dir in map(Path, models):  # every model is checked before any is scored
+        _check_unseen(model_dir, read_train_config(model_dir), test_keys)
+    first = None
+    for model_dir in map(Path, models):
+        model, tokenizer, trained = load(model_dir, 1, "auto", "reward model", "rm train")
+        scores = score(model, tokenizer, [p for p, _ in texts], [r for _, r in texts],
+                       trained.get("max_length", 256), progress=progress)  # fmt: skip
+        flat = scores.double().numpy()
+        credits[str(model_dir)] = {s: scorer_credit(lambda pairs: flat[[index[p] for p in pairs]], c).numpy()
+                                   for s, c in splits.items()}  # fmt: skip
+        row = _row(model_dir.name, model_command(model_dir, trained), credits[str(model_dir)], splits)
+        row["train_minutes"] = _train_minutes(model_dir)
+        for split, comparisons in splits.items():
+            mine = credits[str(model_dir)][split]
+            if TFIDF in credits:
+                row[split]["vs_tfidf"] = _paired(mine, credits[TFIDF][split], comparisons)
+            if first is not None:
+                row[split]["vs_first"] = _paired(mine, credits[first][split], comparisons)
+        first = first or str(model_dir)
+        rows.append(row)
+    table = {"splits": {s: {"n": len(c), "prompts": len({group_of(x) for x in c})} for s, c in splits.items()},
+             "length_ratio": LENGTH_MATCHED_RATIO, "data": str(data_dir), "rows": rows}  # fmt: skip
+    table["splits"]["plain"]["rule"] = f"{TEST_FILE} as shipped (<= 20 pairs a prompt)"
+    table["splits"]["debiased"]["rule"] = (f"all qualifying pairs of the same prompts from prompt_responses, "
+                                           f"longest/shortest <= {LENGTH_MATCHED_RATIO} in words")  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "rm_table.json", table)
+    write_text_atomic(out_dir / "rm_table.md", markdown(table))
+    _write_csv(out_dir / "rm_table.csv", rows)
+    return table
+
+
+def _train_minutes(model_dir: Path) -> float | None:
+    """Minutes of the training loop (metrics.csv's last elapsed_s), None when it was not recorded."""
+    metrics = model_dir / "metrics.csv"
+    if not metrics.exists():
+        return None
+    with metrics.open() as f:
+        elapsed = [float(r["elapsed_s"]) for r in csv.DictReader(f) if r.get("elapsed_s")]
+    return round(elapsed[-1] / 60, 1) if elapsed else None
+
+
+def _cell(entry: dict) -> str:
+    lo, hi = entry["ci95"]
+    return f"{100 * entry['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _diff(entry: dict | None) -> str:
+    if entry is None:
+        return ""
+    lo, hi = entry["ci95"]
+    return f"{100 * entry['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def markdown(table: dict) -> str:
+    """The table as Markdown: accuracy % [95% CI] on each split, and each model's paired difference to TF-IDF."""
+    splits = table["splits"]
+    lines = [f"Plain: {splits['plain']['n']} pairs over {splits['plain']['prompts']} prompts ({splits['plain']['rule']}). "
+             f"Debiased: {splits['debiased']['n']} pairs over {splits['debiased']['prompts']} prompts "
+             f"({splits['debiased']['rule']}).", "",
+             "| scorer | plain % [CI] | debiased % [CI] | vs TF-IDF, plain (points) | vs TF-IDF, debiased | "
+             "train min | command |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in table["rows"]:
+        minutes = row.get("train_minutes")
+        lines.append(f"| {row['name']} | {_cell(row['plain'])} | {_cell(row['debiased'])} | "
+                     f"{_diff(row['plain'].get('vs_tfidf'))} | {_diff(row['debiased'].get('vs_tfidf'))} | "
+                     f"{'' if minutes is None else minutes} | `{row['command']}` |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """One line per (scorer, split): accuracy, its CI, n, and a model's paired difference to TF-IDF."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["name", "split", "accuracy", "lo", "hi", "n", "vs_tfidf", "vs_tfidf_lo", "vs_tfidf_hi", "command"])
+    for row in rows:
+        for split in ("plain", "debiased"):
+            e, v = row[split], row[split].get("vs_tfidf") or {"diff": "", "ci95": ["", ""]}
+            writer.writerow([row["name"], split, e["accuracy"], *e["ci95"], e["n"], v["diff"], *v["ci95"], row["command"]])
+    write_text_atomic(path, out.getvalue())
