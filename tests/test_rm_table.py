@@ -13,7 +13,7 @@ from wprlhf.cli import main
 from wprlhf.data import karma_pairs, load_responses
 from wprlhf.errors import UserError
 from wprlhf.evals.rm_table import build, model_command, karma_test_splits
-from wprlhf.rewards.reward_model import RewardConfig, train
+from wprlhf.rewards.reward_model import RewardConfig, resolve_comparisons, train
 
 # Test prompt t0 (words, karma) per story: A 100/400, B 110/90, C 200/12, D 105/1. Qualifying by karma (gap >= 20,
 # ratio >= 2): A>B, A>C, A>D, B>C, B>D; C>D fails (gap 11). Length ratio <= 1.25 drops A>C (2.0) and B>C (1.82).
@@ -118,3 +118,15 @@ def test_model_command_lists_only_settings_that_differ_from_the_defaults(tmp_pat
     command = model_command(tmp_path / "best", {"data": "pairs.csv", "lr": RewardConfig().lr, "epochs": 2,
                                                 "keep_meta": True})  # fmt: skip
     assert command == "wprlhf rm train --data pairs.csv --epochs 2 --keep-meta --out best"
+
+
+def test_more_pairs_are_rebuilt_from_the_training_prompts_only(karma_dir):
+    shipped = resolve_comparisons(str(karma_dir), keep_meta=False)
+    assert len(shipped) == 40 and {c.prompt_id[0] for c in shipped} == {"s"}  # 8 prompts x 5 qualifying pairs
+    every = resolve_comparisons(str(karma_dir), keep_meta=False, pairs_per_prompt=0)
+    assert sorted((c.prompt_id, c.responses[c.best]) for c in every) == sorted(
+        (c.prompt_id, c.responses[c.best]) for c in shipped)  # all of them: the shipped cap of 20 cut none here
+    capped = resolve_comparisons(str(karma_dir), keep_meta=False, pairs_per_prompt=2)
+    assert len(capped) == 16 and {c.prompt_id[0] for c in capped} == {"s"}
+    with pytest.raises(UserError, match="--data must be a directory"):
+        resolve_comparisons(str(karma_dir / "comparisons_test.csv"), keep_meta=False, pairs_per_prompt=0)

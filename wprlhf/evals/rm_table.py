@@ -70,7 +70,8 @@ def _check_unseen(model_dir: Path, trained: dict, test_keys: set[str]) -> None:
     if not source or not Path(source).exists():
         raise UserError(f"{model_dir}: its training data ({source or 'not recorded'}) cannot be read to check that "
                         "it never saw a test prompt; run rm table where that path resolves")  # fmt: skip
-    seen = {prompt_key(c.prompt) for c in resolve_comparisons(source, keep_meta=True)}
+    pairs_per_prompt = trained.get("pairs_per_prompt", RewardConfig.pairs_per_prompt)
+    seen = {prompt_key(c.prompt) for c in resolve_comparisons(source, keep_meta=True, pairs_per_prompt=pairs_per_prompt)}
     overlap = seen & test_keys
     if overlap:
         raise UserError(f"{model_dir} trained on {len(overlap)} of the {len(test_keys)} test prompts (its data: "
