@@ -609,8 +609,9 @@ def test_whole_stories_with_two_rounds_of_dpo_on_tiny_models(wp_data, tmp_path, 
     # The report: every round's policy, the length-only baseline, both human stories, LC beside every win rate.
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["final"] == "dpo-r2" and report["fixed_length"] is False
-    assert {"start", "dpo", "dpo-r2", "best-of-4", "longest-of-4", "human-top", "human-least"} <= set(report["sides"])
-    assert {"dpo-r2 vs start", "dpo vs start", "dpo-r2 vs dpo", "dpo-r2 vs best-of-4", "dpo-r2 vs longest-of-4",
+    assert {"start", "dpo", "dpo-r2", "best-of-4", "longest-of-4", "human-top", "human-least",
+            "looping"} <= set(report["sides"])  # fmt: skip
+    assert {"looping vs start", "longest-of-4 vs start", "dpo-r2 vs start", "dpo vs start", "dpo-r2 vs dpo", "dpo-r2 vs best-of-4", "dpo-r2 vs longest-of-4",
             "dpo-r2 vs human-top", "dpo-r2 vs human-least"} <= set(report["win_rates"])  # fmt: skip
     for key, win in report["win_rates"].items():
         assert 0 <= win["lc_win_rate_lo"] <= win["lc_win_rate"] <= win["lc_win_rate_hi"] <= 1, (key, win)
@@ -630,6 +631,9 @@ def test_whole_stories_with_two_rounds_of_dpo_on_tiny_models(wp_data, tmp_path, 
     assert {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued} == {
         ("dpo-r2", "start"), ("best-of-4", "dpo-r2"), ("dpo-r2", "human-top"), ("dpo-r2", "human-least")}
     assert "dpo-r2 vs dpo" in (out / "eval" / "table.md").read_text()
+    summary = (out / "eval" / "table.md").read_text()
+    assert "Judge check, looping (should not win)" in summary and "Judge check, longest-of-4" in summary
+    assert [len(p["looping"].split()) for p in pairs] == [len(p["start"].split()) for p in pairs]
 
     # A third round on a resume: only it and the evaluation run again.
     capsys.readouterr()
@@ -637,6 +641,12 @@ def test_whole_stories_with_two_rounds_of_dpo_on_tiny_models(wp_data, tmp_path, 
     printed = capsys.readouterr().out
     assert "== dpo-r3 done" in printed and "== eval done" in printed and "== dpo-r2 done" not in printed
     assert json.loads((out / "eval" / "report.json").read_text())["final"] == "dpo-r3"
+
+
+def test_the_looping_baseline_repeats_each_opening_to_the_texts_own_length():
+    from wprlhf.evals.measures import looped
+
+    assert looped(["a b c d e f g", "x", ""], span=3) == ["a b c a b c a", "x", ""]
 
 
 def test_length_controlled_win_rate_removes_a_judge_that_only_counts_words():

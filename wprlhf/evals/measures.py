@@ -117,6 +117,18 @@ def cut_words(texts: Sequence[str], words: int) -> list[str]:
     return [" ".join(t.split()[:words]) for t in texts]
 
 
+def looped(texts: Sequence[str], span: int = 12) -> list[str]:
+    """The looping-only baseline: each text's first `span` words said over and over to the text's own length in
+    words, what a policy that learned only to repeat itself writes. A judge worth quoting must not prefer it to the
+    text it came from (issue 38: PPO on a weak reward model learned looping dialogue)."""
+    out = []
+    for text in texts:
+        words = text.split()
+        head = words[:span]
+        out.append(" ".join((head * (len(words) // max(len(head), 1) + 1))[: len(words)]))
+    return out
+
+
 def pairwise_distance(embeddings: torch.Tensor) -> float:
     """Mean cosine distance, 1 - cos, over every two of k unit-length embeddings (k, H) of one prompt's samples:
     the semantic spread of a policy's answers to one prompt (Lanchantin et al. 2025, DivPO's diversity measure);

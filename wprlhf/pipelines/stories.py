@@ -942,8 +942,11 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     Sides (`eval_sides`): start, sft, best-of-n, longest-of-n (where lengths vary: the length-only baseline), every
     RL phase's policy (each DPO round), and two human sides: each eval prompt's top-voted ('human-top') and
     least-voted ('human-least', data prompts with two ranked stories) story, cut to the final policy's length on
-    that prompt (`cut_to`). Win rates: every side against the start, and the final policy against each other
-    side; each with its length-controlled rate."""
+    that prompt (`cut_to`), and 'looping' (`measures.looped`: each start response's opening repeated to its
+    length), which with longest-of-n checks that the judge prefers neither a policy that only loops nor one that
+    only runs long. Win rates: every side against the start, and the final policy against each other side; each
+    with its length-controlled rate."""
+    from ..evals.measures import looped
     from ..evals.side_by_side import judge_sides, prompt_ci
     from ..rewards.judges import Relevance
     from ..rewards.reward_model import reward_fn_from_model
@@ -955,6 +958,7 @@ def evaluate_stories(config: StoriesConfig, out_dir: Path, state: dict) -> dict:
     final = final_side(config, texts)
     words = [len(t.split()) for t in texts[final]]
     texts["human-top"] = cut_to([r["response"] for r in rows], words)
+    texts["looping"] = looped(texts["start"])  # a check of the judge: it must not prefer a policy that only loops
     least = [i for i, r in enumerate(rows) if r.get("least")]  # the prompts that have a least-voted story
     judge = reward_fn_from_model(state["judge_dir"])
     print("eval: judges", flush=True)
@@ -1201,6 +1205,10 @@ def _summary(report: dict) -> str:
     if h:
         lines.append(f"The judge prefers the top-voted human stories (cut to the final policy's length) to the start "
                      f"policy's responses on {win_text(h)} of eval prompts.")
+    checks = [(key, report["win_rates"][key]) for key in report["win_rates"]
+              if key.startswith(("looping vs", "longest-of-")) and key.endswith(" vs start")]  # fmt: skip
+    for key, win in checks:  # a judge worth quoting prefers neither looping nor mere length to the start
+        lines.append(f"Judge check, {key.split(' vs ')[0]} (should not win): preferred to the start on {win_text(win)}.")
     for key, win in report["win_rates"].items():
         lines.append(f"- judge win rate {key}: {win_text(win)}")
     return "\n".join(lines) + "\n"
