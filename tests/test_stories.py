@@ -692,3 +692,14 @@ def test_human_stories_are_cut_to_the_policys_words_at_a_sentence_end_where_one_
     story = "One two three. Four five six seven eight. Nine ten."
     assert cut_to([story, story, story], [8, 5, 2]) == ["One two three. Four five six seven eight.", "One two three. Four five",
                                                          "One two"]  # fmt: skip
+
+
+def test_the_split_caps_each_reward_models_pairs_a_prompt_by_its_own_setting(wp_data, tmp_path):
+    from collections import Counter
+
+    out = tmp_path / "run"
+    assert main(["stories", "--data", str(wp_data), "--out", str(out), "--quick", "--until", "split",
+                 "--judge-pairs-per-prompt", "1", "--rm-pairs-per-prompt", "0"]) == 0  # fmt: skip
+    rm = Counter(json.loads(line)["prompt"] for line in _lines(out / "split" / "rm_comparisons.jsonl"))
+    judge = Counter(json.loads(line)["prompt"] for line in _lines(out / "split" / "judge_comparisons.jsonl"))
+    assert set(judge.values()) == {1} and max(rm.values()) == 5  # 4 stories of karma 400/90/12/1: 5 qualify

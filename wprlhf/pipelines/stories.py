@@ -134,10 +134,13 @@ class RewardSettings:
     """Karma comparisons (of train prompts) the reward model trains on; `rm train`'s recipe otherwise."""
     val_fraction: float = 0.05
     """Share of its prompts held out of its training to state its accuracy."""
+    pairs_per_prompt: int = 20
+    """Karma pairs a prompt (0 = every qualifying pair) in the split's comparisons it trains on; 20 is the shared
+    data's own cap."""
 
     def __post_init__(self):
         check_numbers(self)
-        check_at_least(self, {"examples": 0})
+        check_at_least(self, {"examples": 0, "pairs_per_prompt": 0})
         if not 0 < self.val_fraction < 0.5:
             raise UserError(f"{self.SECTION}.val_fraction must lie in (0, 0.5), got {self.val_fraction}")
 
@@ -550,7 +553,7 @@ def _top_up_from_fan(split: dict, config: StoriesConfig, taken: set[str], n_grou
 
 # Settings each phase's output depends on: a resume that changes one of a finished phase is refused.
 PHASE_SETTINGS = {  # a section's name stands for all its settings
-    "split": ("data", "split"),
+    "split": ("data", "split", "rm.pairs_per_prompt", "judge.pairs_per_prompt"),
     "sft": ("policy", "sft", "seed", "instruction", "reward_extra"),
     "rm": ("reward_model", "rm", "seed"),
     "judge": ("reward_model", "judge", "seed"),
@@ -657,8 +660,10 @@ def write_split(config: StoriesConfig, responses: list, split_dir: Path) -> None
         json.dumps({"prompt": p, "response": s, "least": least, "source": src}) + "\n"
         for p, s, least, src in zip(split["eval"], split["eval_stories"], split["eval_least"], split["eval_source"])))  # fmt: skip
     by_part = {part: {prompt_key(p) for p in split[part]} for part in ("train", "judge")}
-    for part, name in (("train", "rm_comparisons.jsonl"), ("judge", "judge_comparisons.jsonl")):
-        pairs = karma_pairs([r for r in responses if prompt_key(r.prompt) in by_part[part]])
+    for part, name, settings in (("train", "rm_comparisons.jsonl", config.rm),
+                                 ("judge", "judge_comparisons.jsonl", config.judge)):  # fmt: skip
+        pairs = karma_pairs([r for r in responses if prompt_key(r.prompt) in by_part[part]],
+                            max_pairs_per_prompt=settings.pairs_per_prompt or None)  # fmt: skip
         write_comparisons(split_dir / name, pairs)
     counts = {part: len(split[part]) for part in ("train", "judge", "eval")}
     counts["eval_from_fan"] = split["eval_source"].count("fan")
