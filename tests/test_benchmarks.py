@@ -97,3 +97,46 @@ def test_limits_count_smollm2s_matmul_weights_and_take_each_tokens_larger_floor(
              for t in range(2)]  # fmt: skip
     assert tokens == 2 and floor == pytest.approx(shape.flops(4) * 4 / flops + sum(steps))
     assert steps[0] == (shape.weights * 2 / rows + shape.kv_bytes(4, 2)) / bandwidth  # memory-bound at this rate
+
+
+def _bench_rm_gpu(monkeypatch):
+    """benchmarks/bench_rm_gpu.py as a module (it imports _common from its own folder)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_rm_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_rm_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rm_gpu_benchmark_shapes_are_the_hub_models(monkeypatch):
+    """The configs written in the script build the published parameter counts (Qwen2.5-0.5B: 494,032,768; Llama
+    3.2 1B: 1,235,814,400; tied embeddings counted once), plus the one-output head: no hub needed to time them."""
+    import torch
+
+    bench = _bench_rm_gpu(monkeypatch)
+    for size, published, hidden in (("qwen2.5-0.5b", 494_032_768, 896), ("llama3.2-1b", 1_235_814_400, 2048)):
+        model = bench.build(size, torch.device("meta"), seed=0)  # shapes only, no memory
+        assert sum(p.numel() for p in model.parameters()) == published + hidden
+
+
+def test_rm_gpu_benchmark_smoke_on_the_cpu_and_skips_without_cuda(monkeypatch, capsys):
+    """Two timed rm-train steps of the tiny size on the CPU, gradient checkpointing on: a JSON record with rates
+    and finite losses; `--device cuda` where torch sees no GPU prints 'skipped' and exits 0."""
+    import json
+    import math
+
+    import torch
+
+    bench = _bench_rm_gpu(monkeypatch)
+    assert bench.main(["--device", "cpu", "--size", "tiny", "--batch-size", "2", "--max-length", "24", "--warmup",
+                       "1", "--steps", "2", "--gradient-checkpointing"]) == 0  # fmt: skip
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["device"] == "cpu" and record["gradient_checkpointing"] and record["mixed_precision"] == "bf16"
+    assert len(record["step_s"]) == 2 and record["steps_per_s"] > 0
+    assert record["pairs_per_s"] == pytest.approx(2 * record["steps_per_s"], rel=1e-3)
+    assert record["tokens_per_s"] == pytest.approx(2 * 24 * record["pairs_per_s"], rel=1e-3)
+    assert all(math.isfinite(x) for x in record["loss"]) and "oom" not in record
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--device", "cuda"]) == 0
+    assert capsys.readouterr().out.startswith("skipped: no CUDA device")

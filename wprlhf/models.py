@@ -411,7 +411,8 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
     """A sequence classifier with `num_labels` outputs on any backbone, and its tokenizer: (model, tokenizer).
 
     'minilm' (embedded encoder, fresh head), 'smollm2' / 'tiny' (causal LMs with a head on the last real token),
-    a directory (a saved reward model loads with its trained head) or a hub id. Dropout off (eval mode).
+    a directory (a saved reward model loads with its trained head) or a hub id. Dropout off (eval mode); weights in
+    fp32, whatever dtype the checkpoint was saved in.
 
     The tokenizer pads on the right, whatever the backbone: scoring calls the model without position_ids, so
     every row's real tokens must sit at positions 0..n-1, as they would alone. Left padding would shift them in a
@@ -440,8 +441,11 @@ def load_reward_backbone(name: str, num_labels: int = 1, seed: int = 0):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        # fp32 whatever the checkpoint's dtype: transformers 5 loads a hub decoder saved in bf16 (Qwen2.5, Llama 3.2,
+        # SmolLM2) as bf16 by default, and AdamW on bf16 weights rounds away updates below 1/256 of a weight (most
+        # of them at lr 1e-5), where the recipe trains fp32 weights under bf16 autocast (`Hardware.mixed_precision`).
         model, info = from_pretrained(AutoModelForSequenceClassification, name, source, num_labels=num_labels,
-                                      output_loading_info=True)  # fmt: skip
+                                      output_loading_info=True, dtype=torch.float32)  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys", []))

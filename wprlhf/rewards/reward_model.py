@@ -41,7 +41,8 @@ from ..engine import Engine, Hardware, RunFiles, prepare_precision
 from ..errors import UserError, check_numbers, warn_if_degenerate
 from ..files import write_json_atomic
 from ..metrics import CLASSIFIER_METRIC_NAMES, RM_METRIC_NAMES
-from ..models import freeze_lower_layers, load_reward_backbone, position_limit
+from ..models import (checkpointing, enable_gradient_checkpointing, freeze_lower_layers, load_reward_backbone,
+                      position_limit)
 
 TRAIN_CONFIG_FILE = "train_config.json"
 PAIR_WEIGHTS = ("none", "strength")
@@ -88,6 +89,12 @@ class RewardConfig(Hardware):
     freeze_layers: int = 0
     """Freeze the embeddings and this many of the lowest transformer layers: their backward pass is most of the
     cost on a CPU, and the general features they carry change little when learning a reward."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward pass instead of keeping them: the same update
+    for about a third more compute, keeping only each layer's input (one hidden vector a token) and one layer's
+    activations at a time. Kept, activations grow as batch_size x max_length x layers: for a 0.5-1B decoder on 32
+    pairs of 512 tokens (32,768 tokens a step) they, not the weights, decide whether a step fits a GPU
+    (docs/scaling.md, "A reward model on a GPU")."""
     lr: float = 5e-5
     """AdamW learning rate (head and backbone alike)."""
     weight_decay: float = 0.01
@@ -452,14 +459,14 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     """Train a fresh head on config.model with AdamW, a linear warm-up and decay, and clipping at norm 1.
 
     config: a RewardConfig or ClassifierConfig (model, max_length, epochs, batch_size, lr, weight_decay,
-    warmup_ratio, eval_every, freeze_layers, seed, device). label: the label type of train_set's examples.
-    rng: draws the batches (and whatever each_epoch draws), so a caller that goes on using it after training
-    gets the same draws as before. name: 'reward model' or 'classifier', in messages. encode(tokenizer, texts,
-    max_length): a padded batch. validate(model, tokenizer): the evaluation of val_set, a dict with loss and
-    accuracy, logged as val_loss / val_accuracy every eval_every steps and at the last (never when val_set is
-    empty). saved: written as train_config.json. head_config: set on the model's config (saved with it).
-    dropout: on while training (a classifier) or off (a reward model: comparisons are noisy enough).
-    each_epoch(rng): the examples of one epoch (default: train_set).
+    warmup_ratio, eval_every, freeze_layers, seed, device; gradient_checkpointing where it has one). label: the
+    label type of train_set's examples. rng: draws the batches (and whatever each_epoch draws), so a caller that
+    goes on using it after training gets the same draws as before. name: 'reward model' or 'classifier', in
+    messages. encode(tokenizer, texts, max_length): a padded batch. validate(model, tokenizer): the evaluation of
+    val_set, a dict with loss and accuracy, logged as val_loss / val_accuracy every eval_every steps and at the last
+    (never when val_set is empty). saved: written as train_config.json. head_config: set on the model's config
+    (saved with it). dropout: on while training (a classifier) or off (a reward model: comparisons are noisy
+    enough). each_epoch(rng): the examples of one epoch (default: train_set).
 
     Under `accelerate launch` every process draws the same global batches and trains on its slice of each;
     only the main process writes. Returns (model, tokenizer) in eval mode on the main process once every process
@@ -473,6 +480,9 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
     device, main = device_of(acc), acc.is_main_process
     model, tokenizer = fresh_head(config, label.num_labels, head_config)
     model.to(device)
+    # Only RewardConfig has the setting: a classifier's encoders are small enough to keep their activations.
+    if getattr(config, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
 
     total_steps = math.ceil(len(train_set) / config.batch_size) * config.epochs
     warmup = max(1, int(config.warmup_ratio * total_steps))
@@ -501,7 +511,10 @@ def fit(config, out_dir: Path, label: Label, train_set: list, val_set: list, rng
                 continue  # a last batch too small to give every process an example
             model.train(dropout)
             local = batch[acc.process_index :: acc.num_processes]
-            loss, credit = label.batch_loss(forward, local)
+            # transformers recomputes a checkpointed layer only in train mode, and a reward model trains in eval mode
+            # (no dropout): this switches those layers alone (a no-op without gradient checkpointing).
+            with checkpointing(model):
+                loss, credit = label.batch_loss(forward, local)
             engine.backward(loss * len(local) / len(batch))  # the local mean as a share of the global batch's mean
             engine.step(step + 1, schedule=True, loss=loss)
             step += 1
