@@ -11,7 +11,7 @@ import pytest
 from wprlhf.data import load_comparisons, load_prompts
 from wprlhf.errors import UserError
 from wprlhf.metrics import read_metrics
-from wprlhf.pipelines.compare import CompareConfig, run
+from wprlhf.pipelines.compare import CompareConfig, over_optimisation_curves, run
 from tests.helpers import json_numbers, same_numbers
 
 pytestmark = pytest.mark.learning  # every method takes optimizer steps
@@ -46,7 +46,15 @@ def test_every_method_on_the_same_preferences_and_budget(tmp_path):
     assert all(report["sides"][m]["kl"]["mean"] != 0 for m in ("ppo", "rloo", "grpo", "dpo"))
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + 7 and "train minutes" in table
-    assert (out / "judge_vs_kl.png").stat().st_size > 1000
+    assert (out / "over_optimisation.png").read_bytes().startswith(b"\x89PNG")
+    # Over-optimisation: every method a point with the reward model's score beside the judge's, and the steps of
+    # the methods that log KL per step a line.
+    assert all(report["sides"][name]["reward"]["lo"] <= report["sides"][name]["reward"]["mean"]
+               <= report["sides"][name]["reward"]["hi"] for name in report["sides"])  # fmt: skip
+    curves = over_optimisation_curves(report, out)
+    assert {c.name for c in curves if not c.steps} == set(report["sides"]) - {"start"}
+    assert [c.name for c in curves if c.steps] == ["ppo", "rloo", "grpo"]
+    assert all(len(c.kl) == 2 for c in curves if c.steps)  # 2 steps each
     assert json.loads((out / "report.json").read_text())["budget"] == 16
     same_numbers("compare_tiny", json_numbers({"report": json.loads((out / "report.json").read_text()),
                                                **{m: read_metrics(out / m / "metrics.csv") for m in ("ppo", "rloo", "grpo", "dpo")}}))

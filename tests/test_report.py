@@ -14,7 +14,8 @@ import pytest
 
 from wprlhf.errors import UserError
 from wprlhf.metrics import METRIC_NAMES
-from wprlhf.report import write_report
+from wprlhf.report import (Curve, curve_from_steps, curves_from_sides, over_optimisation_xy, plot_over_optimisation,
+                           write_over_optimisation, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HACK = "<script>alert(1)</script>"
@@ -170,6 +171,37 @@ def test_missing_or_empty_run_dir(tmp_path):
     (bad / "metrics.csv").write_text("step,reward_mean\n1,lots\n")
     with pytest.raises(UserError, match="metrics.csv"):
         write_report(bad)
+
+
+def test_over_optimisation_plots_scores_from_the_start_against_the_root_of_the_kl(tmp_path):
+    """Gao et al. 2022's axes: x = √KL to the start (nats per response), y = a score less the start policy's;
+    whatever is missing or not finite is left out, and nothing to place gives no figure."""
+    sides = {"start": {"kl": {"mean": 0.0}, "reward": {"mean": 1.0}, "judge": {"mean": 0.5}},
+             "ppo": {"kl": {"mean": 9.0}, "reward": {"mean": 3.0}, "judge": {"mean": 0.25}},
+             "dpo": {"kl": {"mean": -0.04}, "judge": {"mean": 0.75}},  # no training reward; k1 a hair below zero
+             "human-top": {"reward": {"mean": 2.0}, "judge": {"mean": 2.0}}}  # no KL: no place on the axis
+    points = curves_from_sides(sides)
+    assert [c.name for c in points] == ["ppo", "dpo"] and not any(c.steps for c in points)
+    assert over_optimisation_xy(points[0], "proxy") == ([3.0], [2.0])
+    assert over_optimisation_xy(points[0], "judge") == ([3.0], [-0.25])
+    assert over_optimisation_xy(points[1], "proxy") == ([], [])
+    assert over_optimisation_xy(points[1], "judge") == ([0.0], [0.25])  # a KL estimate below zero sits at 0
+    nan, inf = float("nan"), float("inf")
+    rows = [{"step": 1, "kl": 0.0, "score_mean": 0.5, "judge_mean": nan},
+            {"step": 2, "kl": 4.0, "score_mean": 1.5, "judge_mean": 0.2},
+            {"step": 3, "kl": inf, "score_mean": 2.0, "judge_mean": 0.1},
+            {"step": 4, "kl": 16.0, "score_mean": 2.5}]  # fmt: skip
+    steps = curve_from_steps("ppo", rows)
+    assert steps.steps and over_optimisation_xy(steps, "proxy") == ([0.0, 2.0, 4.0], [0.0, 1.0, 2.0])
+    assert over_optimisation_xy(steps, "judge") == ([2.0], [0.0])  # from the first step that logged a judge score
+    later = curve_from_steps("round 2", rows[1:], judge_start=0.1)  # a later loop round: the run's judge start
+    assert over_optimisation_xy(later, "judge") == ([2.0], [pytest.approx(0.1)])
+    path = write_over_optimisation([*points, steps], tmp_path / "over_optimisation.png", note="a note")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert plot_over_optimisation([]) is None
+    no_kl = [Curve("ppo", [nan], [1.0], [1.0]), curve_from_steps("ppo", [{"step": 1, "score_mean": 1.0}])]
+    assert plot_over_optimisation(no_kl) is None
+    assert write_over_optimisation(no_kl, path) is None and not path.exists()  # an earlier figure is not left
 
 
 def test_report_imports_no_torch():

@@ -110,7 +110,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert report["sides"]["start"]["kl"]["mean"] == 0
     learned("|KL best-of-4 - KL sft| (nats)",
             abs(report["sides"]["best-of-4"]["kl"]["mean"] - report["sides"]["sft"]["kl"]["mean"]), 50, upper=True)
-    assert "ppo" in (out / "eval" / "table.md").read_text() and (out / "eval" / "over_optimisation.png").stat().st_size
+    assert "ppo" in (out / "eval" / "table.md").read_text()
+    assert (out / "eval" / "over_optimisation.png").read_bytes().startswith(b"\x89PNG")
     # Before/after samples on the same prompts, and the final policy queued blind against the start.
     pairs = [json.loads(line) for line in _lines(out / "eval" / "pairs.jsonl")]
     assert [p["prompt"] for p in pairs] == parts["eval"] and all({"start", "ppo", "human-top"} <= set(p) for p in pairs)
@@ -420,6 +421,24 @@ def test_a_run_saved_before_an_option_existed_resumes_with_its_default(tmp_path)
     saved = {"batch_size": 8, "sft": False}
     with pytest.raises(UserError, match="--ppo-batch-size 8 \\(now 16\\), --sft-enabled False \\(now True\\)"):
         check(StoriesConfig(), ["sft", "ppo"])
+
+
+def test_over_optimisation_draws_ppos_steps_only_where_their_kl_is_to_the_start(tmp_path):
+    """Every side with a KL is a point; PPO's steps are a line only without SFT: with it, their KL is to the SFT
+    policy, another origin, and the figure's note says where they are plotted instead."""
+    from wprlhf.pipelines.stories import SFTSettings, StoriesConfig, over_optimisation_curves
+
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "metrics.csv").write_text("step,score_mean,judge_mean,kl\n1,0.5,0.1,0.0\n2,1.5,0.3,4.0\n")
+    sides = {"start": {"kl": {"mean": 0.0}, "reward": {"mean": 0.5}, "judge": {"mean": 0.0}},
+             "ppo": {"kl": {"mean": 9.0}, "reward": {"mean": 2.0}, "judge": {"mean": 0.4}},
+             "human-top": {"reward": {"mean": 1.0}, "judge": {"mean": 1.0}}}  # fmt: skip
+    curves, note = over_optimisation_curves(StoriesConfig(rl="ppo"), tmp_path, {"sides": sides})
+    assert [(c.name, c.steps) for c in curves] == [("ppo", False)] and "SFT policy" in note
+    no_sft = StoriesConfig(rl="ppo", sft=SFTSettings(enabled=False))
+    curves, note = over_optimisation_curves(no_sft, tmp_path, {"sides": sides})
+    assert [(c.name, c.steps) for c in curves] == [("ppo", False), ("ppo", True)] and not note
+    assert list(curves[1].kl) == [0.0, 4.0] and list(curves[1].proxy) == [0.0, 1.0]
 
 
 def test_a_pool_sampled_elsewhere_is_scored_by_the_task_reward_and_kept(tmp_path, monkeypatch):

@@ -345,7 +345,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.force and not args.resume and Path(args.out).exists():
         shutil.rmtree(args.out)
     run(config, args.out, resume=args.resume, allow_changed_inputs=args.allow_changed_inputs)
-    print(f"done: {args.out}/table.md (judge {config.judge}, 95 % CIs), {args.out}/judge_vs_kl.png", file=sys.stderr)
+    print(f"done: {args.out}/table.md (judge {config.judge}, 95 % CIs), {args.out}/over_optimisation.png",
+          file=sys.stderr)
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
@@ -756,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description=("Labels start-policy samples (a simulated labeler or --comparisons), trains a "
                                       "reward model on them, trains each method with the same budget of responses, "
                                       "and judges each against the start policy on held-out prompts: table.md, "
-                                      "report.json, judge_vs_kl.png in --out."))  # fmt: skip
+                                      "report.json, over_optimisation.png in --out."))  # fmt: skip
     add_run_flags(cmp, CompareConfig)
     cmp.set_defaults(func=cmd_compare)
 

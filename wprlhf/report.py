@@ -18,6 +18,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def load_run(run_dir: str | Path) -> Run:
         notes.append(f"{metrics.relative_to(root)} is missing or empty")
     elif not any("judge_mean" in r for r in steps):
         notes.append("judge scores during PPO: this run logged no judge_mean (plain PPO runs have no hidden judge), "
-                     "so the over-optimisation view shows the proxy reward and KL only")  # fmt: skip
+                     "so the over-optimisation plot's judge panel is empty")  # fmt: skip
     run = Run(path=root, kind="loop" if loop else "ppo", steps=steps, notes=notes)
     run.ppo_config = _read_json(ppo_dir / "config.json", notes, root) or {}
     if not loop:
@@ -201,32 +202,19 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _plot_steps(ax, steps, values, color, label, normalise=False, style="-"):
+def _plot_steps(ax, steps, values, color, label):
     """Per-step curve; a long run gets its raw values faint and a smoothed line on top."""
     lo, hi = min(values), max(values)
-    if normalise:
-        values = [(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values]
-    elif hi - lo <= 1e-4 * max(abs(lo), abs(hi)):
+    if hi - lo <= 1e-4 * max(abs(lo), abs(hi)):
         # A constant series (entropy of a tiny run, length at its cap) drawn flat, not as noise in the 6th digit.
         pad = 0.01 * abs(hi) or 0.5
         ax.set_ylim(lo - pad, hi + pad)
     ax.ticklabel_format(axis="y", useOffset=False)
     if len(values) > 30:
-        ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=1)
-        ax.plot(steps, smooth(values), style, color=color, linewidth=2, label=label)
+        ax.plot(steps, values, "-", color=color, alpha=0.25, linewidth=1)
+        ax.plot(steps, smooth(values), "-", color=color, linewidth=2, label=label)
     else:
-        ax.plot(steps, values, style, marker="o", color=color, linewidth=2, markersize=3.5, label=label)
-
-
-def _round_marks(ax, run: Run) -> None:
-    """Dotted lines where a loop round swapped in a newly trained reward model (the proxy reward's scale moves)."""
-    per_round = run.loop_config.get("ppo_steps")
-    if run.kind != "loop" or not isinstance(per_round, int) or not run.steps:
-        return
-    last = max(r["step"] for r in run.steps)
-    for i, boundary in enumerate(range(per_round, int(last), per_round)):
-        ax.axvline(boundary + 0.5, color="0.6", linestyle=":", linewidth=1,
-                   label="new reward model (next round)" if i == 0 else None)  # fmt: skip
+        ax.plot(steps, values, "-", marker="o", color=color, linewidth=2, markersize=3.5, label=label)
 
 
 def _percent_axis(ax) -> None:
@@ -235,39 +223,184 @@ def _percent_axis(ax) -> None:
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
 
 
-def plot_overoptimisation(run: Run) -> bytes | None:
-    """Proxy reward, judge score and KL per PPO step, each scaled to its own range, on one set of axes.
+# ----------------------------------------------------------------------------------------------------------
+# over-optimisation: the proxy and the judge against √KL, one figure for this report, `wprlhf stories` and
+# `wprlhf compare`
 
-    The three have different units, so each curve runs from its minimum (0) to its maximum (1) over the run and
-    the legend gives the real first -> last values. Where reward keeps rising while the judge stalls or falls
-    and KL climbs, the policy is exploiting the reward model rather than getting better.
+
+@dataclass
+class Curve:
+    """One policy (a labelled point) or one training run's steps (a line) on the over-optimisation plot.
+
+    kl: KL to the start policy in nats per response (k1 summed over a response's tokens, as every evaluation and
+    metrics.csv's `kl` measure it). proxy: the training reward minus the start policy's mean under the same reward
+    on the same prompts (reward units). judge: the judge's score minus the start policy's (judge units). One value
+    each per point or step; NaN where not measured. Measuring each score from the start policy's own mean on the
+    prompts it was scored on is what puts every curve on one scale: an evaluated policy is scored on the eval
+    prompts, a training step on its batch of train prompts, and the start policy sits at (0, 0) for both.
+    A curve's name is its policy's: a policy's point and its training steps' line share it, and so their colour.
     """
-    from matplotlib.ticker import MaxNLocator
 
-    # KL dashed: scaled curves can coincide, and the dashes keep both visible where they do.
-    curves = [("score_mean", "proxy reward (reward model)", COLORS["reward"], "", "-"),
-              ("judge_mean", "judge score (true)", COLORS["judge"], "", "-"),
-              ("kl", "KL to start policy", COLORS["kl"], " nats", "--")]  # fmt: skip
-    present = [(name, *rest, *_series(run.steps, name)) for name, *rest in curves]
-    present = [c for c in present if c[-1]]
-    if not present:
+    name: str
+    kl: Sequence[float]
+    proxy: Sequence[float]
+    judge: Sequence[float]
+    steps: bool = False
+    """A training run's steps, in order (drawn as a line), rather than one evaluated policy (a labelled point)."""
+
+
+def over_optimisation_xy(curve: Curve, score: str) -> tuple[list[float], list[float]]:
+    """One panel's points of a curve, in order: x = √KL (√nats, KL per response), y = its `score` ('proxy' or
+    'judge'), wherever both are finite; the rest are left out, never drawn. A KL below zero is drawn at 0: the
+    mean of k1 is an estimate, which noise takes below zero near the start, while the KL itself never is."""
+    pairs = [(math.sqrt(max(kl, 0.0)), y) for kl, y in zip(curve.kl, getattr(curve, score))
+             if _finite(kl) and _finite(y)]  # fmt: skip
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def _mean(stat) -> float:
+    return stat["mean"] if isinstance(stat, dict) and _finite(stat.get("mean")) else math.nan
+
+
+def curves_from_sides(sides: dict[str, dict], baseline: str = "start") -> list[Curve]:
+    """One point per side of a `judge_sides` report (the 'sides' of `wprlhf stories`' eval/report.json and of
+    `wprlhf compare`'s report.json) but the baseline: its mean 'kl' (to the baseline, the start policy), its mean
+    'reward' (the training reward) and 'judge' scores less the baseline side's on the same prompts. A side with no
+    KL (a human story) has no place on the x axis and is left out."""
+    base = sides.get(baseline, {})
+    return [Curve(name, [_mean(side.get("kl"))], [_mean(side.get("reward")) - _mean(base.get("reward"))],
+                  [_mean(side.get("judge")) - _mean(base.get("judge"))])
+            for name, side in sides.items() if name != baseline and _finite(_mean(side.get("kl")))]  # fmt: skip
+
+
+def curve_from_steps(name: str, rows: list[dict[str, float]], judge_start: float | None = None) -> Curve:
+    """A training run's steps from its metrics.csv rows: `kl` (to the run's reference, nats per response), and
+    `score_mean` (the reward it trained on, as given) and `judge_mean` (a hidden judge of the same samples), each
+    less its value at the first step that logged it, whose batch the run's start policy sampled (a step's samples
+    come before its update). judge_start replaces the judge's start value for rows that do not begin at the start
+    policy (a later loop round's)."""
+
+    def relative(key: str, start: float | None = None) -> list[float]:
+        values = [row.get(key, math.nan) for row in rows]
+        start = next((v for v in values if _finite(v)), math.nan) if start is None else start
+        return [v - start if _finite(v) and _finite(start) else math.nan for v in values]
+
+    return Curve(name, [row.get("kl", math.nan) for row in rows], relative("score_mean"),
+                 relative("judge_mean", judge_start), steps=True)  # fmt: skip
+
+
+def _policy_colors(names: Sequence[str]) -> dict[str, str]:
+    """A colour per policy name: fixed for the methods the pipelines name, so a method looks the same in every
+    run's plot, and the colour cycle (less grey, the start's) for the rest."""
+    fixed = {"sft": "tab:blue", "ppo": "tab:green", "rloo": "tab:red", "grpo": "tab:purple", "dpo": "tab:brown"}
+    spare = [c for c in ("tab:orange", "tab:olive", "tab:cyan", "tab:pink", "black", "goldenrod", "navy", "teal")
+             if c not in fixed.values()]  # fmt: skip
+    out: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        out[name] = fixed.get(name) or spare[sum(n not in fixed for n in out) % len(spare)]
+    return out
+
+
+OVER_OPTIMISATION_PANELS = (
+    ("proxy", "proxy: the training reward", "training reward − the start policy's\n(reward units)",
+     "no training reward measured"),
+    ("judge", "judge (never trained on)", "judge score − the start policy's\n(judge units)", "no judge score logged"),
+)  # fmt: skip
+
+
+def plot_over_optimisation(curves: Sequence[Curve], note: str = "") -> bytes | None:
+    """The over-optimisation plot of Gao et al. 2022 ("Scaling Laws for Reward Model Overoptimization"): the
+    proxy (the training reward, left) and the judge (never trained on, right) against d = √KL to the start policy,
+    the distance their laws are written in. Scores are measured from the start policy's (`Curve`), so the start
+    sits at (0, 0) in both panels; each evaluated policy is a labelled point and each training run's steps a line
+    in its policy's colour. A proxy that keeps climbing while the judge flattens or falls is being gamed.
+
+    x in √nats (KL in nats per response; the top axis reads KL itself). Non-finite values are left out, never
+    drawn (`over_optimisation_xy`). note: a line under the panels. Returns the PNG, or None when no curve has a
+    point to place (no finite KL beside a finite score)."""
+    import numpy as np
+
+    if not any(over_optimisation_xy(c, score)[0] for c in curves for score, *_ in OVER_OPTIMISATION_PANELS):
         return None
-    fig = _figure(9, 4.6)
-    ax = fig.add_subplot()
-    for name, label, color, unit, style, steps, values in present:
-        legend = f"{label}: {fmt(values[0])} → {fmt(values[-1])}{unit}"
-        _plot_steps(ax, steps, values, color, legend, normalise=True, style=style)
-    _round_marks(ax, run)
-    missing = "" if any(c[0] == "judge_mean" for c in present) else " (this run logged no judge score)"
-    ax.set_title(f"Over-optimisation: proxy reward vs judge vs KL{missing}", fontsize=11)
-    ax.set_xlabel("PPO step")
-    ax.set_ylabel("scaled to each curve's range over the run\n(0 = its minimum, 1 = its maximum)", fontsize=9)
-    ax.set_ylim(-0.05, 1.05)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8.5, ncol=2, frameon=False)
-    fig.tight_layout()
+    colors = _policy_colors([c.name for c in curves])
+    fig = _figure(11, 5.2 if note else 4.9)
+    left = fig.add_subplot(1, 2, 1)
+    for i, (score, title, ylabel, missing) in enumerate(OVER_OPTIMISATION_PANELS):
+        ax = left if i == 0 else fig.add_subplot(1, 2, 2, sharex=left)
+        drawn = lines = False
+        for curve in curves:
+            xs, ys = over_optimisation_xy(curve, score)
+            if not xs:
+                continue
+            drawn, lines, color = True, lines or curve.steps, colors[curve.name]
+            if curve.steps:
+                ax.plot(xs, ys, "-", marker="o", markersize=2.5, linewidth=1.2, alpha=0.75, color=color,
+                        label=f"{curve.name}: each training step")  # fmt: skip
+            else:
+                ax.plot(xs, ys, "o", markersize=7, color=color, zorder=3)
+                ax.annotate(curve.name, (xs[0], ys[0]), textcoords="offset points", xytext=(6, 5), fontsize=8,
+                            color=color)  # fmt: skip
+        ax.plot([0], [0], "*", markersize=13, color=COLORS["start"], zorder=4)
+        ax.annotate("start", (0, 0), textcoords="offset points", xytext=(6, 6), fontsize=8, color=COLORS["start"])
+        ax.axhline(0, color="0.6", linestyle="--", linewidth=0.8)
+        if not drawn:
+            ax.text(0.5, 0.7, missing, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.4")
+        elif lines:  # the points are named where they stand; only the steps' lines need a legend
+            ax.legend(fontsize=7.5, loc="best", frameon=False)
+        ax.set_title(title, fontsize=10.5)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_xlabel("√KL to the start policy (√nats; KL per response)", fontsize=9)
+        top = ax.secondary_xaxis("top", functions=(np.square, lambda kl: np.sqrt(np.maximum(kl, 0.0))))
+        top.set_xlabel("KL (nats per response)", fontsize=8)
+        top.tick_params(labelsize=7.5)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    left.set_xlim(left=min(-0.05 * left.get_xlim()[1], left.get_xlim()[0]))  # the start's star clear of the edge
+    fig.suptitle("Over-optimisation (Gao et al. 2022): the proxy and the judge against √KL to the start policy",
+                 fontsize=11)  # fmt: skip
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
     return _png(fig)
+
+
+def write_over_optimisation(curves: Sequence[Curve], path: Path, note: str = "") -> Path | None:
+    """`plot_over_optimisation` written to path; None, and no file (one from an earlier run removed, so it cannot
+    pass for this one's), when there is nothing to place."""
+    data = plot_over_optimisation(curves, note)
+    if data is None:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, data)
+    return path
+
+
+def plot_run_over_optimisation(run: Run) -> bytes | None:
+    """`plot_over_optimisation` of a `wprlhf ppo` or `wprlhf loop` run: its PPO steps (KL to the PPO reference,
+    the start policy) and, for a loop, each round's policy on held-out prompts (eval_kl, and judge_new less
+    judge_start; no proxy score of the start policy is logged there). A loop retrains its reward model every round,
+    so its steps are a line per round, each round's proxy measured from the round's first step (its reward
+    model's score of the start policy is never logged) and the judge, the same all run, from the run's first."""
+    curves: list[Curve] = []
+    per_round = run.loop_config.get("ppo_steps")
+    note = ""
+    if run.kind == "loop" and isinstance(per_round, int) and per_round > 0 and run.steps:
+        judge_start = next((r["judge_mean"] for r in run.steps if _finite(r.get("judge_mean"))), None)
+        by_round: dict[int, list[dict]] = {}
+        for row in run.steps:
+            if _finite(row.get("step")):
+                by_round.setdefault(math.ceil(row["step"] / per_round), []).append(row)
+        curves += [curve_from_steps(f"round {r}", rows, judge_start) for r, rows in sorted(by_round.items())]
+        note = ("Each round trains on a new reward model: its steps' training reward is measured from the round's "
+                "first step, the judge's from the run's first.")  # fmt: skip
+    elif run.steps:
+        curves.append(curve_from_steps("ppo", run.steps))
+    for row in run.rounds:
+        judge = row.get("judge_new", math.nan) - row.get("judge_start", math.nan) \
+            if _finite(row.get("judge_new")) and _finite(row.get("judge_start")) else math.nan  # fmt: skip
+        curves.append(Curve(f"round {fmt(row['round'])}", [row.get("eval_kl", math.nan)], [math.nan], [judge]))
+    return plot_over_optimisation(curves, note)
 
 
 def plot_training(run: Run) -> bytes | None:
@@ -646,10 +779,11 @@ def render_html(run: Run, figures: list[tuple[str, bytes, str, str]]) -> str:
 
 # (file name suffix, plot function, heading, caption), in page order
 PLOTS = (
-    ("overoptimisation", plot_overoptimisation, "Over-optimisation: proxy reward vs judge vs KL",
-     ("Each curve scaled to its own range over the run; the legend gives the real first → last values. Where the "
-      "proxy reward climbs while the judge stalls or falls and KL keeps growing, the policy is exploiting the "
-      "reward model.")),
+    ("overoptimisation", plot_run_over_optimisation, "Over-optimisation: the proxy and the judge against √KL",
+     ("As Gao et al. 2022 plot it: the training reward (left) and the judge (right), each measured from the start "
+      "policy's score, against the square root of the KL to the start policy (nats per response; the top axis "
+      "reads the KL itself). Where the proxy keeps climbing while the judge flattens or falls, the policy is "
+      "exploiting the reward model.")),
     ("training", plot_training, "Training curves",
      ("Per PPO step, in real units: β is the KL penalty coefficient (adaptive KL moves it towards the target); "
       "entropy falling fast or length pinned at the limit are signs of collapse.")),

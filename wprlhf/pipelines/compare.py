@@ -10,8 +10,9 @@ The run, in one directory (each phase resumable: compare_state.json lists the fi
                  sample `budget` responses (steps = budget / batch_size); DPO reads the comparisons' pairs, 2
                  responses each, for as many epochs as fit in the budget (at least one); best-of-n trains nothing
     eval         every method against the start policy on the eval prompts by the judge (never trained on):
-                 report.json, table.md, judge_vs_kl.png (judge win rate against KL to the start policy),
-                 samples.jsonl (each eval prompt with every side's response)
+                 report.json, table.md, over_optimisation.png (the reward model's and the judge's scores against
+                 √KL to the start policy, each method a point, PPO's, RLOO's and GRPO's training steps a line:
+                 `report.plot_over_optimisation`), samples.jsonl (each eval prompt with every side's response)
 
 The budget counts responses a method learns from, so the methods see the same amount of text, and PPO, RLOO and
 GRPO take the same optimizer steps (2 epochs x 2 minibatches a batch); time per method is measured and reported
@@ -32,13 +33,15 @@ import numpy as np
 from ..data import load_comparisons, load_prompts, prompt_key, split_by_prompt, write_comparisons
 from ..distributed import check_mixed_precision, resolve_device
 from ..errors import UserError, check_numbers
-from ..evals.side_by_side import judge_sides, table_markdown, without_verdicts
+from ..evals.side_by_side import judge_sides, prompt_ci, table_markdown, without_verdicts
 from ..evals.sides import Side, sample_side, side_kl
 from ..files import write_json_atomic, write_text_atomic
 from ..generation import generate_k, generation_config
 from ..methods.best_of import kl_bound, sample_pool
 from ..methods.dpo import pairs_from
+from ..metrics import read_metrics
 from ..models import load_policy
+from ..report import Curve, curve_from_steps, curves_from_sides, write_over_optimisation
 from ..rewards.judges import Relevance, SimulatedLabeler
 from ..rewards.reward_model import RewardConfig, reward_fn_from_model
 from ..rewards.reward_model import train as rm_train
@@ -234,7 +237,8 @@ def run(config: CompareConfig, out_dir: str | Path, resume: bool = False, allow_
 
 def write_report(config: CompareConfig, out_dir: Path, runner: Runner, report: dict, n_comparisons: int) -> dict:
     """The evaluation's report with the run's facts (judge, labeler, budget, timings) as report.json, table.md (a
-    column of each method's training minutes) and judge_vs_kl.png; the runner's state saved with the eval time."""
+    column of each method's training minutes) and over_optimisation.png; the runner's state saved with the eval
+    time."""
     timings = runner.state["timings_s"]
     report.update(judge=config.judge, labeler=config.comparisons or f"sim:{config.labeler}",
                   comparisons=n_comparisons, budget=config.budget, timings_s=timings,
@@ -244,7 +248,7 @@ def write_report(config: CompareConfig, out_dir: Path, runner: Runner, report: d
     extra = {name: {"train minutes": f"{timings.get(name, 0.0) / 60:.1f}"} for name in report["sides"]}
     write_json_atomic(out_dir / "report.json", without_verdicts(report))
     write_text_atomic(out_dir / "table.md", table_markdown(report, extra))
-    _plot(report, out_dir / "judge_vs_kl.png")
+    write_over_optimisation(over_optimisation_curves(report, out_dir), out_dir / "over_optimisation.png")
     runner.save()
     return report
 
@@ -305,7 +309,8 @@ def _generation(config: CompareConfig):
 
 
 def evaluate(config: CompareConfig, out_dir: Path, eval_prompts: list[str], reward_fn, judge, relevance) -> dict:
-    """Every method against the start policy on the eval prompts, by the judge: samples.jsonl and the report."""
+    """Every method against the start policy on the eval prompts, by the judge: samples.jsonl and the report, each
+    side with its reward model score ('reward', mean with a CI) where a method trained on one (reward_fn)."""
     device, gen = resolve_device(config.device), _generation(config)
     start, tokenizer = load_policy(config.policy, seed=config.seed)
     start.to(device)
@@ -330,31 +335,22 @@ def evaluate(config: CompareConfig, out_dir: Path, eval_prompts: list[str], rewa
     write_text_atomic(out_dir / "samples.jsonl", "".join(
         json.dumps({"prompt": p, **{name: responses[i] for name, responses in texts.items()}}) + "\n"
         for i, p in enumerate(eval_prompts)))  # fmt: skip
-    return judge_sides(eval_prompts, texts, judge, "start", relevance=relevance, kls=kls)
+    report = judge_sides(eval_prompts, texts, judge, "start", relevance=relevance, kls=kls)
+    if reward_fn is not None:  # the proxy every method but DPO trained on, beside the judge: over-optimisation
+        for name, responses in texts.items():
+            scores = [float(s) for s in reward_fn(eval_prompts, responses)]
+            if not np.isfinite(scores).all():
+                raise UserError(f"the reward model gave non-finite scores to side {name!r}; check or retrain it")
+            report["sides"][name]["reward"] = prompt_ci(scores, eval_prompts)
+    return report
 
 
-def _plot(report: dict, path: Path) -> None:
-    """Judge win rate over the start policy (95 % CI) against mean KL to it, one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    # One colour per method in every run's plot; best-of-n in greys, darker for larger n.
-    colours = {"ppo": "tab:green", "rloo": "tab:red", "grpo": "tab:purple", "dpo": "tab:brown"}
-    for name, side in report["sides"].items():
-        if name == "start":
-            continue
-        colour = colours.get(name) or str(max(0.1, 0.7 - 0.15 * np.log2(int(name[8:]))))
-        win, kl = report["win_rates"][f"{name} vs start"], side["kl"]["mean"]
-        err = np.array([[win["win_rate"] - win["win_rate_lo"]], [win["win_rate_hi"] - win["win_rate"]]])
-        ax.errorbar([kl], [win["win_rate"]], yerr=err, fmt="o", capsize=3, label=name, color=colour)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("KL to the start policy (nats per response)")
-    ax.set_ylabel("judge win rate over the start policy")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: never over a point
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def over_optimisation_curves(report: dict, out_dir: Path) -> list[Curve]:
+    """The over-optimisation plot's curves: every method a point on the eval prompts (`report.curves_from_sides`),
+    and PPO's, RLOO's and GRPO's training steps (their metrics.csv: KL to the start policy, their reference, and
+    the reward model's score of each batch; no judge scores a training batch here). DPO logs no KL per step."""
+    curves = curves_from_sides(report["sides"])
+    for name in (m for m in report["sides"] if m in ("ppo", "rloo", "grpo")):
+        if (out_dir / name / "metrics.csv").is_file():
+            curves.append(curve_from_steps(name, read_metrics(out_dir / name / "metrics.csv")))
+    return curves

@@ -45,6 +45,8 @@ from ..distributed import autocast_dtype, check_mixed_precision, resolve_device
 from ..engine import run_precision
 from ..errors import UserError, check_at_least, check_numbers
 from ..files import iter_jsonl, write_json_atomic, write_text_atomic
+from ..metrics import read_metrics
+from ..report import Curve, curve_from_steps, curves_from_sides, write_over_optimisation
 from ..text import clean_prompt
 from .runner import Runner, build_cached, cache_root, model_key
 
@@ -1136,7 +1138,8 @@ def write_eval(config: StoriesConfig, out_dir: Path, report: dict, prompts: list
     others = ["start", f"best-of-{max(config.eval.best_of_ns)}", "human-top", "human-least"]
     _requeue_blind(eval_dir / "blind.db", prompts, (final, sides[final]),
                    {name: sides[name] for name in others if name in sides and name != final})  # fmt: skip
-    _plot_over_optimisation(out_dir / "ppo" / "metrics.csv", eval_dir / "over_optimisation.png")
+    curves, note = over_optimisation_curves(config, out_dir, report)
+    write_over_optimisation(curves, eval_dir / "over_optimisation.png", note)
     print(_summary(report), flush=True)
 
 
@@ -1229,30 +1232,18 @@ def _samples_markdown(prompts: list[str], sides: dict[str, list], n: int) -> str
     return "\n".join(out)
 
 
-def _plot_over_optimisation(metrics: Path, path: Path) -> None:
-    """Training reward, the judge's score of the same samples, and KL per PPO step (lm-human-preferences'
-    over-optimisation view: a reward that climbs while the judge does not is being gamed)."""
-    if not metrics.exists():
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..metrics import read_metrics
-
-    rows = read_metrics(metrics)
-    steps = [r["step"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.plot(steps, [r["score_mean"] for r in rows], label="reward model (trained on)")
-    left.plot(steps, [r.get("judge_mean", float("nan")) for r in rows], label="judge reward model (never trained on)")
-    left.set_xlabel("PPO step")
-    left.set_ylabel("score (normalised)")
-    left.legend()
-    right.plot(steps, [r["kl"] for r in rows], color="tab:red")
-    right.set_xlabel("PPO step")
-    right.set_ylabel("KL to the SFT policy (nats/response)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def over_optimisation_curves(config: StoriesConfig, out_dir: Path, report: dict) -> tuple[list[Curve], str]:
+    """The over-optimisation plot's curves and its note: every side of the evaluation with a KL to the start policy
+    a point (`report.curves_from_sides`: the reward model's and the judge's mean on the eval prompts), and PPO's
+    steps (ppo/metrics.csv: the task's reward and the judge of each training batch) where PPO's KL is to the start
+    policy, i.e. without SFT. With SFT, PPO's reference, and so the KL it logged, is the SFT policy's: a distance
+    from another origin, which the note names rather than draw it on this axis."""
+    curves, note = curves_from_sides(report["sides"]), ""
+    metrics = out_dir / "ppo" / "metrics.csv"
+    if metrics.is_file() and "ppo" in config.rl_phases:
+        if config.sft.enabled:
+            note = ("PPO's training steps are not drawn: their KL is to the SFT policy, PPO's reference, not to the "
+                    "start (`wprlhf report RUN/ppo` plots them against it).")  # fmt: skip
+        else:
+            curves.append(curve_from_steps("ppo", read_metrics(metrics)))
+    return curves, note
