@@ -97,10 +97,11 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
 
     # Every judge of every side in the report, with CIs; best-of-n and PPO judged against the start and SFT.
     report = json.loads((out / "eval" / "report.json").read_text())
-    assert set(report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "ppo", "human-top", "human-least"}
+    assert set(report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "ppo", "human-top", "human-least",
+                                    "looping"}
     for name, side in report["sides"].items():
         for judge in ("judge", "story", "relevance", "distinct_1", "distinct_2", "repetition", "meta", "reward",
-                      *(("kl",) if not name.startswith("human") else ())):
+                      *(("kl",) if not name.startswith(("human", "looping")) else ())):
             assert side[judge]["lo"] <= side[judge]["mean"] <= side[judge]["hi"], (name, judge, side[judge])
     assert set(report["win_rates"]) >= {"ppo vs start", "best-of-4 vs start", "ppo vs sft", "best-of-4 vs sft",
                                         "ppo vs human-top", "ppo vs best-of-4"}
@@ -141,7 +142,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
                  "Tell a story.", "--rl", "none"]) == 0  # fmt: skip
     assert not (tmp_path / "expert" / "ppo").exists()
     expert_report = json.loads((tmp_path / "expert" / "eval" / "report.json").read_text())
-    assert set(expert_report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "human-top", "human-least"}
+    assert set(expert_report["sides"]) == {"start", "sft", "best-of-2", "best-of-4", "human-top", "human-least",
+                                           "looping"}
     queued = Store(tmp_path / "expert" / "eval" / "blind.db").comparisons()
     assert ("sft", "start") in {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued}
     assert json.loads((tmp_path / "expert" / "stories_state.json").read_text())["done"] == [
@@ -174,7 +176,8 @@ def test_stories_runs_every_phase_on_tiny_models_and_keeps_the_parts_apart(wp_da
     assert list(csv.DictReader(open(dpo_run / "dpo" / "metrics.csv")))  # it trained
     AutoModelForCausalLM.from_pretrained(dpo_run / "dpo" / "policy")
     dpo_report = json.loads((dpo_run / "eval" / "report.json").read_text())
-    assert set(dpo_report["sides"]) == {"start", "dpo", "best-of-2", "best-of-4", "human-top", "human-least"}
+    assert set(dpo_report["sides"]) == {"start", "dpo", "best-of-2", "best-of-4", "human-top", "human-least",
+                                        "looping"}
     assert dpo_report["sides"]["dpo"]["kl"]["lo"] <= dpo_report["sides"]["dpo"]["kl"]["mean"]
     queued = Store(dpo_run / "eval" / "blind.db").comparisons()
     assert ("dpo", "start") in {tuple(sorted(c["metadata"]["blind_sides"])) for c in queued}
