@@ -103,6 +103,11 @@ def test_the_table_scores_models_and_baselines_on_both_splits_with_paired_differ
     assert "--data" in first["command"] and "--model tiny" in first["command"]
     assert "| rm |" in (out / "rm_table.md").read_text()
     assert len((out / "rm_table.csv").read_text().splitlines()) == 1 + 2 * len(names)
+    # The scores are kept beside the model; a damaged copy is scored again, never trusted.
+    assert (tiny_rm / "rm_table_scores.json").exists()
+    (tiny_rm / "rm_table_scores.json").write_text('{"key": "x", "scores": [NaN')
+    again = build([tiny_rm], karma_dir, tmp_path / "again", progress=False)
+    assert again["rows"][2]["debiased"] == {k: v for k, v in first["debiased"].items() if k != "vs_first"}
 
 
 def test_a_model_that_trained_on_a_test_prompt_is_refused(karma_dir, tmp_path):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from ..rewards.reward_model import (LENGTH_MATCHED_RATIO, RewardConfig, accuracy
 TEST_FILE = "comparisons_test.csv"
 TRAIN_FILE = "comparisons_train.csv.gz"
 LENGTH, TFIDF = "longer wins (words)", "TF-IDF logistic regression"
+SCORES_FILE = "rm_table_scores.json"
 
 
 def karma_test_splits(data_dir: str | Path, max_length_ratio: float = LENGTH_MATCHED_RATIO) -> dict[str, list[Comparison]]:
@@ -122,13 +125,10 @@ def build(models: list[str | Path], data_dir: str | Path, out_dir: str | Path, p
         _check_unseen(model_dir, read_train_config(model_dir), test_keys)
     first = None
     for model_dir in map(Path, models):
-        model, tokenizer, trained = load(model_dir, 1, "auto", "reward model", "rm train")
-        scores = score(model, tokenizer, [p for p, _ in texts], [r for _, r in texts],
-                       trained.get("max_length", 256), progress=progress)  # fmt: skip
-        flat = scores.double().numpy()
+        flat = _model_scores(model_dir, texts, progress)
         credits[str(model_dir)] = {s: scorer_credit(lambda pairs: flat[[index[p] for p in pairs]], c).numpy()
                                    for s, c in splits.items()}  # fmt: skip
-        row = _row(model_dir.name, model_command(model_dir, trained), credits[str(model_dir)], splits)
+        row = _row(model_dir.name, model_command(model_dir, read_train_config(model_dir)), credits[str(model_dir)], splits)
         row["train_minutes"] = _train_minutes(model_dir)
         for split, comparisons in splits.items():
             mine = credits[str(model_dir)][split]
@@ -149,6 +149,33 @@ def build(models: list[str | Path], data_dir: str | Path, out_dir: str | Path, p
     write_text_atomic(out_dir / "rm_table.md", markdown(table))
     _write_csv(out_dir / "rm_table.csv", rows)
     return table
+
+
+def _model_scores(model_dir: Path, texts: list[tuple[str, str]], progress: bool) -> np.ndarray:
+    """The model's score (float64) of each (prompt, story), from SCORES_FILE beside the model when it holds these
+    very texts (a fingerprint of them and of the weights), else scored (`reward_model.score`, every window) and
+    saved there: a table of several models reruns in seconds once each has been scored."""
+    digest = hashlib.sha256()
+    for prompt, response in texts:
+        digest.update(f"{len(prompt)}:{prompt}{len(response)}:{response}".encode())
+    for name in sorted(p.name for p in model_dir.glob("*.safetensors")):
+        stat = (model_dir / name).stat()
+        digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    key, cached = digest.hexdigest(), model_dir / SCORES_FILE
+    if cached.exists():
+        try:
+            saved = json.loads(cached.read_text())
+            if saved.get("key") == key and len(saved["scores"]) == len(texts):
+                return np.asarray(saved["scores"], dtype=np.float64)
+        except (ValueError, KeyError, TypeError):  # a damaged cache is scored again, never trusted
+            pass
+    model, tokenizer, trained = load(model_dir, 1, "auto", "reward model", "rm train")
+    flat = score(model, tokenizer, [p for p, _ in texts], [r for _, r in texts], trained.get("max_length", 256),
+                 progress=progress).double().numpy()  # fmt: skip
+    if not np.isfinite(flat).all():
+        raise UserError(f"{model_dir} gave non-finite scores to test stories; retrain it (`wprlhf rm train`)")
+    write_json_atomic(cached, {"key": key, "scores": flat.tolist()})
+    return flat
 
 
 def _train_minutes(model_dir: Path) -> float | None:
