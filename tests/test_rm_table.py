@@ -87,7 +87,7 @@ def test_the_table_scores_models_and_baselines_on_both_splits_with_paired_differ
     main(["rm", "table", "--model", str(tiny_rm), "--model", str(tiny_rm), "--data", str(karma_dir), "--out", str(out)])
     table = json.loads((out / "rm_table.json").read_text())
     names = [r["name"] for r in table["rows"]]
-    assert names == ["longer wins (words)", "TF-IDF logistic regression", "rm", "rm"]
+    assert names == ["longer wins (words)", "TF-IDF logistic regression", "rm", "rm", "rm + TF-IDF"]
     tfidf, first, again = table["rows"][1], table["rows"][2], table["rows"][3]
     # TF-IDF learns bright-vs-dull from the training prompts: every test pair has a bright winner and a dull loser
     # except those between two bright or two dull stories (A>B and C>D types), which it gets by chance or not.

@@ -113,7 +113,7 @@ def build(models: list[str | Path], data_dir: str | Path, out_dir: str | Path, p
     train = list(load_comparisons(Path(data_dir) / TRAIN_FILE))
     baselines = {LENGTH: (word_count, "baseline: the longer story (in words) wins"),
                  TFIDF: (tfidf_scorer(train), f"baseline: fit on {TRAIN_FILE} ({len(train)} pairs)")}
-    credits: dict[str, dict[str, np.ndarray]] = {}
+    credits: dict[str | int, dict[str, np.ndarray]] = {}
     rows = []
     for name, (scorer, command) in baselines.items():
         if scorer is not None:  # TF-IDF cannot be fit on a training file too small to hold a shared term
@@ -124,20 +124,32 @@ def build(models: list[str | Path], data_dir: str | Path, out_dir: str | Path, p
     for model_dir in map(Path, models):  # every model is checked before any is scored
         _check_unseen(model_dir, read_train_config(model_dir), test_keys)
     first = None
+
+    def add_row(name: str, command: str, flat: np.ndarray) -> tuple[dict, int]:
+        """A scorer of the distinct texts (flat, in `texts` order) as a row, with its paired differences; returns
+        the row and its key in `credits` (its position: two models may share a directory name)."""
+        key = len(rows)
+        credits[key] = {s: scorer_credit(lambda pairs: flat[[index[p] for p in pairs]], c).numpy()
+                        for s, c in splits.items()}  # fmt: skip
+        row = _row(name, command, credits[key], splits)
+        for split, comparisons in splits.items():
+            if TFIDF in credits:
+                row[split]["vs_tfidf"] = _paired(credits[key][split], credits[TFIDF][split], comparisons)
+            if first is not None:
+                row[split]["vs_first"] = _paired(credits[key][split], credits[first][split], comparisons)
+        rows.append(row)
+        return row, key
+
     for model_dir in map(Path, models):
         flat = _model_scores(model_dir, texts, progress)
-        credits[str(model_dir)] = {s: scorer_credit(lambda pairs: flat[[index[p] for p in pairs]], c).numpy()
-                                   for s, c in splits.items()}  # fmt: skip
-        row = _row(model_dir.name, model_command(model_dir, read_train_config(model_dir)), credits[str(model_dir)], splits)
+        row, key = add_row(model_dir.name, model_command(model_dir, read_train_config(model_dir)), flat)
         row["train_minutes"] = _train_minutes(model_dir)
-        for split, comparisons in splits.items():
-            mine = credits[str(model_dir)][split]
-            if TFIDF in credits:
-                row[split]["vs_tfidf"] = _paired(mine, credits[TFIDF][split], comparisons)
-            if first is not None:
-                row[split]["vs_first"] = _paired(mine, credits[first][split], comparisons)
-        first = first or str(model_dir)
-        rows.append(row)
+        if first is None:
+            first, first_name, first_flat = key, model_dir.name, flat
+    if first is not None and TFIDF in credits:  # ensembling, measured: the first model and TF-IDF, equal weights
+        both = (_standard(first_flat) + _standard(np.asarray(baselines[TFIDF][0](texts), dtype=np.float64))) / 2
+        add_row(f"{first_name} + TF-IDF", f"ensemble: the mean of {first_name}'s and TF-IDF's scores, each "
+                "standardised", both)  # fmt: skip
     table = {"splits": {s: {"n": len(c), "prompts": len({group_of(x) for x in c})} for s, c in splits.items()},
              "length_ratio": LENGTH_MATCHED_RATIO, "data": str(data_dir), "rows": rows}  # fmt: skip
     table["splits"]["plain"]["rule"] = f"{TEST_FILE} as shipped (<= 20 pairs a prompt)"
@@ -176,6 +188,12 @@ def _model_scores(model_dir: Path, texts: list[tuple[str, str]], progress: bool)
         raise UserError(f"{model_dir} gave non-finite scores to test stories; retrain it (`wprlhf rm train`)")
     write_json_atomic(cached, {"key": key, "scores": flat.tolist()})
     return flat
+
+
+def _standard(scores: np.ndarray) -> np.ndarray:
+    """Scores shifted and scaled to mean 0 and standard deviation 1 over the texts scored (a constant: all 0)."""
+    spread = scores.std()
+    return (scores - scores.mean()) / (spread if spread > 0 else 1.0)
 
 
 def _train_minutes(model_dir: Path) -> float | None:

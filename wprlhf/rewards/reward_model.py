@@ -623,7 +623,10 @@ def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> d
                         "comparisons' prompts: none is left to train on; lower --val-fraction or give more data")  # fmt: skip
     if config.max_examples and len(train_set) > config.max_examples:
         train_set = rng.sample(train_set, config.max_examples)
-    val_set = val_set[:500]  # enough for a curve; keeps each validation pass short
+    if len(val_set) > 500:  # enough for a curve; keeps each validation pass short
+        # Drawn across the held-out prompts, by an RNG of its own (training's draws stay as they were): the first 500
+        # would be a few prompts' pairs where a prompt has hundreds (--pairs-per-prompt 0), and so a CI of little use.
+        val_set = [val_set[i] for i in sorted(random.Random(config.seed).sample(range(len(val_set)), 500))]
     saved = {**dataclasses.asdict(config), "train_comparisons": len(train_set), "val_comparisons": len(val_set)}
     windows = (lambda rng: _random_windows(train_set, config.window_words, rng)) if config.window_words else None
 
