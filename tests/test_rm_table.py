@@ -117,6 +117,9 @@ def test_a_model_that_trained_on_a_test_prompt_is_refused(karma_dir, tmp_path):
     with pytest.raises(UserError, match="trained on 2 of the 2 test prompts"):
         build([tmp_path / "leaky"], karma_dir, tmp_path / "table", progress=False)
     assert not (tmp_path / "table").exists()  # refused before anything was written
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty has no config.json"):
+        build([tmp_path / "empty"], karma_dir, tmp_path / "table", progress=False)
 
 
 def test_model_command_lists_only_settings_that_differ_from_the_defaults(tmp_path):

@@ -69,6 +69,9 @@ def model_command(model_dir: Path, trained: dict) -> str:
 def _check_unseen(model_dir: Path, trained: dict, test_keys: set[str]) -> None:
     """A UserError when the model trained on a test prompt (its table row would flatter it) or its training data
     cannot be found to check."""
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"reward model directory {model_dir} has no config.json; train one with "
+                        f"`wprlhf rm train --out {model_dir}`")  # fmt: skip
     source = trained.get("data")
     if not source or not Path(source).exists():
         raise UserError(f"{model_dir}: its training data ({source or 'not recorded'}) cannot be read to check that "
