@@ -105,7 +105,8 @@ def build(models: list[str | Path], data_dir: str | Path, out_dir: str | Path, p
 
     Returns {'splits': {name: {n, prompts, rule}}, 'rows': [...]}, a row per baseline (length, TF-IDF fit on
     comparisons_train) and per model: accuracy, ci95 and n on each split, and for a model vs_tfidf and
-    vs_first (paired bootstrap of the credit difference over prompts). Raises UserError on a model that
+    vs_first (paired bootstrap of the credit difference over prompts), then the first model ensembled with TF-IDF
+    (both standardised, equal weights): whether ensembling helps, measured. Raises UserError on a model that
     trained on a test prompt, or one that is not a reward model directory.
     """
     splits = karma_test_splits(data_dir)
