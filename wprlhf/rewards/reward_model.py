@@ -46,6 +46,8 @@ from ..models import (checkpointing, enable_gradient_checkpointing, freeze_lower
 
 TRAIN_CONFIG_FILE = "train_config.json"
 PAIR_WEIGHTS = ("none", "strength")
+SHIPPED_PAIRS_PER_PROMPT = 20
+"""The cap of the shared data's comparisons_train (its README): `pairs_per_prompt` at this value reads that file."""
 LENGTH_MATCHED_RATIO = 1.25
 """Held-out comparisons whose longest response is at most this many times the shortest (in words) form the
 length-matched subset reported beside every accuracy: there, a longer story cannot win for being longer."""
@@ -69,7 +71,7 @@ class RewardConfig(Hardware):
     """Tokens of prompt + response (or of prompt + window); longer inputs lose the end of the response first."""
     max_examples: int = 6000
     """Use at most this many training comparisons (0 = all), drawn at random with `seed`."""
-    pairs_per_prompt: int = 20
+    pairs_per_prompt: int = SHIPPED_PAIRS_PER_PROMPT
     """Where --data is a karma data directory (comparisons_train.csv.gz beside prompt_responses.csv.gz): 20 reads
     the shipped comparisons_train (at most 20 pairs a prompt); any other number (0 = all) rebuilds the pairs of
     comparisons_train's prompts, and only those (never a test prompt), from prompt_responses with the data
@@ -572,10 +574,6 @@ def fold_normalization(model: nn.Module, mean: float, std: float) -> None:
     before = getattr(model.config, "reward_normalization", None) or {"mean": 0.0, "std": 1.0}
     # raw -> (raw - M) / S -> ((raw - M) / S - mean) / std = (raw - (M + mean * S)) / (S * std)
     model.config.reward_normalization = {"mean": before["mean"] + mean * before["std"], "std": before["std"] * std}
-
-
-SHIPPED_PAIRS_PER_PROMPT = 20
-"""The cap of the shared data's comparisons_train (its README): `pairs_per_prompt` at this value reads that file."""
 
 
 def resolve_comparisons(source: str, keep_meta: bool, pairs_per_prompt: int = SHIPPED_PAIRS_PER_PROMPT) -> list[Comparison]:
