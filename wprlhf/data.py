@@ -545,6 +545,14 @@ def karma_pairs(responses: Sequence[Response], min_gap: float = 20, min_ratio: f
     return pairs
 
 
+def karma_pairs_of(prompts: Sequence[Comparison], responses: Sequence[Response], **rule) -> list[Comparison]:
+    """`karma_pairs(responses, **rule)` of the prompts of some comparisons only (by `prompt_key`, so reposts go
+    with them): a split's pairs rebuilt from its stories, e.g. all of them (max_pairs_per_prompt=None) where the
+    shipped file kept 20 a prompt."""
+    keys = {prompt_key(c.prompt) for c in prompts}
+    return karma_pairs([r for r in responses if prompt_key(r.prompt) in keys], **rule)
+
+
 def best_of_k(responses: Sequence[Response], k: int = 4, seed: int = 42, min_gap: float = 20,
               min_ratio: float = 2.0, max_sets_per_prompt: int | None = 5) -> list[Comparison]:  # fmt: skip
     """k-way comparisons (lm-human-preferences' 4-way questions) with one clear winner, from karma.

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import bootstrap_ci
-from ..data import Comparison, karma_pairs, load_comparisons, load_responses, prompt_key
+from ..data import Comparison, karma_pairs_of, load_comparisons, load_responses, prompt_key
 from ..errors import UserError
 from ..files import write_json_atomic, write_text_atomic
 from ..rewards.reward_model import (LENGTH_MATCHED_RATIO, RewardConfig, accuracy_ci, group_of, load,
@@ -47,9 +47,8 @@ def karma_test_splits(data_dir: str | Path, max_length_ratio: float = LENGTH_MAT
             raise UserError(f"{data_dir} has no {name}: rm table needs the karma data's directory "
                             "(../shared/data/writing_prompts, or one of that layout)")  # fmt: skip
     plain = list(load_comparisons(data_dir / TEST_FILE))
-    keys = {prompt_key(c.prompt) for c in plain}
-    responses = [r for r in load_responses(data_dir) if prompt_key(r.prompt) in keys]
-    debiased = karma_pairs(responses, max_pairs_per_prompt=None, max_length_ratio=max_length_ratio)
+    debiased = karma_pairs_of(plain, load_responses(data_dir), max_pairs_per_prompt=None,
+                              max_length_ratio=max_length_ratio)  # fmt: skip
     return {"plain": plain, "debiased": debiased}
 
 

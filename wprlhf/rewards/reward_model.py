@@ -595,16 +595,15 @@ def resolve_comparisons(source: str, keep_meta: bool, pairs_per_prompt: int = SH
 def _rebuilt_pairs(path: Path, keep_meta: bool, pairs_per_prompt: int) -> list[Comparison]:
     """Every qualifying karma pair (at most pairs_per_prompt a prompt; 0 = all) of comparisons_train's prompts,
     from prompt_responses in the same directory. Raises UserError when path is no such directory."""
-    from ..data import karma_pairs, load_responses
+    from ..data import karma_pairs_of, load_responses
 
     train_file = path / "comparisons_train.csv.gz"
     if not (path.is_dir() and train_file.exists() and any(path.glob("prompt_responses.*"))):
         raise UserError(f"--pairs-per-prompt {pairs_per_prompt} rebuilds karma pairs, so --data must be a directory "
                         f"holding comparisons_train.csv.gz and prompt_responses.csv.gz; {path} is not; leave "
                         f"--pairs-per-prompt at {SHIPPED_PAIRS_PER_PROMPT} for a comparisons file")  # fmt: skip
-    keys = {prompt_key(c.prompt) for c in load_comparisons(train_file, keep_meta=True)}
-    responses = [r for r in load_responses(path, keep_meta=keep_meta) if prompt_key(r.prompt) in keys]
-    return karma_pairs(responses, max_pairs_per_prompt=pairs_per_prompt or None)
+    return karma_pairs_of(load_comparisons(train_file, keep_meta=True), load_responses(path, keep_meta=keep_meta),
+                          max_pairs_per_prompt=pairs_per_prompt or None)  # fmt: skip
 
 
 def train(config: RewardConfig, out_dir: str | Path, progress: bool = True) -> dict:
